@@ -1,0 +1,1 @@
+"""The science of nmaem: numpy, torch, gemmi, prody, pykeops. Never imports Scipion."""

@@ -1,0 +1,16 @@
+"""The one exception type that ``nmaem`` reports as a one-line error."""
+
+
+class NmaemError(Exception):
+    """Bad input or an impossible request.
+
+    The message is one line and names the file (when there is one) and the problem;
+    the command line prints ``nmaem: error: <message>`` and exits with status 2.
+    """
+
+
+def fail(path, problem):
+    """Raise :class:`NmaemError` with the ``path: problem`` message layout."""
+    if path is None:
+        raise NmaemError(str(problem))
+    raise NmaemError("%s: %s" % (path, problem))

@@ -1,0 +1,317 @@
+"""Atomic models: read, select, write, superpose, match; electron form factors.
+
+An :class:`AtomicModel` is a flat list of M atoms (coordinates in Angstrom, in the frame
+of the file) with the identifiers that tie each row back to the file:
+``chain:resnum:icode:resname:atom`` (``atom_ids``, the key of ``modes.npz``).
+Reading and writing go through gemmi, so PDB and mmCIF (and their compressed
+forms) both work; writing keeps chain, residue and atom names.
+"""
+import os
+from dataclasses import dataclass, field
+
+import gemmi
+import numpy as np
+
+from .errors import NmaemError, fail
+
+__all__ = ["AtomicModel", "read_model", "read_trajectory", "write_model", "write_models",
+           "form_factor_table", "kabsch", "superpose", "rmsd", "match_atoms",
+           "atom_id_strings"]
+
+
+@dataclass
+class AtomicModel:
+    """Atoms of one model, in file order after selection."""
+    coords: np.ndarray          # (M, 3) float64, Angstrom
+    elements: np.ndarray        # (M,) str, e.g. "C", "N", "Se"
+    chain: np.ndarray           # (M,) str
+    resnum: np.ndarray          # (M,) int
+    icode: np.ndarray           # (M,) str ("" when none)
+    resname: np.ndarray         # (M,) str
+    atom_name: np.ndarray       # (M,) str
+    b_factor: np.ndarray        # (M,) float
+    occupancy: np.ndarray       # (M,) float
+    source: str = ""
+    _structure: object = field(default=None, repr=False)  # the selected gemmi.Structure
+
+    @property
+    def n_atoms(self):
+        return len(self.coords)
+
+    @property
+    def atom_ids(self):
+        return atom_id_strings(self.chain, self.resnum, self.icode, self.resname, self.atom_name)
+
+    def select(self, mask):
+        """A new model with the atoms where ``mask`` (bool array or index array) holds."""
+        idx = np.arange(self.n_atoms)[mask]
+        st = _select_structure(self._structure, idx)
+        return AtomicModel(self.coords[idx].copy(), self.elements[idx], self.chain[idx],
+                           self.resnum[idx], self.icode[idx], self.resname[idx],
+                           self.atom_name[idx], self.b_factor[idx], self.occupancy[idx],
+                           self.source, st)
+
+    def with_coords(self, coords):
+        """The same atoms at other coordinates (M, 3)."""
+        coords = np.asarray(coords, dtype=np.float64)
+        if coords.shape != self.coords.shape:
+            raise ValueError("coordinates of shape %s for a model of %d atoms"
+                             % (coords.shape, self.n_atoms))
+        return AtomicModel(coords.copy(), self.elements, self.chain, self.resnum, self.icode,
+                           self.resname, self.atom_name, self.b_factor, self.occupancy,
+                           self.source, self._structure)
+
+
+def atom_id_strings(chain, resnum, icode, resname, atom_name):
+    return np.array(["%s:%d:%s:%s:%s" % t for t in zip(chain, resnum, icode, resname, atom_name)])
+
+
+def _read_structure(path):
+    if not os.path.isfile(path):
+        fail(path, "no such model file")
+    try:
+        st = gemmi.read_structure(str(path))
+    except Exception as exc:  # gemmi raises RuntimeError/ValueError with its own text
+        fail(path, "cannot be read as PDB or mmCIF (%s)" % str(exc).splitlines()[0])
+    if len(st) == 0:
+        fail(path, "the file holds no model (no ATOM/HETATM records)")
+    return st
+
+
+def _is_polymer_residue(res):
+    info = gemmi.find_tabulated_residue(res.name)
+    if info is not None and (info.is_amino_acid() or info.is_nucleic_acid()):
+        return True
+    return res.entity_type == gemmi.EntityType.Polymer and not res.is_water()
+
+
+def _filtered_structure(st, path, model, keep_hydrogens, keep_waters, keep_ligands):
+    if not (0 <= model < len(st)):
+        fail(path, "model %d asked but the file has %d model(s)" % (model, len(st)))
+    st = st.clone()
+    st.setup_entities()
+    for i in range(len(st) - 1, -1, -1):
+        if i != model:
+            del st[i]
+    st.remove_alternative_conformations()  # keeps the first alternative location
+    if not keep_hydrogens:
+        st.remove_hydrogens()
+    mdl = st[0]
+    for ch in mdl:
+        for ir in range(len(ch) - 1, -1, -1):
+            res = ch[ir]
+            if res.is_water():
+                if not keep_waters:
+                    del ch[ir]
+            elif not keep_ligands and not _is_polymer_residue(res):
+                del ch[ir]
+    st.remove_empty_chains()
+    return st
+
+
+def _arrays_from_structure(st, path):
+    rows = []
+    for ch in st[0]:
+        for res in ch:
+            for at in res:
+                rows.append((at.pos.x, at.pos.y, at.pos.z, at.element, ch.name, res.seqid.num,
+                             res.seqid.icode.strip(), res.name, at.name, at.b_iso, at.occ))
+    if not rows:
+        fail(path, "no atoms left after selection (hydrogens, waters and ligands are "
+                   "dropped by default)")
+    coords = np.array([r[:3] for r in rows], dtype=np.float64)
+    if not np.all(np.isfinite(coords)):
+        fail(path, "non-finite atom coordinates")
+    unknown = sorted({"%s:%d %s" % (r[4], r[5], r[8]) for r in rows if r[3].atomic_number == 0})
+    if unknown:
+        fail(path, "%d atom(s) with an unknown element, e.g. %s (fill the element columns 77-78)"
+             % (len(unknown), ", ".join(unknown[:3])))
+    elements = np.array([r[3].name for r in rows])
+    return coords, elements, rows
+
+
+def read_model(path, model=0, keep_hydrogens=False, keep_waters=False, keep_ligands=False):
+    """Read one model of a PDB/mmCIF file.
+
+    The first model unless ``model`` says otherwise; the first alternative location;
+    hydrogens, waters and ligands (non-polymer residues) dropped unless kept on request.
+    Raises :class:`NmaemError` (``path: problem``) on a missing, corrupt or empty file
+    and on atoms whose element is unknown.
+    """
+    path = str(path)
+    st = _filtered_structure(_read_structure(path), path, model, keep_hydrogens,
+                             keep_waters, keep_ligands)
+    coords, elements, rows = _arrays_from_structure(st, path)
+    return AtomicModel(
+        coords=coords, elements=elements,
+        chain=np.array([r[4] for r in rows]), resnum=np.array([r[5] for r in rows], dtype=int),
+        icode=np.array([r[6] for r in rows]), resname=np.array([r[7] for r in rows]),
+        atom_name=np.array([r[8] for r in rows]),
+        b_factor=np.array([r[9] for r in rows], dtype=float),
+        occupancy=np.array([r[10] for r in rows], dtype=float),
+        source=path, _structure=st)
+
+
+def read_trajectory(path, **kw):
+    """Read every model of a multi-model file: (first model, frames (F, M, 3)).
+
+    All models must hold the same atoms in the same order (checked on atom ids).
+    """
+    path = str(path)
+    st = _read_structure(path)
+    first = read_model(path, 0, **kw)
+    frames = [first.coords]
+    for k in range(1, len(st)):
+        m = read_model(path, k, **kw)
+        if m.n_atoms != first.n_atoms or np.any(m.atom_ids != first.atom_ids):
+            fail(path, "model %d does not hold the same atoms as model 0" % (k + 1))
+        frames.append(m.coords)
+    return first, np.stack(frames)
+
+
+def _select_structure(st, idx):
+    """A copy of the one-model structure ``st`` keeping the atoms at flat indices ``idx``."""
+    if st is None:
+        return None
+    keep = np.zeros(st[0].count_atom_sites(), dtype=bool)
+    keep[np.asarray(idx)] = True
+    st = st.clone()
+    k = 0
+    flags = []
+    for ch in st[0]:
+        for res in ch:
+            for at in res:
+                flags.append(keep[k])
+                k += 1
+    k = len(flags)
+    for ch in reversed(list(st[0])):
+        for res in reversed(list(ch)):
+            for ia in range(len(res) - 1, -1, -1):
+                k -= 1
+                if not flags[k]:
+                    del res[ia]
+    st.remove_empty_chains()
+    for ch in st[0]:
+        for ir in range(len(ch) - 1, -1, -1):
+            if len(ch[ir]) == 0:
+                del ch[ir]
+    return st
+
+
+def _set_positions(model_obj, coords):
+    k = 0
+    for ch in model_obj:
+        for res in ch:
+            for at in res:
+                at.pos = gemmi.Position(*coords[k])
+                k += 1
+    if k != len(coords):
+        raise ValueError("%d coordinates for %d atoms" % (len(coords), k))
+
+
+def _write_structure(st, path):
+    path = str(path)
+    tmp = path + ".tmp" + os.path.splitext(path)[1]
+    lower = path.lower()
+    if lower.endswith((".cif", ".mmcif")):
+        st.setup_entities()
+        doc = st.make_mmcif_document()
+        doc.write_file(tmp)
+    elif lower.endswith((".pdb", ".ent")):
+        st.write_pdb(tmp)
+    else:
+        raise NmaemError("%s: unknown model format (use .pdb or .cif)" % path)
+    os.replace(tmp, path)  # atomic
+
+
+def write_model(path, model, coords=None):
+    """Write ``model`` (optionally at other coordinates) as PDB or mmCIF, by extension."""
+    write_models(path, model, [model.coords if coords is None else coords])
+
+
+def write_models(path, model, coords_list):
+    """Write several conformations of ``model`` as the models of one PDB/mmCIF file."""
+    base = model._structure
+    if base is None:
+        raise ValueError("model has no structure to write from")
+    st = base.clone()
+    while len(st) > 0:
+        del st[0]
+    for k, coords in enumerate(coords_list):
+        st.add_model(base[0].clone())
+        m = st[len(st) - 1]
+        m.num = k + 1
+        _set_positions(m, np.asarray(coords, dtype=np.float64))
+    _write_structure(st, path)
+
+
+def form_factor_table(elements):
+    """Electron form factors (International Tables C 4.3.2.2, 5 Gaussians) per element.
+
+    Returns ``(names, a, b, index)``: the unique element names (E,), ``a`` and ``b``
+    (E, 5) float64 with f_e(s) = sum_k a_k exp(-b_k s^2), s = q/2 = sin(theta)/lambda,
+    and ``index`` (M,) mapping each atom to its row.
+    """
+    names, index = np.unique(np.asarray(elements), return_inverse=True)
+    a = np.zeros((len(names), 5))
+    b = np.zeros((len(names), 5))
+    for i, n in enumerate(names):
+        el = gemmi.Element(str(n))
+        if el.atomic_number == 0:
+            raise NmaemError("unknown element %r: no electron form factor" % str(n))
+        a[i] = el.c4322.a
+        b[i] = el.c4322.b
+    return names, a, b, index
+
+
+def kabsch(mobile, target, weights=None):
+    """Least-squares rotation R and translation t with R @ mobile_i + t ~ target_i."""
+    P = np.asarray(mobile, dtype=np.float64)
+    Q = np.asarray(target, dtype=np.float64)
+    w = np.ones(len(P)) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    pc = w @ P
+    qc = w @ Q
+    H = (P - pc).T @ ((Q - qc) * w[:, None])
+    U, _, Vt = np.linalg.svd(H)
+    d = np.sign(np.linalg.det(Vt.T @ U.T))
+    D = np.diag([1.0, 1.0, d])
+    R = Vt.T @ D @ U.T
+    return R, qc - R @ pc
+
+
+def superpose(mobile, target, weights=None):
+    """``mobile`` moved onto ``target`` (Kabsch)."""
+    R, t = kabsch(mobile, target, weights)
+    return np.asarray(mobile, dtype=np.float64) @ R.T + t
+
+
+def rmsd(a, b):
+    """Root-mean-square deviation of two (M, 3) arrays, no superposition."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return float(np.sqrt((d * d).sum() / len(d)))
+
+
+def match_atoms(model_a, model_b, path_a=None, path_b=None):
+    """Indices (ia, ib) of the atoms the two models share.
+
+    Atoms match by chain, residue number, insertion code and atom name (not residue
+    name, so a point mutation still matches its backbone). Raises :class:`NmaemError`
+    when the models share no atom.
+    """
+    def keys(m):
+        return ["%s:%d:%s:%s" % t for t in zip(m.chain, m.resnum, m.icode, m.atom_name)]
+
+    kb = {k: i for i, k in enumerate(keys(model_b))}
+    ia, ib = [], []
+    for i, k in enumerate(keys(model_a)):
+        j = kb.get(k)
+        if j is not None:
+            ia.append(i)
+            ib.append(j)
+    if not ia:
+        raise NmaemError("%s and %s share no atoms (matched by chain, residue number, "
+                         "insertion code and atom name)"
+                         % (path_a or model_a.source or "model A",
+                            path_b or model_b.source or "model B"))
+    return np.array(ia), np.array(ib)

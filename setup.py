@@ -1,0 +1,44 @@
+"""scipion-em-nmaem: heterogeneous reconstruction of deformable atomic models (Scipion 3 plugin)."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = re.search(r'^__version__ = "([^"]+)"',
+                    (here / "nmaem_plugin" / "__init__.py").read_text(), re.M).group(1)
+
+setup(
+    name="scipion-em-nmaem",
+    version=version,
+    description="Heterogeneous reconstruction of deformable atomic models in cryo-EM "
+                "(normal modes + amortised inference), as a Scipion 3 plugin",
+    long_description=(here / "README.rst").read_text(),
+    long_description_content_type="text/x-rst",
+    license="GPL-3.0-or-later",
+    python_requires=">=3.9",
+    packages=find_packages(include=["nmaem_plugin", "nmaem_plugin.*"]),
+    include_package_data=True,
+    package_data={"nmaem_plugin": ["protocols.conf", "data/*.pdb", "tests/data/*"]},
+    install_requires=[
+        "torch>=2.1",
+        "numpy",
+        "scipy",
+        "mrcfile",
+        "gemmi>=0.6",
+        "prody>=2.4",
+        "pykeops>=2.1",
+        "starfile>=0.5",
+        "matplotlib",
+    ],
+    extras_require={"scipion": ["scipion-pyworkflow>=3.0", "scipion-em>=3.0"]},
+    entry_points={
+        "pyworkflow.plugin": ["nmaem_plugin = nmaem_plugin"],
+        "console_scripts": ["nmaem = nmaem_plugin.core.cli:main"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: GNU General Public License v3 or later (GPLv3+)",
+        "Topic :: Scientific/Engineering :: Bio-Informatics",
+    ],
+)

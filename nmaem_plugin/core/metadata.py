@@ -263,16 +263,13 @@ def read_star_blocks(path):
 
 
 def _convert(values):
-    arr = np.asarray(values, dtype=object)
-    try:
-        ints = np.array([int(x) for x in arr], dtype=np.int64)
-        return ints
-    except (ValueError, OverflowError):
-        pass
-    try:
-        return np.array([float(x) for x in arr], dtype=np.float64)
-    except ValueError:
-        return np.array(arr, dtype=str)
+    arr = np.array(values, dtype=str)
+    for dtype in (np.int64, np.float64):
+        try:
+            return arr.astype(dtype)   # numpy parses like Python's int() / float(): exact
+        except (ValueError, OverflowError):
+            pass
+    return arr
 
 
 def _columns(path, labels, rows):

@@ -54,7 +54,6 @@ that a write-read round trip is exact.
 """
 import os
 import shlex
-import tempfile
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields, replace
@@ -63,6 +62,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from .atomic import atomic_path
 from .errors import NmaemError, fail
 from .imaging import euler_to_matrix, matrix_to_euler
 
@@ -717,18 +717,11 @@ def write_star(path, table, extra_columns=None):
                              % (c, v.shape, n))
         part[c] = v
 
-    fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), suffix=".tmp",
-                               dir=outdir)
-    try:
-        with os.fdopen(fd, "w") as fh:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as fh:
             fh.write("# written by nmaem\n")
             _write_loop(fh, "optics", opt)
             _write_loop(fh, "particles", part)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ============================================================================ images
@@ -888,18 +881,9 @@ def write_stack(path, images, apix):
         images = images[None]
     if images.ndim != 3:
         raise ValueError("write_stack expects (n, D, D) images, got %s" % (images.shape,))
-    outdir = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), suffix=".tmp",
-                               dir=outdir)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with mrcfile.new(tmp, overwrite=True) as m:
             m.set_data(images)
             m.set_image_stack()
             m.voxel_size = float(apix)
             m.update_header_stats()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

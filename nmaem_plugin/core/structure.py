@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import gemmi
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import NmaemError, fail
 
 __all__ = ["AtomicModel", "read_model", "read_trajectory", "write_model", "write_models",
@@ -211,17 +212,15 @@ def _set_positions(model_obj, coords):
 
 def _write_structure(st, path):
     path = str(path)
-    tmp = path + ".tmp" + os.path.splitext(path)[1]
     lower = path.lower()
-    if lower.endswith((".cif", ".mmcif")):
-        st.setup_entities()
-        doc = st.make_mmcif_document()
-        doc.write_file(tmp)
-    elif lower.endswith((".pdb", ".ent")):
-        st.write_pdb(tmp)
-    else:
+    if not lower.endswith((".cif", ".mmcif", ".pdb", ".ent")):
         raise NmaemError("%s: unknown model format (use .pdb or .cif)" % path)
-    os.replace(tmp, path)  # atomic
+    with atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:
+        if lower.endswith((".cif", ".mmcif")):
+            st.setup_entities()
+            st.make_mmcif_document().write_file(tmp)
+        else:
+            st.write_pdb(tmp)
 
 
 def write_model(path, model, coords=None):

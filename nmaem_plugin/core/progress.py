@@ -1,0 +1,41 @@
+"""A progress line for long work: done/total, rate, ETA; to stderr, at most every few seconds."""
+import sys
+import time
+
+
+def _fmt_time(s):
+    s = int(round(s))
+    if s >= 3600:
+        return "%dh%02dm" % (s // 3600, (s % 3600) // 60)
+    if s >= 60:
+        return "%dm%02ds" % (s // 60, s % 60)
+    return "%ds" % s
+
+
+class Progress:
+    """``Progress(total, "simulate", unit="images")``; call ``update(n)`` as work is done."""
+
+    def __init__(self, total, label, unit="items", stream=None, every=2.0):
+        self.total, self.label, self.unit = int(total), label, unit
+        self.stream = sys.stderr if stream is None else stream
+        self.every = every
+        self.done = 0
+        self.t0 = time.perf_counter()
+        self._last = -1e9
+
+    def rate(self):
+        dt = time.perf_counter() - self.t0
+        return self.done / dt if dt > 0 else 0.0
+
+    def update(self, n=1, extra=""):
+        self.done += n
+        now = time.perf_counter()
+        if now - self._last >= self.every or self.done >= self.total:
+            self._last = now
+            r = self.rate()
+            eta = (self.total - self.done) / r if r > 0 else 0.0
+            pct = 100.0 * self.done / self.total if self.total else 100.0
+            self.stream.write("%s: %d/%d %s (%3.0f%%), %.1f %s/s, ETA %s%s\n"
+                              % (self.label, self.done, self.total, self.unit, pct, r,
+                                 self.unit, _fmt_time(eta), (" " + extra) if extra else ""))
+            self.stream.flush()

@@ -1,0 +1,313 @@
+"""Synthetic particle datasets: frames, distributions, poses, defocus, shifts, noise.
+
+A dataset is made from F frames of one molecule (a multi-model trajectory, or a morph
+between two models) in the frame of a consensus map of box D and pixel size apix: the
+rotation centre, the box centre (D//2)*apix in x, y and z, is where the reference model's
+centre of mass is placed (unless the models are already docked, as with ``--like``).
+Each particle gets a frame drawn from a distribution over frames, a pose uniform on
+SO(3), a log-normal defocus, a 2D shift and white noise at a given SNR; it is rendered
+with :class:`imaging.Renderer` (band-limited projection, RELION CTF).
+
+Frame distributions over F frames (x = frame index, 0..F-1), docs/simulation.md:
+
+* ``uniform``: every frame equally likely.
+* ``continuous``: a mixture of 3 equal Gaussians centred at 0.2, 0.5 and 0.8 of the
+  trajectory, standard deviation 0.1 (F - 1): neighbouring components overlap, every
+  frame has particles.
+* ``discontinuous``: 3 equal Gaussians centred at 1/6, 1/2 and 5/6 of the trajectory,
+  standard deviation 0.03 (F - 1), each truncated at 2.5 standard deviations, so the
+  populated intervals are separated by empty frames.
+
+Outputs (DESIGN.md contract): ``particles.star`` (RELION 3.1), ``stacks/*.mrcs``,
+``ground_truth.npz`` (``frame``, ``shift`` and the generation parameters),
+``frames.pdb`` (the frames, one model each, in the dataset's frame) and
+``reference.pdb`` (the reference model, frame 0's atoms at the reference coordinates,
+in the same frame: the X0 to train with).
+"""
+import json
+import os
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import imaging
+from .atomic import atomic_path
+from .errors import NmaemError, fail
+from .metadata import ParticleTable, write_stack, write_star
+from .progress import Progress
+from .structure import match_atoms, read_model, read_trajectory, superpose, write_models
+
+__all__ = ["DISTRIBUTIONS", "frame_probabilities", "sample_frames", "uniform_rotations",
+           "lognormal_defocus", "morph_frames", "simulate"]
+
+DISTRIBUTIONS = ("uniform", "continuous", "discontinuous")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def frame_probabilities(n_frames, distribution):
+    """Probability of each frame (n_frames,) under a named distribution (module doc)."""
+    F = int(n_frames)
+    if F < 1:
+        raise NmaemError("need at least one frame")
+    x = np.arange(F, dtype=np.float64)
+    L = max(F - 1, 1)
+    if distribution == "uniform":
+        p = np.ones(F)
+    elif distribution == "continuous":
+        mus, sd, cut = (0.2 * L, 0.5 * L, 0.8 * L), 0.1 * L, np.inf
+        p = sum(np.exp(-0.5 * ((x - m) / sd) ** 2) for m in mus)
+    elif distribution == "discontinuous":
+        mus, sd, cut = (L / 6.0, L / 2.0, 5.0 * L / 6.0), 0.03 * L, 2.5
+        p = np.zeros(F)
+        for m in mus:
+            z = (x - m) / sd
+            p += np.where(np.abs(z) <= cut, np.exp(-0.5 * z ** 2), 0.0)
+        if np.count_nonzero(p) < 3:
+            raise NmaemError("the discontinuous distribution needs more frames (got %d)" % F)
+    else:
+        raise NmaemError("unknown distribution %r (choose from %s)"
+                         % (distribution, ", ".join(DISTRIBUTIONS)))
+    return p / p.sum()
+
+
+def sample_frames(n, n_frames, distribution, rng):
+    return rng.choice(n_frames, size=n, p=frame_probabilities(n_frames, distribution))
+
+
+def uniform_rotations(n, rng):
+    """n rotation matrices uniform on SO(3) (normalised Gaussian quaternions)."""
+    q = rng.standard_normal((n, 4))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    w, x, y, z = q.T
+    return np.stack([
+        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+        np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+        np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
+    ], axis=1)
+
+
+def lognormal_defocus(n, mean_um, std_um, rng):
+    """Defocus in Angstrom, log-normal with the given mean and standard deviation (um)."""
+    if mean_um <= 0 or std_um < 0:
+        raise NmaemError("defocus mean must be > 0 and std >= 0 (got %g, %g um)"
+                         % (mean_um, std_um))
+    s2 = np.log1p((std_um / mean_um) ** 2)
+    mu = np.log(mean_um) - 0.5 * s2
+    return np.exp(rng.normal(mu, np.sqrt(s2), n)) * 1e4
+
+
+def morph_frames(ref, target, n_frames):
+    """Linear morph from ``ref`` to ``target`` superposed on it (atoms matched).
+
+    Returns (model, frames): ``model`` is ``ref`` restricted to the shared atoms and
+    ``frames`` (F, M, 3) goes from ref's coordinates (frame 0) to target's, superposed
+    on ref by Kabsch over the shared atoms (frame F-1).
+    """
+    if n_frames < 2:
+        raise NmaemError("a morph needs --frames >= 2 (got %d)" % n_frames)
+    ia, ib = match_atoms(ref, target)
+    model = ref.select(ia) if len(ia) != ref.n_atoms else ref
+    a = ref.coords[ia]
+    b = superpose(target.coords[ib], a)
+    t = np.linspace(0.0, 1.0, n_frames)[:, None, None]
+    return model, a[None] + t * (b - a)[None]
+
+
+# ----------------------------------------------------------------------------- simulate
+
+def _particle_table(n, stack_paths, stack_index, euler, origin, defocus_u, defocus_v,
+                    defocus_angle, voltage, cs, amp_contrast, apix, box, path,
+                    phase_shift=None, bfactor=None, optics_group=None):
+    return ParticleTable(
+        path=path, n=n, image_names=None, stack_paths=np.asarray(stack_paths),
+        stack_index=np.asarray(stack_index, dtype=np.int64), euler=euler, origin=origin,
+        defocus_u=defocus_u, defocus_v=defocus_v, defocus_angle=defocus_angle,
+        phase_shift=np.zeros(n) if phase_shift is None else phase_shift,
+        ctf_bfactor=np.zeros(n) if bfactor is None else bfactor,
+        voltage=np.broadcast_to(np.asarray(voltage, float), (n,)).copy(),
+        cs=np.broadcast_to(np.asarray(cs, float), (n,)).copy(),
+        amp_contrast=np.broadcast_to(np.asarray(amp_contrast, float), (n,)).copy(),
+        apix=np.broadcast_to(np.asarray(apix, float), (n,)).copy(),
+        box=np.broadcast_to(np.asarray(box, np.int64), (n,)).copy(),
+        optics_group=(np.ones(n, np.int64) if optics_group is None
+                      else np.asarray(optics_group, np.int64)),
+        extra=pd.DataFrame(index=range(n)))
+
+
+def _prepare_outdir(out_dir, overwrite):
+    star = os.path.join(out_dir, "particles.star")
+    if os.path.exists(star) and not overwrite:
+        fail(out_dir, "already holds a dataset (particles.star); choose another -o or "
+                      "pass --overwrite")
+    os.makedirs(os.path.join(out_dir, "stacks"), exist_ok=True)
+
+
+def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, apix=0.8,
+             snr_db=-20.0, defocus_mean=1.0, defocus_std=0.3, shift_std=0.0,
+             voltage=300.0, cs=2.7, amp_contrast=0.1, seed=0, like=None, recentre=True,
+             unknown_shifts=False, chunk=500, batch=64, device=None, overwrite=False,
+             log=print):
+    """Write a synthetic dataset to ``out_dir``; returns a dict summary.
+
+    ``model`` (AtomicModel) names the atoms of ``frames`` (F, M, 3), coordinates in the
+    model file's frame. With ``like`` (a ParticleTable with poses and CTF) its poses,
+    origins, CTFs, box and pixel size are used instead of random ones and the model is
+    taken as docked (no recentring); otherwise ``recentre`` moves the reference centre of
+    mass (frame 0's mean atom position) to the box centre. ``snr_db=None`` gives
+    noise-free images. The same arguments and seed give byte-identical files.
+    """
+    t_start = time.perf_counter()
+    frames = np.asarray(frames, dtype=np.float64)
+    if frames.ndim != 3 or frames.shape[1:] != (model.n_atoms, 3):
+        raise ValueError("frames of shape %s for a model of %d atoms"
+                         % (frames.shape, model.n_atoms))
+    if not np.all(np.isfinite(frames)):
+        fail(model.source, "non-finite coordinates in the frames")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rng = np.random.default_rng(seed)
+    F = len(frames)
+
+    if like is not None:
+        like.require(poses=True, ctf=True)
+        n = like.n if n is None else min(int(n), like.n)
+        like = like.subset(np.arange(n))
+        if np.any(like.box <= 0):
+            fail(like.path, "image size unknown (no rlnImageSize and no readable stack)")
+        if len(np.unique(like.box)) != 1 or len(np.unique(like.apix)) != 1:
+            fail(like.path, "particles of several box or pixel sizes; split the file by "
+                            "optics group first")
+        box, apix = int(like.box[0]), float(like.apix[0])
+        recentre = False
+    n = int(n)
+    if n < 1:
+        raise NmaemError("--n must be at least 1")
+    if box < 8 or box % 2:
+        raise NmaemError("--box must be even and at least 8 (got %d)" % box)
+    if apix <= 0:
+        raise NmaemError("--apix must be positive (got %g)" % apix)
+
+    centre = np.full(3, (box // 2) * apix)
+    offset = centre - frames[0].mean(axis=0) if recentre else np.zeros(3)
+    frames = frames + offset
+    reference = model.coords + offset if recentre else model.coords.copy()
+
+    # per-particle parameters, all drawn up front from one generator (small arrays)
+    frame = sample_frames(n, F, distribution, rng) if F > 1 else np.zeros(n, dtype=np.int64)
+    if like is None:
+        A = uniform_rotations(n, rng)
+        rot, tilt, psi = imaging.matrix_to_euler(A)
+        euler = np.stack([rot, tilt, psi], axis=1)
+        shift = rng.normal(0.0, shift_std, (n, 2)) if shift_std > 0 else np.zeros((n, 2))
+        dfu = lognormal_defocus(n, defocus_mean, defocus_std, rng)
+        ctf = dict(defocus_u=dfu, defocus_v=dfu.copy(), defocus_angle=np.zeros(n),
+                   voltage=np.full(n, voltage), cs=np.full(n, cs),
+                   amp_contrast=np.full(n, amp_contrast), phase_shift=np.zeros(n),
+                   bfactor=np.zeros(n))
+    else:
+        euler = like.euler.copy()
+        shift = -like.origin_or_zero()
+        ctf = dict(defocus_u=like.defocus_u, defocus_v=like.defocus_v,
+                   defocus_angle=like.defocus_angle, voltage=like.voltage, cs=like.cs,
+                   amp_contrast=like.amp_contrast, phase_shift=like.phase_shift,
+                   bfactor=like.ctf_bfactor)
+    # render from the matrices of the angles as written (what any reader will use)
+    A = imaging.euler_to_matrix(euler[:, 0], euler[:, 1], euler[:, 2])
+
+    _prepare_outdir(out_dir, overwrite)
+    renderer = imaging.Renderer(model.elements, box, apix, centre=centre, device=device)
+    frames_t = torch.as_tensor(frames, dtype=torch.float32, device=device)
+
+    def render(idx):
+        out = []
+        for s in range(0, len(idx), batch):
+            j = idx[s:s + batch]
+            def t(x):
+                return torch.as_tensor(np.asarray(x)[j], dtype=torch.float32, device=device)
+            c = renderer.ctf(defocus_u=t(ctf["defocus_u"]), defocus_v=t(ctf["defocus_v"]),
+                             defocus_angle=t(ctf["defocus_angle"]), voltage=t(ctf["voltage"]),
+                             cs=t(ctf["cs"]), amp_contrast=t(ctf["amp_contrast"]),
+                             phase_shift=t(ctf["phase_shift"]), bfactor=t(ctf["bfactor"]))
+            with torch.no_grad():
+                img = renderer.render(frames_t[torch.as_tensor(frame[j], device=device)],
+                                      t(A), t(shift), c)
+            out.append(img)
+        return torch.cat(out)
+
+    n_chunks = (n + chunk - 1) // chunk
+    stack_paths = np.empty(n, dtype=object)
+    stack_index = np.empty(n, dtype=np.int64)
+    sigma = 0.0
+    var_clean, var_noise = [], []
+    progress = Progress(n, "simulate", unit="images")
+    for c in range(n_chunks):
+        idx = np.arange(c * chunk, min(n, (c + 1) * chunk))
+        clean = render(idx)
+        if c == 0 and snr_db is not None:
+            # one noise level for the dataset, set by the first chunk's clean images
+            sigma = imaging.noise_sigma(clean, snr_db)
+        if snr_db is not None:
+            gen = torch.Generator(device=device).manual_seed(int(seed) * 1000003 + c)
+            noisy = imaging.add_noise(clean, sigma, generator=gen)
+            var_noise.append(((noisy - clean).reshape(len(idx), -1).var(1, unbiased=False)).cpu())
+        else:
+            noisy = clean
+        var_clean.append(clean.reshape(len(idx), -1).var(1, unbiased=False).cpu())
+        name = os.path.join(out_dir, "stacks", "particles_%05d.mrcs" % c)
+        write_stack(name, noisy.cpu().numpy(), apix)
+        stack_paths[idx] = os.path.abspath(name)
+        stack_index[idx] = np.arange(len(idx))
+        del clean, noisy
+        progress.update(len(idx))
+
+    origin = np.zeros((n, 2)) if unknown_shifts else -shift
+    if like is not None:
+        table = like.subset(np.arange(n))
+        table.stack_paths = stack_paths.astype(str)
+        table.stack_index = stack_index
+        table.image_names = None
+        table.path = os.path.join(out_dir, "particles.star")
+        if unknown_shifts:
+            table.origin = origin
+    else:
+        table = _particle_table(n, stack_paths.astype(str), stack_index, euler, origin,
+                                ctf["defocus_u"], ctf["defocus_v"], ctf["defocus_angle"],
+                                voltage, cs, amp_contrast, apix, box,
+                                os.path.join(out_dir, "particles.star"))
+    vc = torch.cat(var_clean).double()
+    measured_snr = (10 * np.log10(vc.mean().item() / torch.cat(var_noise).double().mean().item())
+                    if var_noise else None)
+    params = dict(n=n, frames=F, distribution=distribution, box=box, apix=apix,
+                  snr_db=snr_db, measured_snr_db=measured_snr, noise_sigma=sigma,
+                  defocus_mean_um=defocus_mean, defocus_std_um=defocus_std,
+                  shift_std=shift_std, voltage=voltage, cs=cs, amp_contrast=amp_contrast,
+                  seed=seed, like=None if like is None else like.path,
+                  centre=centre.tolist(), offset=offset.tolist(),
+                  unknown_shifts=bool(unknown_shifts))
+    with atomic_path(os.path.join(out_dir, "ground_truth.npz"), suffix=".npz") as tmp:
+        np.savez(tmp, frame=frame.astype(np.int64), shift=shift.astype(np.float32),
+                 euler=euler, defocus_u=np.asarray(ctf["defocus_u"], float),
+                 params=np.array(json.dumps(params)))
+    write_models(os.path.join(out_dir, "frames.pdb"), model, list(frames))
+    write_models(os.path.join(out_dir, "reference.pdb"), model, [reference])
+    write_star(os.path.join(out_dir, "particles.star"), table)   # last: marks completion
+    params["seconds"] = time.perf_counter() - t_start
+    log("simulate: %d particles of %d px at %.3f A/px from %d frame(s) -> %s (%.1f s%s)"
+        % (n, box, apix, F, out_dir, params["seconds"],
+           "" if measured_snr is None else ", SNR %.2f dB" % measured_snr))
+    return params
+
+
+def load_frames(trajectory=None, ref=None, target=None, n_frames=50):
+    """(model, frames) from a trajectory file, a ref/target morph, or a single ref."""
+    if trajectory:
+        return read_trajectory(trajectory)
+    if ref is None:
+        raise NmaemError("give --trajectory, or --ref (with --target for a morph)")
+    a = read_model(ref)
+    if target:
+        return morph_frames(a, read_model(target), n_frames)
+    return a, a.coords[None]

@@ -51,6 +51,8 @@ DENSE_MAX_NODES_GPU = 4000
 ZERO_TOL = 1e-6
 # default interpolation width: SIGMA_FACTOR x median nearest-neighbour distance of CG nodes
 SIGMA_FACTOR = 0.5
+# modes per KeOps reduction call
+CHUNK_MODES = 8
 MODES_FORMAT_VERSION = 1
 REQUIRED_KEYS = ("coords", "modes", "eigenvalues", "atom_ids")
 
@@ -337,19 +339,28 @@ def interpolate_modes(cg_coords, cg_modes, coords, sigma, exact=True, ridge=1e-8
                         device=device)
     Yi = LazyTensor(y[:, None, :])
     Yj = LazyTensor(y[None, :, :])
-    if exact:
-        K = (-0.5 * ((Yi - Yj) ** 2).sum(-1)).exp()
-        deg = K.sum(1, backend=backend)  # (N, 1) row sums of the node kernel matrix
+    X = LazyTensor(x[:, None, :])
+    K = (-0.5 * ((Yi - Yj) ** 2).sum(-1)).exp()
+    S = -0.5 * ((X - Yj) ** 2).sum(-1)
+    deg = K.sum(1, backend=backend) if exact else None  # (N, 1) row sums of node kernel
+    out = np.empty((x.shape[0], 3 * d))
+    # modes go through the reductions in chunks of CHUNK_MODES (zero-padded), so that one
+    # compiled KeOps kernel serves every number of modes
+    width = 3 * CHUNK_MODES
+    for c0 in range(0, 3 * d, width):
+        c1 = min(c0 + width, 3 * d)
+        vc = torch.zeros((n, width), dtype=torch.float64, device=device)
+        vc[:, :c1 - c0] = v[:, c0:c1]
+        if exact:
+            def matvec(p):
+                return (K * LazyTensor(p[None, :, :])).sum(1, backend=backend) + ridge * p
 
-        def matvec(p):
-            return (K * LazyTensor(p[None, :, :])).sum(1, backend=backend) + ridge * p
-
-        a = _conjugate_gradient(matvec, deg * v)
-    else:
-        a = v
-    S = -0.5 * ((LazyTensor(x[:, None, :]) - Yj) ** 2).sum(-1)
-    out = S.sumsoftmaxweight(LazyTensor(a[None, :, :]), axis=1, backend=backend)  # (M, 3d)
-    out = out.cpu().numpy().reshape(-1, d, 3).transpose(1, 0, 2)
+            a = _conjugate_gradient(matvec, deg * vc)
+        else:
+            a = vc
+        res = S.sumsoftmaxweight(LazyTensor(a[None, :, :]), axis=1, backend=backend)
+        out[:, c0:c1] = res[:, :c1 - c0].cpu().numpy()
+    out = out.reshape(-1, d, 3).transpose(1, 0, 2)
     return np.ascontiguousarray(out)
 
 
@@ -503,9 +514,9 @@ def compute_modes(model, n_modes=16, cg="ca", cutoff=15.0, gamma=1.0, solver="au
     tol = ZERO_TOL * scale
     n_zero = int((w < tol).sum())
     if n_zero > 6:
-        fail(src, "the elastic network has %d zero-frequency modes (6 expected): parts of it are "
-                  "only loosely attached at cutoff %g A (--cg %s); use a larger --cutoff"
-             % (n_zero, cutoff, cg_label))
+        fail(src, "the elastic network has %s%d zero-frequency modes (6 expected): parts of it "
+                  "are only loosely attached at cutoff %g A (--cg %s); use a larger --cutoff"
+             % ("at least " if n_zero == len(w) else "", n_zero, cutoff, cg_label))
     if n_zero < 6:
         fail(src, "only %d zero-frequency modes found (6 expected: no clear gap after the "
                   "rigid-body modes, eigenvalues %s)"

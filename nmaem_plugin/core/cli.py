@@ -51,8 +51,8 @@ def _add_simulate(sub):
     p.add_argument("--amp-contrast", type=float, default=0.1,
                    help="amplitude contrast (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--chunk", type=int, default=500,
-                   help="images per MRC stack, the unit of memory use (default 500)")
+    p.add_argument("--chunk", type=int, default=256,
+                   help="images per MRC stack, the unit of memory use (default 256)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a dataset already in the output folder")

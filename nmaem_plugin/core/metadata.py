@@ -887,3 +887,7 @@ def write_stack(path, images, apix):
             m.set_image_stack()
             m.voxel_size = float(apix)
             m.update_header_stats()
+            # mrcfile's default label holds the creation time: the same data must give
+            # the same bytes (reproducible datasets), so the label is fixed text
+            m.header.label[0] = b"written by nmaem"
+            m.header.nlabl = 1

@@ -148,7 +148,7 @@ def _prepare_outdir(out_dir, overwrite):
 def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, apix=0.8,
              snr_db=-20.0, defocus_mean=1.0, defocus_std=0.3, shift_std=0.0,
              voltage=300.0, cs=2.7, amp_contrast=0.1, seed=0, like=None, recentre=True,
-             unknown_shifts=False, chunk=500, batch=64, device=None, overwrite=False,
+             unknown_shifts=False, chunk=256, batch=32, device=None, overwrite=False,
              log=print):
     """Write a synthetic dataset to ``out_dir``; returns a dict summary.
 
@@ -222,9 +222,10 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
     frames_t = torch.as_tensor(frames, dtype=torch.float32, device=device)
 
     def render(idx):
-        out = []
+        out = torch.empty(len(idx), box, box, dtype=torch.float32, device=device)
         for s in range(0, len(idx), batch):
             j = idx[s:s + batch]
+
             def t(x):
                 return torch.as_tensor(np.asarray(x)[j], dtype=torch.float32, device=device)
             c = renderer.ctf(defocus_u=t(ctf["defocus_u"]), defocus_v=t(ctf["defocus_v"]),
@@ -232,10 +233,9 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
                              cs=t(ctf["cs"]), amp_contrast=t(ctf["amp_contrast"]),
                              phase_shift=t(ctf["phase_shift"]), bfactor=t(ctf["bfactor"]))
             with torch.no_grad():
-                img = renderer.render(frames_t[torch.as_tensor(frame[j], device=device)],
-                                      t(A), t(shift), c)
-            out.append(img)
-        return torch.cat(out)
+                out[s:s + len(j)] = renderer.render(
+                    frames_t[torch.as_tensor(frame[j], device=device)], t(A), t(shift), c)
+        return out
 
     n_chunks = (n + chunk - 1) // chunk
     stack_paths = np.empty(n, dtype=object)
@@ -245,22 +245,22 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
     progress = Progress(n, "simulate", unit="images")
     for c in range(n_chunks):
         idx = np.arange(c * chunk, min(n, (c + 1) * chunk))
-        clean = render(idx)
-        if c == 0 and snr_db is not None:
-            # one noise level for the dataset, set by the first chunk's clean images
-            sigma = imaging.noise_sigma(clean, snr_db)
+        images = render(idx)
+        var_clean.append(images.reshape(len(idx), -1).var(1, unbiased=False).cpu())
         if snr_db is not None:
+            if c == 0:
+                # one noise level for the dataset, set by the first chunk's clean images
+                sigma = imaging.noise_sigma(images, snr_db)
             gen = torch.Generator(device=device).manual_seed(int(seed) * 1000003 + c)
-            noisy = imaging.add_noise(clean, sigma, generator=gen)
-            var_noise.append(((noisy - clean).reshape(len(idx), -1).var(1, unbiased=False)).cpu())
-        else:
-            noisy = clean
-        var_clean.append(clean.reshape(len(idx), -1).var(1, unbiased=False).cpu())
+            noise = torch.randn(images.shape, generator=gen, device=device).mul_(sigma)
+            var_noise.append(noise.reshape(len(idx), -1).var(1, unbiased=False).cpu())
+            images.add_(noise)           # in place: one chunk of images in memory
+            del noise
         name = os.path.join(out_dir, "stacks", "particles_%05d.mrcs" % c)
-        write_stack(name, noisy.cpu().numpy(), apix)
+        write_stack(name, images.cpu().numpy(), apix)
         stack_paths[idx] = os.path.abspath(name)
         stack_index[idx] = np.arange(len(idx))
-        del clean, noisy
+        del images
         progress.update(len(idx))
 
     origin = np.zeros((n, 2)) if unknown_shifts else -shift

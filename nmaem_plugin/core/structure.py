@@ -6,6 +6,7 @@ of the file) with the identifiers that tie each row back to the file:
 Reading and writing go through gemmi, so PDB and mmCIF (and their compressed
 forms) both work; writing keeps chain, residue and atom names.
 """
+import gzip
 import os
 from dataclasses import dataclass, field
 
@@ -67,15 +68,32 @@ def atom_id_strings(chain, resnum, icode, resname, atom_name):
     return np.array(["%s:%d:%s:%s:%s" % t for t in zip(chain, resnum, icode, resname, atom_name)])
 
 
+def _check_pdb_numbers(path):
+    """gemmi reads 'nan' in PDB coordinate columns as 0: refuse such files instead."""
+    if path.lower().endswith((".cif", ".mmcif", ".cif.gz", ".mmcif.gz")):
+        return
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", errors="replace") as fh:
+            for k, line in enumerate(fh, 1):
+                if line.startswith(("ATOM", "HETATM")):
+                    field = line[30:54].lower()
+                    if "nan" in field or "inf" in field:
+                        fail(path, "line %d: non-finite atom coordinates" % k)
+    except (OSError, EOFError):
+        return  # gemmi reports unreadable files
+
+
 def _read_structure(path):
     if not os.path.isfile(path):
         fail(path, "no such model file")
+    _check_pdb_numbers(path)
     try:
         st = gemmi.read_structure(str(path))
     except Exception as exc:  # gemmi raises RuntimeError/ValueError with its own text
         fail(path, "cannot be read as PDB or mmCIF (%s)" % str(exc).splitlines()[0])
-    if len(st) == 0:
-        fail(path, "the file holds no model (no ATOM/HETATM records)")
+    if len(st) == 0 or st[0].count_atom_sites() == 0:
+        fail(path, "the file holds no atoms (no ATOM/HETATM records)")
     return st
 
 

@@ -36,7 +36,7 @@ from . import imaging
 from .atomic import atomic_path
 from .errors import NmaemError, fail
 from .metadata import ParticleTable, write_stack, write_star
-from .progress import Progress
+from .progress import Progress, release_memory
 from .structure import match_atoms, read_model, read_trajectory, superpose, write_models
 
 __all__ = ["DISTRIBUTIONS", "frame_probabilities", "sample_frames", "uniform_rotations",
@@ -261,6 +261,7 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
         stack_paths[idx] = os.path.abspath(name)
         stack_index[idx] = np.arange(len(idx))
         del images
+        release_memory()
         progress.update(len(idx))
 
     origin = np.zeros((n, 2)) if unknown_shifts else -shift

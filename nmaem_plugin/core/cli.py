@@ -79,6 +79,70 @@ def _run_simulate(args):
     return 0
 
 
+def _add_export(sub):
+    p = sub.add_parser(
+        "export", help="deformed all-atom models at chosen latent points",
+        description="Write X0 + U z as PDB/mmCIF models at points of the latent space: along "
+                    "principal components (--pcs, --steps), at k-means centres (--kmeans), at "
+                    "density maxima of PC1 (--maxima) or at given amplitudes (--z); any "
+                    "combination (default: --pcs 1). DIR/models.json and DIR/models.csv list "
+                    "each file with its z, PC coordinates and particle count.")
+    p.add_argument("--latent", metavar="latent.npz",
+                   help="latent file of nmaem infer (needed except with --z alone)")
+    p.add_argument("--model", required=True, metavar="RUN",
+                   help="training run folder (config.json, reference model, modes.npz)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--pcs", default=None, metavar="K[,K...]",
+                   help="principal components to traverse, e.g. 1 or 1,2")
+    p.add_argument("--steps", type=int, default=10, help="models per PC (default 10)")
+    p.add_argument("--low", type=float, default=5.0,
+                   help="traversal start, percentile of the PC coordinates (default 5)")
+    p.add_argument("--high", type=float, default=95.0,
+                   help="traversal end, percentile of the PC coordinates (default 95)")
+    p.add_argument("--kmeans", type=int, default=None, metavar="K",
+                   help="models at the centres of K k-means clusters of z")
+    p.add_argument("--maxima", action="store_true",
+                   help="models at the density maxima along PC1 (Gaussian KDE)")
+    p.add_argument("--z", action="append", default=[], metavar="Z1,Z2,...",
+                   help="a model at these d amplitudes in Angstrom (repeat for more)")
+    p.add_argument("--format", choices=("pdb", "cif"), default="pdb",
+                   help="model file format (default pdb)")
+    p.add_argument("--seed", type=int, default=0, help="k-means random seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args):
+    from .analysis import export
+    export(args.latent, args.model, args.output, pcs=args.pcs, steps=args.steps,
+           low=args.low, high=args.high, kmeans_k=args.kmeans, maxima=args.maxima,
+           z_list=args.z, fmt=args.format, seed=args.seed, overwrite=args.overwrite)
+    return 0
+
+
+def _add_evaluate(sub):
+    p = sub.add_parser(
+        "evaluate", help="accuracy of a latent file on a simulated dataset (JSON on stdout)",
+        description="Compare X0 + U z_i with each particle's true frame (RMSD, no "
+                    "superposition), against the best the modes allow (floor RMSD); PC1 "
+                    "explained variance, |corr(PC1, frame)|, density maxima along PC1 and "
+                    "the RMSD of the model at each maximum. See docs/analysis.md.")
+    p.add_argument("--latent", required=True, metavar="latent.npz", help="latent file")
+    p.add_argument("--truth", required=True, metavar="SIMDIR",
+                   help="folder written by nmaem simulate (ground_truth.npz, frames.pdb)")
+    p.add_argument("--model", required=True, metavar="RUN", help="training run folder")
+    p.add_argument("--per-particle", default=None, metavar="FILE.npz",
+                   help="also save per-particle RMSD, floor, frame and PC1 arrays")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args):
+    from .analysis import evaluate, format_json
+    result = evaluate(args.latent, args.truth, args.model, per_particle=args.per_particle)
+    sys.stdout.write(format_json(result) + "\n")
+    return 0
+
+
 def build_parser():
     from nmaem_plugin import __version__
     parser = argparse.ArgumentParser(
@@ -95,6 +159,8 @@ def build_parser():
     if add_modes_parser is not None:
         add_modes_parser(sub)
     _add_simulate(sub)
+    _add_export(sub)
+    _add_evaluate(sub)
     return parser
 
 

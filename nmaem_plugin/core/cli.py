@@ -143,6 +143,117 @@ def _run_evaluate(args):
     return 0
 
 
+def _int_list(text):
+    try:
+        return [int(v) for v in text.split(",") if v.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected comma-separated integers, got %r" % text)
+
+
+def _add_train(sub):
+    p = sub.add_parser(
+        "train", help="train the autoencoder (encoder + physics decoder)",
+        description="Train the encoder that maps each particle image to a 2D shift and "
+                    "normal-mode amplitudes, through the physics decoder (X0 + U z rendered "
+                    "with the particle's pose and CTF). Writes the run folder -o "
+                    "(config.json, checkpoints/, log.csv; see docs/training.md).")
+    p.add_argument("--particles", metavar="P.star",
+                   help="RELION STAR or cryoSPARC .cs with poses, CTF and images")
+    p.add_argument("--ref", metavar="A.pdb", help="reference model X0, docked in the map")
+    p.add_argument("--modes", metavar="modes.npz", help="normal modes of --ref (nmaem modes)")
+    p.add_argument("-o", "--output", required=True, metavar="RUN", help="run folder")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default 200)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="images per optimisation step, over all processes (default 256)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--box", type=int, default=None,
+                   help="train on images Fourier-cropped to this box (default: no cropping)")
+    p.add_argument("--loss", choices=["l2", "corr"], default=None,
+                   help="l2 (the paper's; images in the renderer's units) or corr "
+                        "(1 - correlation; any grey scale) (default l2)")
+    p.add_argument("--encoder", choices=["paper", "small"], default=None,
+                   help="encoder size: paper (filters 32..512, MLP 512, 256) or small "
+                        "(default paper)")
+    p.add_argument("--filters", type=_int_list, default=None, metavar="F1,F2,...",
+                   help="override the encoder's convolution filters (one block each)")
+    p.add_argument("--hidden", type=_int_list, default=None, metavar="H1,H2",
+                   help="override the MLP hidden sizes")
+    p.add_argument("--rmsd-unit", type=float, default=None,
+                   help="RMSD (A) of one unit of network output along a mode (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when "
+                                                  "present)")
+    p.add_argument("--gpus", type=_int_list, default=None, metavar="0,1,...",
+                   help="train on these GPUs with DistributedDataParallel (torchrun)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="number of DDP processes (default: one per --gpus entry; with "
+                        "--device cpu, gloo processes)")
+    p.add_argument("--bf16", action="store_true", default=None,
+                   help="bfloat16 autocast for the encoder (GPU)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader worker processes that read images (default 0)")
+    p.add_argument("--keep", type=int, default=None,
+                   help="per-epoch checkpoints kept besides last.pt (default 3)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in -o from its last checkpoint")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args):
+    import os
+    from .train import launch_distributed, prepare_run, train_run
+    if args.worker:                       # one torchrun process: the run is prepared
+        rank = int(os.environ.get("RANK", "0"))
+        try:
+            train_run(args.output)
+        except NmaemError:
+            if rank != 0:
+                return 2
+            raise
+        return 0
+    nproc = args.nproc or (len(args.gpus) if args.gpus else 1)
+    if args.gpus and args.device is None:
+        args.device = "cuda"
+    prepare_run(args.output, args.particles, args.ref, args.modes, resume=args.resume,
+                epochs=args.epochs, batch=args.batch, lr=args.lr, box=args.box,
+                loss=args.loss, encoder=args.encoder, filters=args.filters,
+                hidden=args.hidden, rmsd_unit=args.rmsd_unit, seed=args.seed,
+                device=args.device, bf16=args.bf16, num_workers=args.num_workers,
+                keep=args.keep)
+    if nproc > 1:
+        launch_distributed(args.output, nproc, gpus=args.gpus)
+    else:
+        train_run(args.output)
+    return 0
+
+
+def _add_infer(sub):
+    p = sub.add_parser(
+        "infer", help="z and shift of every particle from a trained run",
+        description="Run the trained encoder on every particle: writes latent.npz (z (N,d) "
+                    "Angstrom, shift (N,2) Angstrom, index (N,)) and optionally a STAR copy "
+                    "with nmaemZ01... columns and refined origins (origin - shift).")
+    p.add_argument("--particles", required=True, metavar="P.star",
+                   help="particle file (same box and pixel size as in training)")
+    p.add_argument("--model", required=True, metavar="RUN", help="training run folder")
+    p.add_argument("-o", "--output", required=True, metavar="latent.npz")
+    p.add_argument("--batch", type=int, default=256, help="images per batch (default 256)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--star", metavar="OUT.star", default=None,
+                   help="also write the particles with amplitudes and refined origins")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="DataLoader worker processes that read images (default 0)")
+    p.set_defaults(func=_run_infer)
+
+
+def _run_infer(args):
+    from .infer import infer
+    infer(args.particles, args.model, args.output, batch=args.batch, device=args.device,
+          star=args.star, num_workers=args.num_workers)
+    return 0
+
+
 def build_parser():
     from nmaem_plugin import __version__
     parser = argparse.ArgumentParser(
@@ -159,6 +270,8 @@ def build_parser():
     if add_modes_parser is not None:
         add_modes_parser(sub)
     _add_simulate(sub)
+    _add_train(sub)
+    _add_infer(sub)
     _add_export(sub)
     _add_evaluate(sub)
     return parser

@@ -1,0 +1,94 @@
+"""Amortised inference: z and shift of every particle from a trained run.
+
+``latent.npz``: ``z`` (N, d) float32 normal-mode amplitudes in Angstrom (X(z) = X0 + U z);
+``shift`` (N, 2) float32 in Angstrom, (x, y): the predicted residual displacement of the
+particle centre relative to the position that the file's origin implies (the particle
+centre is at image centre - origin + shift, so the refined RELION origin is
+``origin - shift``); ``index`` (N,) int64, the 0-based row of each particle in the input
+file. The images are preprocessed exactly as in training (Fourier cropping to the run's box,
+per-image normalisation inside the encoder); the encoder runs in eval mode, in float32.
+"""
+import os
+
+import numpy as np
+import torch
+
+from .atomic import atomic_path
+from .errors import NmaemError, fail
+
+__all__ = ["infer", "encode_images", "z_column_names"]
+
+
+def z_column_names(d):
+    """STAR column names of the amplitudes: nmaemZ01, nmaemZ02, ..."""
+    width = max(2, len(str(d)))
+    return ["nmaemZ%0*d" % (width, l + 1) for l in range(d)]
+
+
+def encode_images(encoder, images, device):
+    """(shift, z) numpy float32 of preprocessed images (B, box, box) with ``encoder``."""
+    with torch.no_grad():
+        shift, z = encoder(images.to(device))
+    return shift.float().cpu().numpy(), z.float().cpu().numpy()
+
+
+def infer(particles, run_dir, out, batch=256, device=None, star=None, num_workers=0,
+          log=print):
+    """Write ``out`` (latent.npz) for every particle of ``particles``; optionally ``star``,
+    a copy of the particle file with amplitude columns and refined origins.
+
+    Memory: one batch of images at a time plus the (N, d + 2) results.
+    """
+    from .metadata import read_particles, write_star
+    from .progress import Progress
+    from .train import ParticleImages, _device, _loader, load_trained
+    if int(batch) < 1:
+        raise NmaemError("--batch must be at least 1")
+    dev = _device(device)
+    ae, cfg = load_trained(run_dir, dev)
+    table = read_particles(particles)
+    table.require(poses=False, ctf=False, images=True)
+    boxes, apixes = np.unique(table.box), np.unique(table.apix)
+    if len(boxes) != 1 or len(apixes) != 1:
+        fail(particles, "particles of several box or pixel sizes; split the file by optics "
+                        "group first")
+    if int(boxes[0]) != cfg["box0"] or abs(float(apixes[0]) - cfg["apix0"]) > 1e-6 * cfg["apix0"]:
+        fail(particles, "images are %d px at %g A/px, but the model was trained on %d px at "
+                        "%g A/px" % (boxes[0], apixes[0], cfg["box0"], cfg["apix0"]))
+    from .metadata import ImageStack
+    ImageStack(table, check=True).close()
+    n, d = table.n, int(cfg["n_modes"])
+    z = np.zeros((n, d), dtype=np.float32)
+    shift = np.zeros((n, 2), dtype=np.float32)
+    rows_all = np.arange(n, dtype=np.int64)
+    batches = [rows_all[i:i + int(batch)] for i in range(0, n, int(batch))]
+    dataset = ParticleImages(table, cfg["box"])
+    progress = Progress(n, "infer", unit="images")
+    try:
+        for rows, images in _loader(dataset, batches, num_workers, dev.type == "cuda"):
+            s, zz = encode_images(ae.encoder, images, dev)
+            r = rows.numpy()
+            shift[r], z[r] = s, zz
+            progress.update(len(r))
+    except RuntimeError as exc:
+        from .train import _is_oom
+        if _is_oom(exc):
+            raise NmaemError("out of memory on %s with --batch %d; try --batch %d"
+                             % (dev, batch, max(1, int(batch) // 2)))
+        raise
+    if not (np.all(np.isfinite(z)) and np.all(np.isfinite(shift))):
+        fail(run_dir, "the model gives non-finite outputs")
+    with atomic_path(out, suffix=".npz") as tmp:
+        np.savez(tmp, z=z, shift=shift, index=rows_all)
+    log("infer: %d particles -> %s (z: %d modes, model of epoch %d)"
+        % (n, out, d, cfg["epoch"]))
+    if star:
+        from dataclasses import replace
+        refined = (table.origin_or_zero() - shift.astype(np.float64))
+        extra = {name: z[:, l].astype(np.float64) for l, name in enumerate(z_column_names(d))}
+        extra["nmaemShiftXAngst"] = shift[:, 0].astype(np.float64)
+        extra["nmaemShiftYAngst"] = shift[:, 1].astype(np.float64)
+        write_star(star, replace(table, origin=refined), extra_columns=extra)
+        log("infer: wrote %s (refined origins, columns %s...)" % (star, ", ".join(
+            list(extra)[:3])))
+    return dict(z=z, shift=shift, index=rows_all)

@@ -1,0 +1,212 @@
+"""The autoencoder of Nashed et al. (2022): a CNN encoder and a physics decoder.
+
+Encoder (``Encoder``)
+    Each particle image (B, D, D) is first normalised on its own (zero mean, unit standard
+    deviation over its pixels: real and simulated datasets then look alike to the network,
+    whatever their grey scale). A VGG-style trunk follows: ``len(filters)`` blocks of
+    [3x3 convolution, batch norm, ReLU] x 2 and a 2x average pooling; the paper's filters
+    are 32, 64, 128, 256, 512 (``ENCODER_PRESETS['paper']``). The feature map is flattened
+    (``filters[-1] * (D >> len(filters))**2`` numbers) and fed to two MLPs with hidden
+    sizes (512, 256) and ReLU: the *shift* head outputs 2 numbers, the *conformation* head
+    d numbers (no conformation head when d = 0).
+
+Output scaling (so that the raw network outputs are O(1) numbers and an untrained network
+starts at the reference):
+    * ``z = z_scale * out_z`` with ``z_scale = rmsd_unit * sqrt(M)``: one unit of network
+      output along a mode is a deformation of RMSD ``rmsd_unit`` (default 1 Angstrom), since
+      for orthonormal modes RMSD(X(z), X0) = |z| / sqrt(M). z itself is in Angstrom, the
+      unit of ``modes.npz``.
+    * ``shift = shift_scale * out_t``, ``shift_scale`` = the training pixel size by default
+      (one unit = one pixel), in Angstrom.
+    * The last layer of each head starts with weights 1e-3 times PyTorch's default and a
+      zero bias, so an untrained network gives |z|/sqrt(M) and |shift| of the order of
+      1e-3 Angstrom: the first renderings are the reference model at the known pose.
+
+Decoder (``Decoder``)
+    X(z) = X0 + sum_l z_l U_l, rendered by :class:`imaging.Renderer` with the particle's
+    rotation (RELION matrix of its pose), a shift of ``-origin + predicted shift + offset``
+    (Angstrom; ``offset`` is zero unless an odd original box was Fourier-cropped, see
+    ``train.py``) and its CTF. The rotation centre is the consensus-map centre
+    (D0//2)*apix0 of the *original* particles, whatever the training box.
+
+Shift convention: the predicted shift t is the displacement of the particle centre
+relative to where the file's origin puts it (a residual); the refined origin is
+``origin - t`` (RELION: the particle centre sits at image centre - origin).
+
+Loss (``image_loss``)
+    ``l2``: mean over images and pixels of (Y - Y_hat)^2, the paper's loss; it assumes the
+    images are in the renderer's units (true for ``nmaem simulate``). ``corr``: 1 - the
+    Pearson correlation of each image with its rendering, averaged: invariant to the grey
+    scale and offset of real data.
+"""
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from .imaging import Renderer
+
+__all__ = ["ENCODER_PRESETS", "normalise_images", "Encoder", "Decoder", "AutoEncoder",
+           "image_loss", "LOSSES"]
+
+ENCODER_PRESETS = {
+    "paper": dict(filters=(32, 64, 128, 256, 512), hidden=(512, 256)),
+    "small": dict(filters=(8, 16, 32), hidden=(64, 32)),
+}
+LOSSES = ("l2", "corr")
+LAST_LAYER_GAIN = 1e-3
+
+
+def normalise_images(images, eps=1e-6):
+    """Each image (B, D, D) to zero mean and unit standard deviation over its pixels."""
+    flat = images.reshape(images.shape[0], -1)
+    mean = flat.mean(dim=1)
+    std = flat.std(dim=1, unbiased=False)
+    return (images - mean[:, None, None]) / (std[:, None, None] + eps)
+
+
+def _vgg_block(c_in, c_out):
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+        nn.AvgPool2d(2))
+
+
+def _mlp(n_in, hidden, n_out):
+    layers = []
+    for h in hidden:
+        layers += [nn.Linear(n_in, h), nn.ReLU(inplace=True)]
+        n_in = h
+    last = nn.Linear(n_in, n_out)
+    with torch.no_grad():
+        last.weight.mul_(LAST_LAYER_GAIN)
+        last.bias.zero_()
+    layers.append(last)
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """Image (B, D, D) -> (shift (B, 2) Angstrom, z (B, d) Angstrom); see the module doc."""
+
+    def __init__(self, box, n_modes, filters=(32, 64, 128, 256, 512), hidden=(512, 256),
+                 z_scale=1.0, shift_scale=1.0):
+        super().__init__()
+        box, n_modes = int(box), int(n_modes)
+        filters, hidden = [int(f) for f in filters], [int(h) for h in hidden]
+        if not filters:
+            raise ValueError("the encoder needs at least one convolution block")
+        if box >> len(filters) < 1:
+            raise ValueError("a %d px box is too small for %d pooling blocks (at least %d px)"
+                             % (box, len(filters), 2 ** len(filters)))
+        self.box, self.n_modes = box, n_modes
+        blocks, c = [], 1
+        for f in filters:
+            blocks.append(_vgg_block(c, f))
+            c = f
+        self.trunk = nn.Sequential(*blocks)
+        self.n_features = c * (box >> len(filters)) ** 2
+        self.shift_head = _mlp(self.n_features, hidden, 2)
+        self.z_head = _mlp(self.n_features, hidden, n_modes) if n_modes > 0 else None
+        self.register_buffer("z_scale", torch.tensor(float(z_scale)))
+        self.register_buffer("shift_scale", torch.tensor(float(shift_scale)))
+
+    def features(self, images):
+        x = normalise_images(images)[:, None]
+        return torch.flatten(self.trunk(x), 1)
+
+    def forward(self, images):
+        h = self.features(images)
+        shift = self.shift_head(h).float() * self.shift_scale
+        if self.z_head is None:
+            z = shift.new_zeros(shift.shape[0], 0)
+        else:
+            z = self.z_head(h).float() * self.z_scale
+        return shift, z
+
+
+class Decoder(nn.Module):
+    """(z, rotations, shifts, ctf) -> images: X0 + U z rendered by :class:`Renderer`.
+
+    ``coords`` (M, 3) and ``modes`` (d, M, 3) Angstrom (``modes.npz``), ``elements`` (M,);
+    ``centre`` (3,) the rotation centre in the model frame; ``offset`` (2,) Angstrom added to
+    every shift. No trainable parameters; the renderer is built for each device used.
+    """
+
+    def __init__(self, elements, coords, modes, box, apix, centre, offset=(0.0, 0.0)):
+        super().__init__()
+        self.elements = np.asarray(elements).astype(str)
+        self.box, self.apix = int(box), float(apix)
+        self.centre = [float(c) for c in np.asarray(centre, dtype=np.float64).reshape(3)]
+        coords = torch.as_tensor(np.asarray(coords, dtype=np.float32))
+        modes = torch.as_tensor(np.asarray(modes, dtype=np.float32)).reshape(-1, *coords.shape)
+        self.register_buffer("coords", coords, persistent=False)
+        self.register_buffer("modes", modes, persistent=False)
+        self.register_buffer("offset", torch.as_tensor(np.asarray(offset, np.float32)),
+                             persistent=False)
+        self._renderers = {}
+
+    @property
+    def n_modes(self):
+        return self.modes.shape[0]
+
+    def renderer(self, device=None):
+        device = torch.device(self.coords.device if device is None else device)
+        key = str(device)
+        if key not in self._renderers:
+            self._renderers[key] = Renderer(self.elements, self.box, self.apix,
+                                            centre=self.centre, device=device)
+        return self._renderers[key]
+
+    def ctf(self, **params):
+        """CTF (B, D, K) on the decoder's grid from per-image tensors (``Renderer.ctf``)."""
+        return self.renderer().ctf(**params)
+
+    def conformations(self, z):
+        """X(z) = X0 + sum_l z_l U_l, (B, M, 3); z (B, d) (d may be 0)."""
+        if self.n_modes == 0:
+            return self.coords.expand(z.shape[0], *self.coords.shape)
+        return self.coords + torch.einsum("bd,dmk->bmk", z.float(), self.modes)
+
+    def forward(self, z, rotations, shifts, ctf=None):
+        r = self.renderer()
+        return r.render(self.conformations(z), rotations.float(),
+                        shifts.float() + self.offset, ctf)
+
+
+class AutoEncoder(nn.Module):
+    """Encoder + decoder. ``forward(images, rotations, base_shift, ctf)`` returns
+    (rendered images, predicted shift, z); ``base_shift`` = -origin (Angstrom)."""
+
+    def __init__(self, encoder, decoder):
+        super().__init__()
+        if encoder.n_modes != decoder.n_modes:
+            raise ValueError("encoder has %d modes, decoder %d"
+                             % (encoder.n_modes, decoder.n_modes))
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def forward(self, images, rotations, base_shift, ctf=None, encoder=None):
+        enc = self.encoder if encoder is None else encoder
+        shift, z = enc(images)
+        rendered = self.decoder(z, rotations, base_shift + shift, ctf)
+        return rendered, shift, z
+
+
+def image_loss(images, rendered, kind="l2"):
+    """Mean loss over the batch (a 0-d tensor); see the module docstring for ``kind``."""
+    y = images.reshape(images.shape[0], -1).float()
+    r = rendered.reshape(rendered.shape[0], -1).float()
+    if kind == "l2":
+        return ((y - r) ** 2).mean()
+    if kind == "corr":
+        y = y - y.mean(dim=1, keepdim=True)
+        r = r - r.mean(dim=1, keepdim=True)
+        c = (y * r).sum(1) / (y.norm(dim=1) * r.norm(dim=1) + 1e-12)
+        return (1.0 - c).mean()
+    raise ValueError("unknown loss %r (choose from %s)" % (kind, ", ".join(LOSSES)))
+
+
+def z_scale_for(n_atoms, rmsd_unit=1.0):
+    """The z scale that makes one unit of network output a deformation of RMSD ``rmsd_unit``."""
+    return float(rmsd_unit) * math.sqrt(int(n_atoms))

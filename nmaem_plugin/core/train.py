@@ -1,0 +1,684 @@
+"""Training of the autoencoder: data, devices, DDP, checkpoints, resume, logs.
+
+A run folder (``RUN``) holds everything a run needs and produces (docs/training.md)::
+
+    RUN/config.json          all settings (paths inside RUN are relative to RUN)
+    RUN/reference.pdb|.cif   copy of --ref (X0), named by config["reference"]
+    RUN/modes.npz            copy of --modes, named by config["modes"]
+    RUN/split.npz            train / val: sorted 0-based rows of the particle file
+    RUN/checkpoints/last.pt  the latest checkpoint; epoch_NNNN.pt the last few epochs
+    RUN/log.csv              epoch,train_loss,val_loss,images_per_s,seconds
+
+Checkpoints hold only tensors, dicts, lists, numbers and strings, so that
+``torch.load(path, weights_only=True)`` reads them: ``format``, ``epoch`` (completed
+epochs), ``model`` (encoder state dict), ``optimizer``, ``rng`` (torch, CUDA, numpy and
+Python states), ``split`` (train/val index tensors), ``history`` (one dict per epoch) and
+``config``. The order of the training images in epoch e is a permutation drawn from a
+generator seeded with (seed, e), so that a resumed run sees exactly the batches that an
+uninterrupted one would have seen: on CPU the weights are bit-identical.
+
+Images are read through :class:`metadata.ImageStack` memory maps one batch at a time and
+downsampled by Fourier cropping to ``box`` (pixel size apix0 * box0 / box). The rotation
+centre stays the consensus-map centre (box0//2)*apix0 of the original particles.
+"""
+import csv
+import io
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .atomic import atomic_path
+from .errors import NmaemError, fail
+
+__all__ = ["DEFAULTS", "prepare_run", "train_run", "train", "load_trained", "build_autoencoder",
+           "ParticleImages", "read_config", "launch_distributed", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = 1
+VAL_FRACTION = 0.1
+DEFAULTS = dict(epochs=200, batch=256, lr=1e-3, box=None, seed=0, loss="l2", encoder="paper",
+                filters=None, hidden=None, rmsd_unit=1.0, bf16=False, device=None,
+                num_workers=0, keep=3)
+# settings that a resumed run may change; every other one is fixed by the first start
+RESUMABLE = ("epochs", "batch", "lr", "device", "num_workers", "bf16", "keep")
+LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "images_per_s", "seconds")
+
+
+# ============================================================================ data
+
+class ParticleImages(torch.utils.data.Dataset):
+    """Images of a particle table, one *batch* per item: ``ds[rows] -> (rows, images)``.
+
+    ``rows`` is an integer array; images (n, box, box) float32 are read through memory maps
+    and Fourier-cropped to ``box``. The stack is opened lazily in each process, so the
+    dataset can be sent to DataLoader workers.
+    """
+
+    def __init__(self, table, box):
+        self.table = table
+        self.box = int(box)
+        self._stack = None
+
+    def __len__(self):
+        return self.table.n
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_stack"] = None
+        return state
+
+    def __getitem__(self, rows):
+        from .imaging import fourier_crop
+        from .metadata import ImageStack
+        if self._stack is None:
+            self._stack = ImageStack(self.table, check=False)
+        rows = np.asarray(rows, dtype=np.int64)
+        images = torch.from_numpy(self._stack.read(rows))
+        if images.shape[-1] != self.box:
+            images = fourier_crop(images, self.box).contiguous()
+        return torch.from_numpy(rows), images
+
+
+def _loader(dataset, batches, num_workers, pin):
+    return torch.utils.data.DataLoader(dataset, sampler=batches, batch_size=None,
+                                       num_workers=int(num_workers), pin_memory=pin)
+
+
+class _Metadata:
+    """Per-particle poses, base shifts (-origin) and CTF parameters as device tensors."""
+
+    def __init__(self, table, device):
+        def t(a):
+            return torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)
+        self.rotations = t(table.rotation_matrices())
+        self.base_shift = t(-table.origin_or_zero())
+        self.ctf = dict(defocus_u=t(table.defocus_u), defocus_v=t(table.defocus_v),
+                        defocus_angle=t(table.defocus_angle), voltage=t(table.voltage),
+                        cs=t(table.cs), amp_contrast=t(table.amp_contrast),
+                        phase_shift=t(table.phase_shift), bfactor=t(table.ctf_bfactor))
+
+    def batch(self, rows):
+        return (self.rotations[rows], self.base_shift[rows],
+                {k: v[rows] for k, v in self.ctf.items()})
+
+
+# ============================================================================ run folder
+
+def read_config(run_dir):
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        fail(run_dir, "not a training run (no config.json)")
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except ValueError as exc:
+        fail(path, "unreadable run configuration (%s)" % exc)
+
+
+def _write_json(path, obj):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1, sort_keys=True)
+            fh.write("\n")
+
+
+def _reference_name(ref):
+    name = os.path.basename(ref).lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    return "reference.cif" if name.endswith((".cif", ".mmcif")) else "reference.pdb"
+
+
+def _encoder_layout(settings):
+    from .network import ENCODER_PRESETS
+    if settings["encoder"] not in ENCODER_PRESETS:
+        raise NmaemError("unknown encoder %r (choose from %s)"
+                         % (settings["encoder"], ", ".join(ENCODER_PRESETS)))
+    preset = ENCODER_PRESETS[settings["encoder"]]
+    filters = settings.get("filters") or preset["filters"]
+    hidden = settings.get("hidden") or preset["hidden"]
+    return [int(f) for f in filters], [int(h) for h in hidden]
+
+
+def _check_table(table):
+    table.require(poses=True, ctf=True, images=True)
+    if table.n < 2:
+        fail(table.path, "at least 2 particles are needed to train (found %d)" % table.n)
+    boxes, apixes = np.unique(table.box), np.unique(table.apix)
+    if len(boxes) != 1 or len(apixes) != 1:
+        fail(table.path, "particles of several box or pixel sizes; split the file by optics "
+                         "group first")
+    if boxes[0] <= 0:
+        fail(table.path, "image size unknown (no rlnImageSize and no readable stack)")
+    return int(boxes[0]), float(apixes[0])
+
+
+def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=print, **settings):
+    """Check the inputs and create (or, with ``resume``, update) the run folder ``out``.
+
+    Returns the run configuration. Raises NmaemError (one line) on bad input: particles
+    without poses, CTF or images; modes of another model; a box larger than the images;
+    an existing run without ``resume``; ``resume`` without a checkpoint.
+    """
+    from .metadata import ImageStack, read_particles
+    from .modes import check_modes_match, load_modes
+    from .network import z_scale_for
+    from .structure import read_model
+    unknown = set(settings) - set(DEFAULTS) - {"nproc", "gpus"}
+    if unknown:
+        raise TypeError("unknown training settings: %s" % ", ".join(sorted(unknown)))
+    out = os.path.abspath(out)
+    cfg_path = os.path.join(out, "config.json")
+    last = os.path.join(out, "checkpoints", "last.pt")
+
+    if resume:
+        if not os.path.isfile(last):
+            fail(out, "nothing to resume: no checkpoint (checkpoints/last.pt)%s"
+                 % ("" if os.path.isfile(cfg_path) else " and no config.json"))
+        cfg = read_config(out)
+        given = {k: v for k, v in settings.items() if v is not None}
+        for k, v in given.items():
+            if k in RESUMABLE or k in ("nproc", "gpus"):
+                continue
+            old = cfg.get(k)
+            if isinstance(old, list) or isinstance(v, (list, tuple)):
+                same = old is not None and [float(a) for a in old] == [float(a) for a in v]
+            else:
+                same = old == v
+            if not same:
+                fail(out, "this run was trained with %s = %s; a resumed run cannot change it "
+                          "(got %s)" % (k, old, v))
+        if particles is not None and os.path.abspath(particles) != cfg["particles"]:
+            fail(out, "this run was trained on %s, not %s" % (cfg["particles"], particles))
+        for k in RESUMABLE:
+            if given.get(k) is not None:
+                cfg[k] = given[k]
+        _write_json(cfg_path, cfg)
+        return cfg
+
+    if os.path.exists(cfg_path) or os.path.isdir(os.path.join(out, "checkpoints")):
+        fail(out, "already holds a training run; pass --resume to continue it or choose "
+                  "another -o")
+    if particles is None or ref is None or modes is None:
+        raise NmaemError("training needs --particles, --ref and --modes")
+    s = dict(DEFAULTS)
+    s.update({k: v for k, v in settings.items() if v is not None})
+    s.pop("nproc", None)
+    s.pop("gpus", None)
+
+    table = read_particles(particles)
+    box0, apix0 = _check_table(table)
+    ImageStack(table, check=True).close()
+    nm = load_modes(modes)
+    model = read_model(ref)
+    check_modes_match(nm, model)
+
+    box = box0 if s["box"] is None else int(s["box"])
+    if box > box0:
+        fail(particles, "--box %d is larger than the particle images (%d px)" % (box, box0))
+    if box != box0 and box % 2:
+        raise NmaemError("--box must be even (got %d)" % box)
+    filters, hidden = _encoder_layout(s)
+    if box >> len(filters) < 1:
+        raise NmaemError("--box %d is too small for an encoder of %d pooling blocks (at "
+                         "least %d px)" % (box, len(filters), 2 ** len(filters)))
+    for k in ("epochs", "batch"):
+        if int(s[k]) < 1:
+            raise NmaemError("--%s must be at least 1" % k)
+    if not s["lr"] > 0:
+        raise NmaemError("--lr must be positive")
+    apix = apix0 * box0 / box
+    centre = [(box0 // 2) * apix0] * 3
+    # the rotation centre projects to (box0//2)*apix0 in the original images; after
+    # cropping the image centre pixel box//2 sits at (box//2)*apix (they differ only for
+    # an odd box0): the difference is added to every rendered shift
+    offset = [(box0 // 2) * apix0 - (box // 2) * apix] * 2
+
+    n = table.n
+    n_val = max(1, int(round(VAL_FRACTION * n)))
+    perm = np.random.default_rng(int(s["seed"])).permutation(n)
+    val, trn = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+
+    os.makedirs(out, exist_ok=True)
+    ref_name = _reference_name(ref)
+    if ref.lower().endswith(".gz"):
+        from .structure import write_model
+        with atomic_path(os.path.join(out, ref_name), suffix=os.path.splitext(ref_name)[1]) \
+                as tmp:
+            write_model(tmp, model)
+    else:
+        with atomic_path(os.path.join(out, ref_name)) as tmp:
+            shutil.copyfile(ref, tmp)
+    with atomic_path(os.path.join(out, "modes.npz")) as tmp:
+        shutil.copyfile(modes, tmp)
+    with atomic_path(os.path.join(out, "split.npz"), suffix=".npz") as tmp:
+        np.savez(tmp, train=trn.astype(np.int64), val=val.astype(np.int64))
+    from nmaem_plugin import __version__
+    cfg = dict(
+        format=1, version=__version__, particles=os.path.abspath(particles),
+        reference=ref_name, reference_source=os.path.abspath(ref), modes="modes.npz",
+        modes_source=os.path.abspath(modes), n_modes=int(nm.n_modes), n_atoms=int(nm.n_atoms),
+        n_particles=int(n), n_train=int(len(trn)), n_val=int(len(val)),
+        box=int(box), apix=float(apix), box0=int(box0), apix0=float(apix0),
+        centre=[float(c) for c in centre], offset=[float(o) for o in offset],
+        epochs=int(s["epochs"]), batch=int(s["batch"]), lr=float(s["lr"]), seed=int(s["seed"]),
+        loss=str(s["loss"]), encoder=str(s["encoder"]), filters=filters, hidden=hidden,
+        rmsd_unit=float(s["rmsd_unit"]), z_scale=z_scale_for(nm.n_atoms, s["rmsd_unit"]),
+        shift_scale=float(apix), bf16=bool(s["bf16"]), device=s["device"],
+        num_workers=int(s["num_workers"]), keep=int(s["keep"]), optimizer="adam",
+        val_fraction=VAL_FRACTION)
+    from .network import LOSSES
+    if cfg["loss"] not in LOSSES:
+        raise NmaemError("unknown loss %r (choose from %s)" % (cfg["loss"], ", ".join(LOSSES)))
+    _write_json(cfg_path, cfg)      # last: marks a prepared run
+    log("train: %d particles (%d train, %d validation), %d px at %.3f A/px -> %d px at "
+        "%.3f A/px, %d modes x %d atoms -> %s" % (n, len(trn), len(val), box0, apix0, box,
+                                                  apix, nm.n_modes, nm.n_atoms, out))
+    return cfg
+
+
+# ============================================================================ model
+
+def build_autoencoder(cfg, run_dir):
+    """The autoencoder described by a run configuration (untrained, on the CPU)."""
+    from .modes import check_modes_match, load_modes
+    from .network import AutoEncoder, Decoder, Encoder
+    from .structure import read_model
+    nm = load_modes(os.path.join(run_dir, cfg["modes"]))
+    model = read_model(os.path.join(run_dir, cfg["reference"]))
+    check_modes_match(nm, model)
+    enc = Encoder(cfg["box"], cfg["n_modes"], filters=cfg["filters"], hidden=cfg["hidden"],
+                  z_scale=cfg["z_scale"], shift_scale=cfg["shift_scale"])
+    dec = Decoder(model.elements, nm.coords, nm.modes, cfg["box"], cfg["apix"],
+                  centre=cfg["centre"], offset=cfg["offset"])
+    return AutoEncoder(enc, dec)
+
+
+def _load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:   # truncated or foreign file
+        fail(path, "unreadable checkpoint (%s)" % str(exc).splitlines()[0][:200])
+
+
+def load_trained(run_dir, device="cpu", checkpoint=None):
+    """(autoencoder in eval mode on ``device``, config dict) of a trained run."""
+    run_dir = os.path.abspath(run_dir)
+    cfg = read_config(run_dir)
+    path = checkpoint or os.path.join(run_dir, "checkpoints", "last.pt")
+    if not os.path.isfile(path):
+        fail(run_dir, "no trained model (checkpoints/last.pt missing)")
+    ck = _load_checkpoint(path)
+    ae = build_autoencoder(cfg, run_dir)
+    ae.encoder.load_state_dict(ck["model"])
+    ae.to(_device(device))
+    ae.eval()
+    cfg = dict(cfg, epoch=int(ck["epoch"]))
+    return ae, cfg
+
+
+# ============================================================================ states
+
+def _rng_state():
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": {"name": str(np_state[0]),
+                  "keys": torch.as_tensor(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "python": {"version": int(py_state[0]), "state": [int(v) for v in py_state[1]],
+                   "gauss_next": None if py_state[2] is None else float(py_state[2])},
+    }
+
+
+def _set_rng_state(st):
+    torch.set_rng_state(st["torch"])
+    if st.get("cuda") and torch.cuda.is_available():
+        cuda = st["cuda"][:torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda)
+    n = st["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    p = st["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+def _save_checkpoint(run_dir, ck, keep):
+    folder = os.path.join(run_dir, "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    last = os.path.join(folder, "last.pt")
+    epoch_file = os.path.join(folder, "epoch_%04d.pt" % ck["epoch"])
+    with atomic_path(epoch_file) as tmp:
+        torch.save(ck, tmp)
+    with atomic_path(last) as tmp:
+        shutil.copyfile(epoch_file, tmp)
+    olds = sorted(f for f in os.listdir(folder) if f.startswith("epoch_") and f.endswith(".pt"))
+    for f in olds[:max(0, len(olds) - max(1, int(keep)))]:
+        os.unlink(os.path.join(folder, f))
+
+
+def _write_log(run_dir, history):
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(LOG_COLUMNS)
+    for h in history:
+        w.writerow([h["epoch"]] + ["%.8g" % h[k] for k in LOG_COLUMNS[1:]])
+    with atomic_path(os.path.join(run_dir, "log.csv")) as tmp:
+        with open(tmp, "w") as fh:
+            fh.write(buf.getvalue())
+
+
+# ============================================================================ training
+
+def _device(device):
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise NmaemError("unknown device %r (cpu, cuda, cuda:N)" % device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NmaemError("--device %s: no CUDA device is available" % device)
+    return dev
+
+
+def _epoch_order(rows, seed, epoch):
+    g = torch.Generator().manual_seed(int(seed) * 1000003 + int(epoch))
+    return rows[torch.randperm(len(rows), generator=g).numpy()]
+
+
+def _rank_batches(order, batch, rank, world):
+    """This rank's batches of ``order``: padded to a multiple of ``world`` by wrapping, dealt
+    round-robin; each rank gets the same number of batches of ``batch // world`` images.
+    A last batch of one image is dropped (batch norm needs two)."""
+    local = max(1, int(batch) // world)
+    n = int(math.ceil(len(order) / world)) * world
+    if n > len(order):
+        order = np.concatenate([order, order[:n - len(order)]])
+    mine = order[rank::world]
+    out = [mine[i:i + local] for i in range(0, len(mine), local)]
+    if len(out) > 1 and len(out[-1]) < 2:
+        out.pop()
+    return out, local
+
+
+def _is_oom(exc):
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or \
+            isinstance(exc, getattr(torch.cuda, "OutOfMemoryError", ())):
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in msg
+                                              or "can't allocate memory" in msg
+                                              or "Cannot allocate memory" in msg)
+
+
+def _fmt_loss(x):
+    return "%.6g" % x
+
+
+class _Dist:
+    """Process group facts: rank, world size, and reductions that are no-ops alone."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.active = self.world > 1
+
+    def init(self, device):
+        if self.active:
+            import torch.distributed as dist
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend=backend)
+
+    def sum(self, values, device):
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if self.active:
+            import torch.distributed as dist
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self):
+        if self.active:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def close(self):
+        if self.active:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def train_run(run_dir, log=print, stop_after=None):
+    """Train (or continue training) the prepared run ``run_dir`` to ``config['epochs']``.
+
+    Runs alone or as one process of a torchrun group (WORLD_SIZE > 1: DDP over the
+    encoder, gloo on CPU, NCCL on CUDA). Starts from ``checkpoints/last.pt`` when there is
+    one. ``stop_after`` ends this call after that many epochs (as if killed there).
+    Returns the history (one dict per epoch).
+    """
+    from .metadata import read_particles
+    from .network import image_loss
+    from .progress import Progress
+    run_dir = os.path.abspath(run_dir)
+    cfg = read_config(run_dir)
+    dist = _Dist()
+    device = _device(cfg.get("device"))
+    if dist.active and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    dist.init(device)
+    try:
+        return _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_loss,
+                      Progress)
+    finally:
+        dist.close()
+
+
+def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_loss, Progress):
+    rank0 = dist.rank == 0
+    say = log if rank0 else (lambda *a, **k: None)
+    table = read_particles(cfg["particles"])
+    box0, apix0 = _check_table(table)
+    if box0 != cfg["box0"] or abs(apix0 - cfg["apix0"]) > 1e-6 * cfg["apix0"]:
+        fail(cfg["particles"], "images are %d px at %g A/px; the run was set up for %d px at "
+                               "%g A/px" % (box0, apix0, cfg["box0"], cfg["apix0"]))
+    with np.load(os.path.join(run_dir, "split.npz")) as sp:
+        trn, val = sp["train"].astype(np.int64), sp["val"].astype(np.int64)
+
+    torch.manual_seed(int(cfg["seed"]))
+    ae = build_autoencoder(cfg, run_dir).to(device)
+    encoder = ae.encoder
+    opt = torch.optim.Adam(encoder.parameters(), lr=float(cfg["lr"]))
+    start, history = 0, []
+    last = os.path.join(run_dir, "checkpoints", "last.pt")
+    if os.path.isfile(last):
+        ck = _load_checkpoint(last)
+        if ck.get("format") != CHECKPOINT_FORMAT:
+            fail(last, "checkpoint format %s, expected %d" % (ck.get("format"),
+                                                              CHECKPOINT_FORMAT))
+        encoder.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        for g in opt.param_groups:
+            g["lr"] = float(cfg["lr"])
+        _set_rng_state(ck["rng"])
+        start, history = int(ck["epoch"]), list(ck["history"])
+        say("train: resuming %s after epoch %d" % (run_dir, start))
+    epochs = int(cfg["epochs"])
+    if start >= epochs:
+        say("train: %s has already done %d of %d epochs" % (run_dir, start, epochs))
+        return history
+
+    model = encoder
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(
+            encoder, device_ids=[device.index] if device.type == "cuda" else None)
+    meta = _Metadata(table, device)
+    dataset = ParticleImages(table, cfg["box"])
+    pin = device.type == "cuda"
+    use_bf16 = bool(cfg.get("bf16"))
+    loss_kind = cfg["loss"]
+    if rank0:
+        _write_log(run_dir, history)     # a resumed run drops rows after its checkpoint
+
+    per_epoch = len(_rank_batches(trn, cfg["batch"], 0, dist.world)[0])
+    local_batch = _rank_batches(trn, cfg["batch"], 0, dist.world)[1]
+    progress = Progress((epochs - start) * per_epoch * local_batch * dist.world, "train",
+                        unit="images") if rank0 else None
+    end = epochs if stop_after is None else min(epochs, start + int(stop_after))
+    say("train: epochs %d-%d on %s%s, batch %d (%d per process), lr %g, loss %s"
+        % (start + 1, epochs, device, " x %d processes" % dist.world if dist.active else "",
+           cfg["batch"], local_batch, cfg["lr"], loss_kind))
+
+    def forward(enc, images, rows):
+        rot, base, ctf_p = meta.batch(rows)
+        if use_bf16:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                shift, z = enc(images)
+            shift, z = shift.float(), z.float()
+        else:
+            shift, z = enc(images)
+        ctf = ae.decoder.ctf(**ctf_p)
+        rendered = ae.decoder(z, rot, base + shift, ctf)
+        return image_loss(images, rendered, loss_kind)
+
+    for epoch in range(start, end):
+        t0 = time.perf_counter()
+        batches, _ = _rank_batches(_epoch_order(trn, cfg["seed"], epoch), cfg["batch"],
+                                   dist.rank, dist.world)
+        encoder.train()
+        total, count = 0.0, 0
+        try:
+            for b, (rows, images) in enumerate(_loader(dataset, batches, cfg["num_workers"],
+                                                       pin)):
+                rows = rows.to(device)
+                images = images.to(device, non_blocking=True)
+                loss = forward(model, images, rows)
+                bad = dist.sum([0.0 if torch.isfinite(loss) else 1.0], device)[0]
+                if bad:
+                    raise NmaemError(
+                        "%s: the training loss became non-finite (NaN/inf) in epoch %d, batch "
+                        "%d; stopped, the last good checkpoint (epoch %d) is kept; try a "
+                        "lower --lr%s" % (run_dir, epoch + 1, b + 1, epoch,
+                                          " or no --bf16" if use_bf16 else ""))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(rows)
+                count += len(rows)
+                if progress is not None:
+                    progress.update(len(rows) * dist.world, extra="epoch %d/%d loss %s"
+                                    % (epoch + 1, epochs, _fmt_loss(total / count)))
+            t_train = time.perf_counter() - t0
+            vsum, vcount = _validate(encoder, forward, dataset, val, local_batch, dist, cfg,
+                                     pin, device)
+        except NmaemError:
+            raise
+        except Exception as exc:
+            if _is_oom(exc):
+                raise NmaemError(
+                    "out of memory on %s with --batch %d (%d images per process); resume "
+                    "with --resume --batch %d" % (device, cfg["batch"], local_batch,
+                                                  max(1, cfg["batch"] // 2)))
+            raise
+        tot, cnt = dist.sum([total, count], device)
+        row = dict(epoch=epoch + 1, train_loss=tot / max(cnt, 1), val_loss=vsum / max(vcount, 1),
+                   images_per_s=cnt / max(t_train, 1e-9),
+                   seconds=time.perf_counter() - t0)
+        history.append(row)
+        if rank0:
+            ck = dict(format=CHECKPOINT_FORMAT, epoch=epoch + 1,
+                      model={k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+                      optimizer=_cpu(opt.state_dict()), rng=_rng_state(),
+                      split={"train": torch.as_tensor(trn), "val": torch.as_tensor(val)},
+                      history=[dict(h) for h in history], config=_plain(cfg))
+            _save_checkpoint(run_dir, ck, cfg.get("keep", 3))
+            _write_log(run_dir, history)
+            say("train: epoch %d/%d  train loss %s  val loss %s  %.1f images/s  %.1f s"
+                % (epoch + 1, epochs, _fmt_loss(row["train_loss"]), _fmt_loss(row["val_loss"]),
+                   row["images_per_s"], row["seconds"]))
+        dist.barrier()
+    return history
+
+
+def _validate(encoder, forward, dataset, val, local_batch, dist, cfg, pin, device):
+    """Summed validation loss and count over all processes (eval mode, no gradients)."""
+    encoder.eval()
+    mine = val[dist.rank::dist.world]
+    batches = [mine[i:i + local_batch] for i in range(0, len(mine), local_batch)]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for rows, images in _loader(dataset, batches, cfg["num_workers"], pin):
+            loss = forward(encoder, images.to(device, non_blocking=True), rows.to(device))
+            total += float(loss) * len(rows)
+            count += len(rows)
+    encoder.train()
+    return dist.sum([total, count], device)
+
+
+def _cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def _plain(obj):
+    """JSON-like copy (dicts, lists, numbers, strings, None)."""
+    return json.loads(json.dumps(obj))
+
+
+# ============================================================================ entry points
+
+def train(out, particles=None, ref=None, modes=None, resume=False, log=print, stop_after=None,
+          **settings):
+    """Prepare (or resume) the run ``out`` and train it in this process; returns the history."""
+    prepare_run(out, particles, ref, modes, resume=resume, log=log, **settings)
+    return train_run(out, log=log, stop_after=stop_after)
+
+
+def launch_distributed(run_dir, nproc, gpus=None, log=print):
+    """Train ``run_dir`` with ``nproc`` processes through torchrun (DDP); blocks.
+
+    ``gpus`` (list of ints) become CUDA_VISIBLE_DEVICES, one process per GPU. Errors of the
+    worker processes come back as one NmaemError.
+    """
+    env = dict(os.environ)
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(nproc))))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc-per-node", str(int(nproc)), "-m", "nmaem_plugin", "train",
+           "-o", os.path.abspath(run_dir), "--worker"]
+    log("train: launching %d processes: %s" % (nproc, " ".join(cmd)))
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
+    error = None
+    for line in proc.stderr:
+        if line.startswith("nmaem: error: "):
+            error = error or line[len("nmaem: error: "):].strip()
+            continue
+        if error is None:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+    rc = proc.wait()
+    if error:
+        raise NmaemError(error)
+    if rc != 0:
+        fail(run_dir, "training processes failed (exit status %d); see the messages above"
+             % rc)

@@ -1,2 +1,26 @@
-"""Constants shared by protocols and viewers (no heavy imports here)."""
+"""Constants shared by protocols, viewers and convert (no heavy imports here)."""
 PROGRAM_NAME = "nmaem"
+
+# Coarse-graining choices of `nmaem modes --cg` (the order of the protocol's EnumParam).
+CG_CHOICES = ["ca", "backbone", "heavy"]
+
+# Frame distributions of `nmaem simulate --distribution` (the order of the EnumParam).
+DISTRIBUTIONS = ["uniform", "continuous", "discontinuous"]
+
+# Where the frames of a simulated dataset come from (NmaemProtSimulate.inputSource).
+SIM_MORPH = 0        # --ref A --target B --frames F
+SIM_TRAJECTORY = 1   # --trajectory MULTIMODEL.pdb
+SIM_LIKE = 2         # --like PARTICLES.star --ref A (poses and CTFs of a real set)
+SIM_SOURCES = ["morph between two models", "multi-model trajectory",
+               "poses and CTFs of existing particles"]
+
+# Extra attributes that nmaem protocols set on Scipion objects.
+ATTR_FRAME = "_nmaem_frame"            # Particle: ground-truth frame (0-based) of simulated data
+ATTR_MODE_INDEX = "_nmaem_modeIndex"   # NormalMode: 0-based row of modes.npz 'modes'
+ATTR_EIGENVALUE = "_nmaem_eigenvalue"  # NormalMode: ANM eigenvalue
+ATTR_OVERLAP = "_nmaem_overlap"        # NormalMode: overlap with the displacement to a target
+ATTR_ANIMATION = "_nmaem_animation"    # NormalMode: multi-model PDB animating the mode
+ATTR_LATENT_INDEX = "_nmaem_latentIndex"  # ParticleFlex: row of latent.npz
+
+# Column of the STAR files written by convert that carries Scipion's particle ids.
+STAR_ID_COLUMN = "rlnImageId"

@@ -168,6 +168,8 @@ def _add_train(sub):
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
     p.add_argument("--box", type=int, default=None,
                    help="train on images Fourier-cropped to this box (default: no cropping)")
+    p.add_argument("--n-modes", type=int, default=None,
+                   help="use the first N modes of --modes (default all; 0: shift only)")
     p.add_argument("--loss", choices=["l2", "corr"], default=None,
                    help="l2 (the paper's; images in the renderer's units) or corr "
                         "(1 - correlation; any grey scale) (default l2)")
@@ -217,7 +219,7 @@ def _run_train(args):
         args.device = "cuda"
     prepare_run(args.output, args.particles, args.ref, args.modes, resume=args.resume,
                 epochs=args.epochs, batch=args.batch, lr=args.lr, box=args.box,
-                loss=args.loss, encoder=args.encoder, filters=args.filters,
+                n_modes=args.n_modes, loss=args.loss, encoder=args.encoder, filters=args.filters,
                 hidden=args.hidden, rmsd_unit=args.rmsd_unit, seed=args.seed,
                 device=args.device, bf16=args.bf16, num_workers=args.num_workers,
                 keep=args.keep)

@@ -43,9 +43,9 @@ __all__ = ["DEFAULTS", "prepare_run", "train_run", "train", "load_trained", "bui
 
 CHECKPOINT_FORMAT = 1
 VAL_FRACTION = 0.1
-DEFAULTS = dict(epochs=200, batch=256, lr=1e-3, box=None, seed=0, loss="l2", encoder="paper",
-                filters=None, hidden=None, rmsd_unit=1.0, bf16=False, device=None,
-                num_workers=0, keep=3)
+DEFAULTS = dict(epochs=200, batch=256, lr=1e-3, box=None, n_modes=None, seed=0, loss="l2",
+                encoder="paper", filters=None, hidden=None, rmsd_unit=1.0, bf16=False,
+                device=None, num_workers=0, keep=3)
 # settings that a resumed run may change; every other one is fixed by the first start
 RESUMABLE = ("epochs", "batch", "lr", "device", "num_workers", "bf16", "keep")
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "images_per_s", "seconds")
@@ -219,6 +219,9 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
     nm = load_modes(modes)
     model = read_model(ref)
     check_modes_match(nm, model)
+    d = nm.n_modes if s["n_modes"] is None else int(s["n_modes"])
+    if not 0 <= d <= nm.n_modes:
+        fail(modes, "--n-modes %d: the file has %d modes" % (d, nm.n_modes))
 
     box = box0 if s["box"] is None else int(s["box"])
     if box > box0:
@@ -256,15 +259,20 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
     else:
         with atomic_path(os.path.join(out, ref_name)) as tmp:
             shutil.copyfile(ref, tmp)
-    with atomic_path(os.path.join(out, "modes.npz")) as tmp:
-        shutil.copyfile(modes, tmp)
+    with atomic_path(os.path.join(out, "modes.npz"), suffix=".npz") as tmp:
+        if 0 < d < nm.n_modes:        # keep the first d modes: RUN/modes.npz matches z
+            from dataclasses import replace
+            from .modes import save_modes
+            save_modes(tmp, replace(nm, modes=nm.modes[:d], eigenvalues=nm.eigenvalues[:d]))
+        else:                         # all of them (d = 0 uses none: config n_modes = 0)
+            shutil.copyfile(modes, tmp)
     with atomic_path(os.path.join(out, "split.npz"), suffix=".npz") as tmp:
         np.savez(tmp, train=trn.astype(np.int64), val=val.astype(np.int64))
     from nmaem_plugin import __version__
     cfg = dict(
         format=1, version=__version__, particles=os.path.abspath(particles),
         reference=ref_name, reference_source=os.path.abspath(ref), modes="modes.npz",
-        modes_source=os.path.abspath(modes), n_modes=int(nm.n_modes), n_atoms=int(nm.n_atoms),
+        modes_source=os.path.abspath(modes), n_modes=int(d), n_atoms=int(nm.n_atoms),
         n_particles=int(n), n_train=int(len(trn)), n_val=int(len(val)),
         box=int(box), apix=float(apix), box0=int(box0), apix0=float(apix0),
         centre=[float(c) for c in centre], offset=[float(o) for o in offset],
@@ -280,7 +288,7 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
     _write_json(cfg_path, cfg)      # last: marks a prepared run
     log("train: %d particles (%d train, %d validation), %d px at %.3f A/px -> %d px at "
         "%.3f A/px, %d modes x %d atoms -> %s" % (n, len(trn), len(val), box0, apix0, box,
-                                                  apix, nm.n_modes, nm.n_atoms, out))
+                                                  apix, d, nm.n_atoms, out))
     return cfg
 
 
@@ -296,7 +304,7 @@ def build_autoencoder(cfg, run_dir):
     check_modes_match(nm, model)
     enc = Encoder(cfg["box"], cfg["n_modes"], filters=cfg["filters"], hidden=cfg["hidden"],
                   z_scale=cfg["z_scale"], shift_scale=cfg["shift_scale"])
-    dec = Decoder(model.elements, nm.coords, nm.modes, cfg["box"], cfg["apix"],
+    dec = Decoder(model.elements, nm.coords, nm.modes[:int(cfg["n_modes"])], cfg["box"], cfg["apix"],
                   centre=cfg["centre"], offset=cfg["offset"])
     return AutoEncoder(enc, dec)
 
@@ -571,9 +579,10 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
                 if bad:
                     raise NmaemError(
                         "%s: the training loss became non-finite (NaN/inf) in epoch %d, batch "
-                        "%d; stopped, the last good checkpoint (epoch %d) is kept; try a "
-                        "lower --lr%s" % (run_dir, epoch + 1, b + 1, epoch,
-                                          " or no --bf16" if use_bf16 else ""))
+                        "%d; stopped, the last good checkpoint (epoch %d) is kept; check the "
+                        "images for NaNs or resume with a lower --lr%s"
+                        % (run_dir, epoch + 1, b + 1, epoch,
+                           " or without --bf16" if use_bf16 else ""))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -1,0 +1,8 @@
+"""Scipion protocols of nmaem (thin: the work runs as the ``nmaem`` command).
+
+Modules import only pyworkflow and pwem at their top: Scipion imports every plugin's
+protocols at start-up.
+"""
+from .protocol_base import NmaemProtBase
+from .protocol_compute_modes import NmaemProtComputeModes
+from .protocol_simulate import NmaemProtSimulate

@@ -1,0 +1,126 @@
+# **************************************************************************
+# * scipion-em-nmaem: heterogeneous reconstruction of deformable atomic models
+# * in cryo-EM (Nashed, Levy, Poitevin et al. 2022) as a Scipion 3 plugin.
+# *
+# * This program is free software; you can redistribute it and/or modify it
+# * under the terms of the GNU General Public License as published by the Free
+# * Software Foundation; either version 3 of the License, or (at your option)
+# * any later version. See the LICENSE file at the root of the project.
+# **************************************************************************
+"""What every nmaem protocol shares: running ``nmaem`` through ``runJob``, GPU
+selection, checks of input particles, and splitting multi-model PDB files.
+
+No heavy imports here (Scipion imports every plugin's protocols at start-up): the work
+runs in the ``nmaem`` command; steps read what earlier steps wrote to disk.
+"""
+import os
+import shlex
+
+import pyworkflow.protocol.params as params
+from pwem.constants import ALIGN_PROJ
+from pwem.protocols import EMProtocol
+
+
+class NmaemProtBase(EMProtocol):
+    """Base class of the nmaem protocols (not shown in the GUI)."""
+    _label = None
+
+    # ------------------------------------------------------------------ form helpers
+    @staticmethod
+    def _defineGpuParams(form):
+        """Hidden GPU parameters: Scipion shows them in the form's header and its queue
+        and GPU-list machinery fills them."""
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=True,
+                       label="Use GPU?",
+                       help="Run on the GPU when one is available (CUDA). With 'No' the "
+                            "command runs on the CPU.")
+        form.addHidden(params.GPU_LIST, params.StringParam, default="0",
+                       label="GPU ID",
+                       help="The GPU to use (CUDA device number, as in nvidia-smi). "
+                            "Only the first one is used.")
+
+    # ------------------------------------------------------------------ running nmaem
+    def _deviceArgs(self):
+        """``--device`` arguments for the command: cpu when the GPU is switched off,
+        otherwise nothing (nmaem picks cuda when the visible device exists)."""
+        if self.hasAttribute(params.USE_GPU) and not self.getAttributeValue(params.USE_GPU, True):
+            return ["--device", "cpu"]
+        return []
+
+    def _nmaemEnviron(self):
+        import pyworkflow.utils as pwutils
+        env = pwutils.Environ(os.environ)
+        if (self.hasAttribute(params.GPU_LIST) and self.getAttributeValue(params.USE_GPU, True)):
+            gpus = [str(g) for g in self.getGpuList()]
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = gpus[0]
+        return env
+
+    def runNmaem(self, subcommand, args):
+        """Run ``nmaem SUBCOMMAND ARGS...`` with Scipion's Python through runJob (so that
+        logs, queues and GPU selection apply). ``args`` is a list of strings."""
+        from nmaem_plugin import Plugin
+        program, prefix = Plugin.getNmaemCommand()
+        line = " ".join([prefix, subcommand] + [shlex.quote(str(a)) for a in args])
+        self.runJob(program, line, env=self._nmaemEnviron(), numberOfMpi=1)
+
+    # ------------------------------------------------------------------ checks
+    @staticmethod
+    def validateParticles(particles, label="Input particles"):
+        """Error messages for particles nmaem cannot use: no 3D (projection) alignment,
+        no CTF, no acquisition. Empty list when they are fine."""
+        errors = []
+        if particles is None:
+            return ["%s: none selected." % label]
+        if particles.getAlignment() != ALIGN_PROJ:
+            errors.append("%s have no 3D alignment (alignment: %s). nmaem needs the poses "
+                          "of a 3D refinement (RELION, cryoSPARC, ...)."
+                          % (label, particles.getAlignment()))
+        if not particles.hasCTF():
+            errors.append("%s have no CTF. Estimate the CTF (or import it with the "
+                          "particles) before using nmaem." % label)
+        acq = particles.getAcquisition()
+        if acq is None or acq.getVoltage() is None:
+            errors.append("%s have no acquisition (voltage, Cs, amplitude contrast)." % label)
+        if not particles.getSamplingRate():
+            errors.append("%s have no sampling rate." % label)
+        return errors
+
+    # ------------------------------------------------------------------ files
+    @staticmethod
+    def splitModels(pdbFile, pattern):
+        """Write each MODEL of a multi-model PDB file to ``pattern % k`` (k = 0, 1, ...),
+        header lines repeated in each; returns the list of files. A file without MODEL
+        records is one model."""
+        header, models, current = [], [], None
+        with open(pdbFile) as fh:
+            for line in fh:
+                rec = line[:6]
+                if rec.startswith("MODEL"):
+                    current = []
+                elif rec.startswith("ENDMDL"):
+                    if current is not None:
+                        models.append(current)
+                    current = None
+                elif rec.startswith("END"):
+                    continue
+                elif current is not None:
+                    current.append(line)
+                elif rec.startswith(("ATOM", "HETATM", "TER", "ANISOU")):
+                    current = None
+                    models.append([line]) if not models else models[-1].append(line)
+                else:
+                    header.append(line)
+        if current:
+            models.append(current)
+        out = []
+        for k, lines in enumerate(models):
+            fn = pattern % k
+            tmp = fn + ".tmp"
+            with open(tmp, "w") as fh:
+                fh.writelines(header)
+                fh.writelines(lines)
+                fh.write("END\n")
+            os.replace(tmp, fn)
+            out.append(fn)
+        return out

@@ -266,6 +266,7 @@ def readSetOfParticles(starFile, partSet, extraAttributes=None, particleIds=None
     ``_nmaem_frame``) to arrays of N values set on each particle (Integer, Float or
     String by dtype). Returns ``partSet``.
     """
+    from pwem.constants import ALIGN_NONE
     from pwem.objects import Acquisition, CTFModel, Particle, Transform
     from pyworkflow.object import Float, Integer, String
     from .core.metadata import read_particles
@@ -299,7 +300,7 @@ def readSetOfParticles(starFile, partSet, extraAttributes=None, particleIds=None
     if T is not None:
         partSet.setAlignmentProj()
     else:
-        partSet.setAlignment("None")
+        partSet.setAlignment(ALIGN_NONE)
 
     extras = []
     for name, values in (extraAttributes or {}).items():

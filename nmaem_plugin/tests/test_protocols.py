@@ -116,6 +116,24 @@ class TestNmaemProtocols(BaseTest):
         summary = " ".join(self.sim.summary())
         self.assertIn("%d particles" % N_PARTICLES, summary)
 
+    def test_steps_resume_from_files(self):
+        """A continued run skips a step whose result file exists (no runJob call), and
+        the output step rebuilds the outputs from the files alone."""
+        prot = self.sim
+        prot._createFilenameTemplates()
+        calls = []
+        prot.runJob = lambda *a, **k: calls.append(a)
+        prot.simulateStep()
+        self.assertEqual(calls, [])
+        os.rename(prot._getFileName("star"), prot._getFileName("star") + ".bak")
+        try:
+            prot.simulateStep()
+        finally:
+            os.rename(prot._getFileName("star") + ".bak", prot._getFileName("star"))
+        self.assertEqual(len(calls), 1)
+        self.assertIn("simulate", calls[0][1])
+        self.assertIn("--overwrite", calls[0][1])
+
     def test_simulate_like_reuses_poses_ctf_and_ids(self):
         src = self.sim.outputParticles
         prot = self.newProtocol(NmaemProtSimulate, objLabel="simulate like",

@@ -13,6 +13,8 @@ export SCIPION_HOME      ?= $(CURDIR)/.scipion
 export SCIPION_USER_DATA ?= $(CURDIR)/.scipion/userdata
 export SCIPION_TESTS     ?= $(CURDIR)/.scipion/tests
 export SCIPION_TEST_NOSYNC = 1
+# Scipion launches protocols with this interpreter (by default a bare python3 from PATH)
+export SCIPION_PYTHON    = $(PY)
 # PyKeOps compiles its kernels with g++ on first use: keep them between runs.
 export KEOPS_CACHE_FOLDER ?= $(CURDIR)/.keops_cache
 export MPLBACKEND = Agg

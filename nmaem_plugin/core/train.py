@@ -179,9 +179,13 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
     last = os.path.join(out, "checkpoints", "last.pt")
 
     if resume:
+        if not os.path.isfile(cfg_path):
+            fail(out, "nothing to resume: no training run here (no config.json and no "
+                      "checkpoint)")
         if not os.path.isfile(last):
-            fail(out, "nothing to resume: no checkpoint (checkpoints/last.pt)%s"
-                 % ("" if os.path.isfile(cfg_path) else " and no config.json"))
+            # prepared, then stopped before the first checkpoint: start from the beginning
+            log("train: %s has no checkpoint yet (stopped during epoch 1); starting from "
+                "the beginning" % out)
         cfg = read_config(out)
         given = {k: v for k, v in settings.items() if v is not None}
         for k, v in given.items():

@@ -278,15 +278,51 @@ class TestTraining(TrainTestCase):
         from nmaem_plugin.core.infer import infer
         from nmaem_plugin.core.train import train
         run = self.path("run_d0")
-        h = train(run, self.star, self.ref, self.modes, epochs=1, n_modes=0, log=quiet,
-                  **SMALL)
+        # with bf16 autocast of the encoder on the CPU as well (the decoder stays float32)
+        h = train(run, self.star, self.ref, self.modes, epochs=1, n_modes=0, bf16=True,
+                  log=quiet, **SMALL)
         self.assertTrue(np.isfinite(h[0]["val_loss"]))
+        with open(os.path.join(run, "config.json")) as fh:
+            cfg = json.load(fh)
+        self.assertEqual((cfg["n_modes"], cfg["bf16"]), (0, True))
         out = infer(self.star, run, self.path("latent_d0.npz"), batch=64, log=quiet)
         with np.load(self.path("latent_d0.npz")) as lat:
             self.assertEqual(lat["z"].shape, (160, 0))
             self.assertEqual(lat["shift"].shape, (160, 2))
             self.assertTrue(np.all(np.isfinite(lat["shift"])))
         self.assertEqual(out["z"].shape, (160, 0))
+
+
+class TestNetwork(unittest.TestCase):
+    def test_normalisation_and_losses(self):
+        from nmaem_plugin.core.network import image_loss, normalise_images
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(3, 16, 16, generator=g) * 5 + 2
+        n = normalise_images(x)
+        np.testing.assert_allclose(n.mean(dim=(1, 2)).numpy(), 0, atol=1e-5)
+        np.testing.assert_allclose(n.std(dim=(1, 2), unbiased=False).numpy(), 1, atol=1e-4)
+        y = torch.randn(3, 16, 16, generator=g)
+        self.assertAlmostEqual(float(image_loss(x, y, "l2")),
+                               float(((x - y) ** 2).sum() / (3 * 256)), places=4)
+        # correlation loss: blind to scale and offset, 2 for a negated image
+        self.assertAlmostEqual(float(image_loss(x, 3 * x + 7, "corr")), 0.0, places=5)
+        self.assertAlmostEqual(float(image_loss(x, -x, "corr")), 2.0, places=5)
+        with self.assertRaises(ValueError):
+            image_loss(x, y, "l1")
+
+    def test_paper_encoder_shapes(self):
+        from nmaem_plugin.core.network import ENCODER_PRESETS, Encoder
+        enc = Encoder(48, 5, z_scale=40.0, shift_scale=2.0, **ENCODER_PRESETS["paper"])
+        convs = [m for m in enc.trunk.modules() if isinstance(m, torch.nn.Conv2d)]
+        self.assertEqual([c.out_channels for c in convs],
+                         [32, 32, 64, 64, 128, 128, 256, 256, 512, 512])
+        self.assertEqual(enc.n_features, 512)                      # 48 >> 5 = 1
+        self.assertEqual([m.out_features for m in enc.z_head if isinstance(m, torch.nn.Linear)],
+                         [512, 256, 5])
+        shift, z = enc.eval()(torch.randn(2, 48, 48))
+        self.assertEqual((tuple(shift.shape), tuple(z.shape)), ((2, 2), (2, 5)))
+        with self.assertRaises(ValueError):
+            Encoder(16, 1, **ENCODER_PRESETS["paper"])             # 16 >> 5 = 0
 
 
 class TestInference(TrainTestCase):
@@ -385,7 +421,18 @@ class TestBadInput(TrainTestCase):
         empty = self.path("run_empty")
         os.makedirs(empty)
         rc, err = self.run_cli("train", "-o", empty, "--resume")
-        self.assert_one_line(rc, err, "no checkpoint")
+        self.assert_one_line(rc, err, "nothing to resume", "no checkpoint")
+        # a run stopped before its first checkpoint can be resumed (from the beginning)
+        # rather than being neither resumable nor restartable
+        from nmaem_plugin.core.train import prepare_run
+        started = self.path("run_started")
+        prepare_run(started, self.star, self.ref, self.modes, log=quiet, epochs=1, **SMALL)
+        with self.assertRaises(NmaemError):
+            prepare_run(started, self.star, self.ref, self.modes, log=quiet, **SMALL)
+        cfg = prepare_run(started, resume=True, log=quiet, epochs=3)
+        self.assertEqual(cfg["epochs"], 3)
+        with self.assertRaisesRegex(NmaemError, "cannot change"):
+            prepare_run(started, resume=True, log=quiet, box=24)
 
     def test_nan_loss_keeps_last_good_checkpoint(self):
         """A NaN image met in epoch 2 stops training with a message; the epoch-1 checkpoint

@@ -216,7 +216,8 @@ def _run_train(args):
         return 0
     nproc = args.nproc or (len(args.gpus) if args.gpus else 1)
     if args.gpus and args.device is None:
-        args.device = "cuda"
+        # one process: that GPU; several: CUDA_VISIBLE_DEVICES + one process per GPU
+        args.device = "cuda:%d" % args.gpus[0] if nproc == 1 else "cuda"
     prepare_run(args.output, args.particles, args.ref, args.modes, resume=args.resume,
                 epochs=args.epochs, batch=args.batch, lr=args.lr, box=args.box,
                 n_modes=args.n_modes, loss=args.loss, encoder=args.encoder, filters=args.filters,

@@ -174,6 +174,8 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
     unknown = set(settings) - set(DEFAULTS) - {"nproc", "gpus"}
     if unknown:
         raise TypeError("unknown training settings: %s" % ", ".join(sorted(unknown)))
+    if settings.get("device") is not None:
+        _device(settings["device"])           # an unusable device: fail before writing
     out = os.path.abspath(out)
     cfg_path = os.path.join(out, "config.json")
     last = os.path.join(out, "checkpoints", "last.pt")

@@ -79,6 +79,26 @@ def _run_simulate(args):
     return 0
 
 
+def _add_maxima_options(p):
+    p.add_argument("--bandwidth", default=None, metavar="H|RULE",
+                   help="KDE bandwidth on PC1: a number, or isj (default, improved "
+                        "Sheather-Jones), silverman or scott")
+    p.add_argument("--min-height", type=float, default=0.1,
+                   help="keep maxima at least this fraction of the highest (default 0.1)")
+    p.add_argument("--min-prominence", type=float, default=0.1,
+                   help="keep maxima rising at least this fraction of their height above "
+                        "the dip to any higher maximum (default 0.1)")
+
+
+def _bandwidth(text):
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _add_export(sub):
     p = sub.add_parser(
         "export", help="deformed all-atom models at chosen latent points",
@@ -109,6 +129,7 @@ def _add_export(sub):
                    help="model file format (default pdb)")
     p.add_argument("--seed", type=int, default=0, help="k-means random seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    _add_maxima_options(p)
     p.set_defaults(func=_run_export)
 
 
@@ -116,7 +137,9 @@ def _run_export(args):
     from .analysis import export
     export(args.latent, args.model, args.output, pcs=args.pcs, steps=args.steps,
            low=args.low, high=args.high, kmeans_k=args.kmeans, maxima=args.maxima,
-           z_list=args.z, fmt=args.format, seed=args.seed, overwrite=args.overwrite)
+           z_list=args.z, fmt=args.format, seed=args.seed, overwrite=args.overwrite,
+           bandwidth=_bandwidth(args.bandwidth), min_height=args.min_height,
+           min_prominence=args.min_prominence)
     return 0
 
 
@@ -133,12 +156,15 @@ def _add_evaluate(sub):
     p.add_argument("--model", required=True, metavar="RUN", help="training run folder")
     p.add_argument("--per-particle", default=None, metavar="FILE.npz",
                    help="also save per-particle RMSD, floor, frame and PC1 arrays")
+    _add_maxima_options(p)
     p.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args):
     from .analysis import evaluate, format_json
-    result = evaluate(args.latent, args.truth, args.model, per_particle=args.per_particle)
+    result = evaluate(args.latent, args.truth, args.model, per_particle=args.per_particle,
+                      bandwidth=_bandwidth(args.bandwidth), min_height=args.min_height,
+                      min_prominence=args.min_prominence)
     sys.stdout.write(format_json(result) + "\n")
     return 0
 

@@ -202,6 +202,18 @@ class TestKMeans(unittest.TestCase):
         np.testing.assert_array_equal(labels, labels2)
         np.testing.assert_array_equal(c, c2)
 
+    def test_lloyd_fixed_point(self):
+        """On unclustered data the result is a converged Lloyd partition: every point is
+        labelled with its nearest centre and every centre is the mean of its points."""
+        z = np.random.default_rng(9).normal(size=(500, 3))
+        c, labels, counts = A.kmeans(z, 5, seed=0)
+        d2 = ((z[:, None, :] - c[None]) ** 2).sum(-1)
+        np.testing.assert_array_equal(labels, np.argmin(d2, axis=1))
+        for j in range(5):
+            np.testing.assert_allclose(c[j], z[labels == j].mean(0), atol=1e-12)
+        np.testing.assert_array_equal(counts, np.bincount(labels, minlength=5))
+        self.assertTrue(np.all(np.diff(counts) <= 0))
+
     def test_too_many_clusters(self):
         z = np.repeat(np.eye(2), 5, axis=0)       # 2 distinct points
         with self.assertRaises(NmaemError):

@@ -52,8 +52,10 @@ def load_run(run_dir, need_modes=True):
     ``run_dir`` is the folder (or its ``config.json``). ``config.json`` names the reference
     model (``"reference"``) and the modes file (``"modes"``), both relative to the folder.
     The modes must have been computed on that reference (same atom ids in the same order,
-    coordinates within 0.01 A). A run trained without modes (d = 0) may have ``"modes"``
-    null; then the modes returned are None, and ``need_modes=True`` makes that an error.
+    coordinates within 0.01 A). ``"n_modes"`` (when present) is the d the run was trained
+    with: the first d modes of the file are used, and d = 0 (or ``"modes"`` null) means a
+    run without modes: the modes returned are None, and ``need_modes=True`` makes that an
+    error.
     Raises :class:`NmaemError` with a one-line message on any problem.
     """
     from .modes import check_modes_match, load_modes
@@ -81,15 +83,30 @@ def load_run(run_dir, need_modes=True):
         fail(ref_path, "reference model named in %s is missing" % cfg_path)
     model = read_model(ref_path)
     modes_name = config.get("modes")
-    if not modes_name:
+    n_modes = config.get("n_modes")
+    if n_modes is not None:
+        try:
+            n_modes = int(n_modes)
+        except (TypeError, ValueError):
+            fail(cfg_path, "\"n_modes\" is not a number (%r)" % (n_modes,))
+        if n_modes < 0:
+            fail(cfg_path, "\"n_modes\" is negative (%d)" % n_modes)
+    if not modes_name or n_modes == 0:
         if need_modes:
-            fail(cfg_path, "no \"modes\" entry (the modes file)")
+            fail(cfg_path, "the run has no normal modes (d = 0)" if n_modes == 0 else
+                 "no \"modes\" entry (the modes file)")
         return model, None, config
     modes_path = os.path.join(run_dir, str(modes_name))
     if not os.path.isfile(modes_path):
         fail(modes_path, "modes file named in %s is missing" % cfg_path)
     nm = load_modes(modes_path)
     check_modes_match(nm, model)
+    if n_modes is not None and n_modes != nm.n_modes:
+        if n_modes > nm.n_modes:
+            fail(cfg_path, "\"n_modes\" is %d but %s holds %d modes"
+                 % (n_modes, modes_path, nm.n_modes))
+        from dataclasses import replace
+        nm = replace(nm, modes=nm.modes[:n_modes], eigenvalues=nm.eigenvalues[:n_modes])
     return model, nm, config
 
 

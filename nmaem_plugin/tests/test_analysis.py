@@ -470,6 +470,19 @@ class TestErrors(TmpCase):
         self.assertAlmostEqual(res["rmsd"]["median"],
                                np.median(dat.ref_rmsd[dat.frame[:10]]), delta=1e-6)
         self.assertIsNone(res["pc1_explained_variance"])
+        # the trainer's layout for d = 0: modes.npz present, config n_modes 0
+        run0b = make_run(os.path.join(self.tmp, "run0b"), config={"n_modes": 0})
+        rc, text, err = run_cli("evaluate", "--latent", d0, "--truth", sim, "--model", run0b)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(json.loads(text)["rmsd"]["median"], res["rmsd"]["median"])
+        # config n_modes 2: the first 2 modes of the file are the run's
+        run2 = make_run(os.path.join(self.tmp, "run2"), config={"n_modes": 2})
+        self.assertCliError("export", "--latent", good, "--model", run2, "-o", out,
+                            words=["d = 4", "2 modes"])
+        out2 = os.path.join(self.tmp, "out2")
+        self.assertEqual(run_cli("export", "--model", run2, "-o", out2, "--z", "3,-2")[0], 0)
+        _, xyz = gemmi_atoms(os.path.join(out2, "z_01.pdb"))
+        np.testing.assert_allclose(xyz, dat.x0 + 3 * dat.U[0] - 2 * dat.U[1], atol=2e-3)
 
     def moved_reference(self):
         st = gemmi.read_structure(os.path.join(_tmp, "sim", "reference.pdb"))

@@ -1,0 +1,313 @@
+# **************************************************************************
+# * scipion-em-nmaem: heterogeneous reconstruction of deformable atomic models
+# * in cryo-EM (Nashed, Levy, Poitevin et al. 2022) as a Scipion 3 plugin.
+# *
+# * This program is free software; you can redistribute it and/or modify it
+# * under the terms of the GNU General Public License as published by the Free
+# * Software Foundation; either version 3 of the License, or (at your option)
+# * any later version. See the LICENSE file at the root of the project.
+# **************************************************************************
+"""Deformed all-atom models at chosen latent points: ``nmaem export`` -> SetOfAtomStructs."""
+import json
+import os
+from enum import Enum
+
+import numpy as np
+import pyworkflow.protocol.params as params
+from pyworkflow.object import CsvList, Float, Integer, String
+from pwem.objects import AtomStruct, SetOfAtomStructs
+
+from .protocol_base import NmaemProtBase
+from .protocol_flex_common import (ATTR_KIND, ATTR_N_PARTICLES, ATTR_RMSD_REF, ATTR_Z,
+                                   readRunConfig, runDirOf)
+
+EXPORT_PCS, EXPORT_KMEANS, EXPORT_MAXIMA, EXPORT_Z = range(4)
+EXPORT_CHOICES = ["principal component traversal", "k-means centres", "density maxima (PC1)",
+                  "given amplitudes"]
+FORMATS = ["pdb", "cif"]
+
+
+class NmaemExportOutputs(Enum):
+    outputAtomStructs = SetOfAtomStructs
+
+
+def zFlexMatrix(particles):
+    """(ids, z) of a SetOfParticlesFlex, in id order: (N,) int64 and (N, d) float64."""
+    ids, z = [], []
+    for p in particles.iterItems(orderBy="id"):
+        ids.append(p.getObjId())
+        z.append(np.asarray(p.getZFlex(), dtype=np.float64))
+    d = len(z[0]) if z else 0
+    return np.asarray(ids, dtype=np.int64), np.asarray(z, dtype=np.float64).reshape(-1, d)
+
+
+class NmaemProtExport(NmaemProtBase):
+    """All-atom models X0 + U z at chosen points of the latent space of nmaem particles.
+
+    The points are steps along principal components of the particles' z, k-means
+    centres, density maxima along PC1, or amplitudes you give. Each model of the output
+    set carries its z (Angstrom), its RMSD to the reference (|z|/sqrt(M)) and the number
+    of particles it represents.
+    """
+    _label = "export models"
+    _possibleOutputs = NmaemExportOutputs
+
+    def _defineParams(self, form):
+        form.addSection(label="Input")
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticlesFlex",
+                      label="Particles with z", important=True,
+                      help="The output of 'nmaem - infer' (or a subset of it): the z of "
+                           "these particles define the principal components, clusters and "
+                           "maxima.")
+        form.addParam("inputNetwork", params.PointerParam, pointerClass="FlexInfo",
+                      allowsNull=True, label="Trained network (optional)",
+                      help="The training whose reference model and modes are deformed. "
+                           "Empty: the network recorded with the particles.")
+        form.addParam("exportMode", params.EnumParam, choices=EXPORT_CHOICES,
+                      default=EXPORT_PCS, label="Models at",
+                      help="'principal component traversal': evenly spaced steps along "
+                           "each chosen PC, from a low to a high percentile of the "
+                           "particles. 'k-means centres': the centres of K clusters of z. "
+                           "'density maxima': the peaks of the particles' density along PC1 "
+                           "(the mean z of the particles near each). 'given amplitudes': "
+                           "models at the z you type.")
+        form.addParam("pcs", params.StringParam, default="1",
+                      condition="exportMode == %d" % EXPORT_PCS, label="Principal components",
+                      help="Comma-separated PC numbers to traverse, e.g. '1' or '1,2'.")
+        form.addParam("steps", params.IntParam, default=10, validators=[params.Range(2, 1000)],
+                      condition="exportMode == %d" % EXPORT_PCS, label="Models per PC",
+                      help="Number of evenly spaced models along each PC.")
+        form.addParam("lowPercentile", params.FloatParam, default=5.0,
+                      condition="exportMode == %d" % EXPORT_PCS,
+                      expertLevel=params.LEVEL_ADVANCED, validators=[params.Range(0, 100)],
+                      label="Traversal start (percentile)",
+                      help="First model at this percentile of the particles' PC coordinate.")
+        form.addParam("highPercentile", params.FloatParam, default=95.0,
+                      condition="exportMode == %d" % EXPORT_PCS,
+                      expertLevel=params.LEVEL_ADVANCED, validators=[params.Range(0, 100)],
+                      label="Traversal end (percentile)",
+                      help="Last model at this percentile of the particles' PC coordinate.")
+        form.addParam("numberOfClusters", params.IntParam, default=5,
+                      condition="exportMode == %d" % EXPORT_KMEANS,
+                      validators=[params.Positive], label="Number of clusters (K)",
+                      help="k-means on the particles' z (k-means++, 10 restarts); one model "
+                           "per cluster centre.")
+        form.addParam("seed", params.IntParam, default=0,
+                      condition="exportMode == %d" % EXPORT_KMEANS,
+                      expertLevel=params.LEVEL_ADVANCED, label="Random seed",
+                      help="Seed of the k-means initialisation.")
+        form.addParam("bandwidth", params.StringParam, default="isj",
+                      condition="exportMode == %d" % EXPORT_MAXIMA,
+                      expertLevel=params.LEVEL_ADVANCED, label="KDE bandwidth",
+                      help="Bandwidth of the kernel density on PC1: a number, or 'isj' "
+                           "(improved Sheather-Jones), 'silverman' or 'scott'.")
+        form.addParam("minHeight", params.FloatParam, default=0.1,
+                      condition="exportMode == %d" % EXPORT_MAXIMA,
+                      expertLevel=params.LEVEL_ADVANCED, validators=[params.Range(0, 1)],
+                      label="Minimum height",
+                      help="Keep maxima at least this fraction of the highest one.")
+        form.addParam("minProminence", params.FloatParam, default=0.1,
+                      condition="exportMode == %d" % EXPORT_MAXIMA,
+                      expertLevel=params.LEVEL_ADVANCED, validators=[params.Range(0, 1)],
+                      label="Minimum prominence",
+                      help="Keep maxima that rise at least this fraction of their height "
+                           "above the dip to any higher maximum.")
+        form.addParam("amplitudes", params.TextParam, default="",
+                      condition="exportMode == %d" % EXPORT_Z, label="Amplitudes (A)",
+                      help="One model per line: d comma-separated amplitudes in Angstrom "
+                           "(d = number of modes), e.g. '10, -5, 0, 2'.")
+        form.addParam("fileFormat", params.EnumParam, choices=FORMATS, default=0,
+                      label="File format", help="PDB or mmCIF model files.")
+
+    def _createFilenameTemplates(self):
+        self._updateFilenamesDict({
+            "latent": self._getExtraPath("latent.npz"),
+            "ids": self._getExtraPath("latent_ids.npy"),
+            "models": self._getExtraPath("models"),
+            "listing": self._getExtraPath("models", "models.json"),
+            "done": self._getExtraPath("models", "models.csv"),
+        })
+
+    def _runDir(self):
+        if self.inputNetwork.get() is not None:
+            return runDirOf(self.inputNetwork.get())
+        return runDirOf(self.inputParticles.get()) if self.inputParticles.get() else None
+
+    def _zLines(self):
+        return [ln.strip() for ln in (self.amplitudes.get() or "").splitlines() if ln.strip()]
+
+    # ------------------------------------------------------------------ steps
+    def _insertAllSteps(self):
+        self._createFilenameTemplates()
+        self._insertFunctionStep(self.writeLatentStep)
+        self._insertFunctionStep(self.exportStep)
+        self._insertFunctionStep(self.createOutputStep)
+
+    def writeLatentStep(self):
+        """latent.npz of the input particles' z (rows in id order; shifts are not used)."""
+        ids, z = zFlexMatrix(self.inputParticles.get())
+        tmp = self._getExtraPath("latent.tmp.npz")
+        np.savez(tmp, z=z.astype(np.float32), shift=np.zeros((len(z), 2), np.float32),
+                 index=np.arange(len(z), dtype=np.int64))
+        np.save(self._getFileName("ids"), ids)
+        os.replace(tmp, self._getFileName("latent"))
+
+    def exportStep(self):
+        if os.path.exists(self._getFileName("done")):   # models.csv is written last
+            self.info("%s exists; not exported again" % self._getFileName("done"))
+            return
+        mode = self.exportMode.get()
+        args = ["--latent", self._getFileName("latent"),
+                "--model", os.path.abspath(self._runDir()),
+                "-o", self._getFileName("models"), "--overwrite",
+                "--format", FORMATS[self.fileFormat.get()]]
+        if mode == EXPORT_PCS:
+            args += ["--pcs", self.pcs.get().replace(" ", ""), "--steps", self.steps.get(),
+                     "--low", self.lowPercentile.get(), "--high", self.highPercentile.get()]
+        elif mode == EXPORT_KMEANS:
+            args += ["--kmeans", self.numberOfClusters.get(), "--seed", self.seed.get()]
+        elif mode == EXPORT_MAXIMA:
+            args += ["--maxima", "--bandwidth", self.bandwidth.get(),
+                     "--min-height", self.minHeight.get(),
+                     "--min-prominence", self.minProminence.get()]
+        else:
+            for line in self._zLines():
+                args += ["--z", ",".join(v.strip() for v in line.replace(";", ",").split(",")
+                                         if v.strip())]
+        self.runNmaem("export", args)
+
+    @staticmethod
+    def particleCounts(listing, z):
+        """Particles each model represents: the count nmaem gives (clusters, maxima);
+        for PC steps, the particles whose coordinate on that PC is nearest to the step's
+        (among the steps of that PC); for given amplitudes, the particles nearest in z."""
+        models = listing["models"]
+        counts = [m.get("n_particles") for m in models]
+        pca = listing.get("pca")
+        if pca is not None and len(z):
+            comps = np.asarray(pca["components"], dtype=np.float64)
+            pc = z @ comps.T
+            for k in sorted({m["pc"] for m in models if m.get("kind") == "pc"}):
+                rows = [i for i, m in enumerate(models)
+                        if m.get("kind") == "pc" and m["pc"] == k]
+                steps = np.array([models[i]["pc_coords"][k - 1] for i in rows])
+                nearest = np.argmin(np.abs(pc[:, k - 1][:, None] - steps[None]), axis=1)
+                for j, i in enumerate(rows):
+                    counts[i] = int(np.sum(nearest == j))
+        rows = [i for i, m in enumerate(models) if m.get("kind") == "z"]
+        if rows and len(z):
+            centres = np.array([models[i]["z"] for i in rows], dtype=np.float64)
+            d2 = ((z[:, None, :] - centres[None]) ** 2).sum(-1)
+            nearest = np.argmin(d2, axis=1)
+            for j, i in enumerate(rows):
+                counts[i] = int(np.sum(nearest == j))
+        return [0 if c is None else int(c) for c in counts]
+
+    def createOutputStep(self):
+        with open(self._getFileName("listing")) as fh:
+            listing = json.load(fh)
+        with np.load(self._getFileName("latent"), allow_pickle=False) as f:
+            z = np.asarray(f["z"], dtype=np.float64)
+        counts = self.particleCounts(listing, z)
+        out = self._createSetOfPDBs(suffix="models")
+        for k, (m, n) in enumerate(zip(listing["models"], counts)):
+            a = AtomStruct(filename=os.path.relpath(
+                os.path.join(self._getFileName("models"), m["file"])))
+            a.setObjId(k + 1)
+            setattr(a, ATTR_N_PARTICLES, Integer(n))
+            zl = CsvList(pType=float)
+            for v in m["z"]:
+                zl.append(float(v))
+            setattr(a, ATTR_Z, zl)
+            setattr(a, ATTR_KIND, String(m["kind"]))
+            setattr(a, ATTR_RMSD_REF, Float(float(m["rmsd_to_reference"])))
+            out.append(a)
+        self._defineOutputs(**{NmaemExportOutputs.outputAtomStructs.name: out})
+        self._defineSourceRelation(self.inputParticles, out)
+        if self.inputNetwork.get() is not None:
+            self._defineSourceRelation(self.inputNetwork, out)
+
+    # ------------------------------------------------------------------ info
+    def _validate(self):
+        errors = []
+        parts = self.inputParticles.get()
+        if parts is None:
+            return ["Choose the particles with z."]
+        if parts.getSize() == 0:
+            return ["The input particle set is empty."]
+        run = self._runDir()
+        cfg = readRunConfig(run) if run else None
+        if run is None:
+            errors.append("No trained network: choose one (the particles do not record an "
+                          "nmaem training).")
+        elif cfg is None:
+            errors.append("The network's run folder %s has no config.json." % run)
+        first = parts.getFirstItem()
+        d = len(first.getZFlex()) if hasattr(first, "getZFlex") else 0
+        if cfg is not None and d != int(cfg["n_modes"]):
+            errors.append("The particles have %d amplitudes (zFlex) but the network uses %d "
+                          "modes." % (d, cfg["n_modes"]))
+        if d == 0:
+            errors.append("The particles have no normal-mode amplitudes (zFlex).")
+        mode = self.exportMode.get()
+        if mode == EXPORT_PCS:
+            try:
+                pcs = [int(v) for v in self.pcs.get().split(",") if v.strip()]
+            except ValueError:
+                pcs = None
+            if not pcs or min(pcs) < 1 or (d and max(pcs) > d):
+                errors.append("Principal components: comma-separated numbers between 1 and "
+                              "%d (got '%s')." % (d, self.pcs.get()))
+            if parts.getSize() < 2:
+                errors.append("A principal component traversal needs at least 2 particles.")
+        elif mode == EXPORT_KMEANS and self.numberOfClusters.get() > parts.getSize():
+            errors.append("%d clusters for %d particles." % (self.numberOfClusters.get(),
+                                                             parts.getSize()))
+        elif mode == EXPORT_Z:
+            lines = self._zLines()
+            if not lines:
+                errors.append("Type at least one line of amplitudes.")
+            for line in lines:
+                try:
+                    vals = [float(v) for v in line.replace(";", ",").split(",") if v.strip()]
+                except ValueError:
+                    vals = None
+                if vals is None or len(vals) != d:
+                    errors.append("Amplitudes '%s': need %d numbers." % (line, d))
+        return errors
+
+    def _readListing(self):
+        self._createFilenameTemplates()
+        fn = self._getFileName("listing")
+        if not os.path.exists(fn):
+            return None
+        with open(fn) as fh:
+            return json.load(fh)
+
+    def _summary(self):
+        listing = self._readListing()
+        if listing is None:
+            return ["Models not exported yet."]
+        lines = ["%d all-atom models (%s, %d atoms, d = %d) from %d particles."
+                 % (len(listing["models"]), EXPORT_CHOICES[self.exportMode.get()],
+                    listing["n_atoms"], listing["d"], listing["n_particles"] or 0)]
+        if listing.get("pca"):
+            ev = listing["pca"]["explained_variance_ratio"]
+            lines.append("PCA explained variance: %s."
+                         % ", ".join("PC%d %.1f%%" % (k + 1, 100 * v)
+                                     for k, v in enumerate(ev[:4])))
+        rmsd = [m["rmsd_to_reference"] for m in listing["models"]]
+        if rmsd:
+            lines.append("RMSD to the reference: %.2f to %.2f A." % (min(rmsd), max(rmsd)))
+        return lines
+
+    def _methods(self):
+        listing = self._readListing()
+        if listing is None:
+            return []
+        return ["We wrote %d all-atom models X0 + U z at %s of the nmaem latent space "
+                "[Nashed2022]." % (len(listing["models"]),
+                                   EXPORT_CHOICES[self.exportMode.get()])]
+
+    def _citations(self):
+        return ["Nashed2022"]

@@ -1,0 +1,184 @@
+# **************************************************************************
+# * scipion-em-nmaem: heterogeneous reconstruction of deformable atomic models
+# * in cryo-EM (Nashed, Levy, Poitevin et al. 2022) as a Scipion 3 plugin.
+# *
+# * This program is free software; you can redistribute it and/or modify it
+# * under the terms of the GNU General Public License as published by the Free
+# * Software Foundation; either version 3 of the License, or (at your option)
+# * any later version. See the LICENSE file at the root of the project.
+# **************************************************************************
+"""Infer z and shifts with a trained nmaem network: ``nmaem infer`` -> SetOfParticlesFlex.
+
+A protocol of its own rather than an option of training: the same network is applied to
+other particle sets (all particles after training on a subset, a new dataset with the
+same box and pixel size), and continuing a training does not redo inference."""
+import os
+from enum import Enum
+
+import numpy as np
+import pyworkflow.protocol.params as params
+from pwem.objects import SetOfParticlesFlex
+
+from ..constants import PROGRAM_NAME
+from .protocol_base import NmaemProtBase
+from .protocol_flex_common import (ATTR_LATENT_FILE, ATTR_RUN_DIR, ATTR_STAR_FILE,
+                                   createSetOfParticlesFlex, lastCheckpoint, readRunConfig,
+                                   runDirOf)
+
+
+class NmaemInferOutputs(Enum):
+    outputParticles = SetOfParticlesFlex
+
+
+class NmaemProtInfer(NmaemProtBase):
+    """Normal-mode amplitudes z and 2D shifts of every particle, from a trained nmaem
+    network.
+
+    The output is a Flexibility Hub SetOfParticlesFlex: each particle keeps its id,
+    image, CTF and pose, carries z (Angstrom, one value per mode) as its zFlex, and its
+    transform includes the refined shift (new origin = origin - predicted shift).
+    """
+    _label = "infer"
+    _possibleOutputs = NmaemInferOutputs
+
+    def _defineParams(self, form):
+        form.addSection(label="Input")
+        form.addParam("inputNetwork", params.PointerParam, pointerClass="FlexInfo",
+                      label="Trained network", important=True,
+                      help="The output of 'nmaem - train'.")
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
+                      label="Input particles", important=True,
+                      help="Particles with 3D alignment and CTF, with the box and pixel "
+                           "size of the particles the network was trained on (usually the "
+                           "same set, or a larger set it was trained on a subset of).")
+        form.addParam("batchSize", params.IntParam, default=256, validators=[params.Positive],
+                      label="Batch size",
+                      help="Images per batch on the GPU; lower it when memory runs out.")
+        form.addParam("foldShifts", params.BooleanParam, default=True,
+                      expertLevel=params.LEVEL_ADVANCED, label="Refine the shifts?",
+                      help="Yes: the predicted shift of each particle is folded into its "
+                           "transform (origin - shift). No: the transforms are copied as "
+                           "they are.")
+        form.addParam("numberOfWorkers", params.IntParam, default=0,
+                      expertLevel=params.LEVEL_ADVANCED, validators=[params.GE(0)],
+                      label="Image reading processes",
+                      help="DataLoader worker processes that read the images.")
+        self._defineGpuParams(form)
+
+    def _createFilenameTemplates(self):
+        self._updateFilenamesDict({
+            "star": self._getExtraPath("input_particles.star"),
+            "latent": self._getExtraPath("latent.npz"),
+            "outStar": self._getExtraPath("particles_nmaem.star"),
+        })
+
+    def _insertAllSteps(self):
+        self._createFilenameTemplates()
+        self._insertFunctionStep(self.convertInputStep)
+        self._insertFunctionStep(self.inferStep)
+        self._insertFunctionStep(self.createOutputStep)
+
+    def convertInputStep(self):
+        from ..convert import writeSetOfParticles
+        star = self._getFileName("star")
+        if os.path.exists(star):
+            self.info("%s exists; not written again" % star)
+            return
+        tmp = self._getExtraPath("input_particles.tmp.star")
+        n = writeSetOfParticles(self.inputParticles.get(), tmp,
+                                stackDir=self._getExtraPath("input_stacks"))
+        os.replace(tmp, star)
+        self.info("wrote %d particles to %s" % (n, star))
+
+    def inferStep(self):
+        latent = self._getFileName("latent")
+        if os.path.exists(latent):      # written atomically by nmaem: complete
+            self.info("%s exists; not inferred again" % latent)
+            return
+        args = ["--particles", os.path.abspath(self._getFileName("star")),
+                "--model", os.path.abspath(runDirOf(self.inputNetwork.get())),
+                "-o", latent, "--batch", self.batchSize.get(),
+                "--star", self._getFileName("outStar"),
+                "--num-workers", self.numberOfWorkers.get()]
+        self.runNmaem("infer", args + self._deviceArgs())
+
+    def createOutputStep(self):
+        from ..convert import setOfParticlesFlexFromLatent
+        inSet = self.inputParticles.get()
+        out = createSetOfParticlesFlex(self)
+        n = setOfParticlesFlexFromLatent(
+            inSet, self._getFileName("latent"), out, starFile=self._getFileName("star"),
+            foldShift=self.foldShifts.get(),
+            flexAttributes={ATTR_RUN_DIR: runDirOf(self.inputNetwork.get()),
+                            ATTR_LATENT_FILE: self._getFileName("latent"),
+                            ATTR_STAR_FILE: self._getFileName("star")})
+        self.info("%d particles with z and refined shifts" % n)
+        self._defineOutputs(**{NmaemInferOutputs.outputParticles.name: out})
+        self._defineSourceRelation(self.inputParticles, out)
+        self._defineSourceRelation(self.inputNetwork, out)
+
+    # ------------------------------------------------------------------ info
+    def _validate(self):
+        errors = []
+        info = self.inputNetwork.get()
+        parts = self.inputParticles.get()
+        run = runDirOf(info) if info is not None else None
+        cfg = readRunConfig(run) if run else None
+        if info is None:
+            errors.append("Choose the trained network.")
+        elif run is None:
+            errors.append("The chosen network is not an nmaem training output.")
+        elif cfg is None or lastCheckpoint(run) is None:
+            errors.append("The network's run folder %s has no trained network "
+                          "(config.json and checkpoints/last.pt)." % run)
+        if parts is None:
+            errors.append("Choose the input particles.")
+            return errors
+        errors += self.validateParticles(parts)
+        if parts.getSize() == 0:
+            errors.append("The input particle set is empty.")
+        if cfg is not None and parts.getSize():
+            from .protocol_train import imageBox
+            box = imageBox(parts)
+            apix = parts.getSamplingRate()
+            if box is not None and box != cfg["box0"]:
+                errors.append("The particles are %d px but the network was trained on "
+                              "%d px images." % (box, cfg["box0"]))
+            if apix and abs(apix - cfg["apix0"]) > 1e-4 * cfg["apix0"]:
+                errors.append("The particles are at %.4f A/px but the network was trained "
+                              "at %.4f A/px." % (apix, cfg["apix0"]))
+        return errors
+
+    def _latentStats(self):
+        self._createFilenameTemplates()
+        fn = self._getFileName("latent")
+        if not os.path.exists(fn):
+            return None
+        with np.load(fn, allow_pickle=False) as f:
+            return f["z"], f["shift"]
+
+    def _summary(self):
+        stats = self._latentStats()
+        if stats is None:
+            return ["Not inferred yet."]
+        z, shift = stats
+        lines = ["%d particles, %d normal-mode amplitudes each (program %s)."
+                 % (len(z), z.shape[1], PROGRAM_NAME)]
+        if z.shape[1]:
+            lines.append("|z| median %.3g A; z std per mode: %s A."
+                         % (float(np.median(np.linalg.norm(z, axis=1))),
+                            ", ".join("%.3g" % v for v in z.std(0))))
+        lines.append("Predicted shift: median %.3g A."
+                     % float(np.median(np.linalg.norm(shift, axis=1))))
+        return lines
+
+    def _methods(self):
+        stats = self._latentStats()
+        if stats is None:
+            return []
+        return ["The trained nmaem encoder [Nashed2022] gave the amplitudes of %d normal "
+                "modes and a refined 2D shift for each of %d particles."
+                % (stats[0].shape[1], len(stats[0]))]
+
+    def _citations(self):
+        return ["Nashed2022", "Paszke2019"]

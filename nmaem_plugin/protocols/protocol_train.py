@@ -1,0 +1,409 @@
+# **************************************************************************
+# * scipion-em-nmaem: heterogeneous reconstruction of deformable atomic models
+# * in cryo-EM (Nashed, Levy, Poitevin et al. 2022) as a Scipion 3 plugin.
+# *
+# * This program is free software; you can redistribute it and/or modify it
+# * under the terms of the GNU General Public License as published by the Free
+# * Software Foundation; either version 3 of the License, or (at your option)
+# * any later version. See the LICENSE file at the root of the project.
+# **************************************************************************
+"""Train the nmaem autoencoder: ``nmaem train`` -> the run folder, recorded in a FlexInfo."""
+import os
+import shutil
+from enum import Enum
+
+import pyworkflow.protocol.params as params
+from pwem.objects import FlexInfo
+
+from ..constants import PROGRAM_NAME
+from .protocol_base import NmaemProtBase
+from .protocol_flex_common import (ATTR_APIX, ATTR_BOX, ATTR_EPOCHS, ATTR_LATENT_DIM,
+                                   ATTR_RUN_DIR, lastCheckpoint, readRunConfig,
+                                   readTrainingLog, runDirOf)
+
+ENCODERS = ["paper", "small"]
+LOSSES = ["l2", "corr"]
+ENCODER_BLOCKS = {"paper": 5, "small": 3}     # pooling blocks: box >= 2 ** blocks
+
+
+class NmaemTrainOutputs(Enum):
+    outputNetwork = FlexInfo
+
+
+def imageBox(particles):
+    """Box size (px) of the particle images: the MRC header of the first image, else the
+    set's dimensions; None when unknown."""
+    first = particles.getFirstItem()
+    if first is None:
+        return None
+    fn = first.getFileName() or ""
+    if ":" in os.path.basename(fn):
+        fn = fn[:fn.rindex(":")]
+    try:
+        from ..convert import _isMrc, _mrcBox
+        if _isMrc(fn) and os.path.exists(fn):
+            return _mrcBox(fn)
+        dim = particles.getXDim()
+        return int(dim) if dim else None
+    except Exception:   # an unreadable image is reported by the command itself
+        return None
+
+
+def checkModesMatch(modesFile, structureFile):
+    """An error message when the modes file was not computed on the model, else None.
+    Reads only the atom ids and coordinates (numpy, gemmi)."""
+    try:
+        from ..core.errors import NmaemError
+        from ..core.modes import check_modes_match, load_modes
+        from ..core.structure import read_model
+        check_modes_match(load_modes(modesFile), read_model(structureFile))
+    except NmaemError as exc:
+        return ("The normal modes do not belong to the reference model: %s. Compute the "
+                "modes on this reference (or choose the model they were computed on)." % exc)
+    except Exception as exc:
+        return "Cannot read the modes (%s) or the reference (%s): %s" % (
+            modesFile, structureFile, exc)
+    return None
+
+
+class NmaemProtTrain(NmaemProtBase):
+    """Train the nmaem network on particles with known poses and CTF.
+
+    An encoder (a CNN) predicts, for each particle image, a 2D shift and the amplitudes z
+    of the normal modes; a physics decoder renders the deformed atomic model X0 + U z at
+    the particle's pose with its CTF, and training minimises the difference with the
+    image (Nashed et al. 2022). The trained network (the run folder with its checkpoints
+    and log) is the output; run 'infer' to get z for every particle.
+
+    Training can be continued: pressing Continue on a stopped or failed run resumes from
+    its last checkpoint, and 'Continue a previous training' resumes another protocol's
+    run (for example with more epochs).
+    """
+    _label = "train"
+    _possibleOutputs = NmaemTrainOutputs
+
+    # ------------------------------------------------------------------ form
+    def _defineParams(self, form):
+        form.addSection(label="Input")
+        form.addParam("doContinue", params.BooleanParam, default=False,
+                      label="Continue a previous training?",
+                      help="Yes: resume the network of a previous nmaem training from its "
+                           "last checkpoint (its run folder is copied into this protocol, "
+                           "the previous one is left untouched). Its particles, reference, "
+                           "modes, box, encoder and loss are kept; epochs (the new total), "
+                           "batch size and learning rate may change. A previous training "
+                           "without any checkpoint cannot be continued: start a fresh one.")
+        form.addParam("continueNetwork", params.PointerParam, pointerClass="FlexInfo",
+                      condition="doContinue", label="Training to continue",
+                      help="The output network of a previous nmaem training protocol.")
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
+                      condition="not doContinue", label="Input particles", important=True,
+                      help="Particles with a 3D alignment (poses of a consensus refinement) "
+                           "and CTF, for example from RELION or cryoSPARC. They are written "
+                           "to a RELION STAR file for nmaem (images used in place when they "
+                           "are MRC stacks).")
+        form.addParam("inputStructure", params.PointerParam, pointerClass="AtomStruct",
+                      condition="not doContinue", label="Reference atomic model",
+                      important=True,
+                      help="The model X0 that is deformed, docked in the consensus map that "
+                           "the poses refer to (nmaem rotates it about that map's centre). "
+                           "It must be the model the normal modes were computed on.")
+        form.addParam("inputModes", params.PointerParam, pointerClass="SetOfNormalModes",
+                      condition="not doContinue", label="Normal modes", important=True,
+                      help="The output of 'nmaem - compute normal modes' on the reference "
+                           "model (its modes.npz file is used).")
+        form.addParam("numberOfModes", params.IntParam, default=-1,
+                      condition="not doContinue", label="Number of modes to use",
+                      help="Use the first N modes (the lowest-frequency ones) as the latent "
+                           "space; -1 uses them all, 0 learns the shifts only.")
+
+        form.addSection(label="Training")
+        form.addParam("boxSize", params.IntParam, default=-1,
+                      condition="not doContinue", label="Training box (px)",
+                      help="The images are Fourier-cropped to this box (even) before "
+                           "training, which is faster at the cost of resolution; -1 keeps "
+                           "the particles' box. The paper encoder needs at least 32 px, the "
+                           "small one 8 px.")
+        form.addParam("numberOfEpochs", params.IntParam, default=200,
+                      validators=[params.Positive], label="Epochs",
+                      help="Passes over the training images (the total, counting the epochs "
+                           "of a continued training). The paper trains for 200 epochs.")
+        form.addParam("batchSize", params.IntParam, default=256,
+                      validators=[params.Positive], label="Batch size",
+                      help="Images per optimisation step, over all GPUs. Lower it when the "
+                           "GPU runs out of memory.")
+        form.addParam("learningRate", params.FloatParam, default=1e-3,
+                      validators=[params.Positive], label="Learning rate",
+                      help="Step size of the Adam optimiser (the paper uses 1e-3).")
+        form.addParam("encoder", params.EnumParam, choices=ENCODERS, default=0,
+                      condition="not doContinue", label="Encoder",
+                      help="'paper': the paper's CNN (filters 32-64-128-256-512, MLP 512, "
+                           "256). 'small': filters 8-16-32, MLP 64, 32, for quick trials on "
+                           "small boxes.")
+        form.addParam("loss", params.EnumParam, choices=LOSSES, default=0,
+                      condition="not doContinue", label="Loss",
+                      help="'l2': the paper's squared difference between image and rendering; "
+                           "it assumes the images are in the renderer's units, as simulated "
+                           "particles are. 'corr': 1 - correlation of each image with its "
+                           "rendering, insensitive to the grey scale: use it for real data.")
+        form.addParam("seed", params.IntParam, default=0, condition="not doContinue",
+                      expertLevel=params.LEVEL_ADVANCED, label="Random seed",
+                      help="Seed of the train/validation split, the initial weights and the "
+                           "order of the images.")
+        form.addParam("rmsdUnit", params.FloatParam, default=1.0, condition="not doContinue",
+                      expertLevel=params.LEVEL_ADVANCED, validators=[params.Positive],
+                      label="RMSD of one output unit (A)",
+                      help="Deformation (RMSD, Angstrom) produced by one unit of the "
+                           "network's output along a mode; sets the scale of z.")
+        form.addParam("bf16", params.BooleanParam, default=False,
+                      expertLevel=params.LEVEL_ADVANCED, label="bfloat16 encoder?",
+                      help="Run the encoder under bfloat16 autocast (faster on recent GPUs; "
+                           "the decoder and the loss stay in float32).")
+        form.addParam("numberOfWorkers", params.IntParam, default=0,
+                      expertLevel=params.LEVEL_ADVANCED, validators=[params.GE(0)],
+                      label="Image reading processes",
+                      help="DataLoader worker processes that read the images (0: the "
+                           "training process reads them).")
+        form.addParam("keepCheckpoints", params.IntParam, default=3,
+                      expertLevel=params.LEVEL_ADVANCED, validators=[params.GE(1)],
+                      label="Checkpoints kept",
+                      help="Per-epoch checkpoints kept besides the last one.")
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=True,
+                       label="Use GPU?",
+                       help="Train on the GPU(s) (CUDA). With 'No' training runs on the CPU "
+                            "(slow; for tests and tiny datasets).")
+        form.addHidden(params.GPU_LIST, params.StringParam, default="0",
+                       label="GPU IDs",
+                       help="GPU(s) to use (CUDA device numbers, as in nvidia-smi). Several "
+                            "GPUs (e.g. '0 1 2 3') train in data parallel "
+                            "(DistributedDataParallel), one process per GPU; the batch "
+                            "size is split between them.")
+
+    # ------------------------------------------------------------------ files
+    def _createFilenameTemplates(self):
+        self._updateFilenamesDict({
+            "star": self._getExtraPath("input_particles.star"),
+            "run": self._getExtraPath("run"),
+        })
+
+    def _runDir(self):
+        self._createFilenameTemplates()
+        return self._getFileName("run")
+
+    # ------------------------------------------------------------------ steps
+    def _insertAllSteps(self):
+        self._createFilenameTemplates()
+        if not self.doContinue.get():
+            self._insertFunctionStep(self.convertInputStep)
+        # the settings a resumed run may change are step arguments: changing them and
+        # pressing Continue runs the training step again (it then resumes)
+        self._insertFunctionStep(self.trainStep, self.numberOfEpochs.get(),
+                                 self.batchSize.get(), self.learningRate.get())
+        self._insertFunctionStep(self.createOutputStep)
+
+    def convertInputStep(self):
+        from ..convert import writeSetOfParticles
+        star = self._getFileName("star")
+        if os.path.exists(star):        # written atomically below: complete
+            self.info("%s exists; not written again" % star)
+            return
+        tmp = self._getExtraPath("input_particles.tmp.star")
+        n = writeSetOfParticles(self.inputParticles.get(), tmp,
+                                stackDir=self._getExtraPath("input_stacks"))
+        os.replace(tmp, star)
+        self.info("wrote %d particles to %s" % (n, star))
+
+    def _gpuArgs(self):
+        """--device / --gpus for the command, and whether CUDA_VISIBLE_DEVICES is set by
+        the base class (one GPU) or by nmaem itself (several: --gpus)."""
+        if not self.getAttributeValue(params.USE_GPU, True):
+            return ["--device", "cpu"]
+        gpus = [int(g) for g in self.getGpuList()]
+        if len(gpus) > 1:
+            return ["--gpus", ",".join(str(g) for g in gpus)]
+        return []
+
+    def _nmaemEnviron(self):
+        env = NmaemProtBase._nmaemEnviron(self)
+        if self.getAttributeValue(params.USE_GPU, True) and len(self.getGpuList()) > 1:
+            env.pop("CUDA_VISIBLE_DEVICES", None)   # nmaem sets it from --gpus
+        return env
+
+    def trainStep(self, epochs, batch, lr):
+        run = self._getFileName("run")
+        common = ["-o", run, "--epochs", epochs, "--batch", batch, "--lr", lr,
+                  "--num-workers", self.numberOfWorkers.get(),
+                  "--keep", self.keepCheckpoints.get()]
+        if self.bf16.get():
+            common.append("--bf16")
+        common += self._gpuArgs()
+
+        if self.doContinue.get() and not os.path.exists(os.path.join(run, "config.json")):
+            prev = runDirOf(self.continueNetwork.get())
+            if prev is None or lastCheckpoint(prev) is None:
+                raise Exception("The training to continue (%s) has no checkpoint; nothing to "
+                                "resume. Start a fresh training instead." % prev)
+            tmp = run + ".copy"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(prev, tmp)
+            os.replace(tmp, run)
+            self.info("copied the run of the previous training %s to %s" % (prev, run))
+
+        if os.path.exists(os.path.join(run, "config.json")):
+            last = lastCheckpoint(run)
+            done = len(readTrainingLog(run))
+            if last is None:
+                self.info("RESUME: %s has no checkpoint (it stopped during its first "
+                          "epoch); training restarts from epoch 1 with the run's settings"
+                          % run)
+            else:
+                self.info("RESUME: continuing %s from its last checkpoint (%s, %d epoch(s) "
+                          "done) up to %d epochs" % (run, last, done, epochs))
+            self.runNmaem("train", common + ["--resume"])
+            return
+
+        if os.path.isdir(run):          # an empty or half-created folder: start again
+            shutil.rmtree(run)
+        modesFile = self.inputModes.get().getFirstItem().getModeFile()
+        args = ["--particles", os.path.abspath(self._getFileName("star")),
+                "--ref", os.path.abspath(self.inputStructure.get().getFileName()),
+                "--modes", os.path.abspath(modesFile),
+                "--encoder", ENCODERS[self.encoder.get()],
+                "--loss", LOSSES[self.loss.get()],
+                "--seed", self.seed.get(), "--rmsd-unit", self.rmsdUnit.get()]
+        if self.numberOfModes.get() >= 0:
+            args += ["--n-modes", self.numberOfModes.get()]
+        if self.boxSize.get() > 0:
+            args += ["--box", self.boxSize.get()]
+        self.info("starting a new training in %s" % run)
+        self.runNmaem("train", common + args)
+
+    def createOutputStep(self):
+        run = self._getFileName("run")
+        cfg = readRunConfig(run)
+        if cfg is None or lastCheckpoint(run) is None:
+            raise Exception("%s holds no trained network (config.json or "
+                            "checkpoints/last.pt missing)" % run)
+        info = FlexInfo(PROGRAM_NAME)
+        info.setAttr(ATTR_RUN_DIR, run)
+        info.setAttr(ATTR_LATENT_DIM, int(cfg["n_modes"]))
+        info.setAttr(ATTR_EPOCHS, len(readTrainingLog(run)))
+        info.setAttr(ATTR_BOX, int(cfg["box"]))
+        info.setAttr(ATTR_APIX, float(cfg["apix"]))
+        self._defineOutputs(**{NmaemTrainOutputs.outputNetwork.name: info})
+        if self.doContinue.get():
+            self._defineSourceRelation(self.continueNetwork, info)
+        else:
+            for src in (self.inputParticles, self.inputStructure, self.inputModes):
+                self._defineSourceRelation(src, info)
+
+    # ------------------------------------------------------------------ info
+    def _validate(self):
+        errors = []
+        if self.doContinue.get():
+            info = self.continueNetwork.get()
+            prev = runDirOf(info) if info is not None else None
+            if info is None:
+                errors.append("Choose the training to continue.")
+            elif prev is None:
+                errors.append("The chosen network is not an nmaem training output.")
+            elif readRunConfig(prev) is None:
+                errors.append("The training to continue has no run folder (%s/config.json "
+                              "is missing)." % prev)
+            elif lastCheckpoint(prev) is None:
+                errors.append("The training to continue has no checkpoint (%s is missing): "
+                              "there is nothing to resume. Set 'Continue a previous "
+                              "training?' to No to start a fresh training."
+                              % os.path.join(prev, "checkpoints", "last.pt"))
+            return errors
+
+        parts = self.inputParticles.get()
+        ref = self.inputStructure.get()
+        modes = self.inputModes.get()
+        if parts is None:
+            errors.append("Choose the input particles.")
+        else:
+            errors += self.validateParticles(parts)
+            if parts.getSize() == 0:
+                errors.append("The input particle set is empty.")
+        if ref is None:
+            errors.append("Choose the reference atomic model.")
+        elif not os.path.exists(ref.getFileName()):
+            errors.append("The model file %s does not exist." % ref.getFileName())
+        modesFile = None
+        if modes is None:
+            errors.append("Choose the normal modes.")
+        else:
+            first = modes.getFirstItem()
+            modesFile = first.getModeFile() if first is not None else None
+            if not modesFile or not os.path.exists(modesFile) or \
+                    not modesFile.endswith(".npz"):
+                errors.append("The normal modes have no nmaem modes file (modes.npz): "
+                              "compute them with 'nmaem - compute normal modes'.")
+                modesFile = None
+            elif self.numberOfModes.get() > modes.getSize():
+                errors.append("Number of modes to use: %d, but the set has %d modes."
+                              % (self.numberOfModes.get(), modes.getSize()))
+        if modesFile and ref is not None and os.path.exists(ref.getFileName()):
+            msg = checkModesMatch(modesFile, ref.getFileName())
+            if msg:
+                errors.append(msg)
+        box = self.boxSize.get()
+        if box > 0:
+            if box % 2:
+                errors.append("The training box must be even (got %d)." % box)
+            need = 2 ** ENCODER_BLOCKS[ENCODERS[self.encoder.get()]]
+            if box < need:
+                errors.append("The %s encoder needs a box of at least %d px (got %d)."
+                              % (ENCODERS[self.encoder.get()], need, box))
+            if parts is not None and parts.getSize():
+                imgBox = imageBox(parts)
+                if imgBox is not None and box > imgBox:
+                    errors.append("The training box (%d px) is larger than the particle "
+                                  "images (%d px)." % (box, imgBox))
+        return errors
+
+    def _warnings(self):
+        if not self.doContinue.get() and self.loss.get() == 0 and self.inputParticles.get() \
+                is not None and self.inputParticles.get().getFirstItem() is not None and \
+                not self.inputParticles.get().getFirstItem().hasAttribute("_nmaem_frame"):
+            return ["The 'l2' loss assumes images in the renderer's units (simulated data); "
+                    "for real particles the 'corr' loss is usually better."]
+        return []
+
+    def _summary(self):
+        run = self._runDir()
+        cfg = readRunConfig(run)
+        if cfg is None:
+            return ["Training not started yet."]
+        log = readTrainingLog(run)
+        lines = ["%d of %d epochs on %d particles (%d train / %d validation), %d px at "
+                 "%.3f A/px, %d modes, %s encoder, %s loss."
+                 % (len(log), cfg["epochs"], cfg["n_particles"], cfg["n_train"],
+                    cfg["n_val"], cfg["box"], cfg["apix"], cfg["n_modes"], cfg["encoder"],
+                    cfg["loss"])]
+        if log:
+            last = log[-1]
+            lines.append("Last epoch: training loss %.5g, validation loss %.5g, %.0f "
+                         "images/s." % (last.get("train_loss", float("nan")),
+                                        last.get("val_loss", float("nan")),
+                                        last.get("images_per_s", float("nan"))))
+        if self.doContinue.get():
+            lines.append("Continued from %s." % runDirOf(self.continueNetwork.get()))
+        return lines
+
+    def _methods(self):
+        cfg = readRunConfig(self._runDir())
+        if cfg is None:
+            return []
+        return ["We trained the nmaem autoencoder [Nashed2022] (PyTorch [Paszke2019]) on %d "
+                "particles (%d px, %.3f A/px) for %d epochs (Adam, learning rate %g, batch "
+                "%d, %s loss, %s encoder): it predicts each particle's 2D shift and the "
+                "amplitudes of %d normal modes of the reference model, rendered with the "
+                "particle's pose and CTF."
+                % (cfg["n_particles"], cfg["box"], cfg["apix"],
+                   len(readTrainingLog(self._runDir())), cfg["lr"], cfg["batch"],
+                   cfg["loss"], cfg["encoder"], cfg["n_modes"])]
+
+    def _citations(self):
+        return ["Nashed2022", "Paszke2019"]

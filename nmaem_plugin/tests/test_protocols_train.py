@@ -1,0 +1,357 @@
+"""Scipion protocol tests of training, inference, model export and evaluation:
+
+    python -m scipion tests nmaem_plugin.tests.test_protocols_train
+
+The data are made here (no internet, no Scipion data server): the bundled adenylate
+kinase models are imported with ProtImportPdb, 200 particles of 32 px are simulated from
+a 4-frame morph, 3 modes are computed on the simulation's reference, and the small
+encoder is trained for 2 epochs on the CPU.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import pyworkflow
+from pwem.constants import ALIGN_NONE
+from pwem.objects import FlexInfo, SetOfParticles
+from pwem.protocols import ProtImportPdb
+from pyworkflow.tests import BaseTest, setupTestProject
+
+from nmaem_plugin import DATA_DIR
+from nmaem_plugin.constants import ATTR_FRAME, PROGRAM_NAME, SIM_MORPH
+from nmaem_plugin.protocols import (NmaemProtComputeModes, NmaemProtEvaluate,
+                                    NmaemProtExport, NmaemProtInfer, NmaemProtSimulate,
+                                    NmaemProtTrain)
+from nmaem_plugin.protocols.protocol_export import EXPORT_KMEANS, EXPORT_PCS, EXPORT_Z
+from nmaem_plugin.protocols.protocol_flex_common import (ATTR_FLOOR_RMSD, ATTR_N_PARTICLES,
+                                                         ATTR_RMSD, ATTR_RMSD_REF, ATTR_RUN_DIR,
+                                                         ATTR_Z, runDirOf)
+
+if not os.environ.get("SCIPION_PYTHON"):
+    os.environ["SCIPION_PYTHON"] = sys.executable
+    pyworkflow.PYTHON = sys.executable
+
+N_PARTICLES = 200
+BOX = 32
+APIX = 2.5
+N_MODES = 3
+EPOCHS = 2
+PC_STEPS = 5
+
+
+def _logTail(prot, n=60):
+    out = []
+    for path in prot.getLogPaths():
+        if os.path.exists(path):
+            with open(path) as fh:
+                out += fh.readlines()[-n:]
+    return "".join(out)
+
+
+def _logText(prot):
+    out = []
+    for path in prot.getLogPaths():
+        if os.path.exists(path):
+            with open(path) as fh:
+                out.append(fh.read())
+    return "".join(out)
+
+
+class TestNmaemTrainProtocols(BaseTest):
+    @classmethod
+    def setUpClass(cls):
+        setupTestProject(cls)
+        cls.ref = cls._importPdb("ak_open_4ake.pdb", "reference")
+        cls.target = cls._importPdb("ak_closed_1ake.pdb", "target")
+        cls.sim = cls.newProtocol(
+            NmaemProtSimulate, objLabel="simulate morph", inputSource=SIM_MORPH,
+            numberOfFrames=4, numberOfParticles=N_PARTICLES, boxSize=BOX, samplingRate=APIX,
+            addNoise=False, shiftStd=1.0, seed=1, useGpu=False)
+        cls.sim.referenceStructure.set(cls.ref.outputPdb)
+        cls.sim.targetStructure.set(cls.target.outputPdb)
+        cls._launch(cls.sim)
+
+        cls.modes = cls.newProtocol(NmaemProtComputeModes, objLabel="modes",
+                                    numberOfModes=N_MODES, useGpu=False)
+        cls.modes.inputStructure.set(cls.sim.outputReference)
+        cls._launch(cls.modes)
+
+        cls.train = cls._newTrain("train", EPOCHS)
+        cls._launch(cls.train)
+
+        cls.infer = cls.newProtocol(NmaemProtInfer, objLabel="infer", batchSize=64,
+                                    useGpu=False)
+        cls.infer.inputNetwork.set(cls.train.outputNetwork)
+        cls.infer.inputParticles.set(cls.sim.outputParticles)
+        cls._launch(cls.infer)
+
+        cls.export = cls.newProtocol(NmaemProtExport, objLabel="export PC1",
+                                     exportMode=EXPORT_PCS, pcs="1", steps=PC_STEPS)
+        cls.export.inputParticles.set(cls.infer.outputParticles)
+        cls._launch(cls.export)
+
+        cls.evaluate = cls.newProtocol(NmaemProtEvaluate, objLabel="evaluate")
+        cls.evaluate.inputParticles.set(cls.infer.outputParticles)
+        cls.evaluate.simulatedParticles.set(cls.sim.outputParticles)
+        cls._launch(cls.evaluate)
+
+    @classmethod
+    def _newTrain(cls, label, epochs, **kwargs):
+        prot = cls.newProtocol(NmaemProtTrain, objLabel=label, numberOfEpochs=epochs,
+                               batchSize=32, encoder=1, useGpu=False, **kwargs)
+        prot.inputParticles.set(cls.sim.outputParticles)
+        prot.inputStructure.set(cls.sim.outputReference)
+        prot.inputModes.set(cls.modes.outputModes)
+        return prot
+
+    @classmethod
+    def _importPdb(cls, name, label):
+        prot = cls.newProtocol(ProtImportPdb, objLabel="import " + label,
+                               inputPdbData=ProtImportPdb.IMPORT_FROM_FILES,
+                               pdbFile=os.path.join(DATA_DIR, name))
+        cls.launchProtocol(prot)
+        return prot
+
+    @classmethod
+    def _launch(cls, prot):
+        try:
+            cls.launchProtocol(prot)
+        except Exception as exc:
+            raise AssertionError("%s failed: %s\n--- log ---\n%s"
+                                 % (prot.getObjLabel(), exc, _logTail(prot)))
+        return prot
+
+    def _runDir(self):
+        return self.train._getExtraPath("run")
+
+    # ------------------------------------------------------------------ train
+    def test_train_output(self):
+        info = self.train.outputNetwork
+        self.assertEqual(info.getProgName(), PROGRAM_NAME)
+        run = runDirOf(info)
+        self.assertEqual(run, self._runDir())
+        self.assertTrue(os.path.isfile(os.path.join(run, "checkpoints", "last.pt")))
+        with open(os.path.join(run, "config.json")) as fh:
+            cfg = json.load(fh)
+        self.assertEqual(cfg["n_modes"], N_MODES)
+        self.assertEqual(cfg["encoder"], "small")
+        self.assertEqual(cfg["n_particles"], N_PARTICLES)
+        self.assertEqual(info._nmaem_epochs.get(), EPOCHS)
+        self.assertEqual(info._nmaem_latentDim.get(), N_MODES)
+        summary = " ".join(self.train.summary())
+        self.assertIn("%d of %d epochs on %d particles" % (EPOCHS, EPOCHS, N_PARTICLES),
+                      summary)
+        self.assertTrue(self.train.methods())
+
+    def test_train_step_resumes_from_files(self):
+        """Pressing Continue on a trained run runs the command with --resume, never a
+        fresh training over the existing run."""
+        prot = self.train
+        prot._createFilenameTemplates()
+        calls = []
+        prot.runJob = lambda *a, **k: calls.append(a)
+        try:
+            prot.trainStep(EPOCHS + 1, 32, 1e-3)
+        finally:
+            del prot.runJob
+        self.assertEqual(len(calls), 1)
+        self.assertIn("--resume", calls[0][1])
+        self.assertIn("--epochs 3", calls[0][1])
+        self.assertNotIn("--particles", calls[0][1])
+
+    def test_continue_previous_training(self):
+        prot = self.newProtocol(NmaemProtTrain, objLabel="continue", doContinue=True,
+                                numberOfEpochs=EPOCHS + 1, batchSize=32, useGpu=False)
+        prot.continueNetwork.set(self.train.outputNetwork)
+        self.assertEqual(prot.validate(), [])
+        self._launch(prot)
+        log = _logText(prot)
+        self.assertIn("RESUME: continuing", log)
+        self.assertEqual(prot.outputNetwork._nmaem_epochs.get(), EPOCHS + 1)
+        # the previous run is left as it was
+        self.assertEqual(self.train.outputNetwork._nmaem_epochs.get(), EPOCHS)
+        with open(os.path.join(self._runDir(), "log.csv")) as fh:
+            self.assertEqual(len(fh.readlines()), EPOCHS + 1)   # header + epochs
+
+    def test_validate_continue_without_checkpoint(self):
+        folder = self.proj.getTmpPath("run_without_checkpoint")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(self._runDir(), "config.json")) as src, \
+                open(os.path.join(folder, "config.json"), "w") as dst:
+            dst.write(src.read())
+        info = FlexInfo(PROGRAM_NAME)
+        info.setAttr(ATTR_RUN_DIR, folder)
+        prot = self.newProtocol(NmaemProtTrain, doContinue=True)
+        prot.continueNetwork.set(info)
+        errors = prot.validate()
+        self.assertEqual(len(errors), 1, errors)
+        self.assertIn("no checkpoint", errors[0])
+        self.assertIn("start a fresh training", errors[0])
+        prot = self.newProtocol(NmaemProtTrain, doContinue=True)
+        self.assertIn("Choose the training to continue", " ".join(prot.validate()))
+
+    def test_validate_train_inputs(self):
+        src = self.sim.outputParticles
+        bad = SetOfParticles(filename=self.proj.getTmpPath("train_bad.sqlite"))
+        bad.copyInfo(src)
+        bad.setAlignment(ALIGN_NONE)
+        bad.setHasCTF(False)
+        for p in src.iterItems(limit=5):
+            p.setTransform(None)
+            bad.append(p)
+        bad.write()
+        prot = self._newTrain("bad", 1)
+        self.assertEqual(prot.validate(), [])
+        prot.inputParticles.set(bad)
+        errors = " ".join(prot.validate())
+        self.assertIn("no 3D alignment", errors)
+        self.assertIn("no CTF", errors)
+        bad.close()
+        # box larger than the images, odd box
+        prot = self._newTrain("big box", 1, boxSize=BOX + 8)
+        self.assertIn("larger than the particle images", " ".join(prot.validate()))
+        prot = self._newTrain("odd box", 1, boxSize=BOX - 3)
+        self.assertIn("must be even", " ".join(prot.validate()))
+        # modes computed on another model (the original frame of the reference)
+        prot = self._newTrain("other model", 1)
+        prot.inputStructure.set(self.ref.outputPdb)
+        errors = " ".join(prot.validate())
+        self.assertIn("do not belong to the reference model", errors)
+        prot = self._newTrain("too many modes", 1, numberOfModes=N_MODES + 1)
+        self.assertIn("Number of modes", " ".join(prot.validate()))
+
+    # ------------------------------------------------------------------ infer
+    def test_infer_output(self):
+        src = self.sim.outputParticles
+        out = self.infer.outputParticles
+        self.assertEqual(out.getSize(), N_PARTICLES)
+        self.assertEqual(out.getFlexInfo().getProgName(), PROGRAM_NAME)
+        self.assertEqual(runDirOf(out), self._runDir())
+        latent = np.load(self.infer._getExtraPath("latent.npz"))
+        z, shift = latent["z"], latent["shift"]
+        self.assertEqual(z.shape, (N_PARTICLES, N_MODES))
+        from nmaem_plugin.convert import matricesToRelion
+        srcById = {q.getObjId(): q.clone() for q in src.iterItems(orderBy="id")}
+        ids, mats, srcMats = [], [], []
+        for k, p in enumerate(out.iterItems(orderBy="id")):
+            ids.append(p.getObjId())
+            zf = p.getZFlex()
+            self.assertEqual(len(zf), N_MODES)
+            np.testing.assert_allclose(zf, z[k], rtol=1e-5, atol=1e-5)
+            self.assertEqual(p.getFlexInfo().getProgName(), PROGRAM_NAME)
+            mats.append(p.getTransform().getMatrix())
+            q = srcById[p.getObjId()]
+            srcMats.append(q.getTransform().getMatrix())
+            self.assertAlmostEqual(p.getCTF().getDefocusU(), q.getCTF().getDefocusU())
+            self.assertEqual(getattr(p, ATTR_FRAME).get(), getattr(q, ATTR_FRAME).get())
+        self.assertEqual(ids, [p.getObjId() for p in src.iterItems(orderBy="id")])
+        euler, origin = matricesToRelion(np.asarray(mats), APIX)
+        srcEuler, srcOrigin = matricesToRelion(np.asarray(srcMats), APIX)
+        # rotations unchanged, origins refined by the predicted shift (origin - shift)
+        np.testing.assert_allclose(np.asarray(mats)[:, :3, :3],
+                                   np.asarray(srcMats)[:, :3, :3], atol=1e-9)
+        np.testing.assert_allclose(srcOrigin - origin, shift, atol=1e-4)
+        self.assertGreater(np.abs(shift).max(), 1e-3)
+        self.assertGreater(np.abs(origin - srcOrigin).max(), 1e-3)
+        self.assertIn("%d particles" % N_PARTICLES, " ".join(self.infer.summary()))
+
+    def test_infer_validate_box(self):
+        prot = self.newProtocol(NmaemProtInfer)
+        prot.inputNetwork.set(self.train.outputNetwork)
+        prot.inputParticles.set(self.sim.outputParticles)
+        self.assertEqual(prot.validate(), [])
+        prot.inputNetwork.set(None)
+        self.assertIn("Choose the trained network", " ".join(prot.validate()))
+
+    # ------------------------------------------------------------------ export
+    def _checkModels(self, atoms, n_expected):
+        from nmaem_plugin.core.structure import read_model
+        x0 = read_model(os.path.join(self._runDir(), "reference.pdb"))
+        M = x0.n_atoms
+        self.assertEqual(atoms.getSize(), n_expected)
+        total = 0
+        for a in atoms:
+            m = read_model(a.getFileName())
+            self.assertEqual(m.n_atoms, M)
+            self.assertEqual(list(m.atom_ids), list(x0.atom_ids))
+            z = np.asarray(getattr(a, ATTR_Z), dtype=float)
+            self.assertEqual(len(z), N_MODES)
+            rmsd = float(np.sqrt(((m.coords - x0.coords) ** 2).sum(1).mean()))
+            expected = float(np.linalg.norm(z) / np.sqrt(M))
+            self.assertAlmostEqual(getattr(a, ATTR_RMSD_REF).get(), expected, places=5)
+            self.assertAlmostEqual(rmsd, expected, delta=2e-3 + 1e-3 * expected)
+            total += getattr(a, ATTR_N_PARTICLES).get()
+        return total
+
+    def test_export_pc_traversal(self):
+        atoms = self.export.outputAtomStructs
+        total = self._checkModels(atoms, PC_STEPS)
+        self.assertEqual(total, N_PARTICLES)
+        kinds = {a._nmaem_kind.get() for a in atoms}
+        self.assertEqual(kinds, {"pc"})
+        summary = " ".join(self.export.summary())
+        self.assertIn("%d all-atom models" % PC_STEPS, summary)
+
+    def test_export_kmeans_and_given_z(self):
+        prot = self.newProtocol(NmaemProtExport, objLabel="export k-means",
+                                exportMode=EXPORT_KMEANS, numberOfClusters=3)
+        prot.inputParticles.set(self.infer.outputParticles)
+        prot.inputNetwork.set(self.train.outputNetwork)
+        self._launch(prot)
+        self.assertEqual(self._checkModels(prot.outputAtomStructs, 3), N_PARTICLES)
+        prot = self.newProtocol(NmaemProtExport, objLabel="export z",
+                                exportMode=EXPORT_Z, amplitudes="1, 2, 3\n0,0,0")
+        prot.inputParticles.set(self.infer.outputParticles)
+        self.assertEqual(prot.validate(), [])
+        self._launch(prot)
+        out = prot.outputAtomStructs
+        self.assertEqual(self._checkModels(out, 2), N_PARTICLES)
+        first = out.getFirstItem()
+        np.testing.assert_allclose(np.asarray(getattr(first, ATTR_Z), dtype=float), [1, 2, 3])
+        bad = self.newProtocol(NmaemProtExport, exportMode=EXPORT_Z, amplitudes="1, 2")
+        bad.inputParticles.set(self.infer.outputParticles)
+        self.assertIn("need %d numbers" % N_MODES, " ".join(bad.validate()))
+
+    # ------------------------------------------------------------------ evaluate
+    def test_evaluate(self):
+        prot = self.evaluate
+        with open(prot._getExtraPath("evaluation.json")) as fh:
+            result = json.load(fh)
+        s = result["summary"]
+        self.assertEqual(s["n_particles"], N_PARTICLES)
+        self.assertEqual(s["d"], N_MODES)
+        summary = " ".join(prot.summary())
+        self.assertIn("Median RMSD to the true conformation: %.3f A" % s["median_rmsd"],
+                      summary)
+        self.assertIn("floor", summary)
+        self.assertTrue(prot.methods())
+        out = prot.outputParticles
+        self.assertEqual(out.getSize(), N_PARTICLES)
+        rmsd = [getattr(p, ATTR_RMSD).get() for p in out.iterItems(orderBy="id")]
+        floor = [getattr(p, ATTR_FLOOR_RMSD).get() for p in out.iterItems(orderBy="id")]
+        self.assertAlmostEqual(float(np.median(rmsd)), s["median_rmsd"], places=5)
+        self.assertTrue(all(r >= f - 1e-6 for r, f in zip(rmsd, floor)))
+        self.assertEqual([p.getObjId() for p in out.iterItems(orderBy="id")],
+                         [p.getObjId() for p in self.infer.outputParticles.iterItems(
+                             orderBy="id")])
+        # the shift error is measured against the simulation (zero: origins were exact)
+        self.assertIsNotNone(s["shift_rmse"])
+
+    def test_evaluate_validate_needs_simulation(self):
+        prot = self.newProtocol(NmaemProtEvaluate)
+        prot.inputParticles.set(self.infer.outputParticles)
+        prot.simulatedParticles.set(self.infer.outputParticles)   # has frames, is a copy
+        self.assertEqual(prot.validate(), [])
+        src = self.sim.outputParticles
+        other = SetOfParticles(filename=self.proj.getTmpPath("not_simulated.sqlite"))
+        other.copyInfo(src)
+        for p in src.iterItems(limit=3):
+            q = p.clone()
+            if q.hasAttribute(ATTR_FRAME):
+                delattr(q, ATTR_FRAME)
+            other.append(q)
+        other.write()
+        prot.simulatedParticles.set(other)
+        self.assertIn("synthetic data only", " ".join(prot.validate()))
+        other.close()

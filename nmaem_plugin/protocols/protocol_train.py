@@ -246,6 +246,8 @@ class NmaemProtTrain(NmaemProtBase):
             tmp = run + ".copy"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(prev, tmp)
+            if os.path.isdir(run):      # a copy interrupted before its rename
+                shutil.rmtree(run)
             os.replace(tmp, run)
             self.info("copied the run of the previous training %s to %s" % (prev, run))
 

@@ -313,6 +313,31 @@ class TestNmaemTrainProtocols(BaseTest):
         bad.inputParticles.set(self.infer.outputParticles)
         self.assertIn("need %d numbers" % N_MODES, " ".join(bad.validate()))
 
+    # ------------------------------------------------------------------ forms
+    def test_forms_help_outputs_and_menu(self):
+        """Every parameter has help text, outputs are declared, and protocols.conf lists
+        the protocols in workflow order."""
+        classes = [NmaemProtTrain, NmaemProtInfer, NmaemProtExport, NmaemProtEvaluate]
+        for cls in classes:
+            prot = self.newProtocol(cls)
+            for name, param in prot._definition.iterAllParams():
+                if name in ("runName", "runMode", "comment", "hostName", "numberOfThreads",
+                            "numberOfMpi", "useQueue", "queueParams", "_useQueue",
+                            "_queueParams"):
+                    continue
+                self.assertTrue(param.help.get(), "%s.%s has no help" % (cls.__name__, name))
+            self.assertTrue(list(cls._possibleOutputs))
+            self.assertIn("Nashed2022", prot._citations())
+        from nmaem_plugin import protocols
+        conf = os.path.join(os.path.dirname(protocols.__file__), "..", "protocols.conf")
+        with open(conf) as fh:
+            text = fh.read()
+        order = ["NmaemProtSimulate", "NmaemProtTrain", "NmaemProtInfer", "NmaemProtExport",
+                 "NmaemProtEvaluate"]
+        positions = [text.index(n) for n in order]
+        self.assertEqual(positions, sorted(positions))
+        self.assertEqual(text.count("NmaemProtTrain"), 2)
+
     # ------------------------------------------------------------------ evaluate
     def test_evaluate(self):
         prot = self.evaluate

@@ -1,0 +1,198 @@
+"""Training and inference speed of the autoencoder, and the share of the machine's matmul rate.
+
+One training step is exactly what ``nmaem train`` does per batch (``core/train.py``):
+encoder -> (shift, z), CTF of the batch, decoder X0 + U z rendered with pose, shift and CTF,
+l2 loss, backward, Adam step. Adenylate kinase (1,656 atoms), d = 16 (random orthonormal
+modes: the speed does not depend on their values), images of random noise, batch 64 by
+default, at 64 and 128 px (pixel size 0.8 * 192 / D), with the paper's and the small
+encoder. Inference is the encoder alone, eval mode, no gradients.
+
+In the same run the float32 rate of a large ``torch.matmul`` (4096^2) is measured. The
+FLOPs of a step are counted two ways:
+
+* encoder: ``torch.utils.flop_counter.FlopCounterMode`` over forward + backward (convolutions,
+  linear layers; 2 FLOPs per multiply-add);
+* decoder: analytically, the renderer's matrix products: per image 2 D^2 M FLOPs forward
+  (one (D x M) by (M x D) product over all elements) and 2 more of the same size backward,
+  so 6 D^2 M forward + backward (docs/imaging.md). The FlopCounterMode count of the whole
+  step is printed too as a check.
+
+The share is (FLOPs per image) x (images/s) / (matmul FLOP/s).
+
+    python bench/train_speed.py [--sizes 64 128] [--encoders paper small] [--batch 64]
+                                [--steps 10] [--threads N] [--channels-last] [--profile]
+"""
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from nmaem_plugin import DATA_DIR  # noqa: E402
+from nmaem_plugin.core import imaging  # noqa: E402
+from nmaem_plugin.core.network import (ENCODER_PRESETS, Decoder, Encoder,  # noqa: E402
+                                       image_loss, z_scale_for)
+from nmaem_plugin.core.structure import read_model  # noqa: E402
+
+
+def matmul_rate(n=4096, reps=5):
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
+def setup(box, encoder, d, batch, model, channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    apix = 0.8 * 192 / box
+    coords = np.asarray(model.coords, dtype=np.float32)
+    M = coords.shape[0]
+    centre = coords.mean(0)
+    q, _ = torch.linalg.qr(torch.randn(3 * M, d, generator=g, dtype=torch.float64))
+    modes = q.T.reshape(d, M, 3).float().numpy()
+    dec = Decoder(model.elements, coords, modes, box, apix, centre)
+    p = ENCODER_PRESETS[encoder]
+    enc = Encoder(box, d, p["filters"], p["hidden"], z_scale=z_scale_for(M),
+                  shift_scale=apix)
+    if channels_last:
+        enc = enc.to(memory_format=torch.channels_last)
+    images = torch.randn(batch, box, box, generator=g)
+    quat = torch.randn(batch, 4, generator=g, dtype=torch.float64)
+    quat = quat / quat.norm(dim=1, keepdim=True)
+    w, x, y, z = quat.T
+    rot = torch.stack([
+        torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+        torch.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+        torch.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
+    ], 1).float()
+    ones = torch.ones(batch)
+    ctf_p = dict(defocus_u=1e4 * ones, defocus_v=1e4 * ones, defocus_angle=0 * ones,
+                 voltage=300 * ones, cs=2.7 * ones, amp_contrast=0.1 * ones,
+                 phase_shift=0 * ones, bfactor=0 * ones)
+    base = torch.zeros(batch, 2)
+    return enc, dec, images, rot, base, ctf_p, M
+
+
+def make_step(enc, dec, images, rot, base, ctf_p, opt):
+    def step():
+        shift, z = enc(images)
+        ctf = dec.ctf(**ctf_p)
+        rendered = dec(z, rot, base + shift, ctf)
+        loss = image_loss(images, rendered, "l2")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def timed(fn, steps, warm=2):
+    for _ in range(warm):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def count_flops(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[64, 128])
+    ap.add_argument("--encoders", nargs="+", default=["paper", "small"])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--d", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the torch.profiler top operators of a training step")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = read_model(os.path.join(DATA_DIR, "ak_open_4ake.pdb"))
+
+    with open("/proc/loadavg") as fh:
+        load = fh.read().split()[:3]
+    rate = matmul_rate()
+    print("machine: %s, %d torch threads, torch %s, load average %s; float32 matmul "
+          "(4096^2): %.1f GFLOP/s" % (platform.processor() or platform.machine(),
+                                      torch.get_num_threads(), torch.__version__,
+                                      " ".join(load), rate / 1e9), flush=True)
+    rows = []
+    for box in args.sizes:
+        for encname in args.encoders:
+            enc, dec, images, rot, base, ctf_p, M = setup(box, encname, args.d, args.batch,
+                                                         model, args.channels_last)
+            opt = torch.optim.Adam(enc.parameters(), lr=1e-3)
+            enc.train()
+            step = make_step(enc, dec, images, rot, base, ctf_p, opt)
+
+            def enc_fb():
+                shift, z = enc(images)
+                (shift.sum() + z.sum()).backward()
+            f_enc = count_flops(enc_fb) / args.batch
+            f_step_counted = count_flops(step) / args.batch
+            f_dec = 6.0 * box * box * M
+            t_train = timed(step, args.steps)
+            # the parts: encoder fwd+bwd alone, decoder fwd+bwd alone
+            t_enc = timed(enc_fb, args.steps)
+            zz = torch.zeros(args.batch, args.d, requires_grad=True)
+            ss = torch.zeros(args.batch, 2, requires_grad=True)
+
+            def dec_fb():
+                r = dec(zz, rot, base + ss, dec.ctf(**ctf_p))
+                image_loss(images, r).backward()
+            t_dec = timed(dec_fb, args.steps)
+            enc.eval()
+            with torch.no_grad():
+                t_inf = timed(lambda: enc(images), args.steps)
+            ips = args.batch / t_train
+            share = (f_enc + f_dec) * ips / rate
+            rows.append((box, encname, ips, args.batch / t_inf, f_enc / 1e9, f_dec / 1e9,
+                         f_step_counted / 1e9, (f_enc + f_dec) * ips / 1e9, share,
+                         t_enc / t_train, t_dec / t_train))
+            print("box %d, %s encoder: %.0f train img/s, %.0f infer img/s, share %.0f %%"
+                  % (box, encname, ips, args.batch / t_inf, 100 * share), flush=True)
+            if args.profile:
+                from torch.profiler import ProfilerActivity, profile
+                enc.train()
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(3):
+                        step()
+                print("profile: box %d, %s encoder, 3 steps" % (box, encname))
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+    print()
+    print("| box | encoder | train img/s | infer img/s | encoder GFLOP/img (fwd+bwd) "
+          "| decoder GFLOP/img (fwd+bwd) | counted GFLOP/img (whole step) | achieved GFLOP/s "
+          "| share of matmul rate | encoder / decoder time share |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print("| %d | %s | %.0f | %.0f | %.3f | %.3f | %.3f | %.1f | %.0f %% | %.0f %% / %.0f %% |"
+              % (r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], 100 * r[8], 100 * r[9],
+                 100 * r[10]))
+    with open("/proc/loadavg") as fh:
+        print("load average after: %s" % " ".join(fh.read().split()[:3]))
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,7 @@ export SCIPION_PYTHON    = $(PY)
 export KEOPS_CACHE_FOLDER ?= $(CURDIR)/.keops_cache
 export MPLBACKEND = Agg
 
-.PHONY: all install scipion-dirs demo test bench clean
+.PHONY: all install scipion-dirs demo demo-cli test bench clean
 
 all: test
 
@@ -42,7 +42,12 @@ test: $(STAMP) scipion-dirs
 	@set -o pipefail; $(PY) -m scipion tests nmaem_plugin 2>&1 | tee $(SCIPION_HOME)/tests.log; \
 	rc=$$?; $(PY) -m nmaem_plugin.tests.summary $(SCIPION_HOME)/tests.log; exit $$rc
 
+# the Scipion workflow in a headless project (import, simulate, modes, train, infer, export,
+# evaluate); demo-cli runs the same chain as plain nmaem commands and draws the figures
 demo: $(STAMP) scipion-dirs
+	$(PY) -m nmaem_plugin.demo_scipion
+
+demo-cli: $(STAMP) scipion-dirs
 	$(PY) -m nmaem_plugin.demo -o $(DEMO_DIR)
 
 bench: $(STAMP) scipion-dirs

@@ -169,6 +169,33 @@ def _run_evaluate(args):
     return 0
 
 
+def _add_report(sub):
+    p = sub.add_parser(
+        "report", help="figures of a run (PNG) and an index.html",
+        description="Training curves, normal-mode diagnostics and, with --latent, the latent "
+                    "landscape (PCA, PC1 density maxima, PC1-PC2 hexbin, mode amplitudes; "
+                    "split by ground-truth frame with --truth), as PNG files in DIR with an "
+                    "index.html showing them.")
+    p.add_argument("run", metavar="RUN", help="training run folder (log.csv, config.json)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--latent", default=None, metavar="latent.npz",
+                   help="latent file of nmaem infer")
+    p.add_argument("--modes", default=None, metavar="modes.npz",
+                   help="modes file (default: the run's modes.npz)")
+    p.add_argument("--truth", default=None, metavar="SIMDIR",
+                   help="folder written by nmaem simulate: colour the latent by true frame")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args):
+    import matplotlib
+    matplotlib.use("Agg")
+    from .report import write_report
+    write_report(args.run, args.output, latent=args.latent, modes=args.modes,
+                 truth=args.truth)
+    return 0
+
+
 def _int_list(text):
     try:
         return [int(v) for v in text.split(",") if v.strip() != ""]
@@ -303,6 +330,7 @@ def build_parser():
     _add_infer(sub)
     _add_export(sub)
     _add_evaluate(sub)
+    _add_report(sub)
     return parser
 
 

@@ -1,0 +1,132 @@
+"""``nmaem report RUN -o DIR``: the figures of a run as PNG files and an index.html.
+
+Figures come from :mod:`nmaem_plugin.core.plots` (the ones the Scipion viewers show):
+training curves (``RUN/log.csv``), the modes' diagnostics (``--modes``, default the run's
+``modes.npz``), and with ``--latent`` the latent landscape and the mode amplitudes,
+split by ground-truth frame with ``--truth SIMDIR`` (a folder of ``nmaem simulate``).
+"""
+import html
+import json
+import os
+
+import numpy as np
+
+from .errors import fail
+
+
+def _frames_for(latent, truth_dir):
+    gt_path = os.path.join(truth_dir, "ground_truth.npz")
+    if not os.path.isdir(truth_dir):
+        fail(truth_dir, "no such simulated dataset folder")
+    if not os.path.isfile(gt_path):
+        fail(gt_path, "missing: --truth must be a folder written by nmaem simulate")
+    try:
+        with np.load(gt_path, allow_pickle=False) as f:
+            frame = f["frame"] if "frame" in f.files else None
+    except Exception as exc:  # numpy raises several types for corrupt archives
+        fail(gt_path, "not readable (%s)" % (str(exc).splitlines() or ["?"])[0])
+    if frame is None:
+        fail(gt_path, "no 'frame' array")
+    if latent.index.max() >= len(frame):
+        fail(latent.path, "index goes up to %d but %s has %d particles"
+             % (latent.index.max(), gt_path, len(frame)))
+    return np.asarray(frame)[latent.index]
+
+
+def write_report(run_dir, out_dir, latent=None, modes=None, truth=None, log=print):
+    """Write the figures and ``index.html`` into ``out_dir``; returns the list of
+    (file name, caption) written. Raises NmaemError (one line) on missing input."""
+    from . import plots
+    from .analysis import load_latent
+    run_dir = str(run_dir)
+    if not os.path.isdir(run_dir):
+        fail(run_dir, "no such training run folder")
+    log_csv = os.path.join(run_dir, "log.csv")
+    if not os.path.isfile(log_csv):
+        fail(log_csv, "missing: not a training run folder, or no epoch finished yet")
+    config = {}
+    cfg_path = os.path.join(run_dir, "config.json")
+    if os.path.isfile(cfg_path):
+        try:
+            with open(cfg_path) as fh:
+                config = json.load(fh)
+        except ValueError:
+            fail(cfg_path, "not readable as JSON")
+    if modes is None and config.get("modes"):
+        candidate = os.path.join(run_dir, str(config["modes"]))
+        modes = candidate if os.path.isfile(candidate) else None
+    elif modes is not None and not os.path.isfile(modes):
+        fail(modes, "no such modes file")
+    if truth is not None and latent is None:
+        fail(truth, "--truth needs --latent (the frames colour the latent landscape)")
+    lat = load_latent(latent) if latent is not None else None   # checks before any output
+    frames = _frames_for(lat, truth) if truth is not None else None
+    if modes is not None:
+        try:
+            mdata = plots.load_modes_file(modes)
+        except Exception as exc:  # not an npz, truncated...
+            fail(modes, "not a readable modes file (%s)" % (str(exc).splitlines() or ["?"])[0])
+        for key in ("modes", "eigenvalues", "atom_ids"):
+            if key not in mdata:
+                fail(modes, "not a modes file: no '%s'" % key)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        fail(out_dir, "cannot create the output folder (%s)" % exc.strerror)
+
+    written = []
+
+    def emit(fig, name, caption):
+        plots.save(fig, os.path.join(out_dir, name))
+        written.append((name, caption))
+        log("wrote %s" % os.path.join(out_dir, name))
+
+    rows = plots.read_training_log(log_csv)
+    n_ep = len(rows.get("epoch", []))
+    emit(plots.training_curves(rows), "training.png",
+         "Training: loss on the training and validation particles per epoch, and training "
+         "speed in images per second (%d epochs, %s)." % (n_ep, log_csv))
+    if modes is not None:
+        emit(plots.modes_overview(mdata), "modes.png",
+             "Normal modes (%s): ANM eigenvalues, collectivity of each mode, per-residue "
+             "fluctuation (sum over modes of |u|^2 / eigenvalue)%s." % (
+                 modes, ", overlap with the target and floor RMSD"
+                 if "target_overlap" in mdata else ""))
+    if lat is not None:
+        if lat.d == 0:
+            fail(lat.path, "z has d = 0 amplitudes (a run without modes): no landscape")
+        if lat.n < 2:
+            fail(lat.path, "one particle: no landscape")
+        what = ("histogram of z with its density maxima" if lat.d == 1 else
+                "explained variance of the principal components of z, PC1 histogram with "
+                "its density maxima, PC1-PC2 density (hexagonal bins, log scale)")
+        if frames is not None:
+            what += ", PC1 by ground-truth frame (%s)" % truth
+        emit(plots.latent_landscape(lat.z, frames=frames), "latent.png",
+             "Latent landscape of %s particles (%s): %s." % (format(lat.n, ","), lat.path,
+                                                             what))
+        if lat.d > 1:
+            emit(plots.mode_amplitudes(lat.z), "amplitudes.png",
+                 "Distribution of each mode amplitude z_l (Angstrom).")
+    _write_index(out_dir, run_dir, written)
+    log("wrote %s" % os.path.join(out_dir, "index.html"))
+    return written
+
+
+def _write_index(out_dir, run_dir, written):
+    esc = html.escape
+    parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">",
+             "<title>nmaem report: %s</title>" % esc(run_dir),
+             "<style>body{font-family:sans-serif;max-width:1150px;margin:auto}"
+             "img{max-width:100%}figure{margin:1.5em 0}"
+             "figcaption{color:#333}</style></head><body>",
+             "<h1>nmaem report</h1>",
+             "<p>Training run: <code>%s</code></p>" % esc(os.path.abspath(run_dir))]
+    for name, caption in written:
+        parts.append("<figure><img src=\"%s\" alt=\"%s\"><figcaption>%s</figcaption></figure>"
+                     % (esc(name), esc(name), esc(caption)))
+    parts.append("</body></html>")
+    tmp = os.path.join(out_dir, ".index.html.tmp")
+    with open(tmp, "w") as fh:
+        fh.write("\n".join(parts) + "\n")
+    os.replace(tmp, os.path.join(out_dir, "index.html"))

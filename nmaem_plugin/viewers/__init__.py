@@ -1,0 +1,6 @@
+"""Scipion viewers of nmaem: latent space (and all-atom models at chosen points),
+training curves, normal modes. The figures are drawn by ``nmaem_plugin.core.plots``;
+matplotlib is imported only when a figure is made."""
+from .viewer_latent import NmaemLatentViewer
+from .viewer_modes import NmaemModesViewer
+from .viewer_training import NmaemTrainingViewer

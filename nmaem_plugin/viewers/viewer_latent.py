@@ -1,0 +1,231 @@
+# **************************************************************************
+# * scipion-em-nmaem: heterogeneous reconstruction of deformable atomic models
+# * in cryo-EM (Nashed, Levy, Poitevin et al. 2022) as a Scipion 3 plugin.
+# *
+# * This program is free software; you can redistribute it and/or modify it
+# * under the terms of the GNU General Public License as published by the Free
+# * Software Foundation; either version 3 of the License, or (at your option)
+# * any later version. See the LICENSE file at the root of the project.
+# **************************************************************************
+"""Latent space of nmaem particles: the landscape (``core.plots.latent_landscape``), the
+mode amplitudes, and all-atom models at chosen points, made by an ``NmaemProtExport``
+launched in the project (so the model files are recorded) and opened in ChimeraX."""
+import pyworkflow.protocol.params as params
+from pyworkflow.viewer import DESKTOP_TKINTER, ProtocolViewer
+from pwem.objects import SetOfParticlesFlex
+
+from ..constants import ATTR_FRAME, PROGRAM_NAME
+from ..protocols import NmaemProtEvaluate, NmaemProtInfer, NmaemProtTrain
+from ..protocols.protocol_flex_common import runDirOf
+from .viewer_common import figurePlotter, modelViews
+
+POINT_PC1, POINT_CLUSTER, POINT_Z = range(3)
+POINT_CHOICES = ["a value of PC1 (z1 when d = 1)", "a k-means cluster centre",
+                 "amplitudes z that I type"]
+
+
+def latentOfParticles(particles):
+    """(ids, z (N,d), frames (N,) or None) of a SetOfParticlesFlex, in id order.
+    Frames are the ground-truth ``_nmaem_frame`` of simulated particles (None when any
+    particle lacks it)."""
+    import numpy as np
+    ids, z, frames = [], [], []
+    for p in particles.iterItems(orderBy="id"):
+        ids.append(p.getObjId())
+        z.append(np.asarray(p.getZFlex(), dtype=np.float64))
+        f = getattr(p, ATTR_FRAME, None)
+        frames.append(None if f is None or f.get() is None else int(f.get()))
+    d = len(z[0]) if z else 0
+    z = np.asarray(z, dtype=np.float64).reshape(-1, d)
+    fr = None if (not frames or any(f is None for f in frames)) else np.asarray(frames)
+    return np.asarray(ids, dtype=np.int64), z, fr
+
+
+class NmaemLatentViewer(ProtocolViewer):
+    """Latent landscape of nmaem particles (PCA, density maxima along PC1, PC1-PC2
+    density, mode amplitudes; split by ground-truth frame for simulated particles) and
+    all-atom models at a chosen point or cluster."""
+    _label = "nmaem latent space"
+    _environments = [DESKTOP_TKINTER]
+    _targets = [NmaemProtInfer, NmaemProtEvaluate, NmaemProtTrain, SetOfParticlesFlex]
+
+    @classmethod
+    def can_handle_this_instance(cls, instance):
+        if isinstance(instance, SetOfParticlesFlex):
+            info = instance.getFlexInfo()
+            return info is not None and info.getProgName() == PROGRAM_NAME
+        return True
+
+    def _defineParams(self, form):
+        form.addSection(label="Latent space")
+        form.addParam("doShowLandscape", params.LabelParam, label="Latent landscape",
+                      help="d = 1: histogram of z. d > 1: explained variance of the "
+                           "principal components, PC1 histogram with its density maxima, "
+                           "PC1-PC2 density (hexagonal bins). Simulated particles: PC1 "
+                           "by ground-truth frame.")
+        form.addParam("doShowAmplitudes", params.LabelParam, label="Mode amplitudes",
+                      help="One histogram per amplitude z_l (Angstrom).")
+        form.addParam("colourByFrame", params.BooleanParam, default=True,
+                      label="Split by ground-truth frame?",
+                      help="Simulated particles (with the _nmaem_frame attribute): add "
+                           "PC1 histograms per group of frames.")
+        form.addParam("bandwidth", params.StringParam, default="isj",
+                      expertLevel=params.LEVEL_ADVANCED, label="KDE bandwidth",
+                      help="Bandwidth of the density along PC1 whose maxima are marked: "
+                           "a number (A) or 'isj', 'silverman', 'scott'.")
+        form.addSection(label="All-atom models")
+        form.addParam("pointKind", params.EnumParam, choices=POINT_CHOICES,
+                      default=POINT_PC1, label="Model at",
+                      help="The model X0 + U z is made by an 'nmaem - export models' "
+                           "protocol launched in the project (its output records the "
+                           "file), then opened in ChimeraX when the chimera plugin is "
+                           "installed. PC1 value: the mean z moved along PC1 to that "
+                           "coordinate. Cluster: the centre of a k-means cluster of z. "
+                           "Amplitudes: the z you type.")
+        form.addParam("pc1Value", params.FloatParam, default=0.0,
+                      condition="pointKind == %d" % POINT_PC1, label="PC1 coordinate (A)",
+                      help="Coordinate along PC1 (as on the landscape's x axis).")
+        form.addParam("numberOfClusters", params.IntParam, default=5,
+                      condition="pointKind == %d" % POINT_CLUSTER,
+                      validators=[params.Positive], label="Number of clusters (K)")
+        form.addParam("clusterNumber", params.IntParam, default=1,
+                      condition="pointKind == %d" % POINT_CLUSTER, validators=[params.Positive],
+                      label="Cluster", help="1 = the largest cluster.")
+        form.addParam("amplitudes", params.StringParam, default="",
+                      condition="pointKind == %d" % POINT_Z, label="Amplitudes z (A)",
+                      help="d comma-separated numbers.")
+        form.addParam("doShowModel", params.LabelParam, label="Show the all-atom model")
+
+    def _getVisualizeDict(self):
+        return {"doShowLandscape": self._showLandscape,
+                "doShowAmplitudes": self._showAmplitudes,
+                "doShowModel": self._showModel}
+
+    def _visualize(self, obj, **kwargs):
+        """Without the form: the landscape of ``obj``'s particles."""
+        self.setProtocol(obj)
+        return self._showLandscape()
+
+    # ------------------------------------------------------------------ data
+    def getParticles(self):
+        """The SetOfParticlesFlex shown: the target set, the protocol's output, or for a
+        training the output of the last inference made with its network."""
+        obj = self.protocol
+        if isinstance(obj, SetOfParticlesFlex):
+            return obj
+        if isinstance(obj, NmaemProtTrain):
+            net = getattr(obj, "outputNetwork", None)
+            run = runDirOf(net) if net is not None else None
+            found = None
+            for prot in self.getProject().getRuns(refresh=False):
+                out = getattr(prot, "outputParticles", None)
+                if (isinstance(prot, NmaemProtInfer) and out is not None
+                        and run is not None and runDirOf(out) == run):
+                    found = out
+            return found
+        return getattr(obj, "outputParticles", None)
+
+    def getLatent(self):
+        """(ids, z, frames) of the particles, read once per viewer."""
+        if getattr(self, "_latentCache", None) is None:
+            parts = self.getParticles()
+            if parts is None:
+                return None
+            self._latentCache = latentOfParticles(parts)
+        return self._latentCache
+
+    def _noData(self):
+        if isinstance(self.protocol, NmaemProtTrain):
+            msg = ("No particles with z from this training yet: run 'nmaem - infer' with "
+                   "its network, then open this viewer again.")
+        else:
+            msg = "No nmaem particles with z to show (the protocol has no output yet)."
+        return [self.errorMessage(msg, "nmaem latent space")]
+
+    def _maximaKwargs(self):
+        bw = (self.bandwidth.get() or "isj").strip()
+        try:
+            return {"bandwidth": float(bw)}
+        except ValueError:
+            return {"bandwidth": bw}
+
+    # ------------------------------------------------------------------ views
+    def _showLandscape(self, paramName=None):
+        from ..core import plots
+        data = self.getLatent()
+        if data is None or len(data[1]) < 2 or data[1].shape[1] == 0:
+            return self._noData()
+        _, z, frames = data
+        if not self.colourByFrame.get():
+            frames = None
+        return [figurePlotter(plots.latent_landscape, z, frames=frames,
+                              maxima_kwargs=self._maximaKwargs(),
+                              windowTitle="nmaem latent landscape")]
+
+    def _showAmplitudes(self, paramName=None):
+        from ..core import plots
+        data = self.getLatent()
+        if data is None or len(data[1]) == 0 or data[1].shape[1] == 0:
+            return self._noData()
+        return [figurePlotter(plots.mode_amplitudes, data[1],
+                              windowTitle="nmaem mode amplitudes")]
+
+    def chosenPoint(self):
+        """(z of the chosen point (d,), label) from the form."""
+        import numpy as np
+        from ..core.analysis import kmeans
+        from ..core.plots import pc_coordinates
+        _, z, _ = self.getLatent()
+        kind = self.pointKind.get()
+        if kind == POINT_PC1:
+            t = float(self.pc1Value.get())
+            p, _ = pc_coordinates(z)
+            if p is None:
+                return np.array([t]), "z1 = %.2f A" % t
+            v = p.components[0]
+            point = p.mean + (t - p.mean @ v) * v
+            return point, "PC1 = %.2f A" % t
+        if kind == POINT_CLUSTER:
+            k, c = self.numberOfClusters.get(), self.clusterNumber.get()
+            if c > k:
+                raise ValueError("cluster %d of %d clusters" % (c, k))
+            centres, _, counts = kmeans(z, k, seed=0)
+            return centres[c - 1], "cluster %d of %d (%d particles)" % (c, k, counts[c - 1])
+        values = [float(v) for v in self.amplitudes.get().replace(";", ",").split(",")
+                  if v.strip()]
+        if len(values) != z.shape[1]:
+            raise ValueError("%d amplitudes given, the particles have d = %d"
+                             % (len(values), z.shape[1]))
+        return np.asarray(values), "z = %s" % ", ".join("%.2f" % v for v in values)
+
+    def exportProtocol(self, point, label):
+        """A new NmaemProtExport (given amplitudes) on the shown particles."""
+        from ..protocols import NmaemProtExport
+        from ..protocols.protocol_export import EXPORT_Z
+        prot = self.getProject().newProtocol(
+            NmaemProtExport, exportMode=EXPORT_Z,
+            amplitudes=", ".join("%.4f" % v for v in point))
+        prot.setObjLabel("nmaem model at %s" % label)
+        prot.inputParticles.set(self.getParticles())
+        return prot
+
+    def _showModel(self, paramName=None):
+        data = self.getLatent()
+        if data is None or len(data[1]) < 2:
+            return self._noData()
+        try:
+            point, label = self.chosenPoint()
+        except Exception as exc:  # bad numbers typed in the form
+            return [self.errorMessage(str(exc), "nmaem model")]
+        prot = self.exportProtocol(point, label)
+        project = self.getProject()
+        project.launchProtocol(prot, wait=True)
+        prot = project.getProtocol(prot.getObjId()) or prot
+        out = getattr(prot, "outputAtomStructs", None)
+        if out is None or out.getSize() == 0:
+            return [self.errorMessage("The export protocol '%s' failed: see its log."
+                                      % prot.getObjLabel(), "nmaem model")]
+        files = [a.getFileName() for a in out]
+        from .viewer_common import projectPath
+        return modelViews([projectPath(project, f) for f in files],
+                          "All-atom model at %s" % label, tkParent=self.getTkRoot())

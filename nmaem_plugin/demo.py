@@ -130,6 +130,22 @@ def plot_results(out, run_dir, latent_path, sim_dir, evaluation):
     plt.close(fig)
 
 
+def print_results(evaluation, args):
+    """The demo's accuracy figures from an ``nmaem evaluate`` result."""
+    s = evaluation["summary"]
+    print()
+    print("demo results (%d particles, %d px at %.1f A/px, %g dB, %d epochs):"
+          % (args.n, args.box, args.apix, args.snr_db, args.epochs))
+    print("  median per-particle RMSD to the true model: %.2f A (floor %.2f A, X0 %.2f A)"
+          % (s["median_rmsd"], s["median_floor_rmsd"], s["median_reference_rmsd"]))
+    if s.get("pc1_explained_variance") is not None:
+        print("  PC1 explained variance: %.1f %%, |corr(PC1, frame)| = %.3f"
+              % (100 * s["pc1_explained_variance"], s["abs_corr_pc1_frame"] or 0))
+    for m in evaluation["maxima"]["points"]:
+        print("  maximum at frame %s: RMSD %.2f A to the true model (floor %.2f A)"
+              % (m["frame"], m["rmsd"], m["floor_rmsd"]))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m nmaem_plugin.demo", description=__doc__)
     p.add_argument("-o", "--output", default="demo_output", help="output folder")
@@ -175,17 +191,7 @@ def main(argv=None):
     with open(os.path.join(out, "evaluation.json"), "w") as fh:
         fh.write(p.stdout)
     plot_results(out, run_dir, latent, sim, evaluation)
-    s = evaluation["summary"]
-    print()
-    print("demo results (%d particles, %d px at %.1f A/px, %g dB, %d epochs):"
-          % (args.n, args.box, args.apix, args.snr_db, args.epochs))
-    print("  median per-particle RMSD to the true model: %.2f A (floor %.2f A, X0 %.2f A)"
-          % (s["median_rmsd"], s["median_floor_rmsd"], s["median_reference_rmsd"]))
-    print("  PC1 explained variance: %.1f %%, |corr(PC1, frame)| = %.3f"
-          % (100 * (s["pc1_explained_variance"] or 0), s["abs_corr_pc1_frame"] or 0))
-    for m in evaluation["maxima"]["points"]:
-        print("  maximum at frame %s: RMSD %.2f A to the true model (floor %.2f A)"
-              % (m["frame"], m["rmsd"], m["floor_rmsd"]))
+    print_results(evaluation, args)
     print("outputs in %s: montage.png, training.png, latent.png, evaluation.json, models/"
           % out)
     return 0

@@ -19,6 +19,7 @@ import os
 import sys
 
 from nmaem_plugin import DATA_DIR
+from nmaem_plugin.demo import print_results
 
 
 def _launch(project, prot):
@@ -125,18 +126,7 @@ def main(argv=None):
 
     with open(evaluate._getExtraPath("evaluation.json")) as fh:
         ev = json.load(fh)
-    s = ev["summary"]
-    print()
-    print("demo results (%d particles, %d px at %.1f A/px, %g dB, %d epochs):"
-          % (args.n, args.box, args.apix, args.snr_db, args.epochs))
-    print("  median per-particle RMSD to the true model: %.2f A (floor %.2f A, X0 %.2f A)"
-          % (s["median_rmsd"], s["median_floor_rmsd"], s["median_reference_rmsd"]))
-    if s.get("pc1_explained_variance") is not None:
-        print("  PC1 explained variance: %.1f %%, |corr(PC1, frame)| = %.3f"
-              % (100 * s["pc1_explained_variance"], s["abs_corr_pc1_frame"] or 0))
-    for m in ev["maxima"]["points"]:
-        print("  maximum at frame %s: RMSD %.2f A to the true model (floor %.2f A)"
-              % (m["frame"], m["rmsd"], m["floor_rmsd"]))
+    print_results(ev, args)
     print("  %d all-atom models exported in %s" % (export.outputAtomStructs.getSize(),
                                                    os.path.abspath(export._getExtraPath())))
     print()

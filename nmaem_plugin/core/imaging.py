@@ -359,7 +359,7 @@ class Renderer:
         coords = coords.to(dtype=self.dtype)
         uv = self.positions(coords[..., self.order, :], rotations.to(self.dtype),
                             None if shifts is None else shifts.to(self.dtype))
-        D, h = self.box, self.box // 2
+        h = self.box // 2
         P = _QuarterStructureFactor.apply(uv[..., 0], uv[..., 1], self._k_half,
                                           self._ff_tiled, self.slices)
         CC, CS = P[:, :h, :h], P[:, :h, h:]

@@ -8,7 +8,6 @@ centre is at image centre - origin + shift, so the refined RELION origin is
 file. The images are preprocessed exactly as in training (Fourier cropping to the run's box,
 per-image normalisation inside the encoder); the encoder runs in eval mode, in float32.
 """
-import os
 
 import numpy as np
 import torch

@@ -14,7 +14,7 @@ from enum import Enum
 
 import pyworkflow.protocol.params as params
 from pyworkflow.object import Float, Integer, String
-from pwem.objects import AtomStruct, NormalMode, SetOfNormalModes
+from pwem.objects import NormalMode, SetOfNormalModes
 
 from ..constants import (ATTR_ANIMATION, ATTR_EIGENVALUE, ATTR_MODE_INDEX, ATTR_OVERLAP,
                          CG_CHOICES)

@@ -7,25 +7,15 @@ ProtImportPdb, particles are simulated (tiny: 40 px, 120 particles, no noise) an
 computed (4 modes). No internet and no Scipion data server are needed.
 """
 import os
-import sys
 
 import numpy as np
-import pyworkflow
 from pwem.constants import ALIGN_NONE, ALIGN_PROJ
 from pwem.objects import SetOfParticles
-from pwem.protocols import ProtImportPdb
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import setupTestProject
 
-from nmaem_plugin import DATA_DIR
+from nmaem_plugin.tests import scipion_base
 from nmaem_plugin.constants import ATTR_FRAME, SIM_LIKE, SIM_MORPH, SIM_TRAJECTORY
 from nmaem_plugin.protocols import NmaemProtComputeModes, NmaemProtSimulate
-
-# Scipion launches each protocol with ``pyworkflow.PYTHON`` (env SCIPION_PYTHON, default
-# 'python3' from the PATH). In a plain virtual environment that is not activated (make
-# test, CI) 'python3' is another interpreter without Scipion: use this one.
-if not os.environ.get("SCIPION_PYTHON"):
-    os.environ["SCIPION_PYTHON"] = sys.executable
-    pyworkflow.PYTHON = sys.executable
 
 N_PARTICLES = 120
 N_FRAMES = 4
@@ -33,16 +23,7 @@ BOX = 40
 APIX = 2.0
 
 
-def _logTail(prot, n=60):
-    out = []
-    for path in prot.getLogPaths():
-        if os.path.exists(path):
-            with open(path) as fh:
-                out += fh.readlines()[-n:]
-    return "".join(out)
-
-
-class TestNmaemProtocols(BaseTest):
+class TestNmaemProtocols(scipion_base.NmaemBaseTest):
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
@@ -57,23 +38,6 @@ class TestNmaemProtocols(BaseTest):
         cls.sim.referenceStructure.set(cls.ref.outputPdb)
         cls.sim.targetStructure.set(cls.target.outputPdb)
         cls._launch(cls.sim)
-
-    @classmethod
-    def _importPdb(cls, name, label):
-        prot = cls.newProtocol(ProtImportPdb, objLabel="import " + label,
-                               inputPdbData=ProtImportPdb.IMPORT_FROM_FILES,
-                               pdbFile=os.path.join(DATA_DIR, name))
-        cls.launchProtocol(prot)
-        return prot
-
-    @classmethod
-    def _launch(cls, prot):
-        try:
-            cls.launchProtocol(prot)
-        except Exception as exc:
-            raise AssertionError("%s failed: %s\n--- log ---\n%s"
-                                 % (prot.getObjLabel(), exc, _logTail(prot)))
-        return prot
 
     # ------------------------------------------------------------------ simulate
     def test_simulate_outputs(self):

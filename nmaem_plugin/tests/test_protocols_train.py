@@ -9,16 +9,13 @@ encoder is trained for 2 epochs on the CPU.
 """
 import json
 import os
-import sys
 
 import numpy as np
-import pyworkflow
 from pwem.constants import ALIGN_NONE
 from pwem.objects import FlexInfo, SetOfParticles
-from pwem.protocols import ProtImportPdb
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import setupTestProject
 
-from nmaem_plugin import DATA_DIR
+from nmaem_plugin.tests import scipion_base
 from nmaem_plugin.constants import ATTR_FRAME, PROGRAM_NAME, SIM_MORPH
 from nmaem_plugin.protocols import (NmaemProtComputeModes, NmaemProtEvaluate,
                                     NmaemProtExport, NmaemProtInfer, NmaemProtSimulate,
@@ -28,25 +25,12 @@ from nmaem_plugin.protocols.protocol_flex_common import (ATTR_FLOOR_RMSD, ATTR_N
                                                          ATTR_RMSD, ATTR_RMSD_REF, ATTR_RUN_DIR,
                                                          ATTR_Z, runDirOf)
 
-if not os.environ.get("SCIPION_PYTHON"):
-    os.environ["SCIPION_PYTHON"] = sys.executable
-    pyworkflow.PYTHON = sys.executable
-
 N_PARTICLES = 200
 BOX = 32
 APIX = 2.5
 N_MODES = 3
 EPOCHS = 2
 PC_STEPS = 5
-
-
-def _logTail(prot, n=60):
-    out = []
-    for path in prot.getLogPaths():
-        if os.path.exists(path):
-            with open(path) as fh:
-                out += fh.readlines()[-n:]
-    return "".join(out)
 
 
 def _logText(prot):
@@ -58,7 +42,7 @@ def _logText(prot):
     return "".join(out)
 
 
-class TestNmaemTrainProtocols(BaseTest):
+class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
@@ -103,23 +87,6 @@ class TestNmaemTrainProtocols(BaseTest):
         prot.inputParticles.set(cls.sim.outputParticles)
         prot.inputStructure.set(cls.sim.outputReference)
         prot.inputModes.set(cls.modes.outputModes)
-        return prot
-
-    @classmethod
-    def _importPdb(cls, name, label):
-        prot = cls.newProtocol(ProtImportPdb, objLabel="import " + label,
-                               inputPdbData=ProtImportPdb.IMPORT_FROM_FILES,
-                               pdbFile=os.path.join(DATA_DIR, name))
-        cls.launchProtocol(prot)
-        return prot
-
-    @classmethod
-    def _launch(cls, prot):
-        try:
-            cls.launchProtocol(prot)
-        except Exception as exc:
-            raise AssertionError("%s failed: %s\n--- log ---\n%s"
-                                 % (prot.getObjLabel(), exc, _logTail(prot)))
         return prot
 
     def _runDir(self):

@@ -1,6 +1,5 @@
 """The simulator: SNR, frame distributions, reproducibility, bounded memory, contracts."""
 import hashlib
-import json
 import os
 import shutil
 import subprocess

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import unittest
@@ -282,7 +281,6 @@ class TestReport(unittest.TestCase):
 # ---------------------------------------------------------------------- Scipion viewers
 
 try:
-    import pyworkflow
     from pyworkflow.tests import BaseTest, setupTestProject
 except ImportError:      # the figure tests above run without Scipion
     BaseTest = None
@@ -300,17 +298,8 @@ if BaseTest is not None:
                                       NmaemTrainingViewer)
     from nmaem_plugin.viewers.viewer_latent import POINT_CLUSTER, POINT_PC1, POINT_Z
 
-    if not os.environ.get("SCIPION_PYTHON"):
-        os.environ["SCIPION_PYTHON"] = sys.executable
-        pyworkflow.PYTHON = sys.executable
-
-    def _tail(prot, n=40):
-        out = []
-        for path in prot.getLogPaths():
-            if os.path.exists(path):
-                with open(path) as fh:
-                    out += fh.readlines()[-n:]
-        return "".join(out)
+    from nmaem_plugin.tests import scipion_base
+    _tail = scipion_base.log_tail
 
     class TestNmaemViewers(BaseTest):
         """Each viewer on each class it targets, on the outputs of real protocols."""

@@ -167,6 +167,9 @@ def main(argv=None):
                                      images_per_s=float(ips), seconds=float(sec)))
             pts = ev["maxima"]["points"] if ev.get("maxima") else []
             key = "%s/d%d%s" % (dist, d, args.tag)
+            if os.path.exists(res_path):      # another invocation may have added rows
+                with open(res_path) as fh:
+                    results = json.load(fh)
             old = results.get(key, {})
             results[key] = dict(
                 dataset=dist, d=d, tag=args.tag, config=cfg, command=this_cmd,
@@ -204,7 +207,8 @@ def acceptance(ev):
     at_max = all(p["rmsd"] <= p["floor_rmsd"] + 0.3 and
                  (p["floor_rmsd"] >= 1.2 or p["rmsd"] < 1.5) for p in pts) and bool(pts)
     pc1 = ev.get("pc1_explained_variance")
-    return dict(maxima_within_0_3A_of_floor=at_max,
+    return dict(n_maxima=len(pts),     # the discontinuous set has three islands
+                maxima_within_0_3A_of_floor=at_max,
                 pc1_ge_0_9=bool(pc1 is not None and pc1 >= 0.9),
                 median_within_0_5A_of_floor=bool(
                     ev["rmsd"]["median"] <= ev["floor_rmsd"]["median"] + 0.5))

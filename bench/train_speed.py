@@ -23,7 +23,6 @@ The share is (FLOPs per image) x (images/s) / (matmul FLOP/s).
                                 [--steps 10] [--threads N] [--channels-last] [--profile]
 """
 import argparse
-import math
 import os
 import platform
 import sys
@@ -35,7 +34,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from nmaem_plugin import DATA_DIR  # noqa: E402
-from nmaem_plugin.core import imaging  # noqa: E402
 from nmaem_plugin.core.network import (ENCODER_PRESETS, Decoder, Encoder,  # noqa: E402
                                        image_loss, z_scale_for)
 from nmaem_plugin.core.structure import read_model  # noqa: E402

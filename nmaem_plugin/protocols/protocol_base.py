@@ -86,6 +86,34 @@ class NmaemProtBase(EMProtocol):
             errors.append("%s have no sampling rate." % label)
         return errors
 
+    @staticmethod
+    def validateStructure(structure, label="The atomic model"):
+        """Error messages for an AtomStruct that nmaem cannot read: none selected, a
+        missing file, a map registered as an atomic structure, or a file with no atom
+        records. A cheap look at the file (its name and first 256 KiB), for the form;
+        the command itself reports any other problem in one line in the log."""
+        if structure is None:
+            return ["%s: none selected." % label]
+        fn = structure.getFileName()
+        if not fn or not os.path.isfile(fn):
+            return ["%s file %s does not exist." % (label, fn)]
+        name = fn.lower()
+        if name.endswith(".gz"):
+            name = name[:-3]
+        if name.endswith((".mrc", ".map", ".ccp4", ".mrcs", ".st", ".vol", ".spi")):
+            return ["%s %s is a map, not an atomic model (PDB or mmCIF needed)." % (label, fn)]
+        import gzip
+        try:
+            opener = gzip.open if fn.lower().endswith(".gz") else open
+            with opener(fn, "rb") as fh:
+                head = fh.read(1 << 18)
+        except OSError as exc:
+            return ["%s %s cannot be read: %s" % (label, fn, exc)]
+        if not any(k in head for k in (b"ATOM", b"HETATM", b"_atom_site.")):
+            return ["%s %s holds no atom records (ATOM/HETATM or mmCIF _atom_site): not a "
+                    "PDB or mmCIF model." % (label, fn)]
+        return []
+
     # ------------------------------------------------------------------ files
     @staticmethod
     def splitModels(pdbFile, pattern):

@@ -154,14 +154,10 @@ class NmaemProtComputeModes(NmaemProtBase):
     # ------------------------------------------------------------------ info
     def _validate(self):
         errors = []
-        ref = self.inputStructure.get()
-        if ref is None:
-            errors.append("Choose the reference atomic model.")
-        elif not os.path.exists(ref.getFileName()):
-            errors.append("The reference model file %s does not exist." % ref.getFileName())
+        errors += self.validateStructure(self.inputStructure.get(), "The reference model")
         tgt = self.targetStructure.get()
-        if tgt is not None and not os.path.exists(tgt.getFileName()):
-            errors.append("The target model file %s does not exist." % tgt.getFileName())
+        if tgt is not None:
+            errors += self.validateStructure(tgt, "The target model")
         return errors
 
     def _readReport(self):

@@ -262,8 +262,8 @@ class NmaemProtSimulate(NmaemProtBase):
             obj = getattr(self, name).get()
             if obj is None:
                 errors.append("Choose the %s." % self.getParam(name).label.get().lower())
-            elif isinstance(obj, AtomStruct) and not os.path.exists(obj.getFileName()):
-                errors.append("The model file %s does not exist." % obj.getFileName())
+            elif isinstance(obj, AtomStruct):
+                errors += self.validateStructure(obj, "The model")
         if s == SIM_LIKE and self.inputParticles.get() is not None:
             errors += self.validateParticles(self.inputParticles.get())
         if s != SIM_LIKE and self.boxSize.get() % 2:

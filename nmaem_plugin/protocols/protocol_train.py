@@ -330,8 +330,8 @@ class NmaemProtTrain(NmaemProtBase):
                 errors.append("The input particle set is empty.")
         if ref is None:
             errors.append("Choose the reference atomic model.")
-        elif not os.path.exists(ref.getFileName()):
-            errors.append("The model file %s does not exist." % ref.getFileName())
+        else:
+            errors += self.validateStructure(ref, "The reference model")
         modesFile = None
         if modes is None:
             errors.append("Choose the normal modes.")

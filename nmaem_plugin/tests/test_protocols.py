@@ -161,6 +161,28 @@ class TestNmaemProtocols(scipion_base.NmaemBaseTest):
         prot.referenceStructure.set(self.ref.outputPdb)
         self.assertTrue(any("target" in e.lower() for e in prot.validate()))
 
+    def test_validate_structure_that_is_a_map_or_unreadable(self):
+        """An AtomStruct pointing at a map, or at a file with no atoms, is refused in the form."""
+        from pwem.objects import AtomStruct
+        import mrcfile
+        import numpy as np
+        mapfile = self.proj.getTmpPath("volume.mrc")
+        with mrcfile.new(mapfile, overwrite=True) as m:
+            m.set_data(np.zeros((8, 8, 8), dtype=np.float32))
+        junk = self.proj.getTmpPath("junk.pdb")
+        with open(junk, "w") as fh:
+            fh.write("REMARK nothing but a remark\nEND\n")
+        for path, msg in ((mapfile, "is a map"), (junk, "no atom records"),
+                          (self.proj.getTmpPath("absent.pdb"), "does not exist")):
+            prot = self.newProtocol(NmaemProtComputeModes, numberOfModes=4)
+            prot.inputStructure.set(AtomStruct(filename=path))
+            errors = " ".join(prot.validate())
+            self.assertIn(msg, errors, path)
+            self.assertIn(os.path.basename(path), errors)
+        prot = self.newProtocol(NmaemProtComputeModes, numberOfModes=4)
+        prot.inputStructure.set(self.ref.outputPdb)
+        self.assertEqual(prot.validate(), [])
+
     # ------------------------------------------------------------------ modes
     def test_compute_modes(self):
         prot = self.newProtocol(NmaemProtComputeModes, objLabel="modes", numberOfModes=4,

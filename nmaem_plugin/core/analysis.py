@@ -24,6 +24,7 @@ import os
 import numpy as np
 
 from .atomic import atomic_path
+from .npz import read_npz
 from .errors import NmaemError, fail
 
 __all__ = ["PCA", "Maxima", "Latent", "load_run", "load_latent", "pca", "kmeans",
@@ -132,15 +133,8 @@ def load_latent(path):
     is missing or unreadable, lacks a key, has inconsistent shapes, non-finite values,
     negative or non-integer indices, or no particles.
     """
-    import zipfile
     path = str(path)
-    if not os.path.isfile(path):
-        fail(path, "no such latent file")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        fail(path, "not a readable latent file (.npz): %s" % (str(exc).splitlines() or ["?"])[0])
+    data = read_npz(path, "latent")
     missing = [k for k in ("z", "shift", "index") if k not in data]
     if missing:
         fail(path, "not a latent file: missing %s" % ", ".join(missing))

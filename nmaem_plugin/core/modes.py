@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .npz import read_npz
 from .errors import NmaemError, fail
 from .structure import match_atoms, read_model, rmsd, superpose, write_models
 
@@ -706,15 +707,8 @@ def load_modes(path, orthonormal_tol=1e-4):
     missing, not an npz archive, lacks a contract key, or has wrong shapes, non-finite values
     or modes that are not orthonormal (max |U^T U - I| > ``orthonormal_tol``).
     """
-    import zipfile
     path = str(path)
-    if not os.path.isfile(path):
-        fail(path, "no such modes file")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        fail(path, "not a readable modes file (.npz): %s" % (str(exc).splitlines() or ["?"])[0])
+    data = read_npz(path, "modes")
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         fail(path, "not a modes file: missing %s" % ", ".join(missing))

@@ -64,6 +64,23 @@ class NmaemProtBase(EMProtocol):
         line = " ".join([prefix, subcommand] + [shlex.quote(str(a)) for a in args])
         self.runJob(program, line, env=self._nmaemEnviron(), numberOfMpi=1)
 
+    # ------------------------------------------------------------------ steps
+    def convertInputStep(self):
+        """Write ``inputParticles`` as the RELION STAR ``self._getFileName("star")`` that
+        nmaem reads (non-MRC stacks converted into extra/input_stacks). The STAR is
+        renamed into place when complete, so a re-run after a failure skips a finished
+        conversion."""
+        from ..convert import writeSetOfParticles
+        star = self._getFileName("star")
+        if os.path.exists(star):
+            self.info("%s exists; not written again" % star)
+            return
+        tmp = self._getExtraPath("input_particles.tmp.star")
+        n = writeSetOfParticles(self.inputParticles.get(), tmp,
+                                stackDir=self._getExtraPath("input_stacks"))
+        os.replace(tmp, star)
+        self.info("wrote %d particles to %s" % (n, star))
+
     # ------------------------------------------------------------------ checks
     @staticmethod
     def validateParticles(particles, label="Input particles"):

@@ -78,18 +78,6 @@ class NmaemProtInfer(NmaemProtBase):
         self._insertFunctionStep(self.inferStep)
         self._insertFunctionStep(self.createOutputStep)
 
-    def convertInputStep(self):
-        from ..convert import writeSetOfParticles
-        star = self._getFileName("star")
-        if os.path.exists(star):
-            self.info("%s exists; not written again" % star)
-            return
-        tmp = self._getExtraPath("input_particles.tmp.star")
-        n = writeSetOfParticles(self.inputParticles.get(), tmp,
-                                stackDir=self._getExtraPath("input_stacks"))
-        os.replace(tmp, star)
-        self.info("wrote %d particles to %s" % (n, star))
-
     def inferStep(self):
         latent = self._getFileName("latent")
         if os.path.exists(latent):      # written atomically by nmaem: complete

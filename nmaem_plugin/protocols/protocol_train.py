@@ -201,18 +201,6 @@ class NmaemProtTrain(NmaemProtBase):
                                  self.batchSize.get(), self.learningRate.get())
         self._insertFunctionStep(self.createOutputStep)
 
-    def convertInputStep(self):
-        from ..convert import writeSetOfParticles
-        star = self._getFileName("star")
-        if os.path.exists(star):        # written atomically below: complete
-            self.info("%s exists; not written again" % star)
-            return
-        tmp = self._getExtraPath("input_particles.tmp.star")
-        n = writeSetOfParticles(self.inputParticles.get(), tmp,
-                                stackDir=self._getExtraPath("input_stacks"))
-        os.replace(tmp, star)
-        self.info("wrote %d particles to %s" % (n, star))
-
     def _gpuArgs(self):
         """--device / --gpus for the command, and whether CUDA_VISIBLE_DEVICES is set by
         the base class (one GPU) or by nmaem itself (several: --gpus)."""

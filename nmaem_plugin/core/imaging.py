@@ -318,19 +318,20 @@ class Renderer:
             centre = [(b0 // 2) * a0] * 3
         self.centre = torch.as_tensor(np.asarray(centre, dtype=np.float64), dtype=dtype,
                                       device=self.device)
-        # form factor of each element on the grid: f_e(q) = sum_g a_g exp(-b_g q^2 / 4)
-        q2 = (self.grid.fx.double() ** 2 + self.grid.fy.double() ** 2)
-        at = torch.as_tensor(a, device=self.device)
-        bt = torch.as_tensor(b, device=self.device)
-        ff = (at[:, :, None, None] * torch.exp(-bt[:, :, None, None] * q2 / 4.0)).sum(1)
-        self.form_factors = (ff * self.grid.mask.double()).to(dtype)      # (E, D, K)
-        # I[n] = (1/(D apix)^2) sum_k F e^{+2 pi i k n / D} = irfft2(F) / apix^2
-        self.form_factors = self.form_factors / self.apix ** 2
-        # the same on the quarter grid ky, kx = 0..h-1, tiled 2 x 2 for the cos/sin blocks
+        # Form factor of each element, f_e(q) = sum_g a_g exp(-b_g q^2 / 4), on the quarter
+        # grid ky, kx = 0..h-1 (all that projection_ft uses: f is radial, the other
+        # quadrants follow by symmetry), zero outside the disc |k| < D/2, divided by apix^2
+        # (I[n] = (1/(D apix)^2) sum_k F e^{2 pi i k.n/D} = irfft2(F) / apix^2) and tiled
+        # 2 x 2 for the cos/sin blocks.
         h = self.box // 2
-        self._k_half = torch.arange(h, device=self.device, dtype=dtype)
-        quarter = self.form_factors[:, :h, :h]
-        self._ff_tiled = quarter.repeat(1, 2, 2).contiguous()
+        k = torch.arange(h, device=self.device, dtype=torch.float64)
+        k2 = k[:, None] ** 2 + k[None, :] ** 2
+        q2 = k2 / (self.box * self.apix) ** 2
+        at = torch.as_tensor(a, device=self.device)[:, :, None, None]
+        bt = torch.as_tensor(b, device=self.device)[:, :, None, None]
+        quarter = (at * torch.exp(-bt * q2 / 4.0)).sum(1) * (k2 < (self.box / 2.0) ** 2)
+        self._ff_tiled = (quarter / self.apix ** 2).to(dtype).repeat(1, 2, 2).contiguous()
+        self._k_half = k.to(dtype)
 
     def positions(self, coords, rotations, shifts=None):
         """Image-plane positions in pixels from the array origin, (B, M, 2) (u = x, v = y).

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .atomic import atomic_path
 from .npz import read_npz
 from .errors import NmaemError, fail
 from .structure import match_atoms, read_model, rmsd, superpose, write_models
@@ -672,7 +673,7 @@ def target_diagnostics(nm, model, target, target_path=None):
 # files
 
 def save_modes(path, nm):
-    """Write ``modes.npz`` atomically (temporary file in the same folder, then os.replace)."""
+    """Write ``modes.npz`` atomically (``atomic_path``)."""
     path = str(path)
     arrays = {"coords": np.asarray(nm.coords, dtype=np.float32),
               "modes": np.asarray(nm.modes, dtype=np.float32),
@@ -688,14 +689,10 @@ def save_modes(path, nm):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         fail(path, "the output folder does not exist")
-    tmp = os.path.join(folder, ".%s.tmp%d" % (os.path.basename(path), os.getpid()))
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez(tmp, **arrays)
     except OSError as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         fail(path, "cannot write the modes file (%s)" % exc.strerror)
     return path
 

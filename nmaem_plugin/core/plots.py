@@ -16,6 +16,8 @@ so the same drawing code fills a Tk window.
 
 Large sets are binned, never scattered: the cost grows with N only through histograms.
 """
+import os
+
 import numpy as np
 
 HIST_BINS = 100              # bins of 1D histograms (fewer for small samples, see _bins)
@@ -46,8 +48,10 @@ def _prepare(fig, width, height):
 
 
 def save(fig, path, dpi=100):
-    """Save ``fig`` as PNG (or any format matplotlib knows from the extension)."""
-    fig.savefig(path, dpi=dpi)
+    """Save ``fig`` as PNG (or any format matplotlib knows from the extension), atomically."""
+    from .atomic import atomic_path
+    with atomic_path(path, suffix=os.path.splitext(str(path))[1]) as tmp:
+        fig.savefig(tmp, dpi=dpi)
     return path
 
 

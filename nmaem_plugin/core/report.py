@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import fail
 
 
@@ -126,7 +127,6 @@ def _write_index(out_dir, run_dir, written):
         parts.append("<figure><img src=\"%s\" alt=\"%s\"><figcaption>%s</figcaption></figure>"
                      % (esc(name), esc(name), esc(caption)))
     parts.append("</body></html>")
-    tmp = os.path.join(out_dir, ".index.html.tmp")
-    with open(tmp, "w") as fh:
-        fh.write("\n".join(parts) + "\n")
-    os.replace(tmp, os.path.join(out_dir, "index.html"))
+    with atomic_path(os.path.join(out_dir, "index.html")) as tmp:
+        with open(tmp, "w") as fh:
+            fh.write("\n".join(parts) + "\n")

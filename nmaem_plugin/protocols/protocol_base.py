@@ -27,17 +27,18 @@ class NmaemProtBase(EMProtocol):
 
     # ------------------------------------------------------------------ form helpers
     @staticmethod
-    def _defineGpuParams(form):
+    def _defineGpuParams(form, useGpuHelp=None, gpuListLabel="GPU ID", gpuListHelp=None):
         """Hidden GPU parameters: Scipion shows them in the form's header and its queue
-        and GPU-list machinery fills them."""
+        and GPU-list machinery fills them. Protocols that use several GPUs pass their own
+        label and help texts."""
         form.addHidden(params.USE_GPU, params.BooleanParam, default=True,
                        label="Use GPU?",
-                       help="Run on the GPU when one is available (CUDA). With 'No' the "
-                            "command runs on the CPU.")
+                       help=useGpuHelp or ("Run on the GPU when one is available (CUDA). "
+                                           "With 'No' the command runs on the CPU."))
         form.addHidden(params.GPU_LIST, params.StringParam, default="0",
-                       label="GPU ID",
-                       help="The GPU to use (CUDA device number, as in nvidia-smi). "
-                            "Only the first one is used.")
+                       label=gpuListLabel,
+                       help=gpuListHelp or ("The GPU to use (CUDA device number, as in "
+                                            "nvidia-smi). Only the first one is used."))
 
     # ------------------------------------------------------------------ running nmaem
     def _deviceArgs(self):

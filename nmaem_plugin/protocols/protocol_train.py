@@ -168,16 +168,15 @@ class NmaemProtTrain(NmaemProtBase):
                       expertLevel=params.LEVEL_ADVANCED, validators=[params.GE(1)],
                       label="Checkpoints kept",
                       help="Per-epoch checkpoints kept besides the last one.")
-        form.addHidden(params.USE_GPU, params.BooleanParam, default=True,
-                       label="Use GPU?",
-                       help="Train on the GPU(s) (CUDA). With 'No' training runs on the CPU "
-                            "(slow; for tests and tiny datasets).")
-        form.addHidden(params.GPU_LIST, params.StringParam, default="0",
-                       label="GPU IDs",
-                       help="GPU(s) to use (CUDA device numbers, as in nvidia-smi). Several "
-                            "GPUs (e.g. '0 1 2 3') train in data parallel "
-                            "(DistributedDataParallel), one process per GPU; the batch "
-                            "size is split between them.")
+        self._defineGpuParams(
+            form,
+            useGpuHelp="Train on the GPU(s) (CUDA). With 'No' training runs on the CPU "
+                       "(slow; for tests and tiny datasets).",
+            gpuListLabel="GPU IDs",
+            gpuListHelp="GPU(s) to use (CUDA device numbers, as in nvidia-smi). Several "
+                        "GPUs (e.g. '0 1 2 3') train in data parallel "
+                        "(DistributedDataParallel), one process per GPU; the batch "
+                        "size is split between them.")
 
     # ------------------------------------------------------------------ files
     def _createFilenameTemplates(self):

@@ -46,3 +46,19 @@ class NmaemBaseTest(BaseTest):
             raise AssertionError("%s failed: %s\n--- log ---\n%s"
                                  % (prot.getObjLabel(), exc, log_tail(prot)))
         return prot
+
+    @classmethod
+    def _simulateMorph(cls, **params):
+        """Import the bundled open and closed AK models (``cls.ref``, ``cls.target``) and
+        simulate a noise-free open -> closed morph on the CPU (``cls.sim``); ``params`` are
+        the simulate protocol's parameters (frames, particles, box, pixel size, ...)."""
+        from nmaem_plugin.constants import SIM_MORPH
+        from nmaem_plugin.protocols import NmaemProtSimulate
+        cls.ref = cls._importPdb("ak_open_4ake.pdb", "reference")
+        cls.target = cls._importPdb("ak_closed_1ake.pdb", "target")
+        kw = dict(inputSource=SIM_MORPH, addNoise=False, useGpu=False)
+        kw.update(params)
+        cls.sim = cls.newProtocol(NmaemProtSimulate, objLabel="simulate morph", **kw)
+        cls.sim.referenceStructure.set(cls.ref.outputPdb)
+        cls.sim.targetStructure.set(cls.target.outputPdb)
+        return cls._launch(cls.sim)

@@ -27,17 +27,10 @@ class TestNmaemProtocols(scipion_base.NmaemBaseTest):
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
-        cls.ref = cls._importPdb("ak_open_4ake.pdb", "reference")
-        cls.target = cls._importPdb("ak_closed_1ake.pdb", "target")
-        cls.sim = cls.newProtocol(
-            NmaemProtSimulate, objLabel="simulate morph", inputSource=SIM_MORPH,
+        cls._simulateMorph(
             numberOfFrames=N_FRAMES, numberOfParticles=N_PARTICLES, boxSize=BOX,
-            samplingRate=APIX, addNoise=False, shiftStd=1.5, defocusMean=1.2,
-            defocusStd=0.2, voltage=200.0, sphericalAberration=2.0, amplitudeContrast=0.08,
-            seed=3, useGpu=False)
-        cls.sim.referenceStructure.set(cls.ref.outputPdb)
-        cls.sim.targetStructure.set(cls.target.outputPdb)
-        cls._launch(cls.sim)
+            samplingRate=APIX, shiftStd=1.5, defocusMean=1.2, defocusStd=0.2, voltage=200.0,
+            sphericalAberration=2.0, amplitudeContrast=0.08, seed=3)
 
     # ------------------------------------------------------------------ simulate
     def test_simulate_outputs(self):

@@ -16,10 +16,9 @@ from pwem.objects import FlexInfo, SetOfParticles
 from pyworkflow.tests import setupTestProject
 
 from nmaem_plugin.tests import scipion_base
-from nmaem_plugin.constants import ATTR_FRAME, PROGRAM_NAME, SIM_MORPH
+from nmaem_plugin.constants import ATTR_FRAME, PROGRAM_NAME
 from nmaem_plugin.protocols import (NmaemProtComputeModes, NmaemProtEvaluate,
-                                    NmaemProtExport, NmaemProtInfer, NmaemProtSimulate,
-                                    NmaemProtTrain)
+                                    NmaemProtExport, NmaemProtInfer, NmaemProtTrain)
 from nmaem_plugin.protocols.protocol_export import EXPORT_KMEANS, EXPORT_PCS, EXPORT_Z
 from nmaem_plugin.protocols.protocol_flex_common import (ATTR_FLOOR_RMSD, ATTR_N_PARTICLES,
                                                          ATTR_RMSD, ATTR_RMSD_REF, ATTR_RUN_DIR,
@@ -46,15 +45,8 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
-        cls.ref = cls._importPdb("ak_open_4ake.pdb", "reference")
-        cls.target = cls._importPdb("ak_closed_1ake.pdb", "target")
-        cls.sim = cls.newProtocol(
-            NmaemProtSimulate, objLabel="simulate morph", inputSource=SIM_MORPH,
-            numberOfFrames=4, numberOfParticles=N_PARTICLES, boxSize=BOX, samplingRate=APIX,
-            addNoise=False, shiftStd=1.0, seed=1, useGpu=False)
-        cls.sim.referenceStructure.set(cls.ref.outputPdb)
-        cls.sim.targetStructure.set(cls.target.outputPdb)
-        cls._launch(cls.sim)
+        cls._simulateMorph(numberOfFrames=4, numberOfParticles=N_PARTICLES, boxSize=BOX,
+                           samplingRate=APIX, shiftStd=1.0, seed=1)
 
         cls.modes = cls.newProtocol(NmaemProtComputeModes, objLabel="modes",
                                     numberOfModes=N_MODES, useGpu=False)

@@ -286,14 +286,11 @@ except ImportError:      # the figure tests above run without Scipion
     BaseTest = None
 
 if BaseTest is not None:
-    from pwem.protocols import ProtImportPdb
     from pwem.viewers.plotter import EmPlotter
     from pyworkflow.viewer import MessageView
 
-    from nmaem_plugin import DATA_DIR
-    from nmaem_plugin.constants import SIM_MORPH
     from nmaem_plugin.protocols import (NmaemProtComputeModes, NmaemProtExport,
-                                        NmaemProtInfer, NmaemProtSimulate, NmaemProtTrain)
+                                        NmaemProtInfer, NmaemProtTrain)
     from nmaem_plugin.viewers import (NmaemLatentViewer, NmaemModesViewer,
                                       NmaemTrainingViewer)
     from nmaem_plugin.viewers.viewer_latent import POINT_CLUSTER, POINT_PC1, POINT_Z
@@ -301,30 +298,18 @@ if BaseTest is not None:
     from nmaem_plugin.tests import scipion_base
     _tail = scipion_base.log_tail
 
-    class TestNmaemViewers(BaseTest):
+    class TestNmaemViewers(scipion_base.NmaemBaseTest):
         """Each viewer on each class it targets, on the outputs of real protocols."""
 
         @classmethod
         def setUpClass(cls):
             setupTestProject(cls)
-            ref = cls._launch(cls.newProtocol(
-                ProtImportPdb, objLabel="import open", inputPdbData=ProtImportPdb.IMPORT_FROM_FILES,
-                pdbFile=os.path.join(DATA_DIR, "ak_open_4ake.pdb")))
-            target = cls._launch(cls.newProtocol(
-                ProtImportPdb, objLabel="import closed",
-                inputPdbData=ProtImportPdb.IMPORT_FROM_FILES,
-                pdbFile=os.path.join(DATA_DIR, "ak_closed_1ake.pdb")))
-            cls.sim = cls.newProtocol(
-                NmaemProtSimulate, objLabel="simulate", inputSource=SIM_MORPH,
-                numberOfFrames=4, numberOfParticles=60, boxSize=32, samplingRate=2.5,
-                addNoise=False, seed=1, useGpu=False)
-            cls.sim.referenceStructure.set(ref.outputPdb)
-            cls.sim.targetStructure.set(target.outputPdb)
-            cls._launch(cls.sim)
+            cls._simulateMorph(numberOfFrames=4, numberOfParticles=60, boxSize=32,
+                               samplingRate=2.5, seed=1)
             cls.modes = cls.newProtocol(NmaemProtComputeModes, objLabel="modes",
                                         numberOfModes=2, useGpu=False)
             cls.modes.inputStructure.set(cls.sim.outputReference)
-            cls.modes.targetStructure.set(target.outputPdb)
+            cls.modes.targetStructure.set(cls.target.outputPdb)
             cls._launch(cls.modes)
             cls.train = cls.newProtocol(NmaemProtTrain, objLabel="train", numberOfEpochs=1,
                                         batchSize=30, encoder=1, useGpu=False)
@@ -337,15 +322,6 @@ if BaseTest is not None:
             cls.infer.inputNetwork.set(cls.train.outputNetwork)
             cls.infer.inputParticles.set(cls.sim.outputParticles)
             cls._launch(cls.infer)
-
-        @classmethod
-        def _launch(cls, prot):
-            try:
-                cls.launchProtocol(prot)
-            except Exception as exc:
-                raise AssertionError("%s failed: %s\n%s" % (prot.getObjLabel(), exc,
-                                                            _tail(prot)))
-            return prot
 
         def tearDown(self):
             import matplotlib.pyplot as plt

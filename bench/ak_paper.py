@@ -35,10 +35,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "nmaem_plugin", "data")
 
 CONFIGS = {
-    "cpu": dict(box=64, apix=2.4, n=8000, encoder="small", epochs=15, batch=64, lr=1e-3,
-                loss="l2", device="cpu"),
-    "paper": dict(box=192, apix=0.8, n=50000, encoder="paper", epochs=200, batch=256,
-                  lr=1e-3, loss="l2", device=None),
+    # sim_box / sim_apix: the simulated particles (the paper's 192 px at 0.8 A, -20 dB, in
+    # both configurations); box: what the encoder and decoder see (nmaem train --box, a
+    # Fourier crop of the same images, pixel size sim_apix * sim_box / box).
+    "cpu": dict(sim_box=192, sim_apix=0.8, box=64, n=8000, encoder="small", epochs=15,
+                batch=64, lr=1e-3, loss="l2", device="cpu"),
+    "paper": dict(sim_box=192, sim_apix=0.8, box=192, n=50000, encoder="paper", epochs=200,
+                  batch=256, lr=1e-3, loss="l2", device=None),
 }
 DATASETS = ("uniform", "continuous", "discontinuous")
 
@@ -79,7 +82,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     for k in ("box", "n", "epochs", "batch"):
         ap.add_argument("--" + k, type=int)
-    ap.add_argument("--apix", type=float)
+    ap.add_argument("--sim-box", type=int, help="box of the simulated images (default 192)")
+    ap.add_argument("--sim-apix", type=float,
+                    help="pixel size of the simulated images (default 0.8 A)")
     ap.add_argument("--lr", type=float)
     ap.add_argument("--encoder", choices=("paper", "small"))
     ap.add_argument("--filters", help="override the encoder filters, e.g. 16,32,64")
@@ -97,7 +102,8 @@ def main(argv=None):
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     cfg = dict(CONFIGS[args.config])
-    for k in ("box", "n", "epochs", "batch", "apix", "lr", "encoder", "loss", "device"):
+    for k in ("box", "n", "epochs", "batch", "sim_box", "sim_apix", "lr", "encoder", "loss",
+              "device"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     work = os.path.join(os.path.abspath(args.work), args.config)
@@ -116,13 +122,13 @@ def main(argv=None):
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
     for dist in args.datasets:
-        sim = os.path.join(work, "sim_%s_n%d_b%d" % (dist, cfg["n"], cfg["box"]))
+        sim = os.path.join(work, "sim_%s_n%d_b%d" % (dist, cfg["n"], cfg["sim_box"]))
         t_sim = None
         if not os.path.exists(os.path.join(sim, "particles.star")):
             t_sim, _ = run(nm + ["simulate", "--ref", ref, "--target", tgt, "--frames",
                                  str(args.frames), "-o", sim, "--n", str(cfg["n"]),
-                                 "--distribution", dist, "--box", str(cfg["box"]),
-                                 "--apix", str(cfg["apix"]), "--snr-db", str(args.snr_db),
+                                 "--distribution", dist, "--box", str(cfg["sim_box"]),
+                                 "--apix", str(cfg["sim_apix"]), "--snr-db", str(args.snr_db),
                                  "--seed", str(args.seed), "--overwrite"] + dev, log)
         modes = os.path.join(sim, "modes.npz")
         if not os.path.exists(modes):
@@ -139,7 +145,8 @@ def main(argv=None):
                     shutil.rmtree(rdir)
                 cmd = nm + ["train", "--particles", os.path.join(sim, "particles.star"),
                             "--ref", os.path.join(sim, "reference.pdb"), "--modes", modes,
-                            "--n-modes", str(d), "-o", rdir, "--epochs", str(cfg["epochs"]),
+                            "--n-modes", str(d), "-o", rdir, "--box", str(cfg["box"]),
+                            "--epochs", str(cfg["epochs"]),
                             "--batch", str(cfg["batch"]), "--lr", str(cfg["lr"]),
                             "--encoder", cfg["encoder"], "--loss", cfg["loss"],
                             "--seed", str(args.seed),

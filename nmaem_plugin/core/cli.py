@@ -300,13 +300,16 @@ def _add_infer(sub):
                    help="also write the particles with amplitudes and refined origins")
     p.add_argument("--num-workers", type=int, default=0,
                    help="DataLoader worker processes that read images (default 0)")
+    p.add_argument("--checkpoint", default="last", metavar="last|best|FILE",
+                   help="which weights: last (the last epoch, default), best (the epoch of "
+                        "lowest validation loss, RUN/checkpoints/best.pt) or a checkpoint file")
     p.set_defaults(func=_run_infer)
 
 
 def _run_infer(args):
     from .infer import infer
     infer(args.particles, args.model, args.output, batch=args.batch, device=args.device,
-          star=args.star, num_workers=args.num_workers)
+          star=args.star, num_workers=args.num_workers, checkpoint=args.checkpoint)
     return 0
 
 

@@ -32,9 +32,10 @@ def encode_images(encoder, images, device):
 
 
 def infer(particles, run_dir, out, batch=256, device=None, star=None, num_workers=0,
-          log=print):
+          checkpoint="last", log=print):
     """Write ``out`` (latent.npz) for every particle of ``particles``; optionally ``star``,
-    a copy of the particle file with amplitude columns and refined origins.
+    a copy of the particle file with amplitude columns and refined origins. ``checkpoint``:
+    ``last``, ``best`` (lowest validation loss) or a checkpoint file of the run.
 
     Memory: one batch of images at a time plus the (N, d + 2) results.
     """
@@ -44,7 +45,7 @@ def infer(particles, run_dir, out, batch=256, device=None, star=None, num_worker
     if int(batch) < 1:
         raise NmaemError("--batch must be at least 1")
     dev = _device(device)
-    ae, cfg = load_trained(run_dir, dev)
+    ae, cfg = load_trained(run_dir, dev, checkpoint)
     table = read_particles(particles)
     table.require(poses=False, ctf=False, images=True)
     boxes, apixes = np.unique(table.box), np.unique(table.apix)
@@ -79,8 +80,9 @@ def infer(particles, run_dir, out, batch=256, device=None, star=None, num_worker
         fail(run_dir, "the model gives non-finite outputs")
     with atomic_path(out, suffix=".npz") as tmp:
         np.savez(tmp, z=z, shift=shift, index=rows_all)
-    log("infer: %d particles -> %s (z: %d modes, model of epoch %d)"
-        % (n, out, d, cfg["epoch"]))
+    log("infer: %d particles -> %s (z: %d modes, model of epoch %d, %s checkpoint)"
+        % (n, out, d, cfg["epoch"], checkpoint if checkpoint in ("last", "best") else
+           "the given"))
     if star:
         from dataclasses import replace
         refined = (table.origin_or_zero() - shift.astype(np.float64))

@@ -322,13 +322,32 @@ def _load_checkpoint(path):
         fail(path, "unreadable checkpoint (%s)" % str(exc).splitlines()[0][:200])
 
 
+CHECKPOINTS = ("last", "best")
+
+
+def checkpoint_path(run_dir, checkpoint=None):
+    """The file of ``checkpoint``: ``last`` (default; the last epoch), ``best`` (the epoch of
+    lowest validation loss) or a path."""
+    name = checkpoint or "last"
+    if name in CHECKPOINTS:
+        path = os.path.join(run_dir, "checkpoints", name + ".pt")
+        if not os.path.isfile(path):
+            fail(run_dir, "no trained model (checkpoints/%s.pt missing%s)" % (
+                name, "; runs of nmaem before best.pt existed have only last.pt"
+                if name == "best" and os.path.isfile(os.path.join(run_dir, "checkpoints",
+                                                                  "last.pt")) else ""))
+        return path
+    if not os.path.isfile(name):
+        fail(name, "checkpoint file not found")
+    return name
+
+
 def load_trained(run_dir, device="cpu", checkpoint=None):
-    """(autoencoder in eval mode on ``device``, config dict) of a trained run."""
+    """(autoencoder in eval mode on ``device``, config dict) of a trained run;
+    ``checkpoint``: see :func:`checkpoint_path`."""
     run_dir = os.path.abspath(run_dir)
     cfg = read_config(run_dir)
-    path = checkpoint or os.path.join(run_dir, "checkpoints", "last.pt")
-    if not os.path.isfile(path):
-        fail(run_dir, "no trained model (checkpoints/last.pt missing)")
+    path = checkpoint_path(run_dir, checkpoint)
     ck = _load_checkpoint(path)
     ae = build_autoencoder(cfg, run_dir)
     ae.encoder.load_state_dict(ck["model"])
@@ -367,13 +386,26 @@ def _set_rng_state(st):
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
 
 
+def _is_best(history):
+    """Whether the last epoch of ``history`` has the lowest finite validation loss so far."""
+    vals = [h["val_loss"] for h in history]
+    v = vals[-1]
+    return bool(np.isfinite(v)) and all(not (o < v) for o in vals[:-1] if np.isfinite(o))
+
+
 def _save_checkpoint(run_dir, ck, keep):
+    """Write epoch_NNNN.pt, best.pt when this epoch has the lowest validation loss so far,
+    then last.pt. last.pt is written last, so a run killed in between redoes the epoch on
+    --resume and writes best.pt again."""
     folder = os.path.join(run_dir, "checkpoints")
     os.makedirs(folder, exist_ok=True)
     last = os.path.join(folder, "last.pt")
     epoch_file = os.path.join(folder, "epoch_%04d.pt" % ck["epoch"])
     with atomic_path(epoch_file) as tmp:
         torch.save(ck, tmp)
+    if _is_best(ck["history"]):
+        with atomic_path(os.path.join(folder, "best.pt")) as tmp:
+            shutil.copyfile(epoch_file, tmp)
     with atomic_path(last) as tmp:
         shutil.copyfile(epoch_file, tmp)
     olds = sorted(f for f in os.listdir(folder) if f.startswith("epoch_") and f.endswith(".pt"))

@@ -26,6 +26,10 @@ from .protocol_flex_common import (ATTR_LATENT_FILE, ATTR_RUN_DIR, ATTR_STAR_FIL
                                    runDirOf)
 
 
+WEIGHTS = ["last epoch", "lowest validation loss"]
+WEIGHTS_ARG = ["last", "best"]          # nmaem infer --checkpoint
+
+
 class NmaemInferOutputs(Enum):
     outputParticles = SetOfParticlesFlex
 
@@ -54,6 +58,14 @@ class NmaemProtInfer(NmaemProtBase):
         form.addParam("batchSize", params.IntParam, default=256, validators=[params.Positive],
                       label="Batch size",
                       help="Images per batch on the GPU; lower it when memory runs out.")
+        form.addParam("weights", params.EnumParam, choices=WEIGHTS, default=0,
+                      display=params.EnumParam.DISPLAY_COMBO,
+                      expertLevel=params.LEVEL_ADVANCED, label="Network weights",
+                      help="last epoch: the weights at the end of training (the method's "
+                           "choice). lowest validation loss: the epoch whose loss on the "
+                           "held-out tenth of the particles was lowest (RUN/checkpoints/best.pt). On noisy "
+                           "data the validation loss can rise while the latent space still "
+                           "improves (docs/training.md), so 'last epoch' is the default.")
         form.addParam("foldShifts", params.BooleanParam, default=True,
                       expertLevel=params.LEVEL_ADVANCED, label="Refine the shifts?",
                       help="Yes: the predicted shift of each particle is folded into its "
@@ -87,7 +99,8 @@ class NmaemProtInfer(NmaemProtBase):
                 "--model", os.path.abspath(runDirOf(self.inputNetwork.get())),
                 "-o", latent, "--batch", self.batchSize.get(),
                 "--star", self._getFileName("outStar"),
-                "--num-workers", self.numberOfWorkers.get()]
+                "--num-workers", self.numberOfWorkers.get(),
+                "--checkpoint", WEIGHTS_ARG[self.weights.get()]]
         self.runNmaem("infer", args + self._deviceArgs())
 
     def createOutputStep(self):
@@ -119,6 +132,11 @@ class NmaemProtInfer(NmaemProtBase):
         elif cfg is None or lastCheckpoint(run) is None:
             errors.append("The network's run folder %s has no trained network "
                           "(config.json and checkpoints/last.pt)." % run)
+        elif WEIGHTS_ARG[self.weights.get()] == "best" and not os.path.isfile(
+                os.path.join(run, "checkpoints", "best.pt")):
+            errors.append("The network's run folder %s has no checkpoints/best.pt (it was "
+                          "trained by an nmaem version without it); choose the weights of "
+                          "the last epoch." % run)
         if parts is None:
             errors.append("Choose the input particles.")
             return errors

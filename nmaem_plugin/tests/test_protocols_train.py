@@ -215,6 +215,24 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         self.assertGreater(np.abs(origin - srcOrigin).max(), 1e-3)
         self.assertIn("%d particles" % N_PARTICLES, " ".join(self.infer.summary()))
 
+    def test_infer_best_weights(self):
+        """Weights 'lowest validation loss' runs nmaem infer --checkpoint best: the latent
+        file equals the command's own output with those weights."""
+        from nmaem_plugin.core.infer import infer
+        from nmaem_plugin.protocols.protocol_infer import WEIGHTS
+        prot = self.newProtocol(NmaemProtInfer, objLabel="infer best", batchSize=64,
+                                useGpu=False, weights=WEIGHTS.index("lowest validation loss"))
+        prot.inputNetwork.set(self.train.outputNetwork)
+        prot.inputParticles.set(self.sim.outputParticles)
+        self._launch(prot)
+        self.assertIn("--checkpoint best", _logText(prot))
+        ref = os.path.join(self.getOutputPath(), "latent_best.npz")
+        infer(prot._getExtraPath("input_particles.star"), self._runDir(), ref, checkpoint="best",
+              log=lambda *a: None)
+        with np.load(prot._getExtraPath("latent.npz")) as a, np.load(ref) as b:
+            np.testing.assert_array_equal(a["z"], b["z"])
+            np.testing.assert_array_equal(a["shift"], b["shift"])
+
     def test_infer_validate_box(self):
         prot = self.newProtocol(NmaemProtInfer)
         prot.inputNetwork.set(self.train.outputNetwork)

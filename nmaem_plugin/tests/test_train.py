@@ -151,9 +151,16 @@ class TestTraining(TrainTestCase):
         self.assertEqual(len(val), 16)
         self.assertEqual(sorted(np.concatenate([trn, val]).tolist()), list(range(160)))
         self.assertEqual(sorted(os.listdir(os.path.join(run, "checkpoints"))),
-                         ["epoch_0001.pt", "epoch_0002.pt", "last.pt"])
+                         ["best.pt", "epoch_0001.pt", "epoch_0002.pt", "last.pt"])
         ck = load_ck(run)
         self.assertEqual(ck["epoch"], 2)
+        # best.pt: the epoch of lowest validation loss in log.csv, weights of that epoch
+        vals = [float(r["val_loss"]) for r in read_log(run)]
+        best = load_ck(run, "best.pt")
+        self.assertEqual(best["epoch"], 1 + int(np.argmin(vals)))
+        same = load_ck(run, "epoch_%04d.pt" % best["epoch"])
+        for k, v in flat_tensors(best["model"]).items():
+            self.assertTrue(torch.equal(v, flat_tensors(same["model"])[k]), k)
         self.assertTrue(torch.equal(ck["split"]["val"], torch.as_tensor(val)))
         for key in ("model", "optimizer", "rng", "history"):
             self.assertIn(key, ck)
@@ -257,7 +264,7 @@ class TestTraining(TrainTestCase):
         self.assertEqual(p.returncode, 0, p.stderr[-3000:])
         self.assertIn("x 2 processes", p.stdout)
         self.assertEqual(sorted(os.listdir(os.path.join(run, "checkpoints"))),
-                         ["epoch_0001.pt", "last.pt"])
+                         ["best.pt", "epoch_0001.pt", "last.pt"])
         ck = load_ck(run)
         self.assertEqual(ck["epoch"], 1)
         rows = read_log(run)
@@ -291,6 +298,28 @@ class TestTraining(TrainTestCase):
             self.assertEqual(lat["shift"].shape, (160, 2))
             self.assertTrue(np.all(np.isfinite(lat["shift"])))
         self.assertEqual(out["z"].shape, (160, 0))
+
+
+class TestBestCheckpoint(unittest.TestCase):
+    def test_best_follows_the_validation_loss(self):
+        """best.pt is rewritten only when an epoch's validation loss is the lowest so far
+        (NaN never is); last.pt is always the latest epoch."""
+        from nmaem_plugin.core.train import _save_checkpoint
+        run = tempfile.mkdtemp(prefix="nmaem-best-")
+        self.addCleanup(shutil.rmtree, run, ignore_errors=True)
+        history = []
+        for epoch, (val, best) in enumerate([(1.0, 1), (0.5, 2), (0.7, 2), (float("nan"), 2),
+                                             (0.5, 5), (0.2, 6)], start=1):
+            history.append(dict(epoch=epoch, val_loss=val))
+            ck = dict(epoch=epoch, model={"w": torch.full((2,), float(epoch))},
+                      history=[dict(h) for h in history])
+            _save_checkpoint(run, ck, keep=2)
+            self.assertEqual(load_ck(run, "best.pt")["epoch"], best, epoch)
+            self.assertEqual(load_ck(run, "last.pt")["epoch"], epoch)
+            self.assertTrue(torch.equal(load_ck(run, "best.pt")["model"]["w"],
+                                        torch.full((2,), float(best))))
+        self.assertEqual(sorted(os.listdir(os.path.join(run, "checkpoints"))),
+                         ["best.pt", "epoch_0005.pt", "epoch_0006.pt", "last.pt"])
 
 
 class TestNetwork(unittest.TestCase):
@@ -357,6 +386,37 @@ class TestInference(TrainTestCase):
         for l, name in enumerate(["nmaemZ01", "nmaemZ02", "nmaemZ03"]):
             np.testing.assert_allclose(out.extra[name].to_numpy(float), zl[:, l], rtol=1e-6)
         np.testing.assert_array_equal(out.euler, src.euler)
+
+    def test_infer_checkpoint_choice(self):
+        """--checkpoint FILE uses those weights (epoch 1 here, not the last epoch 2);
+        --checkpoint best on a run without best.pt is a one-line error."""
+        from nmaem_plugin.core.train import load_trained
+        ep1 = os.path.join(self.run_a, "checkpoints", "epoch_0001.pt")
+        lat_path = self.path("latent_ep1.npz")
+        with contextlib.redirect_stderr(io.StringIO()), \
+                contextlib.redirect_stdout(io.StringIO()):
+            rc = cli.main(["infer", "--particles", self.star, "--model", self.run_a,
+                           "-o", lat_path, "--checkpoint", ep1, "--device", "cpu"])
+        self.assertEqual(rc, 0)
+        ae1, cfg1 = load_trained(self.run_a, "cpu", checkpoint=ep1)
+        ae2, _ = load_trained(self.run_a, "cpu")
+        self.assertEqual(cfg1["epoch"], 1)
+        with torch.no_grad():
+            z1 = ae1.encoder(self.cropped_images())[1].numpy()
+            z2 = ae2.encoder(self.cropped_images())[1].numpy()
+        with np.load(lat_path) as lat:
+            np.testing.assert_allclose(lat["z"], z1, rtol=1e-5, atol=1e-4)
+            self.assertGreater(np.abs(lat["z"] - z2).max(), 1e-3)
+        old = self.path("run_old")
+        shutil.copytree(self.run_a, old)
+        os.unlink(os.path.join(old, "checkpoints", "best.pt"))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            rc = cli.main(["infer", "--particles", self.star, "--model", old, "-o",
+                           self.path("latent_old.npz"), "--checkpoint", "best"])
+        self.assertEqual(rc, 2)
+        self.assertIn("best.pt missing", err.getvalue().strip().splitlines()[-1])
+        self.assertFalse(os.path.exists(self.path("latent_old.npz")))
 
 
 class TestBadInput(TrainTestCase):

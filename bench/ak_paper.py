@@ -95,7 +95,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int,
                     help="OMP_NUM_THREADS for the commands (1 is much faster than 2 on a "
                          "2-core machine that another job is using)")
-    ap.add_argument("--tag", default="", help="suffix of the run folders (variants)")
+    ap.add_argument("--tag", default=None,
+                    help="suffix of the run folders and result keys (default: made from the "
+                         "settings that differ from the configuration, e.g. _e30_n16000)")
     ap.add_argument("--fresh", action="store_true", help="retrain runs that exist")
     args = ap.parse_args(argv)
 
@@ -106,6 +108,15 @@ def main(argv=None):
               "device"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
+    if args.tag is None:      # variants never reuse or overwrite the configuration's runs
+        short = dict(epochs="e", n="n", box="b", batch="bs", sim_box="sb", sim_apix="sa",
+                     lr="lr", encoder="", loss="", device="")
+        args.tag = "".join("_%s%s" % (short[k], cfg[k]) for k in short
+                           if cfg[k] != CONFIGS[args.config][k] and k != "device")
+        if args.filters:
+            args.tag += "_f" + args.filters.replace(",", "-")
+        if args.hidden:
+            args.tag += "_h" + args.hidden.replace(",", "-")
     work = os.path.join(os.path.abspath(args.work), args.config)
     os.makedirs(work, exist_ok=True)
     log = os.path.join(work, "commands.log")

@@ -40,6 +40,8 @@ DEFAULTS = dict(
     min_height=0.1,        # a maximum's density must be >= this fraction of the highest one
     min_prominence=0.1,    # ... and rise by >= this fraction of its height above the dip
                            #     separating it from any higher maximum
+    min_significance=3.0,  # ... and by >= this many standard errors of the KDE (a bump
+                           #     of the sample's own noise is not a state)
     n_init=10,             # k-means restarts (k-means++ seeding), best inertia kept
     max_iter=300,          # k-means iterations per restart
 )
@@ -404,7 +406,8 @@ class Maxima:
 
 def density_maxima(x, bandwidth=None, min_height=DEFAULTS["min_height"],
                    min_prominence=DEFAULTS["min_prominence"], radius=None,
-                   grid_size=DEFAULTS["kde_grid"]):
+                   grid_size=DEFAULTS["kde_grid"],
+                   min_significance=DEFAULTS["min_significance"]):
     """Local maxima of a Gaussian KDE of the 1D sample ``x`` (e.g. PC1).
 
     ``bandwidth``: a number in the units of x, or a rule name for ``kde_bandwidth``
@@ -413,7 +416,10 @@ def density_maxima(x, bandwidth=None, min_height=DEFAULTS["min_height"],
     maximum is refined by a parabola through its 3 points. A maximum is kept when its
     density is at least ``min_height`` x the highest and its prominence (height above the
     higher of the two lowest points separating it from higher maxima, or from the ends) is
-    at least ``min_prominence`` x its density. Basins are split at the lowest KDE point
+    at least ``min_prominence`` x its density and at least ``min_significance`` standard
+    errors of the difference of the two KDE values, sqrt((f_max + f_dip) R(K) / (n h)),
+    R(K) = 1 / (2 sqrt(pi)) for the Gaussian kernel (the KDE's pointwise variance f R(K) /
+    (n h), the two taken as independent). Basins are split at the lowest KDE point
     between consecutive kept maxima; ``near`` holds the particles of each basin within
     ``radius`` (default: the bandwidth) of the maximum.
     """
@@ -444,7 +450,9 @@ def density_maxima(x, bandwidth=None, min_height=DEFAULTS["min_height"],
         right = higher[higher > p]
         lo = f[(left.max() if len(left) else 0):p + 1].min()
         ro = f[p:(right.min() + 1 if len(right) else len(f))].min()
-        if f[p] - max(lo, ro) >= min_prominence * f[p]:
+        dip = max(lo, ro)
+        se = np.sqrt((f[p] + dip) / (2 * np.sqrt(np.pi) * len(x) * h))
+        if f[p] - dip >= min_prominence * f[p] and f[p] - dip >= min_significance * se:
             keep.append(p)
     keep = np.array(keep, dtype=np.int64)
     dx = grid[1] - grid[0]
@@ -528,7 +536,7 @@ def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
            low=DEFAULTS["low_percentile"], high=DEFAULTS["high_percentile"], kmeans_k=None,
            maxima=False, z_list=(), fmt="pdb", seed=0, overwrite=False, bandwidth=None,
            min_height=DEFAULTS["min_height"], min_prominence=DEFAULTS["min_prominence"],
-           log=print):
+           min_significance=DEFAULTS["min_significance"], log=print):
     """Write deformed all-atom models at latent points; returns the listing (a dict).
 
     Any combination of: ``pcs`` (list of 1-based PCs, or "1,2") with ``steps`` points from
@@ -581,7 +589,8 @@ def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
         if p is None:
             fail(latent.path, "density maxima need at least 2 particles")
         mx = density_maxima(p.transform(latent.z)[:, 0], bandwidth=bandwidth,
-                            min_height=min_height, min_prominence=min_prominence)
+                            min_height=min_height, min_prominence=min_prominence,
+                            min_significance=min_significance)
         counts = mx.basin_counts
         for j in range(len(mx)):
             members = mx.near[j]
@@ -693,7 +702,8 @@ def _rmsd_rows(x0, U, z, targets, chunk=512):
 
 
 def evaluate(latent_path, sim_dir, run_dir, per_particle=None, bandwidth=None,
-             min_height=DEFAULTS["min_height"], min_prominence=DEFAULTS["min_prominence"]):
+             min_height=DEFAULTS["min_height"], min_prominence=DEFAULTS["min_prominence"],
+             min_significance=DEFAULTS["min_significance"]):
     """Accuracy of a latent file against a simulated dataset's ground truth: a dict.
 
     See ``docs/analysis.md`` for every field. In short: per-particle RMSD of
@@ -780,7 +790,7 @@ def evaluate(latent_path, sim_dir, run_dir, per_particle=None, bandwidth=None,
         else:
             out["abs_corr_pc1_frame"] = None
         mx = density_maxima(pc1, bandwidth=bandwidth, min_height=min_height,
-                            min_prominence=min_prominence)
+                            min_prominence=min_prominence, min_significance=min_significance)
         counts = mx.basin_counts
         rows = []
         for j in range(len(mx)):
@@ -798,7 +808,7 @@ def evaluate(latent_path, sim_dir, run_dir, per_particle=None, bandwidth=None,
                              reference_rmsd=float(ref_rmsd_frames[f])))
         out["maxima"] = dict(bandwidth=float(mx.bandwidth), radius=float(mx.radius),
                              min_height=min_height, min_prominence=min_prominence,
-                             points=rows)
+                             min_significance=min_significance, points=rows)
     else:
         out["pca_explained_variance_ratio"] = None
         out["pc1_explained_variance"] = None

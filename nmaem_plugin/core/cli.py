@@ -88,6 +88,9 @@ def _add_maxima_options(p):
     p.add_argument("--min-prominence", type=float, default=0.1,
                    help="keep maxima rising at least this fraction of their height above "
                         "the dip to any higher maximum (default 0.1)")
+    p.add_argument("--min-significance", type=float, default=3.0,
+                   help="... and by at least this many standard errors of the density "
+                        "estimate (default 3; 0 keeps noise bumps)")
 
 
 def _bandwidth(text):
@@ -139,7 +142,7 @@ def _run_export(args):
            low=args.low, high=args.high, kmeans_k=args.kmeans, maxima=args.maxima,
            z_list=args.z, fmt=args.format, seed=args.seed, overwrite=args.overwrite,
            bandwidth=_bandwidth(args.bandwidth), min_height=args.min_height,
-           min_prominence=args.min_prominence)
+           min_prominence=args.min_prominence, min_significance=args.min_significance)
     return 0
 
 
@@ -164,7 +167,8 @@ def _run_evaluate(args):
     from .analysis import evaluate, format_json
     result = evaluate(args.latent, args.truth, args.model, per_particle=args.per_particle,
                       bandwidth=_bandwidth(args.bandwidth), min_height=args.min_height,
-                      min_prominence=args.min_prominence)
+                      min_prominence=args.min_prominence,
+                      min_significance=args.min_significance)
     sys.stdout.write(format_json(result) + "\n")
     return 0
 

@@ -250,6 +250,22 @@ class TestMaxima(unittest.TestCase):
                 self.assertEqual(len(mx.near), 1)
                 np.testing.assert_array_equal(mx.basin, 0)
 
+    def test_noise_bumps_are_not_maxima(self):
+        """A flat density (uniform sample) gives one maximum, though without the
+        significance test its KDE shows several noise bumps; a small but real mode (150 of
+        2,150 particles, 6 sd away) is kept."""
+        bumps = 0
+        for seed in range(5):
+            rng = np.random.default_rng(seed)
+            x = rng.uniform(0, 10, 3000)
+            bumps += len(A.density_maxima(x, min_significance=0)) - 1
+            self.assertEqual(len(A.density_maxima(x)), 1, seed)
+            y = np.concatenate([rng.normal(0, 1, 2000), rng.normal(6, 0.5, 150)])
+            mx = A.density_maxima(y)
+            self.assertEqual(len(mx), 2, seed)
+            np.testing.assert_allclose(mx.positions, [0, 6], atol=0.3)
+        self.assertGreater(bumps, 5)       # the case is not trivial
+
     def test_bandwidth_rules(self):
         """On a normal sample the plug-in bandwidth is near the normal-reference optimum
         (1.06 sd n^-1/5) and Silverman's rule is 0.9 sd n^-1/5; on three separated modes the

@@ -117,6 +117,8 @@ def main(argv=None):
             args.tag += "_f" + args.filters.replace(",", "-")
         if args.hidden:
             args.tag += "_h" + args.hidden.replace(",", "-")
+        if args.seed:
+            args.tag += "_seed%d" % args.seed
     work = os.path.join(os.path.abspath(args.work), args.config)
     os.makedirs(work, exist_ok=True)
     log = os.path.join(work, "commands.log")
@@ -133,7 +135,9 @@ def main(argv=None):
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
     for dist in args.datasets:
-        sim = os.path.join(work, "sim_%s_n%d_b%d" % (dist, cfg["n"], cfg["sim_box"]))
+        sim = os.path.join(work, "sim_%s_n%d_b%d%s" % (dist, cfg["n"], cfg["sim_box"],
+                                                        "_seed%d" % args.seed if args.seed
+                                                        else ""))
         t_sim = None
         if not os.path.exists(os.path.join(sim, "particles.star")):
             t_sim, _ = run(nm + ["simulate", "--ref", ref, "--target", tgt, "--frames",

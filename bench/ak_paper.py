@@ -11,9 +11,12 @@ against the ground truth. Every step is the user's command run as a subprocess
 
 Configurations (any setting can be overridden on the command line):
 
-* ``cpu``: 64 px at 2.4 A (the 192 px / 0.8 A field of view), 8,000 images, the small
-  encoder, batch 64, 15 epochs: one dataset and one d in about 10 minutes on 2 cores
-  (use ``--threads 1`` when another job shares the machine: see docs/benchmarks.md).
+Both simulate the paper's particles (192 px at 0.8 A, -20 dB); they differ in the box the
+network sees (``nmaem train --box``, a Fourier crop of the same images).
+
+* ``cpu``: trains at 64 px (2.4 A), 8,000 images, the small encoder, batch 64, 15 epochs:
+  one dataset and one d in about 10 minutes on one core (use ``--threads 1`` when another
+  job shares the machine: see docs/benchmarks.md).
 * ``paper``: 192 px at 0.8 A, 50,000 images, 200 epochs, batch 256, the paper's encoder
   (for a GPU: ``--device cuda``).
 

@@ -42,9 +42,9 @@ CONFIGS = {
     # both configurations); box: what the encoder and decoder see (nmaem train --box, a
     # Fourier crop of the same images, pixel size sim_apix * sim_box / box).
     "cpu": dict(sim_box=192, sim_apix=0.8, box=64, n=8000, encoder="small", epochs=15,
-                batch=64, lr=1e-3, loss="l2", device="cpu"),
+                batch=64, lr=1e-3, loss="l2", device="cpu", lr_schedule="constant"),
     "paper": dict(sim_box=192, sim_apix=0.8, box=192, n=50000, encoder="paper", epochs=200,
-                  batch=256, lr=1e-3, loss="l2", device=None),
+                  batch=256, lr=1e-3, loss="l2", device=None, lr_schedule="constant"),
 }
 DATASETS = ("uniform", "continuous", "discontinuous")
 
@@ -93,6 +93,7 @@ def main(argv=None):
     ap.add_argument("--filters", help="override the encoder filters, e.g. 16,32,64")
     ap.add_argument("--hidden", help="override the MLP hidden sizes, e.g. 128,64")
     ap.add_argument("--loss", choices=("l2", "corr"))
+    ap.add_argument("--lr-schedule", choices=("constant", "cosine"))
     ap.add_argument("--device")
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--threads", type=int,
@@ -108,12 +109,12 @@ def main(argv=None):
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     cfg = dict(CONFIGS[args.config])
     for k in ("box", "n", "epochs", "batch", "sim_box", "sim_apix", "lr", "encoder", "loss",
-              "device"):
+              "device", "lr_schedule"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     if args.tag is None:      # variants never reuse or overwrite the configuration's runs
         short = dict(epochs="e", n="n", box="b", batch="bs", sim_box="sb", sim_apix="sa",
-                     lr="lr", encoder="", loss="", device="")
+                     lr="lr", encoder="", loss="", device="", lr_schedule="")
         args.tag = "".join("_%s%s" % (short[k], cfg[k]) for k in short
                            if cfg[k] != CONFIGS[args.config][k] and k != "device")
         if args.filters:
@@ -167,6 +168,7 @@ def main(argv=None):
                             "--epochs", str(cfg["epochs"]),
                             "--batch", str(cfg["batch"]), "--lr", str(cfg["lr"]),
                             "--encoder", cfg["encoder"], "--loss", cfg["loss"],
+                            "--lr-schedule", cfg["lr_schedule"],
                             "--seed", str(args.seed),
                             "--num-workers", str(args.num_workers)] + dev
                 if args.filters:

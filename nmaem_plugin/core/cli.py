@@ -239,6 +239,9 @@ def _add_train(sub):
                    help="override the MLP hidden sizes")
     p.add_argument("--rmsd-unit", type=float, default=None,
                    help="RMSD (A) of one unit of network output along a mode (default 1)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
+                   help="constant learning rate (default, as in the paper) or cosine decay "
+                        "from --lr to 0 over --epochs")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when "
                                                   "present)")
@@ -280,7 +283,7 @@ def _run_train(args):
                 n_modes=args.n_modes, loss=args.loss, encoder=args.encoder, filters=args.filters,
                 hidden=args.hidden, rmsd_unit=args.rmsd_unit, seed=args.seed,
                 device=args.device, bf16=args.bf16, num_workers=args.num_workers,
-                keep=args.keep)
+                keep=args.keep, lr_schedule=args.lr_schedule)
     if nproc > 1:
         launch_distributed(args.output, nproc, gpus=args.gpus)
     else:

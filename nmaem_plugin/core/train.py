@@ -45,9 +45,19 @@ CHECKPOINT_FORMAT = 1
 VAL_FRACTION = 0.1
 DEFAULTS = dict(epochs=200, batch=256, lr=1e-3, box=None, n_modes=None, seed=0, loss="l2",
                 encoder="paper", filters=None, hidden=None, rmsd_unit=1.0, bf16=False,
-                device=None, num_workers=0, keep=3)
+                device=None, num_workers=0, keep=3, lr_schedule="constant")
 # settings that a resumed run may change; every other one is fixed by the first start
-RESUMABLE = ("epochs", "batch", "lr", "device", "num_workers", "bf16", "keep")
+RESUMABLE = ("epochs", "batch", "lr", "lr_schedule", "device", "num_workers", "bf16", "keep")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def epoch_lr(cfg, epoch):
+    """Learning rate of 0-based ``epoch``: ``lr`` (constant, the paper's) or, for
+    ``cosine``, lr (1 + cos(pi epoch / epochs)) / 2, from lr at epoch 0 towards 0."""
+    lr = float(cfg["lr"])
+    if cfg.get("lr_schedule", "constant") == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / int(cfg["epochs"])))
+    return lr
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "images_per_s", "seconds")
 
 
@@ -287,8 +297,12 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
         rmsd_unit=float(s["rmsd_unit"]), z_scale=z_scale_for(nm.n_atoms, s["rmsd_unit"]),
         shift_scale=float(apix), bf16=bool(s["bf16"]), device=s["device"],
         num_workers=int(s["num_workers"]), keep=int(s["keep"]), optimizer="adam",
+        lr_schedule=str(s["lr_schedule"]),
         val_fraction=VAL_FRACTION)
     from .network import LOSSES
+    if cfg["lr_schedule"] not in LR_SCHEDULES:
+        raise NmaemError("unknown --lr-schedule %r (choose from %s)"
+                         % (cfg["lr_schedule"], ", ".join(LR_SCHEDULES)))
     if cfg["loss"] not in LOSSES:
         raise NmaemError("unknown loss %r (choose from %s)" % (cfg["loss"], ", ".join(LOSSES)))
     _write_json(cfg_path, cfg)      # last: marks a prepared run
@@ -585,9 +599,10 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
     progress = Progress((epochs - start) * per_epoch * local_batch * dist.world, "train",
                         unit="images") if rank0 else None
     end = epochs if stop_after is None else min(epochs, start + int(stop_after))
-    say("train: epochs %d-%d on %s%s, batch %d (%d per process), lr %g, loss %s"
+    say("train: epochs %d-%d on %s%s, batch %d (%d per process), lr %g%s, loss %s"
         % (start + 1, epochs, device, " x %d processes" % dist.world if dist.active else "",
-           cfg["batch"], local_batch, cfg["lr"], loss_kind))
+           cfg["batch"], local_batch, cfg["lr"],
+           " (cosine decay)" if cfg.get("lr_schedule") == "cosine" else "", loss_kind))
 
     def forward(enc, images, rows):
         rot, base, ctf_p = meta.batch(rows)
@@ -603,6 +618,8 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
 
     for epoch in range(start, end):
         t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = epoch_lr(cfg, epoch)
         batches, _ = _rank_batches(_epoch_order(trn, cfg["seed"], epoch), cfg["batch"],
                                    dist.rank, dist.world)
         encoder.train()

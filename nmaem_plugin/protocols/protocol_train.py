@@ -23,6 +23,7 @@ from .protocol_flex_common import (ATTR_APIX, ATTR_BOX, ATTR_EPOCHS, ATTR_LATENT
 
 ENCODERS = ["paper", "small"]
 LOSSES = ["l2", "corr"]
+LR_SCHEDULES = ["constant", "cosine"]
 ENCODER_BLOCKS = {"paper": 5, "small": 3}     # pooling blocks: box >= 2 ** blocks
 
 
@@ -135,6 +136,12 @@ class NmaemProtTrain(NmaemProtBase):
         form.addParam("learningRate", params.FloatParam, default=1e-3,
                       validators=[params.Positive], label="Learning rate",
                       help="Step size of the Adam optimiser (the paper uses 1e-3).")
+        form.addParam("lrSchedule", params.EnumParam, choices=LR_SCHEDULES, default=0,
+                      display=params.EnumParam.DISPLAY_HLIST,
+                      expertLevel=params.LEVEL_ADVANCED, label="Learning-rate schedule",
+                      help="constant: the learning rate above throughout (the paper). "
+                           "cosine: decays from it to 0 over the epochs "
+                           "(docs/training.md).")
         form.addParam("encoder", params.EnumParam, choices=ENCODERS, default=0,
                       condition="not doContinue", label="Encoder",
                       help="'paper': the paper's CNN (filters 32-64-128-256-512, MLP 512, "
@@ -220,7 +227,8 @@ class NmaemProtTrain(NmaemProtBase):
         run = self._getFileName("run")
         common = ["-o", run, "--epochs", epochs, "--batch", batch, "--lr", lr,
                   "--num-workers", self.numberOfWorkers.get(),
-                  "--keep", self.keepCheckpoints.get()]
+                  "--keep", self.keepCheckpoints.get(),
+                  "--lr-schedule", LR_SCHEDULES[self.lrSchedule.get()]]
         if self.bf16.get():
             common.append("--bf16")
         common += self._gpuArgs()

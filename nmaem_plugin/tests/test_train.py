@@ -252,6 +252,26 @@ class TestTraining(TrainTestCase):
         self.assertEqual([r["val_loss"] for r in la], [r["val_loss"] for r in lb])
         self.assertEqual([r["train_loss"] for r in la], [r["train_loss"] for r in lb])
 
+    def test_cosine_learning_rate(self):
+        """--lr-schedule cosine: lr (1 + cos(pi e / E)) / 2 in 0-based epoch e, so with
+        E = 2 the second epoch runs at lr / 2 (hand values), and the optimiser state saved
+        after it holds that rate; a constant schedule keeps lr."""
+        from nmaem_plugin.core.train import epoch_lr, train
+        cfg = dict(lr=1e-3, epochs=4, lr_schedule="cosine")
+        self.assertEqual([round(epoch_lr(cfg, e) / 1e-3, 12) for e in range(4)],
+                         [1.0, round((1 + 0.5 ** 0.5) / 2, 12), 0.5,
+                          round((1 - 0.5 ** 0.5) / 2, 12)])
+        self.assertEqual(epoch_lr(dict(cfg, lr_schedule="constant"), 3), 1e-3)
+        self.assertEqual(epoch_lr(dict(lr=1e-3, epochs=4), 3), 1e-3)   # older runs
+        run = self.path("run_cosine")
+        train(run, self.star, self.ref, self.modes, epochs=2, log=quiet,
+              lr_schedule="cosine", **SMALL)
+        ck = load_ck(run)
+        self.assertAlmostEqual(ck["optimizer"]["param_groups"][0]["lr"], 0.5e-3, places=12)
+        with open(os.path.join(run, "config.json")) as fh:
+            self.assertEqual(json.load(fh)["lr_schedule"], "cosine")
+        self.assertEqual(load_ck(self.run_a)["optimizer"]["param_groups"][0]["lr"], 1e-3)
+
     def test_ddp_two_processes(self):
         """``nmaem train --nproc 2 --device cpu`` trains with two gloo processes."""
         run = self.path("run_ddp")

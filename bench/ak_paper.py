@@ -14,9 +14,10 @@ Configurations (any setting can be overridden on the command line):
 Both simulate the paper's particles (192 px at 0.8 A, -20 dB); they differ in the box the
 network sees (``nmaem train --box``, a Fourier crop of the same images).
 
-* ``cpu``: trains at 64 px (2.4 A), 8,000 images, the small encoder, batch 64, 15 epochs:
-  one dataset and one d in about 10 minutes on one core (use ``--threads 1`` when another
-  job shares the machine: see docs/benchmarks.md).
+* ``cpu``: trains at 64 px (2.4 A), 8,000 images, the small encoder, batch 64, 30 epochs
+  with a cosine learning-rate decay from 1e-3: one dataset and one d in about 18 minutes
+  on one core (use ``--threads 1`` when another job shares the machine: see
+  docs/benchmarks.md).
 * ``paper``: 192 px at 0.8 A, 50,000 images, 200 epochs, batch 256, the paper's encoder
   (for a GPU: ``--device cuda``).
 
@@ -41,8 +42,8 @@ CONFIGS = {
     # sim_box / sim_apix: the simulated particles (the paper's 192 px at 0.8 A, -20 dB, in
     # both configurations); box: what the encoder and decoder see (nmaem train --box, a
     # Fourier crop of the same images, pixel size sim_apix * sim_box / box).
-    "cpu": dict(sim_box=192, sim_apix=0.8, box=64, n=8000, encoder="small", epochs=15,
-                batch=64, lr=1e-3, loss="l2", device="cpu", lr_schedule="constant"),
+    "cpu": dict(sim_box=192, sim_apix=0.8, box=64, n=8000, encoder="small", epochs=30,
+                batch=64, lr=1e-3, loss="l2", device="cpu", lr_schedule="cosine"),
     "paper": dict(sim_box=192, sim_apix=0.8, box=192, n=50000, encoder="paper", epochs=200,
                   batch=256, lr=1e-3, loss="l2", device=None, lr_schedule="constant"),
 }

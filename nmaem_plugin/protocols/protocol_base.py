@@ -13,6 +13,7 @@ selection, checks of input particles, and splitting multi-model PDB files.
 No heavy imports here (Scipion imports every plugin's protocols at start-up): the work
 runs in the ``nmaem`` command; steps read what earlier steps wrote to disk.
 """
+import json
 import os
 import shlex
 
@@ -39,6 +40,46 @@ class NmaemProtBase(EMProtocol):
                        label=gpuListLabel,
                        help=gpuListHelp or ("The GPU to use (CUDA device number, as in "
                                             "nvidia-smi). Only the first one is used."))
+
+    @staticmethod
+    def _defineMaximaParams(form, condition=None):
+        """The density-maxima settings of ``nmaem export --maxima`` and ``nmaem evaluate``
+        (docs/analysis.md), advanced; ``condition`` shows them only in some modes."""
+        kw = dict(expertLevel=params.LEVEL_ADVANCED)
+        if condition:
+            kw["condition"] = condition
+        form.addParam("bandwidth", params.StringParam, default="isj", label="KDE bandwidth",
+                      help="Bandwidth of the kernel density on PC1 whose maxima are found: "
+                           "a number, or 'isj' (improved Sheather-Jones), 'silverman' or "
+                           "'scott'.", **kw)
+        form.addParam("minHeight", params.FloatParam, default=0.1,
+                      validators=[params.Range(0, 1)], label="Minimum height",
+                      help="Keep maxima at least this fraction of the highest one.", **kw)
+        form.addParam("minProminence", params.FloatParam, default=0.1,
+                      validators=[params.Range(0, 1)], label="Minimum prominence",
+                      help="Keep maxima that rise at least this fraction of their height "
+                           "above the dip to any higher maximum.", **kw)
+        form.addParam("minSignificance", params.FloatParam, default=3.0,
+                      validators=[params.GE(0)], label="Minimum significance",
+                      help="... and rise at least this many standard errors of the density "
+                           "estimate above that dip (0 keeps bumps of the sample's own "
+                           "noise).", **kw)
+
+    def _maximaArgs(self):
+        """Command-line arguments of the settings of :meth:`_defineMaximaParams`."""
+        return ["--bandwidth", self.bandwidth.get(), "--min-height", self.minHeight.get(),
+                "--min-prominence", self.minProminence.get(),
+                "--min-significance", self.minSignificance.get()]
+
+    def _readJsonResult(self, key):
+        """The JSON file of filename template ``key``, or None while it is not written
+        (nmaem writes it atomically, so a file that exists is complete)."""
+        self._createFilenameTemplates()
+        fn = self._getFileName(key)
+        if not os.path.exists(fn):
+            return None
+        with open(fn) as fh:
+            return json.load(fh)
 
     # ------------------------------------------------------------------ running nmaem
     def _deviceArgs(self):

@@ -161,12 +161,7 @@ class NmaemProtComputeModes(NmaemProtBase):
         return errors
 
     def _readReport(self):
-        self._createFilenameTemplates()
-        fn = self._getFileName("report")
-        if not os.path.exists(fn):
-            return None
-        with open(fn) as fh:
-            return json.load(fh)
+        return self._readJsonResult("report")
 
     def _summary(self):
         report = self._readReport()

@@ -52,19 +52,7 @@ class NmaemProtEvaluate(NmaemProtBase):
                       help="The particles of 'nmaem - simulate particles' that were given to "
                            "infer: their dataset folder holds the ground truth "
                            "(ground_truth.npz, frames.pdb).")
-        form.addParam("bandwidth", params.StringParam, default="isj",
-                      expertLevel=params.LEVEL_ADVANCED, label="KDE bandwidth",
-                      help="Bandwidth of the density on PC1 used to find maxima: a number, "
-                           "or 'isj', 'silverman' or 'scott'.")
-        form.addParam("minHeight", params.FloatParam, default=0.1,
-                      expertLevel=params.LEVEL_ADVANCED, validators=[params.Range(0, 1)],
-                      label="Minimum maximum height",
-                      help="Keep maxima at least this fraction of the highest one.")
-        form.addParam("minProminence", params.FloatParam, default=0.1,
-                      expertLevel=params.LEVEL_ADVANCED, validators=[params.Range(0, 1)],
-                      label="Minimum prominence",
-                      help="Keep maxima that rise at least this fraction of their height "
-                           "above the dip to any higher maximum.")
+        self._defineMaximaParams(form)
 
     def _createFilenameTemplates(self):
         self._updateFilenamesDict({
@@ -119,10 +107,7 @@ class NmaemProtEvaluate(NmaemProtBase):
         args = ["--latent", self._getFileName("latent"),
                 "--truth", findSimulationDir(self.simulatedParticles.get()),
                 "--model", os.path.abspath(runDirOf(self.inputParticles.get())),
-                "--per-particle", self._getFileName("perParticle"),
-                "--bandwidth", self.bandwidth.get(),
-                "--min-height", self.minHeight.get(),
-                "--min-prominence", self.minProminence.get()]
+                "--per-particle", self._getFileName("perParticle")] + self._maximaArgs()
         from nmaem_plugin import Plugin
         import shlex
         program, prefix = Plugin.getNmaemCommand()
@@ -182,12 +167,7 @@ class NmaemProtEvaluate(NmaemProtBase):
         return errors
 
     def _readResult(self):
-        self._createFilenameTemplates()
-        fn = self._getFileName("json")
-        if not os.path.exists(fn):
-            return None
-        with open(fn) as fh:
-            return json.load(fh)
+        return self._readJsonResult("json")
 
     def _summary(self):
         r = self._readResult()

@@ -96,22 +96,7 @@ class NmaemProtExport(NmaemProtBase):
                       condition="exportMode == %d" % EXPORT_KMEANS,
                       expertLevel=params.LEVEL_ADVANCED, label="Random seed",
                       help="Seed of the k-means initialisation.")
-        form.addParam("bandwidth", params.StringParam, default="isj",
-                      condition="exportMode == %d" % EXPORT_MAXIMA,
-                      expertLevel=params.LEVEL_ADVANCED, label="KDE bandwidth",
-                      help="Bandwidth of the kernel density on PC1: a number, or 'isj' "
-                           "(improved Sheather-Jones), 'silverman' or 'scott'.")
-        form.addParam("minHeight", params.FloatParam, default=0.1,
-                      condition="exportMode == %d" % EXPORT_MAXIMA,
-                      expertLevel=params.LEVEL_ADVANCED, validators=[params.Range(0, 1)],
-                      label="Minimum height",
-                      help="Keep maxima at least this fraction of the highest one.")
-        form.addParam("minProminence", params.FloatParam, default=0.1,
-                      condition="exportMode == %d" % EXPORT_MAXIMA,
-                      expertLevel=params.LEVEL_ADVANCED, validators=[params.Range(0, 1)],
-                      label="Minimum prominence",
-                      help="Keep maxima that rise at least this fraction of their height "
-                           "above the dip to any higher maximum.")
+        self._defineMaximaParams(form, condition="exportMode == %d" % EXPORT_MAXIMA)
         form.addParam("amplitudes", params.TextParam, default="",
                       condition="exportMode == %d" % EXPORT_Z, label="Amplitudes (A)",
                       help="One model per line: d comma-separated amplitudes in Angstrom "
@@ -167,9 +152,7 @@ class NmaemProtExport(NmaemProtBase):
         elif mode == EXPORT_KMEANS:
             args += ["--kmeans", self.numberOfClusters.get(), "--seed", self.seed.get()]
         elif mode == EXPORT_MAXIMA:
-            args += ["--maxima", "--bandwidth", self.bandwidth.get(),
-                     "--min-height", self.minHeight.get(),
-                     "--min-prominence", self.minProminence.get()]
+            args += ["--maxima"] + self._maximaArgs()
         else:
             for line in self._zLines():
                 args += ["--z", ",".join(v.strip() for v in line.replace(";", ",").split(",")
@@ -277,12 +260,7 @@ class NmaemProtExport(NmaemProtBase):
         return errors
 
     def _readListing(self):
-        self._createFilenameTemplates()
-        fn = self._getFileName("listing")
-        if not os.path.exists(fn):
-            return None
-        with open(fn) as fh:
-            return json.load(fh)
+        return self._readJsonResult("listing")
 
     def _summary(self):
         listing = self._readListing()

@@ -70,9 +70,9 @@ def readTrainingLog(runDir):
     return rows
 
 
-def lastCheckpoint(runDir):
-    """``RUN/checkpoints/last.pt`` when it exists, else None."""
-    fn = os.path.join(runDir, "checkpoints", "last.pt")
+def runCheckpoint(runDir, name="last"):
+    """``RUN/checkpoints/<name>.pt`` (``last`` or ``best``) when it exists, else None."""
+    fn = os.path.join(runDir, "checkpoints", name + ".pt")
     return fn if os.path.isfile(fn) else None
 
 

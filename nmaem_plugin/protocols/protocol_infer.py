@@ -22,7 +22,7 @@ from pwem.objects import SetOfParticlesFlex
 from ..constants import PROGRAM_NAME
 from .protocol_base import NmaemProtBase
 from .protocol_flex_common import (ATTR_LATENT_FILE, ATTR_RUN_DIR, ATTR_STAR_FILE,
-                                   createSetOfParticlesFlex, lastCheckpoint, readRunConfig,
+                                   createSetOfParticlesFlex, runCheckpoint, readRunConfig,
                                    runDirOf)
 
 
@@ -129,11 +129,10 @@ class NmaemProtInfer(NmaemProtBase):
             errors.append("Choose the trained network.")
         elif run is None:
             errors.append("The chosen network is not an nmaem training output.")
-        elif cfg is None or lastCheckpoint(run) is None:
+        elif cfg is None or runCheckpoint(run) is None:
             errors.append("The network's run folder %s has no trained network "
                           "(config.json and checkpoints/last.pt)." % run)
-        elif WEIGHTS_ARG[self.weights.get()] == "best" and not os.path.isfile(
-                os.path.join(run, "checkpoints", "best.pt")):
+        elif runCheckpoint(run, WEIGHTS_ARG[self.weights.get()]) is None:
             errors.append("The network's run folder %s has no checkpoints/best.pt (it was "
                           "trained by an nmaem version without it); choose the weights of "
                           "the last epoch." % run)

@@ -18,7 +18,7 @@ from pwem.objects import FlexInfo
 from ..constants import PROGRAM_NAME
 from .protocol_base import NmaemProtBase
 from .protocol_flex_common import (ATTR_APIX, ATTR_BOX, ATTR_EPOCHS, ATTR_LATENT_DIM,
-                                   ATTR_RUN_DIR, lastCheckpoint, readRunConfig,
+                                   ATTR_RUN_DIR, runCheckpoint, readRunConfig,
                                    readTrainingLog, runDirOf)
 
 ENCODERS = ["paper", "small"]
@@ -235,7 +235,7 @@ class NmaemProtTrain(NmaemProtBase):
 
         if self.doContinue.get() and not os.path.exists(os.path.join(run, "config.json")):
             prev = runDirOf(self.continueNetwork.get())
-            if prev is None or lastCheckpoint(prev) is None:
+            if prev is None or runCheckpoint(prev) is None:
                 raise Exception("The training to continue (%s) has no checkpoint; nothing to "
                                 "resume. Start a fresh training instead." % prev)
             tmp = run + ".copy"
@@ -247,7 +247,7 @@ class NmaemProtTrain(NmaemProtBase):
             self.info("copied the run of the previous training %s to %s" % (prev, run))
 
         if os.path.exists(os.path.join(run, "config.json")):
-            last = lastCheckpoint(run)
+            last = runCheckpoint(run)
             done = len(readTrainingLog(run))
             if last is None:
                 self.info("RESUME: %s has no checkpoint (it stopped during its first "
@@ -278,7 +278,7 @@ class NmaemProtTrain(NmaemProtBase):
     def createOutputStep(self):
         run = self._getFileName("run")
         cfg = readRunConfig(run)
-        if cfg is None or lastCheckpoint(run) is None:
+        if cfg is None or runCheckpoint(run) is None:
             raise Exception("%s holds no trained network (config.json or "
                             "checkpoints/last.pt missing)" % run)
         info = FlexInfo(PROGRAM_NAME)
@@ -307,7 +307,7 @@ class NmaemProtTrain(NmaemProtBase):
             elif readRunConfig(prev) is None:
                 errors.append("The training to continue has no run folder (%s/config.json "
                               "is missing)." % prev)
-            elif lastCheckpoint(prev) is None:
+            elif runCheckpoint(prev) is None:
                 errors.append("The training to continue has no checkpoint (%s is missing): "
                               "there is nothing to resume. Set 'Continue a previous "
                               "training?' to No to start a fresh training."

@@ -67,7 +67,8 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         cls.export.inputParticles.set(cls.infer.outputParticles)
         cls._launch(cls.export)
 
-        cls.evaluate = cls.newProtocol(NmaemProtEvaluate, objLabel="evaluate")
+        cls.evaluate = cls.newProtocol(NmaemProtEvaluate, objLabel="evaluate",
+                                       minProminence=0.05, minSignificance=2.5)
         cls.evaluate.inputParticles.set(cls.infer.outputParticles)
         cls.evaluate.simulatedParticles.set(cls.sim.outputParticles)
         cls._launch(cls.evaluate)
@@ -322,6 +323,9 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
             result = json.load(fh)
         s = result["summary"]
         self.assertEqual(s["n_particles"], N_PARTICLES)
+        # the form's maxima settings reach the command (not its defaults)
+        self.assertEqual((result["maxima"]["min_prominence"],
+                          result["maxima"]["min_significance"]), (0.05, 2.5))
         self.assertEqual(s["d"], N_MODES)
         summary = " ".join(prot.summary())
         self.assertIn("Median RMSD to the true conformation: %.3f A" % s["median_rmsd"],

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nmaem_plugin.core import metadata  # noqa: E402
+from nmaem_plugin.core.particles import read_particles  # noqa: E402
 from nmaem_plugin.core.network import Decoder  # noqa: E402
 from nmaem_plugin.core.train import _Metadata, load_trained  # noqa: E402
 
@@ -65,7 +65,7 @@ def main(argv=None):
     if np.corrcoef(pc1, frame)[0, 1] < 0:
         v1, pc1 = -v1, -pc1
 
-    table = metadata.read_particles(os.path.join(args.sim, "particles.star"))
+    table = read_particles(os.path.join(args.sim, "particles.star"))
     meta = _Metadata(table, torch.device("cpu"))
     small = ae.decoder
     full = Decoder(small.elements, small.coords.numpy(), small.modes.numpy(), cfg["box0"],

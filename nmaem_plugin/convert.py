@@ -20,14 +20,14 @@ projections) relates T to RELION's angles and origin as
 
 where E is the matrix of the RELION angles and s = (originX, originY, originZ) / apix is the
 origin in pixels. E is pwem's ``euler_matrix(-rot, -tilt, -psi, 'szyz')``, which equals
-RELION's own matrix A (``Euler_angles2matrix``; ``core.imaging.euler_to_matrix``): the
+RELION's own matrix A (``Euler_angles2matrix``; ``core.poses.euler_to_matrix``): the
 negated angles about static axes turn the active rotations Rz Ry Rz into RELION's passive
 ones. Hence
 
     T = [[A^T, A^T s], [0, 1]]   and   A = (T^-1)[:3, :3],  s = -(T^-1)[:3, 3],
 
 so writing inverts T, decomposes its rotation with RELION's decomposition
-(``core.imaging.matrix_to_euler``, tilt in [0, 180], the same angles the RELION plugin
+(``core.poses.matrix_to_euler``, tilt in [0, 180], the same angles the RELION plugin
 writes) and takes the origin as minus its translation, in Angstrom
 (``rlnOriginXAngst = s_x * apix``). ``rlnOriginZ`` has no meaning for 2D particles and is
 dropped (it is zero for every transform made from a RELION or cryoSPARC file).
@@ -57,9 +57,6 @@ import numpy as np
 
 from .constants import PROGRAM_NAME, STAR_ID_COLUMN, ATTR_LATENT_INDEX
 
-MRC_EXTENSIONS = (".mrc", ".mrcs", ".st", ".map")
-
-
 # ============================================================================ poses
 
 def matricesToRelion(matrices, apix):
@@ -69,7 +66,7 @@ def matricesToRelion(matrices, apix):
     transforms are in. Returns ``(euler, origin)``: (N, 3) rot, tilt, psi in degrees and
     (N, 2) ``rlnOriginXAngst/YAngst`` (Angstrom); see the module docstring.
     """
-    from .core.imaging import matrix_to_euler
+    from .core.poses import matrix_to_euler
     M = np.asarray(matrices, dtype=np.float64)
     single = M.ndim == 2
     M = M.reshape(-1, 4, 4)
@@ -87,7 +84,7 @@ def relionToMatrices(euler, origin, apix):
     """Scipion ``ALIGN_PROJ`` transforms (N, 4, 4) of RELION angles (N, 3) in degrees and
     origins (N, 2) in Angstrom (None: zero), for pixel size ``apix``; inverse of
     :func:`matricesToRelion`: T = [[A^T, A^T s], [0, 1]] with s = origin / apix."""
-    from .core.imaging import euler_to_matrix
+    from .core.poses import euler_to_matrix
     e = np.asarray(euler, dtype=np.float64).reshape(-1, 3)
     n = len(e)
     A = euler_to_matrix(e[:, 0], e[:, 1], e[:, 2])
@@ -135,19 +132,6 @@ def _splitLocation(location):
     return index - 1, fn
 
 
-def _isMrc(fn):
-    return os.path.splitext(fn)[1].lower() in MRC_EXTENSIONS
-
-
-def _mrcBox(fn):
-    import mrcfile
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with mrcfile.open(fn, header_only=True, permissive=True) as m:
-            return int(m.header.nx)
-
-
 def _getAcquisitionValues(obj, fallback):
     acq = obj.getAcquisition() if hasattr(obj, "getAcquisition") else None
     vals = []
@@ -162,7 +146,7 @@ def _getAcquisitionValues(obj, fallback):
 # ============================================================================ Scipion -> STAR
 
 def particlesToTable(partSet, starFile, stackDir=None):
-    """A :class:`core.metadata.ParticleTable` of the particles of ``partSet`` (see the
+    """A :class:`core.particles.ParticleTable` of the particles of ``partSet`` (see the
     module docstring for the conventions), in the set's id order.
 
     Particles must have a projection alignment and a CTF. ``stackDir`` is where stacks
@@ -171,7 +155,8 @@ def particlesToTable(partSet, starFile, stackDir=None):
     """
     import pandas as pd
     from pwem.constants import ALIGN_PROJ
-    from .core.metadata import ParticleTable
+    from .core.particles import ParticleTable
+    from .core.stacks import is_mrc, stack_box
 
     if partSet.getAlignment() != ALIGN_PROJ:
         raise ValueError("%s has no 3D projection alignment (alignment: %s)"
@@ -208,7 +193,7 @@ def particlesToTable(partSet, starFile, stackDir=None):
     converted = {}
     ih = None
     for (idx, fn) in locs:
-        if _isMrc(fn):
+        if is_mrc(fn):
             stack_paths.append(os.path.abspath(fn))
             stack_index.append(idx)
             continue
@@ -226,7 +211,7 @@ def particlesToTable(partSet, starFile, stackDir=None):
         stack_paths.append(os.path.abspath(out))
         stack_index.append(k)
     stack_paths = np.asarray(stack_paths, dtype=str)
-    boxes = {p: _mrcBox(p) for p in np.unique(stack_paths).tolist()}
+    boxes = {p: stack_box(p, default=None) for p in np.unique(stack_paths).tolist()}
     box = np.array([boxes[p] for p in stack_paths.tolist()], dtype=np.int64)
 
     euler, origin = matricesToRelion(np.asarray(mats), apix)
@@ -249,7 +234,7 @@ def particlesToTable(partSet, starFile, stackDir=None):
 def writeSetOfParticles(partSet, starFile, stackDir=None):
     """Write ``partSet`` (3D alignment + CTF) as a RELION 3.1 STAR file that ``nmaem``
     reads; returns the number of particles. See :func:`particlesToTable`."""
-    from .core.metadata import write_star
+    from .core.star import write_star
     table = particlesToTable(partSet, starFile, stackDir=stackDir)
     write_star(starFile, table)
     return table.n
@@ -269,7 +254,7 @@ def readSetOfParticles(starFile, partSet, extraAttributes=None, particleIds=None
     from pwem.constants import ALIGN_NONE
     from pwem.objects import Acquisition, CTFModel, Particle, Transform
     from pyworkflow.object import Float, Integer, String
-    from .core.metadata import read_particles
+    from .core.particles import read_particles
 
     table = read_particles(starFile)
     n = table.n
@@ -368,7 +353,7 @@ def readLatent(latentFile):
 def starRowIds(starFile):
     """Particle ids (``rlnImageId``) of the rows of a STAR file written by
     :func:`writeSetOfParticles` (1..N when the column is absent)."""
-    from .core.metadata import read_star_blocks
+    from .core.star import read_star_blocks
     blocks = read_star_blocks(starFile)
     parts = blocks.get("particles")
     if parts is None:

@@ -42,7 +42,8 @@ def montage(sim_dir, out_png, n_show=6):
     import torch
 
     from nmaem_plugin.core import imaging
-    from nmaem_plugin.core.metadata import ImageStack, read_particles
+    from nmaem_plugin.core.particles import read_particles
+    from nmaem_plugin.core.stacks import ImageStack
     from nmaem_plugin.core.structure import read_trajectory
 
     table = read_particles(os.path.join(sim_dir, "particles.star"))

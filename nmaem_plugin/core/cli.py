@@ -60,7 +60,7 @@ def _add_simulate(sub):
 
 
 def _run_simulate(args):
-    from .metadata import read_particles
+    from .particles import read_particles
     from .simulate import load_frames, simulate
     if args.like and not args.ref and not args.trajectory:
         raise NmaemError("--like needs a model to render: give --ref (or --trajectory)")

@@ -3,7 +3,8 @@
 Every convention of the project about poses and images lives here (docs/conventions.md
 derives and cites each one):
 
-* Poses follow RELION. ``euler_to_matrix(rot, tilt, psi)`` is RELION's
+* Poses follow RELION (``poses.py``, numpy; wrapped here for tensors).
+  ``euler_to_matrix(rot, tilt, psi)`` is RELION's
   ``Euler_angles2matrix``: A = Rz(psi) Ry(tilt) Rz(rot) with the *passive* elementary
   rotations Rz(a) = [[c, s, 0], [-s, c, 0], [0, 0, 1]], Ry(b) = [[c, 0, -s], [0, 1, 0],
   [s, 0, c]]. A model point r (relative to the rotation centre) goes to A r, and the image
@@ -31,11 +32,14 @@ import math
 import numpy as np
 import torch
 
+from . import poses
+
 __all__ = ["euler_to_matrix", "matrix_to_euler", "electron_wavelength", "ctf_2d", "FourierGrid",
            "phase_shift", "fourier_crop", "noise_sigma", "add_noise", "Renderer"]
 
 
 # ----------------------------------------------------------------------------- poses
+# The conventions live in poses.py (numpy); these wrappers add tensors (autograd, devices).
 
 def _as_tensor(x, dtype=None, device=None):
     if isinstance(x, torch.Tensor):
@@ -43,34 +47,16 @@ def _as_tensor(x, dtype=None, device=None):
     return torch.as_tensor(np.asarray(x), dtype=dtype or torch.float64, device=device)
 
 
-def _rz(a):
-    c, s = torch.cos(a), torch.sin(a)
-    o, z = torch.ones_like(a), torch.zeros_like(a)
-    return torch.stack([torch.stack([c, s, z], -1),
-                        torch.stack([-s, c, z], -1),
-                        torch.stack([z, z, o], -1)], -2)
-
-
-def _ry(b):
-    c, s = torch.cos(b), torch.sin(b)
-    o, z = torch.ones_like(b), torch.zeros_like(b)
-    return torch.stack([torch.stack([c, z, -s], -1),
-                        torch.stack([z, o, z], -1),
-                        torch.stack([s, z, c], -1)], -2)
-
-
 def euler_to_matrix(rot, tilt, psi, degrees=True):
     """RELION's rotation matrix A for Euler angles (rot, tilt, psi); batched, (..., 3, 3).
 
     Accepts numpy arrays or tensors; returns the same kind (numpy float64 for numpy input).
+    The formulas are :func:`poses.euler_to_matrix`'s.
     """
-    is_np = not isinstance(rot, torch.Tensor)
-    r, t, p = (_as_tensor(v) for v in (rot, tilt, psi))
-    r, t, p = torch.broadcast_tensors(r, t, p)
-    if degrees:
-        r, t, p = torch.deg2rad(r), torch.deg2rad(t), torch.deg2rad(p)
-    A = _rz(p) @ _ry(t) @ _rz(r)
-    return A.numpy() if is_np else A
+    if not isinstance(rot, torch.Tensor):
+        return poses.euler_to_matrix(rot, tilt, psi, degrees=degrees)
+    r, t, p = torch.broadcast_tensors(*(_as_tensor(v) for v in (rot, tilt, psi)))
+    return poses.euler_to_matrix(r, t, p, degrees=degrees, xp=torch)
 
 
 def matrix_to_euler(A, degrees=True):
@@ -79,22 +65,9 @@ def matrix_to_euler(A, degrees=True):
     For tilt = 0 or 180 only rot + psi (or rot - psi) is defined; rot is then set to 0.
     Input (..., 3, 3), numpy or tensor; returns a tuple of three arrays of shape (...).
     """
-    is_np = not isinstance(A, torch.Tensor)
-    A = _as_tensor(A)
-    sb = torch.sqrt(A[..., 0, 2] ** 2 + A[..., 1, 2] ** 2)
-    cb = A[..., 2, 2]
-    tilt = torch.atan2(sb, cb)
-    eps = 1e-6
-    regular = sb > eps
-    rot = torch.where(regular, torch.atan2(A[..., 2, 1], A[..., 2, 0]), torch.zeros_like(sb))
-    psi_reg = torch.atan2(A[..., 1, 2], -A[..., 0, 2])
-    psi_up = torch.atan2(-A[..., 1, 0], A[..., 0, 0])     # tilt = 0: A = Rz(psi + rot)
-    psi_down = torch.atan2(A[..., 1, 0], -A[..., 0, 0])   # tilt = 180
-    psi = torch.where(regular, psi_reg, torch.where(cb > 0, psi_up, psi_down))
-    out = (rot, tilt, psi)
-    if degrees:
-        out = tuple(torch.rad2deg(v) for v in out)
-    return tuple(v.numpy() for v in out) if is_np else out
+    if not isinstance(A, torch.Tensor):
+        return poses.matrix_to_euler(A, degrees=degrees)
+    return poses.matrix_to_euler(A, degrees=degrees, xp=torch)
 
 
 # ----------------------------------------------------------------------------- optics

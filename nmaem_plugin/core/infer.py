@@ -39,7 +39,8 @@ def infer(particles, run_dir, out, batch=256, device=None, star=None, num_worker
 
     Memory: one batch of images at a time plus the (N, d + 2) results.
     """
-    from .metadata import read_particles, write_star
+    from .particles import read_particles
+    from .star import write_star
     from .progress import Progress
     from .train import ParticleImages, _device, _loader, load_trained
     if int(batch) < 1:
@@ -55,7 +56,7 @@ def infer(particles, run_dir, out, batch=256, device=None, star=None, num_worker
     if int(boxes[0]) != cfg["box0"] or abs(float(apixes[0]) - cfg["apix0"]) > 1e-6 * cfg["apix0"]:
         fail(particles, "images are %d px at %g A/px, but the model was trained on %d px at "
                         "%g A/px" % (boxes[0], apixes[0], cfg["box0"], cfg["apix0"]))
-    from .metadata import ImageStack
+    from .stacks import ImageStack
     ImageStack(table, check=True).close()
     n, d = table.n, int(cfg["n_modes"])
     z = np.zeros((n, d), dtype=np.float32)

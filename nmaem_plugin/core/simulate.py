@@ -35,7 +35,9 @@ import torch
 from . import imaging
 from .atomic import atomic_path
 from .errors import NmaemError, fail
-from .metadata import ParticleTable, write_stack, write_star
+from .particles import ParticleTable
+from .stacks import write_stack
+from .star import write_star
 from .progress import Progress, release_memory
 from .structure import match_atoms, read_model, read_trajectory, superpose, write_models
 

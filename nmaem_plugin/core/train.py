@@ -17,7 +17,7 @@ Python states), ``split`` (train/val index tensors), ``history`` (one dict per e
 generator seeded with (seed, e), so that a resumed run sees exactly the batches that an
 uninterrupted one would have seen: on CPU the weights are bit-identical.
 
-Images are read through :class:`metadata.ImageStack` memory maps one batch at a time and
+Images are read through :class:`stacks.ImageStack` memory maps one batch at a time and
 downsampled by Fourier cropping to ``box`` (pixel size apix0 * box0 / box). The rotation
 centre stays the consensus-map centre (box0//2)*apix0 of the original particles.
 """
@@ -86,7 +86,7 @@ class ParticleImages(torch.utils.data.Dataset):
 
     def __getitem__(self, rows):
         from .imaging import fourier_crop
-        from .metadata import ImageStack
+        from .stacks import ImageStack
         if self._stack is None:
             self._stack = ImageStack(self.table, check=False)
         rows = np.asarray(rows, dtype=np.int64)
@@ -177,7 +177,8 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
     without poses, CTF or images; modes of another model; a box larger than the images;
     an existing run without ``resume``; ``resume`` without a checkpoint.
     """
-    from .metadata import ImageStack, read_particles
+    from .particles import read_particles
+    from .stacks import ImageStack
     from .modes import check_modes_match, load_modes
     from .network import z_scale_for
     from .structure import read_model
@@ -530,7 +531,7 @@ def train_run(run_dir, log=print, stop_after=None):
     one. ``stop_after`` ends this call after that many epochs (as if killed there).
     Returns the history (one dict per epoch).
     """
-    from .metadata import read_particles
+    from .particles import read_particles
     from .network import image_loss
     from .progress import Progress
     run_dir = os.path.abspath(run_dir)

@@ -41,9 +41,9 @@ def imageBox(particles):
     if ":" in os.path.basename(fn):
         fn = fn[:fn.rindex(":")]
     try:
-        from ..convert import _isMrc, _mrcBox
-        if _isMrc(fn) and os.path.exists(fn):
-            return _mrcBox(fn)
+        from ..core.stacks import is_mrc, stack_box
+        if is_mrc(fn) and os.path.exists(fn):
+            return stack_box(fn, default=None)
         dim = particles.getXDim()
         return int(dim) if dim else None
     except Exception:   # an unreadable image is reported by the command itself

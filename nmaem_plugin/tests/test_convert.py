@@ -147,7 +147,7 @@ class TestConvertSets(unittest.TestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def test_star_read_by_nmaem(self):
-        from nmaem_plugin.core.metadata import read_particles
+        from nmaem_plugin.core.particles import read_particles
         t = self.truth
         self.assertEqual(self.n, N)
         tab = read_particles(self.star).require(poses=True, ctf=True, images=True)
@@ -328,7 +328,7 @@ class TestAgainstRelionPlugin(unittest.TestCase):
         import relion.convert as rconv
         from nmaem_plugin.convert import writeSetOfParticles
         from nmaem_plugin.core.imaging import euler_to_matrix
-        from nmaem_plugin.core.metadata import read_star_blocks
+        from nmaem_plugin.core.star import read_star_blocks
         tmp = tempfile.mkdtemp(prefix="nmaem_relion_")
         try:
             parts, truth = _make_set(tmp, np.random.default_rng(5))

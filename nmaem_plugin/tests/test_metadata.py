@@ -13,8 +13,10 @@ import mrcfile
 import numpy as np
 
 from nmaem_plugin.core.errors import NmaemError
-from nmaem_plugin.core.imaging import euler_to_matrix
-from nmaem_plugin.core.metadata import (ImageStack, read_particles, write_stack, write_star)
+from nmaem_plugin.core.poses import euler_to_matrix
+from nmaem_plugin.core.particles import read_particles
+from nmaem_plugin.core.stacks import ImageStack, write_stack
+from nmaem_plugin.core.star import write_star
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 

@@ -14,7 +14,8 @@ import torch
 from nmaem_plugin import DATA_DIR
 from nmaem_plugin.core import imaging
 from nmaem_plugin.core.errors import NmaemError
-from nmaem_plugin.core.metadata import ImageStack, read_particles
+from nmaem_plugin.core.particles import read_particles
+from nmaem_plugin.core.stacks import ImageStack
 from nmaem_plugin.core.simulate import (frame_probabilities, lognormal_defocus,
                                         morph_frames, simulate, uniform_rotations)
 from nmaem_plugin.core.structure import read_model, read_trajectory, rmsd

@@ -24,7 +24,9 @@ from nmaem_plugin import DATA_DIR
 from nmaem_plugin.core import cli
 from nmaem_plugin.core.errors import NmaemError
 from nmaem_plugin.core.imaging import Renderer, fourier_crop
-from nmaem_plugin.core.metadata import ImageStack, read_particles, write_star
+from nmaem_plugin.core.particles import read_particles
+from nmaem_plugin.core.stacks import ImageStack
+from nmaem_plugin.core.star import write_star
 from nmaem_plugin.core.modes import compute_modes, save_modes
 from nmaem_plugin.core.simulate import load_frames, simulate
 from nmaem_plugin.core.structure import read_model, read_trajectory

@@ -1,0 +1,201 @@
+"""Particle image stacks (MRC): memory-mapped reading of a table's images, writing stacks."""
+import os
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+
+from .atomic import atomic_path
+from .errors import fail
+
+__all__ = ["ImageStack", "write_stack", "stack_box", "is_mrc", "MRC_EXTENSIONS"]
+
+MRC_EXTENSIONS = (".mrc", ".mrcs", ".st", ".map")
+
+
+def is_mrc(path) -> bool:
+    """Whether ``path`` has an MRC file extension."""
+    return os.path.splitext(os.fspath(path))[1].lower() in MRC_EXTENSIONS
+
+
+def stack_box(stack, default=0):
+    """Image size of an MRC stack from its header, ``default`` when it cannot be read
+    (``default=None``: raise the reading error)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import mrcfile
+            with mrcfile.open(stack, header_only=True, permissive=True) as m:
+                return int(m.header.nx)
+    except Exception:
+        if default is None:
+            raise
+        return default
+
+
+def open_mrc(path, mode="r"):
+    """A permissive ``mrcfile`` memory map of ``path``."""
+    import mrcfile
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # old files without the MAP id, odd machine stamps
+        return mrcfile.mmap(path, mode=mode, permissive=True)
+
+
+class ImageStack:
+    """Particle images of a :class:`ParticleTable`, read through MRC memory maps.
+
+    Only the requested images are read; at most ``max_open`` stacks are kept mapped at
+    a time (least recently used first closed). With ``check`` the constructor reads
+    every stack's header once and raises a one-line NmaemError naming the file when a
+    stack is missing or unreadable, an index is past its end, images are not square,
+    the size differs from the table's box (``rlnImageSize``) or between stacks.
+    """
+
+    def __init__(self, table, check=True, max_open=32):
+        table.require(poses=False, ctf=False, images=True)
+        self.table = table
+        self.max_open = max(1, int(max_open))
+        self._open = OrderedDict()
+        self._uniq, self._inv = np.unique(table.stack_paths, return_inverse=True)
+        self._D = int(table.box[0]) if table.n and table.box[0] > 0 else None
+        if check:
+            self._check()
+        if self._D is None:
+            self._D = self._dims(self._uniq[0])[1]
+
+    def _dims(self, stack):
+        """(number of images, ny, nx) from the header only."""
+        import mrcfile
+        if not os.path.isfile(stack):
+            fail(stack, "missing particle stack (referenced by %s)" % self.table.path)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with mrcfile.open(stack, header_only=True, permissive=True) as m:
+                    h = m.header
+                    nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
+                    mode = int(h.mode)
+                    ext = int(h.nsymbt)
+        except Exception as e:
+            fail(stack, "not a readable MRC file (%s)" % type(e).__name__)
+        itemsize = {0: 1, 1: 2, 2: 4, 4: 8, 6: 2, 12: 2}.get(mode)
+        if itemsize is None or min(nx, ny, nz) <= 0:
+            fail(stack, "unsupported or corrupt MRC header (mode %d, size %dx%dx%d)"
+                 % (mode, nx, ny, nz))
+        need = 1024 + ext + nx * ny * nz * itemsize
+        if os.path.getsize(stack) < need:
+            fail(stack, "truncated MRC file (%d bytes, header needs %d)"
+                 % (os.path.getsize(stack), need))
+        return nz, ny, nx
+
+    def _check(self):
+        t = self.table
+        for k, stack in enumerate(self._uniq.tolist()):
+            rows = np.flatnonzero(self._inv == k)
+            nz, ny, nx = self._dims(stack)
+            if ny != nx:
+                fail(stack, "images are not square (%d x %d)" % (nx, ny))
+            last = int(t.stack_index[rows].max())
+            if last >= nz:
+                fail(stack, "image %d requested by %s, but the stack holds %d"
+                     % (last + 1, t.path, nz))
+            boxes = set(int(b) for b in t.box[rows].tolist() if b > 0)
+            for b in boxes:
+                if b != nx:
+                    fail(stack, "images are %d px but %s says %d (rlnImageSize)"
+                         % (nx, t.path, b))
+            if self._D is None:
+                self._D = nx
+            elif nx != self._D:
+                fail(stack, "images are %d px, other stacks of %s are %d px"
+                     % (nx, t.path, self._D))
+
+    def __len__(self):
+        return self.table.n
+
+    @property
+    def shape(self):
+        return (self._D, self._D)
+
+    def _data(self, k):
+        stack = self._uniq[k]
+        m = self._open.get(stack)
+        if m is not None:
+            self._open.move_to_end(stack)
+            return m.data
+        if not os.path.isfile(stack):
+            fail(stack, "missing particle stack (referenced by %s)" % self.table.path)
+        try:
+            m = open_mrc(stack)
+        except Exception as e:
+            fail(stack, "not a readable MRC file (%s)" % type(e).__name__)
+        if m.data is None:
+            m.close()
+            fail(stack, "no image data (truncated MRC file?)")
+        self._open[stack] = m
+        while len(self._open) > self.max_open:
+            _, old = self._open.popitem(last=False)
+            old.close()
+        return m.data
+
+    def read(self, indices):
+        """Images of the table rows ``indices`` (any order), float32 (n, D, D)."""
+        ind = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if ind.size and (ind.min() < -self.table.n or ind.max() >= self.table.n):
+            raise IndexError("particle index out of range (%d particles)" % self.table.n)
+        ind = ind % max(self.table.n, 1)
+        out = np.empty((ind.size, self._D, self._D), dtype=np.float32)
+        ks = self._inv[ind]
+        for k in np.unique(ks).tolist():
+            where = np.flatnonzero(ks == k)
+            local = self.table.stack_index[ind[where]]
+            data = self._data(k)
+            if data.ndim == 2:
+                data = data[None]
+            if local.max() >= data.shape[0]:
+                fail(self._uniq[k], "image %d requested, but the stack holds %d"
+                     % (int(local.max()) + 1, data.shape[0]))
+            if data.shape[1:] != (self._D, self._D):
+                fail(self._uniq[k], "images are %dx%d, expected %dx%d"
+                     % (data.shape[2], data.shape[1], self._D, self._D))
+            order = np.argsort(local, kind="stable")
+            out[where[order]] = data[local[order]]
+        return out
+
+    def close(self):
+        for m in self._open.values():
+            m.close()
+        self._open.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def write_stack(path, images, apix):
+    """Write images (n, D, D) as a float32 MRC stack, atomically, with voxel size apix."""
+    import mrcfile
+    path = os.fspath(path)
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim == 2:
+        images = images[None]
+    if images.ndim != 3:
+        raise ValueError("write_stack expects (n, D, D) images, got %s" % (images.shape,))
+    with atomic_path(path) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as m:
+            m.set_data(images)
+            m.set_image_stack()
+            m.voxel_size = float(apix)
+            m.update_header_stats()
+            # mrcfile's default label holds the creation time: the same data must give
+            # the same bytes (reproducible datasets), so the label is fixed text
+            m.header.label[0] = b"written by nmaem"
+            m.header.nlabl = 1

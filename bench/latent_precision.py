@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from nmaem_plugin.core.particles import read_particles  # noqa: E402
 from nmaem_plugin.core.network import Decoder  # noqa: E402
-from nmaem_plugin.core.train import _Metadata, load_trained  # noqa: E402
+from nmaem_plugin.core.data import ParticleMetadata  # noqa: E402
+from nmaem_plugin.core.train import load_trained  # noqa: E402
 
 
 def bound(dec, z, v, rot, base, ctf_p, sigma, eps=1.0):
@@ -66,7 +67,7 @@ def main(argv=None):
         v1, pc1 = -v1, -pc1
 
     table = read_particles(os.path.join(args.sim, "particles.star"))
-    meta = _Metadata(table, torch.device("cpu"))
+    meta = ParticleMetadata(table, torch.device("cpu"))
     small = ae.decoder
     full = Decoder(small.elements, small.coords.numpy(), small.modes.numpy(), cfg["box0"],
                    cfg["apix0"], centre=cfg["centre"], offset=(0.0, 0.0))

@@ -1,11 +1,8 @@
 """Constants shared by protocols, viewers and convert (no heavy imports here)."""
 PROGRAM_NAME = "nmaem"
 
-# Coarse-graining choices of `nmaem modes --cg` (the order of the protocol's EnumParam).
-CG_CHOICES = ["ca", "backbone", "heavy"]
-
-# Frame distributions of `nmaem simulate --distribution` (the order of the EnumParam).
-DISTRIBUTIONS = ["uniform", "continuous", "discontinuous"]
+# The option lists (coarse-graining, distributions, encoders, losses, ...) live in
+# core/choices.py, read by the command line and the protocols alike.
 
 # Where the frames of a simulated dataset come from (NmaemProtSimulate.inputSource).
 SIM_MORPH = 0        # --ref A --target B --frames F

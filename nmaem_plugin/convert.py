@@ -331,21 +331,11 @@ def readSetOfParticles(starFile, partSet, extraAttributes=None, particleIds=None
 def readLatent(latentFile):
     """``(z (N, d) float32, shift (N, 2) float32 or None, index (N,) int64)`` of a
     ``latent.npz`` file, checked against the contract of DESIGN.md."""
-    with np.load(latentFile, allow_pickle=False) as f:
-        if "z" not in f.files:
-            raise ValueError("%s: not a latent file (no 'z')" % latentFile)
-        z = np.asarray(f["z"], dtype=np.float32)
-        if z.ndim == 1:
-            z = z[:, None]
-        n = len(z)
-        index = (np.asarray(f["index"], dtype=np.int64) if "index" in f.files
-                 else np.arange(n, dtype=np.int64))
-        shift = np.asarray(f["shift"], dtype=np.float32) if "shift" in f.files else None
-    if z.ndim != 2 or index.shape != (n,) or (shift is not None and shift.shape != (n, 2)):
-        raise ValueError("%s: inconsistent shapes z %s, index %s, shift %s"
-                         % (latentFile, z.shape, index.shape,
-                            None if shift is None else shift.shape))
-    if len(np.unique(index)) != n or (n and index.min() < 0):
+    from .core.latent import read_latent
+    lat = read_latent(latentFile)           # one-line NmaemError on a bad file
+    z, shift, index = lat.z.astype(np.float32), lat.shift.astype(np.float32), lat.index
+    n = lat.n
+    if len(np.unique(index)) != n:
         raise ValueError("%s: 'index' must hold distinct non-negative rows" % latentFile)
     return z, shift, index
 

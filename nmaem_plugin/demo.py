@@ -95,7 +95,8 @@ def plot_results(out, run_dir, latent_path, sim_dir, evaluation):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nmaem_plugin.core.analysis import load_latent, pca
+    from nmaem_plugin.core.analysis import pca
+    from nmaem_plugin.core.latent import read_latent
 
     rows = list(csv.DictReader(open(os.path.join(run_dir, "log.csv"))))
     ep = [int(r["epoch"]) for r in rows]
@@ -109,7 +110,7 @@ def plot_results(out, run_dir, latent_path, sim_dir, evaluation):
     fig.savefig(os.path.join(out, "training.png"), dpi=100)
     plt.close(fig)
 
-    lat = load_latent(latent_path)
+    lat = read_latent(latent_path)
     frame = np.load(os.path.join(sim_dir, "ground_truth.npz"))["frame"][lat.index]
     pc1 = pca(lat.z).transform(lat.z)[:, 0]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))

@@ -24,10 +24,10 @@ import os
 import numpy as np
 
 from .atomic import atomic_path
-from .npz import read_npz
+from .latent import read_latent
 from .errors import NmaemError, fail
 
-__all__ = ["PCA", "Maxima", "Latent", "load_run", "load_latent", "pca", "kmeans",
+__all__ = ["PCA", "Maxima", "load_run", "pca", "kmeans",
            "kde_bandwidth", "isj_bandwidth", "silverman_bandwidth", "density_maxima", "traversal_points", "deformed_coords",
            "export", "evaluate", "DEFAULTS"]
 
@@ -111,62 +111,6 @@ def load_run(run_dir, need_modes=True):
         from dataclasses import replace
         nm = replace(nm, modes=nm.modes[:n_modes], eigenvalues=nm.eigenvalues[:n_modes])
     return model, nm, config
-
-
-class Latent:
-    """A latent file: ``z`` (N,d) float64, ``shift`` (N,2) float64, ``index`` (N,) int64."""
-
-    def __init__(self, z, shift, index, path=""):
-        self.z, self.shift, self.index, self.path = z, shift, index, path
-
-    @property
-    def n(self):
-        return self.z.shape[0]
-
-    @property
-    def d(self):
-        return self.z.shape[1]
-
-
-def load_latent(path):
-    """Read and check ``latent.npz`` (``z`` (N,d), ``shift`` (N,2), ``index`` (N,)).
-
-    d may be 0 (a run without modes). Raises :class:`NmaemError` (one line) when the file
-    is missing or unreadable, lacks a key, has inconsistent shapes, non-finite values,
-    negative or non-integer indices, or no particles.
-    """
-    path = str(path)
-    data = read_npz(path, "latent")
-    missing = [k for k in ("z", "shift", "index") if k not in data]
-    if missing:
-        fail(path, "not a latent file: missing %s" % ", ".join(missing))
-    z, shift, index = data["z"], data["shift"], data["index"]
-    if z.ndim == 1 and z.size == 0:
-        fail(path, "z is empty: no particles")
-    if z.ndim != 2:
-        fail(path, "z has shape %s, expected (N, d)" % (z.shape,))
-    n = z.shape[0]
-    if n == 0:
-        fail(path, "no particles (z has 0 rows)")
-    if shift.shape != (n, 2):
-        fail(path, "shift has shape %s, expected (%d, 2)" % (shift.shape, n))
-    if index.shape != (n,):
-        fail(path, "index has shape %s, expected (%d,)" % (index.shape, n))
-    for name, a in (("z", z), ("shift", shift)):
-        if a.size and a.dtype.kind not in "fiu":
-            fail(path, "%s is not numeric (%s)" % (name, a.dtype))
-        if a.size and not np.all(np.isfinite(a)):
-            fail(path, "%s holds non-finite values" % name)
-    if index.dtype.kind not in "iu":
-        if index.dtype.kind == "f" and np.all(np.isfinite(index)) and np.all(index == np.round(index)):
-            index = np.round(index)
-        else:
-            fail(path, "index must hold integers (found %s)" % index.dtype)
-    index = index.astype(np.int64)
-    if index.min() < 0:
-        fail(path, "index holds negative rows (first at position %d)"
-             % int(np.flatnonzero(index < 0)[0]))
-    return Latent(z.astype(np.float64), shift.astype(np.float64), index, path)
 
 
 def _check_d(latent, nm, run_dir):
@@ -559,11 +503,11 @@ def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
     if pcs or kmeans_k or maxima:
         if latent_path is None:
             raise NmaemError("--latent is needed for --pcs, --kmeans and --maxima")
-        latent = load_latent(latent_path)
+        latent = read_latent(latent_path)
         _check_d(latent, nm, run_dir)
         _need_z(latent, "export")
     elif latent_path is not None:
-        latent = load_latent(latent_path)
+        latent = read_latent(latent_path)
         _check_d(latent, nm, run_dir)
     if nm is None:
         fail(run_dir, "the run has no normal modes (d = 0): every exported model would be "
@@ -717,7 +661,7 @@ def evaluate(latent_path, sim_dir, run_dir, per_particle=None, bandwidth=None,
     from .modes import floor_rmsd
     from .structure import read_trajectory, rmsd
     model, nm, _ = load_run(run_dir, need_modes=False)
-    latent = load_latent(latent_path)
+    latent = read_latent(latent_path)
     _check_d(latent, nm, run_dir)
     gt, params, fr_path = _load_truth(sim_dir)
     frame_all = np.asarray(gt["frame"]).astype(np.int64)

@@ -6,6 +6,7 @@ Each subcommand has ``--help``, prints progress for long work, and on bad input 
 import argparse
 import sys
 
+from .choices import DISTRIBUTIONS, ENCODERS, LOSSES, LR_SCHEDULES, MODEL_FORMATS
 from .errors import NmaemError
 
 
@@ -29,7 +30,7 @@ def _add_simulate(sub):
     p.add_argument("--n", type=int, default=None,
                    help="number of particles (default 50000; with --like, all of the file's)")
     p.add_argument("--distribution", default="uniform",
-                   choices=["uniform", "continuous", "discontinuous"],
+                   choices=DISTRIBUTIONS,
                    help="distribution of particles over frames (default uniform)")
     p.add_argument("--box", type=int, default=192, help="box size in pixels (default 192)")
     p.add_argument("--apix", type=float, default=0.8, help="pixel size in A (default 0.8)")
@@ -128,7 +129,7 @@ def _add_export(sub):
                    help="models at the density maxima along PC1 (Gaussian KDE)")
     p.add_argument("--z", action="append", default=[], metavar="Z1,Z2,...",
                    help="a model at these d amplitudes in Angstrom (repeat for more)")
-    p.add_argument("--format", choices=("pdb", "cif"), default="pdb",
+    p.add_argument("--format", choices=MODEL_FORMATS, default="pdb",
                    help="model file format (default pdb)")
     p.add_argument("--seed", type=int, default=0, help="k-means random seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -227,10 +228,10 @@ def _add_train(sub):
                    help="train on images Fourier-cropped to this box (default: no cropping)")
     p.add_argument("--n-modes", type=int, default=None,
                    help="use the first N modes of --modes (default all; 0: shift only)")
-    p.add_argument("--loss", choices=["l2", "corr"], default=None,
+    p.add_argument("--loss", choices=LOSSES, default=None,
                    help="l2 (the paper's; images in the renderer's units) or corr "
                         "(1 - correlation; any grey scale) (default l2)")
-    p.add_argument("--encoder", choices=["paper", "small"], default=None,
+    p.add_argument("--encoder", choices=ENCODERS, default=None,
                    help="encoder size: paper (filters 32..512, MLP 512, 256) or small "
                         "(default paper)")
     p.add_argument("--filters", type=_int_list, default=None, metavar="F1,F2,...",
@@ -239,7 +240,7 @@ def _add_train(sub):
                    help="override the MLP hidden sizes")
     p.add_argument("--rmsd-unit", type=float, default=None,
                    help="RMSD (A) of one unit of network output along a mode (default 1)")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
                    help="constant learning rate (default, as in the paper) or cosine decay "
                         "from --lr to 0 over --epochs")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
@@ -264,7 +265,8 @@ def _add_train(sub):
 
 def _run_train(args):
     import os
-    from .train import launch_distributed, prepare_run, train_run
+    from .distributed import launch_distributed
+    from .train import prepare_run, train_run
     if args.worker:                       # one torchrun process: the run is prepared
         rank = int(os.environ.get("RANK", "0"))
         try:

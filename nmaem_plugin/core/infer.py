@@ -12,7 +12,7 @@ per-image normalisation inside the encoder); the encoder runs in eval mode, in f
 import numpy as np
 import torch
 
-from .atomic import atomic_path
+from .latent import write_latent
 from .errors import NmaemError, fail
 
 __all__ = ["infer", "encode_images", "z_column_names"]
@@ -42,10 +42,12 @@ def infer(particles, run_dir, out, batch=256, device=None, star=None, num_worker
     from .particles import read_particles
     from .star import write_star
     from .progress import Progress
-    from .train import ParticleImages, _device, _loader, load_trained
+    from .data import ParticleImages, make_loader
+    from .distributed import is_oom, resolve_device
+    from .train import load_trained
     if int(batch) < 1:
         raise NmaemError("--batch must be at least 1")
-    dev = _device(device)
+    dev = resolve_device(device)
     ae, cfg = load_trained(run_dir, dev, checkpoint)
     table = read_particles(particles)
     table.require(poses=False, ctf=False, images=True)
@@ -66,21 +68,19 @@ def infer(particles, run_dir, out, batch=256, device=None, star=None, num_worker
     dataset = ParticleImages(table, cfg["box"])
     progress = Progress(n, "infer", unit="images")
     try:
-        for rows, images in _loader(dataset, batches, num_workers, dev.type == "cuda"):
+        for rows, images in make_loader(dataset, batches, num_workers, dev.type == "cuda"):
             s, zz = encode_images(ae.encoder, images, dev)
             r = rows.numpy()
             shift[r], z[r] = s, zz
             progress.update(len(r))
     except RuntimeError as exc:
-        from .train import _is_oom
-        if _is_oom(exc):
+        if is_oom(exc):
             raise NmaemError("out of memory on %s with --batch %d; try --batch %d"
                              % (dev, batch, max(1, int(batch) // 2)))
         raise
     if not (np.all(np.isfinite(z)) and np.all(np.isfinite(shift))):
         fail(run_dir, "the model gives non-finite outputs")
-    with atomic_path(out, suffix=".npz") as tmp:
-        np.savez(tmp, z=z, shift=shift, index=rows_all)
+    write_latent(out, z, shift, rows_all)
     log("infer: %d particles -> %s (z: %d modes, model of epoch %d, %s checkpoint)"
         % (n, out, d, cfg["epoch"], checkpoint if checkpoint in ("last", "best") else
            "the given"))

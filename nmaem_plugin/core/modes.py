@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .atomic import atomic_path
+from .choices import CG_CHOICES, MODES_SOLVERS
 from .npz import read_npz
 from .errors import NmaemError, fail
 from .structure import match_atoms, read_model, rmsd, superpose, write_models
@@ -39,7 +40,6 @@ __all__ = ["CG_CHOICES", "NormalModes", "cg_selection", "build_hessian", "solve_
            "target_diagnostics", "save_modes", "load_modes", "check_modes_match",
            "export_modes", "add_modes_parser", "run_modes_command"]
 
-CG_CHOICES = ("ca", "backbone", "heavy")
 
 PROTEIN_BACKBONE = frozenset(["N", "CA", "C", "O"])
 # sugar-phosphate backbone of nucleotides (both PDB v3 and old phosphate oxygen names)
@@ -810,7 +810,7 @@ def add_modes_parser(subparsers):
     p.add_argument("--sigma", type=float, default=None,
                    help="interpolation kernel width in Angstrom (default: half the median "
                         "distance of a CG node to its nearest node, 1.9 A for CA)")
-    p.add_argument("--solver", choices=("auto", "dense", "sparse"), default="auto",
+    p.add_argument("--solver", choices=MODES_SOLVERS, default="auto",
                    help="eigensolver: dense torch eigh or sparse ARPACK shift-invert (auto: by "
                         "network size)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when present)")

@@ -45,16 +45,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .choices import ENCODER_PRESETS, LOSSES
 from .imaging import Renderer
 
 __all__ = ["ENCODER_PRESETS", "normalise_images", "Encoder", "Decoder", "AutoEncoder",
            "image_loss", "LOSSES"]
 
-ENCODER_PRESETS = {
-    "paper": dict(filters=(32, 64, 128, 256, 512), hidden=(512, 256)),
-    "small": dict(filters=(8, 16, 32), hidden=(64, 32)),
-}
-LOSSES = ("l2", "corr")
 LAST_LAYER_GAIN = 1e-3
 
 

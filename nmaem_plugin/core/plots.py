@@ -230,28 +230,14 @@ def mode_amplitudes(z, fig=None, bins=HIST_BINS, title=None):
     return fig
 
 
-def read_training_log(path):
-    """Rows of ``RUN/log.csv`` as a dict of float arrays (epoch, train_loss, ...)."""
-    import csv
-    cols = {}
-    with open(path) as fh:
-        for row in csv.DictReader(fh):
-            for k, v in row.items():
-                try:
-                    val = float(v)
-                except (TypeError, ValueError):
-                    val = np.nan
-                cols.setdefault(k, []).append(val)
-    return {k: np.asarray(v) for k, v in cols.items()}
-
-
 def training_curves(log, fig=None, title=None):
     """Training and validation loss per epoch, and training speed (images/s).
 
     ``log``: a path to ``log.csv``, a dict of columns, or a list of row dicts (the
     columns epoch, train_loss, val_loss, images_per_s, seconds of docs/training.md)."""
     if isinstance(log, str):
-        log = read_training_log(log)
+        from .runfolder import read_log_columns
+        log = read_log_columns(log)
     elif isinstance(log, (list, tuple)):
         keys = set().union(*[r.keys() for r in log]) if log else set()
         log = {k: np.asarray([r.get(k, np.nan) for r in log], dtype=float) for k in keys}

@@ -6,7 +6,6 @@ training curves (``RUN/log.csv``), the modes' diagnostics (``--modes``, default 
 split by ground-truth frame with ``--truth SIMDIR`` (a folder of ``nmaem simulate``).
 """
 import html
-import json
 import os
 
 import numpy as np
@@ -38,21 +37,18 @@ def write_report(run_dir, out_dir, latent=None, modes=None, truth=None, log=prin
     """Write the figures and ``index.html`` into ``out_dir``; returns the list of
     (file name, caption) written. Raises NmaemError (one line) on missing input."""
     from . import plots
-    from .analysis import load_latent
+    from .latent import read_latent
+    from .runfolder import config_path, log_path, read_config_or_none, read_log_columns
     run_dir = str(run_dir)
     if not os.path.isdir(run_dir):
         fail(run_dir, "no such training run folder")
-    log_csv = os.path.join(run_dir, "log.csv")
+    log_csv = log_path(run_dir)
     if not os.path.isfile(log_csv):
         fail(log_csv, "missing: not a training run folder, or no epoch finished yet")
-    config = {}
-    cfg_path = os.path.join(run_dir, "config.json")
-    if os.path.isfile(cfg_path):
-        try:
-            with open(cfg_path) as fh:
-                config = json.load(fh)
-        except ValueError:
-            fail(cfg_path, "not readable as JSON")
+    try:
+        config = read_config_or_none(run_dir) or {}
+    except ValueError:
+        fail(config_path(run_dir), "not readable as JSON")
     if modes is None and config.get("modes"):
         candidate = os.path.join(run_dir, str(config["modes"]))
         modes = candidate if os.path.isfile(candidate) else None
@@ -60,7 +56,7 @@ def write_report(run_dir, out_dir, latent=None, modes=None, truth=None, log=prin
         fail(modes, "no such modes file")
     if truth is not None and latent is None:
         fail(truth, "--truth needs --latent (the frames colour the latent landscape)")
-    lat = load_latent(latent) if latent is not None else None   # checks before any output
+    lat = read_latent(latent) if latent is not None else None   # checks before any output
     frames = _frames_for(lat, truth) if truth is not None else None
     if modes is not None:
         try:
@@ -82,7 +78,7 @@ def write_report(run_dir, out_dir, latent=None, modes=None, truth=None, log=prin
         written.append((name, caption))
         log("wrote %s" % os.path.join(out_dir, name))
 
-    rows = plots.read_training_log(log_csv)
+    rows = read_log_columns(log_csv)
     n_ep = len(rows.get("epoch", []))
     emit(plots.training_curves(rows), "training.png",
          "Training: loss on the training and validation particles per epoch, and training "

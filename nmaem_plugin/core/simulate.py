@@ -34,6 +34,7 @@ import torch
 
 from . import imaging
 from .atomic import atomic_path
+from .choices import DISTRIBUTIONS
 from .errors import NmaemError, fail
 from .particles import ParticleTable
 from .stacks import write_stack
@@ -44,7 +45,6 @@ from .structure import match_atoms, read_model, read_trajectory, superpose, writ
 __all__ = ["DISTRIBUTIONS", "frame_probabilities", "sample_frames", "uniform_rotations",
            "lognormal_defocus", "morph_frames", "simulate"]
 
-DISTRIBUTIONS = ("uniform", "continuous", "discontinuous")
 
 
 # ----------------------------------------------------------------------------- sampling

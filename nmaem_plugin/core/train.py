@@ -1,13 +1,8 @@
-"""Training of the autoencoder: data, devices, DDP, checkpoints, resume, logs.
+"""Training of the autoencoder: preparing a run, the loop, checkpoints, resume.
 
-A run folder (``RUN``) holds everything a run needs and produces (docs/training.md)::
-
-    RUN/config.json          all settings (paths inside RUN are relative to RUN)
-    RUN/reference.pdb|.cif   copy of --ref (X0), named by config["reference"]
-    RUN/modes.npz            copy of --modes, named by config["modes"]
-    RUN/split.npz            train / val: sorted 0-based rows of the particle file
-    RUN/checkpoints/last.pt  the latest checkpoint; epoch_NNNN.pt the last few epochs
-    RUN/log.csv              epoch,train_loss,val_loss,images_per_s,seconds
+A run folder (``RUN``) holds everything a run needs and produces; its layout, config.json,
+log.csv and checkpoint names live in ``runfolder.py`` (docs/training.md). The dataset and
+loader are in ``data.py``; devices, DDP and the torchrun launcher in ``distributed.py``.
 
 Checkpoints hold only tensors, dicts, lists, numbers and strings, so that
 ``torch.load(path, weights_only=True)`` reads them: ``format``, ``epoch`` (completed
@@ -17,38 +12,35 @@ Python states), ``split`` (train/val index tensors), ``history`` (one dict per e
 generator seeded with (seed, e), so that a resumed run sees exactly the batches that an
 uninterrupted one would have seen: on CPU the weights are bit-identical.
 
-Images are read through :class:`stacks.ImageStack` memory maps one batch at a time and
+Images are read (``data.ParticleImages``) through memory maps one batch at a time and
 downsampled by Fourier cropping to ``box`` (pixel size apix0 * box0 / box). The rotation
 centre stays the consensus-map centre (box0//2)*apix0 of the original particles.
 """
-import csv
-import io
 import json
 import math
 import os
 import random
 import shutil
-import subprocess
-import sys
 import time
 
 import numpy as np
 import torch
 
 from .atomic import atomic_path
+from .data import ParticleImages, ParticleMetadata, epoch_order, make_loader
+from .distributed import ProcessGroup, is_oom, rank_batches, resolve_device
 from .errors import NmaemError, fail
+from .runfolder import (TrainConfig, checkpoint_dir, checkpoint_file, checkpoint_path,
+                        config_path, epoch_checkpoint_file, read_config, reference_name,
+                        write_config, write_log)
 
 __all__ = ["DEFAULTS", "prepare_run", "train_run", "train", "load_trained", "build_autoencoder",
-           "ParticleImages", "read_config", "launch_distributed", "CHECKPOINT_FORMAT"]
+           "save_checkpoint", "epoch_lr", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = 1
 VAL_FRACTION = 0.1
-DEFAULTS = dict(epochs=200, batch=256, lr=1e-3, box=None, n_modes=None, seed=0, loss="l2",
-                encoder="paper", filters=None, hidden=None, rmsd_unit=1.0, bf16=False,
-                device=None, num_workers=0, keep=3, lr_schedule="constant")
-# settings that a resumed run may change; every other one is fixed by the first start
-RESUMABLE = ("epochs", "batch", "lr", "lr_schedule", "device", "num_workers", "bf16", "keep")
-LR_SCHEDULES = ("constant", "cosine")
+DEFAULTS = TrainConfig().as_dict()     # the options and their defaults: runfolder.TrainConfig
+RESUMABLE = TrainConfig.RESUMABLE
 
 
 def epoch_lr(cfg, epoch):
@@ -58,104 +50,11 @@ def epoch_lr(cfg, epoch):
     if cfg.get("lr_schedule", "constant") == "cosine":
         return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / int(cfg["epochs"])))
     return lr
-LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "images_per_s", "seconds")
 
 
 # ============================================================================ data
 
-class ParticleImages(torch.utils.data.Dataset):
-    """Images of a particle table, one *batch* per item: ``ds[rows] -> (rows, images)``.
-
-    ``rows`` is an integer array; images (n, box, box) float32 are read through memory maps
-    and Fourier-cropped to ``box``. The stack is opened lazily in each process, so the
-    dataset can be sent to DataLoader workers.
-    """
-
-    def __init__(self, table, box):
-        self.table = table
-        self.box = int(box)
-        self._stack = None
-
-    def __len__(self):
-        return self.table.n
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_stack"] = None
-        return state
-
-    def __getitem__(self, rows):
-        from .imaging import fourier_crop
-        from .stacks import ImageStack
-        if self._stack is None:
-            self._stack = ImageStack(self.table, check=False)
-        rows = np.asarray(rows, dtype=np.int64)
-        images = torch.from_numpy(self._stack.read(rows))
-        if images.shape[-1] != self.box:
-            images = fourier_crop(images, self.box).contiguous()
-        return torch.from_numpy(rows), images
-
-
-def _loader(dataset, batches, num_workers, pin):
-    return torch.utils.data.DataLoader(dataset, sampler=batches, batch_size=None,
-                                       num_workers=int(num_workers), pin_memory=pin)
-
-
-class _Metadata:
-    """Per-particle poses, base shifts (-origin) and CTF parameters as device tensors."""
-
-    def __init__(self, table, device):
-        def t(a):
-            return torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)
-        self.rotations = t(table.rotation_matrices())
-        self.base_shift = t(-table.origin_or_zero())
-        self.ctf = dict(defocus_u=t(table.defocus_u), defocus_v=t(table.defocus_v),
-                        defocus_angle=t(table.defocus_angle), voltage=t(table.voltage),
-                        cs=t(table.cs), amp_contrast=t(table.amp_contrast),
-                        phase_shift=t(table.phase_shift), bfactor=t(table.ctf_bfactor))
-
-    def batch(self, rows):
-        return (self.rotations[rows], self.base_shift[rows],
-                {k: v[rows] for k, v in self.ctf.items()})
-
-
 # ============================================================================ run folder
-
-def read_config(run_dir):
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        fail(run_dir, "not a training run (no config.json)")
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except ValueError as exc:
-        fail(path, "unreadable run configuration (%s)" % exc)
-
-
-def _write_json(path, obj):
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=1, sort_keys=True)
-            fh.write("\n")
-
-
-def _reference_name(ref):
-    name = os.path.basename(ref).lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
-    return "reference.cif" if name.endswith((".cif", ".mmcif")) else "reference.pdb"
-
-
-def _encoder_layout(settings):
-    from .network import ENCODER_PRESETS
-    if settings["encoder"] not in ENCODER_PRESETS:
-        raise NmaemError("unknown encoder %r (choose from %s)"
-                         % (settings["encoder"], ", ".join(ENCODER_PRESETS)))
-    preset = ENCODER_PRESETS[settings["encoder"]]
-    filters = settings.get("filters") or preset["filters"]
-    hidden = settings.get("hidden") or preset["hidden"]
-    return [int(f) for f in filters], [int(h) for h in hidden]
-
 
 def _check_table(table):
     table.require(poses=True, ctf=True, images=True)
@@ -182,14 +81,13 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
     from .modes import check_modes_match, load_modes
     from .network import z_scale_for
     from .structure import read_model
-    unknown = set(settings) - set(DEFAULTS) - {"nproc", "gpus"}
-    if unknown:
-        raise TypeError("unknown training settings: %s" % ", ".join(sorted(unknown)))
+    settings = {k: v for k, v in settings.items() if k not in ("nproc", "gpus")}
+    options = TrainConfig.from_settings(**settings)     # unknown names: TypeError
     if settings.get("device") is not None:
-        _device(settings["device"])           # an unusable device: fail before writing
+        resolve_device(settings["device"])           # an unusable device: fail before writing
     out = os.path.abspath(out)
-    cfg_path = os.path.join(out, "config.json")
-    last = os.path.join(out, "checkpoints", "last.pt")
+    cfg_path = config_path(out)
+    last = checkpoint_file(out, "last")
 
     if resume:
         if not os.path.isfile(cfg_path):
@@ -202,7 +100,7 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
         cfg = read_config(out)
         given = {k: v for k, v in settings.items() if v is not None}
         for k, v in given.items():
-            if k in RESUMABLE or k in ("nproc", "gpus"):
+            if k in RESUMABLE:
                 continue
             old = cfg.get(k)
             if isinstance(old, list) or isinstance(v, (list, tuple)):
@@ -217,18 +115,15 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
         for k in RESUMABLE:
             if given.get(k) is not None:
                 cfg[k] = given[k]
-        _write_json(cfg_path, cfg)
+        write_config(out, cfg)
         return cfg
 
-    if os.path.exists(cfg_path) or os.path.isdir(os.path.join(out, "checkpoints")):
+    if os.path.exists(cfg_path) or os.path.isdir(checkpoint_dir(out)):
         fail(out, "already holds a training run; pass --resume to continue it or choose "
                   "another -o")
     if particles is None or ref is None or modes is None:
         raise NmaemError("training needs --particles, --ref and --modes")
-    s = dict(DEFAULTS)
-    s.update({k: v for k, v in settings.items() if v is not None})
-    s.pop("nproc", None)
-    s.pop("gpus", None)
+    s = options.as_dict()
 
     table = read_particles(particles)
     box0, apix0 = _check_table(table)
@@ -240,20 +135,9 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
     if not 0 <= d <= nm.n_modes:
         fail(modes, "--n-modes %d: the file has %d modes" % (d, nm.n_modes))
 
+    options.validate(box0=box0, particles=particles)     # the option rules, written once
     box = box0 if s["box"] is None else int(s["box"])
-    if box > box0:
-        fail(particles, "--box %d is larger than the particle images (%d px)" % (box, box0))
-    if box != box0 and box % 2:
-        raise NmaemError("--box must be even (got %d)" % box)
-    filters, hidden = _encoder_layout(s)
-    if box >> len(filters) < 1:
-        raise NmaemError("--box %d is too small for an encoder of %d pooling blocks (at "
-                         "least %d px)" % (box, len(filters), 2 ** len(filters)))
-    for k in ("epochs", "batch"):
-        if int(s[k]) < 1:
-            raise NmaemError("--%s must be at least 1" % k)
-    if not s["lr"] > 0:
-        raise NmaemError("--lr must be positive")
+    filters, hidden = options.layout()
     apix = apix0 * box0 / box
     centre = [(box0 // 2) * apix0] * 3
     # the rotation centre projects to (box0//2)*apix0 in the original images; after
@@ -267,7 +151,7 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
     val, trn = np.sort(perm[:n_val]), np.sort(perm[n_val:])
 
     os.makedirs(out, exist_ok=True)
-    ref_name = _reference_name(ref)
+    ref_name = reference_name(ref)
     if ref.lower().endswith(".gz"):
         from .structure import write_model
         with atomic_path(os.path.join(out, ref_name), suffix=os.path.splitext(ref_name)[1]) \
@@ -300,13 +184,7 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
         num_workers=int(s["num_workers"]), keep=int(s["keep"]), optimizer="adam",
         lr_schedule=str(s["lr_schedule"]),
         val_fraction=VAL_FRACTION)
-    from .network import LOSSES
-    if cfg["lr_schedule"] not in LR_SCHEDULES:
-        raise NmaemError("unknown --lr-schedule %r (choose from %s)"
-                         % (cfg["lr_schedule"], ", ".join(LR_SCHEDULES)))
-    if cfg["loss"] not in LOSSES:
-        raise NmaemError("unknown loss %r (choose from %s)" % (cfg["loss"], ", ".join(LOSSES)))
-    _write_json(cfg_path, cfg)      # last: marks a prepared run
+    write_config(out, cfg)      # last: marks a prepared run
     log("train: %d particles (%d train, %d validation), %d px at %.3f A/px -> %d px at "
         "%.3f A/px, %d modes x %d atoms -> %s" % (n, len(trn), len(val), box0, apix0, box,
                                                   apix, d, nm.n_atoms, out))
@@ -337,26 +215,6 @@ def _load_checkpoint(path):
         fail(path, "unreadable checkpoint (%s)" % str(exc).splitlines()[0][:200])
 
 
-CHECKPOINTS = ("last", "best")
-
-
-def checkpoint_path(run_dir, checkpoint=None):
-    """The file of ``checkpoint``: ``last`` (default; the last epoch), ``best`` (the epoch of
-    lowest validation loss) or a path."""
-    name = checkpoint or "last"
-    if name in CHECKPOINTS:
-        path = os.path.join(run_dir, "checkpoints", name + ".pt")
-        if not os.path.isfile(path):
-            fail(run_dir, "no trained model (checkpoints/%s.pt missing%s)" % (
-                name, "; runs of nmaem before best.pt existed have only last.pt"
-                if name == "best" and os.path.isfile(os.path.join(run_dir, "checkpoints",
-                                                                  "last.pt")) else ""))
-        return path
-    if not os.path.isfile(name):
-        fail(name, "checkpoint file not found")
-    return name
-
-
 def load_trained(run_dir, device="cpu", checkpoint=None):
     """(autoencoder in eval mode on ``device``, config dict) of a trained run;
     ``checkpoint``: see :func:`checkpoint_path`."""
@@ -366,7 +224,7 @@ def load_trained(run_dir, device="cpu", checkpoint=None):
     ck = _load_checkpoint(path)
     ae = build_autoencoder(cfg, run_dir)
     ae.encoder.load_state_dict(ck["model"])
-    ae.to(_device(device))
+    ae.to(resolve_device(device))
     ae.eval()
     cfg = dict(cfg, epoch=int(ck["epoch"]))
     return ae, cfg
@@ -408,18 +266,18 @@ def _is_best(history):
     return bool(np.isfinite(v)) and all(not (o < v) for o in vals[:-1] if np.isfinite(o))
 
 
-def _save_checkpoint(run_dir, ck, keep):
+def save_checkpoint(run_dir, ck, keep):
     """Write epoch_NNNN.pt, best.pt when this epoch has the lowest validation loss so far,
     then last.pt. last.pt is written last, so a run killed in between redoes the epoch on
     --resume and writes best.pt again."""
-    folder = os.path.join(run_dir, "checkpoints")
+    folder = checkpoint_dir(run_dir)
     os.makedirs(folder, exist_ok=True)
-    last = os.path.join(folder, "last.pt")
-    epoch_file = os.path.join(folder, "epoch_%04d.pt" % ck["epoch"])
+    last = checkpoint_file(run_dir, "last")
+    epoch_file = epoch_checkpoint_file(run_dir, ck["epoch"])
     with atomic_path(epoch_file) as tmp:
         torch.save(ck, tmp)
     if _is_best(ck["history"]):
-        with atomic_path(os.path.join(folder, "best.pt")) as tmp:
+        with atomic_path(checkpoint_file(run_dir, "best")) as tmp:
             shutil.copyfile(epoch_file, tmp)
     with atomic_path(last) as tmp:
         shutil.copyfile(epoch_file, tmp)
@@ -428,99 +286,10 @@ def _save_checkpoint(run_dir, ck, keep):
         os.unlink(os.path.join(folder, f))
 
 
-def _write_log(run_dir, history):
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(LOG_COLUMNS)
-    for h in history:
-        w.writerow([h["epoch"]] + ["%.8g" % h[k] for k in LOG_COLUMNS[1:]])
-    with atomic_path(os.path.join(run_dir, "log.csv")) as tmp:
-        with open(tmp, "w") as fh:
-            fh.write(buf.getvalue())
-
-
 # ============================================================================ training
-
-def _device(device):
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise NmaemError("unknown device %r (cpu, cuda, cuda:N)" % device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise NmaemError("--device %s: no CUDA device is available" % device)
-    return dev
-
-
-def _epoch_order(rows, seed, epoch):
-    g = torch.Generator().manual_seed(int(seed) * 1000003 + int(epoch))
-    return rows[torch.randperm(len(rows), generator=g).numpy()]
-
-
-def _rank_batches(order, batch, rank, world):
-    """This rank's batches of ``order``: padded to a multiple of ``world`` by wrapping, dealt
-    round-robin; each rank gets the same number of batches of ``batch // world`` images.
-    A last batch of one image is dropped (batch norm needs two)."""
-    local = max(1, int(batch) // world)
-    n = int(math.ceil(len(order) / world)) * world
-    if n > len(order):
-        order = np.concatenate([order, order[:n - len(order)]])
-    mine = order[rank::world]
-    out = [mine[i:i + local] for i in range(0, len(mine), local)]
-    if len(out) > 1 and len(out[-1]) < 2:
-        out.pop()
-    return out, local
-
-
-def _is_oom(exc):
-    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or \
-            isinstance(exc, getattr(torch.cuda, "OutOfMemoryError", ())):
-        return True
-    msg = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in msg
-                                              or "can't allocate memory" in msg
-                                              or "Cannot allocate memory" in msg)
-
 
 def _fmt_loss(x):
     return "%.6g" % x
-
-
-class _Dist:
-    """Process group facts: rank, world size, and reductions that are no-ops alone."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.active = self.world > 1
-
-    def init(self, device):
-        if self.active:
-            import torch.distributed as dist
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            dist.init_process_group(backend=backend)
-
-    def sum(self, values, device):
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        if self.active:
-            import torch.distributed as dist
-            dist.all_reduce(t)
-        return t.tolist()
-
-    def barrier(self):
-        if self.active:
-            import torch.distributed as dist
-            dist.barrier()
-
-    def close(self):
-        if self.active:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
 
 
 def train_run(run_dir, log=print, stop_after=None):
@@ -536,8 +305,8 @@ def train_run(run_dir, log=print, stop_after=None):
     from .progress import Progress
     run_dir = os.path.abspath(run_dir)
     cfg = read_config(run_dir)
-    dist = _Dist()
-    device = _device(cfg.get("device"))
+    dist = ProcessGroup()
+    device = resolve_device(cfg.get("device"))
     if dist.active and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     dist.init(device)
@@ -564,7 +333,7 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
     encoder = ae.encoder
     opt = torch.optim.Adam(encoder.parameters(), lr=float(cfg["lr"]))
     start, history = 0, []
-    last = os.path.join(run_dir, "checkpoints", "last.pt")
+    last = checkpoint_file(run_dir, "last")
     if os.path.isfile(last):
         ck = _load_checkpoint(last)
         if ck.get("format") != CHECKPOINT_FORMAT:
@@ -587,16 +356,16 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(
             encoder, device_ids=[device.index] if device.type == "cuda" else None)
-    meta = _Metadata(table, device)
+    meta = ParticleMetadata(table, device)
     dataset = ParticleImages(table, cfg["box"])
     pin = device.type == "cuda"
     use_bf16 = bool(cfg.get("bf16"))
     loss_kind = cfg["loss"]
     if rank0:
-        _write_log(run_dir, history)     # a resumed run drops rows after its checkpoint
+        write_log(run_dir, history)     # a resumed run drops rows after its checkpoint
 
-    per_epoch = len(_rank_batches(trn, cfg["batch"], 0, dist.world)[0])
-    local_batch = _rank_batches(trn, cfg["batch"], 0, dist.world)[1]
+    per_epoch = len(rank_batches(trn, cfg["batch"], 0, dist.world)[0])
+    local_batch = rank_batches(trn, cfg["batch"], 0, dist.world)[1]
     progress = Progress((epochs - start) * per_epoch * local_batch * dist.world, "train",
                         unit="images") if rank0 else None
     end = epochs if stop_after is None else min(epochs, start + int(stop_after))
@@ -621,12 +390,12 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
         t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = epoch_lr(cfg, epoch)
-        batches, _ = _rank_batches(_epoch_order(trn, cfg["seed"], epoch), cfg["batch"],
+        batches, _ = rank_batches(epoch_order(trn, cfg["seed"], epoch), cfg["batch"],
                                    dist.rank, dist.world)
         encoder.train()
         total, count = 0.0, 0
         try:
-            for b, (rows, images) in enumerate(_loader(dataset, batches, cfg["num_workers"],
+            for b, (rows, images) in enumerate(make_loader(dataset, batches, cfg["num_workers"],
                                                        pin)):
                 rows = rows.to(device)
                 images = images.to(device, non_blocking=True)
@@ -653,7 +422,7 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
         except NmaemError:
             raise
         except Exception as exc:
-            if _is_oom(exc):
+            if is_oom(exc):
                 raise NmaemError(
                     "out of memory on %s with --batch %d (%d images per process); resume "
                     "with --resume --batch %d" % (device, cfg["batch"], local_batch,
@@ -670,8 +439,8 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
                       optimizer=_cpu(opt.state_dict()), rng=_rng_state(),
                       split={"train": torch.as_tensor(trn), "val": torch.as_tensor(val)},
                       history=[dict(h) for h in history], config=_plain(cfg))
-            _save_checkpoint(run_dir, ck, cfg.get("keep", 3))
-            _write_log(run_dir, history)
+            save_checkpoint(run_dir, ck, cfg.get("keep", 3))
+            write_log(run_dir, history)
             say("train: epoch %d/%d  train loss %s  val loss %s  %.1f images/s  %.1f s"
                 % (epoch + 1, epochs, _fmt_loss(row["train_loss"]), _fmt_loss(row["val_loss"]),
                    row["images_per_s"], row["seconds"]))
@@ -686,7 +455,7 @@ def _validate(encoder, forward, dataset, val, local_batch, dist, cfg, pin, devic
     batches = [mine[i:i + local_batch] for i in range(0, len(mine), local_batch)]
     total, count = 0.0, 0
     with torch.no_grad():
-        for rows, images in _loader(dataset, batches, cfg["num_workers"], pin):
+        for rows, images in make_loader(dataset, batches, cfg["num_workers"], pin):
             loss = forward(encoder, images.to(device, non_blocking=True), rows.to(device))
             total += float(loss) * len(rows)
             count += len(rows)
@@ -716,34 +485,3 @@ def train(out, particles=None, ref=None, modes=None, resume=False, log=print, st
     """Prepare (or resume) the run ``out`` and train it in this process; returns the history."""
     prepare_run(out, particles, ref, modes, resume=resume, log=log, **settings)
     return train_run(out, log=log, stop_after=stop_after)
-
-
-def launch_distributed(run_dir, nproc, gpus=None, log=print):
-    """Train ``run_dir`` with ``nproc`` processes through torchrun (DDP); blocks.
-
-    ``gpus`` (list of ints) become CUDA_VISIBLE_DEVICES, one process per GPU. Errors of the
-    worker processes come back as one NmaemError.
-    """
-    env = dict(os.environ)
-    if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(nproc))))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc-per-node", str(int(nproc)), "-m", "nmaem_plugin", "train",
-           "-o", os.path.abspath(run_dir), "--worker"]
-    log("train: launching %d processes: %s" % (nproc, " ".join(cmd)))
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
-    error = None
-    for line in proc.stderr:
-        if line.startswith("nmaem: error: "):
-            error = error or line[len("nmaem: error: "):].strip()
-            continue
-        if error is None:
-            sys.stderr.write(line)
-            sys.stderr.flush()
-    rc = proc.wait()
-    if error:
-        raise NmaemError(error)
-    if rc != 0:
-        fail(run_dir, "training processes failed (exit status %d); see the messages above"
-             % rc)

@@ -16,8 +16,8 @@ import pyworkflow.protocol.params as params
 from pyworkflow.object import Float, Integer, String
 from pwem.objects import NormalMode, SetOfNormalModes
 
-from ..constants import (ATTR_ANIMATION, ATTR_EIGENVALUE, ATTR_MODE_INDEX, ATTR_OVERLAP,
-                         CG_CHOICES)
+from ..constants import ATTR_ANIMATION, ATTR_EIGENVALUE, ATTR_MODE_INDEX, ATTR_OVERLAP
+from ..core.choices import CG_CHOICES
 from .protocol_base import NmaemProtBase
 
 

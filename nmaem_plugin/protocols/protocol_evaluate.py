@@ -18,10 +18,10 @@ from pyworkflow.object import Float
 from pwem.objects import SetOfParticlesFlex
 
 from ..constants import ATTR_FRAME
+from ..core.runfolder import read_config_or_none
 from .protocol_base import NmaemProtBase
 from .protocol_flex_common import (ATTR_FLOOR_RMSD, ATTR_RMSD, createSetOfParticlesFlex,
-                                   findSimulationDir,
-                                   readRunConfig, runDirOf)
+                                   findSimulationDir, runDirOf)
 
 
 class NmaemEvaluateOutputs(Enum):
@@ -91,12 +91,10 @@ class NmaemProtEvaluate(NmaemProtBase):
             simMats.append(simMatrix[p.getObjId()])
         _, origin = matricesToRelion(np.asarray(mats), apix)
         _, simOrigin = matricesToRelion(np.asarray(simMats), apix)
-        tmp = self._getExtraPath("latent_truth.tmp.npz")
-        np.savez(tmp, z=np.asarray(z, dtype=np.float32).reshape(len(ids), -1),
-                 shift=(simOrigin - origin).astype(np.float32),
-                 index=np.array([rowOfId[i] for i in ids], dtype=np.int64))
+        from ..core.latent import write_latent
         np.save(self._getFileName("ids"), np.asarray(ids, dtype=np.int64))
-        os.replace(tmp, self._getFileName("latent"))
+        write_latent(self._getFileName("latent"), np.asarray(z).reshape(len(ids), -1),
+                     shift=simOrigin - origin, index=[rowOfId[i] for i in ids])
 
     def evaluateStep(self):
         out = self._getFileName("json")
@@ -145,7 +143,7 @@ class NmaemProtEvaluate(NmaemProtBase):
         if flex.getSize() == 0:
             return ["The particles with z are empty."]
         run = runDirOf(flex)
-        if run is None or readRunConfig(run) is None:
+        if run is None or read_config_or_none(run) is None:
             errors.append("The particles with z do not record an nmaem training run (use the "
                           "output of 'nmaem - infer').")
         first = sim.getFirstItem()

@@ -17,14 +17,15 @@ import pyworkflow.protocol.params as params
 from pyworkflow.object import CsvList, Float, Integer, String
 from pwem.objects import AtomStruct, SetOfAtomStructs
 
+from ..core.choices import MODEL_FORMATS
+from ..core.runfolder import read_config_or_none
 from .protocol_base import NmaemProtBase
-from .protocol_flex_common import (ATTR_KIND, ATTR_N_PARTICLES, ATTR_RMSD_REF, ATTR_Z,
-                                   readRunConfig, runDirOf)
+from .protocol_flex_common import (ATTR_KIND, ATTR_N_PARTICLES, ATTR_RMSD_REF, ATTR_Z, runDirOf)
 
 EXPORT_PCS, EXPORT_KMEANS, EXPORT_MAXIMA, EXPORT_Z = range(4)
 EXPORT_CHOICES = ["principal component traversal", "k-means centres", "density maxima (PC1)",
                   "given amplitudes"]
-FORMATS = ["pdb", "cif"]
+FORMATS = MODEL_FORMATS
 
 
 class NmaemExportOutputs(Enum):
@@ -130,12 +131,10 @@ class NmaemProtExport(NmaemProtBase):
 
     def writeLatentStep(self):
         """latent.npz of the input particles' z (rows in id order; shifts are not used)."""
+        from ..core.latent import write_latent
         ids, z = zFlexMatrix(self.inputParticles.get())
-        tmp = self._getExtraPath("latent.tmp.npz")
-        np.savez(tmp, z=z.astype(np.float32), shift=np.zeros((len(z), 2), np.float32),
-                 index=np.arange(len(z), dtype=np.int64))
         np.save(self._getFileName("ids"), ids)
-        os.replace(tmp, self._getFileName("latent"))
+        write_latent(self._getFileName("latent"), z)
 
     def exportStep(self):
         if os.path.exists(self._getFileName("done")):   # models.csv is written last
@@ -189,8 +188,8 @@ class NmaemProtExport(NmaemProtBase):
     def createOutputStep(self):
         with open(self._getFileName("listing")) as fh:
             listing = json.load(fh)
-        with np.load(self._getFileName("latent"), allow_pickle=False) as f:
-            z = np.asarray(f["z"], dtype=np.float64)
+        from ..core.latent import read_latent
+        z = read_latent(self._getFileName("latent")).z
         counts = self.particleCounts(listing, z)
         out = self._createSetOfPDBs(suffix="models")
         for k, (m, n) in enumerate(zip(listing["models"], counts)):
@@ -219,7 +218,7 @@ class NmaemProtExport(NmaemProtBase):
         if parts.getSize() == 0:
             return ["The input particle set is empty."]
         run = self._runDir()
-        cfg = readRunConfig(run) if run else None
+        cfg = read_config_or_none(run) if run else None
         if run is None:
             errors.append("No trained network: choose one (the particles do not record an "
                           "nmaem training).")

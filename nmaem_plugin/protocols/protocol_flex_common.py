@@ -10,7 +10,6 @@
 """What the train, infer, export and evaluate protocols share: the attributes that tie a
 trained network (a pwem ``FlexInfo``) and Flexibility Hub particles to the ``nmaem`` run
 folder, and small readers of that folder. Only the standard library at the top."""
-import json
 import os
 
 from ..constants import PROGRAM_NAME
@@ -43,37 +42,6 @@ def runDirOf(obj):
         return None
     value = getattr(info, ATTR_RUN_DIR).get()
     return value or None
-
-
-def readRunConfig(runDir):
-    """``RUN/config.json`` as a dict, or None when it is not there (yet)."""
-    fn = os.path.join(runDir, "config.json")
-    if not os.path.isfile(fn):
-        return None
-    with open(fn) as fh:
-        return json.load(fh)
-
-
-def readTrainingLog(runDir):
-    """The rows of ``RUN/log.csv`` (list of dicts of floats); [] when absent."""
-    import csv
-    fn = os.path.join(runDir, "log.csv")
-    if not os.path.isfile(fn):
-        return []
-    rows = []
-    with open(fn) as fh:
-        for row in csv.DictReader(fh):
-            try:
-                rows.append({k: float(v) for k, v in row.items() if v not in (None, "")})
-            except ValueError:
-                continue
-    return rows
-
-
-def runCheckpoint(runDir, name="last"):
-    """``RUN/checkpoints/<name>.pt`` (``last`` or ``best``) when it exists, else None."""
-    fn = os.path.join(runDir, "checkpoints", name + ".pt")
-    return fn if os.path.isfile(fn) else None
 
 
 def findSimulationDir(particles, levels=2):

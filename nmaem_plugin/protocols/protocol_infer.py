@@ -20,14 +20,15 @@ import pyworkflow.protocol.params as params
 from pwem.objects import SetOfParticlesFlex
 
 from ..constants import PROGRAM_NAME
+from ..core.choices import CHECKPOINTS
+from ..core.runfolder import existing_checkpoint, read_config_or_none
 from .protocol_base import NmaemProtBase
 from .protocol_flex_common import (ATTR_LATENT_FILE, ATTR_RUN_DIR, ATTR_STAR_FILE,
-                                   createSetOfParticlesFlex, runCheckpoint, readRunConfig,
-                                   runDirOf)
+                                   createSetOfParticlesFlex, runDirOf)
 
 
 WEIGHTS = ["last epoch", "lowest validation loss"]
-WEIGHTS_ARG = ["last", "best"]          # nmaem infer --checkpoint
+WEIGHTS_ARG = CHECKPOINTS               # nmaem infer --checkpoint
 
 
 class NmaemInferOutputs(Enum):
@@ -124,15 +125,15 @@ class NmaemProtInfer(NmaemProtBase):
         info = self.inputNetwork.get()
         parts = self.inputParticles.get()
         run = runDirOf(info) if info is not None else None
-        cfg = readRunConfig(run) if run else None
+        cfg = read_config_or_none(run) if run else None
         if info is None:
             errors.append("Choose the trained network.")
         elif run is None:
             errors.append("The chosen network is not an nmaem training output.")
-        elif cfg is None or runCheckpoint(run) is None:
+        elif cfg is None or existing_checkpoint(run) is None:
             errors.append("The network's run folder %s has no trained network "
                           "(config.json and checkpoints/last.pt)." % run)
-        elif runCheckpoint(run, WEIGHTS_ARG[self.weights.get()]) is None:
+        elif existing_checkpoint(run, WEIGHTS_ARG[self.weights.get()]) is None:
             errors.append("The network's run folder %s has no checkpoints/best.pt (it was "
                           "trained by an nmaem version without it); choose the weights of "
                           "the last epoch." % run)
@@ -159,8 +160,9 @@ class NmaemProtInfer(NmaemProtBase):
         fn = self._getFileName("latent")
         if not os.path.exists(fn):
             return None
-        with np.load(fn, allow_pickle=False) as f:
-            return f["z"], f["shift"]
+        from ..core.latent import read_latent
+        lat = read_latent(fn)
+        return lat.z, lat.shift
 
     def _summary(self):
         stats = self._latentStats()

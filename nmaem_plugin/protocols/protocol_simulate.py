@@ -15,8 +15,8 @@ from enum import Enum
 import pyworkflow.protocol.params as params
 from pwem.objects import AtomStruct, SetOfAtomStructs, SetOfParticles
 
-from ..constants import (ATTR_FRAME, DISTRIBUTIONS, SIM_LIKE, SIM_MORPH, SIM_SOURCES,
-                         SIM_TRAJECTORY)
+from ..core.choices import DISTRIBUTIONS
+from ..constants import ATTR_FRAME, SIM_LIKE, SIM_MORPH, SIM_SOURCES, SIM_TRAJECTORY
 from .protocol_base import NmaemProtBase
 
 

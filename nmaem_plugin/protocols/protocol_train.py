@@ -16,15 +16,11 @@ import pyworkflow.protocol.params as params
 from pwem.objects import FlexInfo
 
 from ..constants import PROGRAM_NAME
+from ..core.choices import ENCODERS, LOSSES, LR_SCHEDULES
+from ..core.runfolder import existing_checkpoint, read_config_or_none, read_log_rows
 from .protocol_base import NmaemProtBase
 from .protocol_flex_common import (ATTR_APIX, ATTR_BOX, ATTR_EPOCHS, ATTR_LATENT_DIM,
-                                   ATTR_RUN_DIR, runCheckpoint, readRunConfig,
-                                   readTrainingLog, runDirOf)
-
-ENCODERS = ["paper", "small"]
-LOSSES = ["l2", "corr"]
-LR_SCHEDULES = ["constant", "cosine"]
-ENCODER_BLOCKS = {"paper": 5, "small": 3}     # pooling blocks: box >= 2 ** blocks
+                                   ATTR_RUN_DIR, runDirOf)
 
 
 class NmaemTrainOutputs(Enum):
@@ -235,7 +231,7 @@ class NmaemProtTrain(NmaemProtBase):
 
         if self.doContinue.get() and not os.path.exists(os.path.join(run, "config.json")):
             prev = runDirOf(self.continueNetwork.get())
-            if prev is None or runCheckpoint(prev) is None:
+            if prev is None or existing_checkpoint(prev) is None:
                 raise Exception("The training to continue (%s) has no checkpoint; nothing to "
                                 "resume. Start a fresh training instead." % prev)
             tmp = run + ".copy"
@@ -247,8 +243,8 @@ class NmaemProtTrain(NmaemProtBase):
             self.info("copied the run of the previous training %s to %s" % (prev, run))
 
         if os.path.exists(os.path.join(run, "config.json")):
-            last = runCheckpoint(run)
-            done = len(readTrainingLog(run))
+            last = existing_checkpoint(run)
+            done = len(read_log_rows(run))
             if last is None:
                 self.info("RESUME: %s has no checkpoint (it stopped during its first "
                           "epoch); training restarts from epoch 1 with the run's settings"
@@ -277,14 +273,14 @@ class NmaemProtTrain(NmaemProtBase):
 
     def createOutputStep(self):
         run = self._getFileName("run")
-        cfg = readRunConfig(run)
-        if cfg is None or runCheckpoint(run) is None:
+        cfg = read_config_or_none(run)
+        if cfg is None or existing_checkpoint(run) is None:
             raise Exception("%s holds no trained network (config.json or "
                             "checkpoints/last.pt missing)" % run)
         info = FlexInfo(PROGRAM_NAME)
         info.setAttr(ATTR_RUN_DIR, run)
         info.setAttr(ATTR_LATENT_DIM, int(cfg["n_modes"]))
-        info.setAttr(ATTR_EPOCHS, len(readTrainingLog(run)))
+        info.setAttr(ATTR_EPOCHS, len(read_log_rows(run)))
         info.setAttr(ATTR_BOX, int(cfg["box"]))
         info.setAttr(ATTR_APIX, float(cfg["apix"]))
         self._defineOutputs(**{NmaemTrainOutputs.outputNetwork.name: info})
@@ -304,10 +300,10 @@ class NmaemProtTrain(NmaemProtBase):
                 errors.append("Choose the training to continue.")
             elif prev is None:
                 errors.append("The chosen network is not an nmaem training output.")
-            elif readRunConfig(prev) is None:
+            elif read_config_or_none(prev) is None:
                 errors.append("The training to continue has no run folder (%s/config.json "
                               "is missing)." % prev)
-            elif runCheckpoint(prev) is None:
+            elif existing_checkpoint(prev) is None:
                 errors.append("The training to continue has no checkpoint (%s is missing): "
                               "there is nothing to resume. Set 'Continue a previous "
                               "training?' to No to start a fresh training."
@@ -345,19 +341,16 @@ class NmaemProtTrain(NmaemProtBase):
             msg = checkModesMatch(modesFile, ref.getFileName())
             if msg:
                 errors.append(msg)
+        # the option rules of nmaem train, written once (core.runfolder.TrainConfig)
+        from ..core.runfolder import TrainConfig
         box = self.boxSize.get()
-        if box > 0:
-            if box % 2:
-                errors.append("The training box must be even (got %d)." % box)
-            need = 2 ** ENCODER_BLOCKS[ENCODERS[self.encoder.get()]]
-            if box < need:
-                errors.append("The %s encoder needs a box of at least %d px (got %d)."
-                              % (ENCODERS[self.encoder.get()], need, box))
-            if parts is not None and parts.getSize():
-                imgBox = imageBox(parts)
-                if imgBox is not None and box > imgBox:
-                    errors.append("The training box (%d px) is larger than the particle "
-                                  "images (%d px)." % (box, imgBox))
+        imgBox = imageBox(parts) if box > 0 and parts is not None and parts.getSize() else None
+        options = TrainConfig(box=box if box > 0 else None, encoder=ENCODERS[self.encoder.get()],
+                              loss=LOSSES[self.loss.get()],
+                              lr_schedule=LR_SCHEDULES[self.lrSchedule.get()],
+                              epochs=self.numberOfEpochs.get(), batch=self.batchSize.get(),
+                              lr=self.learningRate.get())
+        errors += ["Training options: %s." % msg for _, msg in options.problems(imgBox)]
         return errors
 
     def _warnings(self):
@@ -370,10 +363,10 @@ class NmaemProtTrain(NmaemProtBase):
 
     def _summary(self):
         run = self._runDir()
-        cfg = readRunConfig(run)
+        cfg = read_config_or_none(run)
         if cfg is None:
             return ["Training not started yet."]
-        log = readTrainingLog(run)
+        log = read_log_rows(run)
         lines = ["%d of %d epochs on %d particles (%d train / %d validation), %d px at "
                  "%.3f A/px, %d modes, %s encoder, %s loss."
                  % (len(log), cfg["epochs"], cfg["n_particles"], cfg["n_train"],
@@ -390,7 +383,7 @@ class NmaemProtTrain(NmaemProtBase):
         return lines
 
     def _methods(self):
-        cfg = readRunConfig(self._runDir())
+        cfg = read_config_or_none(self._runDir())
         if cfg is None:
             return []
         return ["We trained the nmaem autoencoder [Nashed2022] (PyTorch [Paszke2019]) on %d "
@@ -399,7 +392,7 @@ class NmaemProtTrain(NmaemProtBase):
                 "amplitudes of %d normal modes of the reference model, rendered with the "
                 "particle's pose and CTF."
                 % (cfg["n_particles"], cfg["box"], cfg["apix"],
-                   len(readTrainingLog(self._runDir())), cfg["lr"], cfg["batch"],
+                   len(read_log_rows(self._runDir())), cfg["lr"], cfg["batch"],
                    cfg["loss"], cfg["encoder"], cfg["n_modes"])]
 
     def _citations(self):

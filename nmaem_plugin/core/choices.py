@@ -1,0 +1,34 @@
+"""The option lists of the project, written once: read by the ``nmaem`` command line, the
+Scipion protocols (EnumParam choices, in this order) and the core modules that act on them.
+
+Pure Python (no numpy, no torch): protocols import it at start-up.
+"""
+from typing import Dict, Tuple
+
+__all__ = ["CG_CHOICES", "DISTRIBUTIONS", "ENCODER_PRESETS", "ENCODERS", "LOSSES",
+           "LR_SCHEDULES", "CHECKPOINTS", "MODEL_FORMATS", "MODES_SOLVERS"]
+
+# nmaem modes --cg: coarse-grained nodes of the elastic network
+CG_CHOICES: Tuple[str, ...] = ("ca", "backbone", "heavy")
+# nmaem modes --solver
+MODES_SOLVERS: Tuple[str, ...] = ("auto", "dense", "sparse")
+
+# nmaem simulate --distribution: how particles are spread over the frames
+DISTRIBUTIONS: Tuple[str, ...] = ("uniform", "continuous", "discontinuous")
+
+# nmaem train --encoder: CNN filters per VGG block (one 2x pooling each) and MLP widths
+ENCODER_PRESETS: Dict[str, Dict[str, Tuple[int, ...]]] = {
+    "paper": dict(filters=(32, 64, 128, 256, 512), hidden=(512, 256)),
+    "small": dict(filters=(8, 16, 32), hidden=(64, 32)),
+}
+ENCODERS: Tuple[str, ...] = tuple(ENCODER_PRESETS)
+# nmaem train --loss (network.image_loss)
+LOSSES: Tuple[str, ...] = ("l2", "corr")
+# nmaem train --lr-schedule
+LR_SCHEDULES: Tuple[str, ...] = ("constant", "cosine")
+
+# nmaem infer --checkpoint (besides a file): RUN/checkpoints/<name>.pt
+CHECKPOINTS: Tuple[str, ...] = ("last", "best")
+
+# nmaem export --format
+MODEL_FORMATS: Tuple[str, ...] = ("pdb", "cif")

@@ -1,0 +1,272 @@
+"""The training run folder (``RUN``): layout, configuration, log and checkpoint paths.
+
+Torch-free, so that protocols, viewers, the report and the CLI read a run the same way::
+
+    RUN/config.json          all settings (paths inside RUN are relative to RUN)
+    RUN/reference.pdb|.cif   copy of --ref (X0), named by config["reference"]
+    RUN/modes.npz            copy of --modes, named by config["modes"]
+    RUN/split.npz            train / val: sorted 0-based rows of the particle file
+    RUN/checkpoints/last.pt  the latest checkpoint; best.pt (lowest validation loss);
+                             epoch_NNNN.pt the last few epochs
+    RUN/log.csv              epoch,train_loss,val_loss,images_per_s,seconds
+
+:class:`TrainConfig` holds the training options and their rules (:meth:`TrainConfig.validate`),
+checked once here for the command line, ``prepare_run`` and the train protocol's form.
+"""
+import csv
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .atomic import atomic_path
+from .choices import CHECKPOINTS, ENCODER_PRESETS, LOSSES, LR_SCHEDULES
+from .errors import NmaemError, fail
+
+__all__ = ["CONFIG_FILE", "LOG_FILE", "SPLIT_FILE", "CHECKPOINT_DIR", "LOG_COLUMNS",
+           "TrainConfig", "config_path", "log_path", "checkpoint_dir", "checkpoint_file",
+           "epoch_checkpoint_file", "read_config", "read_config_or_none", "write_json",
+           "write_config", "write_log", "read_log_rows", "read_log_columns", "checkpoint_path",
+           "existing_checkpoint", "reference_name", "is_run"]
+
+CONFIG_FILE = "config.json"
+LOG_FILE = "log.csv"
+SPLIT_FILE = "split.npz"
+CHECKPOINT_DIR = "checkpoints"
+LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "images_per_s", "seconds")
+
+
+# ============================================================================ options
+
+@dataclass
+class TrainConfig:
+    """The options of ``nmaem train`` (``None``: the default, or decided from the data)."""
+    epochs: int = 200
+    batch: int = 256
+    lr: float = 1e-3
+    box: Optional[int] = None
+    n_modes: Optional[int] = None
+    seed: int = 0
+    loss: str = "l2"
+    encoder: str = "paper"
+    filters: Optional[Sequence[int]] = None
+    hidden: Optional[Sequence[int]] = None
+    rmsd_unit: float = 1.0
+    bf16: bool = False
+    device: Optional[str] = None
+    num_workers: int = 0
+    keep: int = 3
+    lr_schedule: str = "constant"
+
+    # settings that a resumed run may change; every other one is fixed by the first start
+    RESUMABLE = ("epochs", "batch", "lr", "lr_schedule", "device", "num_workers", "bf16", "keep")
+
+    @classmethod
+    def names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_settings(cls, **settings) -> "TrainConfig":
+        """Settings as keyword arguments; None means the default; unknown names raise
+        TypeError."""
+        unknown = set(settings) - set(cls.names())
+        if unknown:
+            raise TypeError("unknown training settings: %s" % ", ".join(sorted(unknown)))
+        return cls(**{k: v for k, v in settings.items() if v is not None})
+
+    def as_dict(self) -> Dict:
+        return asdict(self)
+
+    def layout(self) -> Tuple[List[int], List[int]]:
+        """(CNN filters, MLP widths) of the encoder: the preset's unless given."""
+        if self.encoder not in ENCODER_PRESETS:
+            raise NmaemError("unknown encoder %r (choose from %s)"
+                             % (self.encoder, ", ".join(ENCODER_PRESETS)))
+        preset = ENCODER_PRESETS[self.encoder]
+        filters = self.filters or preset["filters"]
+        hidden = self.hidden or preset["hidden"]
+        return [int(f) for f in filters], [int(h) for h in hidden]
+
+    def problems(self, box0: Optional[int] = None) -> List[Tuple[str, str]]:
+        """Every broken rule as (kind, one-line message); kind "box0" marks the rule that
+        involves the particle images (box0 px, when known). Empty when all is well."""
+        out = []
+        if self.box is not None:
+            box = int(self.box)
+            if box0 is not None and box > box0:
+                out.append(("box0", "--box %d is larger than the particle images (%d px)"
+                            % (box, box0)))
+            if box != box0 and box % 2:
+                out.append(("box", "--box must be even (got %d)" % box))
+        if self.encoder not in ENCODER_PRESETS:
+            out.append(("encoder", "unknown encoder %r (choose from %s)"
+                        % (self.encoder, ", ".join(ENCODER_PRESETS))))
+        else:
+            filters, _ = self.layout()
+            box = self.box if self.box is not None else box0
+            if box is not None and int(box) >> len(filters) < 1:
+                out.append(("box", "--box %d is too small for an encoder of %d pooling blocks "
+                                   "(at least %d px)" % (box, len(filters), 2 ** len(filters))))
+        for k in ("epochs", "batch"):
+            if int(getattr(self, k)) < 1:
+                out.append((k, "--%s must be at least 1" % k))
+        if not self.lr > 0:
+            out.append(("lr", "--lr must be positive"))
+        if self.lr_schedule not in LR_SCHEDULES:
+            out.append(("lr_schedule", "unknown --lr-schedule %r (choose from %s)"
+                        % (self.lr_schedule, ", ".join(LR_SCHEDULES))))
+        if self.loss not in LOSSES:
+            out.append(("loss", "unknown loss %r (choose from %s)"
+                        % (self.loss, ", ".join(LOSSES))))
+        return out
+
+    def validate(self, box0: Optional[int] = None, particles: Optional[str] = None) -> "TrainConfig":
+        """Raise a one-line NmaemError for the first broken rule (:meth:`problems`); the
+        image-size rule names the ``particles`` file."""
+        for kind, msg in self.problems(box0):
+            if kind == "box0" and particles is not None:
+                fail(particles, msg)
+            raise NmaemError(msg)
+        return self
+
+
+# ============================================================================ paths
+
+def config_path(run_dir) -> str:
+    return os.path.join(os.fspath(run_dir), CONFIG_FILE)
+
+
+def log_path(run_dir) -> str:
+    return os.path.join(os.fspath(run_dir), LOG_FILE)
+
+
+def checkpoint_dir(run_dir) -> str:
+    return os.path.join(os.fspath(run_dir), CHECKPOINT_DIR)
+
+
+def checkpoint_file(run_dir, name: str = "last") -> str:
+    """``RUN/checkpoints/<name>.pt`` (whether or not it exists)."""
+    return os.path.join(checkpoint_dir(run_dir), name + ".pt")
+
+
+def epoch_checkpoint_file(run_dir, epoch: int) -> str:
+    return os.path.join(checkpoint_dir(run_dir), "epoch_%04d.pt" % int(epoch))
+
+
+def is_run(run_dir) -> bool:
+    """Whether ``run_dir`` holds a (prepared) training run."""
+    return os.path.isfile(config_path(run_dir))
+
+
+def reference_name(ref: str) -> str:
+    """The name of the copy of the reference model in RUN (``reference.pdb`` or ``.cif``)."""
+    name = os.path.basename(ref).lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    return "reference.cif" if name.endswith((".cif", ".mmcif")) else "reference.pdb"
+
+
+# ============================================================================ config
+
+def read_config(run_dir) -> Dict:
+    """``RUN/config.json``; a one-line NmaemError when it is missing or unreadable."""
+    path = config_path(run_dir)
+    if not os.path.isfile(path):
+        fail(run_dir, "not a training run (no config.json)")
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except ValueError as exc:
+        fail(path, "unreadable run configuration (%s)" % exc)
+
+
+def read_config_or_none(run_dir) -> Optional[Dict]:
+    """``RUN/config.json`` as a dict, or None when it is not there (yet)."""
+    path = config_path(run_dir)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def write_json(path, obj) -> None:
+    """Write ``obj`` as indented, sorted JSON, atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1, sort_keys=True)
+            fh.write("\n")
+
+
+def write_config(run_dir, cfg: Dict) -> None:
+    write_json(config_path(run_dir), cfg)
+
+
+# ============================================================================ log
+
+def write_log(run_dir, history: Sequence[Dict]) -> None:
+    """``RUN/log.csv``: one row per epoch of ``history`` (LOG_COLUMNS), atomically."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(LOG_COLUMNS)
+    for h in history:
+        w.writerow([h["epoch"]] + ["%.8g" % h[k] for k in LOG_COLUMNS[1:]])
+    with atomic_path(log_path(run_dir)) as tmp:
+        with open(tmp, "w") as fh:
+            fh.write(buf.getvalue())
+
+
+def read_log_rows(run_dir) -> List[Dict[str, float]]:
+    """The rows of ``RUN/log.csv`` (list of dicts of floats); [] when absent. Rows that
+    are not numbers (a partly written line) are skipped."""
+    fn = log_path(run_dir)
+    if not os.path.isfile(fn):
+        return []
+    rows = []
+    with open(fn) as fh:
+        for row in csv.DictReader(fh):
+            try:
+                rows.append({k: float(v) for k, v in row.items() if v not in (None, "")})
+            except ValueError:
+                continue
+    return rows
+
+
+def read_log_columns(path) -> Dict[str, np.ndarray]:
+    """The columns of a ``log.csv`` file as float arrays (NaN where not a number)."""
+    cols = {}
+    with open(path) as fh:
+        for row in csv.DictReader(fh):
+            for k, v in row.items():
+                try:
+                    val = float(v)
+                except (TypeError, ValueError):
+                    val = np.nan
+                cols.setdefault(k, []).append(val)
+    return {k: np.asarray(v) for k, v in cols.items()}
+
+
+# ============================================================================ checkpoints
+
+def existing_checkpoint(run_dir, name: str = "last") -> Optional[str]:
+    """``RUN/checkpoints/<name>.pt`` (``last`` or ``best``) when it exists, else None."""
+    fn = checkpoint_file(run_dir, name)
+    return fn if os.path.isfile(fn) else None
+
+
+def checkpoint_path(run_dir, checkpoint: Optional[str] = None) -> str:
+    """The file of ``checkpoint``: ``last`` (default; the last epoch), ``best`` (the epoch of
+    lowest validation loss) or a path; a one-line NmaemError when it is missing."""
+    name = checkpoint or "last"
+    if name in CHECKPOINTS:
+        path = checkpoint_file(run_dir, name)
+        if not os.path.isfile(path):
+            fail(run_dir, "no trained model (checkpoints/%s.pt missing%s)" % (
+                name, "; runs of nmaem before best.pt existed have only last.pt"
+                if name == "best" and existing_checkpoint(run_dir, "last") else ""))
+        return path
+    if not os.path.isfile(name):
+        fail(name, "checkpoint file not found")
+    return name

@@ -1,7 +1,8 @@
-"""Tests of core/metadata.py: RELION STAR and cryoSPARC .cs particles, image stacks.
+"""Tests of core/particles.py, star.py, cryosparc.py and stacks.py: RELION STAR and
+cryoSPARC .cs particles, image stacks.
 
 Expectations come from the files themselves, through a plain parse written here (no code
-of metadata.py), from values typed by hand from the files, or from an independent
+of these modules), from values typed by hand from the files, or from an independent
 implementation (scipy's rotation vectors for the cryoSPARC poses).
 """
 import os
@@ -18,7 +19,7 @@ from nmaem_plugin.core.particles import read_particles
 from nmaem_plugin.core.stacks import ImageStack, write_stack
 from nmaem_plugin.core.star import write_star
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
 def data(name):

@@ -51,8 +51,8 @@ class TestPlugin(unittest.TestCase):
                 stack.extend(s)
             else:
                 ids.append(s.id())
-        self.assertTrue(any(i.startswith("nmaem_plugin.tests.test_imaging.") for i in ids))
-        self.assertTrue(any(i.startswith("nmaem_plugin.tests.test_plugin.") for i in ids))
+        self.assertTrue(any(i.startswith("nmaem_plugin.tests.core.test_imaging.") for i in ids))
+        self.assertTrue(any(i.startswith("nmaem_plugin.tests.scipion.test_plugin.") for i in ids))
 
 
 if __name__ == "__main__":

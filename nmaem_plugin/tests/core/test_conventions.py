@@ -20,8 +20,9 @@ from nmaem_plugin.core.imaging import (FourierGrid, Renderer, add_noise, ctf_2d,
                                        matrix_to_euler, noise_sigma)
 from nmaem_plugin.core.structure import read_model
 
-AK_OPEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       "data", "ak_open_4ake.pdb")
+from nmaem_plugin import DATA_DIR  # noqa: E402
+
+AK_OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 
 # 3-4-5 triangle: cos = 0.8, sin = 0.6, so hand-worked positions stay simple
 ANG_345 = math.degrees(math.atan2(3.0, 4.0))

@@ -175,7 +175,8 @@ class TestTraining(TrainTestCase):
     def test_untrained_network_starts_at_reference(self):
         """An untrained network gives z and shift near 0, and the decoder's rendering of its
         output equals an independent rendering of X0 at the file's poses and origins."""
-        from nmaem_plugin.core.train import build_autoencoder, read_config
+        from nmaem_plugin.core.runfolder import read_config
+        from nmaem_plugin.core.train import build_autoencoder
         ae = build_autoencoder(read_config(self.run_a), self.run_a).eval()
         images = self.cropped_images(np.arange(24))
         with torch.no_grad():
@@ -326,7 +327,7 @@ class TestBestCheckpoint(unittest.TestCase):
     def test_best_follows_the_validation_loss(self):
         """best.pt is rewritten only when an epoch's validation loss is the lowest so far
         (NaN never is); last.pt is always the latest epoch."""
-        from nmaem_plugin.core.train import _save_checkpoint
+        from nmaem_plugin.core.train import save_checkpoint
         run = tempfile.mkdtemp(prefix="nmaem-best-")
         self.addCleanup(shutil.rmtree, run, ignore_errors=True)
         history = []
@@ -335,7 +336,7 @@ class TestBestCheckpoint(unittest.TestCase):
             history.append(dict(epoch=epoch, val_loss=val))
             ck = dict(epoch=epoch, model={"w": torch.full((2,), float(epoch))},
                       history=[dict(h) for h in history])
-            _save_checkpoint(run, ck, keep=2)
+            save_checkpoint(run, ck, keep=2)
             self.assertEqual(load_ck(run, "best.pt")["epoch"], best, epoch)
             self.assertEqual(load_ck(run, "last.pt")["epoch"], epoch)
             self.assertTrue(torch.equal(load_ck(run, "best.pt")["model"]["w"],

@@ -1,6 +1,6 @@
 """Scipion protocol tests of nmaem (pyworkflow BaseTest, run by Scipion's own runner):
 
-    python -m scipion tests nmaem_plugin.tests.test_protocols
+    python -m scipion tests nmaem_plugin.tests.scipion.test_protocols
 
 Data are made here: the bundled adenylate kinase models are imported with pwem's
 ProtImportPdb, particles are simulated (tiny: 40 px, 120 particles, no noise) and modes
@@ -13,7 +13,7 @@ from pwem.constants import ALIGN_NONE, ALIGN_PROJ
 from pwem.objects import SetOfParticles
 from pyworkflow.tests import setupTestProject
 
-from nmaem_plugin.tests import scipion_base
+from nmaem_plugin.tests.scipion import scipion_base
 from nmaem_plugin.constants import ATTR_FRAME, SIM_LIKE, SIM_MORPH, SIM_TRAJECTORY
 from nmaem_plugin.protocols import NmaemProtComputeModes, NmaemProtSimulate
 

@@ -1,6 +1,6 @@
 """Scipion protocol tests of training, inference, model export and evaluation:
 
-    python -m scipion tests nmaem_plugin.tests.test_protocols_train
+    python -m scipion tests nmaem_plugin.tests.scipion.test_protocols_train
 
 The data are made here (no internet, no Scipion data server): the bundled adenylate
 kinase models are imported with ProtImportPdb, 200 particles of 32 px are simulated from
@@ -15,7 +15,7 @@ from pwem.constants import ALIGN_NONE
 from pwem.objects import FlexInfo, SetOfParticles
 from pyworkflow.tests import setupTestProject
 
-from nmaem_plugin.tests import scipion_base
+from nmaem_plugin.tests.scipion import scipion_base
 from nmaem_plugin.constants import ATTR_FRAME, PROGRAM_NAME
 from nmaem_plugin.protocols import (NmaemProtComputeModes, NmaemProtEvaluate,
                                     NmaemProtExport, NmaemProtInfer, NmaemProtTrain)

@@ -1,6 +1,6 @@
 """Figures (core.plots), ``nmaem report`` and the Scipion viewers, all headless (Agg):
 
-    python -m scipion tests nmaem_plugin.tests.test_viewers
+    python -m scipion tests nmaem_plugin.tests.scipion.test_viewers
 
 The figure and report tests use synthetic arrays. The viewer tests run the real
 protocols on tiny data (60 noise-free 32-px particles of a 4-frame morph of the bundled
@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import numpy as np
 
 from nmaem_plugin.core import plots
+from nmaem_plugin.core.runfolder import read_log_columns
 from nmaem_plugin.core.analysis import density_maxima, pca
 
 
@@ -295,7 +296,7 @@ if BaseTest is not None:
                                       NmaemTrainingViewer)
     from nmaem_plugin.viewers.viewer_latent import POINT_CLUSTER, POINT_PC1, POINT_Z
 
-    from nmaem_plugin.tests import scipion_base
+    from nmaem_plugin.tests.scipion import scipion_base
     _tail = scipion_base.log_tail
 
     class TestNmaemViewers(scipion_base.NmaemBaseTest):
@@ -413,7 +414,7 @@ if BaseTest is not None:
 
         # -------------------------------------------------------------- training
         def test_training_viewer_targets(self):
-            rows = plots.read_training_log(
+            rows = read_log_columns(
                 os.path.join(self.proj.getPath(), self.train._getExtraPath("run", "log.csv")))
             for obj in (self.train, self.train.outputNetwork):
                 viewer = self._viewer(NmaemTrainingViewer, obj)

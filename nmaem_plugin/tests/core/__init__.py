@@ -1,0 +1,1 @@
+"""Unit tests of ``nmaem_plugin.core`` and of the package layout: no Scipion imports here."""

@@ -1,0 +1,1 @@
+"""Scipion-side tests: plugin discovery, convert, protocols (BaseTest) and viewers."""

@@ -6,8 +6,96 @@ Each subcommand has ``--help``, prints progress for long work, and on bad input 
 import argparse
 import sys
 
-from .choices import DISTRIBUTIONS, ENCODERS, LOSSES, LR_SCHEDULES, MODEL_FORMATS
+from .choices import (CG_CHOICES, DISTRIBUTIONS, ENCODERS, LOSSES, LR_SCHEDULES, MODEL_FORMATS,
+                      MODES_SOLVERS)
 from .errors import NmaemError
+
+
+def _add_modes(subparsers):
+    """Define the ``nmaem modes`` subcommand on an argparse ``subparsers`` object."""
+    p = subparsers.add_parser(
+        "modes", help="normal modes of a reference atomic model (ANM, interpolated on all atoms)",
+        description="Coarse-grain REF, build its ANM Hessian (ProDy), take the lowest non-rigid "
+                    "modes, interpolate them onto every atom (PyKeOps) and write an orthonormal "
+                    "all-atom basis to a modes.npz file.")
+    p.add_argument("ref", metavar="REF", help="reference atomic model (PDB or mmCIF)")
+    p.add_argument("-o", "--output", required=True, metavar="MODES.npz", help="modes file to write")
+    p.add_argument("--n-modes", type=int, default=16, help="number of non-rigid modes d (16)")
+    p.add_argument("--cg", choices=CG_CHOICES, default="ca",
+                   help="coarse graining: ca = CA of amino acids and C4' (or P) of nucleotides, "
+                        "one node per residue (default); backbone; heavy = all heavy atoms")
+    p.add_argument("--cutoff", type=float, default=15.0, help="ANM cutoff in Angstrom (15)")
+    p.add_argument("--gamma", type=float, default=1.0, help="ANM spring constant (1)")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="interpolation kernel width in Angstrom (default: half the median "
+                        "distance of a CG node to its nearest node, 1.9 A for CA)")
+    p.add_argument("--solver", choices=MODES_SOLVERS, default="auto",
+                   help="eigensolver: dense torch eigh or sparse ARPACK shift-invert (auto: by "
+                        "network size)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when present)")
+    p.add_argument("--target", metavar="B.pdb", default=None,
+                   help="a second conformation: report per-mode overlaps with the displacement "
+                        "to it and the floor RMSD the modes can reach")
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="also write DIR/modes.nmd (VMD NMWiz) and DIR/mode_NN.pdb animations")
+    p.add_argument("--amplitude", type=float, default=3.0,
+                   help="largest atom displacement in the mode animations, Angstrom (3)")
+    p.set_defaults(func=_run_modes)
+    return p
+
+
+def _run_modes(args):
+    """Run ``nmaem modes`` from parsed arguments; returns 0. Errors raise NmaemError."""
+    import os
+    from .errors import fail
+    from .modes import compute_modes, export_modes, save_modes, target_diagnostics
+    from .structure import read_model
+
+    def say(msg):
+        print(msg, flush=True)
+
+    out = str(args.output)
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out_dir):
+        fail(out, "the output folder does not exist")
+    model = read_model(args.ref)
+    say("reference: %s, %d atoms" % (args.ref, model.n_atoms))
+    target = read_model(args.target) if args.target else None
+    nm = compute_modes(model, n_modes=args.n_modes, cg=args.cg, cutoff=args.cutoff,
+                       gamma=args.gamma, solver=args.solver, sigma=args.sigma,
+                       device=args.device, log=say)
+    diag = None
+    if target is not None:
+        diag = target_diagnostics(nm, model, target, args.target)
+        for k in ("overlap", "cumulative_overlap", "rmsd", "floor_rmsd", "n_matched",
+                  "target_path", "cg_cumulative_overlap", "cg_overlap"):
+            if k in diag:
+                nm.info["target_" + k if not k.startswith("target") else k] = diag[k]
+    say("")
+    head = "mode  eigenvalue  collectivity"
+    if diag:
+        head += "  overlap  cumulative"
+    say(head)
+    for l in range(nm.n_modes):
+        row = "%4d  %10.4g  %12.3f" % (l + 1, nm.eigenvalues[l], nm.info["collectivity"][l])
+        if diag:
+            row += "  %7.3f  %10.3f" % (diag["overlap"][l], diag["cumulative_overlap"][l])
+        say(row)
+    if diag:
+        say("")
+        say("target %s: %d matched atoms, RMSD %.3f A after superposition" %
+            (args.target, diag["n_matched"], diag["rmsd"]))
+        say("cumulative overlap of %d modes: %.3f on all matched atoms%s" %
+            (nm.n_modes, diag["cumulative_overlap"][-1],
+             ", %.3f on the CG nodes" % diag["cg_cumulative_overlap"][-1]
+             if "cg_cumulative_overlap" in diag else ""))
+        say("floor RMSD (best reachable with these modes): %.3f A" % diag["floor_rmsd"])
+    save_modes(out, nm)
+    say("wrote %s (%d modes x %d atoms)" % (out, nm.n_modes, nm.n_atoms))
+    if args.export:
+        for p in export_modes(nm, model, args.export, amplitude=args.amplitude):
+            say("wrote %s" % p)
+    return 0
 
 
 def _add_simulate(sub):
@@ -138,7 +226,7 @@ def _add_export(sub):
 
 
 def _run_export(args):
-    from .analysis import export
+    from .export import export
     export(args.latent, args.model, args.output, pcs=args.pcs, steps=args.steps,
            low=args.low, high=args.high, kmeans_k=args.kmeans, maxima=args.maxima,
            z_list=args.z, fmt=args.format, seed=args.seed, overwrite=args.overwrite,
@@ -165,7 +253,8 @@ def _add_evaluate(sub):
 
 
 def _run_evaluate(args):
-    from .analysis import evaluate, format_json
+    from .analysis import format_json
+    from .evaluate import evaluate
     result = evaluate(args.latent, args.truth, args.model, per_particle=args.per_particle,
                       bandwidth=_bandwidth(args.bandwidth), min_height=args.min_height,
                       min_prominence=args.min_prominence,
@@ -331,12 +420,7 @@ def build_parser():
     parser.add_argument("--version", action="version", version="nmaem " + __version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    try:
-        from .modes import add_modes_parser
-    except ImportError:
-        add_modes_parser = None
-    if add_modes_parser is not None:
-        add_modes_parser(sub)
+    _add_modes(sub)
     _add_simulate(sub)
     _add_train(sub)
     _add_infer(sub)

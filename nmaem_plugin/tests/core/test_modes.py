@@ -3,7 +3,6 @@
 Expectations come from independent computations: ProDy's own ANM, numpy least squares,
 a dense numpy evaluation of the interpolation formula, ProDy's collectivity.
 """
-import argparse
 import os
 import shutil
 import tempfile
@@ -333,9 +332,8 @@ class TestModes(unittest.TestCase):
                                 "no such")
 
     def test_command_line_with_target_and_export(self):
-        parser = argparse.ArgumentParser(prog="nmaem")
-        sub = parser.add_subparsers(dest="command")
-        M.add_modes_parser(sub)
+        from nmaem_plugin.core.cli import build_parser
+        parser = build_parser()
         out = os.path.join(self.tmp, "cli_modes.npz")
         export = os.path.join(self.tmp, "export")
         args = parser.parse_args(["modes", OPEN, "-o", out, "--n-modes", "4", "--target",

@@ -98,12 +98,15 @@ class NmaemProtBase(EMProtocol):
                 env["CUDA_VISIBLE_DEVICES"] = gpus[0]
         return env
 
-    def runNmaem(self, subcommand, args):
+    def runNmaem(self, subcommand, args, stdout=None):
         """Run ``nmaem SUBCOMMAND ARGS...`` with Scipion's Python through runJob (so that
-        logs, queues and GPU selection apply). ``args`` is a list of strings."""
+        logs, queues and GPU selection apply). ``args`` is a list of strings; ``stdout``, a
+        file that receives the command's standard output (``nmaem evaluate``'s JSON)."""
         from nmaem_plugin import Plugin
         program, prefix = Plugin.getNmaemCommand()
         line = " ".join([prefix, subcommand] + [shlex.quote(str(a)) for a in args])
+        if stdout is not None:
+            line += " > " + shlex.quote(str(stdout))
         self.runJob(program, line, env=self._nmaemEnviron(), numberOfMpi=1)
 
     # ------------------------------------------------------------------ steps

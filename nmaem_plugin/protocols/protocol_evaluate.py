@@ -106,12 +106,7 @@ class NmaemProtEvaluate(NmaemProtBase):
                 "--truth", findSimulationDir(self.simulatedParticles.get()),
                 "--model", os.path.abspath(runDirOf(self.inputParticles.get())),
                 "--per-particle", self._getFileName("perParticle")] + self._maximaArgs()
-        from nmaem_plugin import Plugin
-        import shlex
-        program, prefix = Plugin.getNmaemCommand()
-        line = " ".join([prefix, "evaluate"] + [shlex.quote(str(a)) for a in args]
-                        + [">", shlex.quote(tmp)])
-        self.runJob(program, line, env=self._nmaemEnviron(), numberOfMpi=1)
+        self.runNmaem("evaluate", args, stdout=tmp)
         with open(tmp) as fh:
             result = json.load(fh)       # a complete JSON document
         self.info("evaluation summary: %s" % json.dumps(result.get("summary")))

@@ -158,39 +158,12 @@ class NmaemProtExport(NmaemProtBase):
                                          if v.strip())]
         self.runNmaem("export", args)
 
-    @staticmethod
-    def particleCounts(listing, z):
-        """Particles each model represents: the count nmaem gives (clusters, maxima);
-        for PC steps, the particles whose coordinate on that PC is nearest to the step's
-        (among the steps of that PC); for given amplitudes, the particles nearest in z."""
-        models = listing["models"]
-        counts = [m.get("n_particles") for m in models]
-        pca = listing.get("pca")
-        if pca is not None and len(z):
-            comps = np.asarray(pca["components"], dtype=np.float64)
-            pc = z @ comps.T
-            for k in sorted({m["pc"] for m in models if m.get("kind") == "pc"}):
-                rows = [i for i, m in enumerate(models)
-                        if m.get("kind") == "pc" and m["pc"] == k]
-                steps = np.array([models[i]["pc_coords"][k - 1] for i in rows])
-                nearest = np.argmin(np.abs(pc[:, k - 1][:, None] - steps[None]), axis=1)
-                for j, i in enumerate(rows):
-                    counts[i] = int(np.sum(nearest == j))
-        rows = [i for i, m in enumerate(models) if m.get("kind") == "z"]
-        if rows and len(z):
-            centres = np.array([models[i]["z"] for i in rows], dtype=np.float64)
-            d2 = ((z[:, None, :] - centres[None]) ** 2).sum(-1)
-            nearest = np.argmin(d2, axis=1)
-            for j, i in enumerate(rows):
-                counts[i] = int(np.sum(nearest == j))
-        return [0 if c is None else int(c) for c in counts]
-
     def createOutputStep(self):
         with open(self._getFileName("listing")) as fh:
             listing = json.load(fh)
+        from ..core.export import particle_counts
         from ..core.latent import read_latent
-        z = read_latent(self._getFileName("latent")).z
-        counts = self.particleCounts(listing, z)
+        counts = particle_counts(listing, read_latent(self._getFileName("latent")).z)
         out = self._createSetOfPDBs(suffix="models")
         for k, (m, n) in enumerate(zip(listing["models"], counts)):
             a = AtomStruct(filename=os.path.relpath(

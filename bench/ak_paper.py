@@ -21,6 +21,13 @@ network sees (``nmaem train --box``, a Fourier crop of the same images).
 * ``paper``: 192 px at 0.8 A, 50,000 images, 200 epochs, batch 256, the paper's encoder
   (for a GPU: ``--device cuda``).
 
+Realistic particles (issue 10): ``--nuisances realistic`` simulates with every nuisance of
+real data on (``nmaem simulate --realistic``: coloured noise, per-particle contrast and
+offset, RELION normalisation, pose, origin and defocus errors, a B-factor envelope and
+atom jitter); ``--nuisances NAME`` switches one alone for the ablation (names: the keys of
+``NUISANCES``). ``--user-defaults`` trains as a user's first run would: ``nmaem train``
+with only ``--box`` and ``--epochs`` given, every other setting the command's default.
+
 Datasets, modes and runs are kept in ``WORK/CONFIG/`` and reused when present (a run that
 is complete is only re-evaluated; ``--fresh`` retrains). Results are merged into
 ``WORK/CONFIG/results.json`` (one entry per dataset and d, with the exact command line) and
@@ -43,11 +50,24 @@ CONFIGS = {
     # both configurations); box: what the encoder and decoder see (nmaem train --box, a
     # Fourier crop of the same images, pixel size sim_apix * sim_box / box).
     "cpu": dict(sim_box=192, sim_apix=0.8, box=64, n=8000, encoder="small", epochs=30,
-                batch=64, lr=1e-3, loss="l2", device="cpu", lr_schedule="cosine"),
+                batch=64, lr=1e-3, loss=None, device="cpu", lr_schedule="cosine"),
     "paper": dict(sim_box=192, sim_apix=0.8, box=192, n=50000, encoder="paper", epochs=200,
-                  batch=256, lr=1e-3, loss="l2", device=None, lr_schedule="constant"),
+                  batch=256, lr=1e-3, loss=None, device=None, lr_schedule="constant"),
 }
 DATASETS = ("uniform", "continuous", "discontinuous")
+# nmaem simulate options of each nuisance alone, at the levels of --realistic
+NUISANCES = {
+    "none": [],
+    "realistic": ["--realistic"],
+    "coloured": ["--noise-falloff", "10"],
+    "contrast": ["--contrast-sd", "0.2", "--offset-sd", "1"],
+    "normalise": ["--normalise"],
+    "angles": ["--angle-error", "2"],
+    "origins": ["--origin-error", "0.5"],
+    "defocus": ["--defocus-error", "300"],
+    "bfactor": ["--bfactor", "50"],
+    "jitter": ["--atom-jitter", "0.5"],
+}
 
 
 def nmaem_cmd():
@@ -93,7 +113,7 @@ def main(argv=None):
     ap.add_argument("--encoder", choices=("paper", "small"))
     ap.add_argument("--filters", help="override the encoder filters, e.g. 16,32,64")
     ap.add_argument("--hidden", help="override the MLP hidden sizes, e.g. 128,64")
-    ap.add_argument("--loss", choices=("l2", "corr"))
+    ap.add_argument("--loss", help="the training loss (default: nmaem train's default)")
     ap.add_argument("--lr-schedule", choices=("constant", "cosine"))
     ap.add_argument("--device")
     ap.add_argument("--num-workers", type=int, default=0)
@@ -104,6 +124,10 @@ def main(argv=None):
                     help="suffix of the run folders and result keys (default: made from the "
                          "settings that differ from the configuration, e.g. _e30_n16000)")
     ap.add_argument("--fresh", action="store_true", help="retrain runs that exist")
+    ap.add_argument("--nuisances", choices=sorted(NUISANCES), default="none",
+                    help="nuisances of real data in the simulation (default none)")
+    ap.add_argument("--user-defaults", action="store_true",
+                    help="train with only --box and --epochs given (a user's first run)")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -124,6 +148,8 @@ def main(argv=None):
             args.tag += "_h" + args.hidden.replace(",", "-")
         if args.seed:
             args.tag += "_seed%d" % args.seed
+        if args.user_defaults:
+            args.tag += "_user"
     work = os.path.join(os.path.abspath(args.work), args.config)
     os.makedirs(work, exist_ok=True)
     log = os.path.join(work, "commands.log")
@@ -140,16 +166,17 @@ def main(argv=None):
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
     for dist in args.datasets:
-        sim = os.path.join(work, "sim_%s_n%d_b%d%s" % (dist, cfg["n"], cfg["sim_box"],
-                                                        "_seed%d" % args.seed if args.seed
-                                                        else ""))
+        sim = os.path.join(work, "sim_%s_n%d_b%d%s%s" % (
+            dist, cfg["n"], cfg["sim_box"], "_seed%d" % args.seed if args.seed else "",
+            "" if args.nuisances == "none" else "_" + args.nuisances))
         t_sim = None
         if not os.path.exists(os.path.join(sim, "particles.star")):
             t_sim, _ = run(nm + ["simulate", "--ref", ref, "--target", tgt, "--frames",
                                  str(args.frames), "-o", sim, "--n", str(cfg["n"]),
                                  "--distribution", dist, "--box", str(cfg["sim_box"]),
                                  "--apix", str(cfg["sim_apix"]), "--snr-db", str(args.snr_db),
-                                 "--seed", str(args.seed), "--overwrite"] + dev, log)
+                                 "--seed", str(args.seed), "--overwrite"] + dev
+                           + NUISANCES[args.nuisances], log)
         modes = os.path.join(sim, "modes.npz")
         if not os.path.exists(modes):
             run(nm + ["modes", os.path.join(sim, "reference.pdb"), "-o", modes, "--n-modes",
@@ -166,12 +193,14 @@ def main(argv=None):
                 cmd = nm + ["train", "--particles", os.path.join(sim, "particles.star"),
                             "--ref", os.path.join(sim, "reference.pdb"), "--modes", modes,
                             "--n-modes", str(d), "-o", rdir, "--box", str(cfg["box"]),
-                            "--epochs", str(cfg["epochs"]),
-                            "--batch", str(cfg["batch"]), "--lr", str(cfg["lr"]),
-                            "--encoder", cfg["encoder"], "--loss", cfg["loss"],
-                            "--lr-schedule", cfg["lr_schedule"],
+                            "--epochs", str(cfg["epochs"])]
+                if not args.user_defaults:
+                    cmd += ["--batch", str(cfg["batch"]), "--lr", str(cfg["lr"]),
+                            "--encoder", cfg["encoder"], "--lr-schedule", cfg["lr_schedule"],
                             "--seed", str(args.seed),
                             "--num-workers", str(args.num_workers)] + dev
+                    if cfg.get("loss"):
+                        cmd += ["--loss", cfg["loss"]]
                 if args.filters:
                     cmd += ["--filters", args.filters]
                 if args.hidden:
@@ -194,13 +223,15 @@ def main(argv=None):
                     hist.append(dict(epoch=int(e), train_loss=float(tl), val_loss=float(vl),
                                      images_per_s=float(ips), seconds=float(sec)))
             pts = ev["maxima"]["points"] if ev.get("maxima") else []
-            key = "%s/d%d%s" % (dist, d, args.tag)
+            key = "%s/d%d%s%s" % (dist, d, args.tag,
+                                  "" if args.nuisances == "none" else "/" + args.nuisances)
             if os.path.exists(res_path):      # another invocation may have added rows
                 with open(res_path) as fh:
                     results = json.load(fh)
             old = results.get(key, {})
             results[key] = dict(
                 dataset=dist, d=d, tag=args.tag, config=cfg, command=this_cmd,
+                nuisances=args.nuisances, user_defaults=bool(args.user_defaults),
                 n=ev["n_particles"],
                 pc1_explained_variance=ev.get("pc1_explained_variance"),
                 abs_corr_pc1_frame=ev.get("abs_corr_pc1_frame"),
@@ -243,20 +274,23 @@ def acceptance(ev):
 
 
 def table(results):
-    rows = ["| dataset | d | PC1 expl. var. | maxima: frame, RMSD / floor (A) | median RMSD (A) "
-            "| median floor (A) | median X0 RMSD (A) | train (s) | img/s |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| dataset | d | PC1 expl. var. | abs corr(PC1, frame) | maxima: frame, RMSD / "
+            "floor (A) | median RMSD (A) | median floor (A) | median X0 RMSD (A) | train (s) "
+            "| img/s |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     order = {k: i for i, k in enumerate(DATASETS)}
     for key in sorted(results, key=lambda k: (order[results[k]["dataset"]], results[k]["d"],
                                               results[k]["tag"])):
         r = results[key]
         mx = "; ".join("%d: %.2f / %.2f" % (p["frame"], p["rmsd"], p["floor"])
                        for p in r["maxima"]) or "-"
-        rows.append("| %s%s | %d | %s | %s | %.2f | %.2f | %.2f | %s | %s |" % (
-            r["dataset"], (" " + r["tag"]) if r["tag"] else "", r["d"],
+        nz = r.get("nuisances", "none")
+        rows.append("| %s%s%s | %d | %s | %s | %s | %.2f | %.2f | %.2f | %s | %s |" % (
+            r["dataset"], (" " + r["tag"]) if r["tag"] else "",
+            "" if nz == "none" else " [%s]" % nz, r["d"],
             fmt(None if r["pc1_explained_variance"] is None
                 else 100 * r["pc1_explained_variance"], "%.1f %%"),
-            mx, r["median_rmsd"], r["median_floor"], r["median_reference"],
+            fmt(r.get("abs_corr_pc1_frame")), mx, r["median_rmsd"], r["median_floor"], r["median_reference"],
             fmt(r["train_s"], "%.0f"), fmt(r["train_images_per_s"], "%.0f")))
     return "\n".join(rows)
 

@@ -145,18 +145,68 @@ def _add_simulate(sub):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a dataset already in the output folder")
+    real = p.add_argument_group(
+        "nuisances of real data (docs/simulation.md; all off by default, each switchable)")
+    real.add_argument("--realistic", action="store_true",
+                      help="switch every nuisance on at typical levels (noise falloff 10, "
+                           "contrast sd 0.2, offset sd 1, RELION normalisation, angle error "
+                           "2 deg, origin error 0.5 A, defocus error 300 A, B-factor 50 A^2, "
+                           "atom jitter 0.5 A); the options below override single ones")
+    real.add_argument("--noise-falloff", type=float, metavar="R",
+                      help="coloured noise: power at zero frequency / power at Nyquist, "
+                           "log-linear in frequency (1 = white)")
+    real.add_argument("--contrast-sd", type=float, metavar="SD",
+                      help="per-particle contrast, log-normal with mean 1 and this sd")
+    real.add_argument("--offset-sd", type=float, metavar="SD",
+                      help="per-particle grey offset, Gaussian, in units of the noise sd")
+    norm = real.add_mutually_exclusive_group()
+    norm.add_argument("--normalise", dest="normalise", action="store_true", default=None,
+                      help="normalise each image as RELION does (background mean 0, sd 1)")
+    norm.add_argument("--no-normalise", dest="normalise", action="store_false",
+                      help="do not normalise (the default without --realistic)")
+    real.add_argument("--bg-radius", type=float, metavar="F",
+                      help="background radius for --normalise, fraction of the box half-width "
+                           "(default 0.75, RELION's)")
+    real.add_argument("--angle-error", dest="angle_error_sd", type=float, metavar="DEG",
+                      help="rms angle of random errors of the poses written to the STAR")
+    real.add_argument("--origin-error", dest="origin_error_sd", type=float, metavar="A",
+                      help="sd per axis of random errors of the origins written (Angstrom)")
+    real.add_argument("--defocus-error", dest="defocus_error_sd", type=float, metavar="A",
+                      help="sd of random errors of the defocus written (Angstrom)")
+    real.add_argument("--bfactor", type=float, metavar="A2",
+                      help="B-factor envelope on the images, not in the STAR (A^2)")
+    real.add_argument("--atom-jitter", type=float, metavar="A",
+                      help="fixed random displacement of each frame's atoms (sd, Angstrom): "
+                           "no state of the data is exactly in the reference's mode space")
+    real.add_argument("--reference-model", metavar="B.pdb",
+                      help="write this model (superposed on frame 0) as reference.pdb: a "
+                           "different structure of the molecule handed to the method")
     p.set_defaults(func=_run_simulate)
+
+
+def nuisances_from_args(args):
+    """The :class:`nuisances.Nuisances` of ``nmaem simulate``'s options."""
+    from .nuisances import REALISTIC, Nuisances
+    base = REALISTIC if args.realistic else Nuisances()
+    changes = {k: getattr(args, k) for k in (
+        "noise_falloff", "contrast_sd", "offset_sd", "normalise", "bg_radius",
+        "angle_error_sd", "origin_error_sd", "defocus_error_sd", "bfactor", "atom_jitter")
+        if getattr(args, k) is not None}
+    return base.with_(**changes)
 
 
 def _run_simulate(args):
     from .particles import read_particles
     from .simulate import load_frames, simulate
+    from .structure import read_model
     if args.like and not args.ref and not args.trajectory:
         raise NmaemError("--like needs a model to render: give --ref (or --trajectory)")
     if args.trajectory and (args.ref or args.target):
         raise NmaemError("give either --trajectory or --ref/--target, not both")
+    nuisances = nuisances_from_args(args)
     model, frames = load_frames(args.trajectory, args.ref, args.target, args.frames)
     like = read_particles(args.like) if args.like else None
+    reference_model = read_model(args.reference_model) if args.reference_model else None
     n = args.n if (args.n is not None or like is not None) else 50000
     simulate(args.output, model, frames, n=n, distribution=args.distribution, box=args.box,
              apix=args.apix, snr_db=None if args.no_noise else args.snr_db,
@@ -164,7 +214,7 @@ def _run_simulate(args):
              shift_std=args.shift_std, voltage=args.voltage, cs=args.cs,
              amp_contrast=args.amp_contrast, seed=args.seed, like=like,
              unknown_shifts=args.unknown_shifts, chunk=args.chunk, device=args.device,
-             overwrite=args.overwrite)
+             overwrite=args.overwrite, nuisances=nuisances, reference_model=reference_model)
     return 0
 
 

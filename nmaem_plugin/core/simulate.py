@@ -32,15 +32,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import imaging
+from . import imaging, poses
 from .atomic import atomic_path
 from .choices import DISTRIBUTIONS
 from .errors import NmaemError, fail
+from .nuisances import (Nuisances, coloured_noise, random_rotation_errors, relion_normalise,
+                        stream)
 from .particles import ParticleTable
 from .stacks import write_stack
 from .star import write_star
 from .progress import Progress, release_memory
-from .structure import match_atoms, read_model, read_trajectory, superpose, write_models
+from .structure import kabsch, match_atoms, read_model, read_trajectory, superpose, write_models
 
 __all__ = ["DISTRIBUTIONS", "frame_probabilities", "sample_frames", "uniform_rotations",
            "lognormal_defocus", "morph_frames", "simulate"]
@@ -151,7 +153,7 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
              snr_db=-20.0, defocus_mean=1.0, defocus_std=0.3, shift_std=0.0,
              voltage=300.0, cs=2.7, amp_contrast=0.1, seed=0, like=None, recentre=True,
              unknown_shifts=False, chunk=256, batch=32, device=None, overwrite=False,
-             log=print):
+             nuisances: Nuisances = None, reference_model=None, log=print):
     """Write a synthetic dataset to ``out_dir``; returns a dict summary.
 
     ``model`` (AtomicModel) names the atoms of ``frames`` (F, M, 3), coordinates in the
@@ -160,7 +162,13 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
     taken as docked (no recentring); otherwise ``recentre`` moves the reference centre of
     mass (frame 0's mean atom position) to the box centre. ``snr_db=None`` gives
     noise-free images. The same arguments and seed give byte-identical files.
+
+    ``nuisances`` (:class:`nuisances.Nuisances`) switches on the nuisances of real data;
+    ``reference_model`` (AtomicModel) is written as ``reference.pdb`` instead of the
+    first frame's model, superposed on it over the shared atoms (a different structure of
+    the same molecule handed to the method as its reference).
     """
+    nz = Nuisances() if nuisances is None else nuisances
     t_start = time.perf_counter()
     frames = np.asarray(frames, dtype=np.float64)
     if frames.ndim != 3 or frames.shape[1:] != (model.n_atoms, 3):
@@ -196,12 +204,23 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
     offset = centre - frames[0].mean(axis=0) if recentre else np.zeros(3)
     frames = frames + offset
     reference = model.coords + offset if recentre else model.coords.copy()
+    ref_model = model
+    if reference_model is not None:
+        ia, ib = match_atoms(model, reference_model)
+        if len(ia) < 3:
+            fail(reference_model.source, "shares fewer than 3 atoms with the simulated model "
+                                         "(atoms matched by chain, residue and atom name)")
+        R, t = kabsch(reference_model.coords[ib], reference[ia])
+        ref_model = reference_model
+        reference = reference_model.coords @ R.T + t
+    if nz.atom_jitter > 0:
+        frames = frames + stream(seed, "jitter").normal(0.0, nz.atom_jitter, frames.shape)
 
     # per-particle parameters, all drawn up front from one generator (small arrays)
     frame = sample_frames(n, F, distribution, rng) if F > 1 else np.zeros(n, dtype=np.int64)
     if like is None:
         A = uniform_rotations(n, rng)
-        rot, tilt, psi = imaging.matrix_to_euler(A)
+        rot, tilt, psi = poses.matrix_to_euler(A)
         euler = np.stack([rot, tilt, psi], axis=1)
         shift = rng.normal(0.0, shift_std, (n, 2)) if shift_std > 0 else np.zeros((n, 2))
         dfu = lognormal_defocus(n, defocus_mean, defocus_std, rng)
@@ -217,7 +236,26 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
                    amp_contrast=like.amp_contrast, phase_shift=like.phase_shift,
                    bfactor=like.ctf_bfactor)
     # render from the matrices of the angles as written (what any reader will use)
-    A = imaging.euler_to_matrix(euler[:, 0], euler[:, 1], euler[:, 2])
+    A = poses.euler_to_matrix(euler[:, 0], euler[:, 1], euler[:, 2])
+
+    # what the STAR will say: the truth, or the truth with the nuisances' errors
+    euler_file = euler
+    if nz.angle_error_sd > 0:
+        E = random_rotation_errors(n, nz.angle_error_sd, stream(seed, "angle"))
+        euler_file = np.stack(poses.matrix_to_euler(E @ A), axis=1)
+    origin_true = -shift
+    origin_err = (stream(seed, "origin").normal(0.0, nz.origin_error_sd, (n, 2))
+                  if nz.origin_error_sd > 0 else np.zeros((n, 2)))
+    dfu_file = np.asarray(ctf["defocus_u"], float)
+    dfv_file = np.asarray(ctf["defocus_v"], float)
+    if nz.defocus_error_sd > 0:
+        d_err = stream(seed, "defocus").normal(0.0, nz.defocus_error_sd, n)
+        dfu_file, dfv_file = dfu_file + d_err, dfv_file + d_err
+    contrast = (stream(seed, "contrast").lognormal(*_lognormal_params(nz.contrast_sd), n)
+                if nz.contrast_sd > 0 else np.ones(n))
+    grey = (stream(seed, "offset").normal(0.0, nz.offset_sd, n) if nz.offset_sd > 0
+            else np.zeros(n))
+    render_bfactor = np.asarray(ctf["bfactor"], float) + nz.bfactor
 
     _prepare_outdir(out_dir, overwrite)
     renderer = imaging.Renderer(model.elements, box, apix, centre=centre, device=device)
@@ -233,7 +271,7 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
             c = renderer.ctf(defocus_u=t(ctf["defocus_u"]), defocus_v=t(ctf["defocus_v"]),
                              defocus_angle=t(ctf["defocus_angle"]), voltage=t(ctf["voltage"]),
                              cs=t(ctf["cs"]), amp_contrast=t(ctf["amp_contrast"]),
-                             phase_shift=t(ctf["phase_shift"]), bfactor=t(ctf["bfactor"]))
+                             phase_shift=t(ctf["phase_shift"]), bfactor=t(render_bfactor))
             with torch.no_grad():
                 out[s:s + len(j)] = renderer.render(
                     frames_t[torch.as_tensor(frame[j], device=device)], t(A), t(shift), c)
@@ -249,15 +287,24 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
         idx = np.arange(c * chunk, min(n, (c + 1) * chunk))
         images = render(idx)
         var_clean.append(images.reshape(len(idx), -1).var(1, unbiased=False).cpu())
+        if c == 0 and snr_db is not None:
+            # one noise level for the dataset, set by the first chunk's clean images
+            sigma = imaging.noise_sigma(images, snr_db)
+        if nz.contrast_sd > 0:
+            images.mul_(torch.as_tensor(contrast[idx], dtype=images.dtype,
+                                        device=device)[:, None, None])
         if snr_db is not None:
-            if c == 0:
-                # one noise level for the dataset, set by the first chunk's clean images
-                sigma = imaging.noise_sigma(images, snr_db)
             gen = torch.Generator(device=device).manual_seed(int(seed) * 1000003 + c)
-            noise = torch.randn(images.shape, generator=gen, device=device).mul_(sigma)
+            noise = coloured_noise(images.shape, sigma, nz.noise_falloff, generator=gen,
+                                   device=device)
             var_noise.append(noise.reshape(len(idx), -1).var(1, unbiased=False).cpu())
             images.add_(noise)           # in place: one chunk of images in memory
             del noise
+        if nz.offset_sd > 0:
+            images.add_(torch.as_tensor(grey[idx] * (sigma if sigma > 0 else 1.0),
+                                        dtype=images.dtype, device=device)[:, None, None])
+        if nz.normalise:
+            relion_normalise(images, nz.bg_radius)
         name = os.path.join(out_dir, "stacks", "particles_%05d.mrcs" % c)
         write_stack(name, images.cpu().numpy(), apix)
         stack_paths[idx] = os.path.abspath(name)
@@ -266,18 +313,20 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
         release_memory()
         progress.update(len(idx))
 
-    origin = np.zeros((n, 2)) if unknown_shifts else -shift
+    origin = (np.zeros((n, 2)) if unknown_shifts else origin_true) + origin_err
     if like is not None:
         table = like.subset(np.arange(n))
         table.stack_paths = stack_paths.astype(str)
         table.stack_index = stack_index
         table.image_names = None
         table.path = os.path.join(out_dir, "particles.star")
-        if unknown_shifts:
+        if unknown_shifts or nz.origin_error_sd > 0:
             table.origin = origin
+        table.euler = euler_file
+        table.defocus_u, table.defocus_v = dfu_file, dfv_file
     else:
-        table = _particle_table(n, stack_paths.astype(str), stack_index, euler, origin,
-                                ctf["defocus_u"], ctf["defocus_v"], ctf["defocus_angle"],
+        table = _particle_table(n, stack_paths.astype(str), stack_index, euler_file, origin,
+                                dfu_file, dfv_file, ctf["defocus_angle"],
                                 voltage, cs, amp_contrast, apix, box,
                                 os.path.join(out_dir, "particles.star"))
     vc = torch.cat(var_clean).double()
@@ -289,19 +338,31 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
                   shift_std=shift_std, voltage=voltage, cs=cs, amp_contrast=amp_contrast,
                   seed=seed, like=None if like is None else like.path,
                   centre=centre.tolist(), offset=offset.tolist(),
-                  unknown_shifts=bool(unknown_shifts))
+                  unknown_shifts=bool(unknown_shifts), nuisances=nz.as_dict(),
+                  reference_model=(None if reference_model is None
+                                   else reference_model.source))
     with atomic_path(os.path.join(out_dir, "ground_truth.npz"), suffix=".npz") as tmp:
         np.savez(tmp, frame=frame.astype(np.int64), shift=shift.astype(np.float32),
                  euler=euler, defocus_u=np.asarray(ctf["defocus_u"], float),
+                 euler_file=np.asarray(euler_file, float),
+                 origin_file=np.asarray(origin, float),
+                 defocus_u_file=dfu_file, defocus_v_file=dfv_file,
+                 contrast=contrast.astype(np.float64), offset=grey * sigma,
                  params=np.array(json.dumps(params)))
     write_models(os.path.join(out_dir, "frames.pdb"), model, list(frames))
-    write_models(os.path.join(out_dir, "reference.pdb"), model, [reference])
+    write_models(os.path.join(out_dir, "reference.pdb"), ref_model, [reference])
     write_star(os.path.join(out_dir, "particles.star"), table)   # last: marks completion
     params["seconds"] = time.perf_counter() - t_start
     log("simulate: %d particles of %d px at %.3f A/px from %d frame(s) -> %s (%.1f s%s)"
         % (n, box, apix, F, out_dir, params["seconds"],
            "" if measured_snr is None else ", SNR %.2f dB" % measured_snr))
     return params
+
+
+def _lognormal_params(sd, mean=1.0):
+    """(mu, sigma) of the log-normal distribution with this mean and standard deviation."""
+    s2 = np.log1p((sd / mean) ** 2)
+    return np.log(mean) - 0.5 * s2, np.sqrt(s2)
 
 
 def load_frames(trajectory=None, ref=None, target=None, n_frames=50):

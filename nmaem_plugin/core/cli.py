@@ -477,6 +477,8 @@ def build_parser():
     _add_export(sub)
     _add_evaluate(sub)
     _add_report(sub)
+    from .fitcheck import add_check_parser
+    add_check_parser(sub)
     return parser
 
 

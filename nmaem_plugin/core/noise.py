@@ -352,6 +352,40 @@ class ResidualNoise:
                           "residual")
 
 
+def estimate_from_particles(table, radius, n_per_group=2000, seed=0, batch=256, log=None):
+    """Background noise model of a particle file (what ``prepare_run`` should call).
+
+    ``table`` a ParticleTable with images (one box and pixel size), ``radius`` the mask
+    radius in Angstrom (:func:`default_mask_radius` of the reference). Reads at most
+    ``n_per_group`` random images of each optics group, ``batch`` at a time, through the
+    stacks' memory maps. Cost: one D x D FFT per image read (2000 images of 256 px: a few
+    seconds of numpy) plus the reads.
+    """
+    from .metadata import ImageStack
+    table.require(poses=False, ctf=False, images=True)
+    if len(np.unique(table.box)) != 1 or len(np.unique(table.apix)) != 1:
+        fail(table.path, "particles of several box or pixel sizes; split the file by "
+                         "optics group first")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for g in np.unique(table.optics_group):
+        idx = np.flatnonzero(table.optics_group == g)
+        rows.append(np.sort(rng.choice(idx, size=min(len(idx), int(n_per_group)),
+                                       replace=False)))
+    rows = np.concatenate(rows)
+    D, apix = int(table.box[0]), float(table.apix[0])
+
+    def batches():
+        with ImageStack(table) as stack:
+            for s in range(0, len(rows), int(batch)):
+                r = rows[s:s + int(batch)]
+                if log:
+                    log("noise: %d/%d images" % (s + len(r), len(rows)))
+                yield stack.read(r), table.optics_group[r]
+
+    return estimate_background(batches(), D, apix, radius, path=table.path)
+
+
 def default_mask_radius(coords, box, apix, margin=10.0):
     """Background-mask radius (A): the model's radius about its centroid plus ``margin``.
 

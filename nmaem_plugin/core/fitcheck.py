@@ -15,8 +15,8 @@ When something is wrong, it names the likely cause from measurements:
 * ``offset``: a 3D translation of the model fits clearly better (not docked in the
   consensus map); it is estimated from per-particle 2D whitened cross-correlation peaks,
   solved by robust least squares for one 3D vector over the particles' different poses;
-* ``pixel_size``: scaling the model coordinates about the map origin (what a wrong pixel
-  size does to a docked model) by s in [0.8, 1.25] fits clearly better;
+* ``pixel_size``: rendering with the pixel size apix / s (s in [0.8, 1.25]; rotation
+  centre, CTF and origins follow) fits clearly better;
 * ``hand``: the mirrored model (z -> 2c - z about the map centre) fits clearly better;
 * ``no_fit``: none of these, and the real poses do not beat shuffled ones.
 
@@ -250,14 +250,22 @@ def fit_check(particles, ref, n=300, seed=0, device=None, batch=64, resolution_h
     Xm = X0.copy()
     Xm[:, 2] = 2 * c - Xm[:, 2]
     alts.append(_alternative("hand", sc.rho(Xm, sign), rho))
-    # (c) pixel size: scale about the map origin
-    best = None
-    means = []
-    for s in SCALES:
-        r = rho if abs(s - 1.0) < 1e-9 else sc.rho(X0 * s, sign)
-        means.append(float(np.mean(r)))
-        if best is None or means[-1] > best[1]:
-            best = (s, means[-1], r)
+    # (c) pixel size: the particles' true pixel size is apix / s. Render the model (as
+    # docked, in Angstrom) with that pixel size: the rotation centre (D//2) apix / s, the
+    # CTF on that frequency grid, the file's origins (written with the wrong pixel size,
+    # right in pixels) divided by s, the same band in frequency pixels.
+    from dataclasses import replace as _replace
+
+    def rho_at_scale(s):
+        if abs(s - 1.0) < 1e-9:
+            return rho
+        sub_s = _replace(sub, apix=sub.apix / s,
+                         origin=None if sub.origin is None else sub.origin / s)
+        band_s = Band(D, apix / s, resolution_high=hi / s, path=path)
+        nm_s = _noise.NoiseModel(D, apix / s, nm.groups, nm.sigma2, nm.counts, nm.method)
+        return _Scorer(model, sub_s, images, nm_s, band_s, device, batch).rho(X0, sign)
+
+    means = [float(np.mean(rho_at_scale(s))) for s in SCALES]
     i = int(np.argmax(means))
     s_best = SCALES[i]
     if 0 < i < len(SCALES) - 1:          # parabola in log s through the best three
@@ -266,8 +274,19 @@ def fit_check(particles, ref, n=300, seed=0, device=None, batch=64, resolution_h
         if den < 0:
             step = math.log(SCALES[i + 1] / SCALES[i])
             s_best = SCALES[i] * math.exp(step * 0.5 * (y0 - y2) / den)
-    r_scale = sc.rho(X0 * s_best, sign) if abs(s_best - 1.0) > 1e-9 else rho
-    alts.append(_alternative("pixel_size", r_scale, rho, scale=float(s_best),
+    # one finer parabola (a third of the grid step) about the coarse optimum
+    step = math.log(SCALES[1] / SCALES[0]) / 3.0
+    trio = [s_best * math.exp(-step), s_best, s_best * math.exp(step)]
+    rhos = [rho_at_scale(t) for t in trio]
+    y0, y1, y2 = [float(np.mean(r)) for r in rhos]
+    den = y0 - 2 * y1 + y2
+    r_best = rhos[1]
+    if den < 0:
+        s_fine = s_best * math.exp(step * float(np.clip(0.5 * (y0 - y2) / den, -1.0, 1.0)))
+        r_fine = rho_at_scale(s_fine)
+        if np.mean(r_fine) >= y1:
+            s_best, r_best = s_fine, r_fine
+    alts.append(_alternative("pixel_size", r_best, rho, scale=float(s_best),
                              pixel_size=apix / s_best,
                              scan=dict(scales=list(SCALES), rho=means)))
     # (a) docking offset: 2D peaks -> 3D least squares, twice
@@ -311,9 +330,9 @@ def fit_check(particles, ref, n=300, seed=0, device=None, batch=64, resolution_h
                        % (ref_path, path, o[0], o[1], o[2], np.linalg.norm(o),
                           top["rho"], scores["rho"], top["z"]))
         elif cause == "pixel_size":
-            message = ("%s: wrong pixel size: the model fits best scaled by %.3f about the map "
-                       "origin, i.e. %.4g A/px instead of %.4g (mean rho %.4f against %.4f, "
-                       "z = %.1f)" % (path, top["scale"], top["pixel_size"], apix, top["rho"],
+            message = ("%s: wrong pixel size: the particles fit the model best at %.4g A/px, "
+                       "not %.4g (x 1/%.3f; mean rho %.4f against %.4f, z = %.1f)"
+                       % (path, top["pixel_size"], apix, top["scale"], top["rho"],
                                       scores["rho"], top["z"]))
         elif cause == "hand":
             message = ("%s: wrong hand: the mirrored model fits the particles of %s better "

@@ -26,7 +26,7 @@ from nmaem_plugin.core.noise import radius_grid
 from nmaem_plugin.core.simulate import simulate
 from nmaem_plugin.core.structure import read_model, write_model
 
-BOX, APIX, N = 48, 3.0, 200
+BOX, APIX, N = 48, 3.0, 150
 CHECK = dict(n=N, device="cpu")
 
 
@@ -146,8 +146,10 @@ class TestFitCheck(unittest.TestCase):
         write_star(star, table)
         res = fit_check(star, self.ref_path, **CHECK)
         self.assertEqual(res["cause"], "pixel_size", res["message"])
-        self.assertAlmostEqual(res["estimates"]["scale"], 1.1, delta=0.03)
-        self.assertAlmostEqual(res["estimates"]["pixel_size"], APIX, delta=0.1)
+        self.assertAlmostEqual(res["estimates"]["scale"], 1.1, delta=0.02)
+        self.assertAlmostEqual(res["estimates"]["pixel_size"], APIX, delta=0.06)
+        alt = {a["name"]: a for a in res["alternatives"]}
+        self.assertGreater(alt["pixel_size"]["rho"], alt["offset"]["rho"])
         self.assertTrue(res["message"].startswith(star + ": wrong pixel size"))
 
     def test_contrast(self):

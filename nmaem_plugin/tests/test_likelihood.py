@@ -196,6 +196,43 @@ class TestInvariance(unittest.TestCase):
         np.testing.assert_allclose(ratio, 1.0, atol=0.06)
 
 
+class TestPipeline(unittest.TestCase):
+    """Noise estimated from the images, loss through the renderer: the training path."""
+
+    def test_renderer_gradient_and_invariance(self):
+        from nmaem_plugin.core.imaging import Renderer, euler_to_matrix
+        rng = np.random.default_rng(4)
+        D, apix, B = 32, 2.0, 64
+        elements = np.array(["C"] * 12 + ["N"] * 4)
+        coords = (D // 2) * apix + rng.normal(0.0, 6.0, (len(elements), 3))
+        r = Renderer(elements, D, apix)
+        A = torch.as_tensor(euler_to_matrix(*(rng.uniform(0, 180, (3, B)))), dtype=torch.float32)
+        X = torch.as_tensor(coords, dtype=torch.float32)
+        ctf = r.ctf(defocus_u=torch.full((B,), 8000.0), defocus_v=torch.full((B,), 8000.0),
+                    defocus_angle=torch.zeros(B), voltage=torch.full((B,), 300.0),
+                    cs=torch.full((B,), 2.7), amp_contrast=torch.full((B,), 0.1))
+        with torch.no_grad():
+            clean = r.render(X, A, None, ctf)
+        images = (clean * torch.as_tensor(rng.uniform(0.5, 1.5, (B, 1, 1)), dtype=torch.float32)
+                  + torch.as_tensor(coloured_noise(B, D, rng), dtype=torch.float32)
+                  * float(clean.std()))
+
+        def loss_grad(imgs):
+            nm = noise.estimate_background([(imgs.numpy(), np.ones(B))], D, apix, radius=20.0)
+            lik = WhitenedLikelihood(nm, D, apix)
+            x = (X + 0.5).requires_grad_(True)        # a model off by 0.5 A
+            loss = lik(imgs, r.render_ft(x, A, None, ctf), torch.ones(B, dtype=torch.long))
+            loss.backward()
+            return float(loss.detach()), x.grad.clone()
+
+        l1, g1 = loss_grad(images)
+        l2, g2 = loss_grad(images * 0.02 - 3.0)
+        self.assertAlmostEqual(l1, l2, delta=1e-5)
+        torch.testing.assert_close(g1, g2, rtol=1e-3, atol=1e-3 * float(g1.abs().max()))
+        # moving further along the 0.5 A offset raises the loss: descent goes back
+        self.assertGreater(float((g1 * 0.5).sum()), 0.0)
+
+
 class TestBadInput(unittest.TestCase):
     def test_band(self):
         with self.assertRaisesRegex(NmaemError, "beyond Nyquist"):

@@ -21,7 +21,6 @@ Two estimators:
   pose errors, a bad docking) counts as noise.
 """
 import json
-import os
 
 import numpy as np
 

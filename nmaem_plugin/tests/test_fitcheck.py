@@ -95,6 +95,10 @@ class TestFitCheck(unittest.TestCase):
         # the estimates agree with the truth even when nothing is wrong
         self.assertLess(np.abs(res["estimates"]["translation_A"]).max(), 1.5)
         self.assertAlmostEqual(res["estimates"]["scale"], 1.0, delta=0.02)
+        # a coarser band crops the images (48 px at 3 A -> 32 px at 4.5 A for 9 A) and passes
+        low = fit_check(self.star, self.ref_path, resolution_high=9.0, **CHECK)
+        self.assertEqual((low["box"], low["apix"]), (32, 4.5))
+        self.assertEqual(low["verdict"], "pass", low["message"])
         # command line: passes, prints the numbers
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):

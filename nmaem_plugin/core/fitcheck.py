@@ -28,7 +28,7 @@ import math
 import numpy as np
 
 from .errors import NmaemError, fail
-from . import noise as _noise
+from . import noise as noise_model
 
 # torch (and the likelihood module) are imported inside the functions, so that building
 # the ``nmaem`` parser (add_check_parser) stays light.
@@ -177,7 +177,8 @@ def fit_check(particles, ref, n=300, seed=0, device=None, batch=64, resolution_h
     """
     import torch
     from .likelihood import Band
-    from .metadata import ImageStack, read_particles
+    from .particles import read_particles
+    from .stacks import ImageStack
     from .structure import read_model
     log = log or (lambda *a, **k: None)
     table = read_particles(particles) if isinstance(particles, str) else particles
@@ -215,16 +216,16 @@ def fit_check(particles, ref, n=300, seed=0, device=None, batch=64, resolution_h
         sub = _replace(sub, box=np.full(sub.n, d), apix=np.full(sub.n, apix))
 
     # noise model from the background (the particles themselves), else whole images
-    radius = _noise.default_mask_radius(model.coords, D, apix) if mask_radius is None \
+    radius = noise_model.default_mask_radius(model.coords, D, apix) if mask_radius is None \
         else float(mask_radius)
     try:
-        nm = _noise.estimate_background([(images, sub.optics_group)], D, apix, radius,
+        nm = noise_model.estimate_background([(images, sub.optics_group)], D, apix, radius,
                                         path=path)
         noise_how = "background outside %.0f A" % radius
     except NmaemError as exc:
         if "too few background pixels" not in str(exc):
             raise
-        est = _noise.ResidualNoise(D, apix)
+        est = noise_model.ResidualNoise(D, apix)
         est.add(images, np.zeros((sub.n, D, D // 2 + 1), dtype=complex), sub.optics_group)
         nm = est.result(path)
         noise_how = "whole images (box too small for a background mask)"
@@ -278,7 +279,7 @@ def fit_check(particles, ref, n=300, seed=0, device=None, batch=64, resolution_h
         sub_s = _replace(sub, apix=sub.apix / s,
                          origin=None if sub.origin is None else sub.origin / s)
         band_s = Band(D, apix / s, resolution_high=hi / s, path=path)
-        nm_s = _noise.NoiseModel(D, apix / s, nm.groups, nm.sigma2, nm.counts, nm.method)
+        nm_s = noise_model.NoiseModel(D, apix / s, nm.groups, nm.sigma2, nm.counts, nm.method)
         return _Scorer(model, sub_s, images, nm_s, band_s, device, batch).rho(X0, sign)
 
     means = [float(np.mean(rho_at_scale(s))) for s in SCALES]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .errors import NmaemError, fail
-from . import noise as _noise
+from . import noise as noise_model
 
 __all__ = ["Band", "whitened_fit", "whitened_nll", "WhitenedLikelihood"]
 
@@ -61,14 +61,14 @@ class Band:
             fail(path, "resolution_low %.3g A must be larger (coarser) than resolution_high "
                        "%.3g A" % (lo, nyq if hi is None else hi))
         self.resolution_low, self.resolution_high = lo, hi
-        r = _noise.radius_grid(D)
+        r = noise_model.radius_grid(D)
         inband = (r >= 0.5) & (r < D / 2.0)
         f = r / (D * apix)
         if hi is not None:
             inband &= f <= 1.0 / hi
         if lo is not None:
             inband &= f >= 1.0 / lo
-        self.weights = _noise.hermitian_weights(D) * inband
+        self.weights = noise_model.hermitian_weights(D) * inband
         self.dof = float(self.weights.sum())
         if self.dof == 0:
             fail(path, "no frequency of the %d px box (%.3g A/px) lies between %s and %s A"
@@ -78,7 +78,7 @@ class Band:
             edge = 0.1 * D * apix if mask_edge is None else float(mask_edge)
             if mask_radius <= 0:
                 fail(path, "mask radius must be positive (got %g)" % mask_radius)
-            self.mask = _noise.soft_disc(D, mask_radius / apix, edge / apix)
+            self.mask = noise_model.soft_disc(D, mask_radius / apix, edge / apix)
         self._cache = {}
 
     def tensors(self, device, dtype=torch.float32):

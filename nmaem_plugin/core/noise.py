@@ -360,7 +360,7 @@ def estimate_from_particles(table, radius, n_per_group=2000, seed=0, batch=256, 
     stacks' memory maps. Cost: one D x D FFT per image read (2000 images of 256 px: a few
     seconds of numpy) plus the reads.
     """
-    from .metadata import ImageStack
+    from .stacks import ImageStack
     table.require(poses=False, ctf=False, images=True)
     if len(np.unique(table.box)) != 1 or len(np.unique(table.apix)) != 1:
         fail(table.path, "particles of several box or pixel sizes; split the file by "

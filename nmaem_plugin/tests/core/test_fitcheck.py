@@ -21,7 +21,9 @@ from nmaem_plugin import DATA_DIR
 from nmaem_plugin.core import cli
 from nmaem_plugin.core.errors import NmaemError
 from nmaem_plugin.core.fitcheck import fit_check
-from nmaem_plugin.core.metadata import ImageStack, read_particles, write_stack, write_star
+from nmaem_plugin.core.particles import read_particles
+from nmaem_plugin.core.stacks import ImageStack, write_stack
+from nmaem_plugin.core.star import write_star
 from nmaem_plugin.core.noise import radius_grid
 from nmaem_plugin.core.simulate import simulate
 from nmaem_plugin.core.structure import read_model, write_model

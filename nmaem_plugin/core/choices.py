@@ -22,8 +22,9 @@ ENCODER_PRESETS: Dict[str, Dict[str, Tuple[int, ...]]] = {
     "small": dict(filters=(8, 16, 32), hidden=(64, 32)),
 }
 ENCODERS: Tuple[str, ...] = tuple(ENCODER_PRESETS)
-# nmaem train --loss (network.image_loss)
-LOSSES: Tuple[str, ...] = ("l2", "corr")
+# nmaem train --loss: the whitened likelihood (likelihood.WhitenedLikelihood, the default)
+# or the paper's plain losses (network.image_loss)
+LOSSES: Tuple[str, ...] = ("whitened", "l2", "corr")
 # nmaem train --lr-schedule
 LR_SCHEDULES: Tuple[str, ...] = ("constant", "cosine")
 

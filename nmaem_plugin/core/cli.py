@@ -368,8 +368,24 @@ def _add_train(sub):
     p.add_argument("--n-modes", type=int, default=None,
                    help="use the first N modes of --modes (default all; 0: shift only)")
     p.add_argument("--loss", choices=LOSSES, default=None,
-                   help="l2 (the paper's; images in the renderer's units) or corr "
-                        "(1 - correlation; any grey scale) (default l2)")
+                   help="whitened (default: Gaussian likelihood with the particles' own noise "
+                        "spectrum, per-particle scale and offset solved; real data), l2 (the "
+                        "paper's; images in the renderer's units) or corr (1 - correlation); "
+                        "see docs/likelihood.md")
+    p.add_argument("--resolution-low", type=float, default=None, metavar="A",
+                   help="whitened loss: ignore frequencies coarser than this (default: all "
+                        "but zero)")
+    p.add_argument("--resolution-high", type=float, default=None, metavar="A",
+                   help="whitened loss: ignore frequencies finer than this (default: Nyquist "
+                        "of the training box)")
+    p.add_argument("--mask-radius", type=float, default=None, metavar="A",
+                   help="whitened loss: soft circular mask on images and renderings against "
+                        "neighbouring particles (default none)")
+    p.add_argument("--no-check", dest="check", action="store_false", default=None,
+                   help="skip the fit check of the reference against the particles")
+    p.add_argument("--force", action="store_true", default=None,
+                   help="train even when the fit check says the reference does not explain "
+                        "the particles")
     p.add_argument("--encoder", choices=ENCODERS, default=None,
                    help="encoder size: paper (filters 32..512, MLP 512, 256) or small "
                         "(default paper)")
@@ -424,7 +440,9 @@ def _run_train(args):
                 n_modes=args.n_modes, loss=args.loss, encoder=args.encoder, filters=args.filters,
                 hidden=args.hidden, rmsd_unit=args.rmsd_unit, seed=args.seed,
                 device=args.device, bf16=args.bf16, num_workers=args.num_workers,
-                keep=args.keep, lr_schedule=args.lr_schedule)
+                keep=args.keep, lr_schedule=args.lr_schedule,
+                resolution_low=args.resolution_low, resolution_high=args.resolution_high,
+                mask_radius=args.mask_radius, check=args.check, force=args.force)
     if nproc > 1:
         launch_distributed(args.output, nproc, gpus=args.gpus)
     else:

@@ -60,6 +60,8 @@ class ParticleMetadata:
                         defocus_angle=t(table.defocus_angle), voltage=t(table.voltage),
                         cs=t(table.cs), amp_contrast=t(table.amp_contrast),
                         phase_shift=t(table.phase_shift), bfactor=t(table.ctf_bfactor))
+        self.optics_group = torch.as_tensor(np.asarray(table.optics_group, dtype=np.int64),
+                                            device=device)
 
     def batch(self, rows):
         return (self.rotations[rows], self.base_shift[rows],

@@ -169,6 +169,12 @@ class Decoder(nn.Module):
         return r.render(self.conformations(z), rotations.float(),
                         shifts.float() + self.offset, ctf)
 
+    def render_ft(self, z, rotations, shifts, ctf=None):
+        """rfft2 of :meth:`forward`'s images, (B, D, D//2+1) (for the whitened loss)."""
+        r = self.renderer()
+        return r.render_ft(self.conformations(z), rotations.float(),
+                           shifts.float() + self.offset, ctf)
+
 
 class AutoEncoder(nn.Module):
     """Encoder + decoder. ``forward(images, rotations, base_shift, ctf)`` returns

@@ -6,6 +6,8 @@ Torch-free, so that protocols, viewers, the report and the CLI read a run the sa
     RUN/reference.pdb|.cif   copy of --ref (X0), named by config["reference"]
     RUN/modes.npz            copy of --modes, named by config["modes"]
     RUN/split.npz            train / val: sorted 0-based rows of the particle file
+    RUN/noise.npz            noise spectrum per optics group (--loss whitened)
+    RUN/fit_check.json       the fit check of the reference against the particles
     RUN/checkpoints/last.pt  the latest checkpoint; best.pt (lowest validation loss);
                              epoch_NNNN.pt the last few epochs
     RUN/log.csv              epoch,train_loss,val_loss,images_per_s,seconds
@@ -26,7 +28,7 @@ from .atomic import atomic_path
 from .choices import CHECKPOINTS, ENCODER_PRESETS, LOSSES, LR_SCHEDULES
 from .errors import NmaemError, fail
 
-__all__ = ["CONFIG_FILE", "LOG_FILE", "SPLIT_FILE", "CHECKPOINT_DIR", "LOG_COLUMNS",
+__all__ = ["CONFIG_FILE", "LOG_FILE", "SPLIT_FILE", "NOISE_FILE", "FIT_CHECK_FILE", "CHECKPOINT_DIR", "LOG_COLUMNS",
            "TrainConfig", "config_path", "log_path", "checkpoint_dir", "checkpoint_file",
            "epoch_checkpoint_file", "read_config", "read_config_or_none", "write_json",
            "write_config", "write_log", "read_log_rows", "read_log_columns", "checkpoint_path",
@@ -35,6 +37,8 @@ __all__ = ["CONFIG_FILE", "LOG_FILE", "SPLIT_FILE", "CHECKPOINT_DIR", "LOG_COLUM
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.csv"
 SPLIT_FILE = "split.npz"
+NOISE_FILE = "noise.npz"          # the noise model of the whitened loss (noise.NoiseModel)
+FIT_CHECK_FILE = "fit_check.json"  # the fit check's result (fitcheck.fit_check)
 CHECKPOINT_DIR = "checkpoints"
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "images_per_s", "seconds")
 
@@ -50,7 +54,7 @@ class TrainConfig:
     box: Optional[int] = None
     n_modes: Optional[int] = None
     seed: int = 0
-    loss: str = "l2"
+    loss: str = "whitened"
     encoder: str = "paper"
     filters: Optional[Sequence[int]] = None
     hidden: Optional[Sequence[int]] = None
@@ -60,9 +64,18 @@ class TrainConfig:
     num_workers: int = 0
     keep: int = 3
     lr_schedule: str = "constant"
+    # the whitened likelihood (docs/likelihood.md): resolution band (Angstrom; None: all
+    # frequencies but zero up to Nyquist) and an optional soft circular mask (radius, A)
+    resolution_low: Optional[float] = None
+    resolution_high: Optional[float] = None
+    mask_radius: Optional[float] = None
+    # the fit check before a new run (fitcheck.py); force: train even when it fails
+    check: bool = True
+    force: bool = False
 
     # settings that a resumed run may change; every other one is fixed by the first start
-    RESUMABLE = ("epochs", "batch", "lr", "lr_schedule", "device", "num_workers", "bf16", "keep")
+    RESUMABLE = ("epochs", "batch", "lr", "lr_schedule", "device", "num_workers", "bf16", "keep",
+                 "check", "force")
 
     @classmethod
     def names(cls) -> Tuple[str, ...]:
@@ -118,6 +131,10 @@ class TrainConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             out.append(("lr_schedule", "unknown --lr-schedule %r (choose from %s)"
                         % (self.lr_schedule, ", ".join(LR_SCHEDULES))))
+        for k in ("resolution_low", "resolution_high", "mask_radius"):
+            v = getattr(self, k)
+            if v is not None and not float(v) > 0:
+                out.append((k, "--%s must be positive (Angstrom)" % k.replace("_", "-")))
         if self.loss not in LOSSES:
             out.append(("loss", "unknown loss %r (choose from %s)"
                         % (self.loss, ", ".join(LOSSES))))

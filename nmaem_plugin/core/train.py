@@ -30,9 +30,9 @@ from .atomic import atomic_path
 from .data import ParticleImages, ParticleMetadata, epoch_order, make_loader
 from .distributed import ProcessGroup, is_oom, rank_batches, resolve_device
 from .errors import NmaemError, fail
-from .runfolder import (TrainConfig, checkpoint_dir, checkpoint_file, checkpoint_path,
+from .runfolder import (FIT_CHECK_FILE, NOISE_FILE, TrainConfig, checkpoint_dir, checkpoint_file, checkpoint_path,
                         config_path, epoch_checkpoint_file, read_config, reference_name,
-                        write_config, write_log)
+                        write_config, write_json, write_log)
 
 __all__ = ["DEFAULTS", "prepare_run", "train_run", "train", "load_trained", "build_autoencoder",
            "save_checkpoint", "epoch_lr", "CHECKPOINT_FORMAT"]
@@ -150,7 +150,25 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
     perm = np.random.default_rng(int(s["seed"])).permutation(n)
     val, trn = np.sort(perm[:n_val]), np.sort(perm[n_val:])
 
+    check = None
+    if s["check"]:
+        check = _fit_check(table, model, particles, ref, s, log)
+    noise = None
+    if s["loss"] == "whitened":
+        from . import noise as noise_model
+        from .likelihood import Band
+        Band(box, apix, s["resolution_low"], s["resolution_high"], s["mask_radius"],
+             path=particles)                          # a bad band fails before writing
+        radius = noise_model.default_mask_radius(model.coords, box0, apix0)
+        log("train: estimating the noise spectrum from the particles' background (outside "
+            "%.0f A)" % radius)
+        noise = noise_model.estimate_from_particles(table, radius, seed=int(s["seed"]))
+
     os.makedirs(out, exist_ok=True)
+    if noise is not None:
+        noise.save(os.path.join(out, NOISE_FILE))
+    if check is not None:
+        write_json(os.path.join(out, FIT_CHECK_FILE), check)
     ref_name = reference_name(ref)
     if ref.lower().endswith(".gz"):
         from .structure import write_model
@@ -183,12 +201,39 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
         shift_scale=float(apix), bf16=bool(s["bf16"]), device=s["device"],
         num_workers=int(s["num_workers"]), keep=int(s["keep"]), optimizer="adam",
         lr_schedule=str(s["lr_schedule"]),
+        resolution_low=s["resolution_low"], resolution_high=s["resolution_high"],
+        mask_radius=s["mask_radius"], noise=NOISE_FILE if noise is not None else None,
+        fit_check=None if check is None else dict(verdict=check["verdict"],
+                                                  cause=check["cause"],
+                                                  message=check["message"]),
         val_fraction=VAL_FRACTION)
     write_config(out, cfg)      # last: marks a prepared run
     log("train: %d particles (%d train, %d validation), %d px at %.3f A/px -> %d px at "
         "%.3f A/px, %d modes x %d atoms -> %s" % (n, len(trn), len(val), box0, apix0, box,
                                                   apix, d, nm.n_atoms, out))
     return cfg
+
+
+FIT_CHECK_MIN_PARTICLES = 50
+
+
+def _fit_check(table, model, particles, ref, s, log):
+    """The fit check of a new run (fitcheck.py): its result, or a one-line NmaemError when
+    the reference does not explain the particles (unless ``force``)."""
+    from .fitcheck import fit_check, format_report
+    if table.n < FIT_CHECK_MIN_PARTICLES:
+        log("train: fit check skipped (%d particles; it needs at least %d)"
+            % (table.n, FIT_CHECK_MIN_PARTICLES))
+        return None
+    log("train: fit check: the reference rendered at the particles' poses and CTFs ...")
+    res = fit_check(table, model, seed=int(s["seed"]), device=s["device"])
+    for line in format_report(res).splitlines():
+        log("train: " + line)
+    if res["verdict"] != "pass":
+        if not s["force"]:
+            raise NmaemError(res["message"] + " (--force trains anyway)")
+        log("train: the fit check failed; training anyway (--force)")
+    return res
 
 
 # ============================================================================ model
@@ -361,6 +406,14 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
     pin = device.type == "cuda"
     use_bf16 = bool(cfg.get("bf16"))
     loss_kind = cfg["loss"]
+    likelihood = None
+    if loss_kind == "whitened":
+        from .likelihood import WhitenedLikelihood
+        from .noise import load_noise_model
+        likelihood = WhitenedLikelihood(
+            load_noise_model(os.path.join(run_dir, cfg.get("noise") or NOISE_FILE)),
+            cfg["box"], cfg["apix"], cfg.get("resolution_low"), cfg.get("resolution_high"),
+            cfg.get("mask_radius"), device=device, source=cfg["particles"])
     if rank0:
         write_log(run_dir, history)     # a resumed run drops rows after its checkpoint
 
@@ -383,6 +436,9 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
         else:
             shift, z = enc(images)
         ctf = ae.decoder.ctf(**ctf_p)
+        if likelihood is not None:
+            rendered_ft = ae.decoder.render_ft(z, rot, base + shift, ctf)
+            return likelihood(images, rendered_ft, meta.optics_group[rows])
         rendered = ae.decoder(z, rot, base + shift, ctf)
         return image_loss(images, rendered, loss_kind)
 

@@ -347,6 +347,15 @@ def _int_list(text):
         raise argparse.ArgumentTypeError("expected comma-separated integers, got %r" % text)
 
 
+def _batch_arg(text):
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected an integer or auto, got %r" % text)
+
+
 def _add_train(sub):
     p = sub.add_parser(
         "train", help="train the autoencoder (encoder + physics decoder)",
@@ -360,8 +369,10 @@ def _add_train(sub):
     p.add_argument("--modes", metavar="modes.npz", help="normal modes of --ref (nmaem modes)")
     p.add_argument("-o", "--output", required=True, metavar="RUN", help="run folder")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 200)")
-    p.add_argument("--batch", type=int, default=None,
-                   help="images per optimisation step, over all processes (default 256)")
+    p.add_argument("--batch", type=_batch_arg, default=None, metavar="B|auto",
+                   help="images per optimisation step, over all processes (default auto: "
+                        "min(256, max(16, training images // 64)), at least 64 steps per "
+                        "epoch on small datasets; the paper's is 256)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
     p.add_argument("--box", type=int, default=None,
                    help="train on images Fourier-cropped to this box (default: no cropping)")

@@ -20,7 +20,7 @@ import io
 import json
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -49,7 +49,7 @@ LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "images_per_s", "seconds")
 class TrainConfig:
     """The options of ``nmaem train`` (``None``: the default, or decided from the data)."""
     epochs: int = 200
-    batch: int = 256
+    batch: Union[int, str] = "auto"     # auto: normstats.auto_batch of the training images
     lr: float = 1e-3
     box: Optional[int] = None
     n_modes: Optional[int] = None
@@ -124,6 +124,8 @@ class TrainConfig:
                 out.append(("box", "--box %d is too small for an encoder of %d pooling blocks "
                                    "(at least %d px)" % (box, len(filters), 2 ** len(filters))))
         for k in ("epochs", "batch"):
+            if k == "batch" and str(self.batch).strip().lower() == "auto":
+                continue
             if int(getattr(self, k)) < 1:
                 out.append((k, "--%s must be at least 1" % k))
         if not self.lr > 0:

@@ -30,6 +30,7 @@ from .atomic import atomic_path
 from .data import ParticleImages, ParticleMetadata, epoch_order, make_loader
 from .distributed import ProcessGroup, is_oom, rank_batches, resolve_device
 from .errors import NmaemError, fail
+from .normstats import recompute_from_dataset, resolve_batch
 from .runfolder import (FIT_CHECK_FILE, NOISE_FILE, TrainConfig, checkpoint_dir, checkpoint_file, checkpoint_path,
                         config_path, epoch_checkpoint_file, read_config, reference_name,
                         write_config, write_json, write_log)
@@ -99,6 +100,9 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
                 "the beginning" % out)
         cfg = read_config(out)
         given = {k: v for k, v in settings.items() if v is not None}
+        if given.get("batch") is not None:       # --batch auto: normstats.auto_batch
+            cfg["batch_auto"] = str(given["batch"]).strip().lower() == "auto"
+            given["batch"] = resolve_batch(given["batch"], cfg["n_train"])
         for k, v in given.items():
             if k in RESUMABLE:
                 continue
@@ -136,6 +140,8 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
         fail(modes, "--n-modes %d: the file has %d modes" % (d, nm.n_modes))
 
     options.validate(box0=box0, particles=particles)     # the option rules, written once
+    batch_auto = str(s["batch"]).strip().lower() == "auto"    # normstats.auto_batch
+    s["batch"] = resolve_batch(s["batch"], table.n - max(1, int(round(VAL_FRACTION * table.n))))
     box = box0 if s["box"] is None else int(s["box"])
     filters, hidden = options.layout()
     apix = apix0 * box0 / box
@@ -195,7 +201,8 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
         n_particles=int(n), n_train=int(len(trn)), n_val=int(len(val)),
         box=int(box), apix=float(apix), box0=int(box0), apix0=float(apix0),
         centre=[float(c) for c in centre], offset=[float(o) for o in offset],
-        epochs=int(s["epochs"]), batch=int(s["batch"]), lr=float(s["lr"]), seed=int(s["seed"]),
+        epochs=int(s["epochs"]), batch=int(s["batch"]), batch_auto=batch_auto,
+        lr=float(s["lr"]), seed=int(s["seed"]),
         loss=str(s["loss"]), encoder=str(s["encoder"]), filters=filters, hidden=hidden,
         rmsd_unit=float(s["rmsd_unit"]), z_scale=z_scale_for(nm.n_atoms, s["rmsd_unit"]),
         shift_scale=float(apix), bf16=bool(s["bf16"]), device=s["device"],
@@ -473,6 +480,11 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
                     progress.update(len(rows) * dist.world, extra="epoch %d/%d loss %s"
                                     % (epoch + 1, epochs, _fmt_loss(total / count)))
             t_train = time.perf_counter() - t0
+            # precise BN: running statistics of the final weights (core/normstats.py)
+            recompute_from_dataset(encoder, dataset, trn, local_batch, cfg["seed"], epoch,
+                                   device, lambda ds, bs: make_loader(ds, bs, cfg["num_workers"],
+                                                                      pin),
+                                   autocast=device.type if use_bf16 else None)
             vsum, vcount = _validate(encoder, forward, dataset, val, local_batch, dist, cfg,
                                      pin, device)
         except NmaemError:

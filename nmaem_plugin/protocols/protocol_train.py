@@ -125,10 +125,12 @@ class NmaemProtTrain(NmaemProtBase):
                       validators=[params.Positive], label="Epochs",
                       help="Passes over the training images (the total, counting the epochs "
                            "of a continued training). The paper trains for 200 epochs.")
-        form.addParam("batchSize", params.IntParam, default=256,
-                      validators=[params.Positive], label="Batch size",
-                      help="Images per optimisation step, over all GPUs. Lower it when the "
-                           "GPU runs out of memory.")
+        form.addParam("batchSize", params.IntParam, default=0,
+                      validators=[params.GE(0)], label="Batch size (0: auto)",
+                      help="Images per optimisation step, over all GPUs. 0 (automatic): "
+                           "min(256, max(16, training images / 64)), so that small datasets "
+                           "still get enough optimisation steps; the paper uses 256. Lower "
+                           "it when the GPU runs out of memory.")
         form.addParam("learningRate", params.FloatParam, default=1e-3,
                       validators=[params.Positive], label="Learning rate",
                       help="Step size of the Adam optimiser (the paper uses 1e-3).")
@@ -145,10 +147,41 @@ class NmaemProtTrain(NmaemProtBase):
                            "small boxes.")
         form.addParam("loss", params.EnumParam, choices=LOSSES, default=0,
                       condition="not doContinue", label="Loss",
-                      help="'l2': the paper's squared difference between image and rendering; "
-                           "it assumes the images are in the renderer's units, as simulated "
-                           "particles are. 'corr': 1 - correlation of each image with its "
-                           "rendering, insensitive to the grey scale: use it for real data.")
+                      help="'whitened' (default, for real particles): the Gaussian likelihood "
+                           "of each image given its rendering, weighted by the noise spectrum "
+                           "estimated from the particles' background, with each particle's "
+                           "grey scale and offset solved (RELION-normalised images, ice "
+                           "thickness). 'l2': the paper's squared difference; it assumes the "
+                           "images are in the renderer's units, as simulated particles are. "
+                           "'corr': 1 - correlation of each image with its rendering. "
+                           "See docs/likelihood.md.")
+        form.addParam("resolutionHigh", params.FloatParam, default=0.0,
+                      condition="not doContinue and loss == 0",
+                      expertLevel=params.LEVEL_ADVANCED, label="Highest resolution (A)",
+                      help="The whitened loss ignores finer frequencies; 0: Nyquist of the "
+                           "training box.")
+        form.addParam("resolutionLow", params.FloatParam, default=0.0,
+                      condition="not doContinue and loss == 0",
+                      expertLevel=params.LEVEL_ADVANCED, label="Lowest resolution (A)",
+                      help="The whitened loss ignores coarser frequencies; 0: all but zero.")
+        form.addParam("maskRadius", params.FloatParam, default=0.0,
+                      condition="not doContinue and loss == 0",
+                      expertLevel=params.LEVEL_ADVANCED, label="Mask radius (A)",
+                      help="A soft circular mask on images and renderings against "
+                           "neighbouring particles; 0: no mask.")
+        form.addParam("doCheck", params.BooleanParam, default=True,
+                      condition="not doContinue", label="Check the fit first?",
+                      help="Before training, render the reference at the particles' poses "
+                           "and CTFs and check that it explains the images better than with "
+                           "shuffled poses. When it does not, training is refused with the "
+                           "likely cause (model not docked in the consensus map, map origin, "
+                           "pixel size, hand, inverted contrast). The verdict is in the "
+                           "summary.")
+        form.addParam("force", params.BooleanParam, default=False,
+                      condition="not doContinue and doCheck",
+                      expertLevel=params.LEVEL_ADVANCED, label="Train even if the check fails?",
+                      help="Train although the fit check says the reference does not "
+                           "explain the particles.")
         form.addParam("seed", params.IntParam, default=0, condition="not doContinue",
                       expertLevel=params.LEVEL_ADVANCED, label="Random seed",
                       help="Seed of the train/validation split, the initial weights and the "
@@ -221,7 +254,8 @@ class NmaemProtTrain(NmaemProtBase):
 
     def trainStep(self, epochs, batch, lr):
         run = self._getFileName("run")
-        common = ["-o", run, "--epochs", epochs, "--batch", batch, "--lr", lr,
+        common = ["-o", run, "--epochs", epochs, "--batch", batch if batch > 0 else "auto",
+                  "--lr", lr,
                   "--num-workers", self.numberOfWorkers.get(),
                   "--keep", self.keepCheckpoints.get(),
                   "--lr-schedule", LR_SCHEDULES[self.lrSchedule.get()]]
@@ -268,6 +302,16 @@ class NmaemProtTrain(NmaemProtBase):
             args += ["--n-modes", self.numberOfModes.get()]
         if self.boxSize.get() > 0:
             args += ["--box", self.boxSize.get()]
+        if LOSSES[self.loss.get()] == "whitened":
+            for flag, param in (("--resolution-high", self.resolutionHigh),
+                                ("--resolution-low", self.resolutionLow),
+                                ("--mask-radius", self.maskRadius)):
+                if param.get() > 0:
+                    args += [flag, param.get()]
+        if not self.doCheck.get():
+            args.append("--no-check")
+        elif self.force.get():
+            args.append("--force")
         self.info("starting a new training in %s" % run)
         self.runNmaem("train", common + args)
 
@@ -348,17 +392,19 @@ class NmaemProtTrain(NmaemProtBase):
         options = TrainConfig(box=box if box > 0 else None, encoder=ENCODERS[self.encoder.get()],
                               loss=LOSSES[self.loss.get()],
                               lr_schedule=LR_SCHEDULES[self.lrSchedule.get()],
-                              epochs=self.numberOfEpochs.get(), batch=self.batchSize.get(),
+                              epochs=self.numberOfEpochs.get(),
+                              batch=self.batchSize.get() or "auto",
                               lr=self.learningRate.get())
         errors += ["Training options: %s." % msg for _, msg in options.problems(imgBox)]
         return errors
 
     def _warnings(self):
-        if not self.doContinue.get() and self.loss.get() == 0 and self.inputParticles.get() \
+        if not self.doContinue.get() and LOSSES[self.loss.get()] == "l2" and \
+                self.inputParticles.get() \
                 is not None and self.inputParticles.get().getFirstItem() is not None and \
                 not self.inputParticles.get().getFirstItem().hasAttribute("_nmaem_frame"):
             return ["The 'l2' loss assumes images in the renderer's units (simulated data); "
-                    "for real particles the 'corr' loss is usually better."]
+                    "for real particles use the 'whitened' loss (the default)."]
         return []
 
     def _summary(self):
@@ -372,6 +418,12 @@ class NmaemProtTrain(NmaemProtBase):
                  % (len(log), cfg["epochs"], cfg["n_particles"], cfg["n_train"],
                     cfg["n_val"], cfg["box"], cfg["apix"], cfg["n_modes"], cfg["encoder"],
                     cfg["loss"])]
+        check = cfg.get("fit_check")
+        if check:
+            lines.append("Fit check: %s. %s" % (check.get("verdict", "?"),
+                                                check.get("message", "")))
+        elif cfg.get("fit_check", 0) is None:
+            lines.append("Fit check: not run.")
         if log:
             last = log[-1]
             lines.append("Last epoch: training loss %.5g, validation loss %.5g, %.0f "

@@ -30,6 +30,7 @@ setup(
         "pykeops>=2.1",
         "starfile>=0.5",
         "matplotlib",
+        "openmm>=8.1",   # geometry refinement of exported models (MinimizationReporter)
     ],
     extras_require={"scipion": ["scipion-pyworkflow>=3.0", "scipion-em>=3.0"]},
     entry_points={

@@ -271,6 +271,17 @@ def _add_export(sub):
                    help="model file format (default pdb)")
     p.add_argument("--seed", type=int, default=0, help="k-means random seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--no-refine", action="store_true",
+                   help="write the plain X0 + U z models; by default each model is refined "
+                        "(restrained minimisation with OpenMM: amber99sb-ILDN, OBC2 implicit "
+                        "solvent) and validated (models.json)")
+    p.add_argument("--hydrogens", action="store_true",
+                   help="write the hydrogens added for refinement (default heavy atoms only)")
+    p.add_argument("--restraint", type=float, default=None, metavar="K",
+                   help="refinement restraint to the normal-mode positions, kcal/mol/A^2 "
+                        "(default 30)")
+    p.add_argument("--platform", default=None, choices=("CPU", "CUDA", "OpenCL", "Reference"),
+                   help="OpenMM platform for refinement (default CUDA, OpenCL, then CPU)")
     _add_maxima_options(p)
     p.set_defaults(func=_run_export)
 
@@ -281,7 +292,10 @@ def _run_export(args):
            low=args.low, high=args.high, kmeans_k=args.kmeans, maxima=args.maxima,
            z_list=args.z, fmt=args.format, seed=args.seed, overwrite=args.overwrite,
            bandwidth=_bandwidth(args.bandwidth), min_height=args.min_height,
-           min_prominence=args.min_prominence, min_significance=args.min_significance)
+           min_prominence=args.min_prominence, min_significance=args.min_significance,
+           refine=not args.no_refine, hydrogens=args.hydrogens,
+           refine_options={k: v for k, v in (("restraint", args.restraint),
+                                             ("platform", args.platform)) if v is not None})
     return 0
 
 

@@ -44,8 +44,14 @@ def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
            low=DEFAULTS["low_percentile"], high=DEFAULTS["high_percentile"], kmeans_k=None,
            maxima=False, z_list=(), fmt="pdb", seed=0, overwrite=False, bandwidth=None,
            min_height=DEFAULTS["min_height"], min_prominence=DEFAULTS["min_prominence"],
-           min_significance=DEFAULTS["min_significance"], log=print):
+           min_significance=DEFAULTS["min_significance"], log=print, refine=False,
+           hydrogens=False, refine_options=None):
     """Write deformed all-atom models at latent points; returns the listing (a dict).
+
+    ``refine``: geometry refinement of each model (``core.refine.refine_models``; the
+    command line does it unless ``--no-refine``), ``hydrogens`` to write the hydrogens it
+    adds, ``refine_options`` keywords for ``refine_coords``; each row of models.json then
+    has ``refinement`` and ``validation`` (``core.validation.validate``).
 
     Any combination of: ``pcs`` (list of 1-based PCs, or "1,2") with ``steps`` points from
     the ``low`` to the ``high`` percentile (``traversal_points``); ``kmeans_k`` cluster
@@ -59,6 +65,9 @@ def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
     """
     if fmt not in ("pdb", "cif"):
         raise NmaemError("--format must be pdb or cif (got %r)" % fmt)
+    if hydrogens and not refine:
+        raise NmaemError("--hydrogens writes the hydrogens added by refinement: drop "
+                         "--no-refine or --hydrogens")
     if not (pcs or kmeans_k or maxima or z_list):
         pcs = [1]
     pcs = _parse_pcs(pcs) if pcs else []
@@ -134,9 +143,21 @@ def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
         listing["pca"] = dict(explained_variance_ratio=p.explained_variance_ratio.tolist(),
                               explained_variance=p.explained_variance.tolist(),
                               mean=p.mean.tolist(), components=p.components.tolist())
-    for (stem, info, zj), fname in zip(entries, files):
-        write_model(os.path.join(out_dir, fname), model, deformed_coords(model, nm, zj))
+    refined = [None] * len(entries)
+    if refine:
+        from .refine import refine_models
+        refined = refine_models([deformed_coords(model, nm, zj) for _, _, zj in entries], model,
+                                hydrogens=hydrogens, log=log, **(refine_options or {}))
+    for (stem, info, zj), fname, rf in zip(entries, files, refined):
+        if rf is None:
+            write_model(os.path.join(out_dir, fname), model, deformed_coords(model, nm, zj))
+        elif hydrogens and rf[0].ok:
+            write_model(os.path.join(out_dir, fname), rf[0].model_with_hydrogens(model))
+        else:
+            write_model(os.path.join(out_dir, fname), model, rf[0].coords)
         row = dict(file=fname, **info)
+        if rf is not None:
+            row.update(rf[1])
         row["z"] = [float(v) for v in zj]
         row["pc_coords"] = None if p is None else [float(v) for v in p.transform(zj)]
         row["rmsd_to_reference"] = float(np.linalg.norm(zj) / np.sqrt(M))

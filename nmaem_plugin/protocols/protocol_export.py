@@ -104,6 +104,18 @@ class NmaemProtExport(NmaemProtBase):
                            "(d = number of modes), e.g. '10, -5, 0, 2'.")
         form.addParam("fileFormat", params.EnumParam, choices=FORMATS, default=0,
                       label="File format", help="PDB or mmCIF model files.")
+        form.addParam("refineGeometry", params.BooleanParam, default=True,
+                      label="Refine the geometry?",
+                      help="Restrained energy minimisation of each model with OpenMM "
+                           "(amber99sb-ILDN, implicit solvent, heavy atoms pulled to the "
+                           "normal-mode positions): restores bond lengths, angles and clashes "
+                           "that linear modes distort, moving atoms about 0.5 A. Each model is "
+                           "validated (bond and angle rms deviations, clashes, Ramachandran "
+                           "outliers). No: the plain X0 + U z models (docs/analysis.md).")
+        form.addParam("hydrogens", params.BooleanParam, default=False,
+                      condition="refineGeometry", expertLevel=params.LEVEL_ADVANCED,
+                      label="Write hydrogens?",
+                      help="Keep the hydrogens added for the refinement in the model files.")
 
     def _createFilenameTemplates(self):
         self._updateFilenamesDict({
@@ -156,6 +168,10 @@ class NmaemProtExport(NmaemProtBase):
             for line in self._zLines():
                 args += ["--z", ",".join(v.strip() for v in line.replace(";", ",").split(",")
                                          if v.strip())]
+        if not self.refineGeometry.get():
+            args.append("--no-refine")
+        elif self.hydrogens.get():
+            args.append("--hydrogens")
         self.runNmaem("export", args)
 
     def createOutputStep(self):
@@ -249,6 +265,16 @@ class NmaemProtExport(NmaemProtBase):
         rmsd = [m["rmsd_to_reference"] for m in listing["models"]]
         if rmsd:
             lines.append("RMSD to the reference: %.2f to %.2f A." % (min(rmsd), max(rmsd)))
+        val = [m["validation"] for m in listing["models"] if m.get("validation")]
+        if val:
+            lines.append("Refined geometry (worst model): bond rms deviation %.3f A, angle rms "
+                         "%.1f deg, %d clashes < 2.2 A, %d Ramachandran outliers; refinement "
+                         "moved atoms by at most %.2f A rms."
+                         % (max(v["bond_rmsd"] for v in val),
+                            max(v["angle_rmsd"] for v in val),
+                            max(v["close_contacts"] for v in val),
+                            max(v["ramachandran_outliers"] for v in val),
+                            max(v.get("rmsd_to_plain") or 0.0 for v in val)))
         return lines
 
     def _methods(self):

@@ -63,7 +63,8 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         cls._launch(cls.infer)
 
         cls.export = cls.newProtocol(NmaemProtExport, objLabel="export PC1",
-                                     exportMode=EXPORT_PCS, pcs="1", steps=PC_STEPS)
+                                     exportMode=EXPORT_PCS, pcs="1", steps=PC_STEPS,
+                                     refineGeometry=False)
         cls.export.inputParticles.set(cls.infer.outputParticles)
         cls._launch(cls.export)
 
@@ -273,7 +274,8 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
 
     def test_export_kmeans_and_given_z(self):
         prot = self.newProtocol(NmaemProtExport, objLabel="export k-means",
-                                exportMode=EXPORT_KMEANS, numberOfClusters=3)
+                                exportMode=EXPORT_KMEANS, numberOfClusters=3,
+                                refineGeometry=False)
         prot.inputParticles.set(self.infer.outputParticles)
         prot.inputNetwork.set(self.train.outputNetwork)
         self._launch(prot)
@@ -287,6 +289,13 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         self.assertEqual(self._checkModels(out, 2), N_PARTICLES)
         first = out.getFirstItem()
         np.testing.assert_allclose(np.asarray(getattr(first, ATTR_Z), dtype=float), [1, 2, 3])
+        # refined by default: chemistry restored, figures in models.json and the summary
+        with open(prot._getExtraPath("models", "models.json")) as fh:
+            rows = json.load(fh)["models"]
+        for row in rows:
+            self.assertLessEqual(row["validation"]["bond_rmsd"], 0.02)
+            self.assertLessEqual(row["validation"]["rmsd_to_plain"], 0.5)
+        self.assertIn("Refined geometry", " ".join(prot.summary()))
         bad = self.newProtocol(NmaemProtExport, exportMode=EXPORT_Z, amplitudes="1, 2")
         bad.inputParticles.set(self.infer.outputParticles)
         self.assertIn("need %d numbers" % N_MODES, " ".join(bad.validate()))

@@ -38,7 +38,7 @@ import pandas as pd
 from .errors import fail
 from .poses import euler_to_matrix
 
-__all__ = ["ParticleTable", "read_particles", "stack_resolver", "split_image_names",
+__all__ = ["ParticleTable", "read_particles", "check_table", "stack_resolver", "split_image_names",
            "ANGLES", "CTF_PARTICLE", "CTF_OPTICS"]
 
 ANGLES = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
@@ -135,11 +135,69 @@ def read_particles(path, root=None) -> "ParticleTable":
     ext = os.path.splitext(path)[1].lower()
     if ext == ".cs":
         from .cryosparc import read_cs
-        return read_cs(path, root)
+        return check_table(read_cs(path, root))
     if ext == ".star":
         from .star import read_star
-        return read_star(path, root)
+        return check_table(read_star(path, root))
     fail(path, "unknown particle file type %r (expected .star or .cs)" % ext)
+
+
+def _first_bad(values, ok):
+    """0-based index of the first row of ``values`` (N,) or (N, k) where ``ok`` is False."""
+    good = ok(values)
+    if good.ndim > 1:
+        good = good.all(axis=tuple(range(1, good.ndim)))
+    bad = np.flatnonzero(~good)
+    return int(bad[0]) if bad.size else None
+
+
+def check_table(table, warn=None):
+    """Validate the metadata of a table just read; returns it.
+
+    Fails (one line, naming the file and the first bad row, 1-based) on NaN or infinite
+    angles, origins or defocus, a negative defocus, and a pixel size that is not a positive
+    number. Duplicated particles (the same image twice) are a warning (``warn``, default: a
+    line on stderr), not an error.
+    """
+    finite = np.isfinite
+    checks = [("euler", "angle (%s)" % ", ".join(ANGLES), finite),
+              ("origin", "origin", finite),
+              ("defocus_u", "defocus (rlnDefocusU)", finite),
+              ("defocus_v", "defocus (rlnDefocusV)", finite),
+              ("defocus_angle", "defocus angle (rlnDefocusAngle)", finite),
+              ("defocus_u", "defocus (rlnDefocusU)", lambda v: v >= 0),
+              ("defocus_v", "defocus (rlnDefocusV)", lambda v: v >= 0),
+              ("apix", "pixel size", lambda v: finite(v) & (v > 0))]
+    for name, label, ok in checks:
+        v = getattr(table, name)
+        if v is None or len(v) == 0:
+            continue
+        v = np.asarray(v, dtype=np.float64)
+        k = _first_bad(v, ok)
+        if k is None:
+            continue
+        shown = np.array2string(v[k], precision=6) if v.ndim > 1 else "%g" % v[k]
+        problem = "non-finite" if not np.all(finite(v[k])) else (
+            "negative" if name.startswith("defocus") else "non-positive")
+        fail(table.path, "row %d: %s %s %s%s" % (
+            k + 1, problem, label, shown,
+            " (optics group %d)" % int(table.optics_group[k]) if name == "apix" else ""))
+    if table.stack_paths is not None and table.n > 1:
+        keys = np.char.add(np.char.add(table.stack_index.astype(str), "@"),
+                           table.stack_paths.astype(str))
+        _, first, counts = np.unique(keys, return_index=True, return_counts=True)
+        dup = counts > 1
+        if dup.any():
+            rows = np.flatnonzero(keys == keys[first[dup][np.argmin(first[dup])]])
+            msg = ("nmaem: warning: %s: %d particle(s) appear more than once (same image); "
+                   "first: rows %d and %d" % (table.path, int((counts[dup] - 1).sum()),
+                                             rows[0] + 1, rows[1] + 1))
+            if warn is None:
+                import sys
+                sys.stderr.write(msg + "\n")
+            else:
+                warn(msg)
+    return table
 
 
 def stack_resolver(path, root=None) -> Callable[[str], str]:

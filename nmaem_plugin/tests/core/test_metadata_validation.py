@@ -1,0 +1,134 @@
+"""Particle metadata is validated when read (core/particles.check_table, called by
+read_particles for STAR and .cs files): one line naming the file and the first bad row.
+
+The STAR files are written by hand here (RELION 3.1 layout, three particles)."""
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+import unittest
+
+from nmaem_plugin.core.errors import NmaemError
+from nmaem_plugin.core.particles import read_particles
+
+OPTICS = """
+data_optics
+
+loop_
+_rlnOpticsGroup
+_rlnOpticsGroupName
+_rlnAmplitudeContrast
+_rlnSphericalAberration
+_rlnVoltage
+_rlnImagePixelSize
+_rlnImageSize
+_rlnImageDimensionality
+1 opticsGroup1 0.1 2.7 300.0 {apix} 32 2
+"""
+PARTICLES = """
+data_particles
+
+loop_
+_rlnImageName
+_rlnAngleRot
+_rlnAngleTilt
+_rlnAnglePsi
+_rlnOriginXAngst
+_rlnOriginYAngst
+_rlnDefocusU
+_rlnDefocusV
+_rlnDefocusAngle
+_rlnOpticsGroup
+"""
+GOOD = [["1@stack.mrcs", "10.0", "20.0", "30.0", "1.5", "-0.5", "10000", "9800", "15", "1"],
+        ["2@stack.mrcs", "40.0", "50.0", "60.0", "0.0", "0.0", "12000", "11800", "20", "1"],
+        ["3@stack.mrcs", "70.0", "80.0", "90.0", "-1.0", "2.0", "14000", "13900", "25", "1"]]
+COL = {"image": 0, "rot": 1, "tilt": 2, "psi": 3, "ox": 4, "oy": 5, "du": 6, "dv": 7,
+       "dang": 8}
+
+
+class MetadataTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="nmaem-meta-")
+
+    def tearDown(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def star(self, row=None, col=None, value=None, apix="1.5", rows=None):
+        rows = [list(r) for r in (rows or GOOD)]
+        if row is not None:
+            rows[row][COL[col]] = value
+        path = os.path.join(self.tmp, "particles.star")
+        with open(path, "w") as fh:
+            fh.write("# version 30001\n" + OPTICS.format(apix=apix) + PARTICLES)
+            fh.write("\n".join(" ".join(r) for r in rows) + "\n")
+        return path
+
+    def assertBad(self, path, *words):
+        with self.assertRaises(NmaemError) as cm:
+            read_particles(path)
+        msg = str(cm.exception)
+        self.assertNotIn("\n", msg)
+        self.assertTrue(msg.startswith(path + ": "), msg)
+        for w in words:
+            self.assertIn(w, msg)
+
+    def test_good_file_reads(self):
+        t = read_particles(self.star())
+        self.assertEqual(t.n, 3)
+
+    def test_nan_angle(self):
+        self.assertBad(self.star(1, "tilt", "nan"), "row 2", "non-finite", "angle")
+
+    def test_infinite_angle(self):
+        self.assertBad(self.star(2, "psi", "inf"), "row 3", "angle")
+
+    def test_nan_origin(self):
+        self.assertBad(self.star(0, "oy", "NaN"), "row 1", "origin")
+
+    def test_infinite_origin(self):
+        self.assertBad(self.star(1, "ox", "-inf"), "row 2", "origin")
+
+    def test_nan_defocus(self):
+        self.assertBad(self.star(1, "du", "nan"), "row 2", "defocus", "rlnDefocusU")
+
+    def test_nan_defocus_v(self):
+        self.assertBad(self.star(2, "dv", "nan"), "row 3", "rlnDefocusV")
+
+    def test_nan_defocus_angle(self):
+        self.assertBad(self.star(0, "dang", "nan"), "row 1", "rlnDefocusAngle")
+
+    def test_negative_defocus(self):
+        self.assertBad(self.star(2, "du", "-12000"), "row 3", "negative", "defocus")
+
+    def test_zero_pixel_size(self):
+        self.assertBad(self.star(apix="0.0"), "row 1", "pixel size", "optics group 1")
+
+    def test_negative_pixel_size(self):
+        self.assertBad(self.star(apix="-1.5"), "pixel size")
+
+    def test_nan_pixel_size(self):
+        self.assertBad(self.star(apix="nan"), "pixel size")
+
+    def test_duplicated_particles_warn(self):
+        rows = [list(r) for r in GOOD]
+        rows[2][0] = "1@stack.mrcs"        # the image of row 1 again
+        path = self.star(rows=rows)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            t = read_particles(path)
+        self.assertEqual(t.n, 3)          # a warning, not an error
+        line = err.getvalue().strip()
+        self.assertTrue(line.startswith("nmaem: warning: %s: " % path), line)
+        self.assertIn("rows 1 and 3", line)
+
+    def test_no_warning_without_duplicates(self):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            read_particles(self.star())
+        self.assertEqual(err.getvalue(), "")
+
+
+if __name__ == "__main__":
+    unittest.main()

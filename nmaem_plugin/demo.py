@@ -178,12 +178,12 @@ def main(argv=None):
                  "--seed", "0", "-o", sim, "--overwrite"] + dev)
     montage(sim, os.path.join(out, "montage.png"))
     ref = os.path.join(sim, "reference.pdb")
-    run(nmaem + ["modes", ref, "-o", modes, "--n-modes", "16", "--target", CLOSED])
+    run(nmaem + ["modes", ref, "-o", modes, "--n-modes", "16", "--target", CLOSED, "--force"])
     run(nmaem + ["train", "--particles", os.path.join(sim, "particles.star"), "--ref", ref,
                  "--modes", modes, "-o", run_dir, "--epochs", str(args.epochs),
                  "--batch", "64", "--encoder", args.encoder] + dev)
     run(nmaem + ["infer", "--particles", os.path.join(sim, "particles.star"), "--model",
-                 run_dir, "-o", latent] + dev)
+                 run_dir, "-o", latent, "--force"] + dev)
     run(nmaem + ["export", "--latent", latent, "--model", run_dir, "-o", models, "--maxima",
                  "--pcs", "1", "--steps", "5"])
     p = subprocess.run(nmaem + ["evaluate", "--latent", latent, "--truth", sim, "--model",

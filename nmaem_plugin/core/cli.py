@@ -40,24 +40,27 @@ def _add_modes(subparsers):
                    help="also write DIR/modes.nmd (VMD NMWiz) and DIR/mode_NN.pdb animations")
     p.add_argument("--amplitude", type=float, default=3.0,
                    help="largest atom displacement in the mode animations, Angstrom (3)")
+    p.add_argument("--force", action="store_true",
+                   help="replace existing output files (never an input)")
     p.set_defaults(func=_run_modes)
     return p
 
 
 def _run_modes(args):
     """Run ``nmaem modes`` from parsed arguments; returns 0. Errors raise NmaemError."""
-    import os
-    from .errors import fail
     from .modes import compute_modes, export_modes, save_modes, target_diagnostics
     from .structure import read_model
 
     def say(msg):
         print(msg, flush=True)
 
+    from .outputs import check_output_dir, check_output_file
     out = str(args.output)
-    out_dir = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(out_dir):
-        fail(out, "the output folder does not exist")
+    inputs = [args.ref, args.target]
+    check_output_file(out, inputs=inputs, force=args.force)
+    if args.export:
+        n_files = ["modes.nmd"] + ["mode_%02d.pdb" % (l + 1) for l in range(args.n_modes)]
+        check_output_dir(args.export, n_files, inputs=inputs + [out], force=args.force)
     model = read_model(args.ref)
     say("reference: %s, %d atoms" % (args.ref, model.n_atoms))
     target = read_model(args.target) if args.target else None
@@ -143,8 +146,8 @@ def _add_simulate(sub):
     p.add_argument("--chunk", type=int, default=256,
                    help="images per MRC stack, the unit of memory use (default 256)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a dataset already in the output folder")
+    p.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                   help="replace a dataset already in the output folder (never an input)")
     real = p.add_argument_group(
         "nuisances of real data (docs/simulation.md; all off by default, each switchable)")
     real.add_argument("--realistic", action="store_true",
@@ -203,6 +206,15 @@ def _run_simulate(args):
         raise NmaemError("--like needs a model to render: give --ref (or --trajectory)")
     if args.trajectory and (args.ref or args.target):
         raise NmaemError("give either --trajectory or --ref/--target, not both")
+    import math
+    from .outputs import OVERWRITE_HINT, check_output_dir
+    if not args.no_noise and not math.isfinite(args.snr_db):
+        raise NmaemError("--snr-db must be a finite number of decibels (got %s); "
+                         "--no-noise gives noise-free images" % args.snr_db)
+    check_output_dir(args.output, ["particles.star", "ground_truth.npz", "frames.pdb",
+                                   "reference.pdb"],
+                     inputs=[args.trajectory, args.ref, args.target, args.like,
+                             args.reference_model], force=args.force, hint=OVERWRITE_HINT)
     nuisances = nuisances_from_args(args)
     model, frames = load_frames(args.trajectory, args.ref, args.target, args.frames)
     like = read_particles(args.like) if args.like else None
@@ -214,7 +226,7 @@ def _run_simulate(args):
              shift_std=args.shift_std, voltage=args.voltage, cs=args.cs,
              amp_contrast=args.amp_contrast, seed=args.seed, like=like,
              unknown_shifts=args.unknown_shifts, chunk=args.chunk, device=args.device,
-             overwrite=args.overwrite, nuisances=nuisances, reference_model=reference_model)
+             overwrite=args.force, nuisances=nuisances, reference_model=reference_model)
     return 0
 
 
@@ -270,7 +282,8 @@ def _add_export(sub):
     p.add_argument("--format", choices=MODEL_FORMATS, default="pdb",
                    help="model file format (default pdb)")
     p.add_argument("--seed", type=int, default=0, help="k-means random seed (default 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                   help="replace existing output files (never an input)")
     p.add_argument("--no-refine", action="store_true",
                    help="write the plain X0 + U z models; by default each model is refined "
                         "(restrained minimisation with OpenMM: amber99sb-ILDN, OBC2 implicit "
@@ -290,7 +303,7 @@ def _run_export(args):
     from .export import export
     export(args.latent, args.model, args.output, pcs=args.pcs, steps=args.steps,
            low=args.low, high=args.high, kmeans_k=args.kmeans, maxima=args.maxima,
-           z_list=args.z, fmt=args.format, seed=args.seed, overwrite=args.overwrite,
+           z_list=args.z, fmt=args.format, seed=args.seed, overwrite=args.force,
            bandwidth=_bandwidth(args.bandwidth), min_height=args.min_height,
            min_prominence=args.min_prominence, min_significance=args.min_significance,
            refine=not args.no_refine, hydrogens=args.hydrogens,
@@ -312,6 +325,8 @@ def _add_evaluate(sub):
     p.add_argument("--model", required=True, metavar="RUN", help="training run folder")
     p.add_argument("--per-particle", default=None, metavar="FILE.npz",
                    help="also save per-particle RMSD, floor, frame and PC1 arrays")
+    p.add_argument("--force", action="store_true",
+                   help="replace existing output files (never an input)")
     _add_maxima_options(p)
     p.set_defaults(func=_run_evaluate)
 
@@ -319,6 +334,9 @@ def _add_evaluate(sub):
 def _run_evaluate(args):
     from .analysis import format_json
     from .evaluate import evaluate
+    from .outputs import check_output_file, run_files
+    check_output_file(args.per_particle, inputs=[args.latent] + run_files(args.model),
+                      force=args.force)
     result = evaluate(args.latent, args.truth, args.model, per_particle=args.per_particle,
                       bandwidth=_bandwidth(args.bandwidth), min_height=args.min_height,
                       min_prominence=args.min_prominence,
@@ -342,13 +360,19 @@ def _add_report(sub):
                    help="modes file (default: the run's modes.npz)")
     p.add_argument("--truth", default=None, metavar="SIMDIR",
                    help="folder written by nmaem simulate: colour the latent by true frame")
+    p.add_argument("--force", action="store_true",
+                   help="replace existing output files (never an input)")
     p.set_defaults(func=_run_report)
 
 
 def _run_report(args):
     import matplotlib
     matplotlib.use("Agg")
+    from .outputs import check_output_dir, run_files
     from .report import write_report
+    check_output_dir(args.output, ["index.html"],
+                     inputs=[args.run, args.latent, args.modes] + run_files(args.run),
+                     force=args.force)
     write_report(args.run, args.output, latent=args.latent, modes=args.modes,
                  truth=args.truth)
     return 0
@@ -446,6 +470,7 @@ def _add_train(sub):
 def _run_train(args):
     import os
     from .distributed import launch_distributed
+    from .runfolder import run_lock
     from .train import prepare_run, train_run
     if args.worker:                       # one torchrun process: the run is prepared
         rank = int(os.environ.get("RANK", "0"))
@@ -460,6 +485,12 @@ def _run_train(args):
     if args.gpus and args.device is None:
         # one process: that GPU; several: CUDA_VISIBLE_DEVICES + one process per GPU
         args.device = "cuda:%d" % args.gpus[0] if nproc == 1 else "cuda"
+    with run_lock(args.output):           # one run, one writer (torchrun workers: no lock)
+        _prepare_and_train(args, nproc, prepare_run, train_run, launch_distributed)
+    return 0
+
+
+def _prepare_and_train(args, nproc, prepare_run, train_run, launch_distributed):
     prepare_run(args.output, args.particles, args.ref, args.modes, resume=args.resume,
                 epochs=args.epochs, batch=args.batch, lr=args.lr, box=args.box,
                 n_modes=args.n_modes, loss=args.loss, encoder=args.encoder, filters=args.filters,
@@ -472,7 +503,6 @@ def _run_train(args):
         launch_distributed(args.output, nproc, gpus=args.gpus)
     else:
         train_run(args.output)
-    return 0
 
 
 def _add_infer(sub):
@@ -494,11 +524,23 @@ def _add_infer(sub):
     p.add_argument("--checkpoint", default="last", metavar="last|best|FILE",
                    help="which weights: last (the last epoch, default), best (the epoch of "
                         "lowest validation loss, RUN/checkpoints/best.pt) or a checkpoint file")
+    p.add_argument("--force", action="store_true",
+                   help="replace existing output files (never an input)")
     p.set_defaults(func=_run_infer)
 
 
 def _run_infer(args):
+    from .errors import fail
     from .infer import infer
+    from .outputs import check_output_file, run_files, same_path
+    inputs = [args.particles] + run_files(args.model)
+    if args.num_workers < 0:
+        raise NmaemError("--num-workers must be 0 or more (got %d)" % args.num_workers)
+    check_output_file(args.output, inputs=inputs, force=args.force)
+    if args.star is not None:
+        if same_path(args.star, args.output):
+            fail(args.star, "--star and -o name the same file")
+        check_output_file(args.star, inputs=inputs, force=args.force)
     infer(args.particles, args.model, args.output, batch=args.batch, device=args.device,
           star=args.star, num_workers=args.num_workers, checkpoint=args.checkpoint)
     return 0

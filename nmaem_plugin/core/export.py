@@ -11,6 +11,7 @@ from .analysis import (DEFAULTS, check_latent_d, deformed_coords, density_maxima
 from .atomic import atomic_path
 from .errors import NmaemError, fail
 from .latent import read_latent
+from .outputs import OVERWRITE_HINT, check_output_dir, run_files
 
 __all__ = ["export", "particle_counts"]
 
@@ -68,6 +69,8 @@ def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
     if hydrogens and not refine:
         raise NmaemError("--hydrogens writes the hydrogens added by refinement: drop "
                          "--no-refine or --hydrogens")
+    if kmeans_k is not None and int(kmeans_k) < 1:
+        raise NmaemError("--kmeans must be at least 1 (got %d)" % int(kmeans_k))
     if not (pcs or kmeans_k or maxima or z_list):
         pcs = [1]
     pcs = _parse_pcs(pcs) if pcs else []
@@ -127,13 +130,10 @@ def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
             raise NmaemError("z of shape %s for d = %d modes" % (zj.shape, d))
         entries.append(("z_%0*d" % (_width(len(z_list)), j + 1), dict(kind="z"), zj))
 
-    os.makedirs(out_dir, exist_ok=True)
     files = ["%s.%s" % (stem, fmt) for stem, _, _ in entries] + ["models.json", "models.csv"]
-    existing = [f for f in files if os.path.exists(os.path.join(out_dir, f))]
-    if existing and not overwrite:
-        fail(os.path.join(out_dir, existing[0]),
-             "already exists (%d of the %d output files do); choose another -o or pass "
-             "--overwrite" % (len(existing), len(files)))
+    check_output_dir(out_dir, files, inputs=[latent_path] + run_files(run_dir),
+                     force=overwrite, hint=OVERWRITE_HINT)
+    os.makedirs(out_dir, exist_ok=True)
 
     from .structure import write_model
     listing = dict(latent=None if latent is None else os.path.abspath(latent.path),

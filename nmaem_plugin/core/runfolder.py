@@ -11,6 +11,7 @@ Torch-free, so that protocols, viewers, the report and the CLI read a run the sa
     RUN/checkpoints/last.pt  the latest checkpoint; best.pt (lowest validation loss);
                              epoch_NNNN.pt the last few epochs
     RUN/log.csv              epoch,train_loss,val_loss,images_per_s,seconds
+    RUN/.lock                "PID HOST" of the training that writes the run (run_lock)
 
 :class:`TrainConfig` holds the training options and their rules (:meth:`TrainConfig.validate`),
 checked once here for the command line, ``prepare_run`` and the train protocol's form.
@@ -32,9 +33,11 @@ __all__ = ["CONFIG_FILE", "LOG_FILE", "SPLIT_FILE", "NOISE_FILE", "FIT_CHECK_FIL
            "TrainConfig", "config_path", "log_path", "checkpoint_dir", "checkpoint_file",
            "epoch_checkpoint_file", "read_config", "read_config_or_none", "write_json",
            "write_config", "write_log", "read_log_rows", "read_log_columns", "checkpoint_path",
-           "existing_checkpoint", "reference_name", "is_run"]
+           "existing_checkpoint", "reference_name", "is_run", "LOCK_FILE", "run_lock",
+           "read_lock"]
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"               # one run, one writer (run_lock)
 LOG_FILE = "log.csv"
 SPLIT_FILE = "split.npz"
 NOISE_FILE = "noise.npz"          # the noise model of the whitened loss (noise.NoiseModel)
@@ -130,6 +133,12 @@ class TrainConfig:
                 out.append((k, "--%s must be at least 1" % k))
         if not self.lr > 0:
             out.append(("lr", "--lr must be positive"))
+        if int(self.num_workers) < 0:
+            out.append(("num_workers", "--num-workers must be 0 or more (got %d)"
+                        % int(self.num_workers)))
+        if int(self.keep) < 1:
+            out.append(("keep", "--keep must be at least 1: last.pt is a copy of the newest "
+                                "epoch checkpoint (got %d)" % int(self.keep)))
         if self.lr_schedule not in LR_SCHEDULES:
             out.append(("lr_schedule", "unknown --lr-schedule %r (choose from %s)"
                         % (self.lr_schedule, ", ".join(LR_SCHEDULES))))
@@ -289,3 +298,101 @@ def checkpoint_path(run_dir, checkpoint: Optional[str] = None) -> str:
     if not os.path.isfile(name):
         fail(name, "checkpoint file not found")
     return name
+
+
+# ============================================================================ one writer
+
+def read_lock(run_dir) -> Optional[Tuple[int, str]]:
+    """(pid, host) of the lock of ``run_dir``, or None when there is none. An unreadable lock
+    gives (0, "?")."""
+    try:
+        with open(os.path.join(os.fspath(run_dir), LOCK_FILE)) as fh:
+            pid, host = fh.read().split()[:2]
+        return int(pid), host
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return (0, "?")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:        # another user's process
+        return True
+    return True
+
+
+class run_lock:
+    """Exclusive lock of a run folder while one training writes it (a context manager).
+
+    ``RUN/.lock`` is created with O_CREAT | O_EXCL and holds "PID HOST"; it is removed on
+    exit. A lock of a dead process of this host is stale: it is replaced, with a message
+    through ``log``. A live one (or one of another host, which cannot be checked) is a
+    one-line NmaemError. The folder is created if missing, and removed on exit when it is
+    still empty (a refused or failed new run leaves nothing behind). Only the launching
+    process takes it (DDP workers run under their launcher's lock).
+    """
+
+    def __init__(self, run_dir, log=print):
+        import socket
+        self.run_dir = os.path.abspath(os.fspath(run_dir))
+        self.path = os.path.join(self.run_dir, LOCK_FILE)
+        self.log = log
+        self.host = socket.gethostname()
+        self.created_dir = False
+
+    def _try_create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as fh:
+            fh.write("%d %s\n" % (os.getpid(), self.host))
+        return True
+
+    def __enter__(self):
+        if os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):
+            fail(self.run_dir, "is a file; the training run is a folder")
+        if not os.path.isdir(self.run_dir):
+            os.makedirs(self.run_dir)
+            self.created_dir = True
+        for _ in range(3):
+            if self._try_create():
+                return self
+            owner = read_lock(self.run_dir)
+            if owner is None:          # removed meanwhile
+                continue
+            pid, host = owner
+            if host == self.host and not _pid_alive(pid):
+                self.log("train: %s: removing the stale lock of process %d on %s (it is no "
+                         "longer running)" % (self.path, pid, host))
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            self._cleanup_dir()
+            fail(self.run_dir, "another training (process %d on %s) is writing this run; "
+                               "wait for it to end (if it is gone, remove %s)"
+                 % (pid, host, LOCK_FILE))
+        self._cleanup_dir()
+        fail(self.run_dir, "could not take the lock %s" % LOCK_FILE)
+
+    def _cleanup_dir(self):
+        if self.created_dir:
+            try:
+                os.rmdir(self.run_dir)
+            except OSError:
+                pass
+
+    def __exit__(self, *exc):
+        owner = read_lock(self.run_dir)
+        if owner is not None and owner == (os.getpid(), self.host):
+            os.unlink(self.path)
+        self._cleanup_dir()
+        return False

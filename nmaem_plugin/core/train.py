@@ -31,7 +31,8 @@ from .data import ParticleImages, ParticleMetadata, epoch_order, make_loader
 from .distributed import ProcessGroup, is_oom, rank_batches, resolve_device
 from .errors import NmaemError, fail
 from .normstats import recompute_from_dataset, resolve_batch
-from .runfolder import (FIT_CHECK_FILE, NOISE_FILE, TrainConfig, checkpoint_dir, checkpoint_file, checkpoint_path,
+from .outputs import check_run_dir
+from .runfolder import (FIT_CHECK_FILE, NOISE_FILE, run_lock, TrainConfig, checkpoint_dir, checkpoint_file, checkpoint_path,
                         config_path, epoch_checkpoint_file, read_config, reference_name,
                         write_config, write_json, write_log)
 
@@ -91,6 +92,7 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
     last = checkpoint_file(out, "last")
 
     if resume:
+        options.validate()                       # the options given to a resumed run
         if not os.path.isfile(cfg_path):
             fail(out, "nothing to resume: no training run here (no config.json and no "
                       "checkpoint)")
@@ -125,6 +127,7 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
     if os.path.exists(cfg_path) or os.path.isdir(checkpoint_dir(out)):
         fail(out, "already holds a training run; pass --resume to continue it or choose "
                   "another -o")
+    check_run_dir(out, is_run=False)        # a new run: a new or empty folder
     if particles is None or ref is None or modes is None:
         raise NmaemError("training needs --particles, --ref and --modes")
     s = options.as_dict()
@@ -550,6 +553,8 @@ def _plain(obj):
 
 def train(out, particles=None, ref=None, modes=None, resume=False, log=print, stop_after=None,
           **settings):
-    """Prepare (or resume) the run ``out`` and train it in this process; returns the history."""
-    prepare_run(out, particles, ref, modes, resume=resume, log=log, **settings)
-    return train_run(out, log=log, stop_after=stop_after)
+    """Prepare (or resume) the run ``out`` and train it in this process, holding the run's
+    lock (``runfolder.run_lock``); returns the history."""
+    with run_lock(out, log=log):
+        prepare_run(out, particles, ref, modes, resume=resume, log=log, **settings)
+        return train_run(out, log=log, stop_after=stop_after)

@@ -109,7 +109,8 @@ class NmaemProtComputeModes(NmaemProtBase):
                 "--cutoff", self.cutoff.get(),
                 "--gamma", self.gamma.get(),
                 "--export", self._getFileName("animations"),
-                "--amplitude", self.animationAmplitude.get()]
+                "--amplitude", self.animationAmplitude.get(),
+                "--force"]       # this protocol's own outputs, from an interrupted run
         if self.targetStructure.get() is not None:
             args += ["--target", os.path.abspath(self.targetStructure.get().getFileName())]
         self.runNmaem("modes", args + self._deviceArgs())

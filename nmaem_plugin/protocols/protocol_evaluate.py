@@ -105,7 +105,8 @@ class NmaemProtEvaluate(NmaemProtBase):
         args = ["--latent", self._getFileName("latent"),
                 "--truth", findSimulationDir(self.simulatedParticles.get()),
                 "--model", os.path.abspath(runDirOf(self.inputParticles.get())),
-                "--per-particle", self._getFileName("perParticle")] + self._maximaArgs()
+                "--per-particle", self._getFileName("perParticle"),
+                "--force"] + self._maximaArgs()     # its own file, from an interrupted run
         self.runNmaem("evaluate", args, stdout=tmp)
         with open(tmp) as fh:
             result = json.load(fh)       # a complete JSON document

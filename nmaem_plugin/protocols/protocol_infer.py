@@ -101,7 +101,8 @@ class NmaemProtInfer(NmaemProtBase):
                 "-o", latent, "--batch", self.batchSize.get(),
                 "--star", self._getFileName("outStar"),
                 "--num-workers", self.numberOfWorkers.get(),
-                "--checkpoint", WEIGHTS_ARG[self.weights.get()]]
+                "--checkpoint", WEIGHTS_ARG[self.weights.get()],
+                "--force"]       # this protocol's own outputs, from an interrupted run
         self.runNmaem("infer", args + self._deviceArgs())
 
     def createOutputStep(self):

@@ -247,9 +247,9 @@ def _reference_ideals(system, rows, X0, bond_scale=1.0, angle_scale=1.0):
 
 def _with_hydrogens(reference, coords, hydrogens):
     import gemmi
-    from .structure import _arrays_from_structure, AtomicModel, _set_positions
+    from .structure import arrays_from_structure, AtomicModel, set_positions
     st = reference._structure.clone()
-    _set_positions(st[0], np.asarray(coords, dtype=np.float64))
+    set_positions(st[0], np.asarray(coords, dtype=np.float64))
     by_res = {}
     for row, name, xyz in hydrogens:
         key = (reference.chain[row], int(reference.resnum[row]), reference.icode[row])
@@ -264,7 +264,7 @@ def _with_hydrogens(reference, coords, hydrogens):
                 at.occ = 1.0
                 at.b_iso = 0.0
                 res.add_atom(at)
-    X, elements, rows = _arrays_from_structure(st, reference.source)
+    X, elements, rows = arrays_from_structure(st, reference.source)
     return AtomicModel(
         coords=X, elements=elements, chain=np.array([r[4] for r in rows]),
         resnum=np.array([r[5] for r in rows], dtype=int), icode=np.array([r[6] for r in rows]),

@@ -18,7 +18,7 @@ from .errors import NmaemError, fail
 
 __all__ = ["AtomicModel", "read_model", "read_trajectory", "write_model", "write_models",
            "form_factor_table", "kabsch", "superpose", "rmsd", "match_atoms",
-           "atom_id_strings"]
+           "atom_id_strings", "arrays_from_structure", "set_positions"]
 
 
 @dataclass
@@ -128,7 +128,7 @@ def _filtered_structure(st, path, model, keep_hydrogens, keep_waters, keep_ligan
     return st
 
 
-def _arrays_from_structure(st, path):
+def arrays_from_structure(st, path):
     rows = []
     for ch in st[0]:
         for res in ch:
@@ -160,7 +160,7 @@ def read_model(path, model=0, keep_hydrogens=False, keep_waters=False, keep_liga
     path = str(path)
     st = _filtered_structure(_read_structure(path), path, model, keep_hydrogens,
                              keep_waters, keep_ligands)
-    coords, elements, rows = _arrays_from_structure(st, path)
+    coords, elements, rows = arrays_from_structure(st, path)
     return AtomicModel(
         coords=coords, elements=elements,
         chain=np.array([r[4] for r in rows]), resnum=np.array([r[5] for r in rows], dtype=int),
@@ -217,7 +217,7 @@ def _select_structure(st, idx):
     return st
 
 
-def _set_positions(model_obj, coords):
+def set_positions(model_obj, coords):
     k = 0
     for ch in model_obj:
         for res in ch:
@@ -258,7 +258,7 @@ def write_models(path, model, coords_list):
         st.add_model(base[0].clone())
         m = st[len(st) - 1]
         m.num = k + 1
-        _set_positions(m, np.asarray(coords, dtype=np.float64))
+        set_positions(m, np.asarray(coords, dtype=np.float64))
     _write_structure(st, path)
 
 

@@ -294,7 +294,7 @@ class TestExport(TmpCase):
         zs = [np.array([3.0, -1.5, 0.0, 2.0]), np.array([0.0, 0.0, -20.0, 7.5])]
         for fmt in ("pdb", "cif"):
             out = os.path.join(self.tmp, "out_" + fmt)
-            rc, _, err = run_cli("export", "--model", run, "-o", out, "--format", fmt,
+            rc, _, err = run_cli("export", "--no-refine", "--model", run, "-o", out, "--format", fmt,
                                  *sum([["--z", ",".join("%g" % v for v in z)] for z in zs], []))
             self.assertEqual(rc, 0, err)
             for j, z in enumerate(zs):
@@ -327,7 +327,7 @@ class TestExport(TmpCase):
         z = dat.z_fit[dat.frame[idx]] + rng.normal(0, 10.0, (len(idx), D))
         lat = save_latent(os.path.join(self.tmp, "latent.npz"), z, idx)
         out = os.path.join(self.tmp, "out")
-        rc, _, err = run_cli("export", "--latent", lat, "--model", run, "-o", out,
+        rc, _, err = run_cli("export", "--no-refine", "--latent", lat, "--model", run, "-o", out,
                              "--pcs", "1", "--steps", "5", "--kmeans", "3", "--maxima")
         self.assertEqual(rc, 0, err)
         with open(os.path.join(out, "models.json")) as fh:
@@ -357,15 +357,15 @@ class TestExport(TmpCase):
     def test_overwrite(self):
         run = make_run(os.path.join(self.tmp, "run"))
         out = os.path.join(self.tmp, "out")
-        self.assertEqual(run_cli("export", "--model", run, "-o", out, "--z", "1,2,3,4")[0], 0)
+        self.assertEqual(run_cli("export", "--no-refine", "--model", run, "-o", out, "--z", "1,2,3,4")[0], 0)
         before = os.path.getmtime(os.path.join(out, "z_01.pdb"))
-        self.assertCliError("export", "--model", run, "-o", out, "--z", "4,3,2,1",
+        self.assertCliError("export", "--no-refine", "--model", run, "-o", out, "--z", "4,3,2,1",
                             words=["z_01.pdb", "--overwrite"])
         _, xyz = gemmi_atoms(os.path.join(out, "z_01.pdb"))
         np.testing.assert_allclose(xyz, data().x0 + np.tensordot([1, 2, 3, 4], data().U, 1),
                                    atol=2e-3)
         self.assertEqual(before, os.path.getmtime(os.path.join(out, "z_01.pdb")))
-        self.assertEqual(run_cli("export", "--model", run, "-o", out, "--z", "4,3,2,1",
+        self.assertEqual(run_cli("export", "--no-refine", "--model", run, "-o", out, "--z", "4,3,2,1",
                                  "--overwrite")[0], 0)
         _, xyz = gemmi_atoms(os.path.join(out, "z_01.pdb"))
         np.testing.assert_allclose(xyz, data().x0 + np.tensordot([4, 3, 2, 1], data().U, 1),
@@ -453,14 +453,14 @@ class TestErrors(TmpCase):
         self.assertCliError("evaluate", "--latent", good, "--truth", sim, "--model", self.tmp,
                             words=["config.json"])
         no_modes = make_run(os.path.join(self.tmp, "run_nomodes"), modes=False)
-        self.assertCliError("export", "--latent", good, "--model", no_modes, "-o", out,
+        self.assertCliError("export", "--no-refine", "--latent", good, "--model", no_modes, "-o", out,
                             words=["modes.npz", "missing"])
         # modes computed on another conformation (same atoms, original file frame)
         other = make_run(os.path.join(self.tmp, "run_other"), reference=self.moved_reference())
-        self.assertCliError("export", "--latent", good, "--model", other, "-o", out,
+        self.assertCliError("export", "--no-refine", "--latent", good, "--model", other, "-o", out,
                             words=["different"])
         d3 = save_latent(os.path.join(self.tmp, "d3.npz"), np.zeros((10, 3)), np.arange(10))
-        self.assertCliError("export", "--latent", d3, "--model", run, "-o", out,
+        self.assertCliError("export", "--no-refine", "--latent", d3, "--model", run, "-o", out,
                             words=["d = 3", "4 modes"])
         self.assertCliError("evaluate", "--latent", d3, "--truth", sim, "--model", run,
                             words=["d = 3"])
@@ -470,13 +470,13 @@ class TestErrors(TmpCase):
                             words=["beyond", str(N_PART)])
         d0 = save_latent(os.path.join(self.tmp, "d0.npz"), np.zeros((10, 0)), np.arange(10))
         run0 = make_run(os.path.join(self.tmp, "run0"), modes=False, config={"modes": None})
-        self.assertCliError("export", "--latent", d0, "--model", run0, "-o", out,
+        self.assertCliError("export", "--no-refine", "--latent", d0, "--model", run0, "-o", out,
                             words=["d = 0"])
-        self.assertCliError("export", "--latent", d0, "--model", run, "-o", out,
+        self.assertCliError("export", "--no-refine", "--latent", d0, "--model", run, "-o", out,
                             words=["d = 0"])
-        self.assertCliError("export", "--model", run, "-o", out, "--z", "1,2",
+        self.assertCliError("export", "--no-refine", "--model", run, "-o", out, "--z", "1,2",
                             words=["d = 4"])
-        self.assertCliError("export", "--latent", good, "--model", run, "-o", out,
+        self.assertCliError("export", "--no-refine", "--latent", good, "--model", run, "-o", out,
                             "--kmeans", "2", words=["distinct"])
         self.assertFalse(os.path.exists(os.path.join(out, "models.json")))
         # a d = 0 run is evaluated as the reference alone
@@ -493,10 +493,10 @@ class TestErrors(TmpCase):
         self.assertEqual(json.loads(text)["rmsd"]["median"], res["rmsd"]["median"])
         # config n_modes 2: the first 2 modes of the file are the run's
         run2 = make_run(os.path.join(self.tmp, "run2"), config={"n_modes": 2})
-        self.assertCliError("export", "--latent", good, "--model", run2, "-o", out,
+        self.assertCliError("export", "--no-refine", "--latent", good, "--model", run2, "-o", out,
                             words=["d = 4", "2 modes"])
         out2 = os.path.join(self.tmp, "out2")
-        self.assertEqual(run_cli("export", "--model", run2, "-o", out2, "--z", "3,-2")[0], 0)
+        self.assertEqual(run_cli("export", "--no-refine", "--model", run2, "-o", out2, "--z", "3,-2")[0], 0)
         _, xyz = gemmi_atoms(os.path.join(out2, "z_01.pdb"))
         np.testing.assert_allclose(xyz, dat.x0 + 3 * dat.U[0] - 2 * dat.U[1], atol=2e-3)
 

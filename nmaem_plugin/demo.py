@@ -104,7 +104,7 @@ def plot_results(out, run_dir, latent_path, sim_dir, evaluation):
     ax.plot(ep, [float(r["train_loss"]) for r in rows], "o-", label="training")
     ax.plot(ep, [float(r["val_loss"]) for r in rows], "s-", label="validation")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("loss (L2)")
+    ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "training.png"), dpi=100)

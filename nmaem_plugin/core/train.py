@@ -465,7 +465,12 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
                                                        pin)):
                 rows = rows.to(device)
                 images = images.to(device, non_blocking=True)
-                loss = forward(model, images, rows)
+                try:
+                    loss = forward(model, images, rows)
+                except NmaemError as exc:     # e.g. a NaN image met by the likelihood
+                    raise NmaemError("%s (epoch %d, batch %d; stopped, the last good "
+                                     "checkpoint (epoch %d) is kept)"
+                                     % (exc, epoch + 1, b + 1, epoch))
                 bad = dist.sum([0.0 if torch.isfinite(loss) else 1.0], device)[0]
                 if bad:
                     raise NmaemError(

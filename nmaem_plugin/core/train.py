@@ -92,10 +92,15 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
     last = checkpoint_file(out, "last")
 
     if resume:
-        options.validate()                       # the options given to a resumed run
         if not os.path.isfile(cfg_path):
             fail(out, "nothing to resume: no training run here (no config.json and no "
                       "checkpoint)")
+        # the options a resumed run may change, checked with the run's own for the rest
+        old = read_config(out)
+        kept = {k: old[k] for k in TrainConfig.names()
+                if k in old and k not in TrainConfig.RESUMABLE}
+        TrainConfig.from_settings(**dict(kept, **{
+            k: v for k, v in settings.items() if k in TrainConfig.RESUMABLE})).validate()
         if not os.path.isfile(last):
             # prepared, then stopped before the first checkpoint: start from the beginning
             log("train: %s has no checkpoint yet (stopped during epoch 1); starting from "

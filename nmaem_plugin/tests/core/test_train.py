@@ -262,7 +262,7 @@ class TestTraining(TrainTestCase):
         from nmaem_plugin.core.train import train
         run = self.path("run_b")
         train(run, self.star, self.ref, self.modes, epochs=2, stop_after=1, log=quiet,
-              **SMALL)
+              loss="l2", **SMALL)                 # run_a's settings
         self.assertEqual(load_ck(run)["epoch"], 1)
         self.assertEqual(len(read_log(run)), 1)
         a1, b1 = load_ck(self.run_a, "epoch_0001.pt"), load_ck(run)
@@ -285,6 +285,24 @@ class TestTraining(TrainTestCase):
         la, lb = read_log(self.run_a), read_log(run)
         self.assertEqual([r["val_loss"] for r in la], [r["val_loss"] for r in lb])
         self.assertEqual([r["train_loss"] for r in la], [r["train_loss"] for r in lb])
+
+    def test_resume_is_bit_identical_whitened(self):
+        """The same with the default (whitened) loss: noise model, precise batch-norm
+        statistics and all."""
+        from nmaem_plugin.core.train import train
+        full, part = self.path("run_w_full"), self.path("run_w_part")
+        train(full, self.star, self.ref, self.modes, epochs=2, log=quiet, **SMALL)
+        train(part, self.star, self.ref, self.modes, epochs=2, stop_after=1, log=quiet,
+              **SMALL)
+        train(part, resume=True, log=quiet)
+        a, b = load_ck(full), load_ck(part)
+        self.assertEqual(b["epoch"], 2)
+        ta, tb = flat_tensors(a["model"]), flat_tensors(b["model"])
+        self.assertEqual(sorted(ta), sorted(tb))
+        for k in ta:
+            self.assertTrue(torch.equal(ta[k], tb[k]), k)
+        self.assertEqual([r["val_loss"] for r in read_log(full)],
+                         [r["val_loss"] for r in read_log(part)])
 
     def test_cosine_learning_rate(self):
         """--lr-schedule cosine: lr (1 + cos(pi e / E)) / 2 in 0-based epoch e, so with

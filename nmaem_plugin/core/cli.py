@@ -360,6 +360,9 @@ def _add_report(sub):
                    help="modes file (default: the run's modes.npz)")
     p.add_argument("--truth", default=None, metavar="SIMDIR",
                    help="folder written by nmaem simulate: colour the latent by true frame")
+    p.add_argument("--models", default=None, metavar="DIR",
+                   help="folder written by nmaem export: a table of its models' geometry "
+                        "(bond and angle deviations, contacts, Ramachandran outliers)")
     p.add_argument("--force", action="store_true",
                    help="replace existing output files (never an input)")
     p.set_defaults(func=_run_report)
@@ -374,7 +377,7 @@ def _run_report(args):
                      inputs=[args.run, args.latent, args.modes] + run_files(args.run),
                      force=args.force)
     write_report(args.run, args.output, latent=args.latent, modes=args.modes,
-                 truth=args.truth)
+                 truth=args.truth, models=args.models)
     return 0
 
 

@@ -33,9 +33,46 @@ def _frames_for(latent, truth_dir):
     return np.asarray(frame)[latent.index]
 
 
-def write_report(run_dir, out_dir, latent=None, modes=None, truth=None, log=print):
+def read_models_listing(models_dir):
+    """The ``models.json`` of an ``nmaem export`` folder (a dict), or a one-line error."""
+    import json
+    path = os.path.join(str(models_dir), "models.json")
+    if not os.path.isfile(path):
+        fail(path, "missing: --models must be a folder written by nmaem export")
+    try:
+        with open(path) as fh:
+            listing = json.load(fh)
+    except ValueError:
+        fail(path, "not readable as JSON")
+    if not isinstance(listing, dict) or not isinstance(listing.get("models"), list):
+        fail(path, "not a models listing: no 'models' list")
+    return listing
+
+
+VALIDATION_COLUMNS = (
+    ("bond_rmsd", "bond rms dev. (A)", "%.3f"), ("bond_max_deviation", "max bond dev. (A)", "%.3f"),
+    ("angle_rmsd", "angle rms dev. (deg)", "%.2f"), ("close_contacts", "contacts < 2.2 A", "%d"),
+    ("ramachandran_outliers", "Ramachandran outliers", "%d"),
+    ("rmsd_to_plain", "moved by refinement (A)", "%.2f"))
+
+
+def validation_rows(listing):
+    """(file, n particles, [formatted figures]) per model; figures '-' when the model was
+    not refined (``nmaem export --no-refine``)."""
+    out = []
+    for m in listing["models"]:
+        v = m.get("validation") or {}
+        cells = [(fmt % v[k]) if v.get(k) is not None else "-" for k, _, fmt in
+                 VALIDATION_COLUMNS]
+        out.append((str(m.get("file", "?")), m.get("n_particles"), cells))
+    return out
+
+
+def write_report(run_dir, out_dir, latent=None, modes=None, truth=None, models=None,
+                 log=print):
     """Write the figures and ``index.html`` into ``out_dir``; returns the list of
-    (file name, caption) written. Raises NmaemError (one line) on missing input."""
+    (file name, caption) written. Raises NmaemError (one line) on missing input.
+    ``models``: an ``nmaem export`` folder, whose models' validation becomes a table."""
     from . import plots
     from .latent import read_latent
     from .runfolder import config_path, log_path, read_config_or_none, read_log_columns
@@ -56,6 +93,7 @@ def write_report(run_dir, out_dir, latent=None, modes=None, truth=None, log=prin
         fail(modes, "no such modes file")
     if truth is not None and latent is None:
         fail(truth, "--truth needs --latent (the frames colour the latent landscape)")
+    listing = read_models_listing(models) if models is not None else None
     lat = read_latent(latent) if latent is not None else None   # checks before any output
     frames = _frames_for(lat, truth) if truth is not None else None
     if modes is not None:
@@ -105,12 +143,12 @@ def write_report(run_dir, out_dir, latent=None, modes=None, truth=None, log=prin
         if lat.d > 1:
             emit(plots.mode_amplitudes(lat.z), "amplitudes.png",
                  "Distribution of each mode amplitude z_l (Angstrom).")
-    _write_index(out_dir, run_dir, written)
+    _write_index(out_dir, run_dir, written, models, listing)
     log("wrote %s" % os.path.join(out_dir, "index.html"))
     return written
 
 
-def _write_index(out_dir, run_dir, written):
+def _write_index(out_dir, run_dir, written, models=None, listing=None):
     esc = html.escape
     parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">",
              "<title>nmaem report: %s</title>" % esc(run_dir),
@@ -122,6 +160,18 @@ def _write_index(out_dir, run_dir, written):
     for name, caption in written:
         parts.append("<figure><img src=\"%s\" alt=\"%s\"><figcaption>%s</figcaption></figure>"
                      % (esc(name), esc(name), esc(caption)))
+    if listing is not None:
+        parts.append("<h2>Models</h2><p>Geometry of the models in <code>%s</code> (refined "
+                     "by nmaem export; docs/analysis.md), against the reference's own bonds "
+                     "and angles:</p>" % esc(os.path.abspath(str(models))))
+        head = "".join("<th>%s</th>" % esc(t) for _, t, _ in VALIDATION_COLUMNS)
+        parts.append("<table border=\"1\" cellpadding=\"4\"><tr><th>model</th>"
+                     "<th>particles</th>%s</tr>" % head)
+        for name, n, cells in validation_rows(listing):
+            parts.append("<tr><td>%s</td><td>%s</td>%s</tr>" % (
+                esc(name), "-" if n is None else n,
+                "".join("<td>%s</td>" % esc(c) for c in cells)))
+        parts.append("</table>")
     parts.append("</body></html>")
     with atomic_path(os.path.join(out_dir, "index.html")) as tmp:
         with open(tmp, "w") as fh:

@@ -239,6 +239,17 @@ class TestGeometry(unittest.TestCase):
         self.assertEqual(keys, self.keys)
         np.testing.assert_allclose(X, self.plain, atol=2e-3)
         self.assertTrue(any("did not converge" in l for l in lines))
+        # the report shows every model's validation (nmaem report --models)
+        from nmaem_plugin.core.report import write_report
+        with open(os.path.join(run, "log.csv"), "w") as fh:
+            fh.write("epoch,train_loss,val_loss,images_per_s,seconds\n1,1.0,1.0,10.0,1.0\n")
+        rep = os.path.join(self.tmp, "report")
+        write_report(run, rep, models=out, log=lambda *a: None)
+        with open(os.path.join(rep, "index.html")) as fh:
+            page = fh.read()
+        self.assertIn("<td>z_01.pdb</td>", page)
+        self.assertIn("<td>%.3f</td>" % row["validation"]["bond_rmsd"], page)
+        self.assertIn("Ramachandran outliers", page)
 
     # -- bad input
     def _model_with(self, text_edit):

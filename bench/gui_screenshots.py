@@ -6,7 +6,7 @@ docs/gui-check.md). Needs an X display (Xvfb), ImageMagick ``import`` and ``conv
 The project must hold the outputs of the nmaem protocols: the one that
 ``python -m scipion tests nmaem_plugin.tests.scipion.test_viewers.TestNmaemViewers`` makes
 (simulate, compute modes, train, infer) is used by default. Each screenshot is taken in
-its own process (one Tk form per process, see /work/shared/scipion-gui-headless.md).
+its own process (one Tk form per process, see ../shared/scipion-gui-headless.md).
 """
 import argparse
 import os

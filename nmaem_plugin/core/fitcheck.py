@@ -30,11 +30,10 @@ import numpy as np
 from .errors import NmaemError, fail
 from . import noise as noise_model
 
-# torch (and the likelihood module) are imported inside the functions, so that building
-# the ``nmaem`` parser (add_check_parser) stays light.
+# torch (and the likelihood module) are imported inside the functions: importing this
+# module stays light. The ``nmaem check`` command is in cli.py.
 
-__all__ = ["Z_PASS", "Z_ALT", "MIN_GAIN", "fit_check", "add_check_parser", "run_check_command",
-           "CAUSES"]
+__all__ = ["Z_PASS", "Z_ALT", "MIN_GAIN", "fit_check", "format_report", "CAUSES"]
 
 Z_PASS = 5.0
 Z_ALT = 5.0
@@ -392,41 +391,3 @@ def format_report(res):
                      % (a["name"], a["rho"], a["gain"], a["z"], extra,
                         "  <- fits better" if a["accepted"] else ""))
     return "\n".join(lines)
-
-
-def add_check_parser(subparsers):
-    p = subparsers.add_parser(
-        "check", help="check that the reference explains the particles at their poses",
-        description="Render the reference at the particles' poses and CTFs, score them with "
-                    "the whitened correlation against shuffled poses, and name the likely "
-                    "cause when it fails (docking offset, map origin, pixel size, hand, "
-                    "contrast). See docs/likelihood.md.")
-    p.add_argument("--particles", required=True, metavar="P.star",
-                   help="particles with poses, CTF and images (RELION STAR or cryoSPARC .cs)")
-    p.add_argument("--ref", required=True, metavar="A.pdb", help="reference atomic model")
-    p.add_argument("--n", type=int, default=300, help="particles checked (300)")
-    p.add_argument("--seed", type=int, default=0, help="random subset and shuffles (0)")
-    p.add_argument("--resolution-high", type=float, default=None, metavar="A",
-                   help="high-resolution limit of the score (default max(Nyquist, 6 A))")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
-    p.add_argument("--json", default=None, metavar="OUT.json", help="also write the result")
-    p.add_argument("--force", action="store_true",
-                   help="report a failed check but exit 0")
-    p.set_defaults(func=run_check_command)
-    return p
-
-
-def run_check_command(args):
-    import json
-    import sys
-    res = fit_check(args.particles, args.ref, n=args.n, seed=args.seed, device=args.device,
-                    resolution_high=args.resolution_high,
-                    log=lambda m: sys.stderr.write(m + "\n"))
-    if args.json:
-        from .atomic import atomic_path
-        with atomic_path(args.json) as tmp, open(tmp, "w") as fh:
-            json.dump(res, fh, indent=1, default=float)
-    print(format_report(res))
-    if res["verdict"] != "pass" and not args.force:
-        raise NmaemError(res["message"])
-    return 0

@@ -42,7 +42,8 @@ def auto_batch(n_train):
 def resolve_batch(batch, n_train):
     """The integer batch of a ``--batch`` value: ``'auto'`` (or None) -> :func:`auto_batch`,
     an integer (or its string) -> itself."""
-    if batch is None or (isinstance(batch, str) and batch.strip().lower() == "auto"):
+    from .runfolder import is_auto_batch
+    if is_auto_batch(batch):
         return auto_batch(n_train)
     try:
         return int(batch)

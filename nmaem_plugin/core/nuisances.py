@@ -38,7 +38,6 @@ poses, defocus, shifts, noise) nor the other nuisances: ablations compare like w
 """
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Optional
 
 import numpy as np
 import torch

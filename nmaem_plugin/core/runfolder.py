@@ -29,7 +29,7 @@ from .atomic import atomic_path
 from .choices import CHECKPOINTS, ENCODER_PRESETS, LOSSES, LR_SCHEDULES
 from .errors import NmaemError, fail
 
-__all__ = ["CONFIG_FILE", "LOG_FILE", "SPLIT_FILE", "NOISE_FILE", "FIT_CHECK_FILE", "CHECKPOINT_DIR", "LOG_COLUMNS",
+__all__ = ["is_auto_batch", "CONFIG_FILE", "LOG_FILE", "SPLIT_FILE", "NOISE_FILE", "FIT_CHECK_FILE", "CHECKPOINT_DIR", "LOG_COLUMNS",
            "TrainConfig", "config_path", "log_path", "checkpoint_dir", "checkpoint_file",
            "epoch_checkpoint_file", "read_config", "read_config_or_none", "write_json",
            "write_config", "write_log", "read_log_rows", "read_log_columns", "checkpoint_path",
@@ -47,6 +47,11 @@ LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "images_per_s", "seconds")
 
 
 # ============================================================================ options
+
+def is_auto_batch(batch) -> bool:
+    """Whether a --batch value means ``auto`` (normstats.auto_batch): None or 'auto'."""
+    return batch is None or (isinstance(batch, str) and batch.strip().lower() == "auto")
+
 
 @dataclass
 class TrainConfig:
@@ -127,7 +132,7 @@ class TrainConfig:
                 out.append(("box", "--box %d is too small for an encoder of %d pooling blocks "
                                    "(at least %d px)" % (box, len(filters), 2 ** len(filters))))
         for k in ("epochs", "batch"):
-            if k == "batch" and str(self.batch).strip().lower() == "auto":
+            if k == "batch" and is_auto_batch(self.batch):
                 continue
             if int(getattr(self, k)) < 1:
                 out.append((k, "--%s must be at least 1" % k))

@@ -98,9 +98,13 @@ def lognormal_defocus(n, mean_um, std_um, rng):
     if mean_um <= 0 or std_um < 0:
         raise NmaemError("defocus mean must be > 0 and std >= 0 (got %g, %g um)"
                          % (mean_um, std_um))
-    s2 = np.log1p((std_um / mean_um) ** 2)
-    mu = np.log(mean_um) - 0.5 * s2
-    return np.exp(rng.normal(mu, np.sqrt(s2), n)) * 1e4
+    return np.exp(rng.normal(*lognormal_params(std_um, mean_um), n)) * 1e4
+
+
+def lognormal_params(sd, mean=1.0):
+    """(mu, sigma) of the log-normal distribution with this mean and standard deviation."""
+    s2 = np.log1p((sd / mean) ** 2)
+    return np.log(mean) - 0.5 * s2, np.sqrt(s2)
 
 
 def morph_frames(ref, target, n_frames):
@@ -251,7 +255,7 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
     if nz.defocus_error_sd > 0:
         d_err = stream(seed, "defocus").normal(0.0, nz.defocus_error_sd, n)
         dfu_file, dfv_file = dfu_file + d_err, dfv_file + d_err
-    contrast = (stream(seed, "contrast").lognormal(*_lognormal_params(nz.contrast_sd), n)
+    contrast = (stream(seed, "contrast").lognormal(*lognormal_params(nz.contrast_sd), n)
                 if nz.contrast_sd > 0 else np.ones(n))
     grey = (stream(seed, "offset").normal(0.0, nz.offset_sd, n) if nz.offset_sd > 0
             else np.zeros(n))
@@ -357,12 +361,6 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
         % (n, box, apix, F, out_dir, params["seconds"],
            "" if measured_snr is None else ", SNR %.2f dB" % measured_snr))
     return params
-
-
-def _lognormal_params(sd, mean=1.0):
-    """(mu, sigma) of the log-normal distribution with this mean and standard deviation."""
-    s2 = np.log1p((sd / mean) ** 2)
-    return np.log(mean) - 0.5 * s2, np.sqrt(s2)
 
 
 def load_frames(trajectory=None, ref=None, target=None, n_frames=50):

@@ -32,9 +32,10 @@ from .distributed import ProcessGroup, is_oom, rank_batches, resolve_device
 from .errors import NmaemError, fail
 from .normstats import recompute_from_dataset, resolve_batch
 from .outputs import check_run_dir
-from .runfolder import (FIT_CHECK_FILE, NOISE_FILE, run_lock, TrainConfig, checkpoint_dir, checkpoint_file, checkpoint_path,
-                        config_path, epoch_checkpoint_file, read_config, reference_name,
-                        write_config, write_json, write_log)
+from .runfolder import (FIT_CHECK_FILE, NOISE_FILE, TrainConfig, checkpoint_dir,
+                        checkpoint_file, checkpoint_path, config_path, epoch_checkpoint_file,
+                        is_auto_batch, read_config, reference_name, run_lock, write_config,
+                        write_json, write_log)
 
 __all__ = ["DEFAULTS", "prepare_run", "train_run", "train", "load_trained", "build_autoencoder",
            "save_checkpoint", "epoch_lr", "CHECKPOINT_FORMAT"]
@@ -108,7 +109,7 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
         cfg = read_config(out)
         given = {k: v for k, v in settings.items() if v is not None}
         if given.get("batch") is not None:       # --batch auto: normstats.auto_batch
-            cfg["batch_auto"] = str(given["batch"]).strip().lower() == "auto"
+            cfg["batch_auto"] = is_auto_batch(given["batch"])
             given["batch"] = resolve_batch(given["batch"], cfg["n_train"])
         for k, v in given.items():
             if k in RESUMABLE:
@@ -148,7 +149,7 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
         fail(modes, "--n-modes %d: the file has %d modes" % (d, nm.n_modes))
 
     options.validate(box0=box0, particles=particles)     # the option rules, written once
-    batch_auto = str(s["batch"]).strip().lower() == "auto"    # normstats.auto_batch
+    batch_auto = is_auto_batch(s["batch"])                   # normstats.auto_batch
     s["batch"] = resolve_batch(s["batch"], table.n - max(1, int(round(VAL_FRACTION * table.n))))
     box = box0 if s["box"] is None else int(s["box"])
     filters, hidden = options.layout()

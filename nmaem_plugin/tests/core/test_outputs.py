@@ -235,6 +235,17 @@ class TestInfer(OutputCase):
                          "nmaem: error: --num-workers must be 0 or more (got -1)")
 
 
+class TestCheck(OutputCase):
+    def test_json_onto_the_particles_or_an_existing_file(self):
+        self.refused(["check", "--particles", F["star"], "--ref", F["ref"],
+                      "--json", F["star"]], F["star"], ["would replace the input"])
+        mine = self.path("mine.json")
+        with open(mine, "w") as fh:
+            fh.write("{}\n")
+        self.refused(["check", "--particles", F["star"], "--ref", F["ref"], "--json", mine],
+                     mine, ["--force"], keep=[mine])
+
+
 class TestExportEvaluateReport(OutputCase):
     def export(self, out, *more):
         return ["export", "--latent", F["latent"], "--model", F["run"], "-o", out,

@@ -450,6 +450,14 @@ def _add_train(sub):
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
                    help="constant learning rate (default, as in the paper) or cosine decay "
                         "from --lr to 0 over --epochs")
+    p.add_argument("--refine-pose", action="store_true", default=None,
+                   help="also learn a small rotation per particle that corrects the file's "
+                        "pose (written by nmaem infer; see docs/training.md)")
+    p.add_argument("--max-pose-correction", type=float, default=None, metavar="DEG",
+                   help="--refine-pose: the largest correction angle (default 5 degrees)")
+    p.add_argument("--pose-prior-sd", type=float, default=None, metavar="DEG",
+                   help="--refine-pose: sd of the Gaussian prior on the correction angle "
+                        "(default 3 degrees)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when "
                                                   "present)")
@@ -501,7 +509,9 @@ def _prepare_and_train(args, nproc, prepare_run, train_run, launch_distributed):
                 device=args.device, bf16=args.bf16, num_workers=args.num_workers,
                 keep=args.keep, lr_schedule=args.lr_schedule,
                 resolution_low=args.resolution_low, resolution_high=args.resolution_high,
-                mask_radius=args.mask_radius, check=args.check, force=args.force)
+                mask_radius=args.mask_radius, check=args.check, force=args.force,
+                refine_pose=args.refine_pose, max_pose_correction=args.max_pose_correction,
+                pose_prior_sd=args.pose_prior_sd)
     if nproc > 1:
         launch_distributed(args.output, nproc, gpus=args.gpus)
     else:

@@ -34,7 +34,8 @@ import torch
 
 from . import poses
 
-__all__ = ["euler_to_matrix", "matrix_to_euler", "electron_wavelength", "ctf_2d", "FourierGrid",
+__all__ = ["euler_to_matrix", "matrix_to_euler", "rotvec_to_matrix", "correct_rotations",
+           "electron_wavelength", "ctf_2d", "FourierGrid",
            "phase_shift", "fourier_crop", "noise_sigma", "add_noise", "Renderer"]
 
 
@@ -68,6 +69,39 @@ def matrix_to_euler(A, degrees=True):
     if not isinstance(A, torch.Tensor):
         return poses.matrix_to_euler(A, degrees=degrees)
     return poses.matrix_to_euler(A, degrees=degrees, xp=torch)
+
+
+ROTVEC_TAYLOR = 1e-6     # |v|^2 (rad^2) below which the Rodrigues coefficients use Taylor series
+
+
+def rotvec_to_matrix(v):
+    """Rodrigues matrices R(v) = exp([v]_x) of rotation vectors v (..., 3) radians, tensors.
+
+    The tensor counterpart of :func:`poses.rotvec_to_matrix`:
+    R = I + a [v]_x + b [v]_x^2 with a = sin(t)/t, b = (1 - cos t)/t^2 = 2 sin^2(t/2)/t^2,
+    t = |v|, and their Taylor series near t = 0, so that R(0) is exactly I and the
+    gradient is finite there (the pose head of the encoder starts at v = 0).
+    """
+    v = _as_tensor(v)
+    t2 = (v * v).sum(-1)
+    small = t2 < ROTVEC_TAYLOR
+    t2s = torch.where(small, torch.ones_like(t2), t2)
+    t = torch.sqrt(t2s)
+    a = torch.where(small, 1.0 - t2 / 6.0, torch.sin(t) / t)
+    b = torch.where(small, 0.5 - t2 / 24.0, 2.0 * torch.sin(0.5 * t) ** 2 / t2s)
+    x, y, z = v.unbind(-1)
+    o = torch.zeros_like(x)
+    K = torch.stack([torch.stack([o, -z, y], -1),
+                     torch.stack([z, o, -x], -1),
+                     torch.stack([-y, x, o], -1)], -2)
+    eye = torch.eye(3, dtype=v.dtype, device=v.device)
+    return eye + a[..., None, None] * K + b[..., None, None] * (K @ K)
+
+
+def correct_rotations(A, v):
+    """R(v) A: RELION matrices A (..., 3, 3) corrected by rotation vectors v (..., 3)
+    radians on the left, the side documented in ``poses`` (tensors, differentiable)."""
+    return rotvec_to_matrix(v.to(A.dtype)) @ A
 
 
 # ----------------------------------------------------------------------------- optics

@@ -5,7 +5,8 @@
 particle centre relative to the position that the file's origin implies (the particle
 centre is at image centre - origin + shift, so the refined RELION origin is
 ``origin - shift``); ``index`` (N,) int64, the 0-based row of each particle in the input
-file. The images are preprocessed exactly as in training (Fourier cropping to the run's box,
+file; runs trained with ``--refine-pose`` add ``pose_correction`` (N, 3) radians and the
+refined angles ``euler`` (N, 3) degrees (``latent.py``). The images are preprocessed exactly as in training (Fourier cropping to the run's box,
 per-image normalisation inside the encoder); the encoder runs in eval mode, in float32.
 """
 
@@ -24,17 +25,25 @@ def z_column_names(d):
     return ["nmaemZ%0*d" % (width, l + 1) for l in range(d)]
 
 
+POSE_COLUMNS = ("nmaemPoseCorrX", "nmaemPoseCorrY", "nmaemPoseCorrZ")
+
+
 def encode_images(encoder, images, device):
-    """(shift, z) numpy float32 of preprocessed images (B, box, box) with ``encoder``."""
+    """(shift, z, pose correction or None) numpy float32 of preprocessed images
+    (B, box, box) with ``encoder``."""
+    from .network import split_outputs
     with torch.no_grad():
-        shift, z = encoder(images.to(device))
-    return shift.float().cpu().numpy(), z.float().cpu().numpy()
+        shift, z, rotvec = split_outputs(encoder(images.to(device)))
+    return (shift.float().cpu().numpy(), z.float().cpu().numpy(),
+            None if rotvec is None else rotvec.float().cpu().numpy())
 
 
 def infer(particles, run_dir, out, batch=256, device=None, star=None, num_workers=0,
           checkpoint="last", log=print):
     """Write ``out`` (latent.npz) for every particle of ``particles``; optionally ``star``,
-    a copy of the particle file with amplitude columns and refined origins. ``checkpoint``:
+    a copy of the particle file with amplitude columns and refined origins (and, for a run
+    trained with ``--refine-pose``, refined angles and the corrections in degrees,
+    nmaemPoseCorrX/Y/Z). ``checkpoint``:
     ``last``, ``best`` (lowest validation loss) or a checkpoint file of the run.
 
     Memory: one batch of images at a time plus the (N, d + 2) results.
@@ -50,7 +59,8 @@ def infer(particles, run_dir, out, batch=256, device=None, star=None, num_worker
     dev = resolve_device(device)
     ae, cfg = load_trained(run_dir, dev, checkpoint)
     table = read_particles(particles)
-    table.require(poses=False, ctf=False, images=True)
+    refine_pose = bool(cfg.get("refine_pose"))
+    table.require(poses=refine_pose, ctf=False, images=True)
     boxes, apixes = np.unique(table.box), np.unique(table.apix)
     if len(boxes) != 1 or len(apixes) != 1:
         fail(particles, "particles of several box or pixel sizes; split the file by optics "
@@ -63,24 +73,33 @@ def infer(particles, run_dir, out, batch=256, device=None, star=None, num_worker
     n, d = table.n, int(cfg["n_modes"])
     z = np.zeros((n, d), dtype=np.float32)
     shift = np.zeros((n, 2), dtype=np.float32)
+    rotvec = np.zeros((n, 3), dtype=np.float32) if refine_pose else None
     rows_all = np.arange(n, dtype=np.int64)
     batches = [rows_all[i:i + int(batch)] for i in range(0, n, int(batch))]
     dataset = ParticleImages(table, cfg["box"])
     progress = Progress(n, "infer", unit="images")
     try:
         for rows, images in make_loader(dataset, batches, num_workers, dev.type == "cuda"):
-            s, zz = encode_images(ae.encoder, images, dev)
+            s, zz, v = encode_images(ae.encoder, images, dev)
             r = rows.numpy()
             shift[r], z[r] = s, zz
+            if rotvec is not None:
+                rotvec[r] = v
             progress.update(len(r))
     except RuntimeError as exc:
         if is_oom(exc):
             raise NmaemError("out of memory on %s with --batch %d; try --batch %d"
                              % (dev, batch, max(1, int(batch) // 2)))
         raise
-    if not (np.all(np.isfinite(z)) and np.all(np.isfinite(shift))):
+    if not (np.all(np.isfinite(z)) and np.all(np.isfinite(shift))
+            and (rotvec is None or np.all(np.isfinite(rotvec)))):
         fail(run_dir, "the model gives non-finite outputs")
-    write_latent(out, z, shift, rows_all)
+    euler = None
+    if rotvec is not None:
+        from .poses import correct_rotations, matrix_to_euler
+        refined = correct_rotations(table.rotation_matrices(), rotvec.astype(np.float64))
+        euler = np.stack(matrix_to_euler(refined), axis=1)
+    write_latent(out, z, shift, rows_all, pose_correction=rotvec, euler=euler)
     log("infer: %d particles -> %s (z: %d modes, model of epoch %d, %s checkpoint)"
         % (n, out, d, cfg["epoch"], checkpoint if checkpoint in ("last", "best") else
            "the given"))
@@ -90,7 +109,15 @@ def infer(particles, run_dir, out, batch=256, device=None, star=None, num_worker
         extra = {name: z[:, l].astype(np.float64) for l, name in enumerate(z_column_names(d))}
         extra["nmaemShiftXAngst"] = shift[:, 0].astype(np.float64)
         extra["nmaemShiftYAngst"] = shift[:, 1].astype(np.float64)
-        write_star(star, replace(table, origin=refined), extra_columns=extra)
-        log("infer: wrote %s (refined origins, columns %s...)" % (star, ", ".join(
-            list(extra)[:3])))
-    return dict(z=z, shift=shift, index=rows_all)
+        changes = dict(origin=refined)
+        if euler is not None:
+            changes["euler"] = euler
+            for k, name in enumerate(POSE_COLUMNS):
+                extra[name] = np.degrees(rotvec[:, k].astype(np.float64))
+        write_star(star, replace(table, **changes), extra_columns=extra)
+        log("infer: wrote %s (refined origins%s, columns %s...)" % (
+            star, " and angles" if euler is not None else "", ", ".join(list(extra)[:3])))
+    out_dict = dict(z=z, shift=shift, index=rows_all)
+    if rotvec is not None:
+        out_dict.update(pose_correction=rotvec, euler=euler)
+    return out_dict

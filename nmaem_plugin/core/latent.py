@@ -3,7 +3,11 @@
 Contract (DESIGN.md): ``z`` (N, d) float32 normal-mode amplitudes in Angstrom
 (X(z) = X0 + U z; d may be 0), ``shift`` (N, 2) float32 in Angstrom (x, y), the
 translation applied to the rendered projection, and ``index`` (N,) int64, the 0-based row
-of each particle in the particle file given to ``nmaem infer``.
+of each particle in the particle file given to ``nmaem infer``. Runs trained with
+``--refine-pose`` add ``pose_correction`` (N, 3) float32, the rotation vector v (radians)
+of each particle's correction, and ``euler`` (N, 3) float64, the refined RELION angles
+(rot, tilt, psi) in degrees of R(v) A_file (``poses.correct_rotations``); other files
+have neither (``Latent.pose_correction`` and ``Latent.euler`` are then None).
 
 Writers: ``nmaem infer`` (``core/infer.py``), and the export and evaluate protocols, which
 write the z of a Scipion particle set through :func:`write_latent`. Readers: analysis,
@@ -18,13 +22,17 @@ from .npz import read_npz
 __all__ = ["Latent", "read_latent", "write_latent", "KEYS"]
 
 KEYS = ("z", "shift", "index")
+POSE_KEYS = ("pose_correction", "euler")     # optional: runs with --refine-pose
 
 
 class Latent:
-    """A latent file: ``z`` (N,d) float64, ``shift`` (N,2) float64, ``index`` (N,) int64."""
+    """A latent file: ``z`` (N,d) float64, ``shift`` (N,2) float64, ``index`` (N,) int64;
+    ``pose_correction`` (N,3) radians and ``euler`` (N,3) degrees, float64, or None."""
 
-    def __init__(self, z: np.ndarray, shift: np.ndarray, index: np.ndarray, path: str = ""):
+    def __init__(self, z: np.ndarray, shift: np.ndarray, index: np.ndarray, path: str = "",
+                 pose_correction=None, euler=None):
         self.z, self.shift, self.index, self.path = z, shift, index, path
+        self.pose_correction, self.euler = pose_correction, euler
 
     @property
     def n(self):
@@ -59,7 +67,16 @@ def read_latent(path) -> Latent:
         fail(path, "shift has shape %s, expected (%d, 2)" % (shift.shape, n))
     if index.shape != (n,):
         fail(path, "index has shape %s, expected (%d,)" % (index.shape, n))
-    for name, a in (("z", z), ("shift", shift)):
+    pose = {}
+    for name in POSE_KEYS:
+        if name in data:
+            pose[name] = data[name]
+            if pose[name].shape != (n, 3):
+                fail(path, "%s has shape %s, expected (%d, 3)" % (name, pose[name].shape, n))
+    if len(pose) == 1:
+        fail(path, "%s without %s: both or neither" % tuple(
+            list(pose) + [k for k in POSE_KEYS if k not in pose]))
+    for name, a in [("z", z), ("shift", shift)] + list(pose.items()):
         if a.size and a.dtype.kind not in "fiu":
             fail(path, "%s is not numeric (%s)" % (name, a.dtype))
         if a.size and not np.all(np.isfinite(a)):
@@ -73,12 +90,15 @@ def read_latent(path) -> Latent:
     if index.min() < 0:
         fail(path, "index holds negative rows (first at position %d)"
              % int(np.flatnonzero(index < 0)[0]))
-    return Latent(z.astype(np.float64), shift.astype(np.float64), index, path)
+    pose = {k: v.astype(np.float64) for k, v in pose.items()}
+    return Latent(z.astype(np.float64), shift.astype(np.float64), index, path,
+                  pose.get("pose_correction"), pose.get("euler"))
 
 
-def write_latent(path, z, shift=None, index=None) -> str:
+def write_latent(path, z, shift=None, index=None, pose_correction=None, euler=None) -> str:
     """Write ``latent.npz`` atomically: ``z`` (N, d) (a 1-D z is one amplitude per
-    particle), ``shift`` (N, 2) (None: zeros) and ``index`` (N,) (None: 0..N-1)."""
+    particle), ``shift`` (N, 2) (None: zeros) and ``index`` (N,) (None: 0..N-1); with
+    ``pose_correction`` (N, 3) radians also ``euler`` (N, 3) degrees, the refined angles."""
     z = np.asarray(z, dtype=np.float32)
     if z.ndim == 1:
         z = z.reshape(-1, 1)
@@ -88,6 +108,12 @@ def write_latent(path, z, shift=None, index=None) -> str:
     index = (np.arange(n, dtype=np.int64) if index is None
              else np.asarray(index, dtype=np.int64).reshape(n))
     path = str(path)
+    arrays = dict(z=z, shift=shift, index=index)
+    if (pose_correction is None) != (euler is None):
+        raise ValueError("pose_correction and euler go together")
+    if pose_correction is not None:
+        arrays["pose_correction"] = np.asarray(pose_correction, np.float32).reshape(n, 3)
+        arrays["euler"] = np.asarray(euler, np.float64).reshape(n, 3)
     with atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, z=z, shift=shift, index=index)
+        np.savez(tmp, **arrays)
     return path

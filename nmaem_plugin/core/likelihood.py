@@ -174,7 +174,10 @@ class WhitenedLikelihood:
                             device=device)
         self._w = w
 
-    def per_image(self, images, rendered_ft, groups=None):
+    def per_image(self, images, rendered_ft, groups=None, penalty=None):
+        """chi2_min / chi2_0 per image (B,); ``penalty`` (B,), a prior's -2 log density
+        (e.g. ``network.pose_penalty``), is added to chi2_min: the loss stays
+        2 (NLL + prior) / chi2_0, the likelihood's normalisation."""
         Y = self.band.images_ft(images.float())
         R = self.band.rendered_ft(rendered_ft)
         if groups is None:
@@ -189,7 +192,8 @@ class WhitenedLikelihood:
         if bool(bad.any()):
             fail(self.source, "%d image(s) with no finite power in the loss band (constant "
                               "or NaN images)" % int(bad.sum()))
-        return fit["chi2"] / fit["power"]
+        chi2 = fit["chi2"] if penalty is None else fit["chi2"] + penalty
+        return chi2 / fit["power"]
 
-    def __call__(self, images, rendered_ft, groups=None):
-        return self.per_image(images, rendered_ft, groups).mean()
+    def __call__(self, images, rendered_ft, groups=None, penalty=None):
+        return self.per_image(images, rendered_ft, groups, penalty).mean()

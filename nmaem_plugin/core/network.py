@@ -29,6 +29,15 @@ Decoder (``Decoder``)
     ``train.py``) and its CTF. The rotation centre is the consensus-map centre
     (D0//2)*apix0 of the *original* particles, whatever the training box.
 
+Pose correction (``pose_max`` > 0, ``nmaem train --refine-pose``)
+    A third MLP head (same hidden sizes) outputs u (B, 3); the correction is the rotation
+    vector v = pose_max tanh(|u|) u / |u| (radians): its angle |v| = pose_max tanh(|u|) is
+    bounded by ``pose_max`` and v ~ pose_max u for small u. The head's last layer starts
+    at exactly zero (weights and bias), so an untrained network gives v = 0 and renders
+    with the file's rotation bit for bit. The decoder renders with R(v) A (the composition
+    is documented in ``poses.py``). Without the option there is no such head, and the
+    encoder's outputs and state dict are those of earlier versions.
+
 Shift convention: the predicted shift t is the displacement of the particle centre
 relative to where the file's origin puts it (a residual); the refined origin is
 ``origin - t`` (RELION: the particle centre sits at image centre - origin).
@@ -46,10 +55,10 @@ import torch
 from torch import nn
 
 from .choices import ENCODER_PRESETS, LOSSES
-from .imaging import Renderer
+from .imaging import Renderer, correct_rotations
 
 __all__ = ["ENCODER_PRESETS", "normalise_images", "Encoder", "Decoder", "AutoEncoder",
-           "image_loss", "LOSSES"]
+           "image_loss", "LOSSES", "split_outputs", "pose_penalty"]
 
 LAST_LAYER_GAIN = 1e-3
 
@@ -69,24 +78,26 @@ def _vgg_block(c_in, c_out):
         nn.AvgPool2d(2))
 
 
-def _mlp(n_in, hidden, n_out):
+def _mlp(n_in, hidden, n_out, gain=LAST_LAYER_GAIN):
     layers = []
     for h in hidden:
         layers += [nn.Linear(n_in, h), nn.ReLU(inplace=True)]
         n_in = h
     last = nn.Linear(n_in, n_out)
     with torch.no_grad():
-        last.weight.mul_(LAST_LAYER_GAIN)
+        last.weight.mul_(gain)
         last.bias.zero_()
     layers.append(last)
     return nn.Sequential(*layers)
 
 
 class Encoder(nn.Module):
-    """Image (B, D, D) -> (shift (B, 2) Angstrom, z (B, d) Angstrom); see the module doc."""
+    """Image (B, D, D) -> (shift (B, 2) Angstrom, z (B, d) Angstrom), and with a pose head
+    (``pose_max`` radians > 0) a third output, the pose correction v (B, 3) radians; see
+    the module doc (:func:`split_outputs` reads either form)."""
 
     def __init__(self, box, n_modes, filters=(32, 64, 128, 256, 512), hidden=(512, 256),
-                 z_scale=1.0, shift_scale=1.0):
+                 z_scale=1.0, shift_scale=1.0, pose_max=0.0):
         super().__init__()
         box, n_modes = int(box), int(n_modes)
         filters, hidden = [int(f) for f in filters], [int(h) for h in hidden]
@@ -106,6 +117,10 @@ class Encoder(nn.Module):
         self.z_head = _mlp(self.n_features, hidden, n_modes) if n_modes > 0 else None
         self.register_buffer("z_scale", torch.tensor(float(z_scale)))
         self.register_buffer("shift_scale", torch.tensor(float(shift_scale)))
+        self.pose_head = None
+        if float(pose_max) > 0:
+            self.pose_head = _mlp(self.n_features, hidden, 3, gain=0.0)
+            self.register_buffer("pose_max", torch.tensor(float(pose_max)))
 
     def features(self, images):
         x = normalise_images(images)[:, None]
@@ -118,7 +133,23 @@ class Encoder(nn.Module):
             z = shift.new_zeros(shift.shape[0], 0)
         else:
             z = self.z_head(h).float() * self.z_scale
-        return shift, z
+        if self.pose_head is None:
+            return shift, z
+        u = self.pose_head(h).float()
+        r = torch.sqrt((u * u).sum(1, keepdim=True) + 1e-12)
+        return shift, z, u * (self.pose_max * torch.tanh(r) / r)
+
+
+def split_outputs(out):
+    """(shift, z, pose correction or None) from an encoder's outputs."""
+    return out[0], out[1], (out[2] if len(out) > 2 else None)
+
+
+def pose_penalty(rotvec, prior_sd):
+    """theta^2 / prior_sd^2 per image (B,): -2 log of the Gaussian prior on the angle
+    theta = |v| of the pose correction (``prior_sd`` radians), up to a constant; it is
+    added to the chi2 of the image (docs/training.md, "Pose refinement")."""
+    return (rotvec.float() ** 2).sum(1) / float(prior_sd) ** 2
 
 
 class Decoder(nn.Module):
@@ -164,15 +195,23 @@ class Decoder(nn.Module):
             return self.coords.expand(z.shape[0], *self.coords.shape)
         return self.coords + torch.einsum("bd,dmk->bmk", z.float(), self.modes)
 
-    def forward(self, z, rotations, shifts, ctf=None):
+    @staticmethod
+    def rotations(rotations, rotvec=None):
+        """The rotations rendered: the file's, or R(v) A with a pose correction v."""
+        rotations = rotations.float()
+        if rotvec is None:
+            return rotations
+        return correct_rotations(rotations, rotvec.float())
+
+    def forward(self, z, rotations, shifts, ctf=None, rotvec=None):
         r = self.renderer()
-        return r.render(self.conformations(z), rotations.float(),
+        return r.render(self.conformations(z), self.rotations(rotations, rotvec),
                         shifts.float() + self.offset, ctf)
 
-    def render_ft(self, z, rotations, shifts, ctf=None):
+    def render_ft(self, z, rotations, shifts, ctf=None, rotvec=None):
         """rfft2 of :meth:`forward`'s images, (B, D, D//2+1) (for the whitened loss)."""
         r = self.renderer()
-        return r.render_ft(self.conformations(z), rotations.float(),
+        return r.render_ft(self.conformations(z), self.rotations(rotations, rotvec),
                            shifts.float() + self.offset, ctf)
 
 
@@ -190,22 +229,33 @@ class AutoEncoder(nn.Module):
 
     def forward(self, images, rotations, base_shift, ctf=None, encoder=None):
         enc = self.encoder if encoder is None else encoder
-        shift, z = enc(images)
-        rendered = self.decoder(z, rotations, base_shift + shift, ctf)
+        shift, z, rotvec = split_outputs(enc(images))
+        rendered = self.decoder(z, rotations, base_shift + shift, ctf, rotvec=rotvec)
         return rendered, shift, z
 
 
-def image_loss(images, rendered, kind="l2"):
-    """Mean loss over the batch (a 0-d tensor); see the module docstring for ``kind``."""
+def image_loss(images, rendered, kind="l2", penalty=None):
+    """Mean loss over the batch (a 0-d tensor); see the module docstring for ``kind``.
+
+    ``penalty`` (B,): a prior's -2 log density per image (:func:`pose_penalty`), added on
+    the scale of the loss: chi2 / (number of pixels P) with the noise variance estimated
+    by the batch's mean squared residual for ``l2``, penalty / P for ``corr``.
+    """
     y = images.reshape(images.shape[0], -1).float()
     r = rendered.reshape(rendered.shape[0], -1).float()
+    extra = 0.0
     if kind == "l2":
-        return ((y - r) ** 2).mean()
+        loss = ((y - r) ** 2).mean()
+        if penalty is not None:
+            extra = (penalty * loss.detach()).mean() / y.shape[1]
+        return loss + extra
     if kind == "corr":
         y = y - y.mean(dim=1, keepdim=True)
         r = r - r.mean(dim=1, keepdim=True)
         c = (y * r).sum(1) / (y.norm(dim=1) * r.norm(dim=1) + 1e-12)
-        return (1.0 - c).mean()
+        if penalty is not None:
+            extra = penalty.mean() / y.shape[1]
+        return (1.0 - c).mean() + extra
     raise ValueError("unknown loss %r (choose from %s)" % (kind, ", ".join(LOSSES)))
 
 

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .errors import NmaemError
-from .poses import rotvec_to_matrix
+from .poses import rotation_angle_deg, rotvec_to_matrix  # noqa: F401 (re-exported)
 
 __all__ = ["Nuisances", "REALISTIC", "noise_filter", "coloured_noise", "relion_normalise",
            "random_rotation_errors", "stream"]
@@ -157,8 +157,3 @@ def random_rotation_errors(n, sd_deg, rng):
     v = rng.normal(0.0, math.radians(sd_deg) / math.sqrt(3.0), (n, 3))
     return rotvec_to_matrix(v)
 
-
-def rotation_angle_deg(A, B):
-    """Angle (degrees) of the rotation A B^T for stacks of rotation matrices."""
-    tr = np.einsum("nij,nij->n", A, B)
-    return np.degrees(np.arccos(np.clip((tr - 1.0) / 2.0, -1.0, 1.0)))

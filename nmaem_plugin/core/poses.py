@@ -12,13 +12,22 @@ torch. ``imaging`` wraps these functions for tensors.
 * cryoSPARC's ``alignments3D/pose`` is a rotation vector v; RELION's matrix of it is
   A = R(v)^T with R the Rodrigues matrix (``cryosparc_pose_to_matrix``; the evidence is in
   ``core/cryosparc.py``).
+* A *pose correction* (``nmaem train --refine-pose``) is a rotation vector v (radians)
+  composed on the left of the file's matrix: A_refined = R(v) A_file
+  (:func:`correct_rotations`). R(v) rotates the already-rotated model, i.e. it acts in
+  the frame of the image (x, y in the image plane, z the projection axis): v_z turns the
+  image in its plane, v_x and v_y tilt the model out of it. The encoder sees only the
+  image, so a correction in the image's frame is what it can predict whatever the pose;
+  it is also how ``nmaem simulate`` writes its pose errors (A_file = E A_true, so the
+  ideal correction is R(v) = E^T).
 """
 from typing import Tuple
 
 import numpy as np
 
 __all__ = ["euler_to_matrix", "matrix_to_euler", "rotvec_to_matrix",
-           "cryosparc_pose_to_matrix", "EULER_EPS"]
+           "cryosparc_pose_to_matrix", "correct_rotations", "matrix_to_rotvec",
+           "rotation_angle_deg", "EULER_EPS"]
 
 EULER_EPS = 1e-6   # sin(tilt) below which tilt is 0 or 180 (gimbal lock)
 
@@ -97,3 +106,29 @@ def rotvec_to_matrix(v) -> np.ndarray:
 def cryosparc_pose_to_matrix(v) -> np.ndarray:
     """RELION's matrix A = R(v)^T of cryoSPARC rotation vectors v (..., 3)."""
     return np.swapaxes(rotvec_to_matrix(v), -1, -2)
+
+
+def correct_rotations(A, v) -> np.ndarray:
+    """The refined RELION matrices R(v) A of matrices A (..., 3, 3) and pose corrections v
+    (..., 3) radians (module docstring: the correction acts in the image's frame)."""
+    return rotvec_to_matrix(v) @ np.asarray(A, dtype=np.float64)
+
+
+def matrix_to_rotvec(R) -> np.ndarray:
+    """Rotation vectors v (..., 3) radians with R(v) = R, for rotations of angle < 180
+    degrees (the inverse of :func:`rotvec_to_matrix` there)."""
+    R = np.asarray(R, dtype=np.float64)
+    w = np.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0],
+                  R[..., 1, 0] - R[..., 0, 1]], -1) / 2.0          # sin(t) * axis
+    s = np.linalg.norm(w, axis=-1)
+    c = (np.trace(R, axis1=-2, axis2=-1) - 1.0) / 2.0
+    t = np.arctan2(s, c)
+    scale = np.where(s > 1e-12, t / np.where(s > 1e-12, s, 1.0), 1.0)
+    return w * scale[..., None]
+
+
+def rotation_angle_deg(A, B) -> np.ndarray:
+    """Angle (degrees) of the rotation A B^T between stacks of rotation matrices (...)."""
+    A, B = np.asarray(A, dtype=np.float64), np.asarray(B, dtype=np.float64)
+    tr = np.einsum("...ij,...ij->...", A, B)
+    return np.degrees(np.arccos(np.clip((tr - 1.0) / 2.0, -1.0, 1.0)))

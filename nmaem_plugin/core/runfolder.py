@@ -80,6 +80,12 @@ class TrainConfig:
     # the fit check before a new run (fitcheck.py); force: train even when it fails
     check: bool = True
     force: bool = False
+    # pose refinement (docs/training.md, "Pose refinement"): a per-particle rotation
+    # correction R(v) A (poses.py), |v| <= max_pose_correction degrees, with a Gaussian prior
+    # of sd pose_prior_sd degrees on its angle
+    refine_pose: bool = False
+    max_pose_correction: float = 5.0
+    pose_prior_sd: float = 3.0
 
     # settings that a resumed run may change; every other one is fixed by the first start
     RESUMABLE = ("epochs", "batch", "lr", "lr_schedule", "device", "num_workers", "bf16", "keep",
@@ -151,6 +157,15 @@ class TrainConfig:
             v = getattr(self, k)
             if v is not None and not float(v) > 0:
                 out.append((k, "--%s must be positive (Angstrom)" % k.replace("_", "-")))
+        for k in ("max_pose_correction", "pose_prior_sd"):
+            v = getattr(self, k)
+            if not (np.isfinite(float(v)) and float(v) > 0):
+                out.append((k, "--%s must be a positive number of degrees (got %s)"
+                            % (k.replace("_", "-"), v)))
+        if float(self.max_pose_correction) >= 90:
+            out.append(("max_pose_correction", "--max-pose-correction must be below 90 "
+                        "degrees: it corrects a consensus pose, it does not search for one "
+                        "(got %g)" % float(self.max_pose_correction)))
         if self.loss not in LOSSES:
             out.append(("loss", "unknown loss %r (choose from %s)"
                         % (self.loss, ", ".join(LOSSES))))

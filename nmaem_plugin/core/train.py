@@ -222,11 +222,17 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
         fit_check=None if check is None else dict(verdict=check["verdict"],
                                                   cause=check["cause"],
                                                   message=check["message"]),
+        refine_pose=bool(s["refine_pose"]),
+        max_pose_correction=float(s["max_pose_correction"]),
+        pose_prior_sd=float(s["pose_prior_sd"]),
         val_fraction=VAL_FRACTION)
     write_config(out, cfg)      # last: marks a prepared run
     log("train: %d particles (%d train, %d validation), %d px at %.3f A/px -> %d px at "
-        "%.3f A/px, %d modes x %d atoms -> %s" % (n, len(trn), len(val), box0, apix0, box,
-                                                  apix, d, nm.n_atoms, out))
+        "%.3f A/px, %d modes x %d atoms%s -> %s"
+        % (n, len(trn), len(val), box0, apix0, box, apix, d, nm.n_atoms,
+           ", pose refinement (at most %g deg, prior sd %g deg)"
+           % (cfg["max_pose_correction"], cfg["pose_prior_sd"]) if cfg["refine_pose"] else "",
+           out))
     return cfg
 
 
@@ -262,8 +268,10 @@ def build_autoencoder(cfg, run_dir):
     nm = load_modes(os.path.join(run_dir, cfg["modes"]))
     model = read_model(os.path.join(run_dir, cfg["reference"]))
     check_modes_match(nm, model)
+    # runs made before pose refinement existed have no refine_pose: no pose head
+    pose_max = math.radians(float(cfg["max_pose_correction"])) if cfg.get("refine_pose") else 0.0
     enc = Encoder(cfg["box"], cfg["n_modes"], filters=cfg["filters"], hidden=cfg["hidden"],
-                  z_scale=cfg["z_scale"], shift_scale=cfg["shift_scale"])
+                  z_scale=cfg["z_scale"], shift_scale=cfg["shift_scale"], pose_max=pose_max)
     dec = Decoder(model.elements, nm.coords, nm.modes[:int(cfg["n_modes"])], cfg["box"], cfg["apix"],
                   centre=cfg["centre"], offset=cfg["offset"])
     return AutoEncoder(enc, dec)
@@ -379,6 +387,7 @@ def train_run(run_dir, log=print, stop_after=None):
 
 
 def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_loss, Progress):
+    from .network import pose_penalty, split_outputs
     rank0 = dist.rank == 0
     say = log if rank0 else (lambda *a, **k: None)
     table = read_particles(cfg["particles"])
@@ -443,20 +452,24 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
            cfg["batch"], local_batch, cfg["lr"],
            " (cosine decay)" if cfg.get("lr_schedule") == "cosine" else "", loss_kind))
 
+    prior_sd = math.radians(float(cfg.get("pose_prior_sd") or 1.0))
+
     def forward(enc, images, rows):
         rot, base, ctf_p = meta.batch(rows)
         if use_bf16:
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-                shift, z = enc(images)
-            shift, z = shift.float(), z.float()
+                out = enc(images)
+            out = tuple(o.float() for o in out)
         else:
-            shift, z = enc(images)
+            out = enc(images)
+        shift, z, rotvec = split_outputs(out)
+        penalty = None if rotvec is None else pose_penalty(rotvec, prior_sd)
         ctf = ae.decoder.ctf(**ctf_p)
         if likelihood is not None:
-            rendered_ft = ae.decoder.render_ft(z, rot, base + shift, ctf)
-            return likelihood(images, rendered_ft, meta.optics_group[rows])
-        rendered = ae.decoder(z, rot, base + shift, ctf)
-        return image_loss(images, rendered, loss_kind)
+            rendered_ft = ae.decoder.render_ft(z, rot, base + shift, ctf, rotvec=rotvec)
+            return likelihood(images, rendered_ft, meta.optics_group[rows], penalty=penalty)
+        rendered = ae.decoder(z, rot, base + shift, ctf, rotvec=rotvec)
+        return image_loss(images, rendered, loss_kind, penalty=penalty)
 
     for epoch in range(start, end):
         t0 = time.perf_counter()

@@ -169,6 +169,22 @@ class NmaemProtTrain(NmaemProtBase):
                       expertLevel=params.LEVEL_ADVANCED, label="Mask radius (A)",
                       help="A soft circular mask on images and renderings against "
                            "neighbouring particles; 0: no mask.")
+        form.addParam("refinePose", params.BooleanParam, default=False,
+                      condition="not doContinue", label="Refine the poses?",
+                      help="Also learn a small rotation per particle that corrects the "
+                           "consensus pose (a rotation vector, zero at the start, with a "
+                           "Gaussian prior on its angle). The inference protocol then puts "
+                           "the refined angles in each particle's transform. See "
+                           "docs/training.md, 'Pose refinement'.")
+        form.addParam("maxPoseCorrection", params.FloatParam, default=5.0,
+                      condition="not doContinue and refinePose",
+                      expertLevel=params.LEVEL_ADVANCED, label="Largest correction (deg)",
+                      help="The correction angle is bounded by this many degrees.")
+        form.addParam("posePriorSd", params.FloatParam, default=3.0,
+                      condition="not doContinue and refinePose",
+                      expertLevel=params.LEVEL_ADVANCED, label="Prior sd of the correction (deg)",
+                      help="Standard deviation of the Gaussian prior on the correction "
+                           "angle: corrections the images do not ask for stay small.")
         form.addParam("doCheck", params.BooleanParam, default=True,
                       condition="not doContinue", label="Check the fit first?",
                       help="Before training, render the reference at the particles' poses "
@@ -308,6 +324,9 @@ class NmaemProtTrain(NmaemProtBase):
                                 ("--mask-radius", self.maskRadius)):
                 if param.get() > 0:
                     args += [flag, param.get()]
+        if self.refinePose.get():
+            args += ["--refine-pose", "--max-pose-correction", self.maxPoseCorrection.get(),
+                     "--pose-prior-sd", self.posePriorSd.get()]
         if not self.doCheck.get():
             args.append("--no-check")
         elif self.force.get():
@@ -394,7 +413,9 @@ class NmaemProtTrain(NmaemProtBase):
                               lr_schedule=LR_SCHEDULES[self.lrSchedule.get()],
                               epochs=self.numberOfEpochs.get(),
                               batch=self.batchSize.get() or "auto",
-                              lr=self.learningRate.get())
+                              lr=self.learningRate.get(),
+                              max_pose_correction=self.maxPoseCorrection.get(),
+                              pose_prior_sd=self.posePriorSd.get())
         errors += ["Training options: %s." % msg for _, msg in options.problems(imgBox)]
         return errors
 

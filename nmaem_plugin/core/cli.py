@@ -172,6 +172,11 @@ def _add_simulate(sub):
                            "(default 0.75, RELION's)")
     real.add_argument("--angle-error", dest="angle_error_sd", type=float, metavar="DEG",
                       help="rms angle of random errors of the poses written to the STAR")
+    real.add_argument("--consensus-poses", dest="consensus_poses", action="store_true",
+                      default=None,
+                      help="write the poses and origins a consensus refinement would give: "
+                           "the reference aligned on each frame's largest rigid part, so the "
+                           "error depends on the conformation (docs/simulation.md)")
     real.add_argument("--origin-error", dest="origin_error_sd", type=float, metavar="A",
                       help="sd per axis of random errors of the origins written (Angstrom)")
     real.add_argument("--defocus-error", dest="defocus_error_sd", type=float, metavar="A",
@@ -193,7 +198,8 @@ def nuisances_from_args(args):
     base = REALISTIC if args.realistic else Nuisances()
     changes = {k: getattr(args, k) for k in (
         "noise_falloff", "contrast_sd", "offset_sd", "normalise", "bg_radius",
-        "angle_error_sd", "origin_error_sd", "defocus_error_sd", "bfactor", "atom_jitter")
+        "angle_error_sd", "consensus_poses", "origin_error_sd", "defocus_error_sd", "bfactor",
+        "atom_jitter")
         if getattr(args, k) is not None}
     return base.with_(**changes)
 

@@ -4,6 +4,11 @@ floor the modes allow, and the density maxima found against the true states.
 
 RMSDs are over all matched atoms with no superposition: on synthetic data the pose is
 known, so the frames are already in the reference's frame.
+
+``pose_error`` (when the ground truth has the true and the written angles, ``euler`` and
+``euler_file``): the angle of the rotation between each particle's true matrix and the one
+in its particle file (``input``), and, for a latent file of a run trained with
+``--refine-pose``, the refined one (``refined``), in degrees (``poses.rotation_angle_deg``).
 """
 import json
 import os
@@ -15,7 +20,7 @@ from .atomic import atomic_path
 from .errors import fail
 from .latent import read_latent
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "pose_error"]
 
 
 def _load_truth(sim_dir):
@@ -41,6 +46,24 @@ def _load_truth(sim_dir):
         except ValueError:
             params = {}
     return gt, params, fr_path
+
+
+def pose_error(gt, n_gt, latent):
+    """Angles (degrees) from the written and the refined rotations to the true ones."""
+    from .poses import euler_to_matrix, rotation_angle_deg
+    if not all(k in gt and gt[k].shape == (n_gt, 3) for k in ("euler", "euler_file")):
+        return None
+    idx = latent.index
+    true = euler_to_matrix(*gt["euler"][idx].T)
+    given = rotation_angle_deg(euler_to_matrix(*gt["euler_file"][idx].T), true)
+    out = dict(median_input_deg=float(np.median(given)),
+               p95_input_deg=float(np.percentile(given, 95)),
+               median_refined_deg=None, p95_refined_deg=None)
+    if latent.euler is not None:
+        refined = rotation_angle_deg(euler_to_matrix(*latent.euler.T), true)
+        out.update(median_refined_deg=float(np.median(refined)),
+                   p95_refined_deg=float(np.percentile(refined, 95)))
+    return out
 
 
 def _summary_stats(v):
@@ -141,6 +164,8 @@ def evaluate(latent_path, sim_dir, run_dir, per_particle=None, bandwidth=None,
     else:
         out["shift_error"] = None
 
+    out["pose_error"] = pose_error(gt, n_gt, latent)
+
     p = None
     if latent.d > 0 and latent.n >= 2:
         p = pca(latent.z)
@@ -189,7 +214,9 @@ def evaluate(latent_path, sim_dir, run_dir, per_particle=None, bandwidth=None,
         maxima_rmsd=[r["rmsd"] for r in mrows],
         max_maxima_rmsd=max([r["rmsd"] for r in mrows]) if mrows else None,
         maxima_below_1_5A=(all(r["rmsd"] < 1.5 for r in mrows) if mrows else None),
-        shift_rmse=None if out["shift_error"] is None else out["shift_error"]["rmse"])
+        shift_rmse=None if out["shift_error"] is None else out["shift_error"]["rmse"],
+        median_angle_input_deg=(out["pose_error"] or {}).get("median_input_deg"),
+        median_angle_refined_deg=(out["pose_error"] or {}).get("median_refined_deg"))
     if per_particle:
         with atomic_path(per_particle, suffix=".npz") as tmp:
             np.savez(tmp, index=latent.index, frame=frame, rmsd=per_rmsd,

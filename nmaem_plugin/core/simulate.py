@@ -19,7 +19,9 @@ Frame distributions over F frames (x = frame index, 0..F-1), docs/simulation.md:
   populated intervals are separated by empty frames.
 
 Outputs (DESIGN.md contract): ``particles.star`` (RELION 3.1), ``stacks/*.mrcs``,
-``ground_truth.npz`` (``frame``, ``shift`` and the generation parameters),
+``ground_truth.npz`` (``frame``, ``shift``, the true angles ``euler`` and the written ones
+``euler_file``, ``origin_file``, ``rigid_core`` (the atoms a consensus refinement aligns,
+every atom unless ``consensus_poses``) and the generation parameters),
 ``frames.pdb`` (the frames, one model each, in the dataset's frame) and
 ``reference.pdb`` (the reference model, frame 0's atoms at the reference coordinates,
 in the same frame: the X0 to train with).
@@ -36,8 +38,8 @@ from . import imaging, poses
 from .atomic import atomic_path
 from .choices import DISTRIBUTIONS
 from .errors import NmaemError, fail
-from .nuisances import (Nuisances, coloured_noise, random_rotation_errors, relion_normalise,
-                        stream)
+from .nuisances import (Nuisances, coloured_noise, consensus_errors, random_rotation_errors,
+                        relion_normalise, rigid_core, stream)
 from .particles import ParticleTable
 from .stacks import write_stack
 from .star import write_star
@@ -208,6 +210,7 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
     offset = centre - frames[0].mean(axis=0) if recentre else np.zeros(3)
     frames = frames + offset
     reference = model.coords + offset if recentre else model.coords.copy()
+    consensus_reference = reference      # the model's own atoms (consensus_poses)
     ref_model = model
     if reference_model is not None:
         ia, ib = match_atoms(model, reference_model)
@@ -244,12 +247,22 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
 
     # what the STAR will say: the truth, or the truth with the nuisances' errors
     euler_file = euler
-    if nz.angle_error_sd > 0:
-        E = random_rotation_errors(n, nz.angle_error_sd, stream(seed, "angle"))
-        euler_file = np.stack(poses.matrix_to_euler(E @ A), axis=1)
-    origin_true = -shift
+    A_file = A
     origin_err = (stream(seed, "origin").normal(0.0, nz.origin_error_sd, (n, 2))
                   if nz.origin_error_sd > 0 else np.zeros((n, 2)))
+    core = None
+    if nz.consensus_poses:
+        # the pose a consensus refinement gives: the reference aligned by the rigid core
+        core = rigid_core(consensus_reference, frames)
+        Rf, tf = consensus_errors(consensus_reference, frames, core, centre)
+        A_file = A @ np.swapaxes(Rf[frame], 1, 2)
+        origin_err = origin_err + np.einsum("nij,nj->ni", A_file, tf[frame])[:, :2]
+    if nz.angle_error_sd > 0:
+        E = random_rotation_errors(n, nz.angle_error_sd, stream(seed, "angle"))
+        A_file = E @ A_file
+    if A_file is not A:
+        euler_file = np.stack(poses.matrix_to_euler(A_file), axis=1)
+    origin_true = -shift
     dfu_file = np.asarray(ctf["defocus_u"], float)
     dfv_file = np.asarray(ctf["defocus_v"], float)
     if nz.defocus_error_sd > 0:
@@ -352,6 +365,7 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
                  origin_file=np.asarray(origin, float),
                  defocus_u_file=dfu_file, defocus_v_file=dfv_file,
                  contrast=contrast.astype(np.float64), offset=grey * sigma,
+                 rigid_core=(np.ones(model.n_atoms, bool) if core is None else core),
                  params=np.array(json.dumps(params)))
     write_models(os.path.join(out_dir, "frames.pdb"), model, list(frames))
     write_models(os.path.join(out_dir, "reference.pdb"), ref_model, [reference])

@@ -15,7 +15,8 @@ from nmaem_plugin.core.errors import NmaemError
 from nmaem_plugin.core.particles import read_particles
 from nmaem_plugin.core.stacks import ImageStack
 from nmaem_plugin.core.nuisances import (Nuisances, coloured_noise, random_rotation_errors,
-                                         relion_normalise, rotation_angle_deg)
+                                         relion_normalise)
+from nmaem_plugin.core.poses import rotation_angle_deg
 from nmaem_plugin.core.simulate import morph_frames, simulate
 from nmaem_plugin.core.structure import kabsch, match_atoms, read_model, read_trajectory
 
@@ -208,3 +209,69 @@ class TestRealisticSimulation(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestConsensusPoses(unittest.TestCase):
+    def test_rigid_core_of_a_two_domain_toy(self):
+        """A 60-atom domain that moves rigidly (20 degrees about an off-centre axis, plus a
+        translation) and a 20-atom domain that moves on its own: the core is the large
+        domain, and consensus_errors gives back the inverse of its motion."""
+        from nmaem_plugin.core.nuisances import consensus_errors, rigid_core
+        from nmaem_plugin.core.poses import rotvec_to_matrix
+        rng = np.random.default_rng(3)
+        ref = np.concatenate([rng.normal(0, 8, (60, 3)), rng.normal(0, 4, (20, 3)) + 25])
+        Q = rotvec_to_matrix(np.radians(20.0) * np.array([0.0, 0.6, 0.8]))
+        p, shift = np.array([3.0, -2.0, 5.0]), np.array([1.0, 2.0, -1.5])
+        moved = ref.copy()
+        moved[:60] = (ref[:60] - p) @ Q.T + p + shift
+        moved[60:] = ref[60:] + rng.normal(0, 6, (20, 3))
+        frames = np.stack([ref, moved])
+        core = rigid_core(ref, frames)
+        np.testing.assert_array_equal(core, np.arange(80) < 60)
+        c = np.array([10.0, 10.0, 10.0])
+        R, t = consensus_errors(ref, frames, core, c)
+        np.testing.assert_allclose(R[0], np.eye(3), atol=1e-9)
+        np.testing.assert_allclose(t[0], 0, atol=1e-9)
+        np.testing.assert_allclose(R[1], Q.T, atol=1e-9)
+        # x_ref - c = R (x_f - c) + t on the core, by the definition
+        np.testing.assert_allclose((moved[:60] - c) @ R[1].T + t[1], ref[:60] - c, atol=1e-9)
+
+    def test_consensus_poses_align_the_core(self):
+        """In the STAR of a morph with --consensus-poses, the reference's core atoms placed
+        with the written pose and origin land where the particle's frame puts them (within
+        the core's own flexibility), its other atoms do not; the written error grows
+        along the morph, and ground_truth.npz keeps both rotations."""
+        from nmaem_plugin.core.poses import euler_to_matrix
+        tmp = tempfile.mkdtemp(prefix="nmaem-consensus-")
+        try:
+            model, frames = morph_frames(read_model(OPEN), read_model(CLOSED), 6)
+            simulate(tmp, model, frames, n=24, box=32, apix=3.0, snr_db=None, seed=1,
+                     shift_std=2.0, device="cpu", log=quiet,
+                     nuisances=Nuisances(consensus_poses=True))
+            gt = np.load(os.path.join(tmp, "ground_truth.npz"))
+            t = read_particles(os.path.join(tmp, "particles.star"))
+            _, fr = read_trajectory(os.path.join(tmp, "frames.pdb"))
+            ref = read_model(os.path.join(tmp, "reference.pdb")).coords
+            core = gt["rigid_core"]
+            self.assertTrue(50 < core.sum() < len(core) - 50)
+            c = np.full(3, 16 * 3.0)
+            A_true = euler_to_matrix(*gt["euler"].T)
+            A_file = t.rotation_matrices()
+            np.testing.assert_allclose(A_file, euler_to_matrix(*gt["euler_file"].T),
+                                       atol=1e-9)
+
+            def placed(A, X, shift):
+                return np.einsum("nij,nmj->nmi", A, X - c)[..., :2] + shift[:, None]
+            true_xy = placed(A_true, fr[gt["frame"]], gt["shift"].astype(np.float64))
+            file_xy = placed(A_file, np.repeat(ref[None], t.n, 0), -t.origin_or_zero())
+            dist = np.linalg.norm(true_xy - file_xy, axis=2)
+            self.assertLess(np.sqrt(np.mean(dist[:, core] ** 2)), 1.0)
+            far = gt["frame"] == 5
+            self.assertTrue(far.any())
+            self.assertGreater(np.sqrt(np.mean(dist[far][:, ~core] ** 2)), 3.0)
+            ang = rotation_angle_deg(A_true, A_file)
+            np.testing.assert_allclose(ang[gt["frame"] == 0], 0.0, atol=1e-6)
+            means = [ang[gt["frame"] == f].mean() for f in range(6) if (gt["frame"] == f).any()]
+            self.assertTrue(np.all(np.diff(means) > 0), means)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

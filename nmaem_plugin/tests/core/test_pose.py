@@ -230,3 +230,22 @@ class TestRecovery(unittest.TestCase):
         lat = os.path.join(tmp, "latent_old.npz")
         infer(d["wrong"], old, lat, log=quiet)
         self.assertIsNone(read_latent(lat).pose_correction)
+
+
+class TestEvaluatePoseError(unittest.TestCase):
+    def test_median_angles(self):
+        """Hand case: true angles 0, written ones rot = 10 or 20 degrees (tilt 0: a rotation
+        about z by that angle), refined ones 3 or 1 degrees off."""
+        from nmaem_plugin.core.evaluate import pose_error
+        from nmaem_plugin.core.latent import Latent
+        gt = dict(euler=np.zeros((3, 3)),
+                  euler_file=np.array([[10.0, 0, 0], [20.0, 0, 0], [0, 0, 10.0]]))
+        lat = Latent(np.zeros((3, 1)), np.zeros((3, 2)), np.arange(3),
+                     pose_correction=np.zeros((3, 3)),
+                     euler=np.array([[3.0, 0, 0], [0, 0, -1.0], [0, 0, 3.0]]))
+        out = pose_error(gt, 3, lat)
+        self.assertAlmostEqual(out["median_input_deg"], 10.0, places=6)
+        self.assertAlmostEqual(out["median_refined_deg"], 3.0, places=6)
+        lat.euler = None
+        self.assertIsNone(pose_error(gt, 3, lat)["median_refined_deg"])
+        self.assertIsNone(pose_error(dict(euler=np.zeros((3, 3))), 3, lat))

@@ -120,6 +120,23 @@ def foldShiftIntoMatrix(matrix, shift, apix, replace=False):
     return out
 
 
+def refinePoseInMatrix(matrix, rotvec):
+    """The transform ``matrix`` (4x4) with an ``nmaem`` pose correction applied.
+
+    ``rotvec`` (3,) radians is the ``pose_correction`` of ``latent.npz`` (``nmaem train
+    --refine-pose``); the refined RELION matrix is R(v) A (``core.poses.correct_rotations``,
+    the correction acts in the image's frame). With T^-1 = [[A, -s], [0, 1]] only the
+    rotation block changes: the origin s is kept.
+    """
+    from .core.poses import rotvec_to_matrix
+    M = np.asarray(matrix, dtype=np.float64)
+    inv = np.linalg.inv(M)                 # [[A, -s], [0, 1]]
+    inv[:3, :3] = rotvec_to_matrix(np.asarray(rotvec, dtype=np.float64).reshape(3)) @ inv[:3, :3]
+    out = np.linalg.inv(inv)
+    out[3] = (0.0, 0.0, 0.0, 1.0)
+    return out
+
+
 # ============================================================================ helpers
 
 def _splitLocation(location):
@@ -354,7 +371,8 @@ def starRowIds(starFile):
 
 
 def setOfParticlesFlexFromLatent(inputSet, latentFile, outputSet, starFile=None,
-                                 foldShift=True, replaceShift=False, flexAttributes=None):
+                                 foldShift=True, replaceShift=False, flexAttributes=None,
+                                 foldPose=True):
     """Fill the empty ``outputSet`` (``SetOfParticlesFlex``) with a copy of each particle
     of ``inputSet`` that has a row in ``latentFile``, as ``ParticleFlex`` items with
     ``setZFlex(z)`` and ``FlexInfo`` program name "nmaem", keeping the input ids.
@@ -363,13 +381,17 @@ def setOfParticlesFlexFromLatent(inputSet, latentFile, outputSet, starFile=None,
     ``nmaem``, whose ``rlnImageId`` column holds the ids); without ``starFile`` they are
     positions in ``inputSet`` in id order. With ``foldShift`` the predicted ``shift``
     is folded into each particle's transform (:func:`foldShiftIntoMatrix`, a correction
-    on top of the input origin unless ``replaceShift``). ``flexAttributes`` (name ->
+    on top of the input origin unless ``replaceShift``); with ``foldPose`` the pose
+    correction of a run trained with ``--refine-pose`` (``pose_correction``, absent
+    otherwise) is applied to its rotation (:func:`refinePoseInMatrix`). ``flexAttributes`` (name ->
     value) are stored on the set's ``FlexInfo``. Returns the number of particles.
     """
     from pwem.objects import FlexInfo, ParticleFlex, Transform
     from pyworkflow.object import Integer
 
+    from .core.latent import read_latent
     z, shift, index = readLatent(latentFile)
+    poseCorrection = read_latent(latentFile).pose_correction if foldPose else None
     rowIds = (starRowIds(starFile) if starFile is not None
               else np.asarray([p.getObjId() for p in inputSet.iterItems(orderBy="id")],
                               dtype=np.int64))
@@ -396,9 +418,13 @@ def setOfParticlesFlexFromLatent(inputSet, latentFile, outputSet, starFile=None,
         item.setFlexInfo(FlexInfo(PROGRAM_NAME))
         item.setZFlex(z[k].astype(float).tolist())
         setattr(item, ATTR_LATENT_INDEX, Integer(int(index[k])))
-        if foldShift and shift is not None and part.getTransform() is not None:
-            item.setTransform(Transform(foldShiftIntoMatrix(
-                part.getTransform().getMatrix(), shift[k], apix, replace=replaceShift)))
+        if part.getTransform() is not None and (foldShift or poseCorrection is not None):
+            M = part.getTransform().getMatrix()
+            if foldShift and shift is not None:
+                M = foldShiftIntoMatrix(M, shift[k], apix, replace=replaceShift)
+            if poseCorrection is not None:
+                M = refinePoseInMatrix(M, poseCorrection[k])
+            item.setTransform(Transform(M))
         outputSet.append(item)
         count += 1
     return count

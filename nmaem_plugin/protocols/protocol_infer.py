@@ -41,7 +41,8 @@ class NmaemProtInfer(NmaemProtBase):
 
     The output is a Flexibility Hub SetOfParticlesFlex: each particle keeps its id,
     image, CTF and pose, carries z (Angstrom, one value per mode) as its zFlex, and its
-    transform includes the refined shift (new origin = origin - predicted shift).
+    transform includes the refined shift (new origin = origin - predicted shift) and, for a
+    network trained with pose refinement, the refined rotation.
     """
     _label = "infer"
     _possibleOutputs = NmaemInferOutputs
@@ -72,6 +73,13 @@ class NmaemProtInfer(NmaemProtBase):
                       help="Yes: the predicted shift of each particle is folded into its "
                            "transform (origin - shift). No: the transforms are copied as "
                            "they are.")
+        form.addParam("foldPoses", params.BooleanParam, default=True,
+                      expertLevel=params.LEVEL_ADVANCED, label="Refine the angles?",
+                      help="For a network trained with pose refinement: Yes puts each "
+                           "particle's refined rotation (its predicted correction applied "
+                           "to the input pose) in its transform, so the set goes to RELION "
+                           "with the better poses. No: the rotations are copied as they are. "
+                           "Networks trained without pose refinement leave them unchanged.")
         form.addParam("numberOfWorkers", params.IntParam, default=0,
                       expertLevel=params.LEVEL_ADVANCED, validators=[params.GE(0)],
                       label="Image reading processes",
@@ -111,7 +119,7 @@ class NmaemProtInfer(NmaemProtBase):
         out = createSetOfParticlesFlex(self)
         n = setOfParticlesFlexFromLatent(
             inSet, self._getFileName("latent"), out, starFile=self._getFileName("star"),
-            foldShift=self.foldShifts.get(),
+            foldShift=self.foldShifts.get(), foldPose=self.foldPoses.get(),
             flexAttributes={ATTR_RUN_DIR: runDirOf(self.inputNetwork.get()),
                             ATTR_LATENT_FILE: self._getFileName("latent"),
                             ATTR_STAR_FILE: self._getFileName("star")})
@@ -163,13 +171,13 @@ class NmaemProtInfer(NmaemProtBase):
             return None
         from ..core.latent import read_latent
         lat = read_latent(fn)
-        return lat.z, lat.shift
+        return lat.z, lat.shift, lat.pose_correction
 
     def _summary(self):
         stats = self._latentStats()
         if stats is None:
             return ["Not inferred yet."]
-        z, shift = stats
+        z, shift, pose = stats
         lines = ["%d particles, %d normal-mode amplitudes each (program %s)."
                  % (len(z), z.shape[1], PROGRAM_NAME)]
         if z.shape[1]:
@@ -178,6 +186,9 @@ class NmaemProtInfer(NmaemProtBase):
                             ", ".join("%.3g" % v for v in z.std(0))))
         lines.append("Predicted shift: median %.3g A."
                      % float(np.median(np.linalg.norm(shift, axis=1))))
+        if pose is not None:
+            lines.append("Pose correction: median %.3g degrees."
+                         % float(np.degrees(np.median(np.linalg.norm(pose, axis=1)))))
         return lines
 
     def _methods(self):

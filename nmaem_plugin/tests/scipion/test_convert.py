@@ -255,6 +255,42 @@ class TestConvertSets(unittest.TestCase):
         self.assertEqual(got, 25)
         out.close()
 
+    def test_latent_pose_correction_on_flex_particles(self):
+        """A latent file with pose corrections (nmaem train --refine-pose): each transform
+        gets the refined rotation R(v) A (built here from an independent Rodrigues series)
+        and keeps the origin folded with the shift; foldPose=False keeps the rotation."""
+        from pwem.objects import SetOfParticlesFlex
+        from nmaem_plugin.convert import matricesToRelion, setOfParticlesFlexFromLatent
+        from nmaem_plugin.core.imaging import euler_to_matrix
+        from nmaem_plugin.core.latent import write_latent
+        t = self.truth
+        rng = np.random.default_rng(4)
+        v = rng.normal(0, 0.05, (N, 3))
+        shift = rng.normal(0, 1.0, (N, 2))
+        latent = os.path.join(self.tmp, "latent_pose.npz")
+        write_latent(latent, np.zeros((N, 1)), shift, np.arange(N), pose_correction=v,
+                     euler=np.zeros((N, 3)))
+
+        def series(w):
+            K = np.array([[0.0, -w[2], w[1]], [w[2], 0.0, -w[0]], [-w[1], w[0], 0.0]])
+            out, term = np.eye(3), np.eye(3)
+            for k in range(1, 25):
+                term = term @ K / k
+                out = out + term
+            return out
+        for foldPose, name in ((True, "flex_pose.sqlite"), (False, "flex_nopose.sqlite")):
+            out = SetOfParticlesFlex(filename=os.path.join(self.tmp, name), progName="nmaem")
+            setOfParticlesFlexFromLatent(self.parts, latent, out, starFile=self.star,
+                                         foldPose=foldPose)
+            for p in out.iterItems():
+                k = int(np.flatnonzero(t["ids"] == p.getObjId())[0])
+                e, o = matricesToRelion(p.getTransform().getMatrix(), APIX)
+                A = euler_to_matrix(*[np.array([x]) for x in e])[0]
+                want = series(v[k]) @ t["A"][k] if foldPose else t["A"][k]
+                np.testing.assert_allclose(A, want, atol=1e-7)   # stored transforms
+                np.testing.assert_allclose(o, t["origin"][k] - shift[k], atol=1e-6)
+            out.close()
+
     def test_latent_without_star_uses_id_order(self):
         from pwem.objects import SetOfParticlesFlex
         from nmaem_plugin.convert import setOfParticlesFlexFromLatent
@@ -363,6 +399,42 @@ class TestAgainstRelionPlugin(unittest.TestCase):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+
+    def test_refined_angles_read_by_relion(self):
+        """Refined angles as nmaem infer writes them (core.star.write_star of R(v) A's
+        Euler angles) read back through our reader and through the RELION plugin's reader
+        (its particle transforms) to the same matrices, R(v) A."""
+        import relion.convert as rconv
+        from pwem.objects import SetOfParticles
+        from pwem.constants import ALIGN_PROJ
+        from nmaem_plugin.convert import writeSetOfParticles
+        from nmaem_plugin.core import poses
+        from nmaem_plugin.core.particles import read_particles
+        from nmaem_plugin.core.star import write_star
+        from dataclasses import replace
+        tmp = tempfile.mkdtemp(prefix="nmaem_relion_pose_")
+        try:
+            parts, _ = _make_set(tmp, np.random.default_rng(6))
+            star = os.path.join(tmp, "in.star")
+            writeSetOfParticles(parts, star)
+            parts.close()
+            table = read_particles(star)
+            v = np.random.default_rng(7).normal(0, 0.05, (table.n, 3))
+            want = poses.correct_rotations(table.rotation_matrices(), v)
+            refined = os.path.join(tmp, "refined.star")
+            write_star(refined, replace(table, euler=np.stack(poses.matrix_to_euler(want), 1)))
+            np.testing.assert_allclose(read_particles(refined).rotation_matrices(), want,
+                                       atol=1e-6)
+            theirs = SetOfParticles(filename=os.path.join(tmp, "relion.sqlite"))
+            rconv.readSetOfParticles(refined, theirs, alignType=ALIGN_PROJ)
+            self.assertEqual(theirs.getSize(), table.n)
+            got = []
+            for p in theirs.iterItems(orderBy="id"):      # the rows' order
+                got.append(np.linalg.inv(p.getTransform().getMatrix())[:3, :3])
+            np.testing.assert_allclose(np.stack(got), want, atol=1e-6)
+            theirs.close()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 if __name__ == "__main__":
     unittest.main()

@@ -263,6 +263,7 @@ class TestConvertSets(unittest.TestCase):
         from nmaem_plugin.convert import matricesToRelion, setOfParticlesFlexFromLatent
         from nmaem_plugin.core.imaging import euler_to_matrix
         from nmaem_plugin.core.latent import write_latent
+        from nmaem_plugin.tests.core.test_pose import rodrigues_reference as series
         t = self.truth
         rng = np.random.default_rng(4)
         v = rng.normal(0, 0.05, (N, 3))
@@ -270,14 +271,6 @@ class TestConvertSets(unittest.TestCase):
         latent = os.path.join(self.tmp, "latent_pose.npz")
         write_latent(latent, np.zeros((N, 1)), shift, np.arange(N), pose_correction=v,
                      euler=np.zeros((N, 3)))
-
-        def series(w):
-            K = np.array([[0.0, -w[2], w[1]], [w[2], 0.0, -w[0]], [-w[1], w[0], 0.0]])
-            out, term = np.eye(3), np.eye(3)
-            for k in range(1, 25):
-                term = term @ K / k
-                out = out + term
-            return out
         for foldPose, name in ((True, "flex_pose.sqlite"), (False, "flex_nopose.sqlite")):
             out = SetOfParticlesFlex(filename=os.path.join(self.tmp, name), progName="nmaem")
             setOfParticlesFlexFromLatent(self.parts, latent, out, starFile=self.star,

@@ -410,6 +410,9 @@ def _add_report(sub):
     p.add_argument("--models", default=None, metavar="DIR",
                    help="folder written by nmaem export: a table of its models' geometry "
                         "(bond and angle deviations, contacts, Ramachandran outliers)")
+    p.add_argument("--states", default=None, metavar="DIR",
+                   help="folder written by nmaem states: a table of the states (particles, "
+                        "model RMSD to the reference, files)")
     p.add_argument("--force", action="store_true",
                    help="replace existing output files (never an input)")
     p.set_defaults(func=_run_report)
@@ -424,7 +427,7 @@ def _run_report(args):
                      inputs=[args.run, args.latent, args.modes] + run_files(args.run),
                      force=args.force)
     write_report(args.run, args.output, latent=args.latent, modes=args.modes,
-                 truth=args.truth, models=args.models)
+                 truth=args.truth, models=args.models, states=args.states)
     return 0
 
 

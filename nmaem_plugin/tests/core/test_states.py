@@ -151,6 +151,31 @@ class TestStatesCommand(unittest.TestCase):
         self.assertEqual(rc, 2)
         self.assertIn("choose one of --maxima, --kmeans K or --range", err)
 
+    def test_report_table_of_states(self):
+        """nmaem report --states: one row per state with its count, share and file."""
+        from nmaem_plugin.core.runfolder import write_log
+        z = np.array([[-5.0, 0.1], [-4.8, -0.1], [5.0, 0.0], [5.2, 0.2], [4.9, -0.2]])
+        latent = os.path.join(self.tmp, "latent.npz")
+        write_latent(latent, z)
+        out = os.path.join(self.tmp, "states")
+        self.assertEqual(self._cli("states", "--latent", latent, "--kmeans", 2, "-o", out)[0], 0)
+        run = os.path.join(self.tmp, "run")
+        os.makedirs(run)
+        write_log(run, [dict(epoch=e, train_loss=1.0 / e, val_loss=1.1 / e, images_per_s=10.0,
+                             seconds=1.0) for e in (1, 2, 3)])
+        rep = os.path.join(self.tmp, "report")
+        rc, err = self._cli("report", run, "-o", rep, "--states", out)
+        self.assertEqual(rc, 0, err)
+        with open(os.path.join(rep, "index.html")) as fh:
+            page = fh.read()
+        self.assertIn("<h2>States</h2>", page)
+        self.assertIn("<tr><td>state_01</td><td>3</td><td>60.0%</td><td>-</td><td>-</td></tr>",
+                      page)
+        self.assertIn("<tr><td>state_02</td><td>2</td><td>40.0%</td>", page)
+        rc, err = self._cli("report", run, "-o", rep, "--force", "--states", self.tmp)
+        self.assertEqual(rc, 2)
+        self.assertIn("states.json", err)
+
     def test_read_states_checks(self):
         bad = os.path.join(self.tmp, "bad.npz")
         np.savez(bad, label=np.array([0, 2]), index=np.arange(2), z=np.zeros((2, 1)),

@@ -13,13 +13,14 @@ export SCIPION_HOME      ?= $(CURDIR)/.scipion
 export SCIPION_USER_DATA ?= $(CURDIR)/.scipion/userdata
 export SCIPION_TESTS     ?= $(CURDIR)/.scipion/tests
 export SCIPION_TEST_NOSYNC = 1
+export SCIPION_LOCAL_CONFIG ?= $(SCIPION_HOME)/config/scipion.conf
 # Scipion launches protocols with this interpreter (by default a bare python3 from PATH)
 export SCIPION_PYTHON    = $(PY)
 # PyKeOps compiles its kernels with g++ on first use: keep them between runs.
 export KEOPS_CACHE_FOLDER ?= $(CURDIR)/.keops_cache
 export MPLBACKEND = Agg
 
-.PHONY: all install scipion-dirs demo demo-cli test bench clean
+.PHONY: all install scipion-dirs demo demo-cli gui test bench clean
 
 all: test
 
@@ -46,6 +47,12 @@ test: $(STAMP) scipion-dirs
 # evaluate); demo-cli runs the same chain as plain nmaem commands and draws the figures
 demo: $(STAMP) scipion-dirs
 	$(PY) -m nmaem_plugin.demo_scipion
+
+# the Scipion GUI on the demo project (or PROJECT=name), with the interpreter and folders
+# above, so that protocols launched from it (and "show model") run
+PROJECT ?= nmaem_demo
+gui: $(STAMP) scipion-dirs
+	SCIPION_DOMAIN=pwem SCIPION_NOTIFY=False $(PY) -m scipion project $(PROJECT)
 
 demo-cli: $(STAMP) scipion-dirs
 	$(PY) -m nmaem_plugin.demo -o $(DEMO_DIR)

@@ -17,7 +17,10 @@ setup(
     long_description_content_type="text/x-rst",
     license="GPL-3.0-or-later",
     python_requires=">=3.9",
-    packages=find_packages(include=["nmaem_plugin", "nmaem_plugin.*"]),
+    # the data folders (no __init__.py) are listed as packages so that setuptools ships
+    # their files without warning
+    packages=find_packages(include=["nmaem_plugin", "nmaem_plugin.*"])
+    + ["nmaem_plugin.data", "nmaem_plugin.tests.data"],
     include_package_data=True,
     package_data={"nmaem_plugin": ["protocols.conf", "data/*.pdb", "tests/data/*"]},
     install_requires=[
@@ -39,7 +42,6 @@ setup(
     },
     classifiers=[
         "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: GNU General Public License v3 or later (GPLv3+)",
         "Topic :: Scientific/Engineering :: Bio-Informatics",
     ],
 )

@@ -18,6 +18,13 @@ ATTR_EIGENVALUE = "_nmaem_eigenvalue"  # NormalMode: ANM eigenvalue
 ATTR_OVERLAP = "_nmaem_overlap"        # NormalMode: overlap with the displacement to a target
 ATTR_ANIMATION = "_nmaem_animation"    # NormalMode: multi-model PDB animating the mode
 ATTR_LATENT_INDEX = "_nmaem_latentIndex"  # ParticleFlex: row of latent.npz
+ATTR_RUN_DIR = "_nmaem_runDir"         # FlexInfo: the training run folder (RUN)
+
+# FlexInfo attributes the Flexibility Hub's normal-mode tools read (scipion-em-flexutils'
+# names), set next to ATTR_RUN_DIR by convert.hubFlexAttributes
+HUB_REF_STRUCT = "refStruct"           # String: the run's reference model (absolute path)
+HUB_N_MODES = "n_modes"                # Integer: d, the number of modes z deforms along
+HUB_MODES_FILE = "modesFile"           # String: the run's modes.npz (absolute path)
 
 # Column of the STAR files written by convert that carries Scipion's particle ids.
 STAR_ID_COLUMN = "rlnImageId"

@@ -55,7 +55,8 @@ import os
 
 import numpy as np
 
-from .constants import PROGRAM_NAME, STAR_ID_COLUMN, ATTR_LATENT_INDEX
+from .constants import (ATTR_LATENT_INDEX, ATTR_RUN_DIR, HUB_MODES_FILE, HUB_N_MODES,
+                        HUB_REF_STRUCT, PROGRAM_NAME, STAR_ID_COLUMN)
 
 # ============================================================================ poses
 
@@ -370,12 +371,60 @@ def starRowIds(starFile):
     return np.arange(1, len(parts) + 1, dtype=np.int64)
 
 
+def hubFlexAttributes(runDir):
+    """{name: value} of the Flexibility Hub attributes of a training run folder: the
+    reference model (:data:`HUB_REF_STRUCT`), the modes file (:data:`HUB_MODES_FILE`) and
+    d (:data:`HUB_N_MODES`), those the run has."""
+    if not runDir:
+        return {}
+    from .core.runfolder import read_config_or_none, reference_and_modes
+    ref, modes = reference_and_modes(runDir)
+    cfg = read_config_or_none(runDir) or {}
+    out = {ATTR_RUN_DIR: runDir}
+    if ref:
+        out[HUB_REF_STRUCT] = ref
+    if modes:
+        out[HUB_MODES_FILE] = modes
+    if cfg.get("n_modes") is not None:
+        out[HUB_N_MODES] = int(cfg["n_modes"])
+    return out
+
+
+def pcaCoordinates(z):
+    """zRed of the Flexibility Hub: the PC coordinates of each z (N, d) over the whole
+    set (``core.analysis.pca``: axes by decreasing variance, measured from z = 0), or
+    None for fewer than 2 particles or d = 0."""
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2 or len(z) < 2 or z.shape[1] == 0:
+        return None
+    from .core.analysis import pca
+    return pca(z).transform(z)
+
+
+def latentFromParticlesFlex(particles, latentFile, idsFile=None):
+    """Write the zFlex of a SetOfParticlesFlex as ``latentFile`` (``core.latent``; rows
+    in id order, shifts zero, index 0..N-1) and their ids as ``idsFile`` (.npy);
+    returns the ids (N,) int64."""
+    from .core.latent import write_latent
+    ids, z = [], []
+    for p in particles.iterItems(orderBy="id"):
+        ids.append(p.getObjId())
+        z.append(np.asarray(p.getZFlex(), dtype=np.float64))
+    d = len(z[0]) if z else 0
+    ids = np.asarray(ids, dtype=np.int64)
+    if idsFile is not None:
+        np.save(idsFile, ids)
+    write_latent(latentFile, np.asarray(z, dtype=np.float64).reshape(-1, d))
+    return ids
+
+
 def setOfParticlesFlexFromLatent(inputSet, latentFile, outputSet, starFile=None,
                                  foldShift=True, replaceShift=False, flexAttributes=None,
                                  foldPose=True):
     """Fill the empty ``outputSet`` (``SetOfParticlesFlex``) with a copy of each particle
     of ``inputSet`` that has a row in ``latentFile``, as ``ParticleFlex`` items with
-    ``setZFlex(z)`` and ``FlexInfo`` program name "nmaem", keeping the input ids.
+    ``setZFlex(z)``, ``setZRed`` (:func:`pcaCoordinates`) and ``FlexInfo`` program name
+    "nmaem", keeping the input ids.
 
     Rows of the latent file (``index``) are rows of ``starFile`` (the STAR given to
     ``nmaem``, whose ``rlnImageId`` column holds the ids); without ``starFile`` they are
@@ -383,8 +432,9 @@ def setOfParticlesFlexFromLatent(inputSet, latentFile, outputSet, starFile=None,
     is folded into each particle's transform (:func:`foldShiftIntoMatrix`, a correction
     on top of the input origin unless ``replaceShift``); with ``foldPose`` the pose
     correction of a run trained with ``--refine-pose`` (``pose_correction``, absent
-    otherwise) is applied to its rotation (:func:`refinePoseInMatrix`). ``flexAttributes`` (name ->
-    value) are stored on the set's ``FlexInfo``. Returns the number of particles.
+    otherwise) is applied to its rotation (:func:`refinePoseInMatrix`). ``flexAttributes``
+    (name -> value) are stored on the set's ``FlexInfo``, with :func:`hubFlexAttributes` of
+    the run folder among them. Returns the number of particles.
     """
     from pwem.objects import FlexInfo, ParticleFlex, Transform
     from pyworkflow.object import Integer
@@ -404,9 +454,12 @@ def setOfParticlesFlexFromLatent(inputSet, latentFile, outputSet, starFile=None,
     outputSet.copyInfo(inputSet)
     info = FlexInfo(PROGRAM_NAME)
     info.setAttr("_nmaem_latentDim", int(z.shape[1]))
-    for name, value in (flexAttributes or {}).items():
+    attrs = dict(flexAttributes or {})
+    attrs.update(hubFlexAttributes(attrs.get(ATTR_RUN_DIR)))
+    for name, value in attrs.items():
         info.setAttr(name, value)
     outputSet.setFlexInfo(info)
+    zRed = pcaCoordinates(z)
 
     count = 0
     for part in inputSet.iterItems(orderBy="id"):
@@ -417,6 +470,8 @@ def setOfParticlesFlexFromLatent(inputSet, latentFile, outputSet, starFile=None,
         item.copy(part, copyId=True)
         item.setFlexInfo(FlexInfo(PROGRAM_NAME))
         item.setZFlex(z[k].astype(float).tolist())
+        if zRed is not None:
+            item.setZRed(zRed[k].tolist())
         setattr(item, ATTR_LATENT_INDEX, Integer(int(index[k])))
         if part.getTransform() is not None and (foldShift or poseCorrection is not None):
             M = part.getTransform().getMatrix()

@@ -16,16 +16,63 @@ Scipion environment variables set (the Makefile sets them).
 import argparse
 import json
 import os
+import re
+import shlex
 import sys
+import threading
 
 from nmaem_plugin import DATA_DIR
 from nmaem_plugin.demo import print_results
 
 
+# lines of a protocol's log worth showing while it runs: nmaem's progress (epochs,
+# images/s, ETA), its one-line errors and the steps' results
+PROGRESS = re.compile(r"epoch|images/s|ETA|nmaem: error|^(states|export|infer|simulate|"
+                      r"modes|evaluate|train)\b", re.I)
+
+
+def _follow(path, pos):
+    """New complete lines of the file ``path`` after byte ``pos``: (lines, new pos)."""
+    if not os.path.exists(path):
+        return [], pos
+    with open(path, "rb") as fh:
+        fh.seek(pos)
+        data = fh.read()
+    end = data.rfind(b"\n") + 1
+    return data[:end].decode("utf-8", "replace").splitlines(), pos + end
+
+
+def _printProgress(prot, stop, poll=2.0):
+    """Print the progress lines of ``prot``'s stdout log until ``stop`` is set (reads
+    files only: the project database stays with the main thread)."""
+    pos = 0
+    while True:
+        stopping = stop.wait(poll)
+        try:
+            logs = [p for p in prot.getLogPaths() if p.endswith(".stdout")]
+        except Exception:       # the working folder is not assigned yet
+            logs = []
+        if logs:
+            lines, pos = _follow(logs[0], pos)
+            for line in lines:
+                if PROGRESS.search(line.strip()):
+                    print("  %s" % line.strip(), flush=True)
+        if stopping:
+            return
+
+
 def _launch(project, prot):
+    """Launch ``prot`` (its own process) and print its progress lines while it runs."""
     label = prot.getObjLabel()
     print("running: %s" % label, flush=True)
-    project.launchProtocol(prot, wait=True)
+    stop = threading.Event()
+    follower = threading.Thread(target=_printProgress, args=(prot, stop), daemon=True)
+    follower.start()
+    try:
+        project.launchProtocol(prot, wait=True)
+    finally:
+        stop.set()
+        follower.join()
     if not prot.isFinished():
         logs = [p for p in prot.getLogPaths() if os.path.exists(p)]
         tail = ""
@@ -34,6 +81,17 @@ def _launch(project, prot):
                 tail = "".join(fh.readlines()[-30:])
         raise SystemExit("demo: protocol '%s' failed; its log ends with:\n%s" % (label, tail))
     return prot
+
+
+def gui_command(project_name):
+    """The shell command that opens the project in the Scipion GUI with everything the
+    protocols launched from it need (Scipion's folders, its interpreter)."""
+    names = ("SCIPION_HOME", "SCIPION_USER_DATA", "SCIPION_LOCAL_CONFIG", "SCIPION_PYTHON",
+             "KEOPS_CACHE_FOLDER")
+    env = " ".join("%s=%s" % (k, shlex.quote(os.environ[k])) for k in names
+                   if os.environ.get(k))
+    return "%s %s -m scipion project %s" % (env, shlex.quote(sys.executable),
+                                           shlex.quote(project_name))
 
 
 def main(argv=None):
@@ -131,10 +189,7 @@ def main(argv=None):
                                                    os.path.abspath(export._getExtraPath())))
     print()
     print("project: %s" % project.getPath())
-    env = " ".join("%s=%s" % (k, os.environ[k]) for k in ("SCIPION_HOME", "SCIPION_USER_DATA")
-                   if k in os.environ)
-    print("open it in the Scipion GUI with:\n  %s %s -m scipion project %s"
-          % (env, sys.executable, args.project))
+    print("open it in the Scipion GUI with (or: make gui):\n  %s" % gui_command(args.project))
     return 0
 
 

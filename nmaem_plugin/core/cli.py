@@ -318,6 +318,53 @@ def _run_export(args):
     return 0
 
 
+def _add_states(sub):
+    p = sub.add_parser(
+        "states", help="particles per state: maxima basins, k-means clusters or PC ranges",
+        description="Cut the latent landscape into states, each a set of particles with a "
+                    "representative z: the basins of the density maxima along PC1 "
+                    "(--maxima), k-means clusters of z (--kmeans K) or boxes in PC "
+                    "coordinates (--range, one per state). Writes DIR/states.npz (a label "
+                    "per particle, -1 for none), DIR/states.json and, with --particles, "
+                    "one STAR per state (state_01.star, ...).")
+    p.add_argument("--latent", required=True, metavar="latent.npz",
+                   help="latent file of nmaem infer")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--maxima", action="store_true",
+                   help="one state per density maximum of PC1, its whole basin")
+    p.add_argument("--kmeans", type=int, default=None, metavar="K",
+                   help="one state per k-means cluster of z")
+    p.add_argument("--range", dest="ranges", action="append", default=[],
+                   metavar="PC:LOW:HIGH[,PC:LOW:HIGH...]",
+                   help="one state: the particles whose PC coordinates (Angstrom, from z = 0) "
+                        "lie in all these intervals, e.g. 1:-5:5 or 1:-5:5,2:0:3 (repeat for "
+                        "more states; a particle goes to the first that holds it)")
+    p.add_argument("--particles", default=None, metavar="FILE",
+                   help="the particle file given to nmaem infer (STAR or .cs): write one "
+                        "RELION STAR of each state's particles")
+    p.add_argument("--model", default=None, metavar="RUN",
+                   help="training run folder: adds each state's RMSD to the reference")
+    p.add_argument("--seed", type=int, default=0, help="k-means random seed (default 0)")
+    p.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                   help="replace existing output files (never an input)")
+    _add_maxima_options(p)
+    p.set_defaults(func=_run_states)
+
+
+def _run_states(args):
+    from .runfolder import read_config
+    from .states import states_command
+    atoms = None
+    if args.model:
+        atoms = read_config(args.model).get("n_atoms")
+    states_command(args.latent, args.output, maxima=args.maxima, kmeans_k=args.kmeans,
+                   ranges=args.ranges, seed=args.seed, particles=args.particles,
+                   force=args.force, bandwidth=_bandwidth(args.bandwidth),
+                   min_height=args.min_height, min_prominence=args.min_prominence,
+                   min_significance=args.min_significance, model_atoms=atoms)
+    return 0
+
+
 def _add_evaluate(sub):
     p = sub.add_parser(
         "evaluate", help="accuracy of a latent file on a simulated dataset (JSON on stdout)",
@@ -369,6 +416,9 @@ def _add_report(sub):
     p.add_argument("--models", default=None, metavar="DIR",
                    help="folder written by nmaem export: a table of its models' geometry "
                         "(bond and angle deviations, contacts, Ramachandran outliers)")
+    p.add_argument("--states", default=None, metavar="DIR",
+                   help="folder written by nmaem states: a table of the states (particles, "
+                        "model RMSD to the reference, files)")
     p.add_argument("--force", action="store_true",
                    help="replace existing output files (never an input)")
     p.set_defaults(func=_run_report)
@@ -383,7 +433,7 @@ def _run_report(args):
                      inputs=[args.run, args.latent, args.modes] + run_files(args.run),
                      force=args.force)
     write_report(args.run, args.output, latent=args.latent, modes=args.modes,
-                 truth=args.truth, models=args.models)
+                 truth=args.truth, models=args.models, states=args.states)
     return 0
 
 
@@ -619,6 +669,7 @@ def build_parser():
     _add_train(sub)
     _add_infer(sub)
     _add_export(sub)
+    _add_states(sub)
     _add_evaluate(sub)
     _add_report(sub)
     _add_check(sub)

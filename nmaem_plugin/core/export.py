@@ -1,6 +1,7 @@
 """``nmaem export``: deformed all-atom models at chosen latent points (PC traversals,
 k-means centres, density maxima of PC1, given amplitudes), with models.json / models.csv,
-and the particles each exported model represents (:func:`particle_counts`)."""
+and the particles each exported model represents (:func:`particle_counts`, written as
+``n_particles`` in models.json whenever a latent file is given)."""
 import csv
 import os
 
@@ -163,6 +164,9 @@ def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
         row["rmsd_to_reference"] = float(np.linalg.norm(zj) / np.sqrt(M))
         row.setdefault("n_particles", None)
         listing["models"].append(row)
+    if latent is not None:      # every model's particles, PC steps and given z included
+        for row, n in zip(listing["models"], particle_counts(listing, latent.z)):
+            row["n_particles"] = n
     with atomic_path(os.path.join(out_dir, "models.json"), suffix=".json") as tmp:
         with open(tmp, "w") as fh:
             fh.write(format_json(listing) + "\n")

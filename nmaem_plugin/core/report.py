@@ -68,11 +68,30 @@ def validation_rows(listing):
     return out
 
 
+def states_rows(states_dir):
+    """(listing, rows) of an ``nmaem states`` folder: one row per state, (state, particles,
+    share of the particles, RMSD of its model to the reference or '-', its STAR file or
+    '-'); a one-line error when the folder has no states.json."""
+    from .states import STATES_JSON, read_states_json
+    listing = read_states_json(os.path.join(str(states_dir), STATES_JSON))
+    if not isinstance(listing, dict) or not isinstance(listing.get("states"), list):
+        fail(os.path.join(str(states_dir), STATES_JSON), "not a states listing: no 'states'")
+    n = max(int(listing.get("n_particles") or 0), 1)
+    rows = []
+    for s in listing["states"]:
+        r = s.get("rmsd_to_reference")
+        rows.append((str(s.get("name", s.get("state"))), int(s["n_particles"]),
+                     "%.1f%%" % (100.0 * s["n_particles"] / n),
+                     "-" if r is None else "%.2f" % r, s.get("star") or "-"))
+    return listing, rows
+
+
 def write_report(run_dir, out_dir, latent=None, modes=None, truth=None, models=None,
-                 log=print):
+                 states=None, log=print):
     """Write the figures and ``index.html`` into ``out_dir``; returns the list of
     (file name, caption) written. Raises NmaemError (one line) on missing input.
-    ``models``: an ``nmaem export`` folder, whose models' validation becomes a table."""
+    ``models``: an ``nmaem export`` folder, whose models' validation becomes a table;
+    ``states``: an ``nmaem states`` folder, a table of its states."""
     from . import plots
     from .latent import read_latent
     from .runfolder import config_path, log_path, read_config_or_none, read_log_columns
@@ -94,6 +113,7 @@ def write_report(run_dir, out_dir, latent=None, modes=None, truth=None, models=N
     if truth is not None and latent is None:
         fail(truth, "--truth needs --latent (the frames colour the latent landscape)")
     listing = read_models_listing(models) if models is not None else None
+    state_table = states_rows(states) if states is not None else None
     lat = read_latent(latent) if latent is not None else None   # checks before any output
     frames = _frames_for(lat, truth) if truth is not None else None
     if modes is not None:
@@ -143,12 +163,13 @@ def write_report(run_dir, out_dir, latent=None, modes=None, truth=None, models=N
         if lat.d > 1:
             emit(plots.mode_amplitudes(lat.z), "amplitudes.png",
                  "Distribution of each mode amplitude z_l (Angstrom).")
-    _write_index(out_dir, run_dir, written, models, listing)
+    _write_index(out_dir, run_dir, written, models, listing, states, state_table)
     log("wrote %s" % os.path.join(out_dir, "index.html"))
     return written
 
 
-def _write_index(out_dir, run_dir, written, models=None, listing=None):
+def _write_index(out_dir, run_dir, written, models=None, listing=None, states=None,
+                 state_table=None):
     esc = html.escape
     parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">",
              "<title>nmaem report: %s</title>" % esc(run_dir),
@@ -171,6 +192,20 @@ def _write_index(out_dir, run_dir, written, models=None, listing=None):
             parts.append("<tr><td>%s</td><td>%s</td>%s</tr>" % (
                 esc(name), "-" if n is None else n,
                 "".join("<td>%s</td>" % esc(c) for c in cells)))
+        parts.append("</table>")
+    if state_table is not None:
+        slisting, srows = state_table
+        parts.append("<h2>States</h2><p>%d states (%s) of %s particles, %s assigned, in "
+                     "<code>%s</code> (nmaem states; docs/analysis.md):</p>" % (
+                         len(srows), esc(str(slisting.get("method"))),
+                         format(int(slisting.get("n_particles") or 0), ","),
+                         format(int(slisting.get("n_assigned") or 0), ","),
+                         esc(os.path.abspath(str(states)))))
+        parts.append("<table border=\"1\" cellpadding=\"4\"><tr><th>state</th>"
+                     "<th>particles</th><th>share</th><th>model RMSD to reference (A)</th>"
+                     "<th>particles file</th></tr>")
+        for row in srows:
+            parts.append("<tr>%s</tr>" % "".join("<td>%s</td>" % esc(str(c)) for c in row))
         parts.append("</table>")
     parts.append("</body></html>")
     with atomic_path(os.path.join(out_dir, "index.html")) as tmp:

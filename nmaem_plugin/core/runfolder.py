@@ -34,7 +34,7 @@ __all__ = ["is_auto_batch", "CONFIG_FILE", "LOG_FILE", "SPLIT_FILE", "NOISE_FILE
            "epoch_checkpoint_file", "read_config", "read_config_or_none", "write_json",
            "write_config", "write_log", "read_log_rows", "read_log_columns", "checkpoint_path",
            "existing_checkpoint", "reference_name", "is_run", "LOCK_FILE", "run_lock",
-           "read_lock"]
+           "read_lock", "reference_and_modes"]
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"               # one run, one writer (run_lock)
@@ -238,6 +238,17 @@ def read_config_or_none(run_dir) -> Optional[Dict]:
         return None
     with open(path) as fh:
         return json.load(fh)
+
+
+def reference_and_modes(run_dir) -> Tuple[Optional[str], Optional[str]]:
+    """Absolute paths of the run's reference model and modes file named in its
+    config.json (None where absent: no config, or a run without modes)."""
+    cfg = read_config_or_none(run_dir)
+    if cfg is None:
+        return None, None
+    ref, modes = cfg.get("reference"), cfg.get("modes")
+    return (os.path.abspath(os.path.join(os.fspath(run_dir), ref)) if ref else None,
+            os.path.abspath(os.path.join(os.fspath(run_dir), modes)) if modes else None)
 
 
 def write_json(path, obj) -> None:

@@ -9,4 +9,5 @@ from .protocol_simulate import NmaemProtSimulate
 from .protocol_train import NmaemProtTrain
 from .protocol_infer import NmaemProtInfer
 from .protocol_export import NmaemProtExport
+from .protocol_states import NmaemProtStates
 from .protocol_evaluate import NmaemProtEvaluate

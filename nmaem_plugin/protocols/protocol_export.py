@@ -7,20 +7,20 @@
 # * Software Foundation; either version 3 of the License, or (at your option)
 # * any later version. See the LICENSE file at the root of the project.
 # **************************************************************************
-"""Deformed all-atom models at chosen latent points: ``nmaem export`` -> SetOfAtomStructs."""
-import json
+"""Deformed all-atom models at chosen latent points: ``nmaem export`` -> SetOfAtomStructFlex."""
 import os
 from enum import Enum
 
-import numpy as np
 import pyworkflow.protocol.params as params
-from pyworkflow.object import CsvList, Float, Integer, String
-from pwem.objects import AtomStruct, SetOfAtomStructs
+from pyworkflow.object import Float, Integer, String
+from pwem.objects import SetOfAtomStructFlex
 
 from ..core.choices import MODEL_FORMATS
 from ..core.runfolder import read_config_or_none
 from .protocol_base import NmaemProtBase
-from .protocol_flex_common import (ATTR_KIND, ATTR_N_PARTICLES, ATTR_RMSD_REF, ATTR_Z, runDirOf)
+from .protocol_flex_common import (ATTR_KIND, ATTR_N_PARTICLES, ATTR_RMSD_REF,
+                                   createSetOfAtomStructFlex, hubFlexInfo, modelStructFlex,
+                                   runDirOf)
 
 EXPORT_PCS, EXPORT_KMEANS, EXPORT_MAXIMA, EXPORT_Z = range(4)
 EXPORT_CHOICES = ["principal component traversal", "k-means centres", "density maxima (PC1)",
@@ -29,17 +29,7 @@ FORMATS = MODEL_FORMATS
 
 
 class NmaemExportOutputs(Enum):
-    outputAtomStructs = SetOfAtomStructs
-
-
-def zFlexMatrix(particles):
-    """(ids, z) of a SetOfParticlesFlex, in id order: (N,) int64 and (N, d) float64."""
-    ids, z = [], []
-    for p in particles.iterItems(orderBy="id"):
-        ids.append(p.getObjId())
-        z.append(np.asarray(p.getZFlex(), dtype=np.float64))
-    d = len(z[0]) if z else 0
-    return np.asarray(ids, dtype=np.int64), np.asarray(z, dtype=np.float64).reshape(-1, d)
+    outputAtomStructs = SetOfAtomStructFlex
 
 
 class NmaemProtExport(NmaemProtBase):
@@ -143,10 +133,9 @@ class NmaemProtExport(NmaemProtBase):
 
     def writeLatentStep(self):
         """latent.npz of the input particles' z (rows in id order; shifts are not used)."""
-        from ..core.latent import write_latent
-        ids, z = zFlexMatrix(self.inputParticles.get())
-        np.save(self._getFileName("ids"), ids)
-        write_latent(self._getFileName("latent"), z)
+        from ..convert import latentFromParticlesFlex
+        latentFromParticlesFlex(self.inputParticles.get(), self._getFileName("latent"),
+                                self._getFileName("ids"))
 
     def exportStep(self):
         if os.path.exists(self._getFileName("done")):   # models.csv is written last
@@ -175,21 +164,18 @@ class NmaemProtExport(NmaemProtBase):
         self.runNmaem("export", args)
 
     def createOutputStep(self):
-        with open(self._getFileName("listing")) as fh:
-            listing = json.load(fh)
-        from ..core.export import particle_counts
-        from ..core.latent import read_latent
-        counts = particle_counts(listing, read_latent(self._getFileName("latent")).z)
-        out = self._createSetOfPDBs(suffix="models")
-        for k, (m, n) in enumerate(zip(listing["models"], counts)):
-            a = AtomStruct(filename=os.path.relpath(
-                os.path.join(self._getFileName("models"), m["file"])))
+        """A SetOfAtomStructFlex: each model an AtomStructFlex with its z (zFlex), its PC
+        coordinates (zRed) and the particles' FlexInfo with the run's reference and
+        modes (the numbers come from models.json: nmaem export counts the particles)."""
+        listing = self._readListing()
+        out = createSetOfAtomStructFlex(self, "models")
+        info = hubFlexInfo(self.inputParticles.get(), self._runDir())
+        out.setFlexInfo(info)
+        for k, m in enumerate(listing["models"]):
+            a = modelStructFlex(os.path.join(self._getFileName("models"), m["file"]), m["z"],
+                                m.get("pc_coords"), info)
             a.setObjId(k + 1)
-            setattr(a, ATTR_N_PARTICLES, Integer(n))
-            zl = CsvList(pType=float)
-            for v in m["z"]:
-                zl.append(float(v))
-            setattr(a, ATTR_Z, zl)
+            setattr(a, ATTR_N_PARTICLES, Integer(int(m.get("n_particles") or 0)))
             setattr(a, ATTR_KIND, String(m["kind"]))
             setattr(a, ATTR_RMSD_REF, Float(float(m["rmsd_to_reference"])))
             out.append(a)

@@ -12,10 +12,10 @@ trained network (a pwem ``FlexInfo``) and Flexibility Hub particles to the ``nma
 folder, and small readers of that folder. Only the standard library at the top."""
 import os
 
-from ..constants import PROGRAM_NAME
+from ..constants import ATTR_RUN_DIR, PROGRAM_NAME  # noqa: F401 (ATTR_RUN_DIR re-exported)
 
 # FlexInfo attributes (train output, and the FlexInfo of infer's SetOfParticlesFlex)
-ATTR_RUN_DIR = "_nmaem_runDir"          # the training run folder (RUN), relative to the project
+# ATTR_RUN_DIR (constants): the training run folder (RUN), relative to the project
 ATTR_LATENT_DIM = "_nmaem_latentDim"    # d (set by convert.setOfParticlesFlexFromLatent too)
 ATTR_EPOCHS = "_nmaem_epochs"           # epochs completed (train output)
 ATTR_BOX = "_nmaem_box"                 # training box (px)
@@ -30,6 +30,8 @@ ATTR_KIND = "_nmaem_kind"               # AtomStruct: pc | cluster | maximum | z
 ATTR_RMSD_REF = "_nmaem_rmsdToReference"  # AtomStruct: |z| / sqrt(M)
 ATTR_RMSD = "_nmaem_rmsd"               # ParticleFlex (evaluate): RMSD to the true frame
 ATTR_FLOOR_RMSD = "_nmaem_floorRmsd"    # ParticleFlex (evaluate): best RMSD the modes allow
+ATTR_STATE = "_nmaem_state"             # ParticleFlex in a states class: its state (1-based)
+
 
 
 def runDirOf(obj):
@@ -70,3 +72,49 @@ def createSetOfParticlesFlex(prot, suffix=""):
     fn = prot._getPath("particles_flex%s.sqlite" % suffix)
     pwutils.cleanPath(fn)
     return SetOfParticlesFlex(filename=fn, progName=PROGRAM_NAME)
+
+
+def hubFlexInfo(particles, runDir=None):
+    """A FlexInfo (program "nmaem") for the Flexibility Hub outputs made from
+    ``particles``: a copy of the particles' FlexInfo, with the run's reference structure,
+    modes file and d (``convert.hubFlexAttributes``) of ``runDir`` (default: the run
+    recorded on the particles)."""
+    from pwem.objects import FlexInfo
+    from ..convert import hubFlexAttributes
+    info = FlexInfo(PROGRAM_NAME)
+    src = particles.getFlexInfo() if hasattr(particles, "getFlexInfo") else None
+    if src is not None:
+        info.copyInfo(src)
+    for name, value in hubFlexAttributes(runDir or runDirOf(particles)).items():
+        info.setAttr(name, value)
+    return info
+
+
+def modelStructFlex(filename, z, zRed=None, flexInfo=None):
+    """An AtomStructFlex of the model file with its amplitudes z (zFlex and, as a
+    comma-separated list, :data:`ATTR_Z`), its PC coordinates (zRed) and a copy of
+    ``flexInfo``."""
+    from pwem.objects import AtomStructFlex, FlexInfo
+    from pyworkflow.object import CsvList
+    a = AtomStructFlex(progName=PROGRAM_NAME, filename=os.path.relpath(filename))
+    a.setZFlex([float(v) for v in z])
+    if zRed is not None:
+        a.setZRed([float(v) for v in zRed])
+    zl = CsvList(pType=float)
+    for v in z:
+        zl.append(float(v))
+    setattr(a, ATTR_Z, zl)
+    if flexInfo is not None:
+        info = FlexInfo(PROGRAM_NAME)
+        info.copyInfo(flexInfo)
+        a.setFlexInfo(info)
+    return a
+
+
+def createSetOfAtomStructFlex(prot, suffix=""):
+    """A new, empty SetOfAtomStructFlex in the protocol's folder (any old file removed)."""
+    import pyworkflow.utils as pwutils
+    from pwem.objects import SetOfAtomStructFlex
+    fn = prot._getPath("structures_flex%s.sqlite" % suffix)
+    pwutils.cleanPath(fn)
+    return SetOfAtomStructFlex(filename=fn, progName=PROGRAM_NAME)

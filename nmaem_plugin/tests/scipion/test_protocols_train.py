@@ -18,7 +18,9 @@ from pyworkflow.tests import setupTestProject
 from nmaem_plugin.tests.scipion import scipion_base
 from nmaem_plugin.constants import ATTR_FRAME, PROGRAM_NAME
 from nmaem_plugin.protocols import (NmaemProtComputeModes, NmaemProtEvaluate,
-                                    NmaemProtExport, NmaemProtInfer, NmaemProtTrain)
+                                    NmaemProtExport, NmaemProtInfer, NmaemProtStates,
+                                    NmaemProtTrain)
+from nmaem_plugin.protocols.protocol_states import STATES_KMEANS, stateParticlesName
 from nmaem_plugin.protocols.protocol_export import EXPORT_KMEANS, EXPORT_PCS, EXPORT_Z
 from nmaem_plugin.protocols.protocol_flex_common import (ATTR_FLOOR_RMSD, ATTR_N_PARTICLES,
                                                          ATTR_RMSD, ATTR_RMSD_REF, ATTR_RUN_DIR,
@@ -30,6 +32,7 @@ APIX = 2.5
 N_MODES = 3
 EPOCHS = 2
 PC_STEPS = 5
+N_STATES = 3
 
 
 def _logText(prot):
@@ -67,6 +70,12 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
                                      refineGeometry=False)
         cls.export.inputParticles.set(cls.infer.outputParticles)
         cls._launch(cls.export)
+
+        cls.states = cls.newProtocol(NmaemProtStates, objLabel="states k-means",
+                                     statesMode=STATES_KMEANS, numberOfClusters=N_STATES,
+                                     refineGeometry=False)
+        cls.states.inputParticles.set(cls.infer.outputParticles)
+        cls._launch(cls.states)
 
         cls.evaluate = cls.newProtocol(NmaemProtEvaluate, objLabel="evaluate",
                                        minProminence=0.05, minSignificance=2.5)
@@ -310,11 +319,88 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         bad.inputParticles.set(self.infer.outputParticles)
         self.assertIn("need %d numbers" % N_MODES, " ".join(bad.validate()))
 
+    # ------------------------------------------------------------------ states
+    def test_states_classes(self):
+        """Classes partition the particles, each representative carries its class's z
+        (the mean z of its members: k-means centres) and is X0 + U z; the outputs are
+        the Flexibility Hub's classes."""
+        from pwem.objects import (AtomStructFlex, ClassStructFlex, SetOfAtomStructFlex,
+                                  SetOfClassesStructFlex, SetOfParticles)
+        from nmaem_plugin.constants import HUB_MODES_FILE, HUB_N_MODES, HUB_REF_STRUCT
+        from nmaem_plugin.core.structure import read_model
+        classes = self.states.outputClasses
+        self.assertIs(type(classes), SetOfClassesStructFlex)
+        self.assertIs(type(self.states.outputStructures), SetOfAtomStructFlex)
+        self.assertEqual(classes.getSize(), N_STATES)
+        zOf = {p.getObjId(): np.asarray(p.getZFlex(), dtype=float)
+               for p in self.infer.outputParticles.iterItems(orderBy="id")}
+        x0 = read_model(os.path.join(self._runDir(), "reference.pdb"))
+        U = self._modes()[:N_MODES]
+        seen = []
+        for cls in classes.iterItems(orderBy="id"):
+            self.assertIs(type(cls), ClassStructFlex)
+            ids = [p.getObjId() for p in cls.iterItems(orderBy="id")]
+            self.assertTrue(ids)
+            seen += ids
+            rep = cls.getRepresentative()
+            self.assertIs(type(rep), AtomStructFlex)
+            zc = np.mean([zOf[i] for i in ids], axis=0)
+            np.testing.assert_allclose(rep.getZFlex(), zc, atol=1e-4)
+            info = rep.getFlexInfo()
+            self.assertEqual(info.getProgName(), PROGRAM_NAME)
+            self.assertEqual(info.getAttr(HUB_N_MODES), N_MODES)
+            self.assertTrue(os.path.samefile(info.getAttr(HUB_REF_STRUCT),
+                                             os.path.join(self._runDir(), "reference.pdb")))
+            self.assertTrue(os.path.isfile(info.getAttr(HUB_MODES_FILE)))
+            m = read_model(rep.getFileName())
+            np.testing.assert_allclose(m.coords, x0.coords + np.tensordot(rep.getZFlex(), U, 1),
+                                       atol=2e-3)
+            plain = getattr(self.states, stateParticlesName(cls.getObjId()))
+            self.assertIs(type(plain), SetOfParticles)
+            self.assertEqual([p.getObjId() for p in plain.iterItems(orderBy="id")], ids)
+        # a partition of the input particles: every one once
+        self.assertEqual(sorted(seen), sorted(zOf))
+        self.assertEqual(len(seen), len(set(seen)))
+        models = list(self.states.outputStructures)
+        self.assertEqual(len(models), N_STATES)
+        self.assertIn("%d states" % N_STATES, " ".join(self.states.summary()))
+        # the infer particles carry zRed (PC coordinates) and the hub attributes too
+        first = self.infer.outputParticles.getFirstItem()
+        self.assertEqual(len(first.getZRed()), N_MODES)
+        self.assertEqual(self.infer.outputParticles.getFlexInfo().getAttr(HUB_N_MODES), N_MODES)
+
+    def test_state_particles_through_relion_writer(self):
+        """One state's particles written by scipion-em-relion's own writer: the ids,
+        angles and origins of the infer particles (our RELION glue) come back."""
+        try:
+            import relion.convert as rconv
+        except Exception:
+            self.skipTest("scipion-em-relion is not installed")
+        from nmaem_plugin.convert import matricesToRelion
+        from nmaem_plugin.core.poses import euler_to_matrix
+        from nmaem_plugin.core.star import read_star_blocks
+        plain = getattr(self.states, stateParticlesName(1))
+        star = os.path.join(self.getOutputPath(), "state_01_relion.star")
+        rconv.writeSetOfParticles(plain, star)
+        b = read_star_blocks(star)["particles"]
+        byId = {p.getObjId(): p.getTransform().getMatrix()
+                for p in self.infer.outputParticles.iterItems(orderBy="id")}
+        ids = b["rlnImageId"].to_numpy().astype(int)
+        self.assertEqual(sorted(ids.tolist()),
+                         [p.getObjId() for p in plain.iterItems(orderBy="id")])
+        euler, origin = matricesToRelion(np.asarray([byId[i] for i in ids]), APIX)
+        eb = b[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(dtype=float)
+        np.testing.assert_allclose(euler_to_matrix(*eb.T), euler_to_matrix(*euler.T),
+                                   atol=1e-5)
+        ob = b[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(dtype=float)
+        np.testing.assert_allclose(ob, origin, atol=1e-4)
+
     # ------------------------------------------------------------------ forms
     def test_forms_help_outputs_and_menu(self):
         """Every parameter has help text, outputs are declared, and protocols.conf lists
         the protocols in workflow order."""
-        classes = [NmaemProtTrain, NmaemProtInfer, NmaemProtExport, NmaemProtEvaluate]
+        classes = [NmaemProtTrain, NmaemProtInfer, NmaemProtExport, NmaemProtStates,
+                   NmaemProtEvaluate]
         for cls in classes:
             prot = self.newProtocol(cls)
             for name, param in prot._definition.iterAllParams():
@@ -330,7 +416,7 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         with open(conf) as fh:
             text = fh.read()
         order = ["NmaemProtSimulate", "NmaemProtTrain", "NmaemProtInfer", "NmaemProtExport",
-                 "NmaemProtEvaluate"]
+                 "NmaemProtStates", "NmaemProtEvaluate"]
         positions = [text.index(n) for n in order]
         self.assertEqual(positions, sorted(positions))
         self.assertEqual(text.count("NmaemProtTrain"), 2)

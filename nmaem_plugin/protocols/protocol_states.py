@@ -1,0 +1,280 @@
+# **************************************************************************
+# * scipion-em-nmaem: heterogeneous reconstruction of deformable atomic models
+# * in cryo-EM (Nashed, Levy, Poitevin et al. 2022) as a Scipion 3 plugin.
+# *
+# * This program is free software; you can redistribute it and/or modify it
+# * under the terms of the GNU General Public License as published by the Free
+# * Software Foundation; either version 3 of the License, or (at your option)
+# * any later version. See the LICENSE file at the root of the project.
+# **************************************************************************
+"""States of the latent landscape as classes: ``nmaem states`` (which particles) and
+``nmaem export --z`` (each state's model) -> a SetOfClassesStructFlex, the models as a
+SetOfAtomStructFlex and one plain SetOfParticles per state."""
+import os
+from enum import Enum
+
+import pyworkflow.protocol.params as params
+from pyworkflow.object import Integer
+from pwem.objects import (ClassStructFlex, Particle, SetOfAtomStructFlex,
+                          SetOfClassesStructFlex)
+
+from ..constants import PROGRAM_NAME
+from ..core.runfolder import read_config_or_none
+from .protocol_base import NmaemProtBase
+from .protocol_flex_common import (ATTR_N_PARTICLES, ATTR_STATE, createSetOfAtomStructFlex,
+                                   hubFlexInfo, modelStructFlex, runDirOf)
+
+STATES_MAXIMA, STATES_KMEANS, STATES_RANGES = range(3)
+STATES_CHOICES = ["density maxima (PC1) and their basins", "k-means clusters",
+                  "ranges of PC coordinates"]
+
+
+class NmaemStatesOutputs(Enum):
+    outputClasses = SetOfClassesStructFlex
+    outputStructures = SetOfAtomStructFlex
+
+
+def stateParticlesName(k):
+    """Name of the output SetOfParticles of state ``k`` (1-based)."""
+    return "outputParticlesState%02d" % k
+
+
+class NmaemProtStates(NmaemProtBase):
+    """States of the conformational landscape, each a class of particles you can refine.
+
+    The particles' z are cut into states (the basins of the density maxima along PC1,
+    k-means clusters, or boxes of PC coordinates you give). Outputs: a
+    SetOfClassesStructFlex (Flexibility Hub) whose classes hold the particles of each
+    state with the state's all-atom model (an AtomStructFlex carrying its z) as the
+    representative; the models as a SetOfAtomStructFlex; and the particles of each state
+    as a plain SetOfParticles for RELION, cryoSPARC or any subset/reconstruct protocol.
+    """
+    _label = "states"
+    _possibleOutputs = NmaemStatesOutputs
+
+    def _defineParams(self, form):
+        form.addSection(label="Input")
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticlesFlex",
+                      label="Particles with z", important=True,
+                      help="The output of 'nmaem - infer' (or a subset of it).")
+        form.addParam("inputNetwork", params.PointerParam, pointerClass="FlexInfo",
+                      allowsNull=True, label="Trained network (optional)",
+                      help="The training whose reference and modes give each state's model. "
+                           "Empty: the network recorded with the particles.")
+        form.addParam("statesMode", params.EnumParam, choices=STATES_CHOICES,
+                      default=STATES_MAXIMA, label="States from",
+                      help="'density maxima': one state per peak of the particles' density "
+                           "along PC1, holding every particle of its basin (the basins split "
+                           "PC1 at the lowest density between peaks). 'k-means': K clusters "
+                           "of z. 'ranges': one state per line of PC intervals you type.")
+        form.addParam("numberOfClusters", params.IntParam, default=3,
+                      condition="statesMode == %d" % STATES_KMEANS,
+                      validators=[params.Positive], label="Number of states (K)",
+                      help="k-means on the particles' z (k-means++, 10 restarts).")
+        form.addParam("seed", params.IntParam, default=0,
+                      condition="statesMode == %d" % STATES_KMEANS,
+                      expertLevel=params.LEVEL_ADVANCED, label="Random seed",
+                      help="Seed of the k-means initialisation.")
+        self._defineMaximaParams(form, condition="statesMode == %d" % STATES_MAXIMA)
+        form.addParam("ranges", params.TextParam, default="",
+                      condition="statesMode == %d" % STATES_RANGES, label="PC ranges (A)",
+                      help="One state per line: PC:LOW:HIGH intervals separated by commas, "
+                           "e.g. '1:-5:5' or '1:-5:5, 2:0:3' (PC coordinates in Angstrom "
+                           "from the reference, z = 0; the latent viewer shows their "
+                           "range). A particle goes to the first state whose intervals "
+                           "all hold it, to none otherwise.")
+        form.addParam("refineGeometry", params.BooleanParam, default=True,
+                      label="Refine the models' geometry?",
+                      help="Restrained energy minimisation of each state's model with OpenMM, "
+                           "as in 'export models'. No: the plain X0 + U z models.")
+
+    def _createFilenameTemplates(self):
+        self._updateFilenamesDict({
+            "latent": self._getExtraPath("latent.npz"),
+            "ids": self._getExtraPath("latent_ids.npy"),
+            "states": self._getExtraPath("states"),
+            "statesFile": self._getExtraPath("states", "states.npz"),
+            "statesJson": self._getExtraPath("states", "states.json"),
+            "models": self._getExtraPath("models"),
+            "listing": self._getExtraPath("models", "models.json"),
+        })
+
+    def _runDir(self):
+        if self.inputNetwork.get() is not None:
+            return runDirOf(self.inputNetwork.get())
+        return runDirOf(self.inputParticles.get()) if self.inputParticles.get() else None
+
+    def _rangeLines(self):
+        return [ln.strip() for ln in (self.ranges.get() or "").splitlines() if ln.strip()]
+
+    # ------------------------------------------------------------------ steps
+    def _insertAllSteps(self):
+        self._createFilenameTemplates()
+        self._insertFunctionStep(self.writeLatentStep)
+        self._insertFunctionStep(self.statesStep)
+        self._insertFunctionStep(self.modelsStep)
+        self._insertFunctionStep(self.createOutputStep)
+
+    def writeLatentStep(self):
+        from ..convert import latentFromParticlesFlex
+        latentFromParticlesFlex(self.inputParticles.get(), self._getFileName("latent"),
+                                self._getFileName("ids"))
+
+    def statesStep(self):
+        args = ["--latent", self._getFileName("latent"), "-o", self._getFileName("states"),
+                "--model", os.path.abspath(self._runDir()), "--force"]
+        mode = self.statesMode.get()
+        if mode == STATES_MAXIMA:
+            args += ["--maxima"] + self._maximaArgs()
+        elif mode == STATES_KMEANS:
+            args += ["--kmeans", self.numberOfClusters.get(), "--seed", self.seed.get()]
+        else:
+            for line in self._rangeLines():
+                args += ["--range", line.replace(" ", "")]
+        self.runNmaem("states", args)
+
+    def modelsStep(self):
+        """One model per state at its representative z (``nmaem export --z``)."""
+        from ..core.states import read_states
+        _, _, z, _ = read_states(self._getFileName("statesFile"))
+        args = ["--latent", self._getFileName("latent"),
+                "--model", os.path.abspath(self._runDir()),
+                "-o", self._getFileName("models"), "--overwrite"]
+        for zk in z:
+            args += ["--z", ",".join("%.9g" % v for v in zk)]
+        if not self.refineGeometry.get():
+            args.append("--no-refine")
+        self.runNmaem("export", args)
+
+    def createOutputStep(self):
+        import numpy as np
+        from ..core.states import read_states, read_states_json
+        label, _, z, count = read_states(self._getFileName("statesFile"))
+        listing = read_states_json(self._getFileName("statesJson"))
+        models = self._readJsonResult("listing")["models"]
+        ids = np.load(self._getFileName("ids"))
+        parts = self.inputParticles.get()
+        info = hubFlexInfo(parts, self._runDir())
+
+        structs = createSetOfAtomStructFlex(self, "states")
+        structs.setFlexInfo(info)
+        reps = []
+        for k, (row, m) in enumerate(zip(listing["states"], models)):
+            a = modelStructFlex(os.path.join(self._getFileName("models"), m["file"]),
+                                row["z"], row.get("pc_coords"), info)
+            a.setObjId(k + 1)
+            setattr(a, ATTR_N_PARTICLES, Integer(int(count[k])))
+            setattr(a, ATTR_STATE, Integer(k + 1))
+            structs.append(a)
+            reps.append(a)
+
+        classes = self._createSetOfClassesStructFlex(self.inputParticles, progName=PROGRAM_NAME)
+        stateOf = {int(i): int(s) for i, s in zip(ids, label)}
+        plains = []
+        for k in range(len(z)):     # one class at a time, as SetOfClasses expects
+            cls = ClassStructFlex(progName=PROGRAM_NAME)
+            cls.copyInfo(parts)
+            cls.setObjId(k + 1)
+            row = listing["states"][k]
+            cls.setRepresentative(modelStructFlex(reps[k].getFileName(), row["z"],
+                                                  row.get("pc_coords"), info))
+            classes.append(cls)
+            enabled = classes[k + 1]
+            enabled.enableAppend()
+            plain = self._createSetOfParticles(suffix="State%02d" % (k + 1))
+            plain.copyInfo(parts)
+            for p in parts.iterItems(orderBy="id"):
+                if stateOf.get(int(p.getObjId()), -1) != k:
+                    continue
+                item = p.clone()
+                setattr(item, ATTR_STATE, Integer(k + 1))
+                enabled.append(item)
+                q = Particle()
+                q.copy(p, copyId=True)
+                plain.append(q)
+            classes.update(enabled)
+            plains.append(plain)
+        classes.write()
+        outputs = {NmaemStatesOutputs.outputClasses.name: classes,
+                   NmaemStatesOutputs.outputStructures.name: structs}
+        for k, plain in enumerate(plains):
+            outputs[stateParticlesName(k + 1)] = plain
+        self._defineOutputs(**outputs)
+        for out in outputs.values():
+            self._defineSourceRelation(self.inputParticles, out)
+
+    def _createSetOfClassesStructFlex(self, particlesPointer, progName=PROGRAM_NAME):
+        import pyworkflow.utils as pwutils
+        fn = self._getPath("classes_struct_flex.sqlite")
+        pwutils.cleanPath(fn)
+        classes = SetOfClassesStructFlex(filename=fn)
+        classes.setImages(particlesPointer)
+        return classes
+
+    # ------------------------------------------------------------------ info
+    def _validate(self):
+        parts = self.inputParticles.get()
+        if parts is None:
+            return ["Choose the particles with z."]
+        if parts.getSize() < 2:
+            return ["States need at least 2 particles."]
+        errors = []
+        run = self._runDir()
+        cfg = read_config_or_none(run) if run else None
+        if run is None:
+            errors.append("No trained network: choose one (the particles do not record an "
+                          "nmaem training).")
+        elif cfg is None:
+            errors.append("The network's run folder %s has no config.json." % run)
+        first = parts.getFirstItem()
+        d = len(first.getZFlex()) if hasattr(first, "getZFlex") else 0
+        if d == 0:
+            errors.append("The particles have no normal-mode amplitudes (zFlex).")
+        elif cfg is not None and d != int(cfg["n_modes"]):
+            errors.append("The particles have %d amplitudes (zFlex) but the network uses %d "
+                          "modes." % (d, cfg["n_modes"]))
+        mode = self.statesMode.get()
+        if mode == STATES_KMEANS and self.numberOfClusters.get() > parts.getSize():
+            errors.append("%d states for %d particles." % (self.numberOfClusters.get(),
+                                                           parts.getSize()))
+        elif mode == STATES_RANGES:
+            from ..core.errors import NmaemError
+            from ..core.states import parse_range
+            lines = self._rangeLines()
+            if not lines:
+                errors.append("Type at least one line of PC ranges.")
+            for line in lines:
+                try:
+                    box = parse_range(line)
+                except NmaemError as exc:
+                    errors.append(str(exc).replace("--range", "PC ranges"))
+                    continue
+                if d and max(c for c, _, _ in box) > d:
+                    errors.append("PC ranges '%s': the particles have %d PCs." % (line, d))
+        return errors
+
+    def _summary(self):
+        listing = self._readJsonResult("statesJson")
+        if listing is None:
+            return ["States not assigned yet."]
+        lines = ["%d states (%s) of %d particles, %d assigned."
+                 % (len(listing["states"]), STATES_CHOICES[self.statesMode.get()],
+                    listing["n_particles"], listing["n_assigned"])]
+        for row in listing["states"]:
+            rmsd = row.get("rmsd_to_reference")
+            lines.append("State %d: %d particles%s." % (
+                row["state"], row["n_particles"],
+                "" if rmsd is None else ", model %.2f A RMSD from the reference" % rmsd))
+        return lines
+
+    def _methods(self):
+        listing = self._readJsonResult("statesJson")
+        if listing is None:
+            return []
+        return ["We divided the particles into %d states (%s) of the nmaem latent space "
+                "[Nashed2022]." % (len(listing["states"]),
+                                   STATES_CHOICES[self.statesMode.get()])]
+
+    def _citations(self):
+        return ["Nashed2022"]
+

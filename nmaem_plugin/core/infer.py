@@ -9,6 +9,8 @@ file. The images are preprocessed exactly as in training (Fourier cropping to th
 per-image normalisation inside the encoder); the encoder runs in eval mode, in float32.
 """
 
+import os
+
 import numpy as np
 import torch
 
@@ -80,7 +82,9 @@ def infer(particles, run_dir, out, batch=256, device=None, star=None, num_worker
         raise
     if not (np.all(np.isfinite(z)) and np.all(np.isfinite(shift))):
         fail(run_dir, "the model gives non-finite outputs")
-    write_latent(out, z, shift, rows_all)
+    from .provenance import particle_fingerprint, run_model_fingerprint
+    write_latent(out, z, shift, rows_all, particles=particle_fingerprint(table),
+                 model=run_model_fingerprint(os.path.abspath(run_dir), cfg))
     log("infer: %d particles -> %s (z: %d modes, model of epoch %d, %s checkpoint)"
         % (n, out, d, cfg["epoch"], checkpoint if checkpoint in ("last", "best") else
            "the given"))

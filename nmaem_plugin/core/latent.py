@@ -3,7 +3,10 @@
 Contract (DESIGN.md): ``z`` (N, d) float32 normal-mode amplitudes in Angstrom
 (X(z) = X0 + U z; d may be 0), ``shift`` (N, 2) float32 in Angstrom (x, y), the
 translation applied to the rendered projection, and ``index`` (N,) int64, the 0-based row
-of each particle in the particle file given to ``nmaem infer``.
+of each particle in the particle file given to ``nmaem infer``. Optional (provenance.py):
+``particles``, the fingerprint of that particle file, and ``model``, the fingerprint of
+the run's reference and modes (JSON strings; absent in older files and in latents written
+from a Scipion set).
 
 Writers: ``nmaem infer`` (``core/infer.py``), and the export and evaluate protocols, which
 write the z of a Scipion particle set through :func:`write_latent`. Readers: analysis,
@@ -11,7 +14,7 @@ export, evaluate, report, demo, and ``convert`` (latent -> SetOfParticlesFlex).
 """
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_savez
 from .errors import fail
 from .npz import read_npz
 
@@ -23,8 +26,10 @@ KEYS = ("z", "shift", "index")
 class Latent:
     """A latent file: ``z`` (N,d) float64, ``shift`` (N,2) float64, ``index`` (N,) int64."""
 
-    def __init__(self, z: np.ndarray, shift: np.ndarray, index: np.ndarray, path: str = ""):
+    def __init__(self, z: np.ndarray, shift: np.ndarray, index: np.ndarray, path: str = "",
+                 particles=None, model=None):
         self.z, self.shift, self.index, self.path = z, shift, index, path
+        self.particles, self.model = particles, model     # fingerprints (provenance.py)
 
     @property
     def n(self):
@@ -73,12 +78,15 @@ def read_latent(path) -> Latent:
     if index.min() < 0:
         fail(path, "index holds negative rows (first at position %d)"
              % int(np.flatnonzero(index < 0)[0]))
-    return Latent(z.astype(np.float64), shift.astype(np.float64), index, path)
+    from .provenance import loads
+    return Latent(z.astype(np.float64), shift.astype(np.float64), index, path,
+                  particles=loads(data.get("particles")), model=loads(data.get("model")))
 
 
-def write_latent(path, z, shift=None, index=None) -> str:
+def write_latent(path, z, shift=None, index=None, particles=None, model=None) -> str:
     """Write ``latent.npz`` atomically: ``z`` (N, d) (a 1-D z is one amplitude per
-    particle), ``shift`` (N, 2) (None: zeros) and ``index`` (N,) (None: 0..N-1)."""
+    particle), ``shift`` (N, 2) (None: zeros) and ``index`` (N,) (None: 0..N-1);
+    ``particles`` and ``model``: fingerprints (provenance.py) when known."""
     z = np.asarray(z, dtype=np.float32)
     if z.ndim == 1:
         z = z.reshape(-1, 1)
@@ -88,6 +96,8 @@ def write_latent(path, z, shift=None, index=None) -> str:
     index = (np.arange(n, dtype=np.int64) if index is None
              else np.asarray(index, dtype=np.int64).reshape(n))
     path = str(path)
-    with atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, z=z, shift=shift, index=index)
+    from .provenance import dumps
+    extra = {k: dumps(v) for k, v in (("particles", particles), ("model", model))
+             if v is not None}
+    atomic_savez(path, z=z, shift=shift, index=index, **extra)
     return path

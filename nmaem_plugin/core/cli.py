@@ -639,7 +639,7 @@ def _add_check(sub):
 
 def _run_check(args):
     import json
-    from .atomic import atomic_path
+    from .atomic import atomic_open
     from .fitcheck import fit_check, format_report
     from .outputs import check_output_file
     check_output_file(args.json, inputs=[args.particles, args.ref], force=args.force)
@@ -647,7 +647,7 @@ def _run_check(args):
                     resolution_high=args.resolution_high,
                     log=lambda m: sys.stderr.write(m + "\n"))
     if args.json:
-        with atomic_path(args.json) as tmp, open(tmp, "w") as fh:
+        with atomic_open(args.json, "w") as fh:
             json.dump(res, fh, indent=1, default=float)
     print(format_report(res))
     if res["verdict"] != "pass" and not args.force:
@@ -676,17 +676,71 @@ def build_parser():
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt: every ``with`` block
+    unwinds (atomic writes remove their temporary file, the run lock is released)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _checkpoint_epoch(run_dir):
+    """The epochs done in the last checkpoint of ``run_dir`` (0 when there is none)."""
+    from .runfolder import checkpoint_file, read_log_rows
+    try:
+        import torch
+        ck = torch.load(checkpoint_file(run_dir, "last"), map_location="cpu",
+                        weights_only=True)
+        return int(ck["epoch"])
+    except Exception:
+        rows = read_log_rows(run_dir)
+        return int(rows[-1]["epoch"]) if rows else 0
+
+
+def _interrupted_line(args, how):
+    """The one line printed when a command is stopped by a signal."""
+    if getattr(args, "command", None) == "train":
+        done = _checkpoint_epoch(args.output)
+        kept = ("keeps its last checkpoint (epoch %d)" % done if done
+                else "has no finished epoch yet")
+        return ("nmaem: interrupted by %s; the run %s %s: continue it with nmaem train -o "
+                "%s --resume" % (how, args.output, kept, args.output))
+    return ("nmaem: interrupted by %s; outputs are written whole or not at all (no "
+            "partial file was left); run the command again" % how)
+
+
 def main(argv=None):
+    import signal
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
+    if not getattr(args, "worker", False):       # torchrun workers: their launcher's
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:                       # not the main thread
+            previous = None
     try:
         return args.func(args) or 0
     except NmaemError as exc:
         sys.stderr.write("nmaem: error: %s\n" % str(exc).replace("\n", " "))
         return 2
+    except OSError as exc:
+        from .atomic import is_no_space
+        if not is_no_space(exc):
+            raise
+        sys.stderr.write("nmaem: error: no space left on device%s\n"
+                         % (" writing %s" % exc.filename if exc.filename else ""))
+        return 2
     except KeyboardInterrupt:
-        sys.stderr.write("nmaem: interrupted\n")
+        sys.stderr.write(_interrupted_line(args, "Ctrl-C") + "\n")
         return 130
+    except Terminated:
+        sys.stderr.write(_interrupted_line(args, "SIGTERM") + "\n")
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

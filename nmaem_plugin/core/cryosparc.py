@@ -39,7 +39,9 @@ def read_cs(path, root=None):
     try:
         cs = np.load(path, allow_pickle=False)
     except Exception as e:  # numpy raises several types on corrupt input
-        fail(path, "not a readable cryoSPARC .cs file (%s)" % type(e).__name__)
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        fail(path, "not a readable cryoSPARC .cs file: truncated or corrupt (%s: %s)"
+             % (type(e).__name__, reason))
     if not isinstance(cs, np.ndarray) or cs.dtype.names is None or cs.ndim != 1:
         fail(path, "not a cryoSPARC .cs file (expected a numpy structured array)")
     names = set(cs.dtype.names)

@@ -104,14 +104,23 @@ def launch_distributed(run_dir, nproc, gpus=None, log=print):
     log("train: launching %d processes: %s" % (nproc, " ".join(cmd)))
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
     error = None
-    for line in proc.stderr:
-        if line.startswith("nmaem: error: "):
-            error = error or line[len("nmaem: error: "):].strip()
-            continue
-        if error is None:
-            sys.stderr.write(line)
-            sys.stderr.flush()
-    rc = proc.wait()
+    try:
+        for line in proc.stderr:
+            if line.startswith("nmaem: error: "):
+                error = error or line[len("nmaem: error: "):].strip()
+                continue
+            if error is None:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+        rc = proc.wait()
+    except BaseException:      # interrupted (Ctrl-C, SIGTERM): stop the workers first,
+        proc.terminate()       # so that nothing writes the run after its lock is released
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
     if error:
         raise NmaemError(error)
     if rc != 0:

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from .analysis import DEFAULTS, check_latent_d, density_maxima, load_run, pca
-from .atomic import atomic_path
+from .atomic import atomic_savez
 from .errors import fail
 from .latent import read_latent
 
@@ -66,6 +66,11 @@ def pose_error(gt, n_gt, latent):
     return out
 
 
+def _run_folder(run_dir):
+    run_dir = str(run_dir)
+    return os.path.dirname(run_dir) or "." if os.path.isfile(run_dir) else run_dir
+
+
 def _summary_stats(v):
     v = np.asarray(v, dtype=np.float64)
     q = np.percentile(v, [5, 25, 50, 75, 95])
@@ -101,10 +106,14 @@ def evaluate(latent_path, sim_dir, run_dir, per_particle=None, bandwidth=None,
     """
     from .modes import floor_rmsd
     from .structure import read_trajectory, rmsd
-    model, nm, _ = load_run(run_dir, need_modes=False)
+    from .provenance import check_latent, loads
+    model, nm, cfg = load_run(run_dir, need_modes=False)
     latent = read_latent(latent_path)
     check_latent_d(latent, nm, run_dir)
     gt, params, fr_path = _load_truth(sim_dir)
+    check_latent(latent, _run_folder(run_dir), cfg,
+                 truth=(loads(gt.get("particles_fingerprint")),
+                        os.path.join(str(sim_dir), "ground_truth.npz")))
     frame_all = np.asarray(gt["frame"]).astype(np.int64)
     n_gt = len(frame_all)
     if latent.index.max() >= n_gt:
@@ -218,8 +227,7 @@ def evaluate(latent_path, sim_dir, run_dir, per_particle=None, bandwidth=None,
         median_angle_input_deg=(out["pose_error"] or {}).get("median_input_deg"),
         median_angle_refined_deg=(out["pose_error"] or {}).get("median_refined_deg"))
     if per_particle:
-        with atomic_path(per_particle, suffix=".npz") as tmp:
-            np.savez(tmp, index=latent.index, frame=frame, rmsd=per_rmsd,
+        atomic_savez(per_particle, index=latent.index, frame=frame, rmsd=per_rmsd,
                      floor_rmsd=per_floor, reference_rmsd=ref_rmsd_frames[frame],
                      pc1=(p.transform(latent.z)[:, 0] if p is not None
                           else np.zeros(0)))

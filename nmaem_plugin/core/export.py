@@ -9,7 +9,7 @@ import numpy as np
 
 from .analysis import (DEFAULTS, check_latent_d, deformed_coords, density_maxima, format_json,
                        kmeans, load_run, need_z, pca, traversal_points)
-from .atomic import atomic_path
+from .atomic import atomic_open
 from .errors import NmaemError, fail
 from .latent import read_latent
 from .outputs import OVERWRITE_HINT, check_output_dir, run_files
@@ -167,21 +167,19 @@ def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
     if latent is not None:      # every model's particles, PC steps and given z included
         for row, n in zip(listing["models"], particle_counts(listing, latent.z)):
             row["n_particles"] = n
-    with atomic_path(os.path.join(out_dir, "models.json"), suffix=".json") as tmp:
-        with open(tmp, "w") as fh:
-            fh.write(format_json(listing) + "\n")
-    with atomic_path(os.path.join(out_dir, "models.csv"), suffix=".csv") as tmp:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["file", "kind", "n_particles", "rmsd_to_reference"]
-                       + ["z%d" % (l + 1) for l in range(d)]
-                       + (["pc%d" % (l + 1) for l in range(d)] if p is not None else []))
-            for row in listing["models"]:
-                w.writerow([row["file"], row["kind"],
-                            "" if row["n_particles"] is None else row["n_particles"],
-                            "%.6g" % row["rmsd_to_reference"]]
-                           + ["%.6g" % v for v in row["z"]]
-                           + (["%.6g" % v for v in row["pc_coords"]] if p is not None else []))
+    with atomic_open(os.path.join(out_dir, "models.json"), "w") as fh:
+        fh.write(format_json(listing) + "\n")
+    with atomic_open(os.path.join(out_dir, "models.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "kind", "n_particles", "rmsd_to_reference"]
+                   + ["z%d" % (l + 1) for l in range(d)]
+                   + (["pc%d" % (l + 1) for l in range(d)] if p is not None else []))
+        for row in listing["models"]:
+            w.writerow([row["file"], row["kind"],
+                        "" if row["n_particles"] is None else row["n_particles"],
+                        "%.6g" % row["rmsd_to_reference"]]
+                       + ["%.6g" % v for v in row["z"]]
+                       + (["%.6g" % v for v in row["pc_coords"]] if p is not None else []))
     log("export: %d model(s) of %d atoms -> %s (listing in models.json, models.csv)"
         % (len(entries), M, out_dir))
     return listing

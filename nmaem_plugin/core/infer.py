@@ -10,6 +10,8 @@ refined angles ``euler`` (N, 3) degrees (``latent.py``). The images are preproce
 per-image normalisation inside the encoder); the encoder runs in eval mode, in float32.
 """
 
+import os
+
 import numpy as np
 import torch
 
@@ -99,7 +101,10 @@ def infer(particles, run_dir, out, batch=256, device=None, star=None, num_worker
         from .poses import correct_rotations, matrix_to_euler
         refined = correct_rotations(table.rotation_matrices(), rotvec.astype(np.float64))
         euler = np.stack(matrix_to_euler(refined), axis=1)
-    write_latent(out, z, shift, rows_all, pose_correction=rotvec, euler=euler)
+    from .provenance import particle_fingerprint, run_model_fingerprint
+    write_latent(out, z, shift, rows_all, pose_correction=rotvec, euler=euler,
+                 particles=particle_fingerprint(table),
+                 model=run_model_fingerprint(os.path.abspath(run_dir), cfg))
     log("infer: %d particles -> %s (z: %d modes, model of epoch %d, %s checkpoint)"
         % (n, out, d, cfg["epoch"], checkpoint if checkpoint in ("last", "best") else
            "the given"))

@@ -8,6 +8,10 @@ of each particle in the particle file given to ``nmaem infer``. Runs trained wit
 of each particle's correction, and ``euler`` (N, 3) float64, the refined RELION angles
 (rot, tilt, psi) in degrees of R(v) A_file (``poses.correct_rotations``); other files
 have neither (``Latent.pose_correction`` and ``Latent.euler`` are then None).
+Optional (provenance.py):
+``particles``, the fingerprint of that particle file, and ``model``, the fingerprint of
+the run's reference and modes (JSON strings; absent in older files and in latents written
+from a Scipion set).
 
 Writers: ``nmaem infer`` (``core/infer.py``), and the export and evaluate protocols, which
 write the z of a Scipion particle set through :func:`write_latent`. Readers: analysis,
@@ -15,7 +19,7 @@ export, evaluate, report, demo, and ``convert`` (latent -> SetOfParticlesFlex).
 """
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_savez
 from .errors import fail
 from .npz import read_npz
 
@@ -30,9 +34,10 @@ class Latent:
     ``pose_correction`` (N,3) radians and ``euler`` (N,3) degrees, float64, or None."""
 
     def __init__(self, z: np.ndarray, shift: np.ndarray, index: np.ndarray, path: str = "",
-                 pose_correction=None, euler=None):
+                 pose_correction=None, euler=None, particles=None, model=None):
         self.z, self.shift, self.index, self.path = z, shift, index, path
         self.pose_correction, self.euler = pose_correction, euler
+        self.particles, self.model = particles, model     # fingerprints (provenance.py)
 
     @property
     def n(self):
@@ -91,14 +96,18 @@ def read_latent(path) -> Latent:
         fail(path, "index holds negative rows (first at position %d)"
              % int(np.flatnonzero(index < 0)[0]))
     pose = {k: v.astype(np.float64) for k, v in pose.items()}
+    from .provenance import loads
     return Latent(z.astype(np.float64), shift.astype(np.float64), index, path,
-                  pose.get("pose_correction"), pose.get("euler"))
+                  pose.get("pose_correction"), pose.get("euler"),
+                  particles=loads(data.get("particles")), model=loads(data.get("model")))
 
 
-def write_latent(path, z, shift=None, index=None, pose_correction=None, euler=None) -> str:
+def write_latent(path, z, shift=None, index=None, pose_correction=None, euler=None,
+                 particles=None, model=None) -> str:
     """Write ``latent.npz`` atomically: ``z`` (N, d) (a 1-D z is one amplitude per
     particle), ``shift`` (N, 2) (None: zeros) and ``index`` (N,) (None: 0..N-1); with
-    ``pose_correction`` (N, 3) radians also ``euler`` (N, 3) degrees, the refined angles."""
+    ``pose_correction`` (N, 3) radians also ``euler`` (N, 3) degrees, the refined angles;
+    ``particles`` and ``model``: fingerprints (provenance.py) when known."""
     z = np.asarray(z, dtype=np.float32)
     if z.ndim == 1:
         z = z.reshape(-1, 1)
@@ -114,6 +123,8 @@ def write_latent(path, z, shift=None, index=None, pose_correction=None, euler=No
     if pose_correction is not None:
         arrays["pose_correction"] = np.asarray(pose_correction, np.float32).reshape(n, 3)
         arrays["euler"] = np.asarray(euler, np.float64).reshape(n, 3)
-    with atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, **arrays)
+    from .provenance import dumps
+    arrays.update({k: dumps(v) for k, v in (("particles", particles), ("model", model))
+                   if v is not None})
+    atomic_savez(path, **arrays)
     return path

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_path, atomic_savez
 from .choices import CG_CHOICES
 from .npz import read_npz
 from .errors import NmaemError, fail
@@ -690,8 +690,7 @@ def save_modes(path, nm):
     if not os.path.isdir(folder):
         fail(path, "the output folder does not exist")
     try:
-        with atomic_path(path, suffix=".npz") as tmp:
-            np.savez(tmp, **arrays)
+        atomic_savez(path, **arrays)
     except OSError as exc:
         fail(path, "cannot write the modes file (%s)" % exc.strerror)
     return path
@@ -775,7 +774,9 @@ def export_modes(nm, model, out_dir, amplitude=3.0, n_frames=20, prefix="mode"):
     nma = prody.NMA("nmaem_modes")
     nma.setEigens(nm.basis, np.asarray(nm.eigenvalues, dtype=np.float64))
     with _quiet_prody():
-        nmd = prody.writeNMD(os.path.join(out_dir, "modes.nmd"), nma, ag)
+        nmd = os.path.join(out_dir, "modes.nmd")
+        with atomic_path(nmd) as tmp:          # prody writes by path only
+            prody.writeNMD(tmp, nma, ag)
     written.append(nmd)
     if model._structure is not None:
         phase = np.sin(2 * np.pi * np.arange(n_frames) / n_frames)

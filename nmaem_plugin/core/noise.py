@@ -150,9 +150,8 @@ class NoiseModel:
         return self.sigma2[g][s] * (d / self.box) ** 4
 
     def save(self, path):
-        from .atomic import atomic_path
-        with atomic_path(path, suffix=".npz") as tmp:
-            np.savez(tmp, format=np.int64(NOISE_FORMAT), box=np.int64(self.box),
+        from .atomic import atomic_savez
+        atomic_savez(path, format=np.int64(NOISE_FORMAT), box=np.int64(self.box),
                      apix=np.float64(self.apix), groups=self.groups, sigma2=self.sigma2,
                      counts=self.counts, method=np.array(self.method),
                      mask_radius=np.float64(self.mask_radius),

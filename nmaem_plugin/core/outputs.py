@@ -16,6 +16,7 @@ continued with ``--resume``.
 """
 import os
 
+from .atomic import clean_orphans
 from .errors import fail
 
 __all__ = ["same_path", "check_output_file", "check_output_dir", "check_run_dir",
@@ -72,6 +73,7 @@ def check_output_file(path, inputs=(), force=False, what="output", hint=FORCE_HI
         fail(path, "the output folder does not exist")
     if os.path.lexists(path) and not force:
         fail(path, "already exists; " + hint)
+    clean_orphans(folder)        # temporary files of a killed run (atomic.py)
     return path
 
 
@@ -94,6 +96,7 @@ def check_output_dir(path, products=(), inputs=(), force=False, hint=FORCE_HINT)
     if existing and not force:
         fail(existing[0], "already exists (%d of the %d output files do); %s"
              % (len(existing), len(targets), hint))
+    clean_orphans(path)          # temporary files of a killed run (atomic.py)
     return path
 
 

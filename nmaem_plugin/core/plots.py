@@ -49,9 +49,10 @@ def _prepare(fig, width, height):
 
 def save(fig, path, dpi=100):
     """Save ``fig`` as PNG (or any format matplotlib knows from the extension), atomically."""
-    from .atomic import atomic_path
-    with atomic_path(path, suffix=os.path.splitext(str(path))[1]) as tmp:
-        fig.savefig(tmp, dpi=dpi)
+    from .atomic import atomic_open
+    fmt = os.path.splitext(str(path))[1].lstrip(".").lower() or "png"
+    with atomic_open(path) as fh:
+        fig.savefig(fh, dpi=dpi, format=fmt)
     return path
 
 

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_open
 from .errors import fail
 
 
@@ -23,8 +23,12 @@ def _frames_for(latent, truth_dir):
     try:
         with np.load(gt_path, allow_pickle=False) as f:
             frame = f["frame"] if "frame" in f.files else None
+            fingerprint = (f["particles_fingerprint"] if "particles_fingerprint" in f.files
+                           else None)
     except Exception as exc:  # numpy raises several types for corrupt archives
         fail(gt_path, "not readable (%s)" % (str(exc).splitlines() or ["?"])[0])
+    from .provenance import check_latent, loads
+    check_latent(latent, truth=(loads(fingerprint), gt_path))
     if frame is None:
         fail(gt_path, "no 'frame' array")
     if latent.index.max() >= len(frame):
@@ -115,6 +119,9 @@ def write_report(run_dir, out_dir, latent=None, modes=None, truth=None, models=N
     listing = read_models_listing(models) if models is not None else None
     state_table = states_rows(states) if states is not None else None
     lat = read_latent(latent) if latent is not None else None   # checks before any output
+    if lat is not None and config.get("reference") and config.get("modes"):
+        from .provenance import check_latent
+        check_latent(lat, run_dir, config)          # made by this run (provenance.py)
     frames = _frames_for(lat, truth) if truth is not None else None
     if modes is not None:
         try:
@@ -208,6 +215,5 @@ def _write_index(out_dir, run_dir, written, models=None, listing=None, states=No
             parts.append("<tr>%s</tr>" % "".join("<td>%s</td>" % esc(str(c)) for c in row))
         parts.append("</table>")
     parts.append("</body></html>")
-    with atomic_path(os.path.join(out_dir, "index.html")) as tmp:
-        with open(tmp, "w") as fh:
-            fh.write("\n".join(parts) + "\n")
+    with atomic_open(os.path.join(out_dir, "index.html"), "w") as fh:
+        fh.write("\n".join(parts) + "\n")

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_open, clean_orphans, is_no_space, no_space_error
 from .choices import CHECKPOINTS, ENCODER_PRESETS, LOSSES, LR_SCHEDULES
 from .errors import NmaemError, fail
 
@@ -253,10 +253,9 @@ def reference_and_modes(run_dir) -> Tuple[Optional[str], Optional[str]]:
 
 def write_json(path, obj) -> None:
     """Write ``obj`` as indented, sorted JSON, atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=1, sort_keys=True)
-            fh.write("\n")
+    with atomic_open(path, "w") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True)
+        fh.write("\n")
 
 
 def write_config(run_dir, cfg: Dict) -> None:
@@ -272,9 +271,8 @@ def write_log(run_dir, history: Sequence[Dict]) -> None:
     w.writerow(LOG_COLUMNS)
     for h in history:
         w.writerow([h["epoch"]] + ["%.8g" % h[k] for k in LOG_COLUMNS[1:]])
-    with atomic_path(log_path(run_dir)) as tmp:
-        with open(tmp, "w") as fh:
-            fh.write(buf.getvalue())
+    with atomic_open(log_path(run_dir), "w") as fh:
+        fh.write(buf.getvalue())
 
 
 def read_log_rows(run_dir) -> List[Dict[str, float]]:
@@ -382,9 +380,25 @@ class run_lock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as fh:
-            fh.write("%d %s\n" % (os.getpid(), self.host))
+        except OSError as exc:
+            if is_no_space(exc):
+                raise no_space_error(self.path) from None
+            raise
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write("%d %s\n" % (os.getpid(), self.host))
+        except OSError as exc:
+            os.unlink(self.path)
+            if is_no_space(exc):
+                raise no_space_error(self.path) from None
+            raise
         return True
+
+    def _clean_orphans(self):
+        """The temporary files of a killed run (atomic.clean_orphans): this process now
+        owns the folder."""
+        for folder in (self.run_dir, checkpoint_dir(self.run_dir)):
+            clean_orphans(folder, log=self.log)
 
     def __enter__(self):
         if os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):
@@ -394,6 +408,7 @@ class run_lock:
             self.created_dir = True
         for _ in range(3):
             if self._try_create():
+                self._clean_orphans()
                 return self
             owner = read_lock(self.run_dir)
             if owner is None:          # removed meanwhile

@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 from . import imaging, poses
-from .atomic import atomic_path
+from .atomic import atomic_savez
 from .choices import DISTRIBUTIONS
 from .errors import NmaemError, fail
 from .nuisances import (Nuisances, coloured_noise, consensus_errors, random_rotation_errors,
@@ -44,6 +44,7 @@ from .particles import ParticleTable
 from .stacks import write_stack
 from .star import write_star
 from .progress import Progress, release_memory
+from .provenance import dumps, particle_fingerprint
 from .structure import kabsch, match_atoms, read_model, read_trajectory, superpose, write_models
 
 __all__ = ["DISTRIBUTIONS", "frame_probabilities", "sample_frames", "uniform_rotations",
@@ -358,15 +359,15 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
                   unknown_shifts=bool(unknown_shifts), nuisances=nz.as_dict(),
                   reference_model=(None if reference_model is None
                                    else reference_model.source))
-    with atomic_path(os.path.join(out_dir, "ground_truth.npz"), suffix=".npz") as tmp:
-        np.savez(tmp, frame=frame.astype(np.int64), shift=shift.astype(np.float32),
-                 euler=euler, defocus_u=np.asarray(ctf["defocus_u"], float),
+    atomic_savez(os.path.join(out_dir, "ground_truth.npz"), frame=frame.astype(np.int64),
+                 shift=shift.astype(np.float32), euler=euler, defocus_u=np.asarray(ctf["defocus_u"], float),
                  euler_file=np.asarray(euler_file, float),
                  origin_file=np.asarray(origin, float),
                  defocus_u_file=dfu_file, defocus_v_file=dfv_file,
                  contrast=contrast.astype(np.float64), offset=grey * sigma,
                  rigid_core=(np.ones(model.n_atoms, bool) if core is None else core),
-                 params=np.array(json.dumps(params)))
+                 params=np.array(json.dumps(params)),
+                 particles_fingerprint=dumps(particle_fingerprint(table)))
     write_models(os.path.join(out_dir, "frames.pdb"), model, list(frames))
     write_models(os.path.join(out_dir, "reference.pdb"), ref_model, [reference])
     write_star(os.path.join(out_dir, "particles.star"), table)   # last: marks completion

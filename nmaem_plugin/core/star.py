@@ -11,7 +11,7 @@ from collections import OrderedDict
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_path
+from .atomic import atomic_open
 from .errors import NmaemError, fail
 from .particles import (ANGLES, CTF_OPTICS, CTF_PARTICLE, ParticleTable, split_image_names,
                         stack_resolver)
@@ -412,8 +412,7 @@ def write_star(path, table, extra_columns=None):
                              % (c, v.shape, n))
         part[c] = v
 
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as fh:
-            fh.write("# written by nmaem\n")
-            _write_loop(fh, "optics", opt)
-            _write_loop(fh, "particles", part)
+    with atomic_open(path, "w") as fh:
+        fh.write("# written by nmaem\n")
+        _write_loop(fh, "optics", opt)
+        _write_loop(fh, "particles", part)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import gemmi
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_open
 from .errors import NmaemError, fail
 
 __all__ = ["AtomicModel", "read_model", "read_trajectory", "write_model", "write_models",
@@ -233,12 +233,14 @@ def _write_structure(st, path):
     lower = path.lower()
     if not lower.endswith((".cif", ".mmcif", ".pdb", ".ent")):
         raise NmaemError("%s: unknown model format (use .pdb or .cif)" % path)
-    with atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:
-        if lower.endswith((".cif", ".mmcif")):
-            st.setup_entities()
-            st.make_mmcif_document().write_file(tmp)
-        else:
-            st.write_pdb(tmp)
+    # gemmi makes the text; the bytes go through atomic_open (checked, synced)
+    if lower.endswith((".cif", ".mmcif")):
+        st.setup_entities()
+        text = st.make_mmcif_document().as_string()
+    else:
+        text = st.make_pdb_string()
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
 
 
 def write_model(path, model, coords=None):

@@ -20,13 +20,12 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 
 import numpy as np
 import torch
 
-from .atomic import atomic_path
+from .atomic import atomic_copy, atomic_open, atomic_savez
 from .data import ParticleImages, ParticleMetadata, epoch_order, make_loader
 from .distributed import ProcessGroup, is_oom, rank_batches, resolve_device
 from .errors import NmaemError, fail
@@ -187,21 +186,18 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
     ref_name = reference_name(ref)
     if ref.lower().endswith(".gz"):
         from .structure import write_model
-        with atomic_path(os.path.join(out, ref_name), suffix=os.path.splitext(ref_name)[1]) \
-                as tmp:
-            write_model(tmp, model)
+        write_model(os.path.join(out, ref_name), model)
     else:
-        with atomic_path(os.path.join(out, ref_name)) as tmp:
-            shutil.copyfile(ref, tmp)
-    with atomic_path(os.path.join(out, "modes.npz"), suffix=".npz") as tmp:
-        if 0 < d < nm.n_modes:        # keep the first d modes: RUN/modes.npz matches z
-            from dataclasses import replace
-            from .modes import save_modes
-            save_modes(tmp, replace(nm, modes=nm.modes[:d], eigenvalues=nm.eigenvalues[:d]))
-        else:                         # all of them (d = 0 uses none: config n_modes = 0)
-            shutil.copyfile(modes, tmp)
-    with atomic_path(os.path.join(out, "split.npz"), suffix=".npz") as tmp:
-        np.savez(tmp, train=trn.astype(np.int64), val=val.astype(np.int64))
+        atomic_copy(ref, os.path.join(out, ref_name))
+    if 0 < d < nm.n_modes:            # keep the first d modes: RUN/modes.npz matches z
+        from dataclasses import replace
+        from .modes import save_modes
+        save_modes(os.path.join(out, "modes.npz"),
+                   replace(nm, modes=nm.modes[:d], eigenvalues=nm.eigenvalues[:d]))
+    else:                             # all of them (d = 0 uses none: config n_modes = 0)
+        atomic_copy(modes, os.path.join(out, "modes.npz"))
+    atomic_savez(os.path.join(out, "split.npz"), train=trn.astype(np.int64),
+                 val=val.astype(np.int64))
     from nmaem_plugin import __version__
     cfg = dict(
         format=1, version=__version__, particles=os.path.abspath(particles),
@@ -226,6 +222,9 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
         max_pose_correction=float(s["max_pose_correction"]),
         pose_prior_sd=float(s["pose_prior_sd"]),
         val_fraction=VAL_FRACTION)
+    from .provenance import particle_fingerprint, run_model_fingerprint
+    cfg["particles_fingerprint"] = particle_fingerprint(table)
+    cfg["model_fingerprint"] = run_model_fingerprint(out, cfg)
     write_config(out, cfg)      # last: marks a prepared run
     log("train: %d particles (%d train, %d validation), %d px at %.3f A/px -> %d px at "
         "%.3f A/px, %d modes x %d atoms%s -> %s"
@@ -284,6 +283,31 @@ def _load_checkpoint(path):
         fail(path, "unreadable checkpoint (%s)" % str(exc).splitlines()[0][:200])
 
 
+def _check_belongs(path, ck, cfg, run_dir, encoder):
+    """A one-line NmaemError unless the checkpoint ``ck`` holds weights of this run's
+    network: the same layers and shapes, the same output scales and the same reference
+    and modes (provenance.model_fingerprint, in checkpoints of runs that record it)."""
+    from .provenance import run_model_fingerprint
+    weights = ck.get("model") if isinstance(ck, dict) else None
+    if not isinstance(weights, dict):
+        fail(path, "not an nmaem checkpoint (no model weights)")
+    own = encoder.state_dict()
+    if (set(own) != set(weights)
+            or any(tuple(own[k].shape) != tuple(weights[k].shape) for k in own)):
+        fail(path, "holds the weights of another network than the run %s's (%d px, %d modes, "
+                   "filters %s, hidden %s): a checkpoint of another run?"
+             % (run_dir, cfg["box"], cfg["n_modes"], cfg["filters"], cfg["hidden"]))
+    theirs = ck.get("config") if isinstance(ck.get("config"), dict) else {}
+    for k in ("z_scale", "shift_scale", "n_modes", "box"):
+        if k in theirs and not math.isclose(float(theirs[k]), float(cfg[k]), rel_tol=1e-9):
+            fail(path, "belongs to another run: %s = %s, the run %s has %s"
+                 % (k, theirs[k], run_dir, cfg[k]))
+    if theirs.get("model_fingerprint") is not None:
+        if theirs["model_fingerprint"] != run_model_fingerprint(run_dir, cfg):
+            fail(path, "belongs to another run: its reference model or normal modes are not "
+                       "those of %s" % run_dir)
+
+
 def load_trained(run_dir, device="cpu", checkpoint=None):
     """(autoencoder in eval mode on ``device``, config dict) of a trained run;
     ``checkpoint``: see :func:`checkpoint_path`."""
@@ -292,6 +316,7 @@ def load_trained(run_dir, device="cpu", checkpoint=None):
     path = checkpoint_path(run_dir, checkpoint)
     ck = _load_checkpoint(path)
     ae = build_autoencoder(cfg, run_dir)
+    _check_belongs(path, ck, cfg, run_dir, ae.encoder)
     ae.encoder.load_state_dict(ck["model"])
     ae.to(resolve_device(device))
     ae.eval()
@@ -343,13 +368,11 @@ def save_checkpoint(run_dir, ck, keep):
     os.makedirs(folder, exist_ok=True)
     last = checkpoint_file(run_dir, "last")
     epoch_file = epoch_checkpoint_file(run_dir, ck["epoch"])
-    with atomic_path(epoch_file) as tmp:
-        torch.save(ck, tmp)
+    with atomic_open(epoch_file) as fh:
+        torch.save(ck, fh)
     if _is_best(ck["history"]):
-        with atomic_path(checkpoint_file(run_dir, "best")) as tmp:
-            shutil.copyfile(epoch_file, tmp)
-    with atomic_path(last) as tmp:
-        shutil.copyfile(epoch_file, tmp)
+        atomic_copy(epoch_file, checkpoint_file(run_dir, "best"))
+    atomic_copy(epoch_file, last)
     olds = sorted(f for f in os.listdir(folder) if f.startswith("epoch_") and f.endswith(".pt"))
     for f in olds[:max(0, len(olds) - max(1, int(keep)))]:
         os.unlink(os.path.join(folder, f))

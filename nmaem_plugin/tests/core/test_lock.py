@@ -1,8 +1,6 @@
 """One run, one writer: RUN/.lock (runfolder.run_lock), taken by ``nmaem train`` and
 ``train.train`` in the launching process."""
-import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil

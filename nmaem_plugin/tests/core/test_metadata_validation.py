@@ -9,6 +9,8 @@ import shutil
 import tempfile
 import unittest
 
+import numpy as np
+
 from nmaem_plugin.core.errors import NmaemError
 from nmaem_plugin.core.particles import read_particles
 
@@ -48,7 +50,19 @@ COL = {"image": 0, "rot": 1, "tilt": 2, "psi": 3, "ox": 4, "oy": 5, "du": 6, "dv
        "dang": 8}
 
 
-class MetadataTest(unittest.TestCase):
+class BadFileCase(unittest.TestCase):
+    def assertBad(self, path, *words):
+        """read_particles(path) fails with one line naming the file and ``words``."""
+        with self.assertRaises(NmaemError) as cm:
+            read_particles(path)
+        msg = str(cm.exception)
+        self.assertNotIn("\n", msg)
+        self.assertTrue(msg.startswith(path + ": "), msg)
+        for w in words:
+            self.assertIn(w, msg)
+
+
+class MetadataTest(BadFileCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="nmaem-meta-")
 
@@ -64,15 +78,6 @@ class MetadataTest(unittest.TestCase):
             fh.write("# version 30001\n" + OPTICS.format(apix=apix) + PARTICLES)
             fh.write("\n".join(" ".join(r) for r in rows) + "\n")
         return path
-
-    def assertBad(self, path, *words):
-        with self.assertRaises(NmaemError) as cm:
-            read_particles(path)
-        msg = str(cm.exception)
-        self.assertNotIn("\n", msg)
-        self.assertTrue(msg.startswith(path + ": "), msg)
-        for w in words:
-            self.assertIn(w, msg)
 
     def test_good_file_reads(self):
         t = read_particles(self.star())
@@ -132,3 +137,70 @@ class MetadataTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TruncatedFilesTest(BadFileCase):
+    """Truncated or corrupt particle files (copies of tests/data files cut in a temporary
+    folder): one line naming the file, never a traceback or a shorter table."""
+
+    DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data")
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="nmaem-trunc-")
+
+    def tearDown(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def cut(self, name, size):
+        with open(os.path.join(self.DATA, name), "rb") as fh:
+            data = fh.read()
+        path = os.path.join(self.tmp, "cut_" + name)
+        with open(path, "wb") as fh:
+            fh.write(data[:size(len(data))] if callable(size) else data[:size])
+        return path
+
+    def cs_files(self):
+        return [f for f in sorted(os.listdir(self.DATA)) if f.endswith(".cs")]
+
+    def test_cs_cut_in_the_data(self):
+        for name in self.cs_files():
+            with self.subTest(name):
+                self.assertBad(self.cut(name, lambda n: n // 2), "truncated or corrupt")
+
+    def test_cs_cut_in_the_header(self):
+        for name in self.cs_files():
+            with self.subTest(name):
+                self.assertBad(self.cut(name, 40), "truncated or corrupt")
+
+    def test_cs_one_row_short(self):
+        """Cut exactly one row short: the header promises more rows than the file holds."""
+        for name in self.cs_files():
+            full = np.load(os.path.join(self.DATA, name), allow_pickle=False)
+            with self.subTest(name):
+                self.assertBad(self.cut(name, lambda n: n - full.dtype.itemsize),
+                               "truncated or corrupt")
+
+    def test_cs_garbage(self):
+        path = os.path.join(self.tmp, "garbage.cs")
+        with open(path, "wb") as fh:
+            fh.write(bytes(range(256)) * 8)
+        self.assertBad(path, "truncated or corrupt")
+
+    def test_empty_cs(self):
+        path = os.path.join(self.tmp, "empty.cs")
+        open(path, "wb").close()
+        self.assertBad(path)
+
+    def test_star_cut_in_a_row(self):
+        for name in ("relion31.star", "empiar_10076_7.star", "relion5.star"):
+            path = os.path.join(self.DATA, name)
+            with open(path) as fh:
+                text = fh.read()
+            last = text.rstrip("\n").rfind("\n")
+            # cut in the middle of the last particle row
+            cut = last + 1 + len(text[last + 1:].split()[0]) + 2
+            with self.subTest(name):
+                self.assertBad(self.cut(name, cut), "truncated or corrupt")
+
+    def test_star_cut_in_the_header(self):
+        self.assertBad(self.cut("relion31.star", 60))

@@ -7,30 +7,17 @@ and the user's files unchanged (md5).
 One tiny dataset (12 particles, 32 px), its modes, a 1-epoch run and its latent file are
 made once through the command line (``python -m nmaem_plugin``).
 """
-import hashlib
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import unittest
 
 from nmaem_plugin import DATA_DIR
+from nmaem_plugin.tests.core.cli_fixture import md5, nmaem, run_steps
 
 OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 CLOSED = os.path.join(DATA_DIR, "ak_closed_1ake.pdb")
-NMAEM = [sys.executable, "-m", "nmaem_plugin"]
 F = {}
-
-
-def nmaem(*args):
-    return subprocess.run(NMAEM + [str(a) for a in args], capture_output=True, text=True,
-                          timeout=600)
-
-
-def md5(path):
-    with open(path, "rb") as fh:
-        return hashlib.md5(fh.read()).hexdigest()
 
 
 def setUpModule():
@@ -47,10 +34,7 @@ def setUpModule():
               "--loss", "l2", "--no-check", "--device", "cpu"),
              ("infer", "--particles", F["star"], "--model", F["run"], "-o", F["latent"],
               "--device", "cpu")]
-    for args in steps:
-        p = nmaem(*args)
-        if p.returncode != 0:
-            raise RuntimeError("nmaem %s failed: %s" % (args[0], p.stderr))
+    run_steps(steps)
 
 
 def tearDownModule():

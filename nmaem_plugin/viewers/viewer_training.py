@@ -63,7 +63,7 @@ class NmaemTrainingViewer(ProtocolViewer):
             run = runDirOf(obj)
         return projectPath(self.getProject(), run) if run else None
 
-    def runName(self):
+    def trainingName(self):
         """The name of the run shown: the label of the training protocol (for a network,
         the training whose output it is), else the run folder's protocol folder."""
         obj = self.protocol
@@ -93,7 +93,7 @@ class NmaemTrainingViewer(ProtocolViewer):
                                       "finished.", "nmaem training")]
         # while the training runs, log.csv holds the epochs finished so far (it is
         # replaced whole after each epoch); training_curves draws whatever is there
-        return [figurePlotter(plots.training_curves, fn, title=self.runName(),
+        return [figurePlotter(plots.training_curves, fn, title=self.trainingName(),
                               windowTitle="nmaem training curves")]
 
     def _showLog(self, paramName=None):

@@ -418,6 +418,37 @@ def latentFromParticlesFlex(particles, latentFile, idsFile=None):
     return ids
 
 
+def latentAgainstSimulation(particles, simulated, simStar, latentFile, idsFile=None):
+    """Write the zFlex of a SetOfParticlesFlex as ``latentFile`` (``core.latent``) for
+    ``nmaem evaluate``: rows in id order; ``shift`` the predicted shift of each particle,
+    its simulated origin minus its own (refined) origin (RELION origins, A); ``index`` its
+    row in the simulation's ``simStar`` (``nmaem simulate``'s particles.star, whose rows
+    are those of ground_truth.npz), matched by particle id. The ids go to ``idsFile``
+    (.npy). A particle that is not among the simulated ones is an error. Returns the ids."""
+    from .core.latent import write_latent
+    rowOfId = {int(i): r for r, i in enumerate(starRowIds(simStar))}
+    apix = float(simulated.getSamplingRate())
+    simMatrix = {q.getObjId(): q.getTransform().getMatrix()
+                 for q in simulated.iterItems(orderBy="id")}
+    ids, z, mats, simMats = [], [], [], []
+    for p in particles.iterItems(orderBy="id"):
+        if p.getObjId() not in simMatrix or p.getObjId() not in rowOfId:
+            raise ValueError("particle %d is not among the simulated particles"
+                             % p.getObjId())
+        ids.append(p.getObjId())
+        z.append(np.asarray(p.getZFlex(), dtype=np.float64))
+        mats.append(p.getTransform().getMatrix())
+        simMats.append(simMatrix[p.getObjId()])
+    _, origin = matricesToRelion(np.asarray(mats), apix)
+    _, simOrigin = matricesToRelion(np.asarray(simMats), apix)
+    ids = np.asarray(ids, dtype=np.int64)
+    if idsFile is not None:
+        np.save(idsFile, ids)
+    write_latent(latentFile, np.asarray(z, dtype=np.float64).reshape(len(ids), -1),
+                 shift=simOrigin - origin, index=[rowOfId[int(i)] for i in ids])
+    return ids
+
+
 def setOfParticlesFlexFromLatent(inputSet, latentFile, outputSet, starFile=None,
                                  foldShift=True, replaceShift=False, flexAttributes=None,
                                  foldPose=True):

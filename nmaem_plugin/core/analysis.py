@@ -151,6 +151,12 @@ class PCA:
     def inverse(self, pc):
         return np.asarray(pc, dtype=np.float64) @ self.components
 
+    def along(self, k, t):
+        """The mean of z moved along PC k+1 to coordinate ``t`` (its other PC
+        coordinates those of the mean): ``mean + (t - mean . V_k) V_k``."""
+        v = self.components[k]
+        return self.mean + (float(t) - self.mean @ v) * v
+
 
 def pca(z):
     """PCA of z (N,d), N >= 2, d >= 1: a :class:`PCA`."""

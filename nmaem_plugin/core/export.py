@@ -42,6 +42,12 @@ def _width(n):
     return max(2, len(str(n)))
 
 
+def numbered_name(prefix, j, n):
+    """The file stem of the (j+1)-th of ``n`` models of a kind: ``maximum_01``, ...
+    (two digits at least; the landscape figure labels its maxima with these names)."""
+    return "%s_%0*d" % (prefix, _width(n), j + 1)
+
+
 def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
            low=DEFAULTS["low_percentile"], high=DEFAULTS["high_percentile"], kmeans_k=None,
            maxima=False, z_list=(), fmt="pdb", seed=0, overwrite=False, bandwidth=None,
@@ -103,7 +109,7 @@ def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
     if kmeans_k:
         centres, labels, counts = kmeans(latent.z, kmeans_k, seed=seed)
         for j in range(len(centres)):
-            entries.append(("cluster_%0*d" % (_width(len(centres)), j + 1),
+            entries.append((numbered_name("cluster", j, len(centres)),
                             dict(kind="cluster", cluster=j + 1, n_particles=int(counts[j])),
                             centres[j]))
     if maxima:
@@ -118,8 +124,8 @@ def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
             if len(members):
                 zj = latent.z[members].mean(0)
             else:   # cannot happen for a KDE maximum, but stay defined: the PC1 line
-                zj = p.mean + (mx.positions[j] - p.mean @ p.components[0]) * p.components[0]
-            entries.append(("maximum_%0*d" % (_width(len(mx)), j + 1),
+                zj = p.along(0, mx.positions[j])
+            entries.append((numbered_name("maximum", j, len(mx)),
                             dict(kind="maximum", maximum=j + 1,
                                  pc1_position=float(mx.positions[j]),
                                  density=float(mx.densities[j]),

@@ -7,10 +7,17 @@ machines without X); the Scipion viewers pass the figure of a pwem ``EmPlotter``
 so the same drawing code fills a Tk window.
 
 * :func:`latent_landscape` - histogram of z (d = 1), or for d > 1 the PCA explained
-  variance, the PC1 histogram with its density maxima (``analysis.density_maxima``) and
-  a PC1-PC2 hexbin; with ground-truth frames, PC1 per frame group.
+  variance, the PC1 histogram with its density maxima (``analysis.density_maxima``,
+  each labelled with its model name and particle counts, :func:`maxima_labels`) and an
+  equal-aspect PC1-PC2 hexbin; with ground-truth frames, PC1 per true island of frames
+  (:func:`frame_groups`); with the number of atoms, a second axis in RMSD along PC1.
 * :func:`mode_amplitudes` - one histogram per mode amplitude z_l.
-* :func:`training_curves` - training and validation loss per epoch, images/s.
+* :func:`training_curves` - training and validation loss per epoch, images/s, and
+  whether the validation loss has levelled off (:func:`convergence`).
+
+Data functions shared with the viewers: :func:`pc_range` and :func:`pc_position`
+(positions along a PC in RMSD from the reference, checked against the particles' range),
+:func:`modes_atom_count`, :func:`maxima_counts`.
 * :func:`modes_overview` - eigenvalues, collectivity, per-residue fluctuation and, with a
   target, the overlaps and the floor RMSD.
 
@@ -23,7 +30,9 @@ import numpy as np
 HIST_BINS = 100              # bins of 1D histograms (fewer for small samples, see _bins)
 HEX_GRIDSIZE = 60            # hexagons across the PC1 axis
 MAX_KDE_POINTS = 50000       # density maxima on a random subsample above this size
-MAX_FRAME_GROUPS = 6         # PC1 histograms per group of consecutive frames
+MAX_FRAME_GROUPS = 6         # PC1 histograms per group of frames (true islands if any)
+CONVERGENCE_EPOCHS = 3       # the last 3 epochs against the 3 before them
+CONVERGED_CHANGE = 0.01      # |relative change| of the validation loss called levelled off
 
 
 def new_figure(width=10.0, height=7.0, dpi=100):
@@ -87,17 +96,139 @@ def landscape_maxima(x, max_points=MAX_KDE_POINTS, seed=0, **kwargs):
     return density_maxima(xs, **kwargs), sub
 
 
-def _frame_groups(frames, max_groups=MAX_FRAME_GROUPS):
-    """Groups of consecutive frames: list of (label, mask)."""
+# ----------------------------------------------------------------------------- PC positions
+
+def modes_atom_count(path):
+    """M, the number of atoms of a ``modes.npz`` (the ``modes`` array is (d, M, 3)), read
+    from the array's header only."""
+    import zipfile
+    from numpy.lib import format as npformat
+    from .errors import fail
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("modes.npy") as fh:
+            version = npformat.read_magic(fh)
+            shape = (npformat.read_array_header_1_0(fh) if version == (1, 0)
+                     else npformat.read_array_header_2_0(fh))[0]
+    except KeyError:
+        fail(path, "not a modes file: no 'modes'")
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        fail(path, "not a readable modes file (%s)" % (str(exc).splitlines() or ["?"])[0])
+    if len(shape) != 3 or shape[2] != 3 or shape[1] < 1:
+        fail(path, "'modes' has shape %s, not (d, M, 3)" % (shape,))
+    return int(shape[1])
+
+
+def rmsd_per_angstrom(n_atoms):
+    """RMSD (A) of a displacement of 1 A along a PC: 1 / sqrt(M). The modes are orthonormal
+    over the M atoms' 3M coordinates, so RMSD(X0 + U z, X0) = |z| / sqrt(M)
+    (docs/analysis.md); without ``n_atoms``, 1 (positions stay in amplitude units)."""
+    return 1.0 if not n_atoms else 1.0 / np.sqrt(float(n_atoms))
+
+
+def pc_range(z, k=0, n_atoms=None):
+    """(low, high) of the particles' coordinates along PC k+1 (z1 when d = 1), in RMSD from
+    the reference (A) when ``n_atoms`` is given: the coordinate from z = 0 (``PCA.transform``)
+    times 1 / sqrt(M), signed."""
+    _, pc = pc_coordinates(np.asarray(z, dtype=np.float64).reshape(len(z), -1))
+    x = pc[:, k] * rmsd_per_angstrom(n_atoms)
+    return float(x.min()), float(x.max())
+
+
+def pc_position(z, value, k=0, n_atoms=None):
+    """The latent point at ``value`` along PC k+1: the mean of z moved along that PC
+    (``PCA.along``; z itself when d = 1). ``value`` is in the units of :func:`pc_range`
+    and must lie within the particles' range: a point outside it is a model no particle
+    supports, so it is refused (``NmaemError`` naming the range)."""
+    from .errors import NmaemError
+    z = np.asarray(z, dtype=np.float64).reshape(len(z), -1)
+    lo, hi = pc_range(z, k, n_atoms)
+    name = "z1" if z.shape[1] == 1 else "PC%d" % (k + 1)
+    unit = "A RMSD along %s from the reference" % name if n_atoms else "A"
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise NmaemError("%s position %r is not a number" % (name, value))
+    if not np.isfinite(value) or not lo <= value <= hi:
+        raise NmaemError("%s = %.3g is outside the particles' range %.3g to %.3g (%s)"
+                         % (name, value, lo, hi, unit))
+    t = value / rmsd_per_angstrom(n_atoms)
+    if z.shape[1] == 1:
+        return np.array([t])
+    from .analysis import pca
+    return pca(z).along(k, t)
+
+
+# ----------------------------------------------------------------------------- maxima
+
+def maxima_counts(x, maxima):
+    """(near, basin): per maximum, the particles of the full sample x within its radius
+    and in its basin, and the particles of its basin (basins split at the lowest KDE
+    point between consecutive maxima, as ``density_maxima`` does). Equal to
+    ``len(maxima.near[k])`` and ``maxima.basin_counts`` when the maxima were found on x
+    itself; on a subsample, the counts of all particles."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    pos = np.asarray(maxima.positions, dtype=np.float64)
+    if len(pos) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    g, f = np.asarray(maxima.grid), np.asarray(maxima.density)
+    # the grid point of each maximum (its refined position is within half a step of it)
+    step = (g[-1] - g[0]) / max(len(g) - 1, 1)
+    idx = (np.clip(np.rint((pos - g[0]) / step), 0, len(g) - 1).astype(np.int64)
+           if step > 0 else np.zeros(len(pos), np.int64))
+    bounds = [g[a + np.argmin(f[a:b + 1])] for a, b in zip(idx[:-1], idx[1:])]
+    basin = np.searchsorted(np.array(bounds), x, side="right")
+    basin_counts = np.bincount(basin, minlength=len(pos))
+    near = np.array([np.count_nonzero((basin == k) & (np.abs(x - pos[k]) <= maxima.radius))
+                     for k in range(len(pos))], dtype=np.int64)
+    return near, basin_counts.astype(np.int64)
+
+
+def maxima_labels(x, maxima):
+    """One label per maximum: the name of its model in ``nmaem export --maxima``
+    (``maximum_01``...) and its particle counts, "N near / B in basin" (the model is the
+    mean z of the N near particles; its basin holds B)."""
+    from .export import numbered_name
+    near, basin = maxima_counts(x, maxima)
+    return ["%s\n%s near / %s in basin" % (numbered_name("maximum", k, len(near)),
+                                           format(int(near[k]), ","),
+                                           format(int(basin[k]), ","))
+            for k in range(len(near))]
+
+
+# ----------------------------------------------------------------------------- frames
+
+def frame_islands(frames):
+    """The true islands of a ground truth: runs of consecutive populated frames, as
+    (first, last) pairs in order (a discontinuous simulation has three; a continuous one
+    has one)."""
+    values = np.unique(np.asarray(frames).astype(np.int64))
+    if len(values) == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(values) > 1)
+    starts = np.r_[values[0], values[cuts + 1]]
+    ends = np.r_[values[cuts], values[-1]]
+    return list(zip(starts.tolist(), ends.tolist()))
+
+
+def frame_groups(frames, max_groups=MAX_FRAME_GROUPS):
+    """Groups of ground-truth frames for the landscape's colours: list of (label, mask).
+    Up to ``max_groups`` populated frames: one group each. Otherwise the true islands
+    (:func:`frame_islands`) when there are 2 to ``max_groups`` of them, so that no group
+    straddles a gap; otherwise ``max_groups`` runs of consecutive frames."""
+    frames = np.asarray(frames)
     values = np.unique(frames)
     if len(values) <= max_groups:
         return [("frame %d" % v, frames == v) for v in values]
+    islands = frame_islands(frames)
+    if 2 <= len(islands) <= max_groups:
+        return [("island %d: frames %d-%d" % (i + 1, a, b), (frames >= a) & (frames <= b))
+                for i, (a, b) in enumerate(islands)]
     edges = np.array_split(values, max_groups)
     return [("frames %d-%d" % (e[0], e[-1]), (frames >= e[0]) & (frames <= e[-1]))
             for e in edges]
 
 
-def _hist_with_maxima(ax, x, maxima, sub, bins, xlabel):
+def _hist_with_maxima(ax, x, maxima, sub, bins, xlabel, n_atoms=None):
     counts, edges, _ = ax.hist(x, bins=bins, color="0.6", edgecolor="none",
                                label="particles")
     width = edges[1] - edges[0]
@@ -110,6 +241,18 @@ def _hist_with_maxima(ax, x, maxima, sub, bins, xlabel):
         ax.vlines(maxima.positions, 0, heights, colors="C3", lw=1.0, linestyles="--")
         ax.plot(maxima.positions, heights, "v", color="C3", ms=8, gid="maxima",
                 label="density maxima (%d)" % len(maxima))
+        for pos, hgt, text in zip(maxima.positions, heights, maxima_labels(x, maxima)):
+            ax.annotate(text, (pos, hgt), xytext=(0, 10), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=7, color="C3",
+                        gid="maximum_label")
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.25)       # room for the labels
+    if n_atoms:
+        scale = rmsd_per_angstrom(n_atoms)
+        sec = ax.secondary_xaxis("top", functions=(lambda t: t * scale,
+                                                   lambda r: r / scale))
+        sec.set_xlabel("RMSD along %s from the reference (A)" % xlabel.split(" ")[0],
+                       fontsize=8)
+        sec.tick_params(labelsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("particles per bin")
     ax.legend(fontsize=8, loc="upper right")
@@ -122,7 +265,7 @@ def _hist_with_maxima(ax, x, maxima, sub, bins, xlabel):
 def _frames_panel(ax, x, frames, bins, xlabel):
     """PC1 histograms per group of consecutive ground-truth frames (step lines)."""
     from matplotlib import cm
-    groups = _frame_groups(frames)
+    groups = frame_groups(frames)
     edges = np.histogram_bin_edges(x, bins=bins)
     colours = cm.viridis(np.linspace(0.0, 0.9, len(groups)))
     for (label, mask), c in zip(groups, colours):
@@ -139,15 +282,19 @@ def _frames_panel(ax, x, frames, bins, xlabel):
 
 
 def latent_landscape(z, frames=None, fig=None, bins=HIST_BINS, gridsize=HEX_GRIDSIZE,
-                     max_kde_points=MAX_KDE_POINTS, maxima_kwargs=None, title=None):
+                     max_kde_points=MAX_KDE_POINTS, maxima_kwargs=None, title=None,
+                     n_atoms=None):
     """The latent landscape of particles' amplitudes z (N,d).
 
     d = 1: histogram of z with its density maxima. d > 1: the explained variance ratio
     of the PCs (bars, with the cumulative ratio), the PC1 histogram with its density
     maxima marked, and a PC1-PC2 hexbin (log colour scale: 1,000,000 particles stay
     readable). ``frames`` (N,) ground-truth frames: one more panel with the PC1 (or z)
-    histogram of each group of consecutive frames and |corr(PC1, frame)|.
-    ``maxima_kwargs`` go to ``analysis.density_maxima`` (bandwidth, min_height, ...).
+    histogram of each group of frames (:func:`frame_groups`: the true islands when the
+    truth has gaps) and |corr(PC1, frame)|. ``maxima_kwargs`` go to
+    ``analysis.density_maxima`` (bandwidth, min_height, ...). Each maximum is labelled
+    with its model's name and particle counts (:func:`maxima_labels`). ``n_atoms`` (M of
+    the modes): a second x axis in RMSD along PC1 from the reference (|t| / sqrt(M)).
     """
     z = np.asarray(z, dtype=np.float64)
     if z.ndim == 1:
@@ -173,7 +320,7 @@ def latent_landscape(z, frames=None, fig=None, bins=HIST_BINS, gridsize=HEX_GRID
         ncols = 2 if has_frames else 1
         fig = _prepare(fig, 6.0 * ncols, 4.5)
         axes = fig.subplots(1, ncols, squeeze=False)[0]
-        _hist_with_maxima(axes[0], x, maxima, sub, nb, xlabel)
+        _hist_with_maxima(axes[0], x, maxima, sub, nb, xlabel, n_atoms)
         if has_frames:
             _frames_panel(axes[1], x, frames, nb, xlabel)
     else:
@@ -190,14 +337,15 @@ def latent_landscape(z, frames=None, fig=None, bins=HIST_BINS, gridsize=HEX_GRID
         ax.set_title("PCA of z (d = %d): PC1 explains %.1f %%" % (d, 100 * ratio[0]),
                      fontsize=10)
         ax.legend(fontsize=8, loc="center right")
-        _hist_with_maxima(axes[1], x, maxima, sub, nb, xlabel)
+        _hist_with_maxima(axes[1], x, maxima, sub, nb, xlabel, n_atoms)
         ax = axes[2]
         hb = ax.hexbin(x, pc[:, 1], gridsize=gridsize, mincnt=1, bins="log",
                        cmap="viridis", linewidths=0)
         fig.colorbar(hb, ax=ax, label="particles")
+        ax.set_aspect("equal", adjustable="datalim")   # 1 A is 1 A on both axes
         ax.set_xlabel(xlabel)
         ax.set_ylabel("PC2 (A)")
-        ax.set_title("PC1-PC2 density", fontsize=10)
+        ax.set_title("PC1-PC2 density (equal scales)", fontsize=10)
         if has_frames:
             _frames_panel(axes[3], x, frames, nb, xlabel)
         else:
@@ -231,17 +379,97 @@ def mode_amplitudes(z, fig=None, bins=HIST_BINS, title=None):
     return fig
 
 
-def training_curves(log, fig=None, title=None):
-    """Training and validation loss per epoch, and training speed (images/s).
-
-    ``log``: a path to ``log.csv``, a dict of columns, or a list of row dicts (the
-    columns epoch, train_loss, val_loss, images_per_s, seconds of docs/training.md)."""
-    if isinstance(log, str):
+def _log_columns(log):
+    """A log (path, dict of columns or list of row dicts) as a dict of float arrays, rows
+    without a finite epoch (a partly written line) dropped; a missing or unreadable file
+    is an empty log (a training that has not finished an epoch)."""
+    if isinstance(log, (str, os.PathLike)):
         from .runfolder import read_log_columns
-        log = read_log_columns(log)
+        try:
+            log = read_log_columns(log)
+        except (OSError, UnicodeDecodeError):
+            log = {}
     elif isinstance(log, (list, tuple)):
         keys = set().union(*[r.keys() for r in log]) if log else set()
-        log = {k: np.asarray([r.get(k, np.nan) for r in log], dtype=float) for k in keys}
+        log = {k: [r.get(k, np.nan) for r in log] for k in keys}
+    cols = {}
+    for k, v in log.items():
+        if k is None:           # csv's overflow column of a malformed line
+            continue
+        try:
+            cols[k] = np.asarray(v, dtype=float).ravel()
+        except (TypeError, ValueError):
+            cols[k] = np.array([np.nan if not _isnumber(a) else float(a) for a in v])
+    epoch = cols.get("epoch", np.zeros(0))
+    keep = np.isfinite(epoch)
+    return {k: v[keep] if len(v) == len(keep) else v for k, v in cols.items()}
+
+
+def _isnumber(a):
+    try:
+        float(a)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+class Convergence:
+    """Has the loss levelled off? ``change``: relative change of the mean loss over the
+    last ``n`` epochs against the ``n`` before them, (mean_last - mean_prev) / |mean_prev|
+    (None with fewer than 2n finite values); ``key``: the column judged (``val_loss``, or
+    ``train_loss`` for a run without validation particles); ``epochs``: (first, last)
+    epoch of each window; ``note``: one sentence for the figure and the viewer."""
+
+    def __init__(self, key, change, n, epochs, note):
+        self.key, self.change, self.n, self.epochs, self.note = key, change, n, epochs, note
+
+    @property
+    def converged(self):
+        return self.change is not None and abs(self.change) < CONVERGED_CHANGE
+
+
+def convergence(log, n=CONVERGENCE_EPOCHS, tol=CONVERGED_CHANGE):
+    """:class:`Convergence` of a training log (path, columns or rows): the validation
+    loss's mean over the last ``n`` epochs against the ``n`` epochs before; levelled off
+    when |relative change| < ``tol``."""
+    cols = _log_columns(log)
+    epoch = cols.get("epoch", np.zeros(0))
+    key, what = "val_loss", "validation loss"
+    vals = cols.get(key)
+    if vals is None or np.count_nonzero(np.isfinite(vals)) == 0:
+        key, what = "train_loss", "training loss (no validation particles)"
+        vals = cols.get(key, np.zeros(0))
+    ok = np.isfinite(vals)
+    e, v = epoch[ok], vals[ok]
+    if len(v) < 2 * n:
+        return Convergence(key, None, n, None,
+                           "%d epoch(s) with a %s: %d needed to judge convergence (the "
+                           "last %d against the %d before)" % (len(v), what.split(" (")[0],
+                                                                2 * n, n, n))
+    last, prev = v[-n:].mean(), v[-2 * n:-n].mean()
+    if prev != 0:
+        change = (last - prev) / abs(prev)
+    else:
+        change = 0.0 if last == prev else np.copysign(np.inf, last - prev)
+    epochs = ((int(e[-2 * n]), int(e[-n - 1])), (int(e[-n]), int(e[-1])))
+    verdict = ("levelled off (|change| < %g %%)" % (100 * tol) if abs(change) < tol else
+               "still decreasing: more epochs may help" if change < 0 else
+               "rising: look for overfitting or a too high learning rate")
+    note = ("%s %+.2f %% (mean of epochs %d-%d vs %d-%d): %s"
+            % (what[0].upper() + what[1:], 100 * change, epochs[1][0], epochs[1][1],
+               epochs[0][0], epochs[0][1], verdict))
+    return Convergence(key, float(change), n, epochs, note)
+
+
+def training_curves(log, fig=None, title=None):
+    """Training and validation loss per epoch, training speed (images/s) and the
+    :func:`convergence` note under the loss panel's title.
+
+    ``log``: a path to ``log.csv``, a dict of columns, or a list of row dicts (the
+    columns epoch, train_loss, val_loss, images_per_s, seconds of docs/training.md). A
+    log still being written (no file yet, the header only, a partial last line) draws
+    what is there. ``title``: the run's name (the viewers pass the protocol's label)."""
+    log = _log_columns(log)
     epoch = np.asarray(log.get("epoch", []), dtype=float)
     fig = _prepare(fig, 11.0, 4.2)
     ax1, ax2 = fig.subplots(1, 2)
@@ -260,12 +488,13 @@ def training_curves(log, fig=None, title=None):
         ax1.set_yscale("log")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss")
-    ax1.set_title("Loss per epoch", fontsize=10)
+    conv = convergence(log)
+    ax1.set_title("Loss per epoch\n%s" % conv.note, fontsize=9, wrap=True)
     if ax1.get_legend_handles_labels()[0]:
         ax1.legend(fontsize=8)
-    if "images_per_s" in log and len(epoch):
-        ax2.plot(epoch, log["images_per_s"], style, color="C2", ms=4)
-        ips = np.asarray(log["images_per_s"], float)
+    ips = np.asarray(log.get("images_per_s", []), float)
+    if len(epoch) and len(ips) == len(epoch) and np.any(np.isfinite(ips)):
+        ax2.plot(epoch, ips, style, color="C2", ms=4)
         ax2.set_title("Training speed: median %.0f images/s" % np.nanmedian(ips), fontsize=10)
     else:
         ax2.set_title("Training speed", fontsize=10)

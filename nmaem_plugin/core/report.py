@@ -145,7 +145,8 @@ def write_report(run_dir, out_dir, latent=None, modes=None, truth=None, models=N
 
     rows = read_log_columns(log_csv)
     n_ep = len(rows.get("epoch", []))
-    emit(plots.training_curves(rows), "training.png",
+    emit(plots.training_curves(rows, title="Training run %s"
+                               % os.path.basename(os.path.normpath(run_dir))), "training.png",
          "Training: loss on the training and validation particles per epoch, and training "
          "speed in images per second (%d epochs, %s)." % (n_ep, log_csv))
     if modes is not None:
@@ -164,7 +165,9 @@ def write_report(run_dir, out_dir, latent=None, modes=None, truth=None, models=N
                 "its density maxima, PC1-PC2 density (hexagonal bins, log scale)")
         if frames is not None:
             what += ", PC1 by ground-truth frame (%s)" % truth
-        emit(plots.latent_landscape(lat.z, frames=frames), "latent.png",
+        n_atoms = (int(np.shape(mdata["modes"])[1]) if modes is not None
+                   and np.ndim(mdata["modes"]) == 3 else None)
+        emit(plots.latent_landscape(lat.z, frames=frames, n_atoms=n_atoms), "latent.png",
              "Latent landscape of %s particles (%s): %s." % (format(lat.n, ","), lat.path,
                                                              what))
         if lat.d > 1:

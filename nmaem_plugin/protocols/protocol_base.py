@@ -176,6 +176,47 @@ class NmaemProtBase(EMProtocol):
                     "PDB or mmCIF model." % (label, fn)]
         return []
 
+    # ------------------------------------------------------------------ particles with z
+    def _runDir(self):
+        """The training run folder of the protocol's ``inputNetwork`` when one is chosen,
+        else the one the ``inputParticles`` (Flexibility Hub particles) record."""
+        from .protocol_flex_common import runDirOf
+        net = self.inputNetwork.get() if self.hasAttribute("inputNetwork") else None
+        if net is not None:
+            return runDirOf(net)
+        parts = self.inputParticles.get()
+        return runDirOf(parts) if parts is not None else None
+
+    def validateParticlesWithZ(self, particles):
+        """(errors, d) for particles with z used with the run of :meth:`_runDir`: a
+        trained network is known and has its config.json, the particles have amplitudes
+        and as many as the network's modes. ``d``: the particles' number of amplitudes."""
+        from ..core.runfolder import read_config_or_none
+        errors = []
+        run = self._runDir()
+        cfg = read_config_or_none(run) if run else None
+        if run is None:
+            errors.append("No trained network: choose one (the particles do not record an "
+                          "nmaem training).")
+        elif cfg is None:
+            errors.append("The network's run folder %s has no config.json." % run)
+        first = particles.getFirstItem()
+        d = len(first.getZFlex()) if hasattr(first, "getZFlex") else 0
+        if d == 0:
+            errors.append("The particles have no normal-mode amplitudes (zFlex).")
+        elif cfg is not None and d != int(cfg["n_modes"]):
+            errors.append("The particles have %d amplitudes (zFlex) but the network uses %d "
+                          "modes." % (d, cfg["n_modes"]))
+        return errors, d
+
+    def writeLatentStep(self):
+        """latent.npz of the input particles' z (``convert.latentFromParticlesFlex``: rows
+        in id order, shifts zero) and their ids, the filename templates "latent" and
+        "ids"."""
+        from ..convert import latentFromParticlesFlex
+        latentFromParticlesFlex(self.inputParticles.get(), self._getFileName("latent"),
+                                self._getFileName("ids"))
+
     # ------------------------------------------------------------------ files
     @staticmethod
     def splitModels(pdbFile, pattern):

@@ -69,32 +69,13 @@ class NmaemProtEvaluate(NmaemProtBase):
         self._insertFunctionStep(self.createOutputStep)
 
     def writeLatentStep(self):
-        """latent_truth.npz: z (zFlex), the predicted shift (the simulated origin minus the
-        refined one) and, as index, each particle's row in the simulation's ground truth
-        (matched by particle id)."""
-        from ..convert import matricesToRelion, starRowIds
-        flex, sim = self.inputParticles.get(), self.simulatedParticles.get()
-        simDir = findSimulationDir(sim)
-        rowOfId = {int(i): r for r, i in
-                   enumerate(starRowIds(os.path.join(simDir, "particles.star")))}
-        apix = float(sim.getSamplingRate())
-        simMatrix = {q.getObjId(): q.getTransform().getMatrix()
-                     for q in sim.iterItems(orderBy="id")}
-        ids, z, mats, simMats = [], [], [], []
-        for p in flex.iterItems(orderBy="id"):
-            if p.getObjId() not in simMatrix or p.getObjId() not in rowOfId:
-                raise Exception("particle %d is not among the simulated particles"
-                                % p.getObjId())
-            ids.append(p.getObjId())
-            z.append(np.asarray(p.getZFlex(), dtype=np.float64))
-            mats.append(p.getTransform().getMatrix())
-            simMats.append(simMatrix[p.getObjId()])
-        _, origin = matricesToRelion(np.asarray(mats), apix)
-        _, simOrigin = matricesToRelion(np.asarray(simMats), apix)
-        from ..core.latent import write_latent
-        np.save(self._getFileName("ids"), np.asarray(ids, dtype=np.int64))
-        write_latent(self._getFileName("latent"), np.asarray(z).reshape(len(ids), -1),
-                     shift=simOrigin - origin, index=[rowOfId[i] for i in ids])
+        """latent_truth.npz: z (zFlex), the predicted shift and each particle's row in the
+        simulation's ground truth (``convert.latentAgainstSimulation``)."""
+        from ..convert import latentAgainstSimulation
+        sim = self.simulatedParticles.get()
+        latentAgainstSimulation(self.inputParticles.get(), sim,
+                                os.path.join(findSimulationDir(sim), "particles.star"),
+                                self._getFileName("latent"), self._getFileName("ids"))
 
     def evaluateStep(self):
         out = self._getFileName("json")

@@ -16,11 +16,9 @@ from pyworkflow.object import Float, Integer, String
 from pwem.objects import SetOfAtomStructFlex
 
 from ..core.choices import MODEL_FORMATS
-from ..core.runfolder import read_config_or_none
 from .protocol_base import NmaemProtBase
 from .protocol_flex_common import (ATTR_KIND, ATTR_N_PARTICLES, ATTR_RMSD_REF,
-                                   createSetOfAtomStructFlex, hubFlexInfo, modelStructFlex,
-                                   runDirOf)
+                                   createSetOfAtomStructFlex, hubFlexInfo, modelStructFlex)
 
 EXPORT_PCS, EXPORT_KMEANS, EXPORT_MAXIMA, EXPORT_Z = range(4)
 EXPORT_CHOICES = ["principal component traversal", "k-means centres", "density maxima (PC1)",
@@ -116,11 +114,6 @@ class NmaemProtExport(NmaemProtBase):
             "done": self._getExtraPath("models", "models.csv"),
         })
 
-    def _runDir(self):
-        if self.inputNetwork.get() is not None:
-            return runDirOf(self.inputNetwork.get())
-        return runDirOf(self.inputParticles.get()) if self.inputParticles.get() else None
-
     def _zLines(self):
         return [ln.strip() for ln in (self.amplitudes.get() or "").splitlines() if ln.strip()]
 
@@ -130,12 +123,6 @@ class NmaemProtExport(NmaemProtBase):
         self._insertFunctionStep(self.writeLatentStep)
         self._insertFunctionStep(self.exportStep)
         self._insertFunctionStep(self.createOutputStep)
-
-    def writeLatentStep(self):
-        """latent.npz of the input particles' z (rows in id order; shifts are not used)."""
-        from ..convert import latentFromParticlesFlex
-        latentFromParticlesFlex(self.inputParticles.get(), self._getFileName("latent"),
-                                self._getFileName("ids"))
 
     def exportStep(self):
         if os.path.exists(self._getFileName("done")):   # models.csv is written last
@@ -192,20 +179,8 @@ class NmaemProtExport(NmaemProtBase):
             return ["Choose the particles with z."]
         if parts.getSize() == 0:
             return ["The input particle set is empty."]
-        run = self._runDir()
-        cfg = read_config_or_none(run) if run else None
-        if run is None:
-            errors.append("No trained network: choose one (the particles do not record an "
-                          "nmaem training).")
-        elif cfg is None:
-            errors.append("The network's run folder %s has no config.json." % run)
-        first = parts.getFirstItem()
-        d = len(first.getZFlex()) if hasattr(first, "getZFlex") else 0
-        if cfg is not None and d != int(cfg["n_modes"]):
-            errors.append("The particles have %d amplitudes (zFlex) but the network uses %d "
-                          "modes." % (d, cfg["n_modes"]))
-        if d == 0:
-            errors.append("The particles have no normal-mode amplitudes (zFlex).")
+        zErrors, d = self.validateParticlesWithZ(parts)
+        errors += zErrors
         mode = self.exportMode.get()
         if mode == EXPORT_PCS:
             try:

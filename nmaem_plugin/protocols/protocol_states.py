@@ -19,10 +19,9 @@ from pwem.objects import (ClassStructFlex, Particle, SetOfAtomStructFlex,
                           SetOfClassesStructFlex)
 
 from ..constants import PROGRAM_NAME
-from ..core.runfolder import read_config_or_none
 from .protocol_base import NmaemProtBase
 from .protocol_flex_common import (ATTR_N_PARTICLES, ATTR_STATE, createSetOfAtomStructFlex,
-                                   hubFlexInfo, modelStructFlex, runDirOf)
+                                   hubFlexInfo, modelStructFlex)
 
 STATES_MAXIMA, STATES_KMEANS, STATES_RANGES = range(3)
 STATES_CHOICES = ["density maxima (PC1) and their basins", "k-means clusters",
@@ -99,11 +98,6 @@ class NmaemProtStates(NmaemProtBase):
             "listing": self._getExtraPath("models", "models.json"),
         })
 
-    def _runDir(self):
-        if self.inputNetwork.get() is not None:
-            return runDirOf(self.inputNetwork.get())
-        return runDirOf(self.inputParticles.get()) if self.inputParticles.get() else None
-
     def _rangeLines(self):
         return [ln.strip() for ln in (self.ranges.get() or "").splitlines() if ln.strip()]
 
@@ -114,11 +108,6 @@ class NmaemProtStates(NmaemProtBase):
         self._insertFunctionStep(self.statesStep)
         self._insertFunctionStep(self.modelsStep)
         self._insertFunctionStep(self.createOutputStep)
-
-    def writeLatentStep(self):
-        from ..convert import latentFromParticlesFlex
-        latentFromParticlesFlex(self.inputParticles.get(), self._getFileName("latent"),
-                                self._getFileName("ids"))
 
     def statesStep(self):
         args = ["--latent", self._getFileName("latent"), "-o", self._getFileName("states"),
@@ -218,21 +207,7 @@ class NmaemProtStates(NmaemProtBase):
             return ["Choose the particles with z."]
         if parts.getSize() < 2:
             return ["States need at least 2 particles."]
-        errors = []
-        run = self._runDir()
-        cfg = read_config_or_none(run) if run else None
-        if run is None:
-            errors.append("No trained network: choose one (the particles do not record an "
-                          "nmaem training).")
-        elif cfg is None:
-            errors.append("The network's run folder %s has no config.json." % run)
-        first = parts.getFirstItem()
-        d = len(first.getZFlex()) if hasattr(first, "getZFlex") else 0
-        if d == 0:
-            errors.append("The particles have no normal-mode amplitudes (zFlex).")
-        elif cfg is not None and d != int(cfg["n_modes"]):
-            errors.append("The particles have %d amplitudes (zFlex) but the network uses %d "
-                          "modes." % (d, cfg["n_modes"]))
+        errors, d = self.validateParticlesWithZ(parts)
         mode = self.statesMode.get()
         if mode == STATES_KMEANS and self.numberOfClusters.get() > parts.getSize():
             errors.append("%d states for %d particles." % (self.numberOfClusters.get(),

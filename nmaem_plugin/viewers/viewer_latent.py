@@ -82,9 +82,16 @@ class NmaemLatentViewer(ProtocolViewer):
                            "installed. PC1 value: the mean z moved along PC1 to that "
                            "coordinate. Cluster: the centre of a k-means cluster of z. "
                            "Amplitudes: the z you type.")
-        form.addParam("pc1Value", params.FloatParam, default=0.0,
-                      condition="pointKind == %d" % POINT_PC1, label="PC1 coordinate (A)",
-                      help="Coordinate along PC1 (as on the landscape's x axis).")
+        lo, hi, mid, unit = self.pcRangeForForm()
+        form.addParam("pc1Value", params.FloatParam, default=mid,
+                      condition="pointKind == %d" % POINT_PC1,
+                      label="PC1 position (%s)" % unit,
+                      help="Position along PC1 as %s (the top axis of the landscape's "
+                           "PC1 histogram): the mean z moved along PC1 to there. It must "
+                           "lie within the particles' range, %s (the default is the "
+                           "median particle)." % (unit, "%.3g to %.3g" % (lo, hi)
+                                                  if lo is not None else "shown once "
+                                                  "the particles have z"))
         form.addParam("numberOfClusters", params.IntParam, default=5,
                       condition="pointKind == %d" % POINT_CLUSTER,
                       validators=[params.Positive], label="Number of clusters (K)")
@@ -134,6 +141,49 @@ class NmaemLatentViewer(ProtocolViewer):
             self._latentCache = latentOfParticles(parts)
         return self._latentCache
 
+    def nAtoms(self):
+        """M, the atoms of the modes of the particles' training run (for RMSD units), or
+        None when the run folder or its modes file is not found."""
+        if getattr(self, "_nAtomsCache", None) is None:
+            import os
+            from ..core.errors import NmaemError
+            from ..core.plots import modes_atom_count
+            from ..core.runfolder import reference_and_modes
+            from .viewer_common import projectPath
+            parts = self.getParticles()
+            run = runDirOf(parts) if parts is not None else None
+            n = 0
+            if run:
+                _, modes = reference_and_modes(projectPath(self.getProject(), run))
+                if modes and os.path.isfile(modes):
+                    try:
+                        n = modes_atom_count(modes)
+                    except NmaemError:
+                        n = 0
+            self._nAtomsCache = n
+        return self._nAtomsCache or None
+
+    def pcUnit(self):
+        d = self.getLatent()[1].shape[1] if self.getLatent() is not None else 2
+        name = "z1" if d == 1 else "PC1"
+        return ("A RMSD along %s from the reference" % name if self.nAtoms() else
+                "A of amplitude along %s" % name)
+
+    def pcRangeForForm(self):
+        """(low, high, median, unit) of the particles along PC1 in the form's units
+        (low, high, median None without data)."""
+        try:
+            data = self.getLatent()
+        except Exception:   # a broken set must not break the form
+            data = None
+        if data is None or len(data[1]) < 2 or data[1].shape[1] == 0:
+            return None, None, None, "A RMSD along PC1 from the reference"
+        import numpy as np
+        from ..core.plots import pc_coordinates, rmsd_per_angstrom
+        _, pc = pc_coordinates(data[1])
+        x = pc[:, 0] * rmsd_per_angstrom(self.nAtoms())
+        return float(x.min()), float(x.max()), round(float(np.median(x)), 3), self.pcUnit()
+
     def _noData(self):
         if isinstance(self.protocol, NmaemProtTrain):
             msg = ("No particles with z from this training yet: run 'nmaem - infer' with "
@@ -159,8 +209,14 @@ class NmaemLatentViewer(ProtocolViewer):
         if not self.colourByFrame.get():
             frames = None
         return [figurePlotter(plots.latent_landscape, z, frames=frames,
-                              maxima_kwargs=self._maximaKwargs(),
+                              maxima_kwargs=self._maximaKwargs(), n_atoms=self.nAtoms(),
+                              title=self.getParticlesLabel(),
                               windowTitle="nmaem latent landscape")]
+
+    def getParticlesLabel(self):
+        """The name of the shown particles' protocol (the figure's title)."""
+        label = self.protocol.getObjLabel() if hasattr(self.protocol, "getObjLabel") else ""
+        return "Latent landscape: %s" % label if label else None
 
     def _showAmplitudes(self, paramName=None):
         from ..core import plots
@@ -174,17 +230,17 @@ class NmaemLatentViewer(ProtocolViewer):
         """(z of the chosen point (d,), label) from the form."""
         import numpy as np
         from ..core.analysis import kmeans
-        from ..core.plots import pc_coordinates
+        from ..core.plots import pc_position
         _, z, _ = self.getLatent()
         kind = self.pointKind.get()
         if kind == POINT_PC1:
-            t = float(self.pc1Value.get())
-            p, _ = pc_coordinates(z)
-            if p is None:
-                return np.array([t]), "z1 = %.2f A" % t
-            v = p.components[0]
-            point = p.mean + (t - p.mean @ v) * v
-            return point, "PC1 = %.2f A" % t
+            value = self.pc1Value.get()
+            if value is None:
+                raise ValueError("type a PC1 position")
+            point = pc_position(z, value, 0, self.nAtoms())   # range-checked
+            name = "z1" if z.shape[1] == 1 else "PC1"
+            unit = " RMSD" if self.nAtoms() else ""
+            return point, "%s = %.2f A%s" % (name, float(value), unit)
         if kind == POINT_CLUSTER:
             k, c = self.numberOfClusters.get(), self.clusterNumber.get()
             if c > k:

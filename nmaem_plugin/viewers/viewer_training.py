@@ -36,7 +36,10 @@ class NmaemTrainingViewer(ProtocolViewer):
     def _defineParams(self, form):
         form.addSection(label="Training")
         form.addParam("doShowCurves", params.LabelParam, label="Training curves",
-                      help="Training and validation loss per epoch; images per second.")
+                      help="Training and validation loss per epoch; images per second; "
+                           "whether the validation loss has levelled off (relative change "
+                           "of its mean over the last 3 epochs against the 3 before). "
+                           "Can be opened while the training runs.")
         form.addParam("doShowLog", params.LabelParam, label="log.csv",
                       help="The per-epoch table (epoch, train_loss, val_loss, "
                            "images_per_s, seconds).")
@@ -60,6 +63,23 @@ class NmaemTrainingViewer(ProtocolViewer):
             run = runDirOf(obj)
         return projectPath(self.getProject(), run) if run else None
 
+    def trainingName(self):
+        """The name of the run shown: the label of the training protocol (for a network,
+        the training whose output it is), else the run folder's protocol folder."""
+        obj = self.protocol
+        if isinstance(obj, NmaemProtTrain):
+            return obj.getObjLabel()
+        run = runDirOf(obj)
+        project = self.getProject()
+        if project is not None and run:
+            for prot in project.getRuns(refresh=False):
+                net = getattr(prot, "outputNetwork", None)
+                if (isinstance(prot, NmaemProtTrain) and net is not None
+                        and runDirOf(net) == run):
+                    return prot.getObjLabel()
+        parts = os.path.normpath(run or "").split(os.sep)
+        return parts[-3] if len(parts) >= 3 else (run or "nmaem training")
+
     def logFile(self):
         run = self.runDir()
         fn = os.path.join(run, "log.csv") if run else None
@@ -71,7 +91,9 @@ class NmaemTrainingViewer(ProtocolViewer):
         if fn is None:
             return [self.errorMessage("No log.csv yet: no epoch of this training has "
                                       "finished.", "nmaem training")]
-        return [figurePlotter(plots.training_curves, fn, title=os.path.dirname(fn),
+        # while the training runs, log.csv holds the epochs finished so far (it is
+        # replaced whole after each epoch); training_curves draws whatever is there
+        return [figurePlotter(plots.training_curves, fn, title=self.trainingName(),
                               windowTitle="nmaem training curves")]
 
     def _showLog(self, paramName=None):

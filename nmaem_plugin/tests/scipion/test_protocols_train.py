@@ -2,10 +2,11 @@
 
     python -m scipion tests nmaem_plugin.tests.scipion.test_protocols_train
 
-The data are made here (no internet, no Scipion data server): the bundled adenylate
-kinase models are imported with ProtImportPdb, 200 particles of 32 px are simulated from
-a 4-frame morph, 3 modes are computed on the simulation's reference, and the small
-encoder is trained for 2 epochs on the CPU.
+The data are made here (no internet, no Scipion data server): the shared chain of
+``chain.py`` (built once per test run, also used by test_viewers): the bundled adenylate
+kinase models imported with ProtImportPdb, 200 particles of 32 px simulated from a
+4-frame morph, 3 modes computed on the simulation's reference, the small encoder trained
+for 2 epochs on the CPU, inference.
 """
 import json
 import os
@@ -13,11 +14,10 @@ import os
 import numpy as np
 from pwem.constants import ALIGN_NONE
 from pwem.objects import FlexInfo, SetOfParticles
-from pyworkflow.tests import setupTestProject
 
-from nmaem_plugin.tests.scipion import scipion_base
+from nmaem_plugin.tests.scipion import chain, scipion_base
 from nmaem_plugin.constants import ATTR_FRAME, PROGRAM_NAME
-from nmaem_plugin.protocols import (NmaemProtComputeModes, NmaemProtEvaluate,
+from nmaem_plugin.protocols import (NmaemProtEvaluate,
                                     NmaemProtExport, NmaemProtInfer, NmaemProtStates,
                                     NmaemProtTrain)
 from nmaem_plugin.protocols.protocol_states import STATES_KMEANS, stateParticlesName
@@ -26,11 +26,7 @@ from nmaem_plugin.protocols.protocol_flex_common import (ATTR_FLOOR_RMSD, ATTR_N
                                                          ATTR_RMSD, ATTR_RMSD_REF, ATTR_RUN_DIR,
                                                          ATTR_Z, runDirOf)
 
-N_PARTICLES = 200
-BOX = 32
-APIX = 2.5
-N_MODES = 3
-EPOCHS = 2
+from nmaem_plugin.tests.scipion.chain import APIX, BOX, EPOCHS, N_MODES, N_PARTICLES  # noqa: F401
 PC_STEPS = 5
 N_STATES = 3
 
@@ -47,23 +43,7 @@ def _logText(prot):
 class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
     @classmethod
     def setUpClass(cls):
-        setupTestProject(cls)
-        cls._simulateMorph(numberOfFrames=4, numberOfParticles=N_PARTICLES, boxSize=BOX,
-                           samplingRate=APIX, shiftStd=1.0, seed=1)
-
-        cls.modes = cls.newProtocol(NmaemProtComputeModes, objLabel="modes",
-                                    numberOfModes=N_MODES, useGpu=False)
-        cls.modes.inputStructure.set(cls.sim.outputReference)
-        cls._launch(cls.modes)
-
-        cls.train = cls._newTrain("train", EPOCHS)
-        cls._launch(cls.train)
-
-        cls.infer = cls.newProtocol(NmaemProtInfer, objLabel="infer", batchSize=64,
-                                    useGpu=False)
-        cls.infer.inputNetwork.set(cls.train.outputNetwork)
-        cls.infer.inputParticles.set(cls.sim.outputParticles)
-        cls._launch(cls.infer)
+        chain.use(cls)        # sim, modes, train, infer: built once per test run
 
         cls.export = cls.newProtocol(NmaemProtExport, objLabel="export PC1",
                                      exportMode=EXPORT_PCS, pcs="1", steps=PC_STEPS,
@@ -85,12 +65,7 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
 
     @classmethod
     def _newTrain(cls, label, epochs, **kwargs):
-        prot = cls.newProtocol(NmaemProtTrain, objLabel=label, numberOfEpochs=epochs,
-                               batchSize=32, encoder=1, useGpu=False, **kwargs)
-        prot.inputParticles.set(cls.sim.outputParticles)
-        prot.inputStructure.set(cls.sim.outputReference)
-        prot.inputModes.set(cls.modes.outputModes)
-        return prot
+        return chain.NmaemTrainedChain.newTrain(label, epochs, **kwargs)
 
     def _runDir(self):
         return self.train._getExtraPath("run")

@@ -2,11 +2,12 @@
 
     python -m scipion tests nmaem_plugin.tests.scipion.test_viewers
 
-The figure and report tests use synthetic arrays. The viewer tests run the real
-protocols on tiny data (60 noise-free 32-px particles of a 4-frame morph of the bundled
-adenylate kinase models, 2 modes with the closed form as target, 1 training epoch of
-the small encoder on the CPU, inference), then build every viewer's figures for each
-target class and launch an export from the latent viewer.
+The figure and report tests use synthetic arrays. The viewer tests use the real
+protocols of the shared chain (``chain.py``, built once per test run with
+test_protocols_train: 200 noise-free 32-px particles of a 4-frame morph of the bundled
+adenylate kinase models, 3 modes with the closed form as target, 2 training epochs of
+the small encoder on the CPU, inference), build every viewer's figures for each target
+class and launch an export from the latent viewer.
 """
 import io
 import json
@@ -282,7 +283,7 @@ class TestReport(unittest.TestCase):
 # ---------------------------------------------------------------------- Scipion viewers
 
 try:
-    from pyworkflow.tests import BaseTest, setupTestProject
+    from pyworkflow.tests import BaseTest
 except ImportError:      # the figure tests above run without Scipion
     BaseTest = None
 
@@ -290,13 +291,12 @@ if BaseTest is not None:
     from pwem.viewers.plotter import EmPlotter
     from pyworkflow.viewer import MessageView
 
-    from nmaem_plugin.protocols import (NmaemProtComputeModes, NmaemProtExport,
-                                        NmaemProtInfer, NmaemProtTrain)
+    from nmaem_plugin.protocols import NmaemProtExport
     from nmaem_plugin.viewers import (NmaemLatentViewer, NmaemModesViewer,
                                       NmaemTrainingViewer)
     from nmaem_plugin.viewers.viewer_latent import POINT_CLUSTER, POINT_PC1, POINT_Z
 
-    from nmaem_plugin.tests.scipion import scipion_base
+    from nmaem_plugin.tests.scipion import chain, scipion_base
     _tail = scipion_base.log_tail
 
     class TestNmaemViewers(scipion_base.NmaemBaseTest):
@@ -304,25 +304,7 @@ if BaseTest is not None:
 
         @classmethod
         def setUpClass(cls):
-            setupTestProject(cls)
-            cls._simulateMorph(numberOfFrames=4, numberOfParticles=60, boxSize=32,
-                               samplingRate=2.5, seed=1)
-            cls.modes = cls.newProtocol(NmaemProtComputeModes, objLabel="modes",
-                                        numberOfModes=2, useGpu=False)
-            cls.modes.inputStructure.set(cls.sim.outputReference)
-            cls.modes.targetStructure.set(cls.target.outputPdb)
-            cls._launch(cls.modes)
-            cls.train = cls.newProtocol(NmaemProtTrain, objLabel="train", numberOfEpochs=1,
-                                        batchSize=30, encoder=1, useGpu=False)
-            cls.train.inputParticles.set(cls.sim.outputParticles)
-            cls.train.inputStructure.set(cls.sim.outputReference)
-            cls.train.inputModes.set(cls.modes.outputModes)
-            cls._launch(cls.train)
-            cls.infer = cls.newProtocol(NmaemProtInfer, objLabel="infer", batchSize=60,
-                                        useGpu=False)
-            cls.infer.inputNetwork.set(cls.train.outputNetwork)
-            cls.infer.inputParticles.set(cls.sim.outputParticles)
-            cls._launch(cls.infer)
+            chain.use(cls)    # the trained chain of test_protocols_train, built once
 
         def tearDown(self):
             import matplotlib.pyplot as plt
@@ -341,21 +323,48 @@ if BaseTest is not None:
 
         # -------------------------------------------------------------- latent
         def test_latent_viewer_targets(self):
-            z = np.array([p.getZFlex() for p in self.infer.outputParticles.iterItems(
-                orderBy="id")], dtype=float)
-            pc1 = pca(z).transform(z)[:, 0]
-            expected = density_maxima(pc1).positions
+            from nmaem_plugin.protocols import NmaemProtInfer
+            from nmaem_plugin.protocols.protocol_flex_common import runDirOf
+            run = runDirOf(self.train.outputNetwork)
             for obj in (self.infer, self.infer.outputParticles, self.train):
                 viewer = self._viewer(NmaemLatentViewer, obj)
+                parts = viewer.getParticles()
+                if obj is self.train:
+                    # the output of the last inference made with its network (the
+                    # shared project may hold more than self.infer's)
+                    infers = [r for r in self.proj.getRuns(refresh=False)
+                              if isinstance(r, NmaemProtInfer) and r.hasAttribute(
+                                  "outputParticles")
+                              and runDirOf(r.outputParticles) == run]
+                    self.assertEqual(parts.getFileName(),
+                                     infers[-1].outputParticles.getFileName())
+                else:
+                    self.assertEqual(parts.getFileName(),
+                                     self.infer.outputParticles.getFileName())
+                z = np.array([p.getZFlex() for p in parts.iterItems(orderBy="id")],
+                             dtype=float)
+                expected = density_maxima(pca(z).transform(z)[:, 0]).positions
                 fig = self._figure(viewer._visualize(obj))
                 hist_ax = _axis(fig, "PC1")[0]
-                self.assertEqual(int(round(sum(p.get_height() for p in hist_ax.patches))), 60)
+                self.assertEqual(int(round(sum(p.get_height() for p in hist_ax.patches))),
+                                 chain.N_PARTICLES)
                 np.testing.assert_allclose(_maxima_markers(hist_ax)[0].get_xdata(), expected,
                                            atol=1e-9)
                 # simulated particles carry their frame: the frame panel is there
                 self.assertTrue(any("ground-truth frame" in a.get_title() for a in fig.axes))
+                labels = [t.get_text() for t in hist_ax.texts
+                          if t.get_gid() == "maximum_label"]
+                self.assertEqual(len(labels), len(expected))
+                self.assertTrue(labels[0].startswith("maximum_01\n"), labels)
+                hex_ax = [a for a in fig.axes if a.get_ylabel() == "PC2 (A)"][0]
+                self.assertEqual(hex_ax.get_aspect(), 1.0)
+                # the RMSD axis of the run's modes: M atoms from the modes file itself
+                sec = [a for a in hist_ax.child_axes
+                       if "RMSD along PC1" in a.get_xlabel()]
+                self.assertEqual(len(sec), 1)
                 amp = self._figure(viewer._showAmplitudes())
-                self.assertEqual(len([a for a in amp.axes if a.get_xlabel()]), 2)
+                self.assertEqual(len([a for a in amp.axes if a.get_xlabel()]),
+                                 chain.N_MODES)
             viewer = self._viewer(NmaemLatentViewer, self.infer)
             viewer.setProtocol(self.infer)
             viewer.colourByFrame.set(False)
@@ -365,17 +374,41 @@ if BaseTest is not None:
             self.assertFalse(NmaemLatentViewer.can_handle_this(
                 type(self.sim.outputParticles).mro(), instance=self.sim.outputParticles))
 
+        def _nAtoms(self):
+            """M of the run's modes, read with numpy (the viewer reads only the header)."""
+            run = os.path.join(self.proj.getPath(), self.train._getExtraPath("run"))
+            with np.load(os.path.join(run, "modes.npz")) as f:
+                return f["modes"].shape[1]
+
         def test_latent_chosen_points(self):
             viewer = self._viewer(NmaemLatentViewer, self.infer)
             viewer.setProtocol(self.infer)
             _, z, _ = viewer.getLatent()
             p = pca(z)
+            m = self._nAtoms()
+            self.assertEqual(viewer.nAtoms(), m)
+            pc1_rmsd = p.transform(z)[:, 0] / np.sqrt(m)
+            lo, hi, mid, unit = viewer.pcRangeForForm()
+            self.assertAlmostEqual(lo, pc1_rmsd.min(), places=9)
+            self.assertAlmostEqual(hi, pc1_rmsd.max(), places=9)
+            self.assertIn("RMSD along PC1", unit)
+            # the form's default is inside the data (the median particle), not 0.0
+            self.assertTrue(lo <= viewer.pc1Value.get() <= hi, (lo, viewer.pc1Value.get(), hi))
+            self.assertIn("%.3g to %.3g" % (lo, hi),
+                          viewer._definition.getParam("pc1Value").help.get())
             viewer.pointKind.set(POINT_PC1)
-            viewer.pc1Value.set(1.5)
+            value = lo + 0.25 * (hi - lo)
+            viewer.pc1Value.set(value)
             point, label = viewer.chosenPoint()
-            self.assertAlmostEqual(float(p.transform(point[None])[0, 0]), 1.5, places=6)
+            self.assertAlmostEqual(float(p.transform(point[None])[0, 0]) / np.sqrt(m), value,
+                                   places=6)
             np.testing.assert_allclose(p.transform(point[None])[0, 1:],
                                        p.transform(p.mean[None])[0, 1:], atol=1e-9)
+            self.assertIn("RMSD", label)
+            viewer.pc1Value.set(hi + 1.0)
+            views = viewer._showModel()
+            self.assertIsInstance(views[0], MessageView)
+            self.assertIn("outside the particles' range", views[0].getMessage())
             viewer.pointKind.set(POINT_CLUSTER)
             viewer.numberOfClusters.set(2)
             viewer.clusterNumber.set(1)
@@ -391,7 +424,7 @@ if BaseTest is not None:
             viewer = self._viewer(NmaemLatentViewer, self.infer)
             viewer.setProtocol(self.infer)
             viewer.pointKind.set(POINT_Z)
-            viewer.amplitudes.set("2.0, -1.0")
+            viewer.amplitudes.set("2.0, -1.0, 0.5")
             n_before = len([r for r in self.proj.getRuns() if isinstance(r, NmaemProtExport)])
             cwd = os.getcwd()
             os.chdir(self.proj.getPath())
@@ -404,9 +437,9 @@ if BaseTest is not None:
             self.assertEqual(len(exports), n_before + 1)
             prot = exports[-1]
             self.assertTrue(prot.isFinished(), _tail(prot))
-            self.assertIn("nmaem model at z = 2.00, -1.00", prot.getObjLabel())
+            self.assertIn("nmaem model at z = 2.00, -1.00, 0.50", prot.getObjLabel())
             model = prot.outputAtomStructs.getFirstItem()
-            self.assertEqual(model._nmaem_z.get(), "2.0,-1.0")
+            self.assertEqual(model._nmaem_z.get(), "2.0,-1.0,0.5")
             self.assertEqual(len(views), 1)
             # no chimera plugin here: a message with the file's path
             msg = views[0].getMessage() if isinstance(views[0], MessageView) else ""
@@ -419,7 +452,11 @@ if BaseTest is not None:
             for obj in (self.train, self.train.outputNetwork):
                 viewer = self._viewer(NmaemTrainingViewer, obj)
                 fig = self._figure(viewer._visualize(obj))
+                # titled with the run's name, not a path; the convergence note
+                self.assertEqual(fig._suptitle.get_text(), self.train.getObjLabel())
                 loss_ax = fig.axes[0]
+                self.assertIn("%d epoch(s) with a validation loss" % chain.EPOCHS,
+                              loss_ax.get_title())
                 self.assertEqual(loss_ax.get_xlabel(), "epoch")
                 lines = {ln.get_label(): ln for ln in loss_ax.get_lines()}
                 np.testing.assert_allclose(lines["training loss"].get_ydata(),

@@ -1,0 +1,243 @@
+"""The data behind the figures and viewers (core.plots, no Scipion): positions along a PC
+in RMSD units and their range check, the atoms of a modes file, the particle counts and
+labels of the density maxima, the true islands of a ground truth, the convergence note
+of a training log and reading a log that is still being written.
+
+    python -m unittest nmaem_plugin.tests.core.test_plots
+"""
+import os
+import shutil
+import tempfile
+import unittest
+
+import matplotlib
+matplotlib.use("Agg")
+
+import numpy as np
+
+from nmaem_plugin.core import plots
+from nmaem_plugin.core.analysis import density_maxima
+from nmaem_plugin.core.errors import NmaemError
+
+
+def _orthonormal_modes(m, d, seed=0):
+    """U (d, M, 3): d orthonormal 3M-vectors (float64)."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(3 * m, d)))
+    return q.T.reshape(d, m, 3)
+
+
+def _rmsd(a, b):
+    return float(np.sqrt(((a - b) ** 2).sum(-1).mean()))
+
+
+class TestPcPositions(unittest.TestCase):
+    def test_range_in_rmsd_units_hand_made(self):
+        # z along z1 from 30 to 280 A of amplitude, M = 100 atoms: RMSD 3 to 28 A
+        z = np.zeros((26, 3))
+        z[:, 0] = np.linspace(30.0, 280.0, 26)
+        lo, hi = plots.pc_range(z, n_atoms=100)
+        self.assertAlmostEqual(lo, 3.0, places=12)
+        self.assertAlmostEqual(hi, 28.0, places=12)
+        self.assertEqual(plots.pc_range(z), (30.0, 280.0))      # no M: amplitude units
+        point = plots.pc_position(z, 10.0, n_atoms=100)
+        np.testing.assert_allclose(point, [100.0, 0.0, 0.0], atol=1e-12)
+
+    def test_default_zero_is_refused_with_the_range(self):
+        z = np.zeros((26, 3))
+        z[:, 0] = np.linspace(30.0, 280.0, 26)
+        with self.assertRaises(NmaemError) as cm:
+            plots.pc_position(z, 0.0, n_atoms=100)
+        msg = str(cm.exception)
+        self.assertIn("PC1 = 0 is outside the particles' range 3 to 28", msg)
+        self.assertIn("RMSD along PC1", msg)
+        for bad in (28.01, np.nan, "x"):
+            with self.assertRaises(NmaemError):
+                plots.pc_position(z, bad, n_atoms=100)
+        plots.pc_position(z, 28.0, n_atoms=100)                 # the ends are inside
+
+    def test_positions_are_rmsd_between_models(self):
+        """Two models at positions a and b along PC1 differ by |a - b| A RMSD, measured
+        on the deformed coordinates X0 + U z themselves (float64)."""
+        m, d = 40, 3
+        u = _orthonormal_modes(m, d, seed=1)
+        x0 = np.random.default_rng(2).normal(0, 10, (m, 3))
+        rng = np.random.default_rng(3)
+        z = rng.normal(0, 1, (500, d)) * [8.0, 2.0, 0.5] + [20.0, -3.0, 1.0]
+        lo, hi = plots.pc_range(z, n_atoms=m)
+        a, b = lo + 0.2 * (hi - lo), lo + 0.9 * (hi - lo)
+        xa = x0 + np.tensordot(plots.pc_position(z, a, n_atoms=m), u, 1)
+        xb = x0 + np.tensordot(plots.pc_position(z, b, n_atoms=m), u, 1)
+        self.assertAlmostEqual(_rmsd(xa, xb), b - a, places=9)
+        # and a position is the signed RMSD from the reference of the PC1 component
+        zero_pc = plots.pc_position(z, a, n_atoms=m)
+        v = np.linalg.eigh(np.cov(z.T))[1][:, -1]
+        self.assertAlmostEqual(abs(zero_pc @ v) / np.sqrt(m), abs(a), places=9)
+
+    def test_d1(self):
+        z = np.linspace(-2.0, 4.0, 7)[:, None]
+        self.assertEqual(plots.pc_range(z, n_atoms=4), (-1.0, 2.0))
+        np.testing.assert_allclose(plots.pc_position(z, 1.5, n_atoms=4), [3.0])
+
+    def test_modes_atom_count(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        fn = os.path.join(tmp, "modes.npz")
+        np.savez(fn, modes=np.zeros((2, 37, 3), np.float32), eigenvalues=np.ones(2))
+        self.assertEqual(plots.modes_atom_count(fn), 37)
+        bad = os.path.join(tmp, "bad.npz")
+        np.savez(bad, eigenvalues=np.ones(2))
+        with self.assertRaisesRegex(NmaemError, "no 'modes'"):
+            plots.modes_atom_count(bad)
+        with open(os.path.join(tmp, "text.npz"), "w") as fh:
+            fh.write("not a zip")
+        with self.assertRaisesRegex(NmaemError, "not a readable modes file"):
+            plots.modes_atom_count(os.path.join(tmp, "text.npz"))
+
+
+def _two_islands(seed=0):
+    """100 particles at 0 and 300 at 10 (sd 0.1): counts known by construction."""
+    rng = np.random.default_rng(seed)
+    return np.r_[rng.normal(0, 0.1, 100), rng.normal(10, 0.1, 300)]
+
+
+class TestMaximaLabels(unittest.TestCase):
+    def test_counts_hand_made(self):
+        x = _two_islands()
+        m = density_maxima(x, bandwidth=1.0)
+        near, basin = plots.maxima_counts(x, m)
+        np.testing.assert_array_equal(basin, [100, 300])
+        np.testing.assert_array_equal(near, [100, 300])      # all within h = 1 of the peak
+        self.assertEqual(plots.maxima_labels(x, m),
+                         ["maximum_01\n100 near / 100 in basin",
+                          "maximum_02\n300 near / 300 in basin"])
+
+    def test_counts_of_all_particles_when_maxima_come_from_a_subsample(self):
+        x = _two_islands()
+        m = density_maxima(x[::4], bandwidth=1.0)                # 25 + 75 particles
+        np.testing.assert_array_equal(m.basin_counts, [25, 75])
+        near, basin = plots.maxima_counts(x, m)
+        np.testing.assert_array_equal(basin, [100, 300])
+
+    def test_counts_agree_with_density_maxima(self):
+        rng = np.random.default_rng(4)
+        x = np.r_[rng.normal(-3, 1, 700), rng.normal(2, 0.7, 400), rng.normal(6, 0.5, 200)]
+        m = density_maxima(x)
+        self.assertEqual(len(m), 3)
+        near, basin = plots.maxima_counts(x, m)
+        np.testing.assert_array_equal(basin, m.basin_counts)
+        np.testing.assert_array_equal(near, [len(k) for k in m.near])
+
+    def test_landscape_labels_and_equal_aspect(self):
+        rng = np.random.default_rng(5)
+        z = np.c_[_two_islands(), rng.normal(0, 0.3, 400)]
+        fig = plots.latent_landscape(z, maxima_kwargs={"bandwidth": 1.0}, n_atoms=25)
+        hist_ax = [a for a in fig.axes if a.get_xlabel() == "PC1 (A)"][0]
+        labels = [t.get_text() for t in hist_ax.texts if t.get_gid() == "maximum_label"]
+        self.assertEqual(labels, plots.maxima_labels(z[:, 0], density_maxima(
+            z[:, 0], bandwidth=1.0)))
+        self.assertEqual(len(labels), 2)
+        hex_ax = [a for a in fig.axes if a.get_ylabel() == "PC2 (A)"][0]
+        self.assertEqual(hex_ax.get_aspect(), 1.0)
+        # the RMSD axis: PC1 coordinate t shown as t / sqrt(25)
+        sec = [a for a in hist_ax.child_axes if "RMSD along PC1" in a.get_xlabel()]
+        self.assertEqual(len(sec), 1)
+        fig.canvas.draw()
+        lo, hi = hist_ax.get_xlim()
+        np.testing.assert_allclose(sec[0].get_xlim(), (lo / 5.0, hi / 5.0), rtol=1e-12)
+
+
+class TestFrameIslands(unittest.TestCase):
+    def test_islands_hand_made(self):
+        frames = np.r_[np.arange(0, 10), np.arange(20, 30), np.arange(40, 50)].repeat(3)
+        self.assertEqual(plots.frame_islands(frames), [(0, 9), (20, 29), (40, 49)])
+        groups = plots.frame_groups(frames)
+        self.assertEqual([g[0] for g in groups], ["island 1: frames 0-9",
+                                                  "island 2: frames 20-29",
+                                                  "island 3: frames 40-49"])
+        for (_, mask), (a, b) in zip(groups, [(0, 9), (20, 29), (40, 49)]):
+            np.testing.assert_array_equal(mask, (frames >= a) & (frames <= b))
+
+    def test_continuous_and_few_frames(self):
+        frames = np.arange(50)
+        self.assertEqual(plots.frame_islands(frames), [(0, 49)])
+        groups = plots.frame_groups(frames)
+        self.assertEqual(len(groups), plots.MAX_FRAME_GROUPS)
+        self.assertEqual(sum(int(m.sum()) for _, m in groups), 50)
+        self.assertEqual([g[0] for g in plots.frame_groups(np.array([3, 1, 3, 7]))],
+                         ["frame 1", "frame 3", "frame 7"])
+
+
+class TestConvergence(unittest.TestCase):
+    def _rows(self, val, train=None):
+        return [dict(epoch=e + 1, train_loss=(train or val)[e], val_loss=v,
+                     images_per_s=100.0, seconds=1.0) for e, v in enumerate(val)]
+
+    def test_levelled_off(self):
+        val = [10.0, 8.0, 6.0, 5.0, 5.0, 5.0, 4.98, 4.97, 4.96]
+        c = plots.convergence(self._rows(val))
+        # by hand: mean(4.98, 4.97, 4.96) = 4.97 against mean(5, 5, 5) = 5
+        self.assertAlmostEqual(c.change, -0.03 / 5.0, places=12)
+        self.assertTrue(c.converged)
+        self.assertEqual(c.epochs, ((4, 6), (7, 9)))
+        self.assertIn("-0.60 %", c.note)
+        self.assertIn("epochs 7-9 vs 4-6", c.note)
+        self.assertIn("levelled off", c.note)
+
+    def test_still_decreasing_and_rising(self):
+        c = plots.convergence(self._rows([6.0, 5.0, 4.0, 3.0, 2.0, 1.0]))
+        self.assertAlmostEqual(c.change, (2.0 - 5.0) / 5.0, places=12)
+        self.assertFalse(c.converged)
+        self.assertIn("still decreasing", c.note)
+        c = plots.convergence(self._rows([1.0, 1.0, 1.0, 1.5, 1.5, 1.5]))
+        self.assertAlmostEqual(c.change, 0.5, places=12)
+        self.assertIn("rising", c.note)
+
+    def test_too_few_epochs_and_no_validation(self):
+        c = plots.convergence(self._rows([3.0, 2.0, 1.0]))
+        self.assertIsNone(c.change)
+        self.assertFalse(c.converged)
+        self.assertIn("6 needed", c.note)
+        rows = self._rows([np.nan] * 6, train=[4.0, 4.0, 4.0, 2.0, 2.0, 2.0])
+        c = plots.convergence(rows)
+        self.assertEqual(c.key, "train_loss")
+        self.assertAlmostEqual(c.change, -0.5, places=12)
+        self.assertIn("no validation particles", c.note)
+
+    def test_curves_title_and_note(self):
+        rows = self._rows([10.0, 8.0, 6.0, 5.0, 5.0, 5.0, 4.98, 4.97, 4.96])
+        fig = plots.training_curves(rows, title="train AK")
+        self.assertEqual(fig._suptitle.get_text(), "train AK")
+        self.assertIn(plots.convergence(rows).note, fig.axes[0].get_title())
+
+    def test_log_being_written(self):
+        """A training in progress: no log yet, the header only, a partial last line."""
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        fn = os.path.join(tmp, "log.csv")
+        header = "epoch,train_loss,val_loss,images_per_s,seconds\n"
+        cases = {"missing": None, "empty": "", "header": header,
+                 "partial": header + "1,2.0,2.5,50,1\n2,1.0,1.5,60,1\n3,0.9"}
+        for name, text in cases.items():
+            if text is None:
+                if os.path.exists(fn):
+                    os.remove(fn)
+            else:
+                with open(fn, "w") as fh:
+                    fh.write(text)
+            fig = plots.training_curves(fn, title=name)
+            loss_ax = fig.axes[0]
+            n_lines = len(loss_ax.get_lines())
+            if name == "partial":
+                # epoch 3 has no validation loss yet: the curves have 2 and 3 points
+                ys = {ln.get_label(): ln.get_ydata() for ln in loss_ax.get_lines()}
+                np.testing.assert_allclose(ys["validation loss"][:2], [2.5, 1.5])
+                self.assertEqual(n_lines, 2)
+                self.assertIn("2 epoch(s) with a validation loss", loss_ax.get_title())
+            else:
+                self.assertEqual(n_lines, 0, name)
+                self.assertIn("no epoch finished yet",
+                              [t.get_text() for t in loss_ax.texts])
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -232,8 +232,9 @@ class NmaemProtStates(NmaemProtBase):
         listing = self._readJsonResult("statesJson")
         if listing is None:
             return ["States not assigned yet."]
-        lines = ["%d states (%s) of %d particles, %d assigned."
-                 % (len(listing["states"]), STATES_CHOICES[self.statesMode.get()],
+        n = len(listing["states"])
+        lines = ["%d state%s (%s) of %d particles, %d assigned."
+                 % (n, "" if n == 1 else "s", STATES_CHOICES[self.statesMode.get()],
                     listing["n_particles"], listing["n_assigned"])]
         for row in listing["states"]:
             rmsd = row.get("rmsd_to_reference")

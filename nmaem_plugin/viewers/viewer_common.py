@@ -34,6 +34,23 @@ def projectPath(project, path):
     return os.path.join(project.getPath(), path)
 
 
+def launchFailureMessage(prot, project=None):
+    """Why a protocol launched from a viewer gave no output, pointing to logs that exist:
+    its log files when Scipion wrote them, otherwise the interpreter Scipion launches
+    protocols with (``SCIPION_PYTHON``), the usual cause of a run that never started."""
+    import pyworkflow
+    logs = [projectPath(project, p) for p in prot.getLogPaths()]
+    logs = [p for p in logs if os.path.isfile(p)]
+    what = "The protocol '%s' (%s)" % (prot.getObjLabel(), prot.getStatusMessage())
+    if logs:
+        return "%s gave no output; see its logs:\n\n%s" % (what, "\n".join(logs))
+    return ("%s did not start: Scipion wrote no log. Scipion runs protocols with the "
+            "interpreter '%s' (SCIPION_PYTHON), which must be a Python with Scipion "
+            "installed; 'make gui' sets it to the virtual environment's Python. Messages of "
+            "a run that did not start are in the terminal the GUI was started from."
+            % (what, pyworkflow.PYTHON))
+
+
 def chimeraProgram():
     """The ChimeraX executable of the Scipion chimera plugin, or None when the plugin
     (scipion-em-chimera) or the program is not installed."""

@@ -17,7 +17,8 @@ from pwem.objects import SetOfParticlesFlex
 from ..constants import ATTR_FRAME, PROGRAM_NAME
 from ..protocols import NmaemProtEvaluate, NmaemProtInfer, NmaemProtTrain
 from ..protocols.protocol_flex_common import runDirOf
-from .viewer_common import figurePlotter, modelViews
+from .viewer_common import (figurePlotter, launchFailureMessage, modelViews,
+                            projectPath)
 
 POINT_PC1, POINT_CLUSTER, POINT_Z = range(3)
 POINT_CHOICES = ["a value of PC1 (z1 when d = 1)", "a k-means cluster centre",
@@ -149,7 +150,6 @@ class NmaemLatentViewer(ProtocolViewer):
             from ..core.errors import NmaemError
             from ..core.plots import modes_atom_count
             from ..core.runfolder import reference_and_modes
-            from .viewer_common import projectPath
             parts = self.getParticles()
             run = runDirOf(parts) if parts is not None else None
             n = 0
@@ -279,9 +279,7 @@ class NmaemLatentViewer(ProtocolViewer):
         prot = project.getProtocol(prot.getObjId()) or prot
         out = getattr(prot, "outputAtomStructs", None)
         if out is None or out.getSize() == 0:
-            return [self.errorMessage("The export protocol '%s' failed: see its log."
-                                      % prot.getObjLabel(), "nmaem model")]
+            return [self.errorMessage(launchFailureMessage(prot, project), "nmaem model")]
         files = [a.getFileName() for a in out]
-        from .viewer_common import projectPath
         return modelViews([projectPath(project, f) for f in files],
                           "All-atom model at %s" % label, tkParent=self.getTkRoot())

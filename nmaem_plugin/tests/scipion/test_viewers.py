@@ -445,6 +445,41 @@ if BaseTest is not None:
             msg = views[0].getMessage() if isinstance(views[0], MessageView) else ""
             self.assertIn(os.path.basename(model.getFileName()), msg)
 
+        def test_model_export_that_fails_points_to_existing_logs(self):
+            """'Show model' when Scipion cannot start the export (an interpreter without
+            Scipion, as a GUI opened without SCIPION_PYTHON had): the error names that
+            interpreter and no log file; for a run with logs, the logs it names exist."""
+            import pyworkflow
+            from pyworkflow.viewer import MSG_ERROR
+            from nmaem_plugin.viewers.viewer_common import launchFailureMessage
+            viewer = self._viewer(NmaemLatentViewer, self.infer)
+            viewer.setProtocol(self.infer)
+            viewer.pointKind.set(POINT_Z)
+            viewer.amplitudes.set("1.0, 0.0, 0.0")
+            cwd, python = os.getcwd(), pyworkflow.PYTHON
+            os.chdir(self.proj.getPath())
+            pyworkflow.PYTHON = "/bin/false"      # exits at once and writes nothing
+            try:
+                views = viewer._showModel()
+            finally:
+                pyworkflow.PYTHON = python
+                os.chdir(cwd)
+            prot = [r for r in self.proj.getRuns(refresh=True)
+                    if isinstance(r, NmaemProtExport)][-1]
+            self.assertFalse(any(os.path.exists(p) for p in prot.getLogPaths()))
+            self.assertEqual(len(views), 1)
+            self.assertEqual(views[0]._msgType, MSG_ERROR)
+            msg = views[0].getMessage()
+            self.assertIn("did not start", msg)
+            self.assertIn("'/bin/false' (SCIPION_PYTHON)", msg)
+            self.assertNotIn("logs:", msg)
+            # a run that wrote its logs: every line naming a file names one that exists
+            msg = launchFailureMessage(self.infer, self.proj)
+            named = [ln for ln in msg.splitlines() if ln.startswith(os.sep)]
+            self.assertIn(os.path.join(self.proj.getPath(), self.infer.getStdoutLog()), named)
+            for path in named:
+                self.assertTrue(os.path.isfile(path), path)
+
         # -------------------------------------------------------------- training
         def test_training_viewer_targets(self):
             rows = read_log_columns(

@@ -506,6 +506,10 @@ def _add_train(sub):
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
                    help="constant learning rate (default, as in the paper) or cosine decay "
                         "from --lr to 0 over --epochs")
+    p.add_argument("--no-whiten-input", dest="whiten_input", action="store_false",
+                   default=None,
+                   help="with the whitened loss, give the encoder the images as they are "
+                        "instead of whitened by the estimated noise spectrum")
     p.add_argument("--refine-pose", action="store_true", default=None,
                    help="also learn a small rotation per particle that corrects the file's "
                         "pose (written by nmaem infer; see docs/training.md)")
@@ -566,8 +570,8 @@ def _prepare_and_train(args, nproc, prepare_run, train_run, launch_distributed):
                 keep=args.keep, lr_schedule=args.lr_schedule,
                 resolution_low=args.resolution_low, resolution_high=args.resolution_high,
                 mask_radius=args.mask_radius, check=args.check, force=args.force,
-                refine_pose=args.refine_pose, max_pose_correction=args.max_pose_correction,
-                pose_prior_sd=args.pose_prior_sd)
+                whiten_input=args.whiten_input, refine_pose=args.refine_pose,
+                max_pose_correction=args.max_pose_correction, pose_prior_sd=args.pose_prior_sd)
     if nproc > 1:
         launch_distributed(args.output, nproc, gpus=args.gpus)
     else:

@@ -29,6 +29,15 @@ Decoder (``Decoder``)
     ``train.py``) and its CTF. The rotation centre is the consensus-map centre
     (D0//2)*apix0 of the *original* particles, whatever the training box.
 
+Input whitening (``input_filter``, ``nmaem train`` with the whitened loss, the default)
+    The encoder sees each image filtered by 1 / sqrt(sigma2(k)), the inverse square root of
+    the noise power spectrum estimated from the particles (``noise.whitening_filter``),
+    with the zero frequency removed, before the per-image normalisation: its noise is then
+    white whatever the detector, ice and processing made it, as the likelihood sees it.
+    The filter is a buffer of the encoder (it travels with the checkpoints, so ``nmaem
+    infer`` applies the same one). Runs without it (other losses, ``--no-whiten-input``,
+    earlier versions) see the images as they are.
+
 Pose correction (``pose_max`` > 0, ``nmaem train --refine-pose``)
     A third MLP head (same hidden sizes) outputs u (B, 3); the correction is the rotation
     vector v = pose_max tanh(|u|) u / |u| (radians): its angle |v| = pose_max tanh(|u|) is
@@ -58,7 +67,7 @@ from .choices import ENCODER_PRESETS, LOSSES
 from .imaging import Renderer, correct_rotations
 
 __all__ = ["ENCODER_PRESETS", "normalise_images", "Encoder", "Decoder", "AutoEncoder",
-           "image_loss", "LOSSES", "split_outputs", "pose_penalty"]
+           "image_loss", "LOSSES", "split_outputs", "pose_penalty", "whiten_images"]
 
 LAST_LAYER_GAIN = 1e-3
 
@@ -69,6 +78,14 @@ def normalise_images(images, eps=1e-6):
     mean = flat.mean(dim=1)
     std = flat.std(dim=1, unbiased=False)
     return (images - mean[:, None, None]) / (std[:, None, None] + eps)
+
+
+def whiten_images(images, input_filter):
+    """Images (B, D, D) filtered by ``input_filter`` (D, D//2+1) on their rfft2 grid: with
+    :func:`noise.whitening_filter` their noise becomes white (Encoder, "Input whitening")."""
+    d = images.shape[-1]
+    ft = torch.fft.rfft2(images.float())
+    return torch.fft.irfft2(ft * input_filter, s=(d, d))
 
 
 def _vgg_block(c_in, c_out):
@@ -97,7 +114,7 @@ class Encoder(nn.Module):
     the module doc (:func:`split_outputs` reads either form)."""
 
     def __init__(self, box, n_modes, filters=(32, 64, 128, 256, 512), hidden=(512, 256),
-                 z_scale=1.0, shift_scale=1.0, pose_max=0.0):
+                 z_scale=1.0, shift_scale=1.0, pose_max=0.0, input_filter=None):
         super().__init__()
         box, n_modes = int(box), int(n_modes)
         filters, hidden = [int(f) for f in filters], [int(h) for h in hidden]
@@ -117,12 +134,21 @@ class Encoder(nn.Module):
         self.z_head = _mlp(self.n_features, hidden, n_modes) if n_modes > 0 else None
         self.register_buffer("z_scale", torch.tensor(float(z_scale)))
         self.register_buffer("shift_scale", torch.tensor(float(shift_scale)))
+        f = None                           # (D, D//2+1): the noise-whitening filter
+        if input_filter is not None:
+            f = torch.as_tensor(input_filter, dtype=torch.float32)
+            if tuple(f.shape) != (box, box // 2 + 1):
+                raise ValueError("input filter of shape %s for a %d px box"
+                                 % (tuple(f.shape), box))
+        self.register_buffer("input_filter", f)   # None: not in the state dict
         self.pose_head = None
         if float(pose_max) > 0:
             self.pose_head = _mlp(self.n_features, hidden, 3, gain=0.0)
             self.register_buffer("pose_max", torch.tensor(float(pose_max)))
 
     def features(self, images):
+        if self.input_filter is not None:
+            images = whiten_images(images, self.input_filter)
         x = normalise_images(images)[:, None]
         return torch.flatten(self.trunk(x), 1)
 

@@ -29,7 +29,7 @@ from .npz import read_npz
 
 __all__ = ["NOISE_FORMAT", "radius_grid", "shell_index", "hermitian_weights", "soft_disc",
            "shell_sums", "NoiseModel", "load_noise_model", "estimate_background",
-           "background_kernel", "ResidualNoise"]
+           "background_kernel", "ResidualNoise", "whitening_filter"]
 
 NOISE_FORMAT = 1
 # fewest background pixels (weight of the background mask) per image for an estimate
@@ -157,6 +157,23 @@ class NoiseModel:
                      mask_radius=np.float64(self.mask_radius),
                      info=np.array(json.dumps(self.info)))
         return path
+
+
+def whitening_filter(noise, box):
+    """The encoder's input filter (``network.Encoder``) on the rfft2 grid of ``box``, (D,
+    D//2+1) float64: 1 / sqrt(sigma2(k)) of the noise model, the optics groups' spectra
+    averaged with their image counts as weights, scaled to mean square 1 over the grid, and
+    0 at the zero frequency (the images' mean carries no information: offsets, RELION's
+    normalisation). Images filtered by it have white noise."""
+    d = int(box)
+    w = np.maximum(noise.counts.astype(np.float64), 1.0)
+    sigma2 = sum(wg * noise.grid(g, box=d) for wg, g in zip(w, noise.groups)) / w.sum()
+    if not np.all(np.isfinite(sigma2)) or np.any(sigma2 <= 0):
+        raise NmaemError("the noise model has non-positive or non-finite power: it cannot "
+                         "whiten the images")
+    f = 1.0 / np.sqrt(sigma2)
+    f[0, 0] = 0.0
+    return f / np.sqrt(np.mean(f ** 2))
 
 
 def load_noise_model(path):

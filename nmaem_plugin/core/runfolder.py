@@ -77,6 +77,9 @@ class TrainConfig:
     resolution_low: Optional[float] = None
     resolution_high: Optional[float] = None
     mask_radius: Optional[float] = None
+    # with the whitened loss: the encoder sees the images whitened by the noise spectrum
+    # (network.Encoder, "Input whitening"; docs/likelihood.md)
+    whiten_input: bool = True
     # the fit check before a new run (fitcheck.py); force: train even when it fails
     check: bool = True
     force: bool = False

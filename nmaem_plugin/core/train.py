@@ -215,6 +215,7 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
         lr_schedule=str(s["lr_schedule"]),
         resolution_low=s["resolution_low"], resolution_high=s["resolution_high"],
         mask_radius=s["mask_radius"], noise=NOISE_FILE if noise is not None else None,
+        whiten_input=bool(s["whiten_input"] and noise is not None),
         fit_check=None if check is None else dict(verdict=check["verdict"],
                                                   cause=check["cause"],
                                                   message=check["message"]),
@@ -269,8 +270,15 @@ def build_autoencoder(cfg, run_dir):
     check_modes_match(nm, model)
     # runs made before pose refinement existed have no refine_pose: no pose head
     pose_max = math.radians(float(cfg["max_pose_correction"])) if cfg.get("refine_pose") else 0.0
+    # runs made before input whitening existed have no whiten_input: images as they are
+    input_filter = None
+    if cfg.get("whiten_input"):
+        from .noise import load_noise_model, whitening_filter
+        input_filter = whitening_filter(
+            load_noise_model(os.path.join(run_dir, cfg.get("noise") or NOISE_FILE)), cfg["box"])
     enc = Encoder(cfg["box"], cfg["n_modes"], filters=cfg["filters"], hidden=cfg["hidden"],
-                  z_scale=cfg["z_scale"], shift_scale=cfg["shift_scale"], pose_max=pose_max)
+                  z_scale=cfg["z_scale"], shift_scale=cfg["shift_scale"], pose_max=pose_max,
+                  input_filter=input_filter)
     dec = Decoder(model.elements, nm.coords, nm.modes[:int(cfg["n_modes"])], cfg["box"], cfg["apix"],
                   centre=cfg["centre"], offset=cfg["offset"])
     return AutoEncoder(enc, dec)

@@ -357,3 +357,71 @@ class TestNoiseEstimate(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestInputWhitening(unittest.TestCase):
+    """The encoder's input filter (noise.whitening_filter, network.Encoder): images of
+    coloured noise of a known spectrum come out with a flat one, and the encoder filters
+    as an independent float64 numpy filter does."""
+
+    def test_whitened_noise_is_white(self):
+        D, N = 32, 3000
+        rng = np.random.default_rng(5)
+        images = coloured_noise(N, D, rng) * 3.0 + 2.0
+        m = noise.estimate_background([(images, np.ones(N))], D, 2.0, radius=20.0)
+        f = noise.whitening_filter(m, D)
+        self.assertEqual(f.shape, (D, D // 2 + 1))
+        self.assertEqual(f[0, 0], 0.0)
+        self.assertAlmostEqual(float(np.mean(f ** 2)), 1.0, places=9)
+        # independent check: the known spectrum times the filter squared is constant
+        flat = power_law(noise.radius_grid(D)) * f ** 2
+        shells = noise.shell_sums(flat, D) / noise.shell_counts(D)
+        rel = shells[1:D // 2] / np.mean(shells[1:D // 2]) - 1.0
+        self.assertLess(np.abs(rel).max(), 0.06, rel)
+        # and on fresh images: their filtered power per shell is flat (a 10x fall before)
+        fresh = coloured_noise(N, D, np.random.default_rng(6))
+        p = np.mean(np.abs(np.fft.rfft2(fresh) * f) ** 2, axis=0)
+        ps = noise.shell_sums(p, D) / noise.shell_counts(D)
+        rel = ps[1:D // 2] / np.mean(ps[1:D // 2]) - 1.0
+        self.assertLess(np.abs(rel).max(), 0.1, rel)
+        raw = noise.shell_sums(np.mean(np.abs(np.fft.rfft2(fresh)) ** 2, axis=0), D) \
+            / noise.shell_counts(D)
+        self.assertGreater(raw[1] / raw[D // 2 - 1], 5.0)     # the test has teeth
+
+    def test_groups_weighted_and_cropped(self):
+        D = 16
+        s = noise.n_shells(D)
+        m = noise.NoiseModel(D, 1.0, [1, 2], np.stack([np.full(s, 1.0), np.full(s, 4.0)]),
+                             [3000, 1000], "background")
+        f = noise.whitening_filter(m, 8)              # a Fourier crop to 8 px
+        avg = (3000 * 1.0 + 1000 * 4.0) / 4000        # count-weighted mean power: flat
+        self.assertEqual(f.shape, (8, 5))
+        expect = np.ones((8, 5))
+        expect[0, 0] = 0.0
+        expect /= np.sqrt(np.mean(expect ** 2))
+        np.testing.assert_allclose(f, expect, rtol=1e-12)
+        bad = noise.NoiseModel(D, 1.0, [1], np.zeros((1, s)), [10], "background")
+        with self.assertRaises(NmaemError):
+            noise.whitening_filter(bad, D)
+
+    def test_encoder_filters_like_numpy(self):
+        from nmaem_plugin.core.network import Encoder
+        D = 16
+        rng = np.random.default_rng(3)
+        filt = rng.uniform(0.2, 2.0, (D, D // 2 + 1))
+        torch.manual_seed(0)
+        enc = Encoder(D, 2, filters=(4, 8), hidden=(8,), input_filter=filt).double().eval()
+        imgs = rng.standard_normal((3, D, D))
+        ref = np.fft.irfft2(np.fft.rfft2(imgs) * filt, s=(D, D))      # float64 numpy
+        plain = Encoder(D, 2, filters=(4, 8), hidden=(8,))
+        plain.load_state_dict({k: v for k, v in enc.state_dict().items()
+                               if k != "input_filter"})
+        plain = plain.double().eval()
+        with torch.no_grad():
+            a = enc.features(torch.from_numpy(imgs))
+            b = plain.features(torch.from_numpy(ref))
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+        self.assertIn("input_filter", enc.state_dict())        # travels with checkpoints
+        self.assertNotIn("input_filter", plain.state_dict())   # earlier runs load as before
+        with self.assertRaises(ValueError):
+            Encoder(D, 2, filters=(4, 8), hidden=(8,), input_filter=np.ones((D, D)))

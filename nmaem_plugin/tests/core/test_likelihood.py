@@ -391,12 +391,15 @@ class TestInputWhitening(unittest.TestCase):
     def test_groups_weighted_and_cropped(self):
         D = 16
         s = noise.n_shells(D)
-        m = noise.NoiseModel(D, 1.0, [1, 2], np.stack([np.full(s, 1.0), np.full(s, 4.0)]),
+        rising = 1.0 + np.arange(s, dtype=float)      # group 2's power grows with the shell
+        m = noise.NoiseModel(D, 1.0, [1, 2], np.stack([np.full(s, 1.0), rising]),
                              [3000, 1000], "background")
         f = noise.whitening_filter(m, 8)              # a Fourier crop to 8 px
-        avg = (3000 * 1.0 + 1000 * 4.0) / 4000        # count-weighted mean power: flat
         self.assertEqual(f.shape, (8, 5))
-        expect = np.ones((8, 5))
+        # the count-weighted mean power on the 8 px grid (the crop's (8/16)^4 factor is
+        # common to both groups and goes with the normalisation)
+        shell = noise.shell_index(8)
+        expect = 1.0 / np.sqrt((3000 * 1.0 + 1000 * rising[shell]) / 4000.0)
         expect[0, 0] = 0.0
         expect /= np.sqrt(np.mean(expect ** 2))
         np.testing.assert_allclose(f, expect, rtol=1e-12)

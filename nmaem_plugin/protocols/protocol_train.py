@@ -169,6 +169,13 @@ class NmaemProtTrain(NmaemProtBase):
                       expertLevel=params.LEVEL_ADVANCED, label="Mask radius (A)",
                       help="A soft circular mask on images and renderings against "
                            "neighbouring particles; 0: no mask.")
+        form.addParam("whitenInput", params.BooleanParam, default=True,
+                      condition="not doContinue and loss == 0",
+                      expertLevel=params.LEVEL_ADVANCED, label="Whiten the encoder's input?",
+                      help="Give the encoder each image filtered by the inverse square root "
+                           "of the noise spectrum estimated from the particles, so that its "
+                           "noise is white (docs/training.md, 'Input whitening'). No: the "
+                           "images as they are.")
         form.addParam("refinePose", params.BooleanParam, default=False,
                       condition="not doContinue", label="Refine the poses?",
                       help="Also learn a small rotation per particle that corrects the "
@@ -324,6 +331,8 @@ class NmaemProtTrain(NmaemProtBase):
                                 ("--mask-radius", self.maskRadius)):
                 if param.get() > 0:
                     args += [flag, param.get()]
+            if not self.whitenInput.get():
+                args.append("--no-whiten-input")
         if self.refinePose.get():
             args += ["--refine-pose", "--max-pose-correction", self.maxPoseCorrection.get(),
                      "--pose-prior-sd", self.posePriorSd.get()]

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from .choices import (CG_CHOICES, DISTRIBUTIONS, ENCODERS, LOSSES, LR_SCHEDULES, MODEL_FORMATS,
-                      MODES_SOLVERS)
+                      MODES_SOLVERS, RENDER_ROUTES)
 from .errors import NmaemError
 
 
@@ -462,6 +462,14 @@ def _add_train(sub):
                    help="bfloat16 autocast for the encoder (GPU)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader worker processes that read images (default 0)")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                   help="working memory of the renderer in GiB: atoms and images are "
+                        "rendered in chunks that fit (default: a quarter of the free RAM, "
+                        "half of the free GPU memory)")
+    p.add_argument("--renderer", choices=RENDER_ROUTES, default=None,
+                   help="structure factor: auto (default: the faster for the model, box and "
+                        "device), gemm (cos/sin matrix products, exact) or nufft (FINUFFT, "
+                        "CPU, optional: pip install finufft); see docs/imaging.md")
     p.add_argument("--keep", type=int, default=None,
                    help="per-epoch checkpoints kept besides last.pt (default 3)")
     p.add_argument("--resume", action="store_true",
@@ -500,6 +508,7 @@ def _prepare_and_train(args, nproc, prepare_run, train_run, launch_distributed):
                 hidden=args.hidden, rmsd_unit=args.rmsd_unit, seed=args.seed,
                 device=args.device, bf16=args.bf16, num_workers=args.num_workers,
                 keep=args.keep, lr_schedule=args.lr_schedule,
+                memory_budget=args.memory_budget, renderer=args.renderer,
                 resolution_low=args.resolution_low, resolution_high=args.resolution_high,
                 mask_radius=args.mask_radius, check=args.check, force=args.force)
     if nproc > 1:

@@ -216,7 +216,8 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
         rmsd_unit=float(s["rmsd_unit"]), z_scale=z_scale_for(nm.n_atoms, s["rmsd_unit"]),
         shift_scale=float(apix), bf16=bool(s["bf16"]), device=s["device"],
         num_workers=int(s["num_workers"]), keep=int(s["keep"]), optimizer="adam",
-        lr_schedule=str(s["lr_schedule"]),
+        lr_schedule=str(s["lr_schedule"]), memory_budget=s["memory_budget"],
+        renderer=str(s["renderer"]),
         resolution_low=s["resolution_low"], resolution_high=s["resolution_high"],
         mask_radius=s["mask_radius"], noise=NOISE_FILE if noise is not None else None,
         fit_check=None if check is None else dict(verdict=check["verdict"],
@@ -264,8 +265,11 @@ def build_autoencoder(cfg, run_dir):
     check_modes_match(nm, model)
     enc = Encoder(cfg["box"], cfg["n_modes"], filters=cfg["filters"], hidden=cfg["hidden"],
                   z_scale=cfg["z_scale"], shift_scale=cfg["shift_scale"])
+    budget = cfg.get("memory_budget")
     dec = Decoder(model.elements, nm.coords, nm.modes[:int(cfg["n_modes"])], cfg["box"], cfg["apix"],
-                  centre=cfg["centre"], offset=cfg["offset"])
+                  centre=cfg["centre"], offset=cfg["offset"],
+                  memory_budget=None if budget is None else int(float(budget) * 2 ** 30),
+                  route=cfg.get("renderer") or "auto")
     return AutoEncoder(enc, dec)
 
 
@@ -442,6 +446,7 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
         % (start + 1, epochs, device, " x %d processes" % dist.world if dist.active else "",
            cfg["batch"], local_batch, cfg["lr"],
            " (cosine decay)" if cfg.get("lr_schedule") == "cosine" else "", loss_kind))
+    say("train: renderer: %s" % ae.decoder.renderer(device).chunks(local_batch).describe())
 
     def forward(enc, images, rows):
         rot, base, ctf_p = meta.batch(rows)

@@ -254,15 +254,19 @@ def parse_memory_budget(value) -> Optional[int]:
 @dataclass(frozen=True)
 class Chunks:
     """How one batch is rendered within a memory budget: images ``batch`` at a time, atoms
-    ``atoms`` at a time (per element), ``work`` bytes of working memory at most."""
+    ``atoms`` at a time (per element), ``work`` bytes of working memory at most; ``keep``:
+    the whole batch's cos/sin tables are kept for the backward pass (they fit the budget)
+    instead of being recomputed chunk by chunk."""
     route: str
     batch: int
     atoms: int
     work: int
+    keep: bool = False
 
     def describe(self) -> str:
-        return ("%s route, %d image%s x %d atoms per chunk, working memory <= %.2f GiB"
+        return ("%s route, %d image%s x %d atoms per chunk%s, working memory <= %.2f GiB"
                 % (self.route, self.batch, "" if self.batch == 1 else "s", self.atoms,
+                   " (tables kept for the backward pass)" if self.keep else "",
                    self.work / GIB))
 
 
@@ -272,13 +276,18 @@ def gemm_chunks(n_images: int, n_atoms: int, box: int, budget: int, itemsize: in
     Per atom and image the route holds two cos/sin tables of ``box`` values each (forward)
     and, in the backward pass, the two recomputed tables, their gradient and two half-size
     temporaries: 5 box values in all. Per image it holds the quarter-plane products, their
-    gradient and one more product of the same size: 3 box^2 values. Chunks are the largest
-    that fit ``budget`` bytes (at most ``MAX_CHUNK_ATOMS`` atoms; whole images when even one
-    atom per image does not fit).
+    gradient and one more product of the same size: 3 box^2 values. When the tables of the
+    whole batch fit with room for one more pair (4 box values per atom and image), they are
+    computed once and kept (``keep``: no recomputation). Otherwise chunks are the largest
+    that fit ``budget`` bytes (at most ``MAX_CHUNK_ATOMS`` atoms; fewer images per chunk when
+    each image would get fewer than 256 atoms).
     """
     per_atom = 5 * box * itemsize
     per_image = 3 * box * box * itemsize
     B, M = max(1, int(n_images)), max(1, int(n_atoms))
+    whole = B * (per_image + 4 * box * itemsize * M)
+    if whole <= budget:
+        return Chunks("gemm", B, M, int(whole), keep=True)
     b = B
     while b > 1 and budget - b * per_image < b * per_atom * min(M, 256):
         b = (b + 1) // 2
@@ -307,10 +316,12 @@ class _QuarterStructureFactor(torch.autograd.Function):
 
     tx = -2 pi k u / D, ty = -2 pi k v / D for k = 0..h-1 (h = D/2), atoms sorted by
     element so that element e is the row slice ``slices[e]``. The sum runs over chunks of
-    ``chunks.batch`` images and ``chunks.atoms`` atoms, so the cos/sin tables of one chunk
-    only are in memory at any time; only the positions are kept for the backward pass,
-    which recomputes each chunk's tables and turns the gradient of P into position
-    gradients with two more matrix products per chunk (exact: the same sums, in pieces).
+    ``chunks.batch`` images and ``chunks.atoms`` atoms. With ``chunks.keep`` the tables of
+    the whole batch are made once and kept for the backward pass; otherwise only the
+    positions are kept and the backward pass recomputes each chunk's tables, so that the
+    tables of one chunk only are in memory at any time. Either way the backward pass turns
+    the gradient of P into position gradients with two more matrix products per chunk
+    (exact: the same sums, in pieces).
     """
 
     @staticmethod
@@ -319,47 +330,55 @@ class _QuarterStructureFactor(torch.autograd.Function):
         w = (-2.0 * math.pi / (2 * h)) * k
         B = u.shape[0]
         P = u.new_zeros(B, 2 * h, 2 * h)
-        for b0 in range(0, B, chunks.batch):
-            bs = slice(b0, min(B, b0 + chunks.batch))
-            for e, sl in _atom_chunks(slices, chunks.atoms):
-                right = _phase_tables(u[bs, sl], w, h)
-                left = _phase_tables(v[bs, sl], w, h)
-                term = torch.matmul(left.transpose(-1, -2), right)
-                del left, right
-                P[bs].addcmul_(term, ff_tiled[e])
-                del term
-        ctx.save_for_backward(u, v, w, ff_tiled)
+        tables = (_phase_tables(u, w, h), _phase_tables(v, w, h)) if chunks.keep else None
+        for bs, e, sl, right, left in _chunk_tables(u, v, w, h, slices, chunks, tables):
+            term = torch.matmul(left.transpose(-1, -2), right)
+            del left, right
+            P[bs].addcmul_(term, ff_tiled[e])
+            del term
+        if chunks.keep:
+            ctx.save_for_backward(u, v, w, ff_tiled, *tables)
+        else:
+            ctx.save_for_backward(u, v, w, ff_tiled)
         ctx.slices, ctx.chunks = slices, chunks
         return P
 
     @staticmethod
     def backward(ctx, gP):
-        u, v, w, ff_tiled = ctx.saved_tensors
+        u, v, w, ff_tiled, *tables = ctx.saved_tensors
         h = w.shape[0]
-        chunks = ctx.chunks
         gu = torch.empty_like(u)
         gv = torch.empty_like(v)
-        B = u.shape[0]
-        for b0 in range(0, B, chunks.batch):
-            bs = slice(b0, min(B, b0 + chunks.batch))
-            G = None
-            for e, sl in _atom_chunks(ctx.slices, chunks.atoms):
-                if G is None or e != G[0]:
-                    G = (e, gP[bs] * ff_tiled[e])
-                ri = _phase_tables(u[bs, sl], w, h)
-                le = _phase_tables(v[bs, sl], w, h)
-                # d cos(w u)/du = -w sin(w u), d sin(w u)/du = w cos(w u)
-                g = torch.matmul(le, G[1])                               # dL/dright
-                t = g[..., h:] * ri[..., :h]
-                t.sub_(g[..., :h] * ri[..., h:])
-                gu[bs, sl] = torch.matmul(t, w)
-                del g, t
-                g = torch.matmul(ri, G[1].transpose(-1, -2))               # dL/dleft
-                t = g[..., h:] * le[..., :h]
-                t.sub_(g[..., :h] * le[..., h:])
-                gv[bs, sl] = torch.matmul(t, w)
-                del g, t, le, ri
+        G = None
+        for bs, e, sl, ri, le in _chunk_tables(u, v, w, h, ctx.slices, ctx.chunks,
+                                               tables or None):
+            if G is None or (bs, e) != G[:2]:
+                G = (bs, e, gP[bs] * ff_tiled[e])
+            # d cos(w u)/du = -w sin(w u), d sin(w u)/du = w cos(w u)
+            g = torch.matmul(le, G[2])                                   # dL/dright
+            t = g[..., h:] * ri[..., :h]
+            t.sub_(g[..., :h] * ri[..., h:])
+            gu[bs, sl] = torch.matmul(t, w)
+            del g, t
+            g = torch.matmul(ri, G[2].transpose(-1, -2))                 # dL/dleft
+            t = g[..., h:] * le[..., :h]
+            t.sub_(g[..., :h] * le[..., h:])
+            gv[bs, sl] = torch.matmul(t, w)
+            del g, t, le, ri
         return gu, gv, None, None, None, None
+
+
+def _chunk_tables(u, v, w, h, slices, chunks, tables=None):
+    """(image slice, element, atom slice, right table, left table) for every chunk, the
+    tables sliced from ``tables`` (the whole batch's) or made for the chunk."""
+    B = u.shape[0]
+    for b0 in range(0, B, chunks.batch):
+        bs = slice(b0, min(B, b0 + chunks.batch))
+        for e, sl in _atom_chunks(slices, chunks.atoms):
+            if tables is not None:
+                yield bs, e, sl, tables[0][bs, sl], tables[1][bs, sl]
+            else:
+                yield bs, e, sl, _phase_tables(u[bs, sl], w, h), _phase_tables(v[bs, sl], w, h)
 
 
 def nufft_available() -> bool:

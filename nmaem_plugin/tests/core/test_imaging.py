@@ -201,8 +201,9 @@ class TestChunkedRenderer(unittest.TestCase):
             self.assertLess(err, bound, "%s: %s relative error %.2e" % (what, name, err))
 
     def test_chunks_equal_definition(self):
-        """Images and gradients for one chunk, chunks of 300 atoms, and one image at a time
-        with chunks of 5 atoms: float64 within 1e-10 of the definition, float32 1e-4."""
+        """Images and gradients for one chunk (tables kept), chunks of 300 atoms, and one
+        image at a time with chunks of 5 atoms (tables recomputed in the backward pass):
+        float64 within 1e-10 of the definition, float32 1e-4."""
         per_atom, per_image = 5 * self.D * 8, 3 * self.D ** 2 * 8
         M = len(self.elements)
         for budget, batch, atoms in ((None, 3, M), (3 * (per_image + 300 * per_atom), 3, 300),
@@ -211,6 +212,7 @@ class TestChunkedRenderer(unittest.TestCase):
                             dtype=torch.float64, memory_budget=budget, route="gemm")
             ch = r.chunks(3)
             self.assertEqual((ch.route, ch.batch, ch.atoms), ("gemm", batch, min(atoms, M)))
+            self.assertEqual(ch.keep, budget is None)      # whole tables kept, or recomputed
             self.assert_close(self.evaluate(r, torch.float64), 1e-10, ch.describe())
             r32 = im.Renderer(self.elements, self.D, self.apix, centre=self.centre,
                               memory_budget=None if budget is None else budget // 2,
@@ -246,9 +248,13 @@ class TestChunkedRenderer(unittest.TestCase):
         # 8 images cannot have 256 atoms each within this budget: 4 images of 300 atoms
         c = im.gemm_chunks(8, 10000, 64, 4 * per_image + 4 * 300 * per_atom)
         self.assertEqual((c.batch, c.atoms), (4, 300))
-        # a small model fits whole; a huge budget is capped at MAX_CHUNK_ATOMS atoms
-        self.assertEqual(im.gemm_chunks(8, 50, 64, 10 ** 9).atoms, 50)
-        self.assertEqual(im.gemm_chunks(8, 10 ** 6, 64, 10 ** 12).atoms, im.MAX_CHUNK_ATOMS)
+        self.assertFalse(c.keep)
+        # a small model fits whole, its tables kept: 8 x (49152 + 4 x 64 x 4 x 50) bytes
+        c = im.gemm_chunks(8, 50, 64, 8 * (per_image + 1024 * 50))
+        self.assertEqual((c.batch, c.atoms, c.keep), (8, 50, True))
+        self.assertFalse(im.gemm_chunks(8, 50, 64, 8 * (per_image + 1024 * 50) - 1).keep)
+        # chunks are capped at MAX_CHUNK_ATOMS atoms
+        self.assertEqual(im.gemm_chunks(8, 10 ** 6, 64, 4 * 10 ** 9).atoms, im.MAX_CHUNK_ATOMS)
         self.assertEqual(im.parse_memory_budget("1.5"), int(1.5 * 1024 ** 3))
         self.assertIsNone(im.parse_memory_budget("auto"))
         with self.assertRaises(ValueError):

@@ -15,7 +15,7 @@ def _add_modes(subparsers):
     """Define the ``nmaem modes`` subcommand on an argparse ``subparsers`` object."""
     p = subparsers.add_parser(
         "modes", help="normal modes of a reference atomic model (ANM, interpolated on all atoms)",
-        description="Coarse-grain REF, build its ANM Hessian (ProDy), take the lowest non-rigid "
+        description="Coarse-grain REF, build its ANM Hessian, take the lowest non-rigid "
                     "modes, interpolate them onto every atom (PyKeOps) and write an orthonormal "
                     "all-atom basis to a modes.npz file.")
     p.add_argument("ref", metavar="REF", help="reference atomic model (PDB or mmCIF)")

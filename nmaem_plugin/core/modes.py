@@ -659,9 +659,10 @@ def compute_modes(model, n_modes=16, cg="ca", cutoff=15.0, gamma=1.0, solver="au
     # overshoot: largest atom displacement over largest node displacement, per mode
     overshoot = (np.linalg.norm(raw, axis=2).max(1)
                  / np.maximum(np.linalg.norm(cg_modes, axis=2).max(1), 1e-300))
-    say("interpolation: node-exact normalised Gaussian, sigma %.3g A (%s), PyKeOps, %.1f s; "
+    say("interpolation: node-exact normalised Gaussian, sigma %.3g A (%s), %s, %.1f s; "
         "cosine at the CG nodes min %.6f, overshoot max %.2f"
-        % (sigma, sigma_how, t_interp, node_cosine.min(), overshoot.max()))
+        % (sigma, sigma_how, "PyKeOps" if str(device).startswith("cuda") else
+           "KD-tree close pairs", t_interp, node_cosine.min(), overshoot.max()))
     modes = orthonormalise(raw, coords)
     modes32 = modes.astype(np.float32)
     info = {

@@ -390,7 +390,7 @@ def nufft_available() -> bool:
     return True
 
 
-NUFFT_CROSSOVER = 5e7                # M D^2 from which the NUFFT is faster (bench/render.py)
+NUFFT_CROSSOVER = 2e8                # M D^2 from which the NUFFT is faster (bench/render.py)
 NUFFT_UPSAMPLING = 1.25           # FINUFFT's fine grid (1.25 D): faster than 2 D here
 NUFFT_EPS = 3e-5                     # FINUFFT tolerance: images within ~1e-5, gradients ~2e-5
 

@@ -12,7 +12,7 @@ Python states), ``split`` (train/val index tensors), ``history`` (one dict per e
 generator seeded with (seed, e), so that a resumed run sees exactly the batches that an
 uninterrupted one would have seen: on CPU the weights are bit-identical.
 
-Images are read (``data.ParticleImages``) through memory maps one batch at a time and
+Images are read (``data.ParticleImages``, ``stacks.ImageStack``) one batch at a time and
 downsampled by Fourier cropping to ``box`` (pixel size apix0 * box0 / box). The rotation
 centre stays the consensus-map centre (box0//2)*apix0 of the original particles.
 """

@@ -33,14 +33,6 @@ def stack_box(stack, default=0):
         return default
 
 
-def open_mrc(path, mode="r"):
-    """A permissive ``mrcfile`` memory map of ``path``."""
-    import mrcfile
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # old files without the MAP id, odd machine stamps
-        return mrcfile.mmap(path, mode=mode, permissive=True)
-
-
 class ImageStack:
     """Particle images of a :class:`ParticleTable`, read image by image from the MRC files.
 

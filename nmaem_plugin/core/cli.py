@@ -470,6 +470,9 @@ def _add_train(sub):
                    help="structure factor: auto (default: the faster for the model, box and "
                         "device), gemm (cos/sin matrix products, exact) or nufft (FINUFFT, "
                         "CPU, optional: pip install finufft); see docs/imaging.md")
+    p.add_argument("--checkpoint-minutes", type=float, default=None, metavar="MIN",
+                   help="also write RUN/checkpoints/last.pt every MIN minutes within an epoch "
+                        "(long epochs; --resume continues from that batch; one process)")
     p.add_argument("--keep", type=int, default=None,
                    help="per-epoch checkpoints kept besides last.pt (default 3)")
     p.add_argument("--resume", action="store_true",
@@ -509,6 +512,7 @@ def _prepare_and_train(args, nproc, prepare_run, train_run, launch_distributed):
                 device=args.device, bf16=args.bf16, num_workers=args.num_workers,
                 keep=args.keep, lr_schedule=args.lr_schedule,
                 memory_budget=args.memory_budget, renderer=args.renderer,
+                checkpoint_minutes=args.checkpoint_minutes,
                 resolution_low=args.resolution_low, resolution_high=args.resolution_high,
                 mask_radius=args.mask_radius, check=args.check, force=args.force)
     if nproc > 1:

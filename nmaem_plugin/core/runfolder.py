@@ -84,10 +84,12 @@ class TrainConfig:
     # default, imaging.default_memory_budget) and the structure factor's route
     memory_budget: Optional[float] = None
     renderer: str = "auto"
+    # RUN/checkpoints/last.pt also every N minutes within an epoch (None: at epoch ends only)
+    checkpoint_minutes: Optional[float] = None
 
     # settings that a resumed run may change; every other one is fixed by the first start
     RESUMABLE = ("epochs", "batch", "lr", "lr_schedule", "device", "num_workers", "bf16", "keep",
-                 "check", "force", "memory_budget", "renderer")
+                 "check", "force", "memory_budget", "renderer", "checkpoint_minutes")
 
     @classmethod
     def names(cls) -> Tuple[str, ...]:
@@ -160,6 +162,8 @@ class TrainConfig:
                         % (self.loss, ", ".join(LOSSES))))
         if self.memory_budget is not None and not float(self.memory_budget) > 0:
             out.append(("memory_budget", "--memory-budget must be a positive number of GiB"))
+        if self.checkpoint_minutes is not None and not float(self.checkpoint_minutes) > 0:
+            out.append(("checkpoint_minutes", "--checkpoint-minutes must be positive"))
         if self.renderer not in RENDER_ROUTES:
             out.append(("renderer", "unknown --renderer %r (choose from %s)"
                         % (self.renderer, ", ".join(RENDER_ROUTES))))

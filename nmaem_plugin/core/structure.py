@@ -160,6 +160,11 @@ def read_model(path, model=0, keep_hydrogens=False, keep_waters=False, keep_liga
     path = str(path)
     st = _filtered_structure(_read_structure(path), path, model, keep_hydrogens,
                              keep_waters, keep_ligands)
+    return _model_of_structure(st, path, path)
+
+
+def _model_of_structure(st, path, source):
+    """The :class:`AtomicModel` of a (selected) gemmi structure."""
     coords, elements, rows = arrays_from_structure(st, path)
     return AtomicModel(
         coords=coords, elements=elements,
@@ -168,7 +173,7 @@ def read_model(path, model=0, keep_hydrogens=False, keep_waters=False, keep_liga
         atom_name=np.array([r[8] for r in rows]),
         b_factor=np.array([r[9] for r in rows], dtype=float),
         occupancy=np.array([r[10] for r in rows], dtype=float),
-        source=path, _structure=st)
+        source=source, _structure=st)
 
 
 def tile_model(model, copies, spacing=80.0):
@@ -194,15 +199,8 @@ def tile_model(model, copies, spacing=80.0):
                     at.pos = gemmi.Position(at.pos.x + s[0], at.pos.y + s[1], at.pos.z + s[2])
             st[0].add_chain(ch)
     st.setup_entities()
-    coords, elements, rows = arrays_from_structure(st, model.source)
-    return AtomicModel(
-        coords=coords, elements=elements,
-        chain=np.array([r[4] for r in rows]), resnum=np.array([r[5] for r in rows], dtype=int),
-        icode=np.array([r[6] for r in rows]), resname=np.array([r[7] for r in rows]),
-        atom_name=np.array([r[8] for r in rows]),
-        b_factor=np.array([r[9] for r in rows], dtype=float),
-        occupancy=np.array([r[10] for r in rows], dtype=float),
-        source="%d copies of %s" % (copies, model.source), _structure=st), shifts
+    return _model_of_structure(st, model.source, "%d copies of %s" % (copies, model.source)), \
+        shifts
 
 
 def read_trajectory(path, **kw):

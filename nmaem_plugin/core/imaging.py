@@ -38,6 +38,7 @@ import torch
 
 from . import poses
 from .choices import RENDER_ROUTES
+from .errors import NmaemError
 
 __all__ = ["euler_to_matrix", "matrix_to_euler", "electron_wavelength", "ctf_2d", "FourierGrid",
            "phase_shift", "fourier_crop", "noise_sigma", "add_noise", "Renderer", "Chunks",
@@ -560,9 +561,11 @@ class Renderer:
             route = choose_route(self.n_atoms, self.box, self.device, self.dtype)
         if route == "nufft":
             if not nufft_available():
-                raise RuntimeError("the nufft renderer route needs FINUFFT (pip install finufft)")
+                raise NmaemError("--renderer nufft needs the optional FINUFFT package (pip "
+                                 "install finufft); use --renderer auto or gemm")
             if self.device.type != "cpu":
-                raise RuntimeError("the nufft renderer route runs on the CPU only")
+                raise NmaemError("--renderer nufft runs on the CPU only, not on %s; use "
+                                 "--renderer auto or gemm" % self.device)
             # per image: the result, its gradient and FINUFFT's upsampled grid (2D x 2D)
             itemsize = torch.finfo(self.dtype).bits // 8
             work = n_images * 4 * self.box * self.box * itemsize + 24 * self.box ** 2 * itemsize

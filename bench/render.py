@@ -1,20 +1,28 @@
-"""Benchmark of the physics decoder: images per second of render + CTF + shift.
+"""Benchmark of the physics decoder: images per second of render + CTF + shift, per route.
 
-Adenylate kinase, all 1,656 heavy atoms, batch 64, at 64, 128 and 192 px: forward, and
-forward + backward (gradients for coordinates and shifts, as in training). In the same run
-a dense reference is timed: every Gaussian of every atom evaluated at every pixel in real
-space (D^2 x 5M exponentials, what a direct implementation of the paper's Eq. 3 does),
-then the same CTF and shift in Fourier space. The accuracy of both against a float64
-evaluation of the band-limited definition is printed too.
+Models: adenylate kinase (1,656 heavy atoms) and copies of it on a 40 A lattice
+(``structure.tile_model``: 27 copies = 44,712 atoms, 90 copies = 149,040 atoms). For each
+number of atoms, box and route, in a fresh process (so that its peak memory is its own):
+forward + backward images per second (gradients for coordinates and shifts, as in
+training), the process's peak resident memory (VmHWM) and the growth of the resident memory
+during the timed renders, and the relative L2 error of the first image against a float64
+evaluation of the band-limited definition (the exact matrix-product route in float64).
+Routes: ``gemm`` (cos/sin matrix products in chunks within ``--memory-budget``), ``nufft``
+(FINUFFT, when installed), ``dense`` (every Gaussian of every atom at every pixel in real
+space, then CTF and shift in Fourier space: what a direct implementation of the paper's
+Eq. 3 does; only for small models).
 
-    python bench/render.py [--device cpu|cuda] [--sizes 64 128 192] [--batch 64]
+    python bench/render.py [--atoms 1656 44712 149040] [--sizes 128 256] [--batch 8]
+                           [--routes gemm nufft] [--device cpu|cuda] [--memory-budget GIB]
 
 Prints a Markdown table (paste it into docs/benchmarks.md with the machine line).
 """
 import argparse
+import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -25,7 +33,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from nmaem_plugin import DATA_DIR  # noqa: E402
 from nmaem_plugin.core import imaging  # noqa: E402
-from nmaem_plugin.core.structure import form_factor_table, read_model  # noqa: E402
+from nmaem_plugin.core.structure import form_factor_table, read_model, tile_model  # noqa: E402
+
+AK = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 
 
 class DenseRenderer:
@@ -39,7 +49,9 @@ class DenseRenderer:
         self.centre = torch.as_tensor(centre, dtype=dtype, device=device)
         g = (torch.arange(box, dtype=dtype, device=device) - box // 2) * apix
         self.gx, self.gy = g, g
-        self.grid = imaging.FourierGrid(box, apix, device=device, dtype=dtype)
+
+    def chunks(self, n):
+        return imaging.Chunks("dense", 1, len(self.a), 0)
 
     def render(self, coords, rotations, shifts, ctf):
         p = torch.matmul(coords - self.centre, rotations[:, :2, :].transpose(-1, -2))
@@ -59,19 +71,6 @@ class DenseRenderer:
         return torch.fft.irfft2(ft, s=(self.box, self.box))
 
 
-def timeit(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def machine():
     cpu = platform.processor() or "cpu"
     try:
@@ -81,72 +80,142 @@ def machine():
                 break
     except OSError:
         pass
+    if torch.cuda.is_available():
+        cpu += "; GPU " + torch.cuda.get_device_name(0)
     return "%s, %d cores visible, torch %s, %d threads" % (cpu, os.cpu_count(), torch.__version__,
                                                          torch.get_num_threads())
+
+
+def kib(key):
+    with open("/proc/self/status") as f:
+        return int(f.read().split(key + ":")[1].split()[0])
+
+
+def model_of(n_atoms):
+    """Adenylate kinase or copies of it: exactly ``n_atoms`` heavy atoms (a multiple of 1,656)."""
+    ak = read_model(AK)
+    copies = int(n_atoms) // ak.n_atoms
+    if copies * ak.n_atoms != int(n_atoms) or copies < 1:
+        raise SystemExit("--atoms must be multiples of %d (adenylate kinase copies)" % ak.n_atoms)
+    return ak if copies == 1 else tile_model(ak, copies, spacing=40.0)[0]
+
+
+def one(args):
+    """One (atoms, box, route) case in this process: a JSON line."""
+    dev = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    model = model_of(args.one_atoms)
+    D, route, B = args.one_size, args.one_route, args.batch
+    apix = 0.8 * 256 / D                     # the same field of view (205 A) at every size
+    centre = np.full(3, (D // 2) * apix)
+    coords = model.coords - model.coords.mean(0) + centre
+    rng = np.random.default_rng(0)
+    ang = rng.uniform([-180, 0, -180], [180, 180, 180], (B, 3))
+    A = torch.as_tensor(imaging.euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2]),
+                        dtype=torch.float32, device=dev)
+    X = torch.as_tensor(coords, dtype=torch.float32, device=dev).expand(B, -1, -1).contiguous()
+    sh = torch.as_tensor(rng.normal(0, 2, (B, 2)), dtype=torch.float32, device=dev)
+    budget = imaging.parse_memory_budget(args.memory_budget)
+    if route == "dense":
+        r = DenseRenderer(model.elements, D, apix, centre, dev)
+    else:
+        r = imaging.Renderer(model.elements, D, apix, centre=centre, device=dev,
+                             memory_budget=budget, route=route)
+    ctf = imaging.ctf_2d(imaging.FourierGrid(D, apix, device=dev).fx,
+                         imaging.FourierGrid(D, apix, device=dev).fy,
+                         defocus_u=torch.full((B,), 1.2e4, device=dev),
+                         defocus_v=torch.full((B,), 1.1e4, device=dev),
+                         defocus_angle=torch.full((B,), 30.0, device=dev), voltage=300.0,
+                         cs=2.7, amp_contrast=0.1)
+    n = 1 if route == "dense" else B
+
+    def fwdbwd():
+        x = X[:n].clone().requires_grad_(True)
+        s = sh[:n].clone().requires_grad_(True)
+        r.render(x, A[:n], s, ctf[:n]).square().sum().backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    fwdbwd()                                  # warm-up (plans, caches)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    before = kib("VmRSS")
+    best = float("inf")
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        fwdbwd()
+        best = min(best, time.perf_counter() - t)
+    grown = kib("VmHWM") - before
+    with torch.no_grad():
+        img = r.render(X[:1], A[:1], sh[:1], ctf[:1]).double()
+    ref = imaging.Renderer(model.elements, D, apix, centre=centre, device=dev,
+                           dtype=torch.float64, route="gemm", memory_budget=budget)
+    with torch.no_grad():
+        ref = ref.render(X[:1].double(), A[:1].double(), sh[:1].double(), ctf[:1].double())
+    err = (torch.linalg.norm(img - ref) / torch.linalg.norm(ref)).item()
+    out = dict(atoms=int(model.n_atoms), box=D, apix=apix, route=route,
+               chunks=r.chunks(n).describe(), img_s=n / best, peak_gib=kib("VmHWM") / 2 ** 20,
+               grown_gib=grown / 2 ** 20, error=err)
+    if dev.type == "cuda":
+        out["gpu_peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
+    print(json.dumps(out), flush=True)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 192])
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--dense-batch", type=int, default=2, help="images for the dense reference")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--atoms", type=int, nargs="+", default=[1656, 44712, 149040])
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    p.add_argument("--routes", nargs="+", default=["gemm", "nufft"],
+                   choices=["gemm", "nufft", "dense"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--memory-budget", default=None, metavar="GIB",
+                   help="the renderer's budget (default: the device's)")
+    p.add_argument("--one-atoms", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--one-size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--one-route", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    dev = torch.device(args.device)
-    model = read_model(os.path.join(DATA_DIR, "ak_open_4ake.pdb"))
-    rng = np.random.default_rng(0)
-    print("machine:", machine(), "| device:", dev)
-    print("model: adenylate kinase, %d atoms; batch %d" % (model.n_atoms, args.batch))
+    if args.one_route:
+        return one(args)
+    torch.set_num_threads(args.threads)
+    print("machine:", machine(), "| device:", args.device)
+    print("batch %d, forward + backward, best of %d; one process per line"
+          % (args.batch, args.repeats))
     print()
-    print("| box | apix | fast fwd img/s | fast fwd+bwd img/s | dense fwd img/s | "
-          "dense fwd+bwd img/s | speed-up fwd / fwd+bwd | rel. L2 error fast / dense |")
-    print("|---|---|---|---|---|---|---|---|")
-    for D in args.sizes:
-        apix = 0.8 * 192 / D
-        B = args.batch
-        centre = np.full(3, (D // 2) * apix)
-        coords = model.coords - model.coords.mean(0) + centre
-        ang = rng.uniform([-180, 0, -180], [180, 180, 180], (B, 3))
-        A = torch.as_tensor(imaging.euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2]),
-                            dtype=torch.float32, device=dev)
-        X = torch.as_tensor(coords, dtype=torch.float32, device=dev).expand(B, -1, -1).contiguous()
-        sh = torch.as_tensor(rng.normal(0, 2, (B, 2)), dtype=torch.float32, device=dev)
-        fast = imaging.Renderer(model.elements, D, apix, centre=centre, device=dev)
-        ctf = fast.ctf(defocus_u=torch.full((B,), 1.2e4, device=dev),
-                       defocus_v=torch.full((B,), 1.1e4, device=dev),
-                       defocus_angle=torch.full((B,), 30.0, device=dev), voltage=300.0,
-                       cs=2.7, amp_contrast=0.1)
-        dense = DenseRenderer(model.elements, D, apix, centre, dev)
-        nd = args.dense_batch
-
-        def fwd(r, n):
-            with torch.no_grad():
-                return r.render(X[:n], A[:n], sh[:n], ctf[:n])
-
-        def fwdbwd(r, n):
-            x = X[:n].clone().requires_grad_(True)
-            s = sh[:n].clone().requires_grad_(True)
-            r.render(x, A[:n], s, ctf[:n]).square().sum().backward()
-
-        t_f = timeit(lambda: fwd(fast, B), args.repeats)
-        t_fb = timeit(lambda: fwdbwd(fast, B), args.repeats)
-        t_df = timeit(lambda: fwd(dense, nd), 1)
-        t_dfb = timeit(lambda: fwdbwd(dense, nd), 1)
-        # accuracy on the first image against float64 fast rendering of the definition
-        ref = imaging.Renderer(model.elements, D, apix, centre=centre, device=dev,
-                               dtype=torch.float64).render(X[:1].double(), A[:1].double(),
-                                                           sh[:1].double(), ctf[:1].double())
-        e_fast = (torch.linalg.norm(fwd(fast, 1).double() - ref) / torch.linalg.norm(ref)).item()
-        e_dense = (torch.linalg.norm(fwd(dense, 1).double() - ref) / torch.linalg.norm(ref)).item()
-        print("| %d | %.2f | %.0f | %.0f | %.2f | %.2f | %.0fx / %.0fx | %.1e / %.1e |"
-              % (D, apix, B / t_f, B / t_fb, nd / t_df, nd / t_dfb,
-                 (B / t_f) / (nd / t_df), (B / t_fb) / (nd / t_dfb), e_fast, e_dense),
-              flush=True)
+    print("| atoms | box | route | chunks | img/s fwd+bwd | peak RSS GiB (growth) | "
+          "rel. L2 error vs float64 |")
+    print("|---|---|---|---|---|---|---|")
+    for M in args.atoms:
+        for D in args.sizes:
+            for route in args.routes:
+                if route == "nufft" and not imaging.nufft_available():
+                    print("| %d | %d | nufft | FINUFFT not installed | | | |" % (M, D))
+                    continue
+                if route == "dense" and M * D * D > 2e8:
+                    continue
+                cmd = [sys.executable, os.path.abspath(__file__), "--one-atoms", str(M),
+                       "--one-size", str(D), "--one-route", route, "--batch", str(args.batch),
+                       "--repeats", str(args.repeats), "--threads", str(args.threads),
+                       "--device", args.device]
+                if args.memory_budget is not None:
+                    cmd += ["--memory-budget", str(args.memory_budget)]
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode != 0:
+                    print("| %d | %d | %s | failed: %s | | | |"
+                          % (M, D, route, res.stderr.strip().splitlines()[-1:]), flush=True)
+                    continue
+                o = json.loads(res.stdout.strip().splitlines()[-1])
+                gpu = " (GPU %.2f GiB)" % o["gpu_peak_gib"] if "gpu_peak_gib" in o else ""
+                print("| %d | %d | %s | %s | %.2f | %.2f (+%.2f)%s | %.1e |"
+                      % (o["atoms"], D, route, o["chunks"].split(", ", 1)[1], o["img_s"],
+                         o["peak_gib"], o["grown_gib"], gpu, o["error"]), flush=True)
     print()
-    print("fast: exact band-limited Fourier renderer (nmaem_plugin.core.imaging.Renderer); "
-          "dense: real-space Gaussians at pixel centres (point-sampled, aliased); errors "
-          "against the float64 band-limited image.")
+    print("gemm: exact cos/sin matrix products in chunks; nufft: FINUFFT type 1 "
+          "(tolerance %g, grid %.2f D); dense: real-space Gaussians at pixel centres "
+          "(point-sampled, aliased). Field of view 205 A (apix 0.8 A at 256 px)."
+          % (imaging.NUFFT_EPS, imaging.NUFFT_UPSAMPLING))
 
 
 if __name__ == "__main__":

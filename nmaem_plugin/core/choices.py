@@ -6,7 +6,8 @@ Pure Python (no numpy, no torch): protocols import it at start-up.
 from typing import Dict, Tuple
 
 __all__ = ["CG_CHOICES", "DISTRIBUTIONS", "ENCODER_PRESETS", "ENCODERS", "LOSSES",
-           "LR_SCHEDULES", "CHECKPOINTS", "MODEL_FORMATS", "MODES_SOLVERS"]
+           "LR_SCHEDULES", "CHECKPOINTS", "MODEL_FORMATS", "MODES_SOLVERS",
+           "RENDER_ROUTES"]
 
 # nmaem modes --cg: coarse-grained nodes of the elastic network
 CG_CHOICES: Tuple[str, ...] = ("ca", "backbone", "heavy")
@@ -27,6 +28,10 @@ ENCODERS: Tuple[str, ...] = tuple(ENCODER_PRESETS)
 LOSSES: Tuple[str, ...] = ("whitened", "l2", "corr")
 # nmaem train --lr-schedule
 LR_SCHEDULES: Tuple[str, ...] = ("constant", "cosine")
+# nmaem train --renderer: the structure factor's route (imaging.Renderer): auto (the faster
+# for the model, box and device), gemm (cos/sin matrix products, exact), nufft (FINUFFT
+# type-1 non-uniform FFT, CPU, optional package)
+RENDER_ROUTES: Tuple[str, ...] = ("auto", "gemm", "nufft")
 
 # nmaem infer --checkpoint (besides a file): RUN/checkpoints/<name>.pt
 CHECKPOINTS: Tuple[str, ...] = ("last", "best")

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from .choices import (CG_CHOICES, DISTRIBUTIONS, ENCODERS, LOSSES, LR_SCHEDULES, MODEL_FORMATS,
-                      MODES_SOLVERS)
+                      MODES_SOLVERS, RENDER_ROUTES)
 from .errors import NmaemError
 
 
@@ -15,7 +15,7 @@ def _add_modes(subparsers):
     """Define the ``nmaem modes`` subcommand on an argparse ``subparsers`` object."""
     p = subparsers.add_parser(
         "modes", help="normal modes of a reference atomic model (ANM, interpolated on all atoms)",
-        description="Coarse-grain REF, build its ANM Hessian (ProDy), take the lowest non-rigid "
+        description="Coarse-grain REF, build its ANM Hessian, take the lowest non-rigid "
                     "modes, interpolate them onto every atom (PyKeOps) and write an orthonormal "
                     "all-atom basis to a modes.npz file.")
     p.add_argument("ref", metavar="REF", help="reference atomic model (PDB or mmCIF)")
@@ -530,6 +530,17 @@ def _add_train(sub):
                    help="bfloat16 autocast for the encoder (GPU)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader worker processes that read images (default 0)")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                   help="working memory of the renderer in GiB: atoms and images are "
+                        "rendered in chunks that fit (default: a quarter of the free RAM, "
+                        "half of the free GPU memory)")
+    p.add_argument("--renderer", choices=RENDER_ROUTES, default=None,
+                   help="structure factor: auto (default: the faster for the model, box and "
+                        "device), gemm (cos/sin matrix products, exact) or nufft (FINUFFT, "
+                        "CPU, optional: pip install finufft); see docs/imaging.md")
+    p.add_argument("--checkpoint-minutes", type=float, default=None, metavar="MIN",
+                   help="also write RUN/checkpoints/last.pt every MIN minutes within an epoch "
+                        "(long epochs; --resume continues from that batch; one process)")
     p.add_argument("--keep", type=int, default=None,
                    help="per-epoch checkpoints kept besides last.pt (default 3)")
     p.add_argument("--resume", action="store_true",
@@ -568,6 +579,8 @@ def _prepare_and_train(args, nproc, prepare_run, train_run, launch_distributed):
                 hidden=args.hidden, rmsd_unit=args.rmsd_unit, seed=args.seed,
                 device=args.device, bf16=args.bf16, num_workers=args.num_workers,
                 keep=args.keep, lr_schedule=args.lr_schedule,
+                memory_budget=args.memory_budget, renderer=args.renderer,
+                checkpoint_minutes=args.checkpoint_minutes,
                 resolution_low=args.resolution_low, resolution_high=args.resolution_high,
                 mask_radius=args.mask_radius, check=args.check, force=args.force,
                 whiten_input=args.whiten_input, refine_pose=args.refine_pose,

@@ -1,6 +1,6 @@
 """Particle images and metadata for the network: the dataset, its loader, per-epoch order.
 
-Images are read through :class:`stacks.ImageStack` memory maps one batch at a time and
+Images are read through :class:`stacks.ImageStack` one batch at a time and
 downsampled by Fourier cropping to ``box`` (pixel size apix0 * box0 / box).
 """
 import numpy as np
@@ -12,7 +12,7 @@ __all__ = ["ParticleImages", "make_loader", "ParticleMetadata", "epoch_order"]
 class ParticleImages(torch.utils.data.Dataset):
     """Images of a particle table, one *batch* per item: ``ds[rows] -> (rows, images)``.
 
-    ``rows`` is an integer array; images (n, box, box) float32 are read through memory maps
+    ``rows`` is an integer array; images (n, box, box) float32 are read (``ImageStack``)
     and Fourier-cropped to ``box``. The stack is opened lazily in each process, so the
     dataset can be sent to DataLoader workers.
     """

@@ -27,16 +27,25 @@ derives and cites each one):
 * The CTF is RELION's: -sin(gamma), positive (= amplitude contrast) at zero frequency, so
   protein density is white in the images.
 """
+import importlib
 import math
+import os
+import threading
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 
 from . import poses
+from .choices import RENDER_ROUTES
+from .errors import NmaemError
 
 __all__ = ["euler_to_matrix", "matrix_to_euler", "rotvec_to_matrix", "correct_rotations",
            "electron_wavelength", "ctf_2d", "FourierGrid",
-           "phase_shift", "fourier_crop", "noise_sigma", "add_noise", "Renderer"]
+           "phase_shift", "fourier_crop", "noise_sigma", "add_noise", "Renderer", "Chunks",
+           "gemm_chunks", "default_memory_budget", "parse_memory_budget", "nufft_available",
+           "choose_route"]
 
 
 # ----------------------------------------------------------------------------- poses
@@ -233,59 +242,326 @@ def add_noise(images, sigma, generator=None):
     return images + sigma * noise
 
 
+
+GIB = 1024 ** 3
+MIN_BUDGET = 64 * 1024 ** 2          # below this the renderer would crawl
+MAX_CHUNK_ATOMS = 16384              # more atoms per chunk buys no speed (measured)
+
+
+def available_memory(device) -> int:
+    """Bytes free now on ``device``: MemAvailable of /proc/meminfo on the CPU (the total
+    when unreadable), the free memory of a CUDA device."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 4 * GIB
+
+
+def default_memory_budget(device) -> int:
+    """The renderer's working-memory budget when none is given: a quarter of the available
+    RAM on the CPU, half of the free memory of a GPU (the rest is for the encoder, the
+    images and the other processes), never less than ``MIN_BUDGET``."""
+    device = torch.device(device)
+    share = 0.5 if device.type == "cuda" else 0.25
+    return max(MIN_BUDGET, int(share * available_memory(device)))
+
+
+def parse_memory_budget(value) -> Optional[int]:
+    """``--memory-budget`` in GiB (a number; None or "auto": the device's default) -> bytes."""
+    if value is None or str(value).strip().lower() in ("", "auto"):
+        return None
+    gib = float(value)
+    if not gib > 0:
+        raise ValueError("the memory budget must be a positive number of GiB, not %r" % value)
+    return max(1, int(gib * GIB))
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """How one batch is rendered within a memory budget: images ``batch`` at a time, atoms
+    ``atoms`` at a time (per element), ``work`` bytes of working memory at most; ``keep``:
+    the whole batch's cos/sin tables are kept for the backward pass (they fit the budget)
+    instead of being recomputed chunk by chunk."""
+    route: str
+    batch: int
+    atoms: int
+    work: int
+    keep: bool = False
+
+    def describe(self) -> str:
+        return ("%s route, %d image%s x %d atoms per chunk%s, working memory <= %.2f GiB"
+                % (self.route, self.batch, "" if self.batch == 1 else "s", self.atoms,
+                   " (tables kept for the backward pass)" if self.keep else "",
+                   self.work / GIB))
+
+
+def gemm_chunks(n_images: int, n_atoms: int, box: int, budget: int, itemsize: int = 4) -> Chunks:
+    """Chunk sizes of the matrix-product route for ``n_images`` images of ``box`` px.
+
+    Per atom and image the route holds two cos/sin tables of ``box`` values each (forward)
+    and, in the backward pass, the two recomputed tables, their gradient and two half-size
+    temporaries: 5 box values in all. Per image it holds the quarter-plane products, their
+    gradient and one more product of the same size: 3 box^2 values. When the tables of the
+    whole batch fit with room for one more pair (4 box values per atom and image), they are
+    computed once and kept (``keep``: no recomputation). Otherwise chunks are the largest
+    that fit ``budget`` bytes (at most ``MAX_CHUNK_ATOMS`` atoms; fewer images per chunk when
+    each image would get fewer than 256 atoms).
+    """
+    per_atom = 5 * box * itemsize
+    per_image = 3 * box * box * itemsize
+    B, M = max(1, int(n_images)), max(1, int(n_atoms))
+    whole = B * (per_image + 4 * box * itemsize * M)
+    if whole <= budget:
+        return Chunks("gemm", B, M, int(whole), keep=True)
+    b = B
+    while b > 1 and budget - b * per_image < b * per_atom * min(M, 256):
+        b = (b + 1) // 2
+    m = max(1, min(M, MAX_CHUNK_ATOMS, (budget - b * per_image) // (b * per_atom)))
+    return Chunks("gemm", b, int(m), int(b * (per_image + m * per_atom)))
+
+
+def _phase_tables(x, w, h):
+    """cos and sin of x[..., None] * w side by side, (..., 2h)."""
+    t = x[..., None] * w
+    out = x.new_empty(*x.shape, 2 * h)
+    torch.cos(t, out=out[..., :h])
+    torch.sin(t, out=out[..., h:])
+    return out
+
+
+def _atom_chunks(slices, size):
+    """(element index, atom slice) pairs covering every element's slice in pieces of ``size``."""
+    for e, sl in enumerate(slices):
+        for s in range(sl.start, sl.stop, size):
+            yield e, slice(s, min(sl.stop, s + size))
+
+
 class _QuarterStructureFactor(torch.autograd.Function):
     """P[b] = sum_e ff_e * (L_e^T @ R_e), L = [cos ty | sin ty], R = [cos tx | sin tx].
 
     tx = -2 pi k u / D, ty = -2 pi k v / D for k = 0..h-1 (h = D/2), atoms sorted by
-    element so that element e is the row slice ``slices[e]``. The backward pass is written
-    out (the cos/sin tables are kept from the forward pass, and no per-slice zero-filled
-    gradient buffers are made, which autograd would do for every element).
+    element so that element e is the row slice ``slices[e]``. The sum runs over chunks of
+    ``chunks.batch`` images and ``chunks.atoms`` atoms. With ``chunks.keep`` the tables of
+    the whole batch are made once and kept for the backward pass; otherwise only the
+    positions are kept and the backward pass recomputes each chunk's tables, so that the
+    tables of one chunk only are in memory at any time. Either way the backward pass turns
+    the gradient of P into position gradients with two more matrix products per chunk
+    (exact: the same sums, in pieces).
     """
 
     @staticmethod
-    def forward(ctx, u, v, k, ff_tiled, slices):
+    def forward(ctx, u, v, k, ff_tiled, slices, chunks):
         h = k.shape[0]
-        D = 2 * h
-        w = (-2.0 * math.pi / D) * k
-        B, M = u.shape
-        right = u.new_empty(B, M, 2 * h)
-        left = u.new_empty(B, M, 2 * h)
-        tx = u[..., None] * w
-        torch.cos(tx, out=right[..., :h])
-        torch.sin(tx, out=right[..., h:])
-        del tx
-        ty = v[..., None] * w
-        torch.cos(ty, out=left[..., :h])
-        torch.sin(ty, out=left[..., h:])
-        del ty
-        P = None
-        for e, sl in enumerate(slices):
-            term = torch.matmul(left[:, sl, :].transpose(-1, -2), right[:, sl, :])
-            term.mul_(ff_tiled[e])
-            P = term if P is None else P.add_(term)
-        ctx.save_for_backward(left, right, w, ff_tiled)
-        ctx.slices = slices
+        w = (-2.0 * math.pi / (2 * h)) * k
+        B = u.shape[0]
+        P = u.new_zeros(B, 2 * h, 2 * h)
+        tables = (_phase_tables(u, w, h), _phase_tables(v, w, h)) if chunks.keep else None
+        for bs, e, sl, right, left in _chunk_tables(u, v, w, h, slices, chunks, tables):
+            term = torch.matmul(left.transpose(-1, -2), right)
+            del left, right
+            P[bs].addcmul_(term, ff_tiled[e])
+            del term
+        if chunks.keep:
+            ctx.save_for_backward(u, v, w, ff_tiled, *tables)
+        else:
+            ctx.save_for_backward(u, v, w, ff_tiled)
+        ctx.slices, ctx.chunks = slices, chunks
         return P
 
     @staticmethod
     def backward(ctx, gP):
-        left, right, w, ff_tiled = ctx.saved_tensors
+        u, v, w, ff_tiled, *tables = ctx.saved_tensors
         h = w.shape[0]
-        gu = gP.new_empty(right.shape[:2])
-        gv = gP.new_empty(left.shape[:2])
-        for e, sl in enumerate(ctx.slices):
-            G = gP * ff_tiled[e]
-            le, ri = left[:, sl, :], right[:, sl, :]
+        gu = torch.empty_like(u)
+        gv = torch.empty_like(v)
+        G = None
+        for bs, e, sl, ri, le in _chunk_tables(u, v, w, h, ctx.slices, ctx.chunks,
+                                               tables or None):
+            if G is None or (bs, e) != G[:2]:
+                G = (bs, e, gP[bs] * ff_tiled[e])
             # d cos(w u)/du = -w sin(w u), d sin(w u)/du = w cos(w u)
-            g = torch.matmul(le, G)                                  # dL/dright
+            g = torch.matmul(le, G[2])                                   # dL/dright
             t = g[..., h:] * ri[..., :h]
-            t.sub_(g[..., :h] * ri[..., h:])
-            gu[:, sl] = torch.matmul(t, w)
-            g = torch.matmul(ri, G.transpose(-1, -2))               # dL/dleft
+            t.addcmul_(g[..., :h], ri[..., h:], value=-1.0)
+            gu[bs, sl] = torch.matmul(t, w)
+            del g, t
+            g = torch.matmul(ri, G[2].transpose(-1, -2))                 # dL/dleft
             t = g[..., h:] * le[..., :h]
-            t.sub_(g[..., :h] * le[..., h:])
-            gv[:, sl] = torch.matmul(t, w)
-        return gu, gv, None, None, None
+            t.addcmul_(g[..., :h], le[..., h:], value=-1.0)
+            gv[bs, sl] = torch.matmul(t, w)
+            del g, t, le, ri
+        return gu, gv, None, None, None, None
+
+
+def _chunk_tables(u, v, w, h, slices, chunks, tables=None):
+    """(image slice, element, atom slice, right table, left table) for every chunk, the
+    tables sliced from ``tables`` (the whole batch's) or made for the chunk."""
+    B = u.shape[0]
+    for b0 in range(0, B, chunks.batch):
+        bs = slice(b0, min(B, b0 + chunks.batch))
+        for e, sl in _atom_chunks(slices, chunks.atoms):
+            if tables is not None:
+                yield bs, e, sl, tables[0][bs, sl], tables[1][bs, sl]
+            else:
+                yield bs, e, sl, _phase_tables(u[bs, sl], w, h), _phase_tables(v[bs, sl], w, h)
+
+
+def nufft_available() -> bool:
+    """Whether the optional FINUFFT package (``pip install finufft``, CPU) can be imported."""
+    try:
+        importlib.import_module("finufft")
+    except ImportError:
+        return False
+    return True
+
+
+NUFFT_CROSSOVER = 2e8                # M D^2 from which the NUFFT is faster (bench/render.py)
+NUFFT_UPSAMPLING = 1.25           # FINUFFT's fine grid (1.25 D): faster than 2 D here
+NUFFT_EPS = 3e-5                     # FINUFFT tolerance: images within ~1e-5, gradients ~2e-5
+
+
+class _NufftPlans:
+    """FINUFFT type-1 plans of one renderer (2D, D x D modes in FFT order, sign -1): one
+    transform for the forward pass, two at a time for the adjoint of the backward pass.
+
+    Each plan is single-threaded; the images of a batch go to ``torch.get_num_threads()``
+    worker threads, each with its own plans (FINUFFT's calls release the GIL). Measured on
+    the shared 2-core machine: FINUFFT's own OpenMP threads next to torch's were 3.6x
+    *slower* than one thread (docs/benchmarks.md), images in parallel threads are not.
+    """
+
+    def __init__(self, box, dtype):
+        cdt = "complex128" if dtype == torch.float64 else "complex64"
+        self.real = np.float64 if dtype == torch.float64 else np.float32
+        self.complex = np.dtype(cdt)
+        self._kw = dict(eps=NUFFT_EPS, isign=-1, dtype=cdt, modeord=1,
+                        upsampfac=NUFFT_UPSAMPLING, nthreads=1, debug=0, spread_debug=0)
+        self.box = int(box)
+        self._local = threading.local()
+        self._pool, self._workers = None, 0
+
+    def plans(self):
+        """This thread's (one-transform, two-transform) plans, made on first use."""
+        p = getattr(self._local, "plans", None)
+        if p is None:
+            import finufft
+            p = self._local.plans = (finufft.Plan(1, (self.box, self.box), n_trans=1, **self._kw),
+                                     finufft.Plan(1, (self.box, self.box), n_trans=2, **self._kw))
+        return p
+
+    def each_image(self, fn, n):
+        """fn(b) for b = 0..n-1, in up to torch.get_num_threads() threads."""
+        workers = min(int(n), max(1, torch.get_num_threads()))
+        if workers <= 1:
+            for b in range(n):
+                fn(b)
+            return
+        if self._workers != workers:
+            if self._pool is not None:
+                self._pool.shutdown()
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool, self._workers = ThreadPoolExecutor(workers), workers
+        for f in [self._pool.submit(fn, b) for b in range(n)]:
+            f.result()
+
+
+def _wrapped_angles(x, D, real):
+    """2 pi x / D wrapped into [0, 2 pi), as a contiguous numpy array (FINUFFT's points)."""
+    a = torch.remainder(x.detach().double() * (2.0 * math.pi / D), 2.0 * math.pi)
+    return np.ascontiguousarray(a.cpu().numpy().astype(real))
+
+
+class _NufftStructureFactor(torch.autograd.Function):
+    """F[b, ky, kx] = sum_e ff_e(k) sum_{j in e} exp(-2 pi i (kx u_j + ky v_j) / D) on the
+    half plane kx = 0..h-1 (all ky, FFT order), as (B, D, h, 2) real/imaginary parts.
+
+    A type-1 non-uniform FFT per image and element (FINUFFT, tolerance ``NUFFT_EPS``). The
+    backward pass is the adjoint: with G the gradient of F (real + i imaginary part),
+    dL/du_j = -(2 pi / D) Im sum_k kx ff_e(k) G_k exp(+2 pi i k.(u_j, v_j) / D), and the
+    same with ky for v; both sums are one adjoint (type-2) transform of two mode arrays.
+    """
+
+    @staticmethod
+    def forward(ctx, u, v, ff_half, slices, plans):
+        B = u.shape[0]
+        E, D, h = ff_half.shape
+        x = _wrapped_angles(u, D, plans.real)
+        y = _wrapped_angles(v, D, plans.real)
+        ff = ff_half.detach().cpu().numpy()
+        out = np.zeros((B, D, h), dtype=plans.complex)
+
+        def image(b):
+            one, _ = plans.plans()
+            for e, sl in enumerate(slices):
+                if sl.stop == sl.start:
+                    continue
+                one.setpts(y[b, sl], x[b, sl])           # first axis: ky (rows)
+                S = one.execute(np.ones(sl.stop - sl.start, dtype=plans.complex))
+                out[b] += ff[e] * S[:, :h]
+
+        plans.each_image(image, B)
+        ctx.save_for_backward(u, v, ff_half)
+        ctx.slices, ctx.plans = slices, plans
+        return torch.view_as_real(torch.from_numpy(out)).to(device=u.device, dtype=u.dtype)
+
+    @staticmethod
+    def backward(ctx, gF):
+        u, v, ff_half = ctx.saved_tensors
+        plans = ctx.plans
+        B = u.shape[0]
+        E, D, h = ff_half.shape
+        x = _wrapped_angles(u, D, plans.real)
+        y = _wrapped_angles(v, D, plans.real)
+        ff = ff_half.detach().cpu().numpy()
+        G = gF.detach().cpu().numpy().astype(plans.real)
+        G = G[..., 0] + 1j * G[..., 1]                              # (B, D, h)
+        kx = np.arange(h, dtype=plans.real)[None, :]
+        ky = np.fft.fftfreq(D, 1.0 / D).astype(plans.real)[:, None]
+        gu = np.zeros(u.shape, dtype=np.float64)
+        gv = np.zeros(v.shape, dtype=np.float64)
+        def image(b):
+            _, two = plans.plans()
+            modes = np.zeros((2, D, D), dtype=plans.complex)
+            for e, sl in enumerate(ctx.slices):
+                if sl.stop == sl.start:
+                    continue
+                fG = ff[e] * G[b]
+                modes[0, :, :h] = kx * fG
+                modes[1, :, :h] = ky * fG
+                two.setpts(y[b, sl], x[b, sl])
+                H = two.execute_adjoint(modes)                      # (2, M_e)
+                gu[b, sl] = H[0].imag
+                gv[b, sl] = H[1].imag
+
+        plans.each_image(image, B)
+        s = -2.0 * math.pi / D
+        t = lambda a: torch.from_numpy(a * s).to(device=u.device, dtype=u.dtype)
+        return t(gu), t(gv), None, None, None
+
+
+def choose_route(n_atoms: int, box: int, device, dtype=torch.float32) -> str:
+    """The faster structure-factor route for ``n_atoms`` atoms at ``box`` px on ``device``.
+
+    The type-1 NUFFT (FINUFFT: CPU, float32, when installed) once the matrix products'
+    cost, which grows as M D^2, exceeds ``NUFFT_CROSSOVER`` (measured with bench/render.py,
+    docs/benchmarks.md; the NUFFT's cost grows as M + D^2 log D); the exact matrix products
+    otherwise, and always in float64 (the reference precision).
+    """
+    if (torch.device(device).type != "cpu" or dtype != torch.float32
+            or not nufft_available()):
+        return "gemm"
+    return "nufft" if int(n_atoms) * int(box) ** 2 >= NUFFT_CROSSOVER else "gemm"
 
 
 class Renderer:
@@ -304,8 +580,11 @@ class Renderer:
     """
 
     def __init__(self, elements, box, apix, centre=None, box0=None, apix0=None,
-                 device="cpu", dtype=torch.float32):
+                 device="cpu", dtype=torch.float32, memory_budget=None, route="auto"):
         from .structure import form_factor_table
+        if route not in RENDER_ROUTES:
+            raise ValueError("unknown renderer route %r (choose from %s)"
+                             % (route, ", ".join(RENDER_ROUTES)))
         self.grid = FourierGrid(box, apix, device=device, dtype=dtype)
         self.box, self.apix = self.grid.box, self.grid.apix
         self.device, self.dtype = self.grid.device, dtype
@@ -337,8 +616,46 @@ class Renderer:
         at = torch.as_tensor(a, device=self.device)[:, :, None, None]
         bt = torch.as_tensor(b, device=self.device)[:, :, None, None]
         quarter = (at * torch.exp(-bt * q2 / 4.0)).sum(1) * (k2 < (self.box / 2.0) ** 2)
-        self._ff_tiled = (quarter / self.apix ** 2).to(dtype).repeat(1, 2, 2).contiguous()
+        quarter = quarter / self.apix ** 2
+        self._ff_tiled = quarter.to(dtype).repeat(1, 2, 2).contiguous()
         self._k_half = k.to(dtype)
+        self.n_atoms = len(order)
+        self.memory_budget = (default_memory_budget(self.device) if memory_budget is None
+                              else max(1, int(memory_budget)))
+        self.route = route
+        self._ff_half = None        # the NUFFT route's form factors, made when first used
+        self._plans = None
+
+    def chunks(self, n_images: int) -> Chunks:
+        """The route and chunk sizes used for a batch of ``n_images`` (see :func:`gemm_chunks`)."""
+        route = self.route
+        if route == "auto":
+            route = choose_route(self.n_atoms, self.box, self.device, self.dtype)
+        if route == "nufft":
+            if not nufft_available():
+                raise NmaemError("--renderer nufft needs the optional FINUFFT package (pip "
+                                 "install finufft); use --renderer auto or gemm")
+            if self.device.type != "cpu":
+                raise NmaemError("--renderer nufft runs on the CPU only, not on %s; use "
+                                 "--renderer auto or gemm" % self.device)
+            # per image: the result, its gradient and FINUFFT's upsampled grid (2D x 2D)
+            itemsize = torch.finfo(self.dtype).bits // 8
+            work = n_images * 4 * self.box * self.box * itemsize + 24 * self.box ** 2 * itemsize
+            return Chunks("nufft", max(1, int(n_images)), self.n_atoms, int(work))
+        itemsize = torch.finfo(self.dtype).bits // 8
+        return gemm_chunks(n_images, self.n_atoms, self.box, self.memory_budget, itemsize)
+
+    def _nufft_form_factors(self):
+        """(E, D, h) form factors on the half plane kx = 0..h-1, ky in FFT order."""
+        if self._ff_half is None:
+            h = self.box // 2
+            quarter = self._ff_tiled[:, :h, :h]
+            ky = torch.fft.fftfreq(self.box, d=1.0 / self.box).abs().long().clamp(max=h - 1)
+            ff = quarter[:, ky, :].clone()
+            ff[:, h, :] = 0                 # ky = -D/2: outside the disc
+            self._ff_half = ff.contiguous()
+            self._plans = _NufftPlans(self.box, self.dtype)
+        return self._ff_half
 
     def positions(self, coords, rotations, shifts=None):
         """Image-plane positions in pixels from the array origin, (B, M, 2) (u = x, v = y).
@@ -368,8 +685,13 @@ class Renderer:
         uv = self.positions(coords[..., self.order, :], rotations.to(self.dtype),
                             None if shifts is None else shifts.to(self.dtype))
         h = self.box // 2
+        chunks = self.chunks(uv.shape[0])
+        if chunks.route == "nufft":
+            F = _NufftStructureFactor.apply(uv[..., 0], uv[..., 1], self._nufft_form_factors(),
+                                            self.slices, self._plans)
+            return torch.nn.functional.pad(torch.complex(F[..., 0], F[..., 1]), (0, 1))
         P = _QuarterStructureFactor.apply(uv[..., 0], uv[..., 1], self._k_half,
-                                          self._ff_tiled, self.slices)
+                                          self._ff_tiled, self.slices, chunks)
         CC, CS = P[:, :h, :h], P[:, :h, h:]
         SC, SS = P[:, h:, :h], P[:, h:, h:]
         re_pos, im_pos = CC - SS, CS + SC                    # ky = 0 .. h-1

@@ -183,10 +183,12 @@ class Decoder(nn.Module):
 
     ``coords`` (M, 3) and ``modes`` (d, M, 3) Angstrom (``modes.npz``), ``elements`` (M,);
     ``centre`` (3,) the rotation centre in the model frame; ``offset`` (2,) Angstrom added to
-    every shift. No trainable parameters; the renderer is built for each device used.
+    every shift. No trainable parameters; the renderer is built for each device used, with
+    ``memory_budget`` (bytes; None: the device's default) and ``route`` (``Renderer``).
     """
 
-    def __init__(self, elements, coords, modes, box, apix, centre, offset=(0.0, 0.0)):
+    def __init__(self, elements, coords, modes, box, apix, centre, offset=(0.0, 0.0),
+                 memory_budget=None, route="auto"):
         super().__init__()
         self.elements = np.asarray(elements).astype(str)
         self.box, self.apix = int(box), float(apix)
@@ -197,6 +199,7 @@ class Decoder(nn.Module):
         self.register_buffer("modes", modes, persistent=False)
         self.register_buffer("offset", torch.as_tensor(np.asarray(offset, np.float32)),
                              persistent=False)
+        self.memory_budget, self.route = memory_budget, route
         self._renderers = {}
 
     @property
@@ -208,7 +211,9 @@ class Decoder(nn.Module):
         key = str(device)
         if key not in self._renderers:
             self._renderers[key] = Renderer(self.elements, self.box, self.apix,
-                                            centre=self.centre, device=device)
+                                            centre=self.centre, device=device,
+                                            memory_budget=self.memory_budget,
+                                            route=self.route)
         return self._renderers[key]
 
     def ctf(self, **params):

@@ -373,7 +373,7 @@ def estimate_from_particles(table, radius, n_per_group=2000, seed=0, batch=256, 
     ``table`` a ParticleTable with images (one box and pixel size), ``radius`` the mask
     radius in Angstrom (:func:`default_mask_radius` of the reference). Reads at most
     ``n_per_group`` random images of each optics group, ``batch`` at a time, through the
-    stacks' memory maps. Cost: one D x D FFT per image read (2000 images of 256 px: a few
+    stacks (``ImageStack``). Cost: one D x D FFT per image read (2000 images of 256 px: a few
     seconds of numpy) plus the reads.
     """
     from .stacks import ImageStack

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .atomic import atomic_open, clean_orphans, is_no_space, no_space_error
-from .choices import CHECKPOINTS, ENCODER_PRESETS, LOSSES, LR_SCHEDULES
+from .choices import CHECKPOINTS, ENCODER_PRESETS, LOSSES, LR_SCHEDULES, RENDER_ROUTES
 from .errors import NmaemError, fail
 
 __all__ = ["is_auto_batch", "CONFIG_FILE", "LOG_FILE", "SPLIT_FILE", "NOISE_FILE", "FIT_CHECK_FILE", "CHECKPOINT_DIR", "LOG_COLUMNS",
@@ -89,10 +89,16 @@ class TrainConfig:
     refine_pose: bool = False
     max_pose_correction: float = 5.0
     pose_prior_sd: float = 3.0
+    # the renderer (imaging.Renderer): working-memory budget in GiB (None: the device's
+    # default, imaging.default_memory_budget) and the structure factor's route
+    memory_budget: Optional[float] = None
+    renderer: str = "auto"
+    # RUN/checkpoints/last.pt also every N minutes within an epoch (None: at epoch ends only)
+    checkpoint_minutes: Optional[float] = None
 
     # settings that a resumed run may change; every other one is fixed by the first start
     RESUMABLE = ("epochs", "batch", "lr", "lr_schedule", "device", "num_workers", "bf16", "keep",
-                 "check", "force")
+                 "check", "force", "memory_budget", "renderer", "checkpoint_minutes")
 
     @classmethod
     def names(cls) -> Tuple[str, ...]:
@@ -172,6 +178,13 @@ class TrainConfig:
         if self.loss not in LOSSES:
             out.append(("loss", "unknown loss %r (choose from %s)"
                         % (self.loss, ", ".join(LOSSES))))
+        if self.memory_budget is not None and not float(self.memory_budget) > 0:
+            out.append(("memory_budget", "--memory-budget must be a positive number of GiB"))
+        if self.checkpoint_minutes is not None and not float(self.checkpoint_minutes) > 0:
+            out.append(("checkpoint_minutes", "--checkpoint-minutes must be positive"))
+        if self.renderer not in RENDER_ROUTES:
+            out.append(("renderer", "unknown --renderer %r (choose from %s)"
+                        % (self.renderer, ", ".join(RENDER_ROUTES))))
         return out
 
     def validate(self, box0: Optional[int] = None, particles: Optional[str] = None) -> "TrainConfig":

@@ -1,4 +1,4 @@
-"""Particle image stacks (MRC): memory-mapped reading of a table's images, writing stacks."""
+"""Particle image stacks (MRC): reading a table's images with bounded memory, writing stacks."""
 import os
 import warnings
 from collections import OrderedDict
@@ -33,19 +33,14 @@ def stack_box(stack, default=0):
         return default
 
 
-def open_mrc(path, mode="r"):
-    """A permissive ``mrcfile`` memory map of ``path``."""
-    import mrcfile
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # old files without the MAP id, odd machine stamps
-        return mrcfile.mmap(path, mode=mode, permissive=True)
-
-
 class ImageStack:
-    """Particle images of a :class:`ParticleTable`, read through MRC memory maps.
+    """Particle images of a :class:`ParticleTable`, read image by image from the MRC files.
 
-    Only the requested images are read; at most ``max_open`` stacks are kept mapped at
-    a time (least recently used first closed). With ``check`` the constructor reads
+    Only the requested images are read, each with one ``os.pread`` at its offset (after the
+    1024-byte header and the extended header), so the resident memory holds the batch
+    being read and nothing of the files: it does not grow with the dataset (memory maps
+    would count every page touched, up to ``max_open`` whole stacks). At most ``max_open``
+    stacks are kept open at a time (least recently used first closed). With ``check`` the constructor reads
     every stack's header once and raises a one-line NmaemError naming the file when a
     stack is missing or unreadable, an index is past its end, images are not square,
     the size differs from the table's box (``rlnImageSize``) or between stacks.
@@ -65,6 +60,10 @@ class ImageStack:
 
     def _dims(self, stack):
         """(number of images, ny, nx) from the header only."""
+        return self._layout(stack)[:3]
+
+    def _layout(self, stack):
+        """(number of images, ny, nx, data offset in bytes, numpy dtype) from the header."""
         import mrcfile
         if not os.path.isfile(stack):
             fail(stack, "missing particle stack (referenced by %s)" % self.table.path)
@@ -76,6 +75,7 @@ class ImageStack:
                     nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
                     mode = int(h.mode)
                     ext = int(h.nsymbt)
+                    dtype = mrcfile.utils.data_dtype_from_header(h)
         except Exception as e:
             fail(stack, "not a readable MRC file (%s)" % type(e).__name__)
         itemsize = {0: 1, 1: 2, 2: 4, 4: 8, 6: 2, 12: 2}.get(mode)
@@ -86,7 +86,7 @@ class ImageStack:
         if os.path.getsize(stack) < need:
             fail(stack, "truncated MRC file (%d bytes, header needs %d)"
                  % (os.path.getsize(stack), need))
-        return nz, ny, nx
+        return nz, ny, nx, 1024 + ext, np.dtype(dtype)
 
     def _check(self):
         t = self.table
@@ -117,26 +117,23 @@ class ImageStack:
     def shape(self):
         return (self._D, self._D)
 
-    def _data(self, k):
+    def _file(self, k):
+        """(file descriptor, (nz, ny, nx, offset, dtype)) of stack ``k``, opened once."""
         stack = self._uniq[k]
-        m = self._open.get(stack)
-        if m is not None:
+        f = self._open.get(stack)
+        if f is not None:
             self._open.move_to_end(stack)
-            return m.data
-        if not os.path.isfile(stack):
-            fail(stack, "missing particle stack (referenced by %s)" % self.table.path)
+            return f
+        layout = self._layout(stack)           # missing, unreadable, truncated: one line
         try:
-            m = open_mrc(stack)
-        except Exception as e:
-            fail(stack, "not a readable MRC file (%s)" % type(e).__name__)
-        if m.data is None:
-            m.close()
-            fail(stack, "no image data (truncated MRC file?)")
-        self._open[stack] = m
+            fd = os.open(stack, os.O_RDONLY)
+        except OSError as e:
+            fail(stack, "cannot be opened (%s)" % e.strerror)
+        self._open[stack] = f = (fd, layout)
         while len(self._open) > self.max_open:
-            _, old = self._open.popitem(last=False)
-            old.close()
-        return m.data
+            _, (old, _) = self._open.popitem(last=False)
+            os.close(old)
+        return f
 
     def read(self, indices):
         """Images of the table rows ``indices`` (any order), float32 (n, D, D)."""
@@ -149,22 +146,24 @@ class ImageStack:
         for k in np.unique(ks).tolist():
             where = np.flatnonzero(ks == k)
             local = self.table.stack_index[ind[where]]
-            data = self._data(k)
-            if data.ndim == 2:
-                data = data[None]
-            if local.max() >= data.shape[0]:
+            fd, (nz, ny, nx, offset, dtype) = self._file(k)
+            if local.max() >= nz:
                 fail(self._uniq[k], "image %d requested, but the stack holds %d"
-                     % (int(local.max()) + 1, data.shape[0]))
-            if data.shape[1:] != (self._D, self._D):
+                     % (int(local.max()) + 1, nz))
+            if (ny, nx) != (self._D, self._D):
                 fail(self._uniq[k], "images are %dx%d, expected %dx%d"
-                     % (data.shape[2], data.shape[1], self._D, self._D))
-            order = np.argsort(local, kind="stable")
-            out[where[order]] = data[local[order]]
+                     % (nx, ny, self._D, self._D))
+            size = ny * nx * dtype.itemsize
+            for w, i in zip(where.tolist(), local.tolist()):
+                buf = os.pread(fd, size, offset + i * size)
+                if len(buf) != size:
+                    fail(self._uniq[k], "truncated: image %d is incomplete" % (i + 1))
+                out[w] = np.frombuffer(buf, dtype=dtype).reshape(ny, nx)
         return out
 
     def close(self):
-        for m in self._open.values():
-            m.close()
+        for fd, _ in self._open.values():
+            os.close(fd)
         self._open.clear()
 
     def __enter__(self):

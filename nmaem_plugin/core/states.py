@@ -29,7 +29,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .analysis import DEFAULTS, density_maxima, format_json, kmeans, pca
-from .atomic import atomic_path
+from .atomic import atomic_open, atomic_savez
 from .errors import NmaemError, fail
 from .npz import read_npz
 
@@ -169,8 +169,8 @@ def write_states(out_dir, states: States, index=None, pcs=None, star_files=None,
     n = len(states.label)
     index = np.arange(n, dtype=np.int64) if index is None else np.asarray(index, np.int64)
     counts = states.counts
-    with atomic_path(os.path.join(out_dir, STATES_FILE), suffix=".npz") as tmp:
-        np.savez(tmp, label=states.label, index=index, z=states.z, count=counts)
+    atomic_savez(os.path.join(out_dir, STATES_FILE), label=states.label, index=index,
+                 z=states.z, count=counts)
     names = state_names(len(states))
     rows = []
     for k in range(len(states)):
@@ -187,9 +187,8 @@ def write_states(out_dir, states: States, index=None, pcs=None, star_files=None,
     listing = dict(method=states.method, n_particles=n, n_assigned=int((states.label >= 0).sum()),
                    d=int(states.z.shape[1]), states=rows)
     listing.update(extra)
-    with atomic_path(os.path.join(out_dir, STATES_JSON), suffix=".json") as tmp:
-        with open(tmp, "w") as fh:
-            fh.write(format_json(listing) + "\n")
+    with atomic_open(os.path.join(out_dir, STATES_JSON), "w") as fh:
+        fh.write(format_json(listing) + "\n")
     return listing
 
 

@@ -18,7 +18,7 @@ from .errors import NmaemError, fail
 
 __all__ = ["AtomicModel", "read_model", "read_trajectory", "write_model", "write_models",
            "form_factor_table", "kabsch", "superpose", "rmsd", "match_atoms",
-           "atom_id_strings", "arrays_from_structure", "set_positions"]
+           "atom_id_strings", "arrays_from_structure", "set_positions", "tile_model"]
 
 
 @dataclass
@@ -160,6 +160,11 @@ def read_model(path, model=0, keep_hydrogens=False, keep_waters=False, keep_liga
     path = str(path)
     st = _filtered_structure(_read_structure(path), path, model, keep_hydrogens,
                              keep_waters, keep_ligands)
+    return _model_of_structure(st, path, path)
+
+
+def _model_of_structure(st, path, source):
+    """The :class:`AtomicModel` of a (selected) gemmi structure."""
     coords, elements, rows = arrays_from_structure(st, path)
     return AtomicModel(
         coords=coords, elements=elements,
@@ -168,7 +173,34 @@ def read_model(path, model=0, keep_hydrogens=False, keep_waters=False, keep_liga
         atom_name=np.array([r[8] for r in rows]),
         b_factor=np.array([r[9] for r in rows], dtype=float),
         occupancy=np.array([r[10] for r in rows], dtype=float),
-        source=path, _structure=st)
+        source=source, _structure=st)
+
+
+def tile_model(model, copies, spacing=80.0):
+    """A model of ``copies`` copies of ``model`` on a cubic lattice of ``spacing`` Angstrom
+    (the benchmarks' large complexes), chains renamed (one or two characters: write it as
+    mmCIF beyond 62 copies). Returns (AtomicModel, the (copies, 3) translations)."""
+    import string
+    names = string.ascii_uppercase + string.ascii_lowercase + string.digits
+    st = model._structure.clone()
+    base = st[0].clone()
+    for ch in list(st[0]):
+        st[0].remove_chain(ch.name)
+    n = int(np.ceil(copies ** (1.0 / 3.0) - 1e-9))
+    shifts = np.array([[k % n, (k // n) % n, k // (n * n)] for k in range(int(copies))],
+                      dtype=float) * float(spacing)
+    for k, s in enumerate(shifts):
+        tag = names[k] if k < len(names) else names[k // len(names) - 1] + names[k % len(names)]
+        for ch0 in base:
+            ch = ch0.clone()
+            ch.name = tag if len(base) == 1 else "%s%s" % (tag, ch0.name)
+            for res in ch:
+                for at in res:
+                    at.pos = gemmi.Position(at.pos.x + s[0], at.pos.y + s[1], at.pos.z + s[2])
+            st[0].add_chain(ch)
+    st.setup_entities()
+    return _model_of_structure(st, model.source, "%d copies of %s" % (copies, model.source)), \
+        shifts
 
 
 def read_trajectory(path, **kw):

@@ -12,7 +12,7 @@ Python states), ``split`` (train/val index tensors), ``history`` (one dict per e
 generator seeded with (seed, e), so that a resumed run sees exactly the batches that an
 uninterrupted one would have seen: on CPU the weights are bit-identical.
 
-Images are read (``data.ParticleImages``) through memory maps one batch at a time and
+Images are read (``data.ParticleImages``, ``stacks.ImageStack``) one batch at a time and
 downsampled by Fourier cropping to ``box`` (pixel size apix0 * box0 / box). The rotation
 centre stays the consensus-map centre (box0//2)*apix0 of the original particles.
 """
@@ -212,7 +212,8 @@ def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=pri
         rmsd_unit=float(s["rmsd_unit"]), z_scale=z_scale_for(nm.n_atoms, s["rmsd_unit"]),
         shift_scale=float(apix), bf16=bool(s["bf16"]), device=s["device"],
         num_workers=int(s["num_workers"]), keep=int(s["keep"]), optimizer="adam",
-        lr_schedule=str(s["lr_schedule"]),
+        lr_schedule=str(s["lr_schedule"]), memory_budget=s["memory_budget"],
+        renderer=str(s["renderer"]), checkpoint_minutes=s["checkpoint_minutes"],
         resolution_low=s["resolution_low"], resolution_high=s["resolution_high"],
         mask_radius=s["mask_radius"], noise=NOISE_FILE if noise is not None else None,
         whiten_input=bool(s["whiten_input"] and noise is not None),
@@ -279,8 +280,11 @@ def build_autoencoder(cfg, run_dir):
     enc = Encoder(cfg["box"], cfg["n_modes"], filters=cfg["filters"], hidden=cfg["hidden"],
                   z_scale=cfg["z_scale"], shift_scale=cfg["shift_scale"], pose_max=pose_max,
                   input_filter=input_filter)
+    budget = cfg.get("memory_budget")
     dec = Decoder(model.elements, nm.coords, nm.modes[:int(cfg["n_modes"])], cfg["box"], cfg["apix"],
-                  centre=cfg["centre"], offset=cfg["offset"])
+                  centre=cfg["centre"], offset=cfg["offset"],
+                  memory_budget=None if budget is None else int(float(budget) * 2 ** 30),
+                  route=cfg.get("renderer") or "auto")
     return AutoEncoder(enc, dec)
 
 
@@ -397,7 +401,8 @@ def train_run(run_dir, log=print, stop_after=None):
 
     Runs alone or as one process of a torchrun group (WORLD_SIZE > 1: DDP over the
     encoder, gloo on CPU, NCCL on CUDA). Starts from ``checkpoints/last.pt`` when there is
-    one. ``stop_after`` ends this call after that many epochs (as if killed there).
+    one. ``stop_after`` ends this call after that many epochs (as if killed there; a
+    fraction stops within an epoch, after writing a mid-epoch checkpoint).
     Returns the history (one dict per epoch).
     """
     from .particles import read_particles
@@ -433,7 +438,7 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
     ae = build_autoencoder(cfg, run_dir).to(device)
     encoder = ae.encoder
     opt = torch.optim.Adam(encoder.parameters(), lr=float(cfg["lr"]))
-    start, history = 0, []
+    start, history, partial = 0, [], None
     last = checkpoint_file(run_dir, "last")
     if os.path.isfile(last):
         ck = _load_checkpoint(last)
@@ -446,6 +451,7 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
             g["lr"] = float(cfg["lr"])
         _set_rng_state(ck["rng"])
         start, history = int(ck["epoch"]), list(ck["history"])
+        partial = ck.get("partial")      # a mid-epoch checkpoint (--checkpoint-minutes)
         say("train: resuming %s after epoch %d" % (run_dir, start))
     epochs = int(cfg["epochs"])
     if start >= epochs:
@@ -477,11 +483,23 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
     local_batch = rank_batches(trn, cfg["batch"], 0, dist.world)[1]
     progress = Progress((epochs - start) * per_epoch * local_batch * dist.world, "train",
                         unit="images") if rank0 else None
-    end = epochs if stop_after is None else min(epochs, start + int(stop_after))
+    end = epochs if stop_after is None else min(epochs, start + int(math.ceil(stop_after)))
+    # --checkpoint-minutes: last.pt also within an epoch (one process), for long epochs
+    every = cfg.get("checkpoint_minutes")
+    every = float(every) * 60.0 if every and not dist.active else None
+    last_saved = time.perf_counter()
+
+    def checkpoint(done, **extra):
+        return dict(format=CHECKPOINT_FORMAT, epoch=done,
+                    model={k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+                    optimizer=_cpu(opt.state_dict()), rng=_rng_state(),
+                    split={"train": torch.as_tensor(trn), "val": torch.as_tensor(val)},
+                    history=[dict(h) for h in history], config=_plain(cfg), **extra)
     say("train: epochs %d-%d on %s%s, batch %d (%d per process), lr %g%s, loss %s"
         % (start + 1, epochs, device, " x %d processes" % dist.world if dist.active else "",
            cfg["batch"], local_batch, cfg["lr"],
            " (cosine decay)" if cfg.get("lr_schedule") == "cosine" else "", loss_kind))
+    say("train: renderer: %s" % ae.decoder.renderer(device).chunks(local_batch).describe())
 
     prior_sd = math.radians(float(cfg.get("pose_prior_sd") or 1.0))
 
@@ -509,10 +527,13 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
         batches, _ = rank_batches(epoch_order(trn, cfg["seed"], epoch), cfg["batch"],
                                    dist.rank, dist.world)
         encoder.train()
-        total, count = 0.0, 0
+        total, count, first = 0.0, 0, 0
+        if partial is not None and epoch == start:   # resume within this epoch
+            first, total, count = partial["batch"], partial["total"], partial["count"]
+            t0 -= partial["seconds"]
         try:
-            for b, (rows, images) in enumerate(make_loader(dataset, batches, cfg["num_workers"],
-                                                       pin)):
+            for b, (rows, images) in enumerate(
+                    make_loader(dataset, batches[first:], cfg["num_workers"], pin), first):
                 rows = rows.to(device)
                 images = images.to(device, non_blocking=True)
                 try:
@@ -537,6 +558,18 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
                 if progress is not None:
                     progress.update(len(rows) * dist.world, extra="epoch %d/%d loss %s"
                                     % (epoch + 1, epochs, _fmt_loss(total / count)))
+                stop = (stop_after is not None and b + 1 < len(batches)
+                        and epoch - start + (b + 1) / len(batches) >= stop_after)
+                if rank0 and not dist.active and (stop or (
+                        every is not None and time.perf_counter() - last_saved >= every)):
+                    os.makedirs(checkpoint_dir(run_dir), exist_ok=True)
+                    with atomic_open(checkpoint_file(run_dir, "last")) as fh:
+                        torch.save(checkpoint(epoch, partial=dict(
+                            batch=b + 1, total=total, count=count,
+                            seconds=time.perf_counter() - t0)), fh)
+                    last_saved = time.perf_counter()
+                if stop:
+                    return history
             t_train = time.perf_counter() - t0
             # precise BN: running statistics of the final weights (core/normstats.py)
             recompute_from_dataset(encoder, dataset, trn, local_batch, cfg["seed"], epoch,
@@ -560,12 +593,8 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
                    seconds=time.perf_counter() - t0)
         history.append(row)
         if rank0:
-            ck = dict(format=CHECKPOINT_FORMAT, epoch=epoch + 1,
-                      model={k: v.detach().cpu() for k, v in encoder.state_dict().items()},
-                      optimizer=_cpu(opt.state_dict()), rng=_rng_state(),
-                      split={"train": torch.as_tensor(trn), "val": torch.as_tensor(val)},
-                      history=[dict(h) for h in history], config=_plain(cfg))
-            save_checkpoint(run_dir, ck, cfg.get("keep", 3))
+            save_checkpoint(run_dir, checkpoint(epoch + 1), cfg.get("keep", 3))
+            last_saved = time.perf_counter()
             write_log(run_dir, history)
             say("train: epoch %d/%d  train loss %s  val loss %s  %.1f images/s  %.1f s"
                 % (epoch + 1, epochs, _fmt_loss(row["train_loss"]), _fmt_loss(row["val_loss"]),

@@ -90,6 +90,26 @@ class TestModes(unittest.TestCase):
         self.assertGreater(ov, 0.999)
         np.testing.assert_allclose(self.nm.eigenvalues, anm.getEigvals(), rtol=1e-6)
 
+    def test_vectorised_hessian_is_prodys(self):
+        """sparse_hessian (vectorised over contact pairs) = ProDy's ANM Hessian, dense and
+        sparse builders, on AK's CA nodes and on 3 tiled copies (contacts between copies),
+        at two cutoffs and spring constants."""
+        from nmaem_plugin.core.structure import tile_model
+        ca = np.nonzero(self.open.atom_name == "CA")[0]
+        three = tile_model(self.open, 3, spacing=40.0)[0]
+        ca3 = np.nonzero(three.atom_name == "CA")[0]
+        for x, cutoff, gamma in ((self.open.coords[ca], 15.0, 1.0),
+                                 (self.open.coords[ca], 9.5, 2.5),
+                                 (three.coords[ca3], 15.0, 1.0)):
+            ours = M.sparse_hessian(x, cutoff, gamma)
+            self.assertEqual(ours.shape, (3 * len(x), 3 * len(x)))
+            dense = M.build_hessian(x, cutoff, gamma)
+            sparse = M.build_hessian(x, cutoff, gamma, sparse=True)
+            scale = np.abs(dense).max()
+            self.assertLess(np.abs(ours.toarray() - dense).max(), 1e-12 * scale)
+            self.assertLess(abs(ours - sparse).max(), 1e-12 * scale)
+            self.assertGreater(ours.nnz, 9 * len(x))            # not the trivial case
+
     def test_interpolation_matches_cg_modes_and_dense_formula(self):
         info = self.nm.info
         y = info["cg_coords"].astype(np.float64)
@@ -111,11 +131,15 @@ class TestModes(unittest.TestCase):
         W /= W.sum(1, keepdims=True)
         expect = (W @ a).reshape(len(x), 16, 3).transpose(1, 0, 2)
         self.assertLess(np.abs(raw - expect).max(), 1e-6 * np.abs(expect).max())
-        # Shepard smoothing (not node-exact) is a different, smoother field
-        smooth = M.interpolate_modes(y, v, x, sigma, exact=False)
-        np.testing.assert_allclose(smooth.reshape(16, len(x), 3),
-                                   (W @ V).reshape(len(x), 16, 3).transpose(1, 0, 2),
-                                   atol=1e-9)
+        # both methods (all pairs with KeOps; the KD-tree's close pairs), the default first
+        for method in ("keops", "sparse"):
+            out = M.interpolate_modes(y, v, x, sigma, method=method)
+            self.assertLess(np.abs(out - expect).max(), 1e-6 * np.abs(expect).max(), method)
+            # Shepard smoothing (not node-exact) is a different, smoother field
+            smooth = M.interpolate_modes(y, v, x, sigma, exact=False, method=method)
+            np.testing.assert_allclose(smooth.reshape(16, len(x), 3),
+                                       (W @ V).reshape(len(x), 16, 3).transpose(1, 0, 2),
+                                       atol=1e-9, err_msg=method)
 
     def test_dense_and_sparse_solvers_agree(self):
         sub = self.open.select(self.open.resnum <= 120)

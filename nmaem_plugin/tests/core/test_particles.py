@@ -514,8 +514,11 @@ class TestImageStack(TmpDirCase):
         np.testing.assert_array_equal(got, expect)
         self.assertLessEqual(len(st._open), 2)
 
-    def test_memory_mapped(self):
-        """Reading 3 images of a 128 MiB stack must not load the stack."""
+    def test_bounded_memory(self):
+        """Reading 3 images of a 128 MiB stack must not load the stack, and reading all of
+        it, batch by batch in a shuffled order (an epoch), must not either: the resident
+        memory stays within 32 MiB of where it was (memory maps would keep every page
+        read, 128 MiB)."""
         status = "/proc/self/status"
         if not os.path.exists(status):
             self.skipTest("needs /proc/self/status (Linux) to measure resident memory")
@@ -543,6 +546,15 @@ class TestImageStack(TmpDirCase):
         self.assertLess(grown, 32 * 2 ** 20,
                         "resident memory grew by %.0f MiB for a %.0f MiB stack"
                         % (grown / 2 ** 20, n * D * D * 4 / 2 ** 20))
+        order = np.random.default_rng(0).permutation(n)
+        most = 0
+        for i in range(0, n, 64):                   # batches of 4 MiB
+            got = st.read(order[i:i + 64])
+            np.testing.assert_array_equal(got[:, 3, 4], order[i:i + 64])
+            most = max(most, rss() - before)
+        self.assertLess(most, 32 * 2 ** 20,
+                        "resident memory grew by %.0f MiB reading all of a %.0f MiB stack"
+                        % (most / 2 ** 20, n * D * D * 4 / 2 ** 20))
         st.close()
 
     def test_missing_stack(self):

@@ -286,6 +286,36 @@ class TestTraining(TrainTestCase):
         self.assertEqual([r["val_loss"] for r in la], [r["val_loss"] for r in lb])
         self.assertEqual([r["train_loss"] for r in la], [r["train_loss"] for r in lb])
 
+    def test_resume_within_an_epoch_is_bit_identical(self):
+        """--checkpoint-minutes: last.pt also within an epoch. A run stopped in the middle
+        of epoch 2 (after writing such a checkpoint; a tiny interval writes one after every
+        batch) and resumed ends with exactly the weights, optimiser state and log of
+        run_a, which never stopped."""
+        from nmaem_plugin.core.train import train
+        run = self.path("run_mid")
+        train(run, self.star, self.ref, self.modes, epochs=2, stop_after=1.5, log=quiet,
+              loss="l2", checkpoint_minutes=1e-9, **SMALL)    # run_a's settings
+        mid = load_ck(run)
+        self.assertEqual(mid["epoch"], 1)
+        n_batches = -(-144 // SMALL["batch"])             # 144 training images
+        self.assertEqual(mid["partial"]["batch"], -(-n_batches // 2))
+        self.assertEqual(len(read_log(run)), 1)
+        # mid-epoch weights differ from those of the end of epoch 1
+        e1 = flat_tensors(load_ck(self.run_a, "epoch_0001.pt")["model"])
+        self.assertFalse(all(torch.equal(v, e1[k]) for k, v in flat_tensors(mid["model"]).items()))
+        train(run, resume=True, log=quiet)
+        a, b = load_ck(self.run_a), load_ck(run)
+        self.assertEqual(b["epoch"], 2)
+        self.assertNotIn("partial", b)
+        for part in ("model", "optimizer"):
+            ta, tb = flat_tensors(a[part]), flat_tensors(b[part])
+            self.assertEqual(sorted(ta), sorted(tb))
+            for k in ta:
+                self.assertTrue(torch.equal(ta[k], tb[k]), "%s/%s differs" % (part, k))
+        la, lb = read_log(self.run_a), read_log(run)
+        self.assertEqual([r["train_loss"] for r in la], [r["train_loss"] for r in lb])
+        self.assertEqual([r["val_loss"] for r in la], [r["val_loss"] for r in lb])
+
     def test_resume_is_bit_identical_whitened(self):
         """The same with the default (whitened) loss: noise model, precise batch-norm
         statistics and all."""

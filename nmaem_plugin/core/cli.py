@@ -301,6 +301,8 @@ def _add_export(sub):
                         "(default 30)")
     p.add_argument("--platform", default=None, choices=("CPU", "CUDA", "OpenCL", "Reference"),
                    help="OpenMM platform for refinement (default CUDA, OpenCL, then CPU)")
+    p.add_argument("--no-thumbnails", action="store_true",
+                   help="write no PNG thumbnail (projections along z, y, x) beside each model")
     _add_maxima_options(p)
     p.set_defaults(func=_run_export)
 
@@ -313,6 +315,7 @@ def _run_export(args):
            bandwidth=_bandwidth(args.bandwidth), min_height=args.min_height,
            min_prominence=args.min_prominence, min_significance=args.min_significance,
            refine=not args.no_refine, hydrogens=args.hydrogens,
+           thumbnails=not args.no_thumbnails,
            refine_options={k: v for k, v in (("restraint", args.restraint),
                                              ("platform", args.platform)) if v is not None})
     return 0
@@ -343,7 +346,10 @@ def _add_states(sub):
                    help="the particle file given to nmaem infer (STAR or .cs): write one "
                         "RELION STAR of each state's particles")
     p.add_argument("--model", default=None, metavar="RUN",
-                   help="training run folder: adds each state's RMSD to the reference")
+                   help="training run folder: adds each state's RMSD to the reference and "
+                        "a PNG thumbnail of its model X0 + U z (state_01.png, ...)")
+    p.add_argument("--no-thumbnails", action="store_true",
+                   help="with --model, write no thumbnails")
     p.add_argument("--seed", type=int, default=0, help="k-means random seed (default 0)")
     p.add_argument("--force", "--overwrite", dest="force", action="store_true",
                    help="replace existing output files (never an input)")
@@ -361,7 +367,8 @@ def _run_states(args):
                    ranges=args.ranges, seed=args.seed, particles=args.particles,
                    force=args.force, bandwidth=_bandwidth(args.bandwidth),
                    min_height=args.min_height, min_prominence=args.min_prominence,
-                   min_significance=args.min_significance, model_atoms=atoms)
+                   min_significance=args.min_significance, model_atoms=atoms,
+                   thumbnails_run=None if args.no_thumbnails else args.model)
     return 0
 
 

@@ -53,7 +53,7 @@ def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
            maxima=False, z_list=(), fmt="pdb", seed=0, overwrite=False, bandwidth=None,
            min_height=DEFAULTS["min_height"], min_prominence=DEFAULTS["min_prominence"],
            min_significance=DEFAULTS["min_significance"], log=print, refine=False,
-           hydrogens=False, refine_options=None):
+           hydrogens=False, refine_options=None, thumbnails=True):
     """Write deformed all-atom models at latent points; returns the listing (a dict).
 
     ``refine``: geometry refinement of each model (``core.refine.refine_models``; the
@@ -68,7 +68,10 @@ def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
     ``min_prominence`` as there); ``z_list`` explicit amplitude vectors
     (strings "1.5,-0.3,..." or arrays). With none of them, PC1 in ``steps`` points.
     Files: ``pc1_01.pdb``..., ``cluster_01``..., ``maximum_01``..., ``z_01``... (``.cif``
-    with ``fmt='cif'``), ``models.json`` and ``models.csv``. Existing files are refused
+    with ``fmt='cif'``), ``models.json`` and ``models.csv``; with ``thumbnails`` a PNG of
+    each model's projections along z, y and x beside it (``pc1_01.png``...,
+    ``plots.model_thumbnail``, all in the frame of the whole series; ``thumbnail`` in
+    models.json). Existing files are refused
     unless ``overwrite``. ``latent_path`` may be None when only ``z_list`` is given.
     """
     if fmt not in ("pdb", "cif"):
@@ -138,7 +141,8 @@ def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
         entries.append(("z_%0*d" % (_width(len(z_list)), j + 1), dict(kind="z"), zj))
 
     files = ["%s.%s" % (stem, fmt) for stem, _, _ in entries] + ["models.json", "models.csv"]
-    check_output_dir(out_dir, files, inputs=[latent_path] + run_files(run_dir),
+    thumbs = ["%s.png" % stem for stem, _, _ in entries] if thumbnails else []
+    check_output_dir(out_dir, files + thumbs, inputs=[latent_path] + run_files(run_dir),
                      force=overwrite, hint=OVERWRITE_HINT)
     os.makedirs(out_dir, exist_ok=True)
 
@@ -155,14 +159,20 @@ def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
         from .refine import refine_models
         refined = refine_models([deformed_coords(model, nm, zj) for _, _, zj in entries], model,
                                 hydrogens=hydrogens, log=log, **(refine_options or {}))
+    written = []        # heavy-atom coordinates of each model, for its thumbnail
     for (stem, info, zj), fname, rf in zip(entries, files, refined):
         if rf is None:
-            write_model(os.path.join(out_dir, fname), model, deformed_coords(model, nm, zj))
+            written.append(deformed_coords(model, nm, zj))
+            write_model(os.path.join(out_dir, fname), model, written[-1])
         elif hydrogens and rf[0].ok:
+            written.append(rf[0].coords)
             write_model(os.path.join(out_dir, fname), rf[0].model_with_hydrogens(model))
         else:
+            written.append(rf[0].coords)
             write_model(os.path.join(out_dir, fname), model, rf[0].coords)
         row = dict(file=fname, **info)
+        if thumbnails:
+            row["thumbnail"] = stem + ".png"
         if rf is not None:
             row.update(rf[1])
         row["z"] = [float(v) for v in zj]
@@ -170,6 +180,12 @@ def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
         row["rmsd_to_reference"] = float(np.linalg.norm(zj) / np.sqrt(M))
         row.setdefault("n_particles", None)
         listing["models"].append(row)
+    if thumbnails:              # one frame for the series: the thumbnails compare
+        from .plots import model_thumbnail, thumbnail_frame
+        centre, apix = thumbnail_frame(np.concatenate(written))
+        for row, xyz in zip(listing["models"], written):
+            model_thumbnail(xyz, model.elements, os.path.join(out_dir, row["thumbnail"]),
+                            centre=centre, apix=apix)
     if latent is not None:      # every model's particles, PC steps and given z included
         for row, n in zip(listing["models"], particle_counts(listing, latent.z)):
             row["n_particles"] = n

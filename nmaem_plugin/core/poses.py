@@ -27,9 +27,16 @@ import numpy as np
 
 __all__ = ["euler_to_matrix", "matrix_to_euler", "rotvec_to_matrix",
            "cryosparc_pose_to_matrix", "correct_rotations", "matrix_to_rotvec",
-           "rotation_angle_deg", "EULER_EPS"]
+           "rotation_angle_deg", "view_matrix", "VIEW_AXES", "EULER_EPS"]
 
 EULER_EPS = 1e-6   # sin(tilt) below which tilt is 0 or 180 (gimbal lock)
+
+# The fixed views of a model's thumbnails (``plots.model_thumbnail``): the matrix A of the
+# projection along a model axis, rows (image x, image y, projection axis), det +1.
+VIEW_AXES = ("z", "y", "x")
+_VIEWS = {"z": ((1, 0, 0), (0, 1, 0), (0, 0, 1)),      # image (x, y): along z
+          "y": ((1, 0, 0), (0, 0, 1), (0, -1, 0)),     # image (x, z): along y
+          "x": ((0, 1, 0), (0, 0, 1), (1, 0, 0))}      # image (y, z): along x
 
 
 def _rz(a, xp):
@@ -132,3 +139,11 @@ def rotation_angle_deg(A, B) -> np.ndarray:
     A, B = np.asarray(A, dtype=np.float64), np.asarray(B, dtype=np.float64)
     tr = np.einsum("...ij,...ij->...", A, B)
     return np.degrees(np.arccos(np.clip((tr - 1.0) / 2.0, -1.0, 1.0)))
+
+
+def view_matrix(axis: str) -> np.ndarray:
+    """A (3, 3) of the projection along a model axis ``"z"``, ``"y"`` or ``"x"``: the image's
+    (x, y) are the model's (x, y), (x, z) and (y, z) respectively (a proper rotation)."""
+    if axis not in _VIEWS:
+        raise ValueError("unknown view %r (choose from %s)" % (axis, ", ".join(VIEW_AXES)))
+    return np.array(_VIEWS[axis], dtype=np.float64)

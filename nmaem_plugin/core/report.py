@@ -60,22 +60,34 @@ VALIDATION_COLUMNS = (
     ("rmsd_to_plain", "moved by refinement (A)", "%.2f"))
 
 
-def validation_rows(listing):
-    """(file, n particles, [formatted figures]) per model; figures '-' when the model was
-    not refined (``nmaem export --no-refine``)."""
+def _thumbnail(folder, row):
+    """The path of a row's ``thumbnail`` PNG in ``folder`` when it exists, else None."""
+    name = row.get("thumbnail")
+    if not name:
+        return None
+    path = os.path.join(str(folder), os.path.basename(str(name)))
+    return path if os.path.isfile(path) else None
+
+
+def validation_rows(listing, folder=None):
+    """(file, n particles, [formatted figures], thumbnail path or None) per model; figures
+    '-' when the model was not refined (``nmaem export --no-refine``); thumbnails looked up
+    in ``folder`` (the export folder)."""
     out = []
     for m in listing["models"]:
         v = m.get("validation") or {}
         cells = [(fmt % v[k]) if v.get(k) is not None else "-" for k, _, fmt in
                  VALIDATION_COLUMNS]
-        out.append((str(m.get("file", "?")), m.get("n_particles"), cells))
+        out.append((str(m.get("file", "?")), m.get("n_particles"), cells,
+                    None if folder is None else _thumbnail(folder, m)))
     return out
 
 
 def states_rows(states_dir):
     """(listing, rows) of an ``nmaem states`` folder: one row per state, (state, particles,
     share of the particles, RMSD of its model to the reference or '-', its STAR file or
-    '-'); a one-line error when the folder has no states.json."""
+    '-', the path of its model's thumbnail or None); a one-line error when the folder has
+    no states.json."""
     from .states import STATES_JSON, read_states_json
     listing = read_states_json(os.path.join(str(states_dir), STATES_JSON))
     if not isinstance(listing, dict) or not isinstance(listing.get("states"), list):
@@ -86,7 +98,8 @@ def states_rows(states_dir):
         r = s.get("rmsd_to_reference")
         rows.append((str(s.get("name", s.get("state"))), int(s["n_particles"]),
                      "%.1f%%" % (100.0 * s["n_particles"] / n),
-                     "-" if r is None else "%.2f" % r, s.get("star") or "-"))
+                     "-" if r is None else "%.2f" % r, s.get("star") or "-",
+                     _thumbnail(states_dir, s)))
     return listing, rows
 
 
@@ -178,6 +191,15 @@ def write_report(run_dir, out_dir, latent=None, modes=None, truth=None, models=N
     return written
 
 
+def _thumbnail_cell(out_dir, path):
+    """A table cell showing the PNG at ``path`` (linked relative to the report folder)."""
+    if path is None:
+        return "<td>-</td>"
+    src = html.escape(os.path.relpath(os.path.abspath(path), os.path.abspath(out_dir)))
+    return "<td><a href=\"%s\"><img class=\"thumb\" src=\"%s\" alt=\"%s\"></a></td>" % (
+        src, src, html.escape(os.path.basename(path)))
+
+
 def _write_index(out_dir, run_dir, written, models=None, listing=None, states=None,
                  state_table=None):
     esc = html.escape
@@ -185,7 +207,7 @@ def _write_index(out_dir, run_dir, written, models=None, listing=None, states=No
              "<title>nmaem report: %s</title>" % esc(run_dir),
              "<style>body{font-family:sans-serif;max-width:1150px;margin:auto}"
              "img{max-width:100%}figure{margin:1.5em 0}"
-             "figcaption{color:#333}</style></head><body>",
+             "figcaption{color:#333}img.thumb{height:80px}</style></head><body>",
              "<h1>nmaem report</h1>",
              "<p>Training run: <code>%s</code></p>" % esc(os.path.abspath(run_dir))]
     for name, caption in written:
@@ -197,11 +219,11 @@ def _write_index(out_dir, run_dir, written, models=None, listing=None, states=No
                      "and angles:</p>" % esc(os.path.abspath(str(models))))
         head = "".join("<th>%s</th>" % esc(t) for _, t, _ in VALIDATION_COLUMNS)
         parts.append("<table border=\"1\" cellpadding=\"4\"><tr><th>model</th>"
-                     "<th>particles</th>%s</tr>" % head)
-        for name, n, cells in validation_rows(listing):
-            parts.append("<tr><td>%s</td><td>%s</td>%s</tr>" % (
+                     "<th>particles</th>%s<th>projections (z, y, x)</th></tr>" % head)
+        for name, n, cells, thumb in validation_rows(listing, models):
+            parts.append("<tr><td>%s</td><td>%s</td>%s%s</tr>" % (
                 esc(name), "-" if n is None else n,
-                "".join("<td>%s</td>" % esc(c) for c in cells)))
+                "".join("<td>%s</td>" % esc(c) for c in cells), _thumbnail_cell(out_dir, thumb)))
         parts.append("</table>")
     if state_table is not None:
         slisting, srows = state_table
@@ -213,9 +235,11 @@ def _write_index(out_dir, run_dir, written, models=None, listing=None, states=No
                          esc(os.path.abspath(str(states)))))
         parts.append("<table border=\"1\" cellpadding=\"4\"><tr><th>state</th>"
                      "<th>particles</th><th>share</th><th>model RMSD to reference (A)</th>"
-                     "<th>particles file</th></tr>")
+                     "<th>particles file</th><th>model projections (z, y, x)</th></tr>")
         for row in srows:
-            parts.append("<tr>%s</tr>" % "".join("<td>%s</td>" % esc(str(c)) for c in row))
+            parts.append("<tr>%s%s</tr>" % ("".join("<td>%s</td>" % esc(str(c))
+                                                    for c in row[:-1]),
+                                            _thumbnail_cell(out_dir, row[-1])))
         parts.append("</table>")
     parts.append("</body></html>")
     with atomic_open(os.path.join(out_dir, "index.html"), "w") as fh:

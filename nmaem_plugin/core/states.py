@@ -19,8 +19,9 @@ Files (written through the output policy of ``outputs.py``): ``DIR/states.npz`` 
 (rows of the particle file given to ``nmaem infer``), ``z`` (K, d) the representatives,
 ``count`` (K,); ``DIR/states.json`` (one row per state: name, count, z, PC coordinates,
 and for maxima the PC1 position and density); with ``--particles`` one RELION STAR per
-state, ``state_01.star`` ..., the rows of that particle file in the state.
-Numpy only (torch-free).
+state, ``state_01.star`` ..., the rows of that particle file in the state; with
+``--model RUN`` a thumbnail of each state's model, ``state_01.png`` ...
+Numpy only (torch-free), but for the thumbnails (``--model``), which render with torch.
 """
 import json
 import os
@@ -34,8 +35,8 @@ from .errors import NmaemError, fail
 from .npz import read_npz
 
 __all__ = ["States", "assign_maxima", "assign_kmeans", "assign_ranges", "parse_range",
-           "write_states", "read_states", "read_states_json", "states_command", "state_names",
-           "STATES_FILE", "STATES_JSON"]
+           "write_states", "write_thumbnails", "read_states", "read_states_json",
+           "states_command", "state_names", "STATES_FILE", "STATES_JSON"]
 
 STATES_FILE = "states.npz"
 STATES_JSON = "states.json"
@@ -159,12 +160,25 @@ def state_names(n: int) -> List[str]:
     return ["state_%0*d" % (_width(n), k + 1) for k in range(n)]
 
 
+def write_thumbnails(out_dir, names, model, nm, z):
+    """``DIR/state_01.png``...: each state's model X0 + U z_k drawn by
+    ``plots.model_thumbnail`` in the frame of all of them (so that they compare)."""
+    from .analysis import deformed_coords
+    from .plots import model_thumbnail, thumbnail_frame
+    coords = [deformed_coords(model, nm, zk) for zk in z]
+    centre, apix = thumbnail_frame(np.concatenate(coords))
+    for name, xyz in zip(names, coords):
+        model_thumbnail(xyz, model.elements, os.path.join(out_dir, name), centre=centre,
+                        apix=apix)
+
+
 def write_states(out_dir, states: States, index=None, pcs=None, star_files=None,
-                 n_atoms=None, **extra) -> dict:
+                 thumbnails=None, n_atoms=None, **extra) -> dict:
     """Write DIR/states.npz and DIR/states.json (atomically); returns the listing.
     ``index``: the latent rows (default 0..N-1); ``pcs``: a :class:`analysis.PCA` for the
     representatives' PC coordinates; ``star_files``: per-state STAR names already written
-    (listed in states.json); ``n_atoms`` M: each state's RMSD to the reference
+    (listed in states.json); ``thumbnails``: per-state PNG names already written;
+    ``n_atoms`` M: each state's RMSD to the reference
     |z| / sqrt(M); ``extra``: more top-level entries of states.json."""
     n = len(states.label)
     index = np.arange(n, dtype=np.int64) if index is None else np.asarray(index, np.int64)
@@ -183,6 +197,8 @@ def write_states(out_dir, states: States, index=None, pcs=None, star_files=None,
         row.update(states.info[k])
         if star_files:
             row["star"] = star_files[k]
+        if thumbnails:
+            row["thumbnail"] = thumbnails[k]
         rows.append(row)
     listing = dict(method=states.method, n_particles=n, n_assigned=int((states.label >= 0).sum()),
                    d=int(states.z.shape[1]), states=rows)
@@ -216,11 +232,13 @@ def states_command(latent_path, out_dir, maxima=False, kmeans_k=None, ranges=(),
                    particles=None, force=False, bandwidth=None,
                    min_height=DEFAULTS["min_height"], min_prominence=DEFAULTS["min_prominence"],
                    min_significance=DEFAULTS["min_significance"], model_atoms: Optional[int] = None,
-                   log=print) -> dict:
+                   thumbnails_run=None, log=print) -> dict:
     """``nmaem states``: exactly one of ``maxima``, ``kmeans_k``, ``ranges``; see the
     module docstring. ``particles``: the particle file given to ``nmaem infer`` (STAR or
     .cs), for one STAR per state. ``model_atoms`` M adds each state's RMSD to the
-    reference, |z| / sqrt(M)."""
+    reference, |z| / sqrt(M). ``thumbnails_run``: a training run folder whose reference and
+    modes give each state's model X0 + U z, drawn as ``state_01.png``... (its projections
+    along z, y and x, ``plots.model_thumbnail``, one frame for all states)."""
     from .latent import read_latent
     from .outputs import OVERWRITE_HINT, check_output_dir
     chosen = [bool(maxima), kmeans_k is not None, bool(ranges)]
@@ -250,7 +268,13 @@ def states_command(latent_path, out_dir, maxima=False, kmeans_k=None, ranges=(),
         if latent.index.max() >= table.n:
             fail(latent_path, "index %d beyond the %d particles of %s"
                  % (latent.index.max(), table.n, particles))
-    products = [STATES_FILE, STATES_JSON] + (stars or [])
+    run = None
+    if thumbnails_run is not None:
+        from .analysis import check_latent_d, load_run
+        run = load_run(thumbnails_run)
+        check_latent_d(latent, run[1], thumbnails_run)
+    thumbs = [n + ".png" for n in names] if run is not None else None
+    products = [STATES_FILE, STATES_JSON] + (stars or []) + (thumbs or [])
     check_output_dir(out_dir, products, inputs=[latent_path, particles], force=force,
                      hint=OVERWRITE_HINT)
     os.makedirs(out_dir, exist_ok=True)
@@ -258,8 +282,10 @@ def states_command(latent_path, out_dir, maxima=False, kmeans_k=None, ranges=(),
         from .star import write_star
         for k, name in enumerate(stars):
             write_star(os.path.join(out_dir, name), table.subset(latent.index[st.members(k)]))
+    if run is not None:
+        write_thumbnails(out_dir, thumbs, run[0], run[1], st.z)
     listing = write_states(out_dir, st, index=latent.index, pcs=pca(latent.z),
-                           star_files=stars, n_atoms=model_atoms,
+                           star_files=stars, thumbnails=thumbs, n_atoms=model_atoms,
                            latent=os.path.abspath(latent.path),
                            particles=None if particles is None else os.path.abspath(particles))
     log("states: %d %s state(s), %d of %d particles assigned (%s) -> %s"

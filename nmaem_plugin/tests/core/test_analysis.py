@@ -17,6 +17,9 @@ import tempfile
 import unittest
 
 import gemmi
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.image as mpimg  # noqa: E402
 import numpy as np
 
 from nmaem_plugin import DATA_DIR
@@ -310,6 +313,14 @@ class TestExport(TmpCase):
             self.assertEqual([m["file"] for m in listing["models"]],
                              ["z_01.%s" % fmt, "z_02.%s" % fmt])
             np.testing.assert_allclose(listing["models"][1]["z"], zs[1])
+            # a thumbnail beside each model, listed, three views wide, and the two differ
+            self.assertEqual([m["thumbnail"] for m in listing["models"]],
+                             ["z_01.png", "z_02.png"])
+            thumbs = [mpimg.imread(os.path.join(out, "z_%02d.png" % (j + 1))) for j in (0, 1)]
+            self.assertEqual(thumbs[0].shape[:2], (160, 480))
+            self.assertGreater(thumbs[0][..., :3].std(), 0.02)
+            # the models are |z1 - z2| / sqrt(M) = 0.5 A RMSD apart: a faint difference
+            self.assertGreater(np.abs(thumbs[0] - thumbs[1]).max(), 0.03)
         # the mmCIF keeps chain, residue and atom names as gemmi reads them
         st = gemmi.read_structure(os.path.join(self.tmp, "out_cif", "z_01.cif"))
         ref = gemmi.read_structure(os.path.join(_tmp, "sim", "reference.pdb"))
@@ -354,6 +365,41 @@ class TestExport(TmpCase):
         for m in models:
             keys, xyz = gemmi_atoms(os.path.join(out, m["file"]))
             np.testing.assert_allclose(xyz, dat.x0 + np.tensordot(m["z"], dat.U, 1), atol=2e-3)
+
+    def test_no_thumbnails_and_states_thumbnails(self):
+        """export --no-thumbnails writes no PNG; states --model draws each state's model,
+        lists it in states.json, and report --states shows it in the table."""
+        from nmaem_plugin.core.runfolder import write_log
+        run = make_run(os.path.join(self.tmp, "run"))
+        out = os.path.join(self.tmp, "out")
+        rc, _, err = run_cli("export", "--no-refine", "--no-thumbnails", "--model", run, "-o",
+                             out, "--z", "1,2,3,4")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(sorted(os.listdir(out)), ["models.csv", "models.json", "z_01.pdb"])
+        z = np.concatenate([np.full((4, D), -15.0), np.full((3, D), 15.0)])
+        z += np.random.default_rng(0).normal(0, 0.5, z.shape)
+        lat = save_latent(os.path.join(self.tmp, "latent.npz"), z, np.arange(len(z)))
+        states = os.path.join(self.tmp, "states")
+        rc, _, err = run_cli("states", "--latent", lat, "--kmeans", "2", "--model", run,
+                             "-o", states)
+        self.assertEqual(rc, 0, err)
+        with open(os.path.join(states, "states.json")) as fh:
+            listing = json.load(fh)
+        self.assertEqual([s["thumbnail"] for s in listing["states"]],
+                         ["state_01.png", "state_02.png"])
+        a, b = (mpimg.imread(os.path.join(states, "state_%02d.png" % k)) for k in (1, 2))
+        self.assertEqual(a.shape[:2], (160, 480))
+        self.assertGreater(np.abs(a - b).max(), 0.1)     # z = -15 and +15: other models
+        write_log(run, [dict(epoch=1, train_loss=1.0, val_loss=1.0, images_per_s=1.0,
+                             seconds=1.0)])
+        rep = os.path.join(self.tmp, "report")
+        rc, _, err = run_cli("report", run, "-o", rep, "--states", states, "--models", out)
+        self.assertEqual(rc, 0, err)
+        with open(os.path.join(rep, "index.html")) as fh:
+            page = fh.read()
+        self.assertIn('<img class="thumb" src="../states/state_01.png"', page)
+        self.assertIn('<img class="thumb" src="../states/state_02.png"', page)
+        self.assertIn("<td>-</td></tr>", page)      # the model without a thumbnail
 
     def test_overwrite(self):
         run = make_run(os.path.join(self.tmp, "run"))

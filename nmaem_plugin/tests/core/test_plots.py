@@ -241,3 +241,73 @@ class TestConvergence(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def _two_peaks(img):
+    """(row, col) of the two largest local maxima of an image, sorted."""
+    inner = img[1:-1, 1:-1]
+    is_max = np.ones_like(inner, dtype=bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                is_max &= inner > img[1 + dy:img.shape[0] - 1 + dy, 1 + dx:img.shape[1] - 1 + dx]
+    rows, cols = np.nonzero(is_max)
+    top = np.argsort(inner[rows, cols])[::-1][:2]
+    return sorted((int(rows[k]) + 1, int(cols[k]) + 1) for k in top)
+
+
+class TestModelThumbnail(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="nmaem-thumb-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def test_two_atoms_land_where_a_hand_computation_puts_them(self):
+        """Carbon atoms at A = (0, 0, 0) and B = (10, -6, 4) A, 1 A pixels, box 64: the
+        centroid (5, -3, 2) lands on pixel (32, 32), so along z (image x, y = model x, y)
+        A is at column 32 - 5 = 27, row 32 + 3 = 35 and B at column 37, row 29; along y
+        (image x, y = model x, z) A at (row 30, col 27), B at (34, 37); along x (image
+        x, y = model y, z) A at (row 30, col 35), B at (34, 29)."""
+        coords = np.array([[0.0, 0.0, 0.0], [10.0, -6.0, 4.0]])
+        imgs = plots.model_projections(coords, ["C", "C"], views=("z", "y", "x"), box=64,
+                                       apix=1.0)
+        self.assertEqual(imgs.shape, (3, 64, 64))
+        self.assertEqual(_two_peaks(imgs[0]), [(29, 37), (35, 27)])
+        self.assertEqual(_two_peaks(imgs[1]), [(30, 27), (34, 37)])
+        self.assertEqual(_two_peaks(imgs[2]), [(30, 35), (34, 29)])
+        # the two atoms are alike: equal peak heights, and the rest of the image far below
+        for img in imgs:
+            (r1, c1), (r2, c2) = _two_peaks(img)
+            self.assertAlmostEqual(img[r1, c1], img[r2, c2], delta=1e-3 * img.max())
+            self.assertLess(np.median(np.abs(img)), 0.05 * img.max())
+
+    def test_default_frame_holds_the_model(self):
+        """Without centre/apix the frame is the centroid and a pixel size that keeps every
+        atom inside the box: atoms at x = -40 and +40 A land symmetrically, inside."""
+        coords = np.array([[-40.0, 0.0, 0.0], [40.0, 0.0, 0.0]])
+        centre, apix = plots.thumbnail_frame(coords, box=96)
+        np.testing.assert_allclose(centre, 0.0)
+        self.assertGreater(apix, 40.0 / 44)        # 40 A within 48 - margin pixels
+        img = plots.model_projections(coords, ["C", "C"], box=96)[0]
+        (r1, c1), (r2, c2) = _two_peaks(img)
+        self.assertEqual((r1, r2), (48, 48))
+        self.assertEqual(c1 + c2, 96)               # symmetric about column 48
+        self.assertLess(abs(c2 - 48 - 40.0 / apix), 1.0)
+
+    def test_png_size_and_content(self):
+        import matplotlib.image as mpimg
+        rng = np.random.default_rng(0)
+        coords = rng.normal(0.0, 8.0, (60, 3))
+        path = os.path.join(self.tmp, "state_01.png")
+        self.assertEqual(plots.model_thumbnail(coords, ["C"] * 40 + ["N"] * 20, path), path)
+        img = mpimg.imread(path)
+        self.assertEqual(img.shape[:2], (plots.THUMBNAIL_PX, 3 * plots.THUMBNAIL_PX))
+        grey = img[..., :3].mean(-1)
+        self.assertGreater(grey.std(), 0.02)
+        # each view holds the model: its middle brighter than its corners
+        for k in range(3):
+            view = grey[:, k * plots.THUMBNAIL_PX:(k + 1) * plots.THUMBNAIL_PX]
+            self.assertGreater(view[60:100, 60:100].mean(), view[-20:, -20:].mean() + 0.05)
+        one = os.path.join(self.tmp, "one.png")
+        plots.model_thumbnail(coords, ["C"] * 60, one, views=("z",), px=100)
+        self.assertEqual(mpimg.imread(one).shape[:2], (100, 100))
+        self.assertEqual([f for f in os.listdir(self.tmp) if f.startswith(".")], [])

@@ -169,7 +169,7 @@ class TestStatesCommand(unittest.TestCase):
         with open(os.path.join(rep, "index.html")) as fh:
             page = fh.read()
         self.assertIn("<h2>States</h2>", page)
-        self.assertIn("<tr><td>state_01</td><td>3</td><td>60.0%</td><td>-</td><td>-</td></tr>",
+        self.assertIn("<tr><td>state_01</td><td>3</td><td>60.0%</td><td>-</td><td>-</td><td>-</td></tr>",
                       page)
         self.assertIn("<tr><td>state_02</td><td>2</td><td>40.0%</td>", page)
         rc, err = self._cli("report", run, "-o", rep, "--force", "--states", self.tmp)

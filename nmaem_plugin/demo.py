@@ -24,6 +24,8 @@ import sys
 import numpy as np
 
 from nmaem_plugin import DATA_DIR
+from nmaem_plugin.core.atomic import atomic_open
+from nmaem_plugin.core.plots import save
 
 OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 CLOSED = os.path.join(DATA_DIR, "ak_closed_1ake.pdb")
@@ -82,7 +84,7 @@ def montage(sim_dir, out_png, n_show=6):
                                                         sub.defocus_u[j] / 1e4), fontsize=8)
     fig.suptitle("Adenylate kinase open -> closed, %d px at %.2f A/px" % (box, apix))
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    save(fig, out_png)
     plt.close(fig)
     return out_png
 
@@ -98,7 +100,8 @@ def plot_results(out, run_dir, latent_path, sim_dir, evaluation):
     from nmaem_plugin.core.analysis import pca
     from nmaem_plugin.core.latent import read_latent
 
-    rows = list(csv.DictReader(open(os.path.join(run_dir, "log.csv"))))
+    with open(os.path.join(run_dir, "log.csv"), newline="") as fh:
+        rows = list(csv.DictReader(fh))
     ep = [int(r["epoch"]) for r in rows]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(ep, [float(r["train_loss"]) for r in rows], "o-", label="training")
@@ -107,7 +110,7 @@ def plot_results(out, run_dir, latent_path, sim_dir, evaluation):
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "training.png"), dpi=100)
+    save(fig, os.path.join(out, "training.png"))
     plt.close(fig)
 
     lat = read_latent(latent_path)
@@ -128,7 +131,7 @@ def plot_results(out, run_dir, latent_path, sim_dir, evaluation):
     axes[1].set_title("PC1 explains %.0f %% of the variance"
                       % (100 * (evaluation["summary"]["pc1_explained_variance"] or 0)))
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "latent.png"), dpi=100)
+    save(fig, os.path.join(out, "latent.png"))
     plt.close(fig)
 
 
@@ -190,7 +193,7 @@ def main(argv=None):
                                 run_dir], check=True, capture_output=True, text=True)
     import json
     evaluation = json.loads(p.stdout)
-    with open(os.path.join(out, "evaluation.json"), "w") as fh:
+    with atomic_open(os.path.join(out, "evaluation.json"), "w") as fh:
         fh.write(p.stdout)
     plot_results(out, run_dir, latent, sim, evaluation)
     print_results(evaluation, args)

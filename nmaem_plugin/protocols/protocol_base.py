@@ -244,14 +244,13 @@ class NmaemProtBase(EMProtocol):
                     header.append(line)
         if current:
             models.append(current)
+        from ..core.atomic import atomic_open
         out = []
         for k, lines in enumerate(models):
             fn = pattern % k
-            tmp = fn + ".tmp"
-            with open(tmp, "w") as fh:
+            with atomic_open(fn, "w") as fh:        # the output policy's writer
                 fh.writelines(header)
                 fh.writelines(lines)
                 fh.write("END\n")
-            os.replace(tmp, fn)
             out.append(fn)
         return out

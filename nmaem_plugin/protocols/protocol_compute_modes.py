@@ -132,7 +132,8 @@ class NmaemProtComputeModes(NmaemProtBase):
                 if key in f.files:
                     v = f[key]
                     report[key] = v.tolist() if v.ndim else v.item()
-        with open(self._getFileName("report"), "w") as fh:
+        from ..core.atomic import atomic_open
+        with atomic_open(self._getFileName("report"), "w") as fh:
             json.dump(report, fh, indent=1)
 
         modes = SetOfNormalModes(filename=self._getPath("modes.sqlite"))

@@ -16,7 +16,7 @@ import pyworkflow.protocol.params as params
 from pwem.objects import FlexInfo
 
 from ..constants import PROGRAM_NAME
-from ..core.choices import ENCODERS, LOSSES, LR_SCHEDULES
+from ..core.choices import ENCODERS, LOSSES, LR_SCHEDULES, RENDER_ROUTES
 from ..core.runfolder import existing_checkpoint, read_config_or_none, read_log_rows
 from .protocol_base import NmaemProtBase
 from .protocol_flex_common import (ATTR_APIX, ATTR_BOX, ATTR_EPOCHS, ATTR_LATENT_DIM,
@@ -227,6 +227,26 @@ class NmaemProtTrain(NmaemProtBase):
                       expertLevel=params.LEVEL_ADVANCED, validators=[params.GE(1)],
                       label="Checkpoints kept",
                       help="Per-epoch checkpoints kept besides the last one.")
+        form.addParam("memoryBudget", params.FloatParam, default=0.0,
+                      expertLevel=params.LEVEL_ADVANCED, validators=[params.GE(0)],
+                      label="Renderer memory budget (GiB)",
+                      help="Working memory of the renderer: atoms and images are rendered in "
+                           "chunks that fit, whatever the number of atoms (large complexes). "
+                           "0: the device's default (a quarter of the free RAM, half of the "
+                           "free GPU memory).")
+        form.addParam("renderer", params.EnumParam, choices=list(RENDER_ROUTES), default=0,
+                      expertLevel=params.LEVEL_ADVANCED, label="Renderer",
+                      display=params.EnumParam.DISPLAY_HLIST,
+                      help="Structure factor of the renderer: auto (the faster for the "
+                           "model, box and device), gemm (matrix products, exact) or nufft "
+                           "(FINUFFT on the CPU; needs the optional finufft package). See "
+                           "docs/imaging.md.")
+        form.addParam("checkpointMinutes", params.FloatParam, default=0.0,
+                      expertLevel=params.LEVEL_ADVANCED, validators=[params.GE(0)],
+                      label="Checkpoint every (minutes)",
+                      help="Also save the last checkpoint every so many minutes within an "
+                           "epoch (very long epochs; a continued training resumes from that "
+                           "batch; one process only). 0: at the end of each epoch only.")
         self._defineGpuParams(
             form,
             useGpuHelp="Train on the GPU(s) (CUDA). With 'No' training runs on the CPU "
@@ -256,7 +276,8 @@ class NmaemProtTrain(NmaemProtBase):
         # the settings a resumed run may change are step arguments: changing them and
         # pressing Continue runs the training step again (it then resumes)
         self._insertFunctionStep(self.trainStep, self.numberOfEpochs.get(),
-                                 self.batchSize.get(), self.learningRate.get())
+                                 self.batchSize.get(), self.learningRate.get(),
+                                 *self._renderArgs())
         self._insertFunctionStep(self.createOutputStep)
 
     def _gpuArgs(self):
@@ -275,7 +296,21 @@ class NmaemProtTrain(NmaemProtBase):
             env.pop("CUDA_VISIBLE_DEVICES", None)   # nmaem sets it from --gpus
         return env
 
-    def trainStep(self, epochs, batch, lr):
+    def _renderArgs(self):
+        """--memory-budget, --renderer, --checkpoint-minutes: only when set (settings a
+        continued training may change)."""
+        args = []
+        if self.memoryBudget.get() > 0:
+            args += ["--memory-budget", self.memoryBudget.get()]
+        if RENDER_ROUTES[self.renderer.get()] != "auto":
+            args += ["--renderer", RENDER_ROUTES[self.renderer.get()]]
+        if self.checkpointMinutes.get() > 0:
+            args += ["--checkpoint-minutes", self.checkpointMinutes.get()]
+        return args
+
+    def trainStep(self, epochs, batch, lr, *renderArgs):
+        """``renderArgs``: :meth:`_renderArgs` when the step was made (step arguments, like
+        the others a continued training may change)."""
         run = self._getFileName("run")
         common = ["-o", run, "--epochs", epochs, "--batch", batch if batch > 0 else "auto",
                   "--lr", lr,
@@ -284,6 +319,7 @@ class NmaemProtTrain(NmaemProtBase):
                   "--lr-schedule", LR_SCHEDULES[self.lrSchedule.get()]]
         if self.bf16.get():
             common.append("--bf16")
+        common += list(renderArgs)
         common += self._gpuArgs()
 
         if self.doContinue.get() and not os.path.exists(os.path.join(run, "config.json")):

@@ -10,6 +10,7 @@ for 2 epochs on the CPU, inference.
 """
 import json
 import os
+import re
 
 import numpy as np
 from pwem.constants import ALIGN_NONE
@@ -17,6 +18,7 @@ from pwem.objects import FlexInfo, SetOfParticles
 
 from nmaem_plugin.tests.scipion import chain, scipion_base
 from nmaem_plugin.constants import ATTR_FRAME, PROGRAM_NAME
+from nmaem_plugin.core.choices import RENDER_ROUTES
 from nmaem_plugin.protocols import (NmaemProtEvaluate,
                                     NmaemProtExport, NmaemProtInfer, NmaemProtStates,
                                     NmaemProtTrain)
@@ -104,15 +106,30 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         self.assertIn("--resume", calls[0][1])
         self.assertIn("--epochs 3", calls[0][1])
         self.assertNotIn("--particles", calls[0][1])
+        for flag in ("--memory-budget", "--renderer", "--checkpoint-minutes"):
+            self.assertNotIn(flag, calls[0][1])      # unset expert options: not passed
 
     def test_continue_previous_training(self):
+        """A continued training, with the renderer's expert settings (which a resumed run
+        may change) set: they reach nmaem train, its log and the run's config.json."""
         prot = self.newProtocol(NmaemProtTrain, objLabel="continue", doContinue=True,
-                                numberOfEpochs=EPOCHS + 1, batchSize=32, useGpu=False)
+                                numberOfEpochs=EPOCHS + 1, batchSize=32, useGpu=False,
+                                memoryBudget=0.25, renderer=RENDER_ROUTES.index("gemm"),
+                                checkpointMinutes=30.0)
         prot.continueNetwork.set(self.train.outputNetwork)
         self.assertEqual(prot.validate(), [])
         self._launch(prot)
         log = _logText(prot)
         self.assertIn("RESUME: continuing", log)
+        self.assertIn("--memory-budget 0.25 --renderer gemm --checkpoint-minutes 30.0", log)
+        self.assertIn("renderer: gemm route", log)
+        budget = re.search(r"renderer: gemm route.*working memory <= ([0-9.]+) GiB", log)
+        self.assertIsNotNone(budget, log[-2000:])
+        self.assertLessEqual(float(budget.group(1)), 0.25)
+        with open(os.path.join(prot._getExtraPath("run"), "config.json")) as fh:
+            cfg = json.load(fh)
+        self.assertEqual((cfg["memory_budget"], cfg["renderer"], cfg["checkpoint_minutes"]),
+                         (0.25, "gemm", 30.0))
         self.assertEqual(prot.outputNetwork._nmaem_epochs.get(), EPOCHS + 1)
         # the previous run is left as it was
         self.assertEqual(self.train.outputNetwork._nmaem_epochs.get(), EPOCHS)

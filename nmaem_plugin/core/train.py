@@ -504,7 +504,7 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
     prior_sd = math.radians(float(cfg.get("pose_prior_sd") or 1.0))
 
     def forward(enc, images, rows):
-        rot, base, ctf_p = meta.batch(rows)
+        rot, base, ctf_params = meta.batch(rows)
         if use_bf16:
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
                 out = enc(images)
@@ -513,7 +513,7 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
             out = enc(images)
         shift, z, rotvec = split_outputs(out)
         penalty = None if rotvec is None else pose_penalty(rotvec, prior_sd)
-        ctf = ae.decoder.ctf(**ctf_p)
+        ctf = ae.decoder.ctf(ctf_params)
         if likelihood is not None:
             rendered_ft = ae.decoder.render_ft(z, rot, base + shift, ctf, rotvec=rotvec)
             return likelihood(images, rendered_ft, meta.optics_group[rows], penalty=penalty)

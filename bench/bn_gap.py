@@ -83,8 +83,8 @@ def val_losses(ae, cfg, run, sim, batch=256):
     batches = [val[i:i + batch] for i in range(0, len(val), batch)]
     with torch.no_grad():
         for rows, images in make_loader(ds, batches, 0, False):
-            rot, base, ctf_p = meta.batch(rows)
-            ctf = ae.decoder.ctf(**ctf_p)
+            rot, base, ctf_params = meta.batch(rows)
+            ctf = ae.decoder.ctf(ctf_params)
             for key, enc in (("eval", ae.encoder), ("batchstat", train_enc)):
                 shift, z = enc(images)
                 out[key] += float(image_loss(images, ae.decoder(z, rot, base + shift, ctf),

@@ -55,10 +55,10 @@ def main(argv=None):
     meta = ParticleMetadata(table, torch.device("cpu"))
     pick = np.linspace(0, lat.n - 1, min(args.n, lat.n)).astype(np.int64)
     rows = torch.as_tensor(lat.index[pick])
-    rot, base, ctf_p = meta.batch(rows)
+    rot, base, ctf_params = meta.batch(rows)
     z = torch.tensor(lat.z[pick], dtype=torch.float32)
     dec = ae.decoder
-    ctf = dec.ctf(**ctf_p)
+    ctf = dec.ctf(ctf_params)
     eps = 2.0
     with torch.no_grad():
         d = (dec.render_ft(z + eps * v, rot, base, ctf)

@@ -31,9 +31,9 @@ from nmaem_plugin.core.data import ParticleMetadata  # noqa: E402
 from nmaem_plugin.core.train import load_trained  # noqa: E402
 
 
-def bound(dec, z, v, rot, base, ctf_p, sigma, eps=1.0):
+def bound(dec, z, v, rot, base, ctf_params, sigma, eps=1.0):
     """Per-image Cramer-Rao std of the coordinate t in z + t v (v a unit vector)."""
-    ctf = dec.ctf(**ctf_p)
+    ctf = dec.ctf(ctf_params)
     with torch.no_grad():
         d = (dec(z + eps * v, rot, base, ctf) - dec(z - eps * v, rot, base, ctf)) / (2 * eps)
     fisher = (d.double() ** 2).sum(dim=(1, 2)) / sigma ** 2
@@ -86,10 +86,10 @@ def main(argv=None):
         if len(sel) < 40:
             continue
         rows = index[sel[:args.per_frame]]
-        rot, base, ctf_p = meta.batch(torch.as_tensor(rows))
+        rot, base, ctf_params = meta.batch(torch.as_tensor(rows))
         zz = torch.tensor(z[sel[:args.per_frame]], dtype=torch.float32)
-        b_small = np.median(bound(small, zz, v, rot, base, ctf_p, sig_small))
-        b_full = np.median(bound(full, zz, v, rot, base, ctf_p, sigma0))
+        b_small = np.median(bound(small, zz, v, rot, base, ctf_params, sig_small))
+        b_full = np.median(bound(full, zz, v, rot, base, ctf_params, sigma0))
         std = pc1[sel].std()
         ratios.append(std / b_small)
         print("| %d | %d | %.1f | %.1f | %.1f | %.1f | %.1f |"

@@ -121,12 +121,11 @@ def one(args):
     else:
         r = imaging.Renderer(model.elements, D, apix, centre=centre, device=dev,
                              memory_budget=budget, route=route)
-    ctf = imaging.ctf_2d(imaging.FourierGrid(D, apix, device=dev).fx,
-                         imaging.FourierGrid(D, apix, device=dev).fy,
-                         defocus_u=torch.full((B,), 1.2e4, device=dev),
-                         defocus_v=torch.full((B,), 1.1e4, device=dev),
-                         defocus_angle=torch.full((B,), 30.0, device=dev), voltage=300.0,
-                         cs=2.7, amp_contrast=0.1)
+    grid = imaging.FourierGrid(D, apix, device=dev)
+    ctf = imaging.CTFParams(defocus_u=torch.full((B,), 1.2e4, device=dev),
+                            defocus_v=torch.full((B,), 1.1e4, device=dev),
+                            defocus_angle=torch.full((B,), 30.0, device=dev), voltage=300.0,
+                            cs=2.7, amp_contrast=0.1).image(grid.fx, grid.fy)
     n = 1 if route == "dense" else B
 
     def fwdbwd():

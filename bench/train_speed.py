@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from nmaem_plugin import DATA_DIR  # noqa: E402
+from nmaem_plugin.core.imaging import CTFParams  # noqa: E402
 from nmaem_plugin.core.network import (ENCODER_PRESETS, Decoder, Encoder,  # noqa: E402
                                        image_loss, z_scale_for)
 from nmaem_plugin.core.structure import read_model  # noqa: E402
@@ -75,17 +76,17 @@ def setup(box, encoder, d, batch, model, channels_last=False, seed=0):
         torch.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
     ], 1).float()
     ones = torch.ones(batch)
-    ctf_p = dict(defocus_u=1e4 * ones, defocus_v=1e4 * ones, defocus_angle=0 * ones,
-                 voltage=300 * ones, cs=2.7 * ones, amp_contrast=0.1 * ones,
-                 phase_shift=0 * ones, bfactor=0 * ones)
+    ctf_params = CTFParams(defocus_u=1e4 * ones, defocus_v=1e4 * ones, defocus_angle=0 * ones,
+                           voltage=300 * ones, cs=2.7 * ones, amp_contrast=0.1 * ones,
+                           phase_shift=0 * ones, bfactor=0 * ones)
     base = torch.zeros(batch, 2)
-    return enc, dec, images, rot, base, ctf_p, M
+    return enc, dec, images, rot, base, ctf_params, M
 
 
-def make_step(enc, dec, images, rot, base, ctf_p, opt):
+def make_step(enc, dec, images, rot, base, ctf_params, opt):
     def step():
         shift, z = enc(images)
-        ctf = dec.ctf(**ctf_p)
+        ctf = dec.ctf(ctf_params)
         rendered = dec(z, rot, base + shift, ctf)
         loss = image_loss(images, rendered, "l2")
         opt.zero_grad(set_to_none=True)
@@ -138,11 +139,11 @@ def main():
     rows = []
     for box in args.sizes:
         for encname in args.encoders:
-            enc, dec, images, rot, base, ctf_p, M = setup(box, encname, args.d, args.batch,
+            enc, dec, images, rot, base, ctf_params, M = setup(box, encname, args.d, args.batch,
                                                          model, args.channels_last)
             opt = torch.optim.Adam(enc.parameters(), lr=1e-3)
             enc.train()
-            step = make_step(enc, dec, images, rot, base, ctf_p, opt)
+            step = make_step(enc, dec, images, rot, base, ctf_params, opt)
 
             def enc_fb():
                 shift, z = enc(images)
@@ -157,7 +158,7 @@ def main():
             ss = torch.zeros(args.batch, 2, requires_grad=True)
 
             def dec_fb():
-                r = dec(zz, rot, base + ss, dec.ctf(**ctf_p))
+                r = dec(zz, rot, base + ss, dec.ctf(ctf_params))
                 image_loss(images, r).backward()
             t_dec = timed(dec_fb, args.steps)
             enc.eval()

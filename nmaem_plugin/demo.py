@@ -59,11 +59,10 @@ def montage(sim_dir, out_png, n_show=6):
     A = torch.as_tensor(sub.rotation_matrices(), dtype=torch.float32)
     shift = torch.as_tensor(-sub.origin_or_zero(), dtype=torch.float32)
 
-    def t(x):
-        return torch.as_tensor(np.asarray(x), dtype=torch.float32)
-    ctf = r.ctf(defocus_u=t(sub.defocus_u), defocus_v=t(sub.defocus_v),
-                defocus_angle=t(sub.defocus_angle), voltage=t(sub.voltage), cs=t(sub.cs),
-                amp_contrast=t(sub.amp_contrast))
+    ctf = r.ctf(imaging.CTFParams(defocus_u=sub.defocus_u, defocus_v=sub.defocus_v,
+                                  defocus_angle=sub.defocus_angle, voltage=sub.voltage,
+                                  cs=sub.cs, amp_contrast=sub.amp_contrast
+                                  ).to(dtype=torch.float32))
     with torch.no_grad():
         clean = r.render(coords, A, shift).numpy()
         modulated = r.render(coords, A, shift, ctf).numpy()

@@ -19,10 +19,15 @@ Conventions used throughout:
 """
 import json
 import os
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .errors import NmaemError, fail
+
+if TYPE_CHECKING:
+    from .modes import NormalModes
+    from .structure import AtomicModel
 
 __all__ = ["PCA", "Maxima", "load_run", "check_latent_d", "need_z", "format_json", "pca", "kmeans",
            "kde_bandwidth", "isj_bandwidth", "silverman_bandwidth", "density_maxima", "traversal_points", "deformed_coords",
@@ -46,7 +51,8 @@ DEFAULTS = dict(
 
 # ----------------------------------------------------------------------------- inputs
 
-def load_run(run_dir, need_modes=True):
+def load_run(run_dir: str, need_modes: bool = True
+             ) -> Tuple["AtomicModel", Optional["NormalModes"], dict]:
     """Read a training run folder: (reference AtomicModel, NormalModes or None, config dict).
 
     ``run_dir`` is the folder (or its ``config.json``). ``config.json`` names the reference
@@ -110,7 +116,7 @@ def load_run(run_dir, need_modes=True):
     return model, nm, config
 
 
-def check_latent_d(latent, nm, run_dir):
+def check_latent_d(latent, nm: Optional["NormalModes"], run_dir: str) -> None:
     """Fail when the latent file's d differs from the run's number of modes."""
     d_model = 0 if nm is None else nm.n_modes
     if latent.d != d_model:
@@ -118,7 +124,7 @@ def check_latent_d(latent, nm, run_dir):
              % (latent.d, run_dir, d_model))
 
 
-def need_z(latent, what):
+def need_z(latent, what: str) -> None:
     """Fail when the latent file has no amplitudes (d = 0)."""
     if latent.d == 0:
         fail(latent.path, "z has d = 0 amplitudes (a run without normal modes): %s needs "
@@ -133,7 +139,8 @@ class PCA:
     ``explained_variance_ratio`` (d,) the same over their sum (zeros when z is constant);
     ``mean`` (d,). ``transform(z) = z @ V.T`` (from z = 0), ``inverse(pc) = pc @ V``."""
 
-    def __init__(self, mean, components, explained_variance):
+    def __init__(self, mean: np.ndarray, components: np.ndarray,
+                 explained_variance: np.ndarray):
         self.mean = mean
         self.components = components
         self.explained_variance = explained_variance
@@ -142,23 +149,23 @@ class PCA:
                                          else np.zeros_like(explained_variance))
 
     @property
-    def d(self):
+    def d(self) -> int:
         return len(self.mean)
 
-    def transform(self, z):
+    def transform(self, z: np.ndarray) -> np.ndarray:
         return np.asarray(z, dtype=np.float64) @ self.components.T
 
-    def inverse(self, pc):
+    def inverse(self, pc: np.ndarray) -> np.ndarray:
         return np.asarray(pc, dtype=np.float64) @ self.components
 
-    def along(self, k, t):
+    def along(self, k: int, t: float) -> np.ndarray:
         """The mean of z moved along PC k+1 to coordinate ``t`` (its other PC
         coordinates those of the mean): ``mean + (t - mean . V_k) V_k``."""
         v = self.components[k]
         return self.mean + (float(t) - self.mean @ v) * v
 
 
-def pca(z):
+def pca(z: np.ndarray) -> PCA:
     """PCA of z (N,d), N >= 2, d >= 1: a :class:`PCA`."""
     z = np.asarray(z, dtype=np.float64)
     if z.ndim != 2 or z.shape[1] == 0:
@@ -201,7 +208,8 @@ def _kmeanspp(x, k, rng):
     return np.array(centres)
 
 
-def kmeans(z, k, seed=0, n_init=DEFAULTS["n_init"], max_iter=DEFAULTS["max_iter"]):
+def kmeans(z: np.ndarray, k: int, seed: int = 0, n_init: int = DEFAULTS["n_init"],
+           max_iter: int = DEFAULTS["max_iter"]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Lloyd's k-means with k-means++ seeding, ``n_init`` restarts from one seeded generator.
 
     Returns (centres (k,d), labels (N,), counts (k,)); clusters are numbered by decreasing
@@ -251,7 +259,7 @@ def kmeans(z, k, seed=0, n_init=DEFAULTS["n_init"], max_iter=DEFAULTS["max_iter"
 
 # ----------------------------------------------------------------------------- maxima
 
-def silverman_bandwidth(x):
+def silverman_bandwidth(x: np.ndarray) -> float:
     """Silverman's rule: h = 0.9 min(sd, IQR/1.349) n^(-1/5) (sd alone when IQR is 0)."""
     x = np.asarray(x, dtype=np.float64)
     sd = x.std(ddof=1) if len(x) > 1 else 0.0
@@ -278,7 +286,7 @@ def _isj_residual(t, n, k2, a2):
     return t - (2 * n * np.sqrt(np.pi) * f) ** -0.4
 
 
-def isj_bandwidth(x, grid_size=2 ** 12):
+def isj_bandwidth(x: np.ndarray, grid_size: int = 2 ** 12) -> Optional[float]:
     """Improved Sheather-Jones plug-in bandwidth (Botev et al. 2010), or None if it fails.
 
     The data are binned on ``grid_size`` points over [min - R/2, max + R/2] (R the range),
@@ -312,7 +320,7 @@ def isj_bandwidth(x, grid_size=2 ** 12):
     return float(np.sqrt(t) * width)
 
 
-def kde_bandwidth(x, rule="isj"):
+def kde_bandwidth(x: np.ndarray, rule: str = "isj") -> float:
     """KDE bandwidth of the 1D sample x: ``isj`` (default; Silverman's rule where the
     plug-in equation has no root), ``silverman`` or ``scott`` (1.06 sd n^(-1/5))."""
     x = np.asarray(x, dtype=np.float64)
@@ -341,7 +349,9 @@ class Maxima:
     basin); ``basin`` (N,) the maximum each particle's basin belongs to; ``bandwidth``,
     ``radius``; ``grid`` and ``density`` the KDE curve."""
 
-    def __init__(self, positions, densities, near, basin, bandwidth, radius, grid, density):
+    def __init__(self, positions: np.ndarray, densities: np.ndarray, near: List[np.ndarray],
+                 basin: np.ndarray, bandwidth: float, radius: float, grid: np.ndarray,
+                 density: np.ndarray):
         self.positions, self.densities, self.near, self.basin = positions, densities, near, basin
         self.bandwidth, self.radius, self.grid, self.density = bandwidth, radius, grid, density
 
@@ -349,14 +359,15 @@ class Maxima:
         return len(self.positions)
 
     @property
-    def basin_counts(self):
+    def basin_counts(self) -> np.ndarray:
         return np.bincount(self.basin, minlength=len(self))
 
 
-def density_maxima(x, bandwidth=None, min_height=DEFAULTS["min_height"],
+def density_maxima(x: np.ndarray, bandwidth: Optional[float] = None,
+                   min_height=DEFAULTS["min_height"],
                    min_prominence=DEFAULTS["min_prominence"], radius=None,
                    grid_size=DEFAULTS["kde_grid"],
-                   min_significance=DEFAULTS["min_significance"]):
+                   min_significance=DEFAULTS["min_significance"]) -> Maxima:
     """Local maxima of a Gaussian KDE of the 1D sample ``x`` (e.g. PC1).
 
     ``bandwidth``: a number in the units of x, or a rule name for ``kde_bandwidth``
@@ -423,8 +434,10 @@ def density_maxima(x, bandwidth=None, min_height=DEFAULTS["min_height"],
 
 # ----------------------------------------------------------------------------- models
 
-def traversal_points(p, pcs, steps=DEFAULTS["steps"], low=DEFAULTS["low_percentile"],
-                     high=DEFAULTS["high_percentile"], z=None):
+def traversal_points(p: PCA, pcs: Sequence[int], steps: int = DEFAULTS["steps"],
+                     low: float = DEFAULTS["low_percentile"],
+                     high: float = DEFAULTS["high_percentile"],
+                     z: Optional[np.ndarray] = None) -> List[dict]:
     """Points along principal axes: a list of dicts (``pc``, ``step``, ``percentile``, ``z``).
 
     For each PC k (1-based) in ``pcs``, ``steps`` values t evenly spaced from the ``low`` to
@@ -450,7 +463,7 @@ def traversal_points(p, pcs, steps=DEFAULTS["steps"], low=DEFAULTS["low_percenti
     return out
 
 
-def deformed_coords(model, nm, z):
+def deformed_coords(model: "AtomicModel", nm: "NormalModes", z: np.ndarray) -> np.ndarray:
     """X0 + sum_l z_l U_l (M,3) from the reference model's own coordinates."""
     z = np.asarray(z, dtype=np.float64)
     return model.coords + np.tensordot(z, nm.modes.astype(np.float64), axes=(-1, 0))
@@ -475,6 +488,6 @@ def _clean(o):
     return o
 
 
-def format_json(result):
+def format_json(result: dict) -> str:
     """JSON text of an ``evaluate`` or ``export`` result (NaN and infinities as null)."""
     return json.dumps(_clean(result), indent=1)

@@ -3,8 +3,15 @@
 Images are read through :class:`stacks.ImageStack` one batch at a time and
 downsampled by Fourier cropping to ``box`` (pixel size apix0 * box0 / box).
 """
+from typing import TYPE_CHECKING, Iterable, Sequence, Tuple, Union
+
 import numpy as np
 import torch
+
+from .imaging import CTFParams
+
+if TYPE_CHECKING:
+    from .particles import ParticleTable
 
 __all__ = ["ParticleImages", "make_loader", "ParticleMetadata", "epoch_order"]
 
@@ -17,7 +24,7 @@ class ParticleImages(torch.utils.data.Dataset):
     dataset can be sent to DataLoader workers.
     """
 
-    def __init__(self, table, box):
+    def __init__(self, table: "ParticleTable", box: int):
         self.table = table
         self.box = int(box)
         self._stack = None
@@ -42,7 +49,8 @@ class ParticleImages(torch.utils.data.Dataset):
         return torch.from_numpy(rows), images
 
 
-def make_loader(dataset, batches, num_workers, pin):
+def make_loader(dataset: ParticleImages, batches: Iterable[Sequence[int]], num_workers: int,
+                pin: bool) -> torch.utils.data.DataLoader:
     """A DataLoader over ``batches`` (lists of rows) of ``dataset``, one batch per item."""
     return torch.utils.data.DataLoader(dataset, sampler=batches, batch_size=None,
                                        num_workers=int(num_workers), pin_memory=pin)
@@ -51,24 +59,21 @@ def make_loader(dataset, batches, num_workers, pin):
 class ParticleMetadata:
     """Per-particle poses, base shifts (-origin) and CTF parameters as device tensors."""
 
-    def __init__(self, table, device):
+    def __init__(self, table: "ParticleTable", device: Union[str, torch.device]):
         def t(a):
             return torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)
         self.rotations = t(table.rotation_matrices())
         self.base_shift = t(-table.origin_or_zero())
-        self.ctf = dict(defocus_u=t(table.defocus_u), defocus_v=t(table.defocus_v),
-                        defocus_angle=t(table.defocus_angle), voltage=t(table.voltage),
-                        cs=t(table.cs), amp_contrast=t(table.amp_contrast),
-                        phase_shift=t(table.phase_shift), bfactor=t(table.ctf_bfactor))
+        self.ctf = CTFParams.from_table(table, device, torch.float32)
         self.optics_group = torch.as_tensor(np.asarray(table.optics_group, dtype=np.int64),
                                             device=device)
 
-    def batch(self, rows):
-        return (self.rotations[rows], self.base_shift[rows],
-                {k: v[rows] for k, v in self.ctf.items()})
+    def batch(self, rows) -> Tuple[torch.Tensor, torch.Tensor, CTFParams]:
+        """Rotations (B, 3, 3), base shifts (B, 2) and the CTF parameters of ``rows``."""
+        return self.rotations[rows], self.base_shift[rows], self.ctf[rows]
 
 
-def epoch_order(rows, seed, epoch):
+def epoch_order(rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     """The training rows in the order of 0-based ``epoch``: a permutation seeded with
     (seed, epoch), so that a resumed run sees the batches an uninterrupted one would."""
     g = torch.Generator().manual_seed(int(seed) * 1000003 + int(epoch))

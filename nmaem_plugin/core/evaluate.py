@@ -12,6 +12,7 @@ in its particle file (``input``), and, for a latent file of a run trained with
 """
 import json
 import os
+from typing import Optional
 
 import numpy as np
 
@@ -48,7 +49,7 @@ def _load_truth(sim_dir):
     return gt, params, fr_path
 
 
-def pose_error(gt, n_gt, latent):
+def pose_error(gt, n_gt: int, latent) -> Optional[dict]:
     """Angles (degrees) from the written and the refined rotations to the true ones."""
     from .poses import euler_to_matrix, rotation_angle_deg
     if not all(k in gt and gt[k].shape == (n_gt, 3) for k in ("euler", "euler_file")):
@@ -91,9 +92,10 @@ def _rmsd_rows(x0, U, z, targets, chunk=512):
     return out
 
 
-def evaluate(latent_path, sim_dir, run_dir, per_particle=None, bandwidth=None,
+def evaluate(latent_path: str, sim_dir: str, run_dir: str, per_particle: Optional[str] = None,
+             bandwidth: Optional[float] = None,
              min_height=DEFAULTS["min_height"], min_prominence=DEFAULTS["min_prominence"],
-             min_significance=DEFAULTS["min_significance"]):
+             min_significance=DEFAULTS["min_significance"]) -> dict:
     """Accuracy of a latent file against a simulated dataset's ground truth: a dict.
 
     See ``docs/analysis.md`` for every field. In short: per-particle RMSD of

@@ -4,6 +4,7 @@ and the particles each exported model represents (:func:`particle_counts`, writt
 ``n_particles`` in models.json whenever a latent file is given)."""
 import csv
 import os
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
@@ -48,12 +49,14 @@ def numbered_name(prefix, j, n):
     return "%s_%0*d" % (prefix, _width(n), j + 1)
 
 
-def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
+def export(latent_path: str, run_dir: str, out_dir: str, pcs: Optional[Sequence[int]] = None,
+           steps: int = DEFAULTS["steps"],
            low=DEFAULTS["low_percentile"], high=DEFAULTS["high_percentile"], kmeans_k=None,
            maxima=False, z_list=(), fmt="pdb", seed=0, overwrite=False, bandwidth=None,
            min_height=DEFAULTS["min_height"], min_prominence=DEFAULTS["min_prominence"],
-           min_significance=DEFAULTS["min_significance"], log=print, refine=False,
-           hydrogens=False, refine_options=None, thumbnails=True):
+           min_significance=DEFAULTS["min_significance"], log: Callable[[str], None] = print,
+           refine: bool = False, hydrogens: bool = False,
+           refine_options: Optional[dict] = None, thumbnails: bool = True) -> dict:
     """Write deformed all-atom models at latent points; returns the listing (a dict).
 
     ``refine``: geometry refinement of each model (``core.refine.refine_models``; the
@@ -207,7 +210,7 @@ def export(latent_path, run_dir, out_dir, pcs=None, steps=DEFAULTS["steps"],
     return listing
 
 
-def particle_counts(listing, z):
+def particle_counts(listing: dict, z: np.ndarray) -> List[int]:
     """Particles each exported model represents, from ``models.json`` (``listing``) and the
     latent amplitudes ``z`` (N, d): the count nmaem gives (clusters, maxima); for PC steps,
     the particles whose coordinate on that PC is nearest to the step's (among the steps of

@@ -55,7 +55,7 @@ class _Scorer:
 
     def __init__(self, model, table, images, noise_model, band, device, batch):
         import torch
-        from .imaging import Renderer
+        from .imaging import CTFParams, Renderer
         self.device, self.batch = torch.device(device), int(batch)
         D, apix = int(table.box[0]), float(table.apix[0])
         self.D, self.apix = D, apix
@@ -65,11 +65,7 @@ class _Scorer:
                                       device=self.device)
         self.A = t(table.rotation_matrices())
         self.shift = t(-table.origin_or_zero())
-        self.ctf = self.renderer.ctf(
-            defocus_u=t(table.defocus_u), defocus_v=t(table.defocus_v),
-            defocus_angle=t(table.defocus_angle), voltage=t(table.voltage), cs=t(table.cs),
-            amp_contrast=t(table.amp_contrast), phase_shift=t(table.phase_shift),
-            bfactor=t(table.ctf_bfactor))
+        self.ctf = self.renderer.ctf(CTFParams.from_table(table, self.device, torch.float32))
         x = torch.as_tensor(images, dtype=torch.float32, device=self.device)
         self.Y = band.images_ft(x)
         w0, _ = band.tensors(self.device)

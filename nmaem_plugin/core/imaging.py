@@ -31,8 +31,8 @@ import importlib
 import math
 import os
 import threading
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, fields, replace
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -42,10 +42,13 @@ from .choices import RENDER_ROUTES
 from .errors import NmaemError
 
 __all__ = ["euler_to_matrix", "matrix_to_euler", "rotvec_to_matrix", "correct_rotations",
-           "electron_wavelength", "ctf_2d", "FourierGrid",
+           "electron_wavelength", "ctf_2d", "CTFParams", "FourierGrid",
            "phase_shift", "fourier_crop", "noise_sigma", "add_noise", "Renderer", "Chunks",
            "gemm_chunks", "default_memory_budget", "parse_memory_budget", "nufft_available",
            "choose_route"]
+
+
+ArrayOrTensor = Union[np.ndarray, torch.Tensor]   # numpy in, numpy out; tensors likewise
 
 
 # ----------------------------------------------------------------------------- poses
@@ -57,7 +60,8 @@ def _as_tensor(x, dtype=None, device=None):
     return torch.as_tensor(np.asarray(x), dtype=dtype or torch.float64, device=device)
 
 
-def euler_to_matrix(rot, tilt, psi, degrees=True):
+def euler_to_matrix(rot: ArrayOrTensor, tilt: ArrayOrTensor, psi: ArrayOrTensor,
+                    degrees: bool = True) -> ArrayOrTensor:
     """RELION's rotation matrix A for Euler angles (rot, tilt, psi); batched, (..., 3, 3).
 
     Accepts numpy arrays or tensors; returns the same kind (numpy float64 for numpy input).
@@ -69,7 +73,8 @@ def euler_to_matrix(rot, tilt, psi, degrees=True):
     return poses.euler_to_matrix(r, t, p, degrees=degrees, xp=torch)
 
 
-def matrix_to_euler(A, degrees=True):
+def matrix_to_euler(A: ArrayOrTensor, degrees: bool = True
+                    ) -> Tuple[ArrayOrTensor, ArrayOrTensor, ArrayOrTensor]:
     """Inverse of :func:`euler_to_matrix`: (rot, tilt, psi) with tilt in [0, 180].
 
     For tilt = 0 or 180 only rot + psi (or rot - psi) is defined; rot is then set to 0.
@@ -83,7 +88,7 @@ def matrix_to_euler(A, degrees=True):
 ROTVEC_TAYLOR = 1e-6     # |v|^2 (rad^2) below which the Rodrigues coefficients use Taylor series
 
 
-def rotvec_to_matrix(v):
+def rotvec_to_matrix(v: ArrayOrTensor) -> torch.Tensor:
     """Rodrigues matrices R(v) = exp([v]_x) of rotation vectors v (..., 3) radians, tensors.
 
     The tensor counterpart of :func:`poses.rotvec_to_matrix`:
@@ -107,7 +112,7 @@ def rotvec_to_matrix(v):
     return eye + a[..., None, None] * K + b[..., None, None] * (K @ K)
 
 
-def correct_rotations(A, v):
+def correct_rotations(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """R(v) A: RELION matrices A (..., 3, 3) corrected by rotation vectors v (..., 3)
     radians on the left, the side documented in ``poses`` (tensors, differentiable)."""
     return rotvec_to_matrix(v.to(A.dtype)) @ A
@@ -115,7 +120,8 @@ def correct_rotations(A, v):
 
 # ----------------------------------------------------------------------------- optics
 
-def electron_wavelength(voltage_kv):
+def electron_wavelength(voltage_kv: Union[float, np.ndarray, torch.Tensor]
+                        ) -> Union[float, np.ndarray, torch.Tensor]:
     """Relativistic electron wavelength in Angstrom for an acceleration voltage in kV.
 
     lambda = h / sqrt(2 m0 e V (1 + e V / (2 m0 c^2))) = 12.2643247 / sqrt(V (1 + 0.978466e-6 V))
@@ -127,8 +133,8 @@ def electron_wavelength(voltage_kv):
     return 12.2643247 / np.sqrt(v * (1.0 + v * 0.978466e-6))
 
 
-def ctf_2d(freq_x, freq_y, defocus_u, defocus_v, defocus_angle, voltage, cs, amp_contrast,
-           phase_shift=0.0, bfactor=0.0):
+def ctf_2d(freq_x: torch.Tensor, freq_y: torch.Tensor, defocus_u, defocus_v, defocus_angle,
+           voltage, cs, amp_contrast, phase_shift=0.0, bfactor=0.0) -> torch.Tensor:
     """RELION's CTF on a frequency grid.
 
     ``freq_x``, ``freq_y``: spatial frequencies in 1/Angstrom, broadcastable to the grid
@@ -164,6 +170,83 @@ def ctf_2d(freq_x, freq_y, defocus_u, defocus_v, defocus_angle, voltage, cs, amp
     return out
 
 
+def _numpy_dtype(dtype):
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+@dataclass(frozen=True)
+class CTFParams:
+    """The CTF and optics of a batch of particles: the arguments of :func:`ctf_2d`.
+
+    Each field is a tensor or array of shape (B,) or a scalar, in :func:`ctf_2d`'s units:
+    defocus U/V in Angstrom (positive = underfocus), defocus angle in degrees, voltage in
+    kV, Cs in mm, amplitude contrast as a fraction, phase shift in degrees, B-factor in A^2.
+    The field order is ``ctf_2d``'s, so ``CTFParams(*args, **kwargs)`` takes the arguments
+    that ``Renderer.ctf`` always took. ``params[rows]`` selects particles (scalars are
+    kept), ``params.to(device, dtype)`` makes every array a tensor, ``from_table`` reads a
+    particle table (``particles.ParticleTable``).
+    """
+    defocus_u: Any
+    defocus_v: Any
+    defocus_angle: Any
+    voltage: Any
+    cs: Any
+    amp_contrast: Any
+    phase_shift: Any = 0.0
+    bfactor: Any = 0.0
+
+    @classmethod
+    def from_table(cls, table, device: Union[str, torch.device, None] = None,
+                   dtype: torch.dtype = torch.float32) -> "CTFParams":
+        """The CTF of every particle of ``table`` (its ``ctf_bfactor`` is ``bfactor``) as
+        tensors of ``dtype`` on ``device`` (the table's float64 arrays cast by numpy)."""
+        return cls(defocus_u=table.defocus_u, defocus_v=table.defocus_v,
+                   defocus_angle=table.defocus_angle, voltage=table.voltage, cs=table.cs,
+                   amp_contrast=table.amp_contrast, phase_shift=table.phase_shift,
+                   bfactor=table.ctf_bfactor).to(device, dtype)
+
+    def as_dict(self) -> dict:
+        """The fields by name (the keyword arguments of :func:`ctf_2d`)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes) -> "CTFParams":
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+    def to(self, device: Union[str, torch.device, None] = None,
+           dtype: Optional[torch.dtype] = None) -> "CTFParams":
+        """Tensors on ``device`` (None: where they are; numpy arrays: the CPU) of ``dtype``
+        (None: unchanged). Numpy arrays are cast by numpy, then wrapped; scalars are kept."""
+        def conv(v):
+            if isinstance(v, torch.Tensor):
+                return v.to(device=device, dtype=dtype)
+            if isinstance(v, np.ndarray):
+                a = v if dtype is None else np.asarray(v, dtype=_numpy_dtype(dtype))
+                return torch.as_tensor(a, device=device)
+            return v
+        return CTFParams(**{k: conv(v) for k, v in self.as_dict().items()})
+
+    def __getitem__(self, rows) -> "CTFParams":
+        """The particles ``rows`` (an index, slice, mask or index tensor/array); scalar
+        fields, shared by every particle, are kept."""
+        def pick(v):
+            if isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim > 0:
+                return v[rows]
+            return v
+        return CTFParams(**{k: pick(v) for k, v in self.as_dict().items()})
+
+    def image(self, freq_x: torch.Tensor, freq_y: torch.Tensor) -> torch.Tensor:
+        """:func:`ctf_2d` of these parameters on the frequencies ``freq_x``, ``freq_y``."""
+        return ctf_2d(freq_x, freq_y, **self.as_dict())
+
+
+def _ctf_params(args, kwargs):
+    """A :class:`CTFParams` given alone, or built from ``ctf_2d``'s arguments."""
+    if len(args) == 1 and not kwargs and isinstance(args[0], CTFParams):
+        return args[0]
+    return CTFParams(*args, **kwargs)
+
+
 class FourierGrid:
     """The rfft2 frequency grid of a D x D box at pixel size apix (Angstrom).
 
@@ -172,7 +255,8 @@ class FourierGrid:
     |k| < D/2 that defines every rendered image.
     """
 
-    def __init__(self, box, apix, device="cpu", dtype=torch.float32):
+    def __init__(self, box: int, apix: float, device: Union[str, torch.device] = "cpu",
+                 dtype: torch.dtype = torch.float32):
         self.box, self.apix = int(box), float(apix)
         D = self.box
         self.device, self.dtype = torch.device(device), dtype
@@ -184,11 +268,12 @@ class FourierGrid:
         self.fy = self.ky / (D * self.apix)
         self.mask = ((self.kx ** 2 + self.ky ** 2) < (D / 2.0) ** 2).to(dtype)
 
-    def ctf(self, **params):
-        return ctf_2d(self.fx, self.fy, **params)
+    def ctf(self, *args, **kwargs) -> torch.Tensor:
+        """CTF (B, D, K) on this grid: a :class:`CTFParams`, or its fields as arguments."""
+        return _ctf_params(args, kwargs).image(self.fx, self.fy)
 
 
-def phase_shift(ft, shift, apix):
+def phase_shift(ft: torch.Tensor, shift: ArrayOrTensor, apix: float) -> torch.Tensor:
     """Translate images given by their rfft2 ``ft`` (B, D, K) by ``shift`` (B, 2) Angstrom (x, y).
 
     Multiplies by exp(-2 pi i (kx sx + ky sy) / (D apix)): the image content moves by +shift.
@@ -202,7 +287,7 @@ def phase_shift(ft, shift, apix):
     return ft * torch.polar(torch.ones_like(theta), theta)
 
 
-def fourier_crop(images, new_box):
+def fourier_crop(images: torch.Tensor, new_box: int) -> torch.Tensor:
     """Downsample images (B, D, D) to (B, d, d) by Fourier cropping.
 
     The new pixel size is apix * D / d; values keep their scale (samples of the same
@@ -226,7 +311,7 @@ def fourier_crop(images, new_box):
     return torch.fft.irfft2(crop, s=(d, d)) * (d / D) ** 2
 
 
-def noise_sigma(clean, snr_db):
+def noise_sigma(clean: torch.Tensor, snr_db: float) -> float:
     """White-noise standard deviation for an SNR in dB over a batch of clean images.
 
     SNR = 10 log10(mean_i var(clean_i) / sigma^2), var over the pixels of each image.
@@ -235,7 +320,8 @@ def noise_sigma(clean, snr_db):
     return float(torch.sqrt(var / 10.0 ** (snr_db / 10.0)))
 
 
-def add_noise(images, sigma, generator=None):
+def add_noise(images: torch.Tensor, sigma: float,
+              generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``images`` plus white Gaussian noise of standard deviation ``sigma``."""
     noise = torch.randn(images.shape, generator=generator, dtype=images.dtype,
                         device=images.device)
@@ -579,8 +665,11 @@ class Renderer:
     is no aliasing; see docs/imaging.md.
     """
 
-    def __init__(self, elements, box, apix, centre=None, box0=None, apix0=None,
-                 device="cpu", dtype=torch.float32, memory_budget=None, route="auto"):
+    def __init__(self, elements: Sequence[str], box: int, apix: float,
+                 centre: Optional[Sequence[float]] = None, box0: Optional[int] = None,
+                 apix0: Optional[float] = None, device: Union[str, torch.device] = "cpu",
+                 dtype: torch.dtype = torch.float32, memory_budget: Optional[int] = None,
+                 route: str = "auto"):
         from .structure import form_factor_table
         if route not in RENDER_ROUTES:
             raise ValueError("unknown renderer route %r (choose from %s)"
@@ -657,7 +746,8 @@ class Renderer:
             self._plans = _NufftPlans(self.box, self.dtype)
         return self._ff_half
 
-    def positions(self, coords, rotations, shifts=None):
+    def positions(self, coords: torch.Tensor, rotations: torch.Tensor,
+                  shifts: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Image-plane positions in pixels from the array origin, (B, M, 2) (u = x, v = y).
 
         ``coords`` (M, 3) or (B, M, 3) Angstrom in the model frame, ``rotations`` (B, 3, 3)
@@ -669,7 +759,8 @@ class Renderer:
             p = p + shifts[:, None, :]
         return p / self.apix + float(self.box // 2)
 
-    def projection_ft(self, coords, rotations, shifts=None):
+    def projection_ft(self, coords: torch.Tensor, rotations: torch.Tensor,
+                      shifts: Optional[torch.Tensor] = None) -> torch.Tensor:
         """rfft2 of the band-limited projection, (B, D, D//2+1) complex (CTF not applied).
 
         With tx = -2 pi kx u / D and ty = -2 pi ky v / D, exp(i(tx + ty)) splits into
@@ -703,22 +794,24 @@ class Renderer:
         ft = torch.complex(re, im)                           # (B, D, h); kx = h is zero
         return torch.nn.functional.pad(ft, (0, 1))
 
-    def ctf(self, defocus_u, defocus_v, defocus_angle, voltage, cs, amp_contrast,
-            phase_shift=0.0, bfactor=0.0):
-        """CTF (B, D, K) on this renderer's grid (see :func:`ctf_2d` for the units)."""
-        return self.grid.ctf(defocus_u=defocus_u, defocus_v=defocus_v,
-                             defocus_angle=defocus_angle, voltage=voltage, cs=cs,
-                             amp_contrast=amp_contrast, phase_shift=phase_shift,
-                             bfactor=bfactor)
+    def ctf(self, *args, **kwargs) -> torch.Tensor:
+        """CTF (B, D, K) on this renderer's grid: ``ctf(params)`` with a :class:`CTFParams`,
+        or ``ctf(defocus_u, defocus_v, defocus_angle, voltage, cs, amp_contrast,
+        phase_shift=0.0, bfactor=0.0)`` (see :func:`ctf_2d` for the units)."""
+        return self.grid.ctf(_ctf_params(args, kwargs))
 
-    def render_ft(self, coords, rotations, shifts=None, ctf=None):
+    def render_ft(self, coords: torch.Tensor, rotations: torch.Tensor,
+                  shifts: Optional[torch.Tensor] = None,
+                  ctf: Optional[torch.Tensor] = None) -> torch.Tensor:
         """rfft2 of the rendered images: projection, times the CTF (B, D, K) when given."""
         ft = self.projection_ft(coords, rotations, shifts)
         if ctf is not None:
             ft = ft * ctf
         return ft
 
-    def render(self, coords, rotations, shifts=None, ctf=None):
+    def render(self, coords: torch.Tensor, rotations: torch.Tensor,
+               shifts: Optional[torch.Tensor] = None,
+               ctf: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Rendered images (B, D, D), arrays [y, x]."""
         return torch.fft.irfft2(self.render_ft(coords, rotations, shifts, ctf),
                                 s=(self.box, self.box))

@@ -11,6 +11,7 @@ per-image normalisation inside the encoder); the encoder runs in eval mode, in f
 """
 
 import os
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from .errors import NmaemError, fail
 __all__ = ["infer", "encode_images", "z_column_names"]
 
 
-def z_column_names(d):
+def z_column_names(d: int) -> List[str]:
     """STAR column names of the amplitudes: nmaemZ01, nmaemZ02, ..."""
     width = max(2, len(str(d)))
     return ["nmaemZ%0*d" % (width, l + 1) for l in range(d)]
@@ -30,7 +31,9 @@ def z_column_names(d):
 POSE_COLUMNS = ("nmaemPoseCorrX", "nmaemPoseCorrY", "nmaemPoseCorrZ")
 
 
-def encode_images(encoder, images, device):
+def encode_images(encoder: torch.nn.Module, images: torch.Tensor,
+                  device: Union[str, torch.device]
+                  ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """(shift, z, pose correction or None) numpy float32 of preprocessed images
     (B, box, box) with ``encoder``."""
     from .network import split_outputs
@@ -40,8 +43,10 @@ def encode_images(encoder, images, device):
             None if rotvec is None else rotvec.float().cpu().numpy())
 
 
-def infer(particles, run_dir, out, batch=256, device=None, star=None, num_workers=0,
-          checkpoint="last", log=print):
+def infer(particles: str, run_dir: str, out: str, batch: int = 256,
+          device: Union[str, torch.device, None] = None, star: Optional[str] = None,
+          num_workers: int = 0, checkpoint: str = "last",
+          log: Callable[[str], None] = print) -> dict:
     """Write ``out`` (latent.npz) for every particle of ``particles``; optionally ``star``,
     a copy of the particle file with amplitude columns and refined origins (and, for a run
     trained with ``--refine-pose``, refined angles and the corrections in degrees,

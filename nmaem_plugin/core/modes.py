@@ -26,6 +26,7 @@ The pipeline (``compute_modes``):
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from .atomic import atomic_path, atomic_savez
 from .choices import CG_CHOICES
 from .npz import read_npz
 from .errors import NmaemError, fail
-from .structure import match_atoms, rmsd, superpose, write_models
+from .structure import AtomicModel, match_atoms, rmsd, superpose, write_models
 
 __all__ = ["CG_CHOICES", "NormalModes", "cg_selection", "build_hessian", "sparse_hessian",
            "solve_modes",
@@ -76,19 +77,19 @@ class NormalModes:
     info: dict = field(default_factory=dict)
 
     @property
-    def n_atoms(self):
+    def n_atoms(self) -> int:
         return self.coords.shape[0]
 
     @property
-    def n_modes(self):
+    def n_modes(self) -> int:
         return self.modes.shape[0]
 
     @property
-    def basis(self):
+    def basis(self) -> np.ndarray:
         """U as a (3M, d) float64 matrix (columns orthonormal)."""
         return self.modes.reshape(self.n_modes, -1).T.astype(np.float64)
 
-    def deform(self, z):
+    def deform(self, z: np.ndarray) -> np.ndarray:
         """X(z) = coords + sum_l z_l modes[l] for z (d,) or (B, d): (M,3) or (B,M,3)."""
         z = np.asarray(z, dtype=np.float64)
         return self.coords + np.tensordot(z, self.modes.astype(np.float64), axes=(-1, 0))
@@ -136,7 +137,7 @@ def _residue_keys(model):
     return np.array(["%s:%d:%s" % t for t in zip(model.chain, model.resnum, model.icode)])
 
 
-def cg_selection(model, cg="ca"):
+def cg_selection(model: AtomicModel, cg: str = "ca") -> np.ndarray:
     """Indices of the coarse-grained nodes of ``model`` (sorted, in file order).
 
     ``ca``: CA of every amino acid and C4' of every nucleotide (P when C4' is missing), one
@@ -195,7 +196,8 @@ def _check_parameters(cutoff, gamma):
         raise NmaemError("gamma (the spring constant) must be positive, not %r" % gamma)
 
 
-def build_hessian(cg_coords, cutoff=15.0, gamma=1.0, sparse=False):
+def build_hessian(cg_coords: np.ndarray, cutoff: float = 15.0, gamma: float = 1.0,
+                  sparse: bool = False):
     """ANM Hessian (3N x 3N) of nodes ``cg_coords`` (N,3) with ProDy.
 
     Dense numpy array, or a scipy CSR matrix when ``sparse`` (built with ProDy's KD-tree
@@ -219,7 +221,7 @@ def build_hessian(cg_coords, cutoff=15.0, gamma=1.0, sparse=False):
     return H.tocsr() if sparse else np.asarray(H, dtype=np.float64)
 
 
-def sparse_hessian(cg_coords, cutoff=15.0, gamma=1.0):
+def sparse_hessian(cg_coords: np.ndarray, cutoff: float = 15.0, gamma: float = 1.0):
     """ANM Hessian (3N x 3N scipy CSR) of nodes ``cg_coords`` (N,3), built in vectorised form.
 
     The same matrix as ProDy's ``ANM.buildHessian`` (a test compares them): for every pair
@@ -283,7 +285,8 @@ def _default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def solve_modes(hessian, n_wanted, solver="dense", device=None):
+def solve_modes(hessian, n_wanted: int, solver: str = "dense",
+                device: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
     """The ``n_wanted`` lowest eigenpairs of a symmetric Hessian: (values (k,), vectors (3N,k)).
 
     ``dense``: torch.linalg.eigh in float64 on ``device`` (numpy array input);
@@ -330,7 +333,7 @@ def _fix_signs(vectors):
     return vectors * s
 
 
-def collectivity(modes):
+def collectivity(modes: np.ndarray) -> Union[float, np.ndarray]:
     """Collectivity (Brueschweiler 1995) of modes (d,M,3) or (M,3): exp(entropy of the
     per-atom squared displacements) / M, in (0, 1]."""
     u = np.asarray(modes, dtype=np.float64)
@@ -348,7 +351,7 @@ def collectivity(modes):
 # ----------------------------------------------------------------------------------------
 # interpolation and orthonormalisation
 
-def auto_sigma(cg_coords):
+def auto_sigma(cg_coords: np.ndarray) -> float:
     """Default kernel width: SIGMA_FACTOR (0.5) x the median distance of a CG node to its
     nearest other node (1.9 A for CA nodes, about 0.75 A for heavy atoms)."""
     from scipy.spatial import cKDTree
@@ -356,8 +359,9 @@ def auto_sigma(cg_coords):
     return SIGMA_FACTOR * float(np.median(d[:, 1]))
 
 
-def interpolate_modes(cg_coords, cg_modes, coords, sigma, exact=True, ridge=1e-8,
-                      device=None, method="auto"):
+def interpolate_modes(cg_coords: np.ndarray, cg_modes: np.ndarray, coords: np.ndarray,
+                      sigma: float, exact: bool = True, ridge: float = 1e-8,
+                      device: Optional[str] = None, method: str = "auto") -> np.ndarray:
     """Modes of the CG nodes carried to arbitrary points by normalised Gaussian weights.
 
     u(x) = sum_j w_j(x) a_j with w_j(x) = exp(-|x - y_j|^2 / 2 sigma^2) / sum_k (same).
@@ -504,7 +508,7 @@ def _conjugate_gradient(matvec, B, rtol=1e-10, maxiter=2000):
     return X
 
 
-def rigid_body_basis(coords):
+def rigid_body_basis(coords: np.ndarray) -> np.ndarray:
     """Orthonormal (3M, 6) basis of the rigid-body motions (3 translations, 3 infinitesimal
     rotations about the centroid) of points ``coords`` (M,3)."""
     x = np.asarray(coords, dtype=np.float64)
@@ -524,7 +528,7 @@ def rigid_body_basis(coords):
     return q[:, keep]
 
 
-def orthonormalise(modes, coords=None):
+def orthonormalise(modes: np.ndarray, coords: Optional[np.ndarray] = None) -> np.ndarray:
     """Orthonormal basis (d,M,3) from modes (d,M,3): rigid-body motions of ``coords``
     projected out (when given), then symmetric (Loewdin) orthonormalisation U (U^T U)^-1/2,
     the orthonormal set closest to the input in the least-squares sense."""
@@ -554,8 +558,10 @@ def _lowdin_polish(W):
 # ----------------------------------------------------------------------------------------
 # the whole computation
 
-def compute_modes(model, n_modes=16, cg="ca", cutoff=15.0, gamma=1.0, solver="auto",
-                  sigma=None, device=None, cg_index=None, log=None):
+def compute_modes(model: AtomicModel, n_modes: int = 16, cg: str = "ca", cutoff: float = 15.0,
+                  gamma: float = 1.0, solver: str = "auto", sigma: Optional[float] = None,
+                  device: Optional[str] = None, cg_index: Optional[np.ndarray] = None,
+                  log: Optional[Callable[[str], None]] = None) -> NormalModes:
     """Normal modes of ``model`` (an :class:`AtomicModel`) interpolated on all its atoms.
 
     ``cg_index`` (indices into the model) overrides the ``cg`` selection. ``sigma`` is the
@@ -706,7 +712,8 @@ def _cg_help(cg):
 # ----------------------------------------------------------------------------------------
 # comparison with a target conformation
 
-def fit_amplitudes(modes, coords0, target_coords):
+def fit_amplitudes(modes: np.ndarray, coords0: np.ndarray,
+                   target_coords: np.ndarray) -> np.ndarray:
     """Least-squares amplitudes z (d,) or (F,d) with coords0 + sum z_l modes[l] ~ target.
 
     ``modes`` (d,M,3); ``target_coords`` (M,3) or (F,M,3), in the frame of ``coords0``.
@@ -723,7 +730,8 @@ def fit_amplitudes(modes, coords0, target_coords):
     return z[:, 0] if single else z.T
 
 
-def floor_rmsd(modes, coords0, target_coords):
+def floor_rmsd(modes: np.ndarray, coords0: np.ndarray,
+               target_coords: np.ndarray) -> Union[float, np.ndarray]:
     """The best RMSD to ``target_coords`` that any amplitude vector can reach:
     min_z RMSD(coords0 + U z, target), the residual of target - coords0 outside the span of
     the modes. ``target_coords`` (M,3) -> float, or (F,M,3) -> (F,) array. No superposition
@@ -740,7 +748,8 @@ def floor_rmsd(modes, coords0, target_coords):
     return float(r[0]) if single else r
 
 
-def target_diagnostics(nm, model, target, target_path=None):
+def target_diagnostics(nm: NormalModes, model: AtomicModel, target: AtomicModel,
+                       target_path: Optional[str] = None) -> dict:
     """Overlaps of the modes with the displacement from ``model`` to ``target``.
 
     Atoms are matched by chain, residue number, insertion code and atom name; the target's
@@ -785,7 +794,7 @@ def target_diagnostics(nm, model, target, target_path=None):
 # ----------------------------------------------------------------------------------------
 # files
 
-def save_modes(path, nm):
+def save_modes(path: str, nm: NormalModes) -> str:
     """Write ``modes.npz`` atomically (``atomic_path``)."""
     path = str(path)
     arrays = {"coords": np.asarray(nm.coords, dtype=np.float32),
@@ -809,7 +818,7 @@ def save_modes(path, nm):
     return path
 
 
-def load_modes(path, orthonormal_tol=1e-4):
+def load_modes(path: str, orthonormal_tol: float = 1e-4) -> NormalModes:
     """Read and check a ``modes.npz`` file: a :class:`NormalModes`.
 
     Raises :class:`NmaemError` with a one-line ``path: problem`` message when the file is
@@ -846,7 +855,7 @@ def load_modes(path, orthonormal_tol=1e-4):
                        eigenvalues=ev.astype(np.float64), atom_ids=ids.astype(str), info=info)
 
 
-def check_modes_match(modes, model, coords_tol=0.01):
+def check_modes_match(modes: NormalModes, model: AtomicModel, coords_tol: float = 0.01) -> None:
     """Raise :class:`NmaemError` unless ``modes`` (a :class:`NormalModes`) were computed on
     ``model``: same atom ids in the same order, and (unless ``coords_tol`` is None) the same
     coordinates within ``coords_tol`` Angstrom."""
@@ -868,7 +877,8 @@ def check_modes_match(modes, model, coords_tol=0.01):
                         "differ by up to %.3g A (another frame or conformation)" % dev)
 
 
-def export_modes(nm, model, out_dir, amplitude=3.0, n_frames=20, prefix="mode"):
+def export_modes(nm: NormalModes, model: AtomicModel, out_dir: str, amplitude: float = 3.0,
+                 n_frames: int = 20, prefix: str = "mode") -> List[str]:
     """Files for viewers in ``out_dir``: ``modes.nmd`` (ProDy NMD, for VMD's NMWiz) and one
     multi-model PDB per mode, ``mode_01.pdb``..., animating X0 + a sin(2 pi k / n_frames) u_l
     with the amplitude chosen so that the largest atom displacement is ``amplitude`` A.

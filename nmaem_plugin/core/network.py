@@ -58,6 +58,7 @@ Loss (``image_loss``)
     scale and offset of real data.
 """
 import math
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -72,7 +73,7 @@ __all__ = ["ENCODER_PRESETS", "normalise_images", "Encoder", "Decoder", "AutoEnc
 LAST_LAYER_GAIN = 1e-3
 
 
-def normalise_images(images, eps=1e-6):
+def normalise_images(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Each image (B, D, D) to zero mean and unit standard deviation over its pixels."""
     flat = images.reshape(images.shape[0], -1)
     mean = flat.mean(dim=1)
@@ -80,7 +81,7 @@ def normalise_images(images, eps=1e-6):
     return (images - mean[:, None, None]) / (std[:, None, None] + eps)
 
 
-def whiten_images(images, input_filter):
+def whiten_images(images: torch.Tensor, input_filter: torch.Tensor) -> torch.Tensor:
     """Images (B, D, D) filtered by ``input_filter`` (D, D//2+1) on their rfft2 grid: with
     :func:`noise.whitening_filter` their noise becomes white (Encoder, "Input whitening")."""
     d = images.shape[-1]
@@ -113,8 +114,9 @@ class Encoder(nn.Module):
     (``pose_max`` radians > 0) a third output, the pose correction v (B, 3) radians; see
     the module doc (:func:`split_outputs` reads either form)."""
 
-    def __init__(self, box, n_modes, filters=(32, 64, 128, 256, 512), hidden=(512, 256),
-                 z_scale=1.0, shift_scale=1.0, pose_max=0.0, input_filter=None):
+    def __init__(self, box: int, n_modes: int, filters: Sequence[int] = (32, 64, 128, 256, 512),
+                 hidden: Sequence[int] = (512, 256), z_scale: float = 1.0,
+                 shift_scale: float = 1.0, pose_max: float = 0.0, input_filter=None):
         super().__init__()
         box, n_modes = int(box), int(n_modes)
         filters, hidden = [int(f) for f in filters], [int(h) for h in hidden]
@@ -146,13 +148,13 @@ class Encoder(nn.Module):
             self.pose_head = _mlp(self.n_features, hidden, 3, gain=0.0)
             self.register_buffer("pose_max", torch.tensor(float(pose_max)))
 
-    def features(self, images):
+    def features(self, images: torch.Tensor) -> torch.Tensor:
         if self.input_filter is not None:
             images = whiten_images(images, self.input_filter)
         x = normalise_images(images)[:, None]
         return torch.flatten(self.trunk(x), 1)
 
-    def forward(self, images):
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         h = self.features(images)
         shift = self.shift_head(h).float() * self.shift_scale
         if self.z_head is None:
@@ -166,12 +168,13 @@ class Encoder(nn.Module):
         return shift, z, u * (self.pose_max * torch.tanh(r) / r)
 
 
-def split_outputs(out):
+def split_outputs(out: Sequence[torch.Tensor]
+                  ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(shift, z, pose correction or None) from an encoder's outputs."""
     return out[0], out[1], (out[2] if len(out) > 2 else None)
 
 
-def pose_penalty(rotvec, prior_sd):
+def pose_penalty(rotvec: torch.Tensor, prior_sd: float) -> torch.Tensor:
     """theta^2 / prior_sd^2 per image (B,): -2 log of the Gaussian prior on the angle
     theta = |v| of the pose correction (``prior_sd`` radians), up to a constant; it is
     added to the chi2 of the image (docs/training.md, "Pose refinement")."""
@@ -187,8 +190,9 @@ class Decoder(nn.Module):
     ``memory_budget`` (bytes; None: the device's default) and ``route`` (``Renderer``).
     """
 
-    def __init__(self, elements, coords, modes, box, apix, centre, offset=(0.0, 0.0),
-                 memory_budget=None, route="auto"):
+    def __init__(self, elements: Sequence[str], coords: np.ndarray, modes: np.ndarray, box: int,
+                 apix: float, centre: Sequence[float], offset: Sequence[float] = (0.0, 0.0),
+                 memory_budget: Optional[int] = None, route: str = "auto"):
         super().__init__()
         self.elements = np.asarray(elements).astype(str)
         self.box, self.apix = int(box), float(apix)
@@ -203,10 +207,10 @@ class Decoder(nn.Module):
         self._renderers = {}
 
     @property
-    def n_modes(self):
+    def n_modes(self) -> int:
         return self.modes.shape[0]
 
-    def renderer(self, device=None):
+    def renderer(self, device: Union[str, torch.device, None] = None) -> Renderer:
         device = torch.device(self.coords.device if device is None else device)
         key = str(device)
         if key not in self._renderers:
@@ -216,30 +220,35 @@ class Decoder(nn.Module):
                                             route=self.route)
         return self._renderers[key]
 
-    def ctf(self, **params):
-        """CTF (B, D, K) on the decoder's grid from per-image tensors (``Renderer.ctf``)."""
-        return self.renderer().ctf(**params)
+    def ctf(self, *args, **kwargs) -> torch.Tensor:
+        """CTF (B, D, K) on the decoder's grid: a :class:`imaging.CTFParams` of per-image
+        tensors, or its fields as arguments (``Renderer.ctf``)."""
+        return self.renderer().ctf(*args, **kwargs)
 
-    def conformations(self, z):
+    def conformations(self, z: torch.Tensor) -> torch.Tensor:
         """X(z) = X0 + sum_l z_l U_l, (B, M, 3); z (B, d) (d may be 0)."""
         if self.n_modes == 0:
             return self.coords.expand(z.shape[0], *self.coords.shape)
         return self.coords + torch.einsum("bd,dmk->bmk", z.float(), self.modes)
 
     @staticmethod
-    def rotations(rotations, rotvec=None):
+    def rotations(rotations: torch.Tensor, rotvec: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The rotations rendered: the file's, or R(v) A with a pose correction v."""
         rotations = rotations.float()
         if rotvec is None:
             return rotations
         return correct_rotations(rotations, rotvec.float())
 
-    def forward(self, z, rotations, shifts, ctf=None, rotvec=None):
+    def forward(self, z: torch.Tensor, rotations: torch.Tensor, shifts: torch.Tensor,
+                ctf: Optional[torch.Tensor] = None,
+                rotvec: Optional[torch.Tensor] = None) -> torch.Tensor:
         r = self.renderer()
         return r.render(self.conformations(z), self.rotations(rotations, rotvec),
                         shifts.float() + self.offset, ctf)
 
-    def render_ft(self, z, rotations, shifts, ctf=None, rotvec=None):
+    def render_ft(self, z: torch.Tensor, rotations: torch.Tensor, shifts: torch.Tensor,
+                  ctf: Optional[torch.Tensor] = None,
+                  rotvec: Optional[torch.Tensor] = None) -> torch.Tensor:
         """rfft2 of :meth:`forward`'s images, (B, D, D//2+1) (for the whitened loss)."""
         r = self.renderer()
         return r.render_ft(self.conformations(z), self.rotations(rotations, rotvec),
@@ -250,7 +259,7 @@ class AutoEncoder(nn.Module):
     """Encoder + decoder. ``forward(images, rotations, base_shift, ctf)`` returns
     (rendered images, predicted shift, z); ``base_shift`` = -origin (Angstrom)."""
 
-    def __init__(self, encoder, decoder):
+    def __init__(self, encoder: "Encoder", decoder: Decoder):
         super().__init__()
         if encoder.n_modes != decoder.n_modes:
             raise ValueError("encoder has %d modes, decoder %d"
@@ -258,14 +267,17 @@ class AutoEncoder(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
 
-    def forward(self, images, rotations, base_shift, ctf=None, encoder=None):
+    def forward(self, images: torch.Tensor, rotations: torch.Tensor, base_shift: torch.Tensor,
+                ctf: Optional[torch.Tensor] = None, encoder: Optional[nn.Module] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         enc = self.encoder if encoder is None else encoder
         shift, z, rotvec = split_outputs(enc(images))
         rendered = self.decoder(z, rotations, base_shift + shift, ctf, rotvec=rotvec)
         return rendered, shift, z
 
 
-def image_loss(images, rendered, kind="l2", penalty=None):
+def image_loss(images: torch.Tensor, rendered: torch.Tensor, kind: str = "l2",
+               penalty: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean loss over the batch (a 0-d tensor); see the module docstring for ``kind``.
 
     ``penalty`` (B,): a prior's -2 log density per image (:func:`pose_penalty`), added on

@@ -78,7 +78,8 @@ class ParticleTable:
     optics: Optional[pd.DataFrame] = field(default=None)
 
     # ------------------------------------------------------------------ checks
-    def require(self, poses=True, ctf=True, images=False):
+    def require(self, poses: bool = True, ctf: bool = True,
+                images: bool = False) -> "ParticleTable":
         """Raise NmaemError naming the file and the missing columns, if any."""
         if poses and self.euler is None:
             fail(self.path, "no poses (missing %s)" % ", ".join(ANGLES))
@@ -94,7 +95,7 @@ class ParticleTable:
         return self
 
     # ------------------------------------------------------------------ views
-    def subset(self, idx):
+    def subset(self, idx: np.ndarray) -> "ParticleTable":
         """A new table with the rows ``idx`` (integer indices or a boolean mask)."""
         idx = np.asarray(idx)
         if idx.dtype == bool:
@@ -112,12 +113,12 @@ class ParticleTable:
         changes["n"] = int(idx.size)
         return replace(self, **changes)
 
-    def rotation_matrices(self):
+    def rotation_matrices(self) -> np.ndarray:
         """(N, 3, 3) float64 RELION matrices A of the poses."""
         self.require(poses=True, ctf=False)
         return euler_to_matrix(self.euler[:, 0], self.euler[:, 1], self.euler[:, 2])
 
-    def origin_or_zero(self):
+    def origin_or_zero(self) -> np.ndarray:
         """(N, 2) origins in Angstrom, zeros when the file has none."""
         if self.origin is None:
             return np.zeros((self.n, 2))
@@ -151,7 +152,8 @@ def _first_bad(values, ok):
     return int(bad[0]) if bad.size else None
 
 
-def check_table(table, warn=None):
+def check_table(table: ParticleTable,
+                warn: Optional[Callable[[str], None]] = None) -> ParticleTable:
     """Validate the metadata of a table just read; returns it.
 
     Fails (one line, naming the file and the first bad row, 1-based) on NaN or infinite

@@ -232,17 +232,17 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
         euler = np.stack([rot, tilt, psi], axis=1)
         shift = rng.normal(0.0, shift_std, (n, 2)) if shift_std > 0 else np.zeros((n, 2))
         dfu = lognormal_defocus(n, defocus_mean, defocus_std, rng)
-        ctf = dict(defocus_u=dfu, defocus_v=dfu.copy(), defocus_angle=np.zeros(n),
-                   voltage=np.full(n, voltage), cs=np.full(n, cs),
-                   amp_contrast=np.full(n, amp_contrast), phase_shift=np.zeros(n),
-                   bfactor=np.zeros(n))
+        ctf = imaging.CTFParams(defocus_u=dfu, defocus_v=dfu.copy(), defocus_angle=np.zeros(n),
+                                voltage=np.full(n, voltage), cs=np.full(n, cs),
+                                amp_contrast=np.full(n, amp_contrast), phase_shift=np.zeros(n),
+                                bfactor=np.zeros(n))
     else:
         euler = like.euler.copy()
         shift = -like.origin_or_zero()
-        ctf = dict(defocus_u=like.defocus_u, defocus_v=like.defocus_v,
-                   defocus_angle=like.defocus_angle, voltage=like.voltage, cs=like.cs,
-                   amp_contrast=like.amp_contrast, phase_shift=like.phase_shift,
-                   bfactor=like.ctf_bfactor)
+        ctf = imaging.CTFParams(defocus_u=like.defocus_u, defocus_v=like.defocus_v,
+                                defocus_angle=like.defocus_angle, voltage=like.voltage,
+                                cs=like.cs, amp_contrast=like.amp_contrast,
+                                phase_shift=like.phase_shift, bfactor=like.ctf_bfactor)
     # render from the matrices of the angles as written (what any reader will use)
     A = poses.euler_to_matrix(euler[:, 0], euler[:, 1], euler[:, 2])
 
@@ -264,8 +264,8 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
     if A_file is not A:
         euler_file = np.stack(poses.matrix_to_euler(A_file), axis=1)
     origin_true = -shift
-    dfu_file = np.asarray(ctf["defocus_u"], float)
-    dfv_file = np.asarray(ctf["defocus_v"], float)
+    dfu_file = np.asarray(ctf.defocus_u, float)
+    dfv_file = np.asarray(ctf.defocus_v, float)
     if nz.defocus_error_sd > 0:
         d_err = stream(seed, "defocus").normal(0.0, nz.defocus_error_sd, n)
         dfu_file, dfv_file = dfu_file + d_err, dfv_file + d_err
@@ -273,7 +273,7 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
                 if nz.contrast_sd > 0 else np.ones(n))
     grey = (stream(seed, "offset").normal(0.0, nz.offset_sd, n) if nz.offset_sd > 0
             else np.zeros(n))
-    render_bfactor = np.asarray(ctf["bfactor"], float) + nz.bfactor
+    render_ctf = ctf.replace(bfactor=np.asarray(ctf.bfactor, float) + nz.bfactor)
 
     _prepare_outdir(out_dir, overwrite)
     renderer = imaging.Renderer(model.elements, box, apix, centre=centre, device=device)
@@ -286,10 +286,7 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
 
             def t(x):
                 return torch.as_tensor(np.asarray(x)[j], dtype=torch.float32, device=device)
-            c = renderer.ctf(defocus_u=t(ctf["defocus_u"]), defocus_v=t(ctf["defocus_v"]),
-                             defocus_angle=t(ctf["defocus_angle"]), voltage=t(ctf["voltage"]),
-                             cs=t(ctf["cs"]), amp_contrast=t(ctf["amp_contrast"]),
-                             phase_shift=t(ctf["phase_shift"]), bfactor=t(render_bfactor))
+            c = renderer.ctf(render_ctf[j].to(device, torch.float32))
             with torch.no_grad():
                 out[s:s + len(j)] = renderer.render(
                     frames_t[torch.as_tensor(frame[j], device=device)], t(A), t(shift), c)
@@ -344,7 +341,7 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
         table.defocus_u, table.defocus_v = dfu_file, dfv_file
     else:
         table = _particle_table(n, stack_paths.astype(str), stack_index, euler_file, origin,
-                                dfu_file, dfv_file, ctf["defocus_angle"],
+                                dfu_file, dfv_file, ctf.defocus_angle,
                                 voltage, cs, amp_contrast, apix, box,
                                 os.path.join(out_dir, "particles.star"))
     vc = torch.cat(var_clean).double()
@@ -360,7 +357,7 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
                   reference_model=(None if reference_model is None
                                    else reference_model.source))
     atomic_savez(os.path.join(out_dir, "ground_truth.npz"), frame=frame.astype(np.int64),
-                 shift=shift.astype(np.float32), euler=euler, defocus_u=np.asarray(ctf["defocus_u"], float),
+                 shift=shift.astype(np.float32), euler=euler, defocus_u=np.asarray(ctf.defocus_u, float),
                  euler_file=np.asarray(euler_file, float),
                  origin_file=np.asarray(origin, float),
                  defocus_u_file=dfu_file, defocus_v_file=dfv_file,

@@ -2,11 +2,15 @@
 import os
 import warnings
 from collections import OrderedDict
+from typing import TYPE_CHECKING, Sequence, Tuple
 
 import numpy as np
 
 from .atomic import atomic_open
 from .errors import fail
+
+if TYPE_CHECKING:
+    from .particles import ParticleTable
 
 __all__ = ["ImageStack", "write_stack", "stack_box", "is_mrc", "MRC_EXTENSIONS"]
 
@@ -18,7 +22,7 @@ def is_mrc(path) -> bool:
     return os.path.splitext(os.fspath(path))[1].lower() in MRC_EXTENSIONS
 
 
-def stack_box(stack, default=0):
+def stack_box(stack: str, default: int = 0) -> int:
     """Image size of an MRC stack from its header, ``default`` when it cannot be read
     (``default=None``: raise the reading error)."""
     try:
@@ -46,7 +50,7 @@ class ImageStack:
     the size differs from the table's box (``rlnImageSize``) or between stacks.
     """
 
-    def __init__(self, table, check=True, max_open=32):
+    def __init__(self, table: "ParticleTable", check: bool = True, max_open: int = 32):
         table.require(poses=False, ctf=False, images=True)
         self.table = table
         self.max_open = max(1, int(max_open))
@@ -114,7 +118,7 @@ class ImageStack:
         return self.table.n
 
     @property
-    def shape(self):
+    def shape(self) -> Tuple[int, int]:
         return (self._D, self._D)
 
     def _file(self, k):
@@ -135,7 +139,7 @@ class ImageStack:
             os.close(old)
         return f
 
-    def read(self, indices):
+    def read(self, indices: Sequence[int]) -> np.ndarray:
         """Images of the table rows ``indices`` (any order), float32 (n, D, D)."""
         ind = np.asarray(indices, dtype=np.int64).reshape(-1)
         if ind.size and (ind.min() < -self.table.n or ind.max() >= self.table.n):
@@ -161,7 +165,7 @@ class ImageStack:
                 out[w] = np.frombuffer(buf, dtype=dtype).reshape(ny, nx)
         return out
 
-    def close(self):
+    def close(self) -> None:
         for fd, _ in self._open.values():
             os.close(fd)
         self._open.clear()
@@ -179,7 +183,7 @@ class ImageStack:
             pass
 
 
-def write_stack(path, images, apix):
+def write_stack(path: str, images: np.ndarray, apix: float) -> None:
     """Write images (n, D, D) as a float32 MRC stack, atomically, with voxel size apix."""
     from mrcfile.mrcinterpreter import MrcInterpreter
     path = os.fspath(path)

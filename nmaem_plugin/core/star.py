@@ -7,6 +7,7 @@ Python's shortest exact representation, so that a write-read round trip is exact
 import os
 import shlex
 from collections import OrderedDict
+from typing import Dict, Optional
 
 import numpy as np
 import pandas as pd
@@ -38,7 +39,7 @@ def _tokens(line):
     return line.split()
 
 
-def read_star_blocks(path):
+def read_star_blocks(path: str) -> Dict[str, pd.DataFrame]:
     """Parse a STAR file into ``{block name: DataFrame}`` (loops and key-value blocks).
 
     Numbers are parsed exactly (Python's float); a column is int64 when every value is
@@ -155,7 +156,7 @@ def _num(path, df, col, dtype=np.float64):
 
 # ============================================================================ reading
 
-def read_star(path, root=None):
+def read_star(path: str, root: Optional[str] = None) -> ParticleTable:
     """A :class:`ParticleTable` of a RELION STAR particle file (3.0 or 3.1+)."""
     blocks = read_star_blocks(path)
     optics = blocks.get("optics")
@@ -328,7 +329,8 @@ def _optics_groups(table):
     return gid, sorted(reps)
 
 
-def write_star(path, table, extra_columns=None):
+def write_star(path: str, table: ParticleTable,
+               extra_columns: Optional[pd.DataFrame] = None) -> None:
     """Write ``table`` as a RELION 3.1 STAR file (data_optics + data_particles), atomically.
 
     Image names are written relative to the STAR file's folder when the stack lies

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import time
+from typing import TYPE_CHECKING, Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from .atomic import atomic_copy, atomic_open, atomic_savez
 from .data import ParticleImages, ParticleMetadata, epoch_order, make_loader
 from .distributed import ProcessGroup, is_oom, rank_batches, resolve_device
 from .errors import NmaemError, fail
+
+if TYPE_CHECKING:
+    from .network import AutoEncoder
 from .normstats import recompute_from_dataset, resolve_batch
 from .outputs import check_run_dir
 from .runfolder import (FIT_CHECK_FILE, NOISE_FILE, TrainConfig, checkpoint_dir,
@@ -45,7 +49,7 @@ DEFAULTS = TrainConfig().as_dict()     # the options and their defaults: runfold
 RESUMABLE = TrainConfig.RESUMABLE
 
 
-def epoch_lr(cfg, epoch):
+def epoch_lr(cfg: dict, epoch: int) -> float:
     """Learning rate of 0-based ``epoch``: ``lr`` (constant, the paper's) or, for
     ``cosine``, lr (1 + cos(pi epoch / epochs)) / 2, from lr at epoch 0 towards 0."""
     lr = float(cfg["lr"])
@@ -71,7 +75,9 @@ def _check_table(table):
     return int(boxes[0]), float(apixes[0])
 
 
-def prepare_run(out, particles=None, ref=None, modes=None, resume=False, log=print, **settings):
+def prepare_run(out: str, particles: Optional[str] = None, ref: Optional[str] = None,
+                modes: Optional[str] = None, resume: bool = False,
+                log: Callable[[str], None] = print, **settings) -> dict:
     """Check the inputs and create (or, with ``resume``, update) the run folder ``out``.
 
     Returns the run configuration. Raises NmaemError (one line) on bad input: particles
@@ -261,7 +267,7 @@ def _fit_check(table, model, particles, ref, s, log):
 
 # ============================================================================ model
 
-def build_autoencoder(cfg, run_dir):
+def build_autoencoder(cfg: dict, run_dir: str) -> "AutoEncoder":
     """The autoencoder described by a run configuration (untrained, on the CPU)."""
     from .modes import check_modes_match, load_modes
     from .network import AutoEncoder, Decoder, Encoder
@@ -320,7 +326,8 @@ def _check_belongs(path, ck, cfg, run_dir, encoder):
                        "those of %s" % run_dir)
 
 
-def load_trained(run_dir, device="cpu", checkpoint=None):
+def load_trained(run_dir: str, device: Union[str, torch.device] = "cpu",
+                 checkpoint: Optional[str] = None) -> Tuple["AutoEncoder", dict]:
     """(autoencoder in eval mode on ``device``, config dict) of a trained run;
     ``checkpoint``: see :func:`checkpoint_path`."""
     run_dir = os.path.abspath(run_dir)
@@ -372,7 +379,7 @@ def _is_best(history):
     return bool(np.isfinite(v)) and all(not (o < v) for o in vals[:-1] if np.isfinite(o))
 
 
-def save_checkpoint(run_dir, ck, keep):
+def save_checkpoint(run_dir: str, ck: dict, keep: int) -> None:
     """Write epoch_NNNN.pt, best.pt when this epoch has the lowest validation loss so far,
     then last.pt. last.pt is written last, so a run killed in between redoes the epoch on
     --resume and writes best.pt again."""
@@ -396,7 +403,8 @@ def _fmt_loss(x):
     return "%.6g" % x
 
 
-def train_run(run_dir, log=print, stop_after=None):
+def train_run(run_dir: str, log: Callable[[str], None] = print,
+              stop_after: Optional[int] = None):
     """Train (or continue training) the prepared run ``run_dir`` to ``config['epochs']``.
 
     Runs alone or as one process of a torchrun group (WORLD_SIZE > 1: DDP over the
@@ -504,7 +512,7 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
     prior_sd = math.radians(float(cfg.get("pose_prior_sd") or 1.0))
 
     def forward(enc, images, rows):
-        rot, base, ctf_p = meta.batch(rows)
+        rot, base, ctf_params = meta.batch(rows)
         if use_bf16:
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
                 out = enc(images)
@@ -513,7 +521,7 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
             out = enc(images)
         shift, z, rotvec = split_outputs(out)
         penalty = None if rotvec is None else pose_penalty(rotvec, prior_sd)
-        ctf = ae.decoder.ctf(**ctf_p)
+        ctf = ae.decoder.ctf(ctf_params)
         if likelihood is not None:
             rendered_ft = ae.decoder.render_ft(z, rot, base + shift, ctf, rotvec=rotvec)
             return likelihood(images, rendered_ft, meta.optics_group[rows], penalty=penalty)
@@ -635,8 +643,9 @@ def _plain(obj):
 
 # ============================================================================ entry points
 
-def train(out, particles=None, ref=None, modes=None, resume=False, log=print, stop_after=None,
-          **settings):
+def train(out: str, particles: Optional[str] = None, ref: Optional[str] = None,
+          modes: Optional[str] = None, resume: bool = False, log: Callable[[str], None] = print,
+          stop_after: Optional[int] = None, **settings):
     """Prepare (or resume) the run ``out`` and train it in this process, holding the run's
     lock (``runfolder.run_lock``); returns the history."""
     with run_lock(out, log=log):

@@ -333,6 +333,98 @@ class TestCropAndNoise(unittest.TestCase):
         snr = 10 * np.log10(clean.var().item() / (noisy - clean).var().item())
         self.assertAlmostEqual(snr, -20.0, delta=0.1)
 
+def relion_ctf_numpy(D, apix, U, V, angle, kv, cs_mm, q0, phase_deg, bfactor):
+    """RELION's CTF (ctf.h) in float64 numpy on the rfft2 grid of a D x D box, (N, D, D//2+1):
+    -sin(K1 deltaf u2 + K2 u2^2 - K5 - K3) exp(-B u2 / 4), deltaf = -(mean defocus +
+    deviation cos(2 (azimuth - angle))), K1 = pi lambda, K2 = pi/2 Cs lambda^3,
+    K3 = atan(Q0 / sqrt(1 - Q0^2)), K5 = phase shift (radians)."""
+    fy = np.fft.fftfreq(D)[:, None] / apix                 # cycles per Angstrom
+    fx = (np.arange(D // 2 + 1) / (D * apix))[None, :]
+    u2, az = fx ** 2 + fy ** 2, np.arctan2(fy, fx)
+    out = []
+    for i in range(len(U)):
+        volts = kv[i] * 1e3
+        lam = 12.2643247 / np.sqrt(volts * (1.0 + volts * 0.978466e-6))
+        deltaf = -(0.5 * (U[i] + V[i]) + 0.5 * (U[i] - V[i]) * np.cos(2.0 * (az - np.radians(angle[i]))))
+        k1, k2 = np.pi * lam, 0.5 * np.pi * cs_mm[i] * 1e7 * lam ** 3
+        k3, k5 = np.arctan(q0[i] / np.sqrt(1.0 - q0[i] ** 2)), np.radians(phase_deg[i])
+        out.append(-np.sin(k1 * deltaf * u2 + k2 * u2 ** 2 - k5 - k3)
+                   * np.exp(-bfactor[i] * u2 / 4.0))
+    return np.array(out)
+
+
+class TestCTFParams(unittest.TestCase):
+    """``CTFParams`` (the CTF/optics of a batch) gives the images the keyword path gave."""
+    D, APIX, N = 32, 1.3, 7
+
+    def setUp(self):
+        import pandas as pd
+        from nmaem_plugin.core.particles import ParticleTable
+        rng = np.random.default_rng(3)
+        n = self.N
+        u = rng.uniform(5000.0, 25000.0, n)
+        self.table = ParticleTable(
+            path="ctf.star", n=n, image_names=None, stack_paths=None, stack_index=None,
+            euler=rng.uniform(-180.0, 180.0, (n, 3)), origin=None,
+            defocus_u=u, defocus_v=u - rng.uniform(0.0, 2000.0, n),
+            defocus_angle=rng.uniform(-180.0, 180.0, n),
+            phase_shift=rng.uniform(0.0, 90.0, n), ctf_bfactor=rng.uniform(0.0, 150.0, n),
+            voltage=rng.choice([200.0, 300.0], n), cs=rng.choice([0.01, 2.7], n),
+            amp_contrast=rng.choice([0.07, 0.1], n), apix=np.full(n, self.APIX),
+            box=np.full(n, self.D, np.int64), optics_group=np.ones(n, np.int64),
+            extra=pd.DataFrame(index=range(n)))
+        self.renderer = im.Renderer(np.array(["C"]), self.D, self.APIX)
+
+    def old_dict(self, cast):
+        """The dict that ParticleMetadata and fitcheck built before CTFParams."""
+        t = self.table
+        return dict(defocus_u=cast(t.defocus_u), defocus_v=cast(t.defocus_v),
+                    defocus_angle=cast(t.defocus_angle), voltage=cast(t.voltage),
+                    cs=cast(t.cs), amp_contrast=cast(t.amp_contrast),
+                    phase_shift=cast(t.phase_shift), bfactor=cast(t.ctf_bfactor))
+
+    def test_particle_batch_equals_dict_path_bit_for_bit(self):
+        from nmaem_plugin.core.data import ParticleMetadata
+        rows = torch.tensor([4, 0, 6, 2])
+        _, _, params = ParticleMetadata(self.table, "cpu").batch(rows)
+        self.assertIsInstance(params, im.CTFParams)
+        old = {k: v[rows] for k, v in self.old_dict(
+            lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))).items()}
+        before = im.ctf_2d(self.renderer.grid.fx, self.renderer.grid.fy, **old)
+        self.assertTrue(torch.equal(self.renderer.ctf(params), before))
+        self.assertTrue(torch.equal(self.renderer.ctf(**old), before))
+        positional = [old[k] for k in ("defocus_u", "defocus_v", "defocus_angle", "voltage",
+                                       "cs", "amp_contrast", "phase_shift", "bfactor")]
+        self.assertTrue(torch.equal(self.renderer.ctf(*positional), before))
+        from nmaem_plugin.core.network import Decoder
+        dec = Decoder(["C"], np.zeros((1, 3)), np.zeros((0, 1, 3)), self.D, self.APIX,
+                      centre=[0.0, 0.0, 0.0])
+        self.assertTrue(torch.equal(dec.ctf(params), before))
+        # fitcheck and simulate cast the float64 arrays with torch, from_table with numpy
+        torch_cast = self.old_dict(lambda a: torch.as_tensor(
+            np.asarray(a, dtype=np.float64), dtype=torch.float32))
+        self.assertTrue(torch.equal(self.renderer.ctf(im.CTFParams.from_table(self.table)),
+                                    self.renderer.ctf(**torch_cast)))
+
+    def test_float64_matches_relion_formula(self):
+        t = self.table
+        grid = im.FourierGrid(self.D, self.APIX, dtype=torch.float64)
+        got = grid.ctf(im.CTFParams.from_table(t, dtype=torch.float64)).numpy()
+        ref = relion_ctf_numpy(self.D, self.APIX, t.defocus_u, t.defocus_v, t.defocus_angle,
+                               t.voltage, t.cs, t.amp_contrast, t.phase_shift, t.ctf_bfactor)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
+
+    def test_select_and_move(self):
+        p = im.CTFParams(defocus_u=np.array([1e4, 2e4, 3e4]), defocus_v=np.array([1e4, 2e4, 3e4]),
+                         defocus_angle=0.0, voltage=300.0, cs=2.7, amp_contrast=0.1)
+        q = p[np.array([2, 0])].to(dtype=torch.float32)
+        self.assertEqual(q.defocus_u.tolist(), [3e4, 1e4])
+        self.assertEqual(q.defocus_u.dtype, torch.float32)
+        self.assertEqual((q.voltage, q.phase_shift, q.bfactor), (300.0, 0.0, 0.0))
+        self.assertEqual(q.replace(cs=0.01).cs, 0.01)
+        with self.assertRaises(Exception):
+            q.cs = 1.0                                   # frozen
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -137,8 +137,8 @@ class TestPreciseBN(unittest.TestCase):
         with torch.no_grad():
             for rows, images in make_loader(ParticleImages(table, cfg["box"]), [val], 0,
                                             False):
-                rot, base, ctf_p = meta.batch(rows)
-                ctf = ae.decoder.ctf(**ctf_p)
+                rot, base, ctf_params = meta.batch(rows)
+                ctf = ae.decoder.ctf(ctf_params)
                 for k, enc in enumerate((ae.encoder, batch_enc)):
                     shift, z = enc(images)
                     sums[k] += float(image_loss(images, ae.decoder(z, rot, base + shift, ctf),

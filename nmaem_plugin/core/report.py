@@ -14,12 +14,18 @@ from .atomic import atomic_open
 from .errors import fail
 
 
-def _frames_for(latent, truth_dir):
+def _truth_file(truth_dir):
+    """TRUTH/ground_truth.npz, or a one-line error when the folder or the file is missing."""
     gt_path = os.path.join(truth_dir, "ground_truth.npz")
     if not os.path.isdir(truth_dir):
         fail(truth_dir, "no such simulated dataset folder")
     if not os.path.isfile(gt_path):
         fail(gt_path, "missing: --truth must be a folder written by nmaem simulate")
+    return gt_path
+
+
+def _frames_for(latent, truth_dir):
+    gt_path = _truth_file(truth_dir)
     try:
         with np.load(gt_path, allow_pickle=False) as f:
             frame = f["frame"] if "frame" in f.files else None
@@ -132,6 +138,8 @@ def write_report(run_dir, out_dir, latent=None, modes=None, truth=None, models=N
     listing = read_models_listing(models) if models is not None else None
     state_table = states_rows(states) if states is not None else None
     lat = read_latent(latent) if latent is not None else None   # checks before any output
+    if truth is not None:
+        _truth_file(truth)          # a missing truth fails before the provenance warnings
     if lat is not None and config.get("reference") and config.get("modes"):
         from .provenance import check_latent
         check_latent(lat, run_dir, config)          # made by this run (provenance.py)

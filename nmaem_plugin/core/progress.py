@@ -24,7 +24,8 @@ def release_memory():
         _libc.malloc_trim(0)
 
 
-def _fmt_time(s):
+def fmt_time(s):
+    """Seconds as 42s, 3m05s or 1h02m."""
     s = int(round(s))
     if s >= 3600:
         return "%dh%02dm" % (s // 3600, (s % 3600) // 60)
@@ -58,5 +59,5 @@ class Progress:
             pct = 100.0 * self.done / self.total if self.total else 100.0
             self.stream.write("%s: %d/%d %s (%3.0f%%), %.1f %s/s, ETA %s%s\n"
                               % (self.label, self.done, self.total, self.unit, pct, r,
-                                 self.unit, _fmt_time(eta), (" " + extra) if extra else ""))
+                                 self.unit, fmt_time(eta), (" " + extra) if extra else ""))
             self.stream.flush()

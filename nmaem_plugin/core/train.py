@@ -604,9 +604,13 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
             save_checkpoint(run_dir, checkpoint(epoch + 1), cfg.get("keep", 3))
             last_saved = time.perf_counter()
             write_log(run_dir, history)
-            say("train: epoch %d/%d  train loss %s  val loss %s  %.1f images/s  %.1f s"
+            from .progress import fmt_time
+            done = [r["seconds"] for r in history[start:]]
+            eta = (end - epoch - 1) * sum(done) / len(done)
+            say("train: epoch %d/%d  train loss %s  val loss %s  %.1f images/s  %.1f s%s"
                 % (epoch + 1, epochs, _fmt_loss(row["train_loss"]), _fmt_loss(row["val_loss"]),
-                   row["images_per_s"], row["seconds"]))
+                   row["images_per_s"], row["seconds"],
+                   "  ETA %s" % fmt_time(eta) if epoch + 1 < end else ""))
         dist.barrier()
     return history
 

@@ -231,10 +231,12 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         self.assertIn("--checkpoint best", _logText(prot))
         ref = os.path.join(self.getOutputPath(), "latent_best.npz")
         infer(prot._getExtraPath("input_particles.star"), self._runDir(), ref, checkpoint="best",
-              log=lambda *a: None)
+              batch=64, log=lambda *a: None)
+        # float32 sums (the input-whitening FFTs, convolutions) may differ in the last bits
+        # between the protocol's process and this one (threads): equal to 1e-5
         with np.load(prot._getExtraPath("latent.npz")) as a, np.load(ref) as b:
-            np.testing.assert_array_equal(a["z"], b["z"])
-            np.testing.assert_array_equal(a["shift"], b["shift"])
+            np.testing.assert_allclose(a["z"], b["z"], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(a["shift"], b["shift"], rtol=1e-5, atol=1e-5)
 
     def test_infer_validate_box(self):
         prot = self.newProtocol(NmaemProtInfer)

@@ -346,16 +346,20 @@ def readSetOfParticles(starFile, partSet, extraAttributes=None, particleIds=None
 
 # ============================================================================ latent -> Flexibility Hub
 
+def _checkedLatent(latentFile):
+    """The ``core.latent.Latent`` of a file, its rows distinct (one per particle)."""
+    from .core.latent import read_latent
+    lat = read_latent(latentFile)           # one-line NmaemError on a bad file
+    if len(np.unique(lat.index)) != lat.n:
+        raise ValueError("%s: 'index' must hold distinct non-negative rows" % latentFile)
+    return lat
+
+
 def readLatent(latentFile):
     """``(z (N, d) float32, shift (N, 2) float32 or None, index (N,) int64)`` of a
     ``latent.npz`` file, checked against the contract of DESIGN.md."""
-    from .core.latent import read_latent
-    lat = read_latent(latentFile)           # one-line NmaemError on a bad file
-    z, shift, index = lat.z.astype(np.float32), lat.shift.astype(np.float32), lat.index
-    n = lat.n
-    if len(np.unique(index)) != n:
-        raise ValueError("%s: 'index' must hold distinct non-negative rows" % latentFile)
-    return z, shift, index
+    lat = _checkedLatent(latentFile)
+    return lat.z.astype(np.float32), lat.shift.astype(np.float32), lat.index
 
 
 def starRowIds(starFile):
@@ -470,9 +474,9 @@ def setOfParticlesFlexFromLatent(inputSet, latentFile, outputSet, starFile=None,
     from pwem.objects import FlexInfo, ParticleFlex, Transform
     from pyworkflow.object import Integer
 
-    from .core.latent import read_latent
-    z, shift, index = readLatent(latentFile)
-    poseCorrection = read_latent(latentFile).pose_correction if foldPose else None
+    lat = _checkedLatent(latentFile)        # read once
+    z, shift, index = lat.z.astype(np.float32), lat.shift.astype(np.float32), lat.index
+    poseCorrection = lat.pose_correction if foldPose else None
     rowIds = (starRowIds(starFile) if starFile is not None
               else np.asarray([p.getObjId() for p in inputSet.iterItems(orderBy="id")],
                               dtype=np.int64))

@@ -151,13 +151,10 @@ def assign_ranges(z, boxes: Sequence) -> States:
     return States(label, np.array(reps), "ranges", info)
 
 
-def _width(n):
-    return max(2, len(str(n)))
-
-
 def state_names(n: int) -> List[str]:
     """``state_01``, ``state_02``, ... (two digits at least)."""
-    return ["state_%0*d" % (_width(n), k + 1) for k in range(n)]
+    from .export import numbered_name
+    return [numbered_name("state", k, n) for k in range(n)]
 
 
 def write_thumbnails(out_dir, names, model, nm, z):

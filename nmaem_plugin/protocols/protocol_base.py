@@ -177,6 +177,11 @@ class NmaemProtBase(EMProtocol):
         return []
 
     # ------------------------------------------------------------------ particles with z
+    @staticmethod
+    def _textLines(param):
+        """The non-empty lines of a text parameter, stripped."""
+        return [ln.strip() for ln in (param.get() or "").splitlines() if ln.strip()]
+
     def _runDir(self):
         """The training run folder of the protocol's ``inputNetwork`` when one is chosen,
         else the one the ``inputParticles`` (Flexibility Hub particles) record."""

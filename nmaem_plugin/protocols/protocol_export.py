@@ -115,7 +115,7 @@ class NmaemProtExport(NmaemProtBase):
         })
 
     def _zLines(self):
-        return [ln.strip() for ln in (self.amplitudes.get() or "").splitlines() if ln.strip()]
+        return self._textLines(self.amplitudes)
 
     # ------------------------------------------------------------------ steps
     def _insertAllSteps(self):

@@ -99,7 +99,7 @@ class NmaemProtStates(NmaemProtBase):
         })
 
     def _rangeLines(self):
-        return [ln.strip() for ln in (self.ranges.get() or "").splitlines() if ln.strip()]
+        return self._textLines(self.ranges)
 
     # ------------------------------------------------------------------ steps
     def _insertAllSteps(self):

@@ -26,7 +26,7 @@ import time
 import unittest
 
 from nmaem_plugin import DATA_DIR
-from nmaem_plugin.tests.core.cli_fixture import NMAEM, md5, nmaem, run_steps
+from nmaem_plugin.tests.core.cli_fixture import NMAEM, md5, nmaem, tiny_chain
 
 OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 CLOSED = os.path.join(DATA_DIR, "ak_closed_1ake.pdb")
@@ -83,21 +83,10 @@ def temporaries(folder):
 
 def setUpModule():
     tmp = tempfile.mkdtemp(prefix="nmaem-diskfull-")
-    F.update(tmp=tmp, sim=os.path.join(tmp, "sim"), modes=os.path.join(tmp, "modes.npz"),
-             run=os.path.join(tmp, "run"), latent=os.path.join(tmp, "latent.npz"),
-             runner=os.path.join(tmp, "runner.py"))
+    F["runner"] = os.path.join(tmp, "runner.py")
     with open(F["runner"], "w") as fh:
         fh.write(RUNNER)
-    F["star"] = os.path.join(F["sim"], "particles.star")
-    F["ref"] = os.path.join(F["sim"], "reference.pdb")
-    steps = [("simulate", "--ref", OPEN, "--target", CLOSED, "--frames", "3", "--n", "12",
-              "--box", "32", "--apix", "3", "--no-noise", "--device", "cpu", "-o", F["sim"]),
-             ("modes", F["ref"], "--n-modes", "2", "--device", "cpu", "-o", F["modes"]),
-             ("train", "--particles", F["star"], "--ref", F["ref"], "--modes", F["modes"],
-              "-o", F["run"]) + TRAIN[:1] + ("1",) + TRAIN[2:],
-             ("infer", "--particles", F["star"], "--model", F["run"], "-o", F["latent"],
-              "--device", "cpu")]
-    run_steps(steps)
+    F.update(tiny_chain(tmp, TRAIN[:1] + ("1",) + TRAIN[2:]))
 
 
 def tearDownModule():

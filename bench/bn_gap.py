@@ -49,14 +49,15 @@ def quiet(*a, **k):
 
 def make_data(work, n, snr_db, seed):
     from nmaem_plugin.core.modes import compute_modes, save_modes
-    from nmaem_plugin.core.simulate import load_frames, simulate
+    from nmaem_plugin.core.simulate import SimulationSettings, load_frames, simulate
     from nmaem_plugin.core.structure import read_model
     sim = os.path.join(work, "sim")
     if not os.path.isfile(os.path.join(sim, "modes.npz")):
         model, frames = load_frames(ref=os.path.join(DATA_DIR, "ak_open_4ake.pdb"),
                                     target=os.path.join(DATA_DIR, "ak_closed_1ake.pdb"),
                                     n_frames=20)
-        simulate(sim, model, frames, n=n, box=64, apix=2.4, snr_db=snr_db, seed=seed,
+        simulate(sim, model, frames,
+                 SimulationSettings(n=n, box=64, apix=2.4, snr_db=snr_db, seed=seed),
                  device="cpu", log=quiet, overwrite=True)
         save_modes(os.path.join(sim, "modes.npz"),
                    compute_modes(read_model(os.path.join(sim, "reference.pdb")), n_modes=16,

@@ -5,10 +5,14 @@ Each subcommand has ``--help``, prints progress for long work, and on bad input 
 """
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from .choices import (CG_CHOICES, DISTRIBUTIONS, ENCODERS, LOSSES, LR_SCHEDULES, MODEL_FORMATS,
                       MODES_SOLVERS, RENDER_ROUTES)
 from .errors import NmaemError
+
+if TYPE_CHECKING:                     # the commands import their modules when they run
+    from .simulate import SimulationSettings
 
 
 def _add_modes(subparsers):
@@ -204,7 +208,20 @@ def nuisances_from_args(args):
     return base.with_(**changes)
 
 
-def _run_simulate(args):
+def simulation_settings_from_args(args) -> "SimulationSettings":
+    """The :class:`simulate.SimulationSettings` of ``nmaem simulate``'s options, validated
+    (``n`` None with ``--like``: all of the file's particles; else default 50,000)."""
+    from .simulate import SimulationSettings
+    n = args.n if (args.n is not None or args.like) else 50000
+    return SimulationSettings(
+        n=n, distribution=args.distribution, box=args.box, apix=args.apix,
+        snr_db=None if args.no_noise else args.snr_db, defocus_mean=args.defocus_mean,
+        defocus_std=args.defocus_std, shift_std=args.shift_std, voltage=args.voltage,
+        cs=args.cs, amp_contrast=args.amp_contrast, seed=args.seed,
+        unknown_shifts=args.unknown_shifts, nuisances=nuisances_from_args(args)).validate()
+
+
+def _run_simulate(args) -> int:
     from .particles import read_particles
     from .simulate import load_frames, simulate
     from .structure import read_model
@@ -212,27 +229,18 @@ def _run_simulate(args):
         raise NmaemError("--like needs a model to render: give --ref (or --trajectory)")
     if args.trajectory and (args.ref or args.target):
         raise NmaemError("give either --trajectory or --ref/--target, not both")
-    import math
     from .outputs import OVERWRITE_HINT, check_output_dir
-    if not args.no_noise and not math.isfinite(args.snr_db):
-        raise NmaemError("--snr-db must be a finite number of decibels (got %s); "
-                         "--no-noise gives noise-free images" % args.snr_db)
+    settings = simulation_settings_from_args(args)
     check_output_dir(args.output, ["particles.star", "ground_truth.npz", "frames.pdb",
                                    "reference.pdb"],
                      inputs=[args.trajectory, args.ref, args.target, args.like,
                              args.reference_model], force=args.force, hint=OVERWRITE_HINT)
-    nuisances = nuisances_from_args(args)
     model, frames = load_frames(args.trajectory, args.ref, args.target, args.frames)
     like = read_particles(args.like) if args.like else None
     reference_model = read_model(args.reference_model) if args.reference_model else None
-    n = args.n if (args.n is not None or like is not None) else 50000
-    simulate(args.output, model, frames, n=n, distribution=args.distribution, box=args.box,
-             apix=args.apix, snr_db=None if args.no_noise else args.snr_db,
-             defocus_mean=args.defocus_mean, defocus_std=args.defocus_std,
-             shift_std=args.shift_std, voltage=args.voltage, cs=args.cs,
-             amp_contrast=args.amp_contrast, seed=args.seed, like=like,
-             unknown_shifts=args.unknown_shifts, chunk=args.chunk, device=args.device,
-             overwrite=args.force, nuisances=nuisances, reference_model=reference_model)
+    simulate(args.output, model, frames, settings, like=like,
+             reference_model=reference_model, chunk=args.chunk, device=args.device,
+             overwrite=args.force)
     return 0
 
 

@@ -27,8 +27,11 @@ every atom unless ``consensus_poses``) and the generation parameters),
 in the same frame: the X0 to train with).
 """
 import json
+import math
 import os
 import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -45,16 +48,91 @@ from .stacks import write_stack
 from .star import write_star
 from .progress import Progress, release_memory
 from .provenance import dumps, particle_fingerprint
-from .structure import kabsch, match_atoms, read_model, read_trajectory, superpose, write_models
+from .structure import (AtomicModel, kabsch, match_atoms, read_model, read_trajectory,
+                        superpose, write_models)
 
-__all__ = ["DISTRIBUTIONS", "frame_probabilities", "sample_frames", "uniform_rotations",
-           "lognormal_defocus", "morph_frames", "simulate"]
+__all__ = ["DISTRIBUTIONS", "SimulationSettings", "frame_probabilities", "sample_frames",
+           "uniform_rotations", "lognormal_defocus", "morph_frames", "simulate", "load_frames"]
+
+
+# ----------------------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    """What a synthetic dataset is: its size, image formation and randomness.
+
+    ``n`` particles (None: all of a ``like`` file's), drawn over the frames by
+    ``distribution``; images of ``box`` pixels of ``apix`` Angstrom; ``snr_db`` the SNR in
+    dB, 10 log10(var(clean CTF image) / var(noise)) (None: noise-free); defocus log-normal
+    with mean ``defocus_mean`` and standard deviation ``defocus_std`` (um); 2D shifts
+    N(0, ``shift_std``^2) per axis (A); the optics ``voltage`` (kV), ``cs`` (mm) and
+    ``amp_contrast``; ``seed`` for every draw; ``recentre`` the reference's centre of mass
+    to the box centre; ``unknown_shifts`` writes zero origins; ``nuisances`` the nuisances
+    of real data (:class:`nuisances.Nuisances`). With a ``like`` file its n, box and pixel
+    size replace these (:meth:`matching`). The defaults are those of :func:`simulate`'s
+    Python callers; ``nmaem simulate`` has its own (50,000 particles).
+    """
+    n: Optional[int] = 1000
+    distribution: str = "uniform"
+    box: int = 192
+    apix: float = 0.8
+    snr_db: Optional[float] = -20.0
+    defocus_mean: float = 1.0
+    defocus_std: float = 0.3
+    shift_std: float = 0.0
+    voltage: float = 300.0
+    cs: float = 2.7
+    amp_contrast: float = 0.1
+    seed: int = 0
+    recentre: bool = True
+    unknown_shifts: bool = False
+    nuisances: Nuisances = field(default_factory=Nuisances)
+
+    def validate(self) -> "SimulationSettings":
+        """Raise :class:`NmaemError` (one line, naming the option) on a setting no dataset
+        can have; returns ``self``. ``n`` None is allowed (a ``like`` file's count)."""
+        if self.n is not None and int(self.n) < 1:
+            raise NmaemError("--n must be at least 1")
+        if self.distribution not in DISTRIBUTIONS:
+            raise NmaemError("unknown distribution %r (choose from %s)"
+                             % (self.distribution, ", ".join(DISTRIBUTIONS)))
+        if self.box < 8 or self.box % 2:
+            raise NmaemError("--box must be even and at least 8 (got %d)" % self.box)
+        if self.apix <= 0:
+            raise NmaemError("--apix must be positive (got %g)" % self.apix)
+        if self.snr_db is not None and not math.isfinite(self.snr_db):
+            raise NmaemError("--snr-db must be a finite number of decibels (got %s); "
+                             "--no-noise gives noise-free images" % self.snr_db)
+        _check_defocus(self.defocus_mean, self.defocus_std)
+        return self
+
+    def matching(self, like: ParticleTable) -> "SimulationSettings":
+        """These settings for rendering like the particle table ``like``: its first ``n``
+        particles (all when ``n`` is None), its box and pixel size, no recentring (the model
+        is taken as docked in its map). One-line error naming the file when its box is
+        unknown or not one box and pixel size."""
+        if self.n is not None and int(self.n) < 1:
+            self.validate()                 # the --n error, before the file's
+        n = like.n if self.n is None else min(int(self.n), like.n)
+        sub = like.subset(np.arange(n))
+        if np.any(sub.box <= 0):
+            fail(like.path, "image size unknown (no rlnImageSize and no readable stack)")
+        if len(np.unique(sub.box)) != 1 or len(np.unique(sub.apix)) != 1:
+            fail(like.path, "particles of several box or pixel sizes; split the file by "
+                            "optics group first")
+        return self.with_(n=n, box=int(sub.box[0]), apix=float(sub.apix[0]), recentre=False)
+
+    def with_(self, **changes: Any) -> "SimulationSettings":
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 
 # ----------------------------------------------------------------------------- sampling
 
-def frame_probabilities(n_frames, distribution):
+def frame_probabilities(n_frames: int, distribution: str) -> np.ndarray:
     """Probability of each frame (n_frames,) under a named distribution (module doc)."""
     F = int(n_frames)
     if F < 1:
@@ -80,11 +158,12 @@ def frame_probabilities(n_frames, distribution):
     return p / p.sum()
 
 
-def sample_frames(n, n_frames, distribution, rng):
+def sample_frames(n: int, n_frames: int, distribution: str,
+                  rng: np.random.Generator) -> np.ndarray:
     return rng.choice(n_frames, size=n, p=frame_probabilities(n_frames, distribution))
 
 
-def uniform_rotations(n, rng):
+def uniform_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
     """n rotation matrices uniform on SO(3) (normalised Gaussian quaternions)."""
     q = rng.standard_normal((n, 4))
     q /= np.linalg.norm(q, axis=1, keepdims=True)
@@ -96,21 +175,27 @@ def uniform_rotations(n, rng):
     ], axis=1)
 
 
-def lognormal_defocus(n, mean_um, std_um, rng):
-    """Defocus in Angstrom, log-normal with the given mean and standard deviation (um)."""
+def _check_defocus(mean_um, std_um):
     if mean_um <= 0 or std_um < 0:
         raise NmaemError("defocus mean must be > 0 and std >= 0 (got %g, %g um)"
                          % (mean_um, std_um))
+
+
+def lognormal_defocus(n: int, mean_um: float, std_um: float,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Defocus in Angstrom, log-normal with the given mean and standard deviation (um)."""
+    _check_defocus(mean_um, std_um)
     return np.exp(rng.normal(*lognormal_params(std_um, mean_um), n)) * 1e4
 
 
-def lognormal_params(sd, mean=1.0):
+def lognormal_params(sd: float, mean: float = 1.0) -> tuple[float, float]:
     """(mu, sigma) of the log-normal distribution with this mean and standard deviation."""
     s2 = np.log1p((sd / mean) ** 2)
     return np.log(mean) - 0.5 * s2, np.sqrt(s2)
 
 
-def morph_frames(ref, target, n_frames):
+def morph_frames(ref: AtomicModel, target: AtomicModel,
+                 n_frames: int) -> tuple[AtomicModel, np.ndarray]:
     """Linear morph from ``ref`` to ``target`` superposed on it (atoms matched).
 
     Returns (model, frames): ``model`` is ``ref`` restricted to the shared atoms and
@@ -156,26 +241,28 @@ def _prepare_outdir(out_dir, overwrite):
     os.makedirs(os.path.join(out_dir, "stacks"), exist_ok=True)
 
 
-def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, apix=0.8,
-             snr_db=-20.0, defocus_mean=1.0, defocus_std=0.3, shift_std=0.0,
-             voltage=300.0, cs=2.7, amp_contrast=0.1, seed=0, like=None, recentre=True,
-             unknown_shifts=False, chunk=256, batch=32, device=None, overwrite=False,
-             nuisances: Nuisances = None, reference_model=None, log=print):
+def simulate(out_dir: str, model: AtomicModel, frames: np.ndarray,
+             settings: SimulationSettings = SimulationSettings(), *,
+             like: Optional[ParticleTable] = None,
+             reference_model: Optional[AtomicModel] = None, chunk: int = 256,
+             batch: int = 32, device: Optional[str] = None, overwrite: bool = False,
+             log: Callable[[str], Any] = print) -> dict:
     """Write a synthetic dataset to ``out_dir``; returns a dict summary.
 
     ``model`` (AtomicModel) names the atoms of ``frames`` (F, M, 3), coordinates in the
-    model file's frame. With ``like`` (a ParticleTable with poses and CTF) its poses,
-    origins, CTFs, box and pixel size are used instead of random ones and the model is
-    taken as docked (no recentring); otherwise ``recentre`` moves the reference centre of
-    mass (frame 0's mean atom position) to the box centre. ``snr_db=None`` gives
-    noise-free images. The same arguments and seed give byte-identical files.
+    model file's frame; ``settings`` (:class:`SimulationSettings`, checked by its
+    ``validate``) says what the dataset is. With ``like`` (a ParticleTable with poses and
+    CTF) its poses, origins, CTFs, box and pixel size are used instead of random ones and
+    the model is taken as docked (no recentring, :meth:`SimulationSettings.matching`);
+    otherwise ``settings.recentre`` moves the reference centre of mass (frame 0's mean atom
+    position) to the box centre. The same arguments and seed give byte-identical files.
 
-    ``nuisances`` (:class:`nuisances.Nuisances`) switches on the nuisances of real data;
     ``reference_model`` (AtomicModel) is written as ``reference.pdb`` instead of the
     first frame's model, superposed on it over the shared atoms (a different structure of
-    the same molecule handed to the method as its reference).
+    the same molecule handed to the method as its reference). ``chunk`` images go to each
+    MRC stack (the unit of memory use), ``batch`` are rendered at once on ``device``
+    (default: cuda when present); ``overwrite`` replaces a dataset in ``out_dir``.
     """
-    nz = Nuisances() if nuisances is None else nuisances
     t_start = time.perf_counter()
     frames = np.asarray(frames, dtype=np.float64)
     if frames.ndim != 3 or frames.shape[1:] != (model.n_atoms, 3):
@@ -185,32 +272,22 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
         fail(model.source, "non-finite coordinates in the frames")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if like is not None:
+        like.require(poses=True, ctf=True)
+        settings = settings.matching(like)
+        like = like.subset(np.arange(settings.n))
+    elif settings.n is None:
+        raise NmaemError("--n must be at least 1 (all of a file's particles only with --like)")
+    settings.validate()
+    st, nz = settings, settings.nuisances
+    n, box, apix, snr_db, seed = int(st.n), st.box, st.apix, st.snr_db, st.seed
     rng = np.random.default_rng(seed)
     F = len(frames)
 
-    if like is not None:
-        like.require(poses=True, ctf=True)
-        n = like.n if n is None else min(int(n), like.n)
-        like = like.subset(np.arange(n))
-        if np.any(like.box <= 0):
-            fail(like.path, "image size unknown (no rlnImageSize and no readable stack)")
-        if len(np.unique(like.box)) != 1 or len(np.unique(like.apix)) != 1:
-            fail(like.path, "particles of several box or pixel sizes; split the file by "
-                            "optics group first")
-        box, apix = int(like.box[0]), float(like.apix[0])
-        recentre = False
-    n = int(n)
-    if n < 1:
-        raise NmaemError("--n must be at least 1")
-    if box < 8 or box % 2:
-        raise NmaemError("--box must be even and at least 8 (got %d)" % box)
-    if apix <= 0:
-        raise NmaemError("--apix must be positive (got %g)" % apix)
-
     centre = np.full(3, (box // 2) * apix)
-    offset = centre - frames[0].mean(axis=0) if recentre else np.zeros(3)
+    offset = centre - frames[0].mean(axis=0) if st.recentre else np.zeros(3)
     frames = frames + offset
-    reference = model.coords + offset if recentre else model.coords.copy()
+    reference = model.coords + offset if st.recentre else model.coords.copy()
     consensus_reference = reference      # the model's own atoms (consensus_poses)
     ref_model = model
     if reference_model is not None:
@@ -225,16 +302,16 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
         frames = frames + stream(seed, "jitter").normal(0.0, nz.atom_jitter, frames.shape)
 
     # per-particle parameters, all drawn up front from one generator (small arrays)
-    frame = sample_frames(n, F, distribution, rng) if F > 1 else np.zeros(n, dtype=np.int64)
+    frame = sample_frames(n, F, st.distribution, rng) if F > 1 else np.zeros(n, dtype=np.int64)
     if like is None:
         A = uniform_rotations(n, rng)
         rot, tilt, psi = poses.matrix_to_euler(A)
         euler = np.stack([rot, tilt, psi], axis=1)
-        shift = rng.normal(0.0, shift_std, (n, 2)) if shift_std > 0 else np.zeros((n, 2))
-        dfu = lognormal_defocus(n, defocus_mean, defocus_std, rng)
+        shift = rng.normal(0.0, st.shift_std, (n, 2)) if st.shift_std > 0 else np.zeros((n, 2))
+        dfu = lognormal_defocus(n, st.defocus_mean, st.defocus_std, rng)
         ctf = imaging.CTFParams(defocus_u=dfu, defocus_v=dfu.copy(), defocus_angle=np.zeros(n),
-                                voltage=np.full(n, voltage), cs=np.full(n, cs),
-                                amp_contrast=np.full(n, amp_contrast), phase_shift=np.zeros(n),
+                                voltage=np.full(n, st.voltage), cs=np.full(n, st.cs),
+                                amp_contrast=np.full(n, st.amp_contrast), phase_shift=np.zeros(n),
                                 bfactor=np.zeros(n))
     else:
         euler = like.euler.copy()
@@ -328,32 +405,33 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
         release_memory()
         progress.update(len(idx))
 
-    origin = (np.zeros((n, 2)) if unknown_shifts else origin_true) + origin_err
+    origin = (np.zeros((n, 2)) if st.unknown_shifts else origin_true) + origin_err
     if like is not None:
         table = like.subset(np.arange(n))
         table.stack_paths = stack_paths.astype(str)
         table.stack_index = stack_index
         table.image_names = None
         table.path = os.path.join(out_dir, "particles.star")
-        if unknown_shifts or nz.origin_error_sd > 0:
+        if st.unknown_shifts or nz.origin_error_sd > 0:
             table.origin = origin
         table.euler = euler_file
         table.defocus_u, table.defocus_v = dfu_file, dfv_file
     else:
         table = _particle_table(n, stack_paths.astype(str), stack_index, euler_file, origin,
                                 dfu_file, dfv_file, ctf.defocus_angle,
-                                voltage, cs, amp_contrast, apix, box,
+                                st.voltage, st.cs, st.amp_contrast, apix, box,
                                 os.path.join(out_dir, "particles.star"))
     vc = torch.cat(var_clean).double()
     measured_snr = (10 * np.log10(vc.mean().item() / torch.cat(var_noise).double().mean().item())
                     if var_noise else None)
-    params = dict(n=n, frames=F, distribution=distribution, box=box, apix=apix,
+    params = dict(n=n, frames=F, distribution=st.distribution, box=box, apix=apix,
                   snr_db=snr_db, measured_snr_db=measured_snr, noise_sigma=sigma,
-                  defocus_mean_um=defocus_mean, defocus_std_um=defocus_std,
-                  shift_std=shift_std, voltage=voltage, cs=cs, amp_contrast=amp_contrast,
-                  seed=seed, like=None if like is None else like.path,
+                  defocus_mean_um=st.defocus_mean, defocus_std_um=st.defocus_std,
+                  shift_std=st.shift_std, voltage=st.voltage, cs=st.cs,
+                  amp_contrast=st.amp_contrast, seed=seed,
+                  like=None if like is None else like.path,
                   centre=centre.tolist(), offset=offset.tolist(),
-                  unknown_shifts=bool(unknown_shifts), nuisances=nz.as_dict(),
+                  unknown_shifts=bool(st.unknown_shifts), nuisances=nz.as_dict(),
                   reference_model=(None if reference_model is None
                                    else reference_model.source))
     atomic_savez(os.path.join(out_dir, "ground_truth.npz"), frame=frame.astype(np.int64),
@@ -375,7 +453,9 @@ def simulate(out_dir, model, frames, n=1000, distribution="uniform", box=192, ap
     return params
 
 
-def load_frames(trajectory=None, ref=None, target=None, n_frames=50):
+def load_frames(trajectory: Optional[str] = None, ref: Optional[str] = None,
+                target: Optional[str] = None,
+                n_frames: int = 50) -> tuple[AtomicModel, np.ndarray]:
     """(model, frames) from a trajectory file, a ref/target morph, or a single ref."""
     if trajectory:
         return read_trajectory(trajectory)

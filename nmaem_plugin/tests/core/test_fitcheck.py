@@ -25,7 +25,7 @@ from nmaem_plugin.core.particles import read_particles
 from nmaem_plugin.core.stacks import ImageStack, write_stack
 from nmaem_plugin.core.star import write_star
 from nmaem_plugin.core.noise import radius_grid
-from nmaem_plugin.core.simulate import simulate
+from nmaem_plugin.core.simulate import SimulationSettings, simulate
 from nmaem_plugin.core.structure import read_model, write_model
 
 BOX, APIX, N = 48, 3.0, 150
@@ -70,8 +70,9 @@ class TestFitCheck(unittest.TestCase):
         ak = read_model(os.path.join(DATA_DIR, "ak_open_4ake.pdb"))
         ca = ak.select(ak.atom_name == "CA")
         sim = os.path.join(cls.tmp, "sim")
-        simulate(sim, ca, ca.coords[None], n=N, box=BOX, apix=APIX, snr_db=None,
-                 shift_std=2.0, seed=1, device="cpu", log=quiet)
+        simulate(sim, ca, ca.coords[None],
+                 SimulationSettings(n=N, box=BOX, apix=APIX, snr_db=None, shift_std=2.0,
+                                    seed=1), device="cpu", log=quiet)
         cls.ref_path = os.path.join(sim, "reference.pdb")
         cls.ref = read_model(cls.ref_path)
         rng = np.random.default_rng(7)

@@ -104,13 +104,14 @@ class TestPreciseBN(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         from nmaem_plugin.core.modes import compute_modes, save_modes
-        from nmaem_plugin.core.simulate import load_frames, simulate
+        from nmaem_plugin.core.simulate import SimulationSettings, load_frames, simulate
         from nmaem_plugin.core.structure import read_model
         cls.tmp = tempfile.mkdtemp(prefix="nmaem-normstats-")
         cls.data = os.path.join(cls.tmp, "data")
         model, frames = load_frames(ref=OPEN, target=CLOSED, n_frames=10)
-        simulate(cls.data, model, frames, n=400, box=32, apix=3.75, snr_db=-5.0,
-                 seed=1, device="cpu", log=quiet)
+        simulate(cls.data, model, frames,
+                 SimulationSettings(n=400, box=32, apix=3.75, snr_db=-5.0, seed=1),
+                 device="cpu", log=quiet)
         cls.star = os.path.join(cls.data, "particles.star")
         cls.ref = os.path.join(cls.data, "reference.pdb")
         cls.modes = os.path.join(cls.data, "modes.npz")

@@ -17,7 +17,7 @@ from nmaem_plugin.core.stacks import ImageStack
 from nmaem_plugin.core.nuisances import (Nuisances, coloured_noise, random_rotation_errors,
                                          relion_normalise)
 from nmaem_plugin.core.poses import rotation_angle_deg
-from nmaem_plugin.core.simulate import morph_frames, simulate
+from nmaem_plugin.core.simulate import SimulationSettings, morph_frames, simulate
 from nmaem_plugin.core.structure import kabsch, match_atoms, read_model, read_trajectory
 
 OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
@@ -95,16 +95,15 @@ class TestRealisticSimulation(unittest.TestCase):
         cls.tmp = tempfile.mkdtemp(prefix="nmaem-nuis-")
         model, frames = morph_frames(read_model(OPEN), read_model(CLOSED), 5)
         cls.model, cls.frames = model, frames
-        cls.kw = dict(n=64, box=48, apix=3.0, distribution="uniform", shift_std=2.0, seed=4,
-                      log=quiet, device="cpu")
+        cls.settings = SimulationSettings(n=64, box=48, apix=3.0, distribution="uniform",
+                                          shift_std=2.0, seed=4)
         cls.plain = cls.make("plain", snr_db=None)
 
     @classmethod
-    def make(cls, name, **kw):
+    def make(cls, name, reference_model=None, **kw):
         d = os.path.join(cls.tmp, name)
-        args = dict(cls.kw)
-        args.update(kw)
-        simulate(d, cls.model, cls.frames, **args)
+        simulate(d, cls.model, cls.frames, cls.settings.with_(**kw), log=quiet,
+                 device="cpu", reference_model=reference_model)
         return d
 
     @classmethod
@@ -245,9 +244,11 @@ class TestConsensusPoses(unittest.TestCase):
         tmp = tempfile.mkdtemp(prefix="nmaem-consensus-")
         try:
             model, frames = morph_frames(read_model(OPEN), read_model(CLOSED), 6)
-            simulate(tmp, model, frames, n=24, box=32, apix=3.0, snr_db=None, seed=1,
-                     shift_std=2.0, device="cpu", log=quiet,
-                     nuisances=Nuisances(consensus_poses=True))
+            simulate(tmp, model, frames,
+                     SimulationSettings(n=24, box=32, apix=3.0, snr_db=None, seed=1,
+                                        shift_std=2.0,
+                                        nuisances=Nuisances(consensus_poses=True)),
+                     device="cpu", log=quiet)
             gt = np.load(os.path.join(tmp, "ground_truth.npz"))
             t = read_particles(os.path.join(tmp, "particles.star"))
             _, fr = read_trajectory(os.path.join(tmp, "frames.pdb"))

@@ -128,14 +128,15 @@ def _dataset():
     if not _DATA:
         from nmaem_plugin.core.modes import compute_modes, save_modes
         from nmaem_plugin.core.particles import read_particles
-        from nmaem_plugin.core.simulate import load_frames, simulate
+        from nmaem_plugin.core.simulate import SimulationSettings, load_frames, simulate
         from nmaem_plugin.core.star import write_star
         from nmaem_plugin.core.structure import read_model
         tmp = tempfile.mkdtemp(prefix="nmaem-pose-")
         atexit.register(shutil.rmtree, tmp, True)
         data = os.path.join(tmp, "data")
         model, frames = load_frames(ref=OPEN)
-        simulate(data, model, frames, n=40, box=32, apix=3.0, snr_db=None, seed=0,
+        simulate(data, model, frames,
+                 SimulationSettings(n=40, box=32, apix=3.0, snr_db=None, seed=0),
                  device="cpu", log=quiet)
         modes = os.path.join(data, "modes.npz")
         save_modes(modes, compute_modes(read_model(os.path.join(data, "reference.pdb")),

@@ -16,7 +16,8 @@ from nmaem_plugin.core import imaging
 from nmaem_plugin.core.errors import NmaemError
 from nmaem_plugin.core.particles import read_particles
 from nmaem_plugin.core.stacks import ImageStack
-from nmaem_plugin.core.simulate import (frame_probabilities, lognormal_defocus,
+from nmaem_plugin.core.simulate import (SimulationSettings, frame_probabilities,
+                                        lognormal_defocus,
                                         morph_frames, simulate, uniform_rotations)
 from nmaem_plugin.core.structure import read_model, read_trajectory, rmsd
 
@@ -99,8 +100,10 @@ class TestSimulate(SimTestCase):
         """1,000 images at -20 dB: measured SNR within 5 %; files as the contract says."""
         model, frames = morph_frames(read_model(OPEN), read_model(CLOSED), 10)
         out = os.path.join(self.tmp, "d")
-        simulate(out, model, frames, n=1000, distribution="continuous", box=48, apix=2.0,
-                 snr_db=-20.0, shift_std=1.5, seed=3, chunk=400, log=quiet)
+        simulate(out, model, frames,
+                 SimulationSettings(n=1000, distribution="continuous", box=48, apix=2.0,
+                                    snr_db=-20.0, shift_std=1.5, seed=3),
+                 chunk=400, log=quiet)
         for f in ("particles.star", "ground_truth.npz", "frames.pdb", "reference.pdb"):
             self.assertTrue(os.path.isfile(os.path.join(out, f)), f)
         table = read_particles(os.path.join(out, "particles.star"))
@@ -148,10 +151,10 @@ class TestSimulate(SimTestCase):
                     with open(p, "rb") as fh:
                         h[os.path.relpath(p, out)] = hashlib.sha256(fh.read()).hexdigest()
             return h
-        kw = dict(n=120, distribution="uniform", box=32, apix=3.0, snr_db=-10.0, seed=11,
-                  chunk=50, shift_std=1.0, log=quiet)
-        simulate(os.path.join(self.tmp, "a"), model, frames, **kw)
-        simulate(os.path.join(self.tmp, "b"), model, frames, **kw)
+        st = SimulationSettings(n=120, distribution="uniform", box=32, apix=3.0,
+                                snr_db=-10.0, seed=11, shift_std=1.0)
+        simulate(os.path.join(self.tmp, "a"), model, frames, st, chunk=50, log=quiet)
+        simulate(os.path.join(self.tmp, "b"), model, frames, st, chunk=50, log=quiet)
         da, db = digest(os.path.join(self.tmp, "a")), digest(os.path.join(self.tmp, "b"))
         self.assertEqual(set(da), set(db))
         for k in da:
@@ -161,8 +164,8 @@ class TestSimulate(SimTestCase):
         for k in ("frame", "shift", "euler", "defocus_u"):
             np.testing.assert_array_equal(ga[k], gb[k])
         # another seed gives other images
-        kw["seed"] = 12
-        simulate(os.path.join(self.tmp, "c"), model, frames, **kw)
+        simulate(os.path.join(self.tmp, "c"), model, frames, st.with_(seed=12), chunk=50,
+                 log=quiet)
         dc = digest(os.path.join(self.tmp, "c"))
         self.assertNotEqual(da["stacks/particles_00000.mrcs"], dc["stacks/particles_00000.mrcs"])
 
@@ -170,12 +173,13 @@ class TestSimulate(SimTestCase):
         """--like renders the STAR's own poses, origins and CTFs at its box and pixel size."""
         model, frames = morph_frames(read_model(OPEN), read_model(CLOSED), 4)
         src = os.path.join(self.tmp, "src")
-        simulate(src, model, frames, n=40, box=40, apix=2.5, snr_db=None, shift_std=2.0,
-                 seed=5, log=quiet)
+        simulate(src, model, frames, SimulationSettings(n=40, box=40, apix=2.5, snr_db=None,
+                                                        shift_std=2.0, seed=5), log=quiet)
         like = read_particles(os.path.join(src, "particles.star"))
         ref = read_model(os.path.join(src, "reference.pdb"))  # docked in the map frame
         out = os.path.join(self.tmp, "like")
-        simulate(out, ref, ref.coords[None], n=None, like=like, snr_db=None, log=quiet)
+        simulate(out, ref, ref.coords[None], SimulationSettings(n=None, snr_db=None),
+                 like=like, log=quiet)
         t2 = read_particles(os.path.join(out, "particles.star"))
         np.testing.assert_array_equal(t2.euler, like.euler)
         np.testing.assert_array_equal(t2.origin, like.origin)
@@ -190,11 +194,38 @@ class TestSimulate(SimTestCase):
     def test_refuses_to_overwrite(self):
         out = os.path.join(self.tmp, "d")
         a = read_model(OPEN)
-        simulate(out, a, a.coords[None], n=5, box=32, apix=3.0, log=quiet)
+        st = SimulationSettings(n=5, box=32, apix=3.0)
+        simulate(out, a, a.coords[None], st, log=quiet)
         with self.assertRaises(NmaemError) as cm:
-            simulate(out, a, a.coords[None], n=5, box=32, apix=3.0, log=quiet)
+            simulate(out, a, a.coords[None], st, log=quiet)
         self.assertIn("--overwrite", str(cm.exception))
-        simulate(out, a, a.coords[None], n=5, box=32, apix=3.0, log=quiet, overwrite=True)
+        simulate(out, a, a.coords[None], st, log=quiet, overwrite=True)
+
+
+class TestSimulationSettings(unittest.TestCase):
+    def test_validate_names_the_option(self):
+        """Each rule of a dataset's settings gives one line naming its option."""
+        self.assertEqual(SimulationSettings().validate().n, 1000)
+        SimulationSettings(n=None, snr_db=None).validate()      # n None: a --like file's
+        cases = [(dict(n=0), "--n must be at least 1"),
+                 (dict(box=30 + 1), "--box must be even"), (dict(box=6), "at least 8"),
+                 (dict(apix=0.0), "--apix must be positive"),
+                 (dict(snr_db=float("nan")), "--snr-db must be a finite number"),
+                 (dict(snr_db=float("inf")), "--no-noise"),
+                 (dict(defocus_mean=0.0), "defocus mean must be > 0"),
+                 (dict(defocus_std=-0.1), "std >= 0"),
+                 (dict(distribution="bimodal"), "unknown distribution 'bimodal'")]
+        for kw, msg in cases:
+            with self.assertRaises(NmaemError, msg=kw) as cm:
+                SimulationSettings(**kw).validate()
+            self.assertIn(msg, str(cm.exception))
+            self.assertNotIn("\n", str(cm.exception))
+
+    def test_settings_are_frozen(self):
+        st = SimulationSettings(seed=3)
+        with self.assertRaises(Exception):
+            st.seed = 4
+        self.assertEqual((st.with_(seed=4).seed, st.seed), (4, 3))
 
 
 class TestSimulateCommand(SimTestCase):

@@ -28,7 +28,7 @@ from nmaem_plugin.core.particles import read_particles
 from nmaem_plugin.core.stacks import ImageStack
 from nmaem_plugin.core.star import write_star
 from nmaem_plugin.core.modes import compute_modes, save_modes
-from nmaem_plugin.core.simulate import load_frames, simulate
+from nmaem_plugin.core.simulate import SimulationSettings, load_frames, simulate
 from nmaem_plugin.core.structure import read_model, read_trajectory
 
 OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
@@ -82,8 +82,9 @@ def _fixture():
         atexit.register(shutil.rmtree, tmp, True)
         data = os.path.join(tmp, "data")
         model, frames = load_frames(ref=OPEN, target=CLOSED, n_frames=10)
-        simulate(data, model, frames, n=160, box=BOX0, apix=APIX0, snr_db=0.0,
-                 shift_std=2.0, seed=0, device="cpu", log=quiet)
+        simulate(data, model, frames, SimulationSettings(n=160, box=BOX0, apix=APIX0,
+                                                         snr_db=0.0, shift_std=2.0, seed=0),
+                 device="cpu", log=quiet)
         f = dict(tmp=tmp, data=data, star=os.path.join(data, "particles.star"),
                  ref=os.path.join(data, "reference.pdb"), modes=os.path.join(data, "modes.npz"),
                  run_a=os.path.join(tmp, "run_a"))

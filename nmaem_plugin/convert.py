@@ -163,13 +163,15 @@ def _getAcquisitionValues(obj, fallback):
 
 # ============================================================================ Scipion -> STAR
 
-def particlesToTable(partSet, starFile, stackDir=None):
+def particlesToTable(partSet, starFile, stackDir=None, ctfFromItems=False):
     """A :class:`core.particles.ParticleTable` of the particles of ``partSet`` (see the
     module docstring for the conventions), in the set's id order.
 
     Particles must have a projection alignment and a CTF. ``stackDir`` is where stacks
     that are not MRC get converted (default: the STAR file's folder). The table's
-    ``extra`` holds ``rlnImageId`` (the object ids).
+    ``extra`` holds ``rlnImageId`` (the object ids). ``ctfFromItems``: take the particles'
+    own CTFs even when the set does not say it has CTFs (a SetOfParticlesFlex: pwem's
+    ``SetOfParticlesFlex.copyInfo`` does not copy the flag); each particle still needs one.
     """
     import pandas as pd
     from pwem.constants import ALIGN_PROJ
@@ -179,7 +181,7 @@ def particlesToTable(partSet, starFile, stackDir=None):
     if partSet.getAlignment() != ALIGN_PROJ:
         raise ValueError("%s has no 3D projection alignment (alignment: %s)"
                          % (partSet.getNameId() or "particles", partSet.getAlignment()))
-    if not partSet.hasCTF():
+    if not partSet.hasCTF() and not ctfFromItems:
         raise ValueError("%s has no CTF" % (partSet.getNameId() or "particles"))
     apix = float(partSet.getSamplingRate())
     setAcq = partSet.getAcquisition()
@@ -249,11 +251,11 @@ def particlesToTable(partSet, starFile, stackDir=None):
         extra=pd.DataFrame({STAR_ID_COLUMN: np.asarray(ids, dtype=np.int64)}))
 
 
-def writeSetOfParticles(partSet, starFile, stackDir=None):
+def writeSetOfParticles(partSet, starFile, stackDir=None, ctfFromItems=False):
     """Write ``partSet`` (3D alignment + CTF) as a RELION 3.1 STAR file that ``nmaem``
     reads; returns the number of particles. See :func:`particlesToTable`."""
     from .core.star import write_star
-    table = particlesToTable(partSet, starFile, stackDir=stackDir)
+    table = particlesToTable(partSet, starFile, stackDir=stackDir, ctfFromItems=ctfFromItems)
     write_star(starFile, table)
     return table.n
 
@@ -419,37 +421,6 @@ def latentFromParticlesFlex(particles, latentFile, idsFile=None):
     if idsFile is not None:
         np.save(idsFile, ids)
     write_latent(latentFile, np.asarray(z, dtype=np.float64).reshape(-1, d))
-    return ids
-
-
-def latentAgainstSimulation(particles, simulated, simStar, latentFile, idsFile=None):
-    """Write the zFlex of a SetOfParticlesFlex as ``latentFile`` (``core.latent``) for
-    ``nmaem evaluate``: rows in id order; ``shift`` the predicted shift of each particle,
-    its simulated origin minus its own (refined) origin (RELION origins, A); ``index`` its
-    row in the simulation's ``simStar`` (``nmaem simulate``'s particles.star, whose rows
-    are those of ground_truth.npz), matched by particle id. The ids go to ``idsFile``
-    (.npy). A particle that is not among the simulated ones is an error. Returns the ids."""
-    from .core.latent import write_latent
-    rowOfId = {int(i): r for r, i in enumerate(starRowIds(simStar))}
-    apix = float(simulated.getSamplingRate())
-    simMatrix = {q.getObjId(): q.getTransform().getMatrix()
-                 for q in simulated.iterItems(orderBy="id")}
-    ids, z, mats, simMats = [], [], [], []
-    for p in particles.iterItems(orderBy="id"):
-        if p.getObjId() not in simMatrix or p.getObjId() not in rowOfId:
-            raise ValueError("particle %d is not among the simulated particles"
-                             % p.getObjId())
-        ids.append(p.getObjId())
-        z.append(np.asarray(p.getZFlex(), dtype=np.float64))
-        mats.append(p.getTransform().getMatrix())
-        simMats.append(simMatrix[p.getObjId()])
-    _, origin = matricesToRelion(np.asarray(mats), apix)
-    _, simOrigin = matricesToRelion(np.asarray(simMats), apix)
-    ids = np.asarray(ids, dtype=np.int64)
-    if idsFile is not None:
-        np.save(idsFile, ids)
-    write_latent(latentFile, np.asarray(z, dtype=np.float64).reshape(len(ids), -1),
-                 shift=simOrigin - origin, index=[rowOfId[int(i)] for i in ids])
     return ids
 
 

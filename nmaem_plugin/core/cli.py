@@ -391,6 +391,11 @@ def _add_evaluate(sub):
     p.add_argument("--truth", required=True, metavar="SIMDIR",
                    help="folder written by nmaem simulate (ground_truth.npz, frames.pdb)")
     p.add_argument("--model", required=True, metavar="RUN", help="training run folder")
+    p.add_argument("--particles", default=None, metavar="P.star",
+                   help="the particle file whose rows the latent's index counts, when it is "
+                        "not the simulation's particles.star (a subset, refined particles): "
+                        "rows are matched to the simulation by rlnImageId and the shift is "
+                        "the latent's plus the simulated origin minus this file's origin")
     p.add_argument("--per-particle", default=None, metavar="FILE.npz",
                    help="also save per-particle RMSD, floor, frame and PC1 arrays")
     p.add_argument("--force", action="store_true",
@@ -403,12 +408,13 @@ def _run_evaluate(args):
     from .analysis import format_json
     from .evaluate import evaluate
     from .outputs import check_output_file, run_files
-    check_output_file(args.per_particle, inputs=[args.latent] + run_files(args.model),
+    check_output_file(args.per_particle,
+                      inputs=[args.latent, args.particles] + run_files(args.model),
                       force=args.force)
     result = evaluate(args.latent, args.truth, args.model, per_particle=args.per_particle,
                       bandwidth=_bandwidth(args.bandwidth), min_height=args.min_height,
                       min_prominence=args.min_prominence,
-                      min_significance=args.min_significance)
+                      min_significance=args.min_significance, particles=args.particles)
     sys.stdout.write(format_json(result) + "\n")
     return 0
 

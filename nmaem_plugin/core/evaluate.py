@@ -5,6 +5,15 @@ floor the modes allow, and the density maxima found against the true states.
 RMSDs are over all matched atoms with no superposition: on synthetic data the pose is
 known, so the frames are already in the reference's frame.
 
+Particles matched by id (``--particles P.star``, :func:`match_to_simulation`): when the
+latent's rows are particles of another file than the simulation's ``particles.star`` (a
+Scipion set written by a protocol, a subset, a re-extraction), each row is found in the
+simulation by its ``rlnImageId`` (ids 1..N in a file without the column), and its
+predicted shift, relative to the simulation's origins, is its latent shift plus the
+simulated origin minus the file's origin (RELION origins, Angstrom): a file whose origins
+already hold the predicted shifts (refined particles) and a zero latent shift give the
+simulated origin minus the refined one.
+
 ``pose_error`` (when the ground truth has the true and the written angles, ``euler`` and
 ``euler_file``): the angle of the rotation between each particle's true matrix and the one
 in its particle file (``input``), and, for a latent file of a run trained with
@@ -19,9 +28,10 @@ import numpy as np
 from .analysis import DEFAULTS, check_latent_d, density_maxima, load_run, pca
 from .atomic import atomic_savez
 from .errors import fail
-from .latent import read_latent
+from .latent import Latent, read_latent
+from .particles import ParticleTable, read_particles
 
-__all__ = ["evaluate", "pose_error"]
+__all__ = ["evaluate", "pose_error", "match_to_simulation"]
 
 
 def _load_truth(sim_dir):
@@ -67,6 +77,34 @@ def pose_error(gt, n_gt: int, latent) -> Optional[dict]:
     return out
 
 
+def match_to_simulation(latent: Latent, particles: ParticleTable,
+                        simulated: ParticleTable) -> Latent:
+    """The latent with its rows in the simulation: ``index`` the row of each particle
+    (``latent.index`` rows of ``particles``) in ``simulated`` (the simulation's
+    particles.star, whose rows are those of ground_truth.npz), matched by particle id
+    (:meth:`ParticleTable.ids`); ``shift`` the latent shift plus the simulated origin
+    minus the particle's origin (A; module docstring). One-line error naming the file for
+    a row beyond ``particles``, repeated ids, or a particle not in the simulation."""
+    if latent.index.max() >= particles.n:
+        fail(latent.path, "index %d beyond the %d particles of %s"
+             % (int(latent.index.max()), particles.n, particles.path))
+    sim_ids = simulated.ids()
+    if len(np.unique(sim_ids)) != simulated.n:
+        fail(simulated.path, "repeated particle ids (rlnImageId): the rows cannot be matched")
+    ids = particles.ids()[latent.index]
+    row_of = dict(zip(sim_ids.tolist(), range(simulated.n)))
+    missing = [i for i in ids.tolist() if i not in row_of]
+    if missing:
+        fail(particles.path, "particle %d is not among the %d simulated particles of %s "
+                             "(%d of %d particles not found; matched by rlnImageId)"
+             % (missing[0], simulated.n, simulated.path, len(missing), len(ids)))
+    rows = np.array([row_of[i] for i in ids.tolist()], dtype=np.int64)
+    shift = (latent.shift + simulated.origin_or_zero()[rows]
+             - particles.origin_or_zero()[latent.index])
+    return Latent(latent.z, shift, rows, latent.path, latent.pose_correction, latent.euler,
+                  particles=None, model=latent.model)
+
+
 def _run_folder(run_dir):
     run_dir = str(run_dir)
     return os.path.dirname(run_dir) or "." if os.path.isfile(run_dir) else run_dir
@@ -94,8 +132,10 @@ def _rmsd_rows(x0, U, z, targets, chunk=512):
 
 def evaluate(latent_path: str, sim_dir: str, run_dir: str, per_particle: Optional[str] = None,
              bandwidth: Optional[float] = None,
-             min_height=DEFAULTS["min_height"], min_prominence=DEFAULTS["min_prominence"],
-             min_significance=DEFAULTS["min_significance"]) -> dict:
+             min_height: float = DEFAULTS["min_height"],
+             min_prominence: float = DEFAULTS["min_prominence"],
+             min_significance: float = DEFAULTS["min_significance"],
+             particles: Optional[str] = None) -> dict:
     """Accuracy of a latent file against a simulated dataset's ground truth: a dict.
 
     See ``docs/analysis.md`` for every field. In short: per-particle RMSD of
@@ -104,7 +144,9 @@ def evaluate(latent_path: str, sim_dir: str, run_dir: str, per_particle: Optiona
     baseline), |corr(PC1, frame)|, the PCA explained variance, the density maxima on PC1
     with the frame and RMSD at each, the shift error, and a ``summary``.
     ``per_particle`` (a .npz path) also saves the per-particle arrays. ``bandwidth``,
-    ``min_height`` and ``min_prominence`` go to ``density_maxima``.
+    ``min_height`` and ``min_prominence`` go to ``density_maxima``. ``particles``: the
+    particle file whose rows the latent's ``index`` counts, matched to the simulation by
+    particle id (:func:`match_to_simulation`); default the simulation's own particles.
     """
     from .modes import floor_rmsd
     from .structure import read_trajectory, rmsd
@@ -113,9 +155,19 @@ def evaluate(latent_path: str, sim_dir: str, run_dir: str, per_particle: Optiona
     latent = read_latent(latent_path)
     check_latent_d(latent, nm, run_dir)
     gt, params, fr_path = _load_truth(sim_dir)
-    check_latent(latent, _run_folder(run_dir), cfg,
-                 truth=(loads(gt.get("particles_fingerprint")),
-                        os.path.join(str(sim_dir), "ground_truth.npz")))
+    if particles is None:
+        check_latent(latent, _run_folder(run_dir), cfg,
+                     truth=(loads(gt.get("particles_fingerprint")),
+                            os.path.join(str(sim_dir), "ground_truth.npz")))
+    else:
+        from .provenance import particle_fingerprint
+        table = read_particles(particles)
+        check_latent(latent, _run_folder(run_dir), cfg,
+                     truth=(particle_fingerprint(table, images=False), table.path))
+        sim_star = os.path.join(str(sim_dir), "particles.star")
+        if not os.path.isfile(sim_star):
+            fail(sim_star, "missing: --truth must be a folder written by nmaem simulate")
+        latent = match_to_simulation(latent, table, read_particles(sim_star))
     frame_all = np.asarray(gt["frame"]).astype(np.int64)
     n_gt = len(frame_all)
     if latent.index.max() >= n_gt:
@@ -150,6 +202,8 @@ def evaluate(latent_path: str, sim_dir: str, run_dir: str, per_particle: Optiona
                n_atoms=int(model.n_atoms), n_matched_atoms=int(len(ia)),
                n_frames=int(len(frames)), distribution=params.get("distribution"),
                snr_db=params.get("snr_db"))
+    if particles is not None:
+        out["particles"] = os.path.abspath(str(particles))
     out["rmsd"] = _summary_stats(per_rmsd)
     out["floor_rmsd"] = _summary_stats(per_floor)
     out["reference_rmsd"] = _summary_stats(ref_rmsd_frames[frame])

@@ -39,11 +39,13 @@ from .errors import fail
 from .poses import euler_to_matrix
 
 __all__ = ["ParticleTable", "read_particles", "check_table", "stack_resolver", "split_image_names",
-           "ANGLES", "CTF_PARTICLE", "CTF_OPTICS"]
+           "ANGLES", "CTF_PARTICLE", "CTF_OPTICS", "ID_COLUMN"]
 
 ANGLES = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 CTF_PARTICLE = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]
 CTF_OPTICS = ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"]
+# the particle's id (Scipion's object id, constants.STAR_ID_COLUMN); absent: ids 1..N
+ID_COLUMN = "rlnImageId"
 
 
 @dataclass
@@ -117,6 +119,12 @@ class ParticleTable:
         """(N, 3, 3) float64 RELION matrices A of the poses."""
         self.require(poses=True, ctf=False)
         return euler_to_matrix(self.euler[:, 0], self.euler[:, 1], self.euler[:, 2])
+
+    def ids(self) -> np.ndarray:
+        """(N,) int64 particle ids: the ``rlnImageId`` column, or 1..N when absent."""
+        if ID_COLUMN in self.extra.columns:
+            return self.extra[ID_COLUMN].to_numpy().astype(np.int64)
+        return np.arange(1, self.n + 1, dtype=np.int64)
 
     def origin_or_zero(self) -> np.ndarray:
         """(N, 2) origins in Angstrom, zeros when the file has none."""

@@ -56,7 +56,8 @@ class NmaemProtEvaluate(NmaemProtBase):
 
     def _createFilenameTemplates(self):
         self._updateFilenamesDict({
-            "latent": self._getExtraPath("latent_truth.npz"),
+            "particles": self._getExtraPath("particles.star"),
+            "latent": self._getExtraPath("latent.npz"),
             "ids": self._getExtraPath("latent_ids.npy"),
             "json": self._getExtraPath("evaluation.json"),
             "perParticle": self._getExtraPath("per_particle.npz"),
@@ -69,13 +70,14 @@ class NmaemProtEvaluate(NmaemProtBase):
         self._insertFunctionStep(self.createOutputStep)
 
     def writeLatentStep(self):
-        """latent_truth.npz: z (zFlex), the predicted shift and each particle's row in the
-        simulation's ground truth (``convert.latentAgainstSimulation``)."""
-        from ..convert import latentAgainstSimulation
-        sim = self.simulatedParticles.get()
-        latentAgainstSimulation(self.inputParticles.get(), sim,
-                                os.path.join(findSimulationDir(sim), "particles.star"),
-                                self._getFileName("latent"), self._getFileName("ids"))
+        """The particles with z as they are: their STAR (ids, refined origins and angles;
+        ``convert.writeSetOfParticles``) and their z as latent.npz, rows in id order
+        (``convert.latentFromParticlesFlex``). ``nmaem evaluate --particles`` matches them
+        to the simulation and derives the shifts."""
+        from ..convert import latentFromParticlesFlex, writeSetOfParticles
+        flex = self.inputParticles.get()
+        writeSetOfParticles(flex, self._getFileName("particles"), ctfFromItems=True)
+        latentFromParticlesFlex(flex, self._getFileName("latent"), self._getFileName("ids"))
 
     def evaluateStep(self):
         out = self._getFileName("json")
@@ -84,6 +86,7 @@ class NmaemProtEvaluate(NmaemProtBase):
             return
         tmp = out + ".tmp"
         args = ["--latent", self._getFileName("latent"),
+                "--particles", self._getFileName("particles"),
                 "--truth", findSimulationDir(self.simulatedParticles.get()),
                 "--model", os.path.abspath(runDirOf(self.inputParticles.get())),
                 "--per-particle", self._getFileName("perParticle"),

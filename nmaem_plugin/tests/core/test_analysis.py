@@ -483,6 +483,121 @@ class TestEvaluate(TmpCase):
                          sorted(p["frame"] for p in pts))
 
 
+def write_relion31(path, ids, origins):
+    """A RELION 3.1 particle STAR written by hand: ids (rlnImageId, or no column when None)
+    and origins (A); images 1..N of one stack, 32 px at 3 A."""
+    lines = ["data_optics", "loop_", "_rlnOpticsGroup #1", "_rlnImagePixelSize #2",
+             "_rlnImageSize #3", "_rlnImageDimensionality #4", "1 3.0 32 2", "",
+             "data_particles", "loop_", "_rlnImageName #1", "_rlnOpticsGroup #2",
+             "_rlnOriginXAngst #3", "_rlnOriginYAngst #4"]
+    if ids is not None:
+        lines.append("_rlnImageId #5")
+    for k, (ox, oy) in enumerate(origins):
+        row = "%06d@stack.mrcs 1 %r %r" % (k + 1, float(ox), float(oy))
+        lines.append(row + ("" if ids is None else " %d" % ids[k]))
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return path
+
+
+class TestMatchToSimulation(TmpCase):
+    """``nmaem evaluate --particles``: rows found in the simulation by rlnImageId, shifts
+    from the origins (evaluate.match_to_simulation)."""
+
+    def test_hand_built_case(self):
+        from nmaem_plugin import constants
+        from nmaem_plugin.core.evaluate import match_to_simulation
+        from nmaem_plugin.core.latent import Latent
+        from nmaem_plugin.core.particles import ID_COLUMN, read_particles
+        self.assertEqual(ID_COLUMN, constants.STAR_ID_COLUMN)   # one column, both sides
+        sim = read_particles(write_relion31(os.path.join(self.tmp, "sim.star"),
+                                            [10, 20, 30], [(1, 2), (3, 4), (5, 6)]))
+        parts = read_particles(write_relion31(os.path.join(self.tmp, "p.star"),
+                                              [30, 10], [(0.5, 6), (1, 1)]))
+        # latent rows: particle file rows 1 (id 10) and 0 (id 30)
+        lat = Latent(np.zeros((2, 1)), np.array([[0.25, 0.0], [0.0, -1.0]]),
+                     np.array([1, 0]), "lat.npz")
+        out = match_to_simulation(lat, parts, sim)
+        np.testing.assert_array_equal(out.index, [0, 2])
+        # latent shift + simulated origin - the file's origin:
+        # id 10: (0.25, 0) + (1, 2) - (1, 1);  id 30: (0, -1) + (5, 6) - (0.5, 6)
+        np.testing.assert_allclose(out.shift, [[0.25, 1.0], [4.5, -1.0]])
+        np.testing.assert_array_equal(out.z, lat.z)
+        # a simulation without rlnImageId: ids are its rows 1..N
+        plain = read_particles(write_relion31(os.path.join(self.tmp, "plain.star"), None,
+                                              [(0, 0)] * 40))
+        np.testing.assert_array_equal(match_to_simulation(lat, parts, plain).index, [9, 29])
+        # a particle that is not simulated: one line naming the particle file
+        stray = read_particles(write_relion31(os.path.join(self.tmp, "stray.star"),
+                                              [30, 40], [(0, 0), (0, 0)]))
+        with self.assertRaises(NmaemError) as cm:
+            match_to_simulation(lat, stray, sim)
+        msg = str(cm.exception)
+        self.assertTrue(msg.startswith(stray.path + ": particle 40 is not among the 3"), msg)
+        self.assertNotIn("\n", msg)
+        with self.assertRaises(NmaemError):           # a row beyond the particle file
+            match_to_simulation(Latent(np.zeros((1, 1)), np.zeros((1, 2)), np.array([2]),
+                                       "lat.npz"), parts, sim)
+
+    def test_evaluate_with_particles_equals_evaluate_with_rows(self):
+        """A permuted subset with its own ids and refined origins, evaluated with
+        --particles, gives the figures of the same z evaluated by simulation rows, and the
+        shift error of the origins' offsets (the simulation's origins are zero)."""
+        from nmaem_plugin.core.particles import ID_COLUMN, read_particles
+        from nmaem_plugin.core.star import write_star
+        import pandas as pd
+        dat = data()
+        rng = np.random.default_rng(5)
+        rows = rng.permutation(N_PART)[:60]
+        offset = rng.normal(0.0, 1.5, (60, 2))
+        sim = read_particles(os.path.join(_tmp, "sim", "particles.star"))
+        sub = sim.subset(rows)
+        sub.extra = pd.DataFrame({ID_COLUMN: rows + 1})     # the simulation's ids are 1..N
+        sub.origin = sim.origin_or_zero()[rows] - offset   # refined: the shift folded in
+        pstar = os.path.join(self.tmp, "p.star")
+        write_star(pstar, sub)
+        z = dat.z_fit[dat.frame[rows]] + rng.normal(0.0, 1.0, (60, D))
+        run = make_run(os.path.join(self.tmp, "run"))
+        results = []
+        for name, index, extra in (("by_rows", rows, []),
+                                   ("by_ids", np.arange(60), ["--particles", pstar])):
+            lat = save_latent(os.path.join(self.tmp, name + ".npz"), z, index,
+                              shift=(offset.astype(np.float32) if name == "by_rows"
+                                     else None))
+            pp = os.path.join(self.tmp, name + "_pp.npz")
+            rc, out, err = run_cli("evaluate", "--latent", lat, "--truth",
+                                   os.path.join(_tmp, "sim"), "--model", run,
+                                   "--per-particle", pp, *extra)
+            self.assertEqual(rc, 0, err)
+            with np.load(pp) as f:
+                results.append((json.loads(out), {k: f[k] for k in f.files}))
+        (a, pa), (b, pb) = results
+        np.testing.assert_array_equal(pb["index"], rows)
+        for k in pa:
+            np.testing.assert_array_equal(pa[k], pb[k], k)
+        self.assertEqual(b.pop("particles"), os.path.abspath(pstar))
+        # the shifts: float32 in one latent, from the STAR's origins in the other
+        ea, eb = a.pop("shift_error"), b.pop("shift_error")
+        for k in ("rmse", "median", "p95"):
+            self.assertAlmostEqual(ea[k], eb[k], delta=1e-5)
+        sa, sb = a["summary"].pop("shift_rmse"), b["summary"].pop("shift_rmse")
+        self.assertAlmostEqual(sa, sb, delta=1e-5)
+        for r in (a, b):
+            r.pop("latent")
+            r.pop("per_particle_file")
+        self.assertEqual(a, b)
+        rmse = np.sqrt((offset ** 2).sum(1).mean())
+        self.assertAlmostEqual(eb["rmse"], rmse, delta=1e-5)
+        self.assertEqual(eb["compared_to"], "zero (origins in the particle file)")
+        # a particle id that is not simulated: one line naming the particle file
+        sub.extra = pd.DataFrame({ID_COLUMN: rows + 1 + N_PART})
+        write_star(pstar, sub)
+        lat = save_latent(os.path.join(self.tmp, "stray.npz"), z, np.arange(60))
+        self.assertCliError("evaluate", "--latent", lat, "--truth", os.path.join(_tmp, "sim"),
+                            "--model", run, "--particles", pstar,
+                            words=(pstar, "not among the %d simulated particles" % N_PART))
+
+
 # ------------------------------------------------------------------------------- errors
 
 class TestErrors(TmpCase):

@@ -5,13 +5,14 @@ Each subcommand has ``--help``, prints progress for long work, and on bad input 
 """
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from .choices import (CG_CHOICES, DISTRIBUTIONS, ENCODERS, LOSSES, LR_SCHEDULES, MODEL_FORMATS,
                       MODES_SOLVERS, RENDER_ROUTES)
 from .errors import NmaemError
 
 if TYPE_CHECKING:                     # the commands import their modules when they run
+    from .nuisances import Nuisances
     from .simulate import SimulationSettings
 
 
@@ -196,7 +197,7 @@ def _add_simulate(sub):
     p.set_defaults(func=_run_simulate)
 
 
-def nuisances_from_args(args):
+def nuisances_from_args(args: argparse.Namespace) -> "Nuisances":
     """The :class:`nuisances.Nuisances` of ``nmaem simulate``'s options."""
     from .nuisances import REALISTIC, Nuisances
     base = REALISTIC if args.realistic else Nuisances()
@@ -208,7 +209,7 @@ def nuisances_from_args(args):
     return base.with_(**changes)
 
 
-def simulation_settings_from_args(args) -> "SimulationSettings":
+def simulation_settings_from_args(args: argparse.Namespace) -> "SimulationSettings":
     """The :class:`simulate.SimulationSettings` of ``nmaem simulate``'s options, validated
     (``n`` None with ``--like``: all of the file's particles; else default 50,000)."""
     from .simulate import SimulationSettings
@@ -693,7 +694,7 @@ def _run_check(args):
     return 0
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     from nmaem_plugin import __version__
     parser = argparse.ArgumentParser(
         prog="nmaem",
@@ -748,7 +749,7 @@ def _interrupted_line(args, how):
             "partial file was left); run the command again" % how)
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     import signal
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from .errors import NmaemError, fail
 __all__ = ["resolve_device", "is_oom", "ProcessGroup", "rank_batches", "launch_distributed"]
 
 
-def resolve_device(device):
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     """``torch.device`` of a --device value (None, "", "auto": CUDA when present)."""
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -26,7 +27,7 @@ def resolve_device(device):
     return dev
 
 
-def is_oom(exc):
+def is_oom(exc: BaseException) -> bool:
     """Whether ``exc`` is an out-of-memory error (CUDA or host)."""
     if isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or \
             isinstance(exc, getattr(torch.cuda, "OutOfMemoryError", ())):
@@ -37,7 +38,8 @@ def is_oom(exc):
                                               or "Cannot allocate memory" in msg)
 
 
-def rank_batches(order, batch, rank, world):
+def rank_batches(order: np.ndarray, batch: int, rank: int,
+                 world: int) -> tuple[list[np.ndarray], int]:
     """This rank's batches of ``order``: padded to a multiple of ``world`` by wrapping, dealt
     round-robin; each rank gets the same number of batches of ``batch // world`` images.
     A last batch of one image is dropped (batch norm needs two)."""
@@ -55,13 +57,13 @@ def rank_batches(order, batch, rank, world):
 class ProcessGroup:
     """Process group facts: rank, world size, and reductions that are no-ops alone."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.active = self.world > 1
 
-    def init(self, device):
+    def init(self, device: torch.device) -> None:
         if self.active:
             import torch.distributed as dist
             backend = "nccl" if device.type == "cuda" else "gloo"
@@ -69,26 +71,27 @@ class ProcessGroup:
                 torch.cuda.set_device(device)
             dist.init_process_group(backend=backend)
 
-    def sum(self, values, device):
+    def sum(self, values: Sequence[float], device: torch.device) -> list:
         t = torch.tensor(values, dtype=torch.float64, device=device)
         if self.active:
             import torch.distributed as dist
             dist.all_reduce(t)
         return t.tolist()
 
-    def barrier(self):
+    def barrier(self) -> None:
         if self.active:
             import torch.distributed as dist
             dist.barrier()
 
-    def close(self):
+    def close(self) -> None:
         if self.active:
             import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()
 
 
-def launch_distributed(run_dir, nproc, gpus=None, log=print):
+def launch_distributed(run_dir: str, nproc: int, gpus: Optional[Sequence[int]] = None,
+                       log: Callable[[str], object] = print) -> None:
     """Train ``run_dir`` with ``nproc`` processes through torchrun (DDP); blocks.
 
     ``gpus`` (list of ints) become CUDA_VISIBLE_DEVICES, one process per GPU. Errors of the

@@ -24,11 +24,16 @@ When something is wrong, it names the likely cause from measurements:
 least MIN_GAIN of the alternative's mean rho.
 """
 import math
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import numpy as np
 
 from .errors import NmaemError, fail
 from . import noise as noise_model
+
+if TYPE_CHECKING:
+    from .particles import ParticleTable
+    from .structure import AtomicModel
 
 # torch (and the likelihood module) are imported inside the functions: importing this
 # module stays light. The ``nmaem check`` command is in cli.py.
@@ -122,7 +127,8 @@ class _Scorer:
         return out * self.apix
 
 
-def solve_offset(shifts, rotations, delta=None, iterations=20):
+def solve_offset(shifts: np.ndarray, rotations: np.ndarray, delta: Optional[float] = None,
+                 iterations: int = 20) -> np.ndarray:
     """3D model offset o (A) from per-particle 2D shifts: shifts_i = -A_i[:2] o, robustly.
 
     A model displaced by o from where the particles' map has it renders displaced by
@@ -156,8 +162,11 @@ def _alternative(name, rho_alt, rho0, **estimates):
                 **estimates)
 
 
-def fit_check(particles, ref, n=300, seed=0, device=None, batch=64, resolution_high=None,
-              shuffles=4, mask_radius=None, log=None):
+def fit_check(particles: Union[str, "ParticleTable"], ref: Union[str, "AtomicModel"],
+              n: int = 300, seed: int = 0, device: Optional[str] = None, batch: int = 64,
+              resolution_high: Optional[float] = None, shuffles: int = 4,
+              mask_radius: Optional[float] = None,
+              log: Optional[Callable[[str], object]] = None) -> dict:
     """Run the fit check; returns a dict (see module docstring and docs/likelihood.md).
 
     The images are Fourier-cropped to the smallest even box whose Nyquist is no finer than
@@ -367,7 +376,7 @@ def fit_check(particles, ref, n=300, seed=0, device=None, batch=64, resolution_h
                 particles=path, reference=ref_path, box=D, apix=apix)
 
 
-def format_report(res):
+def format_report(res: dict) -> str:
     """A few lines with the numbers measured."""
     s = res["scores"]
     lines = ["fit check of %s against %s: %s" % (res["reference"], res["particles"],

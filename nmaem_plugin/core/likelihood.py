@@ -19,6 +19,7 @@ Gradients: by the envelope theorem d chi2_min / dR is the partial derivative at 
 so detaching a gives the same gradient as differentiating through it (tested); we detach.
 """
 import math
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -42,8 +43,9 @@ class Band:
     ``dof``: their sum, the number of real degrees of freedom in the band.
     """
 
-    def __init__(self, box, apix, resolution_low=None, resolution_high=None,
-                 mask_radius=None, mask_edge=None, path=None):
+    def __init__(self, box: int, apix: float, resolution_low: Optional[float] = None,
+                 resolution_high: Optional[float] = None, mask_radius: Optional[float] = None,
+                 mask_edge: Optional[float] = None, path: Optional[str] = None) -> None:
         self.box, self.apix = int(box), float(apix)
         D, apix = self.box, self.apix
         if D < 8 or D % 2:
@@ -81,7 +83,8 @@ class Band:
             self.mask = noise_model.soft_disc(D, mask_radius / apix, edge / apix)
         self._cache = {}
 
-    def tensors(self, device, dtype=torch.float32):
+    def tensors(self, device: Union[str, torch.device], dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         key = (str(device), dtype)
         if key not in self._cache:
             w = torch.as_tensor(self.weights, dtype=dtype, device=device)
@@ -90,7 +93,7 @@ class Band:
             self._cache[key] = (w, m)
         return self._cache[key]
 
-    def images_ft(self, images):
+    def images_ft(self, images: torch.Tensor) -> torch.Tensor:
         """rfft2 of images (B, D, D) minus their mean, masked when a mask is set."""
         _, m = self.tensors(images.device, images.dtype)
         x = images - images.mean(dim=(-2, -1), keepdim=True)
@@ -98,7 +101,7 @@ class Band:
             x = x * m
         return torch.fft.rfft2(x)
 
-    def rendered_ft(self, rendered_ft):
+    def rendered_ft(self, rendered_ft: torch.Tensor) -> torch.Tensor:
         """The renderings' rfft2 as :meth:`images_ft` treats the images (mask, mean)."""
         if self.mask is None:
             return rendered_ft
@@ -106,7 +109,8 @@ class Band:
         return self.images_ft(real)
 
 
-def whitened_fit(images_ft, rendered_ft, weights, detach_scale=True):
+def whitened_fit(images_ft: torch.Tensor, rendered_ft: torch.Tensor, weights: torch.Tensor,
+                 detach_scale: bool = True) -> dict:
     """Per-image closed-form scale and whitened sums; ``weights`` (…, D, K) = band / sigma2.
 
     Returns a dict of (B,) tensors: ``scale`` a, ``chi2`` <Y - aR, Y - aR>_w (computed
@@ -126,7 +130,9 @@ def whitened_fit(images_ft, rendered_ft, weights, detach_scale=True):
     return dict(scale=a, chi2=chi2, power=yy, model=rr, rho=rho)
 
 
-def whitened_nll(images_ft, rendered_ft, sigma2, band, normalise=True, detach_scale=True):
+def whitened_nll(images_ft: torch.Tensor, rendered_ft: torch.Tensor, sigma2: torch.Tensor,
+                 band: "Band", normalise: bool = True,
+                 detach_scale: bool = True) -> torch.Tensor:
     """Per-image whitened Gaussian NLL at the best scale, (B,).
 
     ``images_ft``, ``rendered_ft`` (B, D, K) rfft2 (already through ``band.images_ft`` /
@@ -159,8 +165,11 @@ class WhitenedLikelihood:
     the first group). ``source`` names the particle file in error messages.
     """
 
-    def __init__(self, noise, box, apix, resolution_low=None, resolution_high=None,
-                 mask_radius=None, mask_edge=None, device="cpu", source=None):
+    def __init__(self, noise: noise_model.NoiseModel, box: int, apix: float,
+                 resolution_low: Optional[float] = None,
+                 resolution_high: Optional[float] = None, mask_radius: Optional[float] = None,
+                 mask_edge: Optional[float] = None, device: Union[str, torch.device] = "cpu",
+                 source: Optional[str] = None) -> None:
         self.band = Band(box, apix, resolution_low, resolution_high, mask_radius, mask_edge,
                          path=source)
         self.source = source
@@ -174,7 +183,9 @@ class WhitenedLikelihood:
                             device=device)
         self._w = w
 
-    def per_image(self, images, rendered_ft, groups=None, penalty=None):
+    def per_image(self, images: torch.Tensor, rendered_ft: torch.Tensor,
+                  groups: Optional[Sequence[int]] = None,
+                  penalty: Optional[torch.Tensor] = None) -> torch.Tensor:
         """chi2_min / chi2_0 per image (B,); ``penalty`` (B,), a prior's -2 log density
         (e.g. ``network.pose_penalty``), is added to chi2_min: the loss stays
         2 (NLL + prior) / chi2_0, the likelihood's normalisation."""

@@ -21,6 +21,7 @@ Two estimators:
   pose errors, a bad docking) counts as noise.
 """
 import json
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -38,7 +39,7 @@ MIN_BACKGROUND_PIXELS = 64
 
 # ----------------------------------------------------------------------------- grids
 
-def radius_grid(box):
+def radius_grid(box: int) -> np.ndarray:
     """|k| (in frequency pixels) on the rfft2 grid of a box x box image, (D, D//2+1) float64."""
     D = int(box)
     ky = np.fft.fftfreq(D, d=1.0 / D).reshape(D, 1)
@@ -46,17 +47,17 @@ def radius_grid(box):
     return np.sqrt(kx ** 2 + ky ** 2)
 
 
-def n_shells(box):
+def n_shells(box: int) -> int:
     """Number of integer shells on the grid, up to the corner: round(D/sqrt(2)) + 1."""
     return int(np.rint(radius_grid(box).max())) + 1
 
 
-def shell_index(box):
+def shell_index(box: int) -> np.ndarray:
     """Integer shell s = round(|k|) of each rfft2 frequency, (D, D//2+1) int64."""
     return np.rint(radius_grid(box)).astype(np.int64)
 
 
-def hermitian_weights(box):
+def hermitian_weights(box: int) -> np.ndarray:
     """How often each rfft2 coefficient occurs in the full D x D plane, (D, D//2+1).
 
     Column kx = 0 and (even D) kx = D/2 are their own Hermitian mirrors' columns and
@@ -71,7 +72,7 @@ def hermitian_weights(box):
     return w
 
 
-def soft_disc(box, radius_px, edge_px):
+def soft_disc(box: int, radius_px: float, edge_px: float) -> np.ndarray:
     """Real-space soft circular mask (D, D) about pixel (D//2, D//2), arrays [y, x].
 
     1 for r <= radius, 0 for r >= radius + edge, a raised cosine in between
@@ -85,7 +86,8 @@ def soft_disc(box, radius_px, edge_px):
     return 0.5 * (1.0 + np.cos(np.pi * t))
 
 
-def shell_sums(values, box, weights=None):
+def shell_sums(values: np.ndarray, box: int,
+               weights: Optional[np.ndarray] = None) -> np.ndarray:
     """Sum of ``values`` (..., D, K) over each integer shell, with Hermitian weights: (..., S)."""
     D = int(box)
     s = shell_index(D).ravel()
@@ -98,7 +100,7 @@ def shell_sums(values, box, weights=None):
     return out.reshape(np.asarray(values).shape[:-2] + (S,))
 
 
-def shell_counts(box):
+def shell_counts(box: int) -> np.ndarray:
     """Number of full-plane frequencies in each shell, (S,)."""
     return shell_sums(np.ones((int(box), int(box) // 2 + 1)), box)
 
@@ -113,8 +115,9 @@ class NoiseModel:
     ``mask_radius`` the background mask radius (Angstrom; NaN for residuals).
     """
 
-    def __init__(self, box, apix, groups, sigma2, counts, method, mask_radius=float("nan"),
-                 info=None):
+    def __init__(self, box: int, apix: float, groups: Sequence[int], sigma2: np.ndarray,
+                 counts: Sequence, method: str, mask_radius: float = float("nan"),
+                 info: Optional[dict] = None) -> None:
         self.box, self.apix = int(box), float(apix)
         self.groups = np.asarray(groups, dtype=np.int64).reshape(-1)
         self.sigma2 = np.asarray(sigma2, dtype=np.float64).reshape(len(self.groups), -1)
@@ -126,7 +129,7 @@ class NoiseModel:
             raise ValueError("sigma2 has %d shells, a %d px box has %d"
                              % (self.sigma2.shape[1], self.box, n_shells(self.box)))
 
-    def row(self, group):
+    def row(self, group: int) -> int:
         """Index of optics group ``group`` in ``groups``."""
         hit = np.flatnonzero(self.groups == int(group))
         if hit.size == 0:
@@ -134,7 +137,7 @@ class NoiseModel:
                              % (int(group), ", ".join(map(str, self.groups.tolist()))))
         return int(hit[0])
 
-    def grid(self, group=None, box=None):
+    def grid(self, group: Optional[int] = None, box: Optional[int] = None) -> np.ndarray:
         """sigma2 on the rfft2 grid (D, D//2+1) of ``box`` (default the model's own box).
 
         A smaller box is a Fourier crop to pixel size apix * box0 / box: frequency index k
@@ -149,7 +152,7 @@ class NoiseModel:
         s = shell_index(d)
         return self.sigma2[g][s] * (d / self.box) ** 4
 
-    def save(self, path):
+    def save(self, path: str) -> str:
         from .atomic import atomic_savez
         atomic_savez(path, format=np.int64(NOISE_FORMAT), box=np.int64(self.box),
                      apix=np.float64(self.apix), groups=self.groups, sigma2=self.sigma2,
@@ -159,7 +162,7 @@ class NoiseModel:
         return path
 
 
-def whitening_filter(noise, box):
+def whitening_filter(noise: "NoiseModel", box: int) -> np.ndarray:
     """The encoder's input filter (``network.Encoder``) on the rfft2 grid of ``box``, (D,
     D//2+1) float64: 1 / sqrt(sigma2(k)) of the noise model, the optics groups' spectra
     averaged with their image counts as weights, scaled to mean square 1 over the grid, and
@@ -176,7 +179,7 @@ def whitening_filter(noise, box):
     return f / np.sqrt(np.mean(f ** 2))
 
 
-def load_noise_model(path):
+def load_noise_model(path: str) -> "NoiseModel":
     """Read a noise-model .npz written by :meth:`NoiseModel.save` (numpy only)."""
     d = read_npz(path, "noise model")
     need = ("format", "box", "apix", "groups", "sigma2", "counts", "method")
@@ -197,7 +200,7 @@ def load_noise_model(path):
 
 # ----------------------------------------------------------------------------- background
 
-def background_kernel(mask):
+def background_kernel(mask: np.ndarray) -> np.ndarray:
     """K (S, S): E[shell sums of |rfft2(mask * n)|^2] = K @ P for stationary noise n.
 
     n has zero mean (its k = 0 coefficient is removed) and the DFT power P_i in shell i
@@ -246,7 +249,9 @@ def _images_array(images, path):
     return a
 
 
-def estimate_background(batches, box, apix, radius, edge=None, path=None, min_images=2):
+def estimate_background(batches: Iterable, box: int, apix: float, radius: float,
+                        edge: Optional[float] = None, path: Optional[str] = None,
+                        min_images: int = 2) -> "NoiseModel":
     """Noise model from the background of particle images (pixels outside a soft disc).
 
     ``batches`` yields (images (n, D, D), optics groups (n,)) pairs (numpy); ``radius`` is
@@ -327,7 +332,7 @@ class ResidualNoise:
     is negligible.
     """
 
-    def __init__(self, box, apix, prior=None):
+    def __init__(self, box: int, apix: float, prior: Optional["NoiseModel"] = None) -> None:
         self.box, self.apix = int(box), float(apix)
         self.prior = prior
         self.S = n_shells(self.box)
@@ -337,7 +342,8 @@ class ResidualNoise:
         self._s = shell_index(self.box).ravel()
         self.scales = []
 
-    def add(self, images, rendered_ft, groups, path=None):
+    def add(self, images, rendered_ft, groups: Sequence[int],
+            path: Optional[str] = None) -> None:
         Y = np.fft.rfft2(_images_array(images, path))
         R = np.asarray(rendered_ft)
         groups = np.broadcast_to(np.asarray(groups).reshape(-1), (len(Y),))
@@ -352,7 +358,7 @@ class ResidualNoise:
             p = (np.abs(res) ** 2 * w).ravel()
             self._acc.add(g, np.bincount(self._s, weights=p, minlength=self.S))
 
-    def result(self, path=None):
+    def result(self, path: Optional[str] = None) -> "NoiseModel":
         if not self._acc.sums:
             fail(path, "no images for a noise estimate")
         counts = shell_counts(self.box)
@@ -367,7 +373,9 @@ class ResidualNoise:
                           "residual")
 
 
-def estimate_from_particles(table, radius, n_per_group=2000, seed=0, batch=256, log=None):
+def estimate_from_particles(table, radius: float, n_per_group: int = 2000, seed: int = 0,
+                            batch: int = 256,
+                            log: Optional[Callable[[str], object]] = None) -> "NoiseModel":
     """Background noise model of a particle file (what ``prepare_run`` should call).
 
     ``table`` a ParticleTable with images (one box and pixel size), ``radius`` the mask
@@ -401,7 +409,8 @@ def estimate_from_particles(table, radius, n_per_group=2000, seed=0, batch=256, 
     return estimate_background(batches(), D, apix, radius, path=table.path)
 
 
-def default_mask_radius(coords, box, apix, margin=10.0):
+def default_mask_radius(coords: np.ndarray, box: int, apix: float,
+                        margin: float = 10.0) -> float:
     """Background-mask radius (A): the model's radius about its centroid plus ``margin``.
 
     The particle sits at the image centre whatever the docking, so the model's own extent

@@ -19,6 +19,7 @@ encoder runs (no decoder), forward only: the cost is about one third of a traini
 datasets still get enough optimisation steps per epoch.
 """
 import contextlib
+from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -32,14 +33,14 @@ AUTO_BATCH_MIN = 16
 AUTO_BATCH_STEPS = 64     # optimisation steps per epoch that --batch auto aims at
 
 
-def auto_batch(n_train):
+def auto_batch(n_train: int) -> int:
     """``--batch auto``: min(256, max(16, n_train // 64)), i.e. at least 64 optimisation
     steps per epoch until the batch reaches the paper's 256 (16,384 training images and
     more keep 256); never below 16 (batch statistics of fewer images are too noisy)."""
     return int(min(AUTO_BATCH_MAX, max(AUTO_BATCH_MIN, int(n_train) // AUTO_BATCH_STEPS)))
 
 
-def resolve_batch(batch, n_train):
+def resolve_batch(batch: Union[int, str, None], n_train: int) -> int:
     """The integer batch of a ``--batch`` value: ``'auto'`` (or None) -> :func:`auto_batch`,
     an integer (or its string) -> itself."""
     from .runfolder import is_auto_batch
@@ -52,7 +53,8 @@ def resolve_batch(batch, n_train):
         raise NmaemError("--batch must be an integer or auto (got %r)" % (batch,))
 
 
-def bn_sample(rows, seed, epoch, n_images=BN_IMAGES):
+def bn_sample(rows: np.ndarray, seed: int, epoch: int,
+              n_images: int = BN_IMAGES) -> np.ndarray:
     """The training rows of the recomputation pass of 0-based ``epoch``: all of ``rows`` when
     there are at most ``n_images``, otherwise ``n_images`` of them drawn without replacement
     by a generator seeded with (seed, epoch) (independent of the global random state), in
@@ -67,7 +69,8 @@ def _bn_layers(module):
     return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 
-def recompute_bn_stats(encoder, read_batches, autocast=None):
+def recompute_bn_stats(encoder: torch.nn.Module, read_batches: Iterable[torch.Tensor],
+                       autocast: Optional[Callable] = None) -> int:
     """Set the running mean and variance of every batch-norm layer of ``encoder`` to the
     average, over the batches yielded by ``read_batches`` (an iterable of image tensors
     (B, box, box) already on the encoder's device), of the batch statistics that training
@@ -113,8 +116,10 @@ def recompute_bn_stats(encoder, read_batches, autocast=None):
     return n
 
 
-def recompute_from_dataset(encoder, dataset, rows, batch, seed, epoch, device, loader,
-                           autocast=None, n_images=BN_IMAGES):
+def recompute_from_dataset(encoder: torch.nn.Module, dataset, rows: np.ndarray, batch: int,
+                           seed: int, epoch: int, device: Union[str, torch.device],
+                           loader: Callable, autocast: Optional[Callable] = None,
+                           n_images: int = BN_IMAGES) -> int:
     """:func:`recompute_bn_stats` over :func:`bn_sample` (rows of ``dataset``, a
     ``train.ParticleImages``) in batches of ``batch`` images read by ``loader(dataset,
     batches)`` (an iterable of (rows, images)). Returns the number of images used."""

@@ -28,12 +28,19 @@ atoms touch. :func:`refine_coords` restores the chemistry while keeping the shap
 
 OpenMM is imported inside the functions: importing this module costs nothing.
 """
+from __future__ import annotations
+
 import math
 import time
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import numpy as np
 
 from .errors import NmaemError
+
+if TYPE_CHECKING:                   # openmm and gemmi are imported when refining
+    import openmm
+    from .structure import AtomicModel
 
 __all__ = ["DEFAULTS", "RefinementResult", "refine_coords", "refine_models",
            "choose_platform", "check_refinable"]
@@ -70,18 +77,19 @@ class RefinementResult:
     (row of the parent residue's first atom, atom name, (x, y, z)) when asked for.
     """
 
-    def __init__(self, coords, ok, info, hydrogens=None):
+    def __init__(self, coords: np.ndarray, ok: bool, info: dict,
+                 hydrogens: Optional[list] = None) -> None:
         self.coords = coords
         self.ok = ok
         self.info = info
         self.hydrogens = hydrogens
 
-    def model_with_hydrogens(self, reference):
+    def model_with_hydrogens(self, reference: AtomicModel) -> AtomicModel:
         """An :class:`AtomicModel` with the hydrogens after each residue's heavy atoms."""
         return _with_hydrogens(reference, self.coords, self.hydrogens or [])
 
 
-def choose_platform(name=None):
+def choose_platform(name: Optional[str] = None) -> "openmm.Platform":
     """The OpenMM platform: ``name`` when given, else CUDA, then OpenCL, then CPU."""
     import openmm as mm
     names = [mm.Platform.getPlatform(i).getName() for i in range(mm.Platform.getNumPlatforms())]
@@ -118,7 +126,8 @@ def _known_residue_names():
     return set(app.Modeller._residueHydrogens.keys())
 
 
-def check_refinable(model, source=None):
+def check_refinable(model: AtomicModel,
+                    source: Optional[str] = None) -> tuple[set, Optional[str]]:
     """Problems that stop refinement, as (unknown residue labels, message or None).
 
     Unknown residues are those the force field's hydrogen definitions do not name
@@ -279,7 +288,8 @@ def refine_coords(model, coords, restraint=DEFAULTS["restraint"],
                   hydrogens=False, platform=None, unknown="refuse", source=None,
                   solvent=DEFAULTS["solvent"], cutoff_nm=DEFAULTS["cutoff_nm"],
                   ideal=DEFAULTS["ideal"], covalent_scale=DEFAULTS["covalent_scale"],
-                  log=None, progress_every=10.0):
+                  log: Optional[Callable[[str], object]] = None,
+                  progress_every: float = 10.0) -> RefinementResult:
     """Refine one model: ``model`` (the reference :class:`AtomicModel`, heavy atoms) at
     ``coords`` (M, 3) A. Returns a :class:`RefinementResult`.
 
@@ -439,8 +449,10 @@ def refine_coords(model, coords, restraint=DEFAULTS["restraint"],
     return RefinementResult(out, ok, info, hyd)
 
 
-def refine_models(models, reference, true_model=None, hydrogens=False, validate=True,
-                  log=None, **kw):
+def refine_models(models: Sequence[Union[np.ndarray, str]], reference: Union[AtomicModel, str],
+                  true_model: Union[AtomicModel, str, None] = None, hydrogens: bool = False,
+                  validate: bool = True, log: Optional[Callable[[str], object]] = None,
+                  **kw) -> list[tuple[RefinementResult, dict]]:
     """Refine several models of one reference and validate them.
 
     ``models``: (M, 3) coordinate arrays in the reference's atom order, or paths of model

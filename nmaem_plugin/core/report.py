@@ -7,6 +7,7 @@ split by ground-truth frame with ``--truth SIMDIR`` (a folder of ``nmaem simulat
 """
 import html
 import os
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -43,7 +44,7 @@ def _frames_for(latent, truth_dir):
     return np.asarray(frame)[latent.index]
 
 
-def read_models_listing(models_dir):
+def read_models_listing(models_dir: str) -> dict:
     """The ``models.json`` of an ``nmaem export`` folder (a dict), or a one-line error."""
     import json
     path = os.path.join(str(models_dir), "models.json")
@@ -75,7 +76,7 @@ def _thumbnail(folder, row):
     return path if os.path.isfile(path) else None
 
 
-def validation_rows(listing, folder=None):
+def validation_rows(listing: dict, folder: Optional[str] = None) -> list[tuple]:
     """(file, n particles, [formatted figures], thumbnail path or None) per model; figures
     '-' when the model was not refined (``nmaem export --no-refine``); thumbnails looked up
     in ``folder`` (the export folder)."""
@@ -89,7 +90,7 @@ def validation_rows(listing, folder=None):
     return out
 
 
-def states_rows(states_dir):
+def states_rows(states_dir: str) -> tuple[dict, list[tuple]]:
     """(listing, rows) of an ``nmaem states`` folder: one row per state, (state, particles,
     share of the particles, RMSD of its model to the reference or '-', its STAR file or
     '-', the path of its model's thumbnail or None); a one-line error when the folder has
@@ -109,8 +110,10 @@ def states_rows(states_dir):
     return listing, rows
 
 
-def write_report(run_dir, out_dir, latent=None, modes=None, truth=None, models=None,
-                 states=None, log=print):
+def write_report(run_dir: str, out_dir: str, latent: Optional[str] = None,
+                 modes: Optional[str] = None, truth: Optional[str] = None,
+                 models: Optional[str] = None, states: Optional[str] = None,
+                 log: Callable[[str], object] = print) -> list[tuple[str, str]]:
     """Write the figures and ``index.html`` into ``out_dir``; returns the list of
     (file name, caption) written. Raises NmaemError (one line) on missing input.
     ``models``: an ``nmaem export`` folder, whose models' validation becomes a table;

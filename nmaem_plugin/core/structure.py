@@ -9,6 +9,7 @@ forms) both work; writing keeps chain, residue and atom names.
 import gzip
 import os
 from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import gemmi
 import numpy as np
@@ -37,14 +38,14 @@ class AtomicModel:
     _structure: object = field(default=None, repr=False)  # the selected gemmi.Structure
 
     @property
-    def n_atoms(self):
+    def n_atoms(self) -> int:
         return len(self.coords)
 
     @property
-    def atom_ids(self):
+    def atom_ids(self) -> np.ndarray:
         return atom_id_strings(self.chain, self.resnum, self.icode, self.resname, self.atom_name)
 
-    def select(self, mask):
+    def select(self, mask: np.ndarray) -> "AtomicModel":
         """A new model with the atoms where ``mask`` (bool array or index array) holds."""
         idx = np.arange(self.n_atoms)[mask]
         st = _select_structure(self._structure, idx)
@@ -53,7 +54,7 @@ class AtomicModel:
                            self.atom_name[idx], self.b_factor[idx], self.occupancy[idx],
                            self.source, st)
 
-    def with_coords(self, coords):
+    def with_coords(self, coords: np.ndarray) -> "AtomicModel":
         """The same atoms at other coordinates (M, 3)."""
         coords = np.asarray(coords, dtype=np.float64)
         if coords.shape != self.coords.shape:
@@ -64,7 +65,8 @@ class AtomicModel:
                            self.source, self._structure)
 
 
-def atom_id_strings(chain, resnum, icode, resname, atom_name):
+def atom_id_strings(chain: Sequence[str], resnum: Sequence[int], icode: Sequence[str],
+                    resname: Sequence[str], atom_name: Sequence[str]) -> np.ndarray:
     return np.array(["%s:%d:%s:%s:%s" % t for t in zip(chain, resnum, icode, resname, atom_name)])
 
 
@@ -128,7 +130,8 @@ def _filtered_structure(st, path, model, keep_hydrogens, keep_waters, keep_ligan
     return st
 
 
-def arrays_from_structure(st, path):
+def arrays_from_structure(st: gemmi.Structure,
+                          path: str) -> tuple[np.ndarray, np.ndarray, list]:
     rows = []
     for ch in st[0]:
         for res in ch:
@@ -149,7 +152,8 @@ def arrays_from_structure(st, path):
     return coords, elements, rows
 
 
-def read_model(path, model=0, keep_hydrogens=False, keep_waters=False, keep_ligands=False):
+def read_model(path: str, model: int = 0, keep_hydrogens: bool = False,
+               keep_waters: bool = False, keep_ligands: bool = False) -> AtomicModel:
     """Read one model of a PDB/mmCIF file.
 
     The first model unless ``model`` says otherwise; the first alternative location;
@@ -176,7 +180,8 @@ def _model_of_structure(st, path, source):
         source=source, _structure=st)
 
 
-def tile_model(model, copies, spacing=80.0):
+def tile_model(model: AtomicModel, copies: int,
+               spacing: float = 80.0) -> tuple[AtomicModel, np.ndarray]:
     """A model of ``copies`` copies of ``model`` on a cubic lattice of ``spacing`` Angstrom
     (the benchmarks' large complexes), chains renamed (one or two characters: write it as
     mmCIF beyond 62 copies). Returns (AtomicModel, the (copies, 3) translations)."""
@@ -203,7 +208,7 @@ def tile_model(model, copies, spacing=80.0):
         shifts
 
 
-def read_trajectory(path, **kw):
+def read_trajectory(path: str, **kw) -> tuple[AtomicModel, np.ndarray]:
     """Read every model of a multi-model file: (first model, frames (F, M, 3)).
 
     All models must hold the same atoms in the same order (checked on atom ids).
@@ -249,7 +254,7 @@ def _select_structure(st, idx):
     return st
 
 
-def set_positions(model_obj, coords):
+def set_positions(model_obj: gemmi.Model, coords: np.ndarray) -> None:
     k = 0
     for ch in model_obj:
         for res in ch:
@@ -275,12 +280,12 @@ def _write_structure(st, path):
         fh.write(text)
 
 
-def write_model(path, model, coords=None):
+def write_model(path: str, model: AtomicModel, coords: Optional[np.ndarray] = None) -> None:
     """Write ``model`` (optionally at other coordinates) as PDB or mmCIF, by extension."""
     write_models(path, model, [model.coords if coords is None else coords])
 
 
-def write_models(path, model, coords_list):
+def write_models(path: str, model: AtomicModel, coords_list: Sequence[np.ndarray]) -> None:
     """Write several conformations of ``model`` as the models of one PDB/mmCIF file."""
     base = model._structure
     if base is None:
@@ -296,7 +301,8 @@ def write_models(path, model, coords_list):
     _write_structure(st, path)
 
 
-def form_factor_table(elements):
+def form_factor_table(elements: Sequence[str]) -> tuple[list, np.ndarray, np.ndarray,
+                                                         np.ndarray]:
     """Electron form factors (International Tables C 4.3.2.2, 5 Gaussians) per element.
 
     Returns ``(names, a, b, index)``: the unique element names (E,), ``a`` and ``b``
@@ -315,7 +321,8 @@ def form_factor_table(elements):
     return names, a, b, index
 
 
-def kabsch(mobile, target, weights=None):
+def kabsch(mobile: np.ndarray, target: np.ndarray,
+           weights: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares rotation R and translation t with R @ mobile_i + t ~ target_i."""
     P = np.asarray(mobile, dtype=np.float64)
     Q = np.asarray(target, dtype=np.float64)
@@ -331,19 +338,21 @@ def kabsch(mobile, target, weights=None):
     return R, qc - R @ pc
 
 
-def superpose(mobile, target, weights=None):
+def superpose(mobile: np.ndarray, target: np.ndarray,
+              weights: Optional[np.ndarray] = None) -> np.ndarray:
     """``mobile`` moved onto ``target`` (Kabsch)."""
     R, t = kabsch(mobile, target, weights)
     return np.asarray(mobile, dtype=np.float64) @ R.T + t
 
 
-def rmsd(a, b):
+def rmsd(a: np.ndarray, b: np.ndarray) -> float:
     """Root-mean-square deviation of two (M, 3) arrays, no superposition."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     return float(np.sqrt((d * d).sum() / len(d)))
 
 
-def match_atoms(model_a, model_b, path_a=None, path_b=None):
+def match_atoms(model_a: AtomicModel, model_b: AtomicModel, path_a: Optional[str] = None,
+                path_b: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
     """Indices (ia, ib) of the atoms the two models share.
 
     Atoms match by chain, residue number, insertion code and atom name (not residue

@@ -519,6 +519,10 @@ def _add_train(sub):
     p.add_argument("--encoder", choices=ENCODERS, default=None,
                    help="encoder size: paper (filters 32..512, MLP 512, 256) or small "
                         "(default paper)")
+    p.add_argument("--encoder-box", type=int, default=None, metavar="PX",
+                   help="the box (even, px) the encoder sees, the images Fourier-cropped to it "
+                        "(default: the training box up to 128 px, 128 px above; the decoder "
+                        "and the loss use the whole training box)")
     p.add_argument("--filters", type=_int_list, default=None, metavar="F1,F2,...",
                    help="override the encoder's convolution filters (one block each)")
     p.add_argument("--hidden", type=_int_list, default=None, metavar="H1,H2",
@@ -597,7 +601,8 @@ def _run_train(args):
 def _prepare_and_train(args, nproc, prepare_run, train_run, launch_distributed):
     prepare_run(args.output, args.particles, args.ref, args.modes, resume=args.resume,
                 epochs=args.epochs, batch=args.batch, lr=args.lr, box=args.box,
-                n_modes=args.n_modes, loss=args.loss, encoder=args.encoder, filters=args.filters,
+                n_modes=args.n_modes, loss=args.loss, encoder=args.encoder,
+                encoder_box=args.encoder_box, filters=args.filters,
                 hidden=args.hidden, rmsd_unit=args.rmsd_unit, seed=args.seed,
                 device=args.device, bf16=args.bf16, num_workers=args.num_workers,
                 keep=args.keep, lr_schedule=args.lr_schedule,

@@ -29,6 +29,15 @@ Decoder (``Decoder``)
     ``train.py``) and its CTF. The rotation centre is the consensus-map centre
     (D0//2)*apix0 of the *original* particles, whatever the training box.
 
+Encoder box (``encoder_box``, ``nmaem train --encoder-box``)
+    The trunk may see the images Fourier-cropped to a smaller even box than the training
+    box (after the whitening filter, which is defined on the training box). The default
+    (``runfolder.encoder_box_for``) is the training box up to 128 px and 128 px above:
+    the conformations of domain motions live at low resolution, the convolutions' cost
+    grows with the box squared (a small encoder took 4x longer per image at 256 px than
+    at 128 px on the CPU), and the decoder and the loss still use the whole training box.
+    Runs made before the option have no ``encoder_box``: the training box.
+
 Input whitening (``input_filter``, ``nmaem train`` with the whitened loss, the default)
     The encoder sees each image filtered by 1 / sqrt(sigma2(k)), the inverse square root of
     the noise power spectrum estimated from the particles (``noise.whitening_filter``),
@@ -65,7 +74,7 @@ import torch
 from torch import nn
 
 from .choices import ENCODER_PRESETS, LOSSES
-from .imaging import Renderer, correct_rotations
+from .imaging import Renderer, correct_rotations, fourier_crop
 
 __all__ = ["ENCODER_PRESETS", "normalise_images", "Encoder", "Decoder", "AutoEncoder",
            "image_loss", "LOSSES", "split_outputs", "pose_penalty", "whiten_images"]
@@ -116,22 +125,28 @@ class Encoder(nn.Module):
 
     def __init__(self, box: int, n_modes: int, filters: Sequence[int] = (32, 64, 128, 256, 512),
                  hidden: Sequence[int] = (512, 256), z_scale: float = 1.0,
-                 shift_scale: float = 1.0, pose_max: float = 0.0, input_filter=None):
+                 shift_scale: float = 1.0, pose_max: float = 0.0, input_filter=None,
+                 encoder_box: Optional[int] = None):
         super().__init__()
         box, n_modes = int(box), int(n_modes)
+        work = box if encoder_box is None else int(encoder_box)
         filters, hidden = [int(f) for f in filters], [int(h) for h in hidden]
         if not filters:
             raise ValueError("the encoder needs at least one convolution block")
-        if box >> len(filters) < 1:
+        if work > box or (work != box and work % 2):
+            raise ValueError("the encoder's box must be even and at most the images' %d px "
+                             "(got %d)" % (box, work))
+        if work >> len(filters) < 1:
             raise ValueError("a %d px box is too small for %d pooling blocks (at least %d px)"
-                             % (box, len(filters), 2 ** len(filters)))
-        self.box, self.n_modes = box, n_modes
+                             % (work, len(filters), 2 ** len(filters)))
+        # box: the images given (the training box); encoder_box: what the trunk sees
+        self.box, self.encoder_box, self.n_modes = box, work, n_modes
         blocks, c = [], 1
         for f in filters:
             blocks.append(_vgg_block(c, f))
             c = f
         self.trunk = nn.Sequential(*blocks)
-        self.n_features = c * (box >> len(filters)) ** 2
+        self.n_features = c * (work >> len(filters)) ** 2
         self.shift_head = _mlp(self.n_features, hidden, 2)
         self.z_head = _mlp(self.n_features, hidden, n_modes) if n_modes > 0 else None
         self.register_buffer("z_scale", torch.tensor(float(z_scale)))
@@ -151,6 +166,8 @@ class Encoder(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         if self.input_filter is not None:
             images = whiten_images(images, self.input_filter)
+        if self.encoder_box != self.box:
+            images = fourier_crop(images.float(), self.encoder_box)
         x = normalise_images(images)[:, None]
         return torch.flatten(self.trunk(x), 1)
 

@@ -64,6 +64,8 @@ class TrainConfig:
     seed: int = 0
     loss: str = "whitened"
     encoder: str = "paper"
+    # the box the encoder's convolutions see (None: encoder_box_for(box), network.Encoder)
+    encoder_box: Optional[int] = None
     filters: Optional[Sequence[int]] = None
     hidden: Optional[Sequence[int]] = None
     rmsd_unit: float = 1.0
@@ -146,6 +148,17 @@ class TrainConfig:
             if box is not None and int(box) >> len(filters) < 1:
                 out.append(("box", "--box %d is too small for an encoder of %d pooling blocks "
                                    "(at least %d px)" % (box, len(filters), 2 ** len(filters))))
+        if self.encoder_box is not None:
+            eb = int(self.encoder_box)
+            box = self.box if self.box is not None else box0
+            if eb < 2 or eb % 2 or (box is not None and eb > int(box)):
+                out.append(("encoder_box", "--encoder-box must be an even number of pixels "
+                            "up to the training box%s (got %d)"
+                            % (" (%d px)" % int(box) if box is not None else "", eb)))
+            elif self.encoder in ENCODER_PRESETS and eb >> len(self.layout()[0]) < 1:
+                out.append(("encoder_box", "--encoder-box %d is too small for an encoder of "
+                            "%d pooling blocks (at least %d px)"
+                            % (eb, len(self.layout()[0]), 2 ** len(self.layout()[0]))))
         for k in ("epochs", "batch"):
             if k == "batch" and is_auto_batch(self.batch):
                 continue
@@ -195,6 +208,17 @@ class TrainConfig:
                 fail(particles, msg)
             raise NmaemError(msg)
         return self
+
+
+ENCODER_BOX_MAX = 128    # px: the default encoder box is the training box up to this
+
+
+def encoder_box_for(box: int, encoder_box: Optional[int] = None) -> int:
+    """The box the encoder sees (network.Encoder, "Encoder box"): ``encoder_box`` when
+    given, else the training box up to ENCODER_BOX_MAX px and ENCODER_BOX_MAX above."""
+    if encoder_box is not None:
+        return int(encoder_box)
+    return int(box) if int(box) <= ENCODER_BOX_MAX else ENCODER_BOX_MAX
 
 
 # ============================================================================ paths

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 from .normstats import recompute_from_dataset, resolve_batch
 from .outputs import check_run_dir
 from .runfolder import (FIT_CHECK_FILE, NOISE_FILE, TrainConfig, checkpoint_dir,
-                        checkpoint_file, checkpoint_path, config_path, epoch_checkpoint_file,
+                        checkpoint_file, checkpoint_path, config_path, encoder_box_for,
+                        epoch_checkpoint_file,
                         is_auto_batch, read_config, reference_name, run_lock, write_config,
                         write_json, write_log)
 
@@ -215,6 +216,7 @@ def prepare_run(out: str, particles: Optional[str] = None, ref: Optional[str] = 
         epochs=int(s["epochs"]), batch=int(s["batch"]), batch_auto=batch_auto,
         lr=float(s["lr"]), seed=int(s["seed"]),
         loss=str(s["loss"]), encoder=str(s["encoder"]), filters=filters, hidden=hidden,
+        encoder_box=encoder_box_for(box, s["encoder_box"]),
         rmsd_unit=float(s["rmsd_unit"]), z_scale=z_scale_for(nm.n_atoms, s["rmsd_unit"]),
         shift_scale=float(apix), bf16=bool(s["bf16"]), device=s["device"],
         num_workers=int(s["num_workers"]), keep=int(s["keep"]), optimizer="adam",
@@ -235,8 +237,10 @@ def prepare_run(out: str, particles: Optional[str] = None, ref: Optional[str] = 
     cfg["model_fingerprint"] = run_model_fingerprint(out, cfg)
     write_config(out, cfg)      # last: marks a prepared run
     log("train: %d particles (%d train, %d validation), %d px at %.3f A/px -> %d px at "
-        "%.3f A/px, %d modes x %d atoms%s -> %s"
-        % (n, len(trn), len(val), box0, apix0, box, apix, d, nm.n_atoms,
+        "%.3f A/px%s, %d modes x %d atoms%s -> %s"
+        % (n, len(trn), len(val), box0, apix0, box, apix,
+           " (the encoder sees %d px)" % cfg["encoder_box"] if cfg["encoder_box"] != box else "",
+           d, nm.n_atoms,
            ", pose refinement (at most %g deg, prior sd %g deg)"
            % (cfg["max_pose_correction"], cfg["pose_prior_sd"]) if cfg["refine_pose"] else "",
            out))
@@ -285,7 +289,7 @@ def build_autoencoder(cfg: dict, run_dir: str) -> "AutoEncoder":
             load_noise_model(os.path.join(run_dir, cfg.get("noise") or NOISE_FILE)), cfg["box"])
     enc = Encoder(cfg["box"], cfg["n_modes"], filters=cfg["filters"], hidden=cfg["hidden"],
                   z_scale=cfg["z_scale"], shift_scale=cfg["shift_scale"], pose_max=pose_max,
-                  input_filter=input_filter)
+                  input_filter=input_filter, encoder_box=cfg.get("encoder_box"))
     budget = cfg.get("memory_budget")
     dec = Decoder(model.elements, nm.coords, nm.modes[:int(cfg["n_modes"])], cfg["box"], cfg["apix"],
                   centre=cfg["centre"], offset=cfg["offset"],

@@ -145,6 +145,14 @@ class NmaemProtTrain(NmaemProtBase):
                       help="'paper': the paper's CNN (filters 32-64-128-256-512, MLP 512, "
                            "256). 'small': filters 8-16-32, MLP 64, 32, for quick trials on "
                            "small boxes.")
+        form.addParam("encoderBox", params.IntParam, default=0,
+                      condition="not doContinue", expertLevel=params.LEVEL_ADVANCED,
+                      label="Encoder box (px)",
+                      help="The box the encoder sees: the images Fourier-cropped to it (even "
+                           "number of pixels, at most the training box). 0 (default): the "
+                           "training box up to 128 px, 128 px above. The decoder and the loss "
+                           "use the whole training box; a smaller encoder box mainly saves "
+                           "time on large boxes.")
         form.addParam("loss", params.EnumParam, choices=LOSSES, default=0,
                       condition="not doContinue", label="Loss",
                       help="'whitened' (default, for real particles): the Gaussian likelihood "
@@ -361,6 +369,8 @@ class NmaemProtTrain(NmaemProtBase):
             args += ["--n-modes", self.numberOfModes.get()]
         if self.boxSize.get() > 0:
             args += ["--box", self.boxSize.get()]
+        if self.encoderBox.get() > 0:
+            args += ["--encoder-box", self.encoderBox.get()]
         if LOSSES[self.loss.get()] == "whitened":
             for flag, param in (("--resolution-high", self.resolutionHigh),
                                 ("--resolution-low", self.resolutionLow),
@@ -452,8 +462,10 @@ class NmaemProtTrain(NmaemProtBase):
         # the option rules of nmaem train, written once (core.runfolder.TrainConfig)
         from ..core.runfolder import TrainConfig
         box = self.boxSize.get()
-        imgBox = imageBox(parts) if box > 0 and parts is not None and parts.getSize() else None
+        imgBox = (imageBox(parts) if (box > 0 or self.encoderBox.get() > 0)
+                  and parts is not None and parts.getSize() else None)
         options = TrainConfig(box=box if box > 0 else None, encoder=ENCODERS[self.encoder.get()],
+                              encoder_box=self.encoderBox.get() or None,
                               loss=LOSSES[self.loss.get()],
                               lr_schedule=LR_SCHEDULES[self.lrSchedule.get()],
                               epochs=self.numberOfEpochs.get(),

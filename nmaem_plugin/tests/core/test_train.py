@@ -457,6 +457,79 @@ class TestNetwork(unittest.TestCase):
             Encoder(16, 1, **ENCODER_PRESETS["paper"])             # 16 >> 5 = 0
 
 
+class TestEncoderBox(TrainTestCase):
+    def test_encoder_sees_the_fourier_cropped_image(self):
+        """An encoder of box 32 that sees 16 px equals, with the same weights, an encoder
+        of box 16 given the image cropped by an independent numpy Fourier crop (frequencies
+        |k| < 8 of the 32 px grid, values kept: the inverse FFT times (16/32)^2)."""
+        from nmaem_plugin.core.network import Encoder
+        from nmaem_plugin.core.runfolder import encoder_box_for
+        torch.manual_seed(0)
+        big = Encoder(32, 3, filters=(4, 8), hidden=(16,), encoder_box=16).eval()
+        small = Encoder(16, 3, filters=(4, 8), hidden=(16,)).eval()
+        small.load_state_dict(big.state_dict())
+        with torch.no_grad():            # heads that give more than ~0 from the features
+            for m in list(big.modules()) + list(small.modules()):
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.normal_(0, 0.3)
+        small.load_state_dict(big.state_dict())
+        x = np.random.default_rng(1).standard_normal((3, 32, 32))
+        ft = np.fft.fft2(x)
+        keep = np.r_[0:8, 32 - 7:32]                   # |k| < 8; Nyquist (-8) zero
+        crop = np.zeros((3, 16, 16), complex)
+        idx = np.r_[0:8, 16 - 7:16]
+        crop[:, idx[:, None], idx[None, :]] = ft[:, keep[:, None], keep[None, :]]
+        x16 = np.fft.ifft2(crop).real * (16 / 32) ** 2
+        with torch.no_grad():
+            a = big(torch.tensor(x, dtype=torch.float32))
+            b = small(torch.tensor(x16, dtype=torch.float32))
+        for u, v in zip(a, b):
+            np.testing.assert_allclose(u.numpy(), v.numpy(), rtol=1e-4, atol=1e-5)
+        self.assertGreater(float(a[1].abs().max()), 1e-3)
+        self.assertEqual(big.n_features, small.n_features)
+        # the default: the training box up to 128 px, 128 px above
+        self.assertEqual([encoder_box_for(b) for b in (32, 96, 128, 130, 256, 400)],
+                         [32, 96, 128, 128, 128, 128])
+        self.assertEqual(encoder_box_for(256, 64), 64)
+
+    def test_training_and_inference_with_an_encoder_box(self):
+        """--encoder-box 16 with a 32 px training box: recorded in config.json, the encoder
+        built with it, and nmaem infer runs on the run; bad values are one-line errors."""
+        from nmaem_plugin.core.train import load_trained
+        run = self.path("run_encoder_box")
+        base = ["train", "--particles", self.star, "--ref", self.ref, "--modes", self.modes,
+                "-o", run, "--epochs", "1", "--box", str(BOX), "--encoder", "small",
+                "--batch", "16", "--no-check"]
+        err, out = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            rc = cli.main(base + ["--encoder-box", "16"])
+        self.assertEqual(rc, 0, err.getvalue())
+        self.assertIn("the encoder sees 16 px", out.getvalue() + err.getvalue())
+        ae, cfg = load_trained(run, "cpu")
+        self.assertEqual((cfg["box"], cfg["encoder_box"]), (BOX, 16))
+        self.assertEqual((ae.encoder.box, ae.encoder.encoder_box), (BOX, 16))
+        lat = self.path("latent_encoder_box.npz")
+        with contextlib.redirect_stderr(io.StringIO()), \
+                contextlib.redirect_stdout(io.StringIO()):
+            rc = cli.main(["infer", "--particles", self.star, "--model", run, "-o", lat,
+                           "--device", "cpu"])
+        self.assertEqual(rc, 0)
+        with np.load(lat) as f, torch.no_grad():
+            shift, z = ae.encoder(self.cropped_images())
+            np.testing.assert_allclose(f["z"], z.numpy(), rtol=1e-4, atol=1e-4)
+        for bad, words in (("15", "even"), ("64", "up to the training box (32 px)"),
+                           ("4", "too small")):
+            other = self.path("run_encoder_box_" + bad)
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                rc = cli.main([a if a != run else other for a in base]
+                              + ["--encoder-box", bad])
+            self.assertNotEqual(rc, 0)
+            self.assertIn(words, err.getvalue())
+            self.assertEqual(len(err.getvalue().strip().splitlines()), 1, err.getvalue())
+            self.assertFalse(os.path.exists(other))
+
+
 class TestInference(TrainTestCase):
     def test_infer_matches_direct_call(self):
         """``nmaem infer`` reproduces the eval-mode encoder on the cropped images, row by

@@ -125,14 +125,14 @@ def refinePoseInMatrix(matrix, rotvec):
     """The transform ``matrix`` (4x4) with an ``nmaem`` pose correction applied.
 
     ``rotvec`` (3,) radians is the ``pose_correction`` of ``latent.npz`` (``nmaem train
-    --refine-pose``); the refined RELION matrix is R(v) A (``core.poses.correct_rotations``,
-    the correction acts in the image's frame). With T^-1 = [[A, -s], [0, 1]] only the
+    --refine-pose``); the refined RELION matrix is A R(v) (``core.poses.correct_rotations``,
+    the correction acts in the model's frame). With T^-1 = [[A, -s], [0, 1]] only the
     rotation block changes: the origin s is kept.
     """
-    from .core.poses import rotvec_to_matrix
+    from .core.poses import correct_rotations
     M = np.asarray(matrix, dtype=np.float64)
     inv = np.linalg.inv(M)                 # [[A, -s], [0, 1]]
-    inv[:3, :3] = rotvec_to_matrix(np.asarray(rotvec, dtype=np.float64).reshape(3)) @ inv[:3, :3]
+    inv[:3, :3] = correct_rotations(inv[:3, :3], np.asarray(rotvec, dtype=np.float64).reshape(3))
     out = np.linalg.inv(inv)
     out[3] = (0.0, 0.0, 0.0, 1.0)
     return out

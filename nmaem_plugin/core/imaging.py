@@ -113,9 +113,9 @@ def rotvec_to_matrix(v: ArrayOrTensor) -> torch.Tensor:
 
 
 def correct_rotations(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """R(v) A: RELION matrices A (..., 3, 3) corrected by rotation vectors v (..., 3)
-    radians on the left, the side documented in ``poses`` (tensors, differentiable)."""
-    return rotvec_to_matrix(v.to(A.dtype)) @ A
+    """A R(v): RELION matrices A (..., 3, 3) corrected by rotation vectors v (..., 3)
+    radians on the right, the side documented in ``poses`` (tensors, differentiable)."""
+    return A @ rotvec_to_matrix(v.to(A.dtype))
 
 
 # ----------------------------------------------------------------------------- optics

@@ -6,7 +6,7 @@ translation applied to the rendered projection, and ``index`` (N,) int64, the 0-
 of each particle in the particle file given to ``nmaem infer``. Runs trained with
 ``--refine-pose`` add ``pose_correction`` (N, 3) float32, the rotation vector v (radians)
 of each particle's correction, and ``euler`` (N, 3) float64, the refined RELION angles
-(rot, tilt, psi) in degrees of R(v) A_file (``poses.correct_rotations``); other files
+(rot, tilt, psi) in degrees of A_file R(v) (``poses.correct_rotations``); other files
 have neither (``Latent.pose_correction`` and ``Latent.euler`` are then None).
 Optional (provenance.py):
 ``particles``, the fingerprint of that particle file, and ``model``, the fingerprint of

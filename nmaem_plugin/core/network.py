@@ -52,7 +52,7 @@ Pose correction (``pose_max`` > 0, ``nmaem train --refine-pose``)
     vector v = pose_max tanh(|u|) u / |u| (radians): its angle |v| = pose_max tanh(|u|) is
     bounded by ``pose_max`` and v ~ pose_max u for small u. The head's last layer starts
     at exactly zero (weights and bias), so an untrained network gives v = 0 and renders
-    with the file's rotation bit for bit. The decoder renders with R(v) A (the composition
+    with the file's rotation bit for bit. The decoder renders with A R(v) (the composition
     is documented in ``poses.py``). Without the option there is no such head, and the
     encoder's outputs and state dict are those of earlier versions.
 
@@ -250,7 +250,7 @@ class Decoder(nn.Module):
 
     @staticmethod
     def rotations(rotations: torch.Tensor, rotvec: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The rotations rendered: the file's, or R(v) A with a pose correction v."""
+        """The rotations rendered: the file's, or A R(v) with a pose correction v."""
         rotations = rotations.float()
         if rotvec is None:
             return rotations

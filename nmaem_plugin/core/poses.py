@@ -13,13 +13,15 @@ torch. ``imaging`` wraps these functions for tensors.
   A = R(v)^T with R the Rodrigues matrix (``cryosparc_pose_to_matrix``; the evidence is in
   ``core/cryosparc.py``).
 * A *pose correction* (``nmaem train --refine-pose``) is a rotation vector v (radians)
-  composed on the left of the file's matrix: A_refined = R(v) A_file
-  (:func:`correct_rotations`). R(v) rotates the already-rotated model, i.e. it acts in
-  the frame of the image (x, y in the image plane, z the projection axis): v_z turns the
-  image in its plane, v_x and v_y tilt the model out of it. The encoder sees only the
-  image, so a correction in the image's frame is what it can predict whatever the pose;
-  it is also how ``nmaem simulate`` writes its pose errors (A_file = E A_true, so the
-  ideal correction is R(v) = E^T).
+  composed on the right of the file's matrix: A_refined = A_file R(v)
+  (:func:`correct_rotations`). R(v) turns the model about the rotation centre in the
+  model's own frame, before the file's rotation: the frame in which a consensus
+  refinement's error lives (it aligned one domain, so the error is a rotation of the
+  model that depends on the conformation only, whatever the view: ``nmaem simulate
+  --consensus-poses`` writes A_file = A_true R_c^T, and the ideal correction is R(v) =
+  R_c for every particle of that conformation). A correction on the left (in the
+  image's frame) would have to be A R_c A^T, a function of the view that the encoder,
+  which sees the image but not the file's pose, cannot form (measured: docs/benchmarks.md).
 """
 from typing import Tuple
 
@@ -116,9 +118,9 @@ def cryosparc_pose_to_matrix(v) -> np.ndarray:
 
 
 def correct_rotations(A, v) -> np.ndarray:
-    """The refined RELION matrices R(v) A of matrices A (..., 3, 3) and pose corrections v
-    (..., 3) radians (module docstring: the correction acts in the image's frame)."""
-    return rotvec_to_matrix(v) @ np.asarray(A, dtype=np.float64)
+    """The refined RELION matrices A R(v) of matrices A (..., 3, 3) and pose corrections v
+    (..., 3) radians (module docstring: the correction acts in the model's frame)."""
+    return np.asarray(A, dtype=np.float64) @ rotvec_to_matrix(v)
 
 
 def matrix_to_rotvec(R) -> np.ndarray:

@@ -86,7 +86,7 @@ class TrainConfig:
     check: bool = True
     force: bool = False
     # pose refinement (docs/training.md, "Pose refinement"): a per-particle rotation
-    # correction R(v) A (poses.py), |v| <= max_pose_correction degrees, with a Gaussian prior
+    # correction A R(v) (poses.py), |v| <= max_pose_correction degrees, with a Gaussian prior
     # of sd pose_prior_sd degrees on its angle
     refine_pose: bool = False
     max_pose_correction: float = 5.0

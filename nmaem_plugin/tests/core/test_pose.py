@@ -2,8 +2,8 @@
 the untrained pose head, recovery of a known pose error, outputs of ``nmaem infer``.
 
 The recovery test makes 40 clean AK images of 32 px (3 A/px) at one conformation, writes a
-STAR whose poses are all off by 3 degrees about one axis (in the image frame, as the
-simulator writes its errors), trains a small encoder with the pose head and checks that the
+STAR whose poses are all off by 3 degrees about one axis of the model (A_file = A_true E,
+a consensus refinement's kind of error), trains a small encoder with the pose head and checks that the
 refined angles of ``nmaem infer`` are within 0.5 degree of the true ones.
 """
 import atexit
@@ -62,17 +62,19 @@ class TestRotationVectors(unittest.TestCase):
         np.testing.assert_allclose(v.grad.numpy(), np.tile([0.0, 3.0, -2.0], (4, 1)),
                                    atol=1e-6)
 
-    def test_composition_side_undoes_the_simulator_error(self):
-        """The simulator writes A_file = E A_true; the correction v = rotvec(E^T) gives back
-        A_true through correct_rotations (numpy and torch), and the other side would not."""
+    def test_composition_side_undoes_a_consensus_error(self):
+        """A consensus refinement's error is a rotation of the model: A_file = A_true E
+        (nmaem simulate --consensus-poses writes A R_c^T). The correction v = rotvec(E^T),
+        the same for every view, gives back A_true through correct_rotations (numpy and
+        torch); on the other side (the image's frame) it would not."""
         rng = np.random.default_rng(1)
         A = poses.euler_to_matrix(*rng.uniform([-180, 5, -180], [180, 175, 180], (6, 3)).T)
-        E = poses.rotvec_to_matrix(rng.normal(0, 0.05, (6, 3)))
-        v = poses.matrix_to_rotvec(np.swapaxes(E, 1, 2))
-        np.testing.assert_allclose(poses.correct_rotations(E @ A, v), A, atol=1e-12)
-        t = correct_rotations(torch.as_tensor(E @ A), torch.as_tensor(v)).numpy()
+        E = poses.rotvec_to_matrix(rng.normal(0, 0.05, 3))      # one error, six views
+        v = np.tile(poses.matrix_to_rotvec(E.T), (6, 1))
+        np.testing.assert_allclose(poses.correct_rotations(A @ E, v), A, atol=1e-12)
+        t = correct_rotations(torch.as_tensor(A @ E), torch.as_tensor(v)).numpy()
         np.testing.assert_allclose(t, A, atol=1e-12)
-        wrong = (E @ A) @ poses.rotvec_to_matrix(v)
+        wrong = poses.rotvec_to_matrix(v) @ (A @ E)
         self.assertGreater(np.abs(wrong - A).max(), 1e-2)
         self.assertLess(np.abs(poses.rotation_angle_deg(t, A)).max(), 1e-5)
 
@@ -124,7 +126,8 @@ _DATA = {}
 
 def _dataset():
     """Clean images of one conformation, a STAR with the true poses and one with every pose
-    off by 3 degrees about a fixed axis of the image frame; modes of the reference."""
+    off by 3 degrees about a fixed axis of the model's frame (A_file = A_true E, the error
+    of a consensus refinement: poses.py); modes of the reference."""
     if not _DATA:
         from nmaem_plugin.core.modes import compute_modes, save_modes
         from nmaem_plugin.core.particles import read_particles
@@ -145,7 +148,7 @@ def _dataset():
         table = read_particles(star)
         axis = np.array([1.0, 2.0, 2.0]) / 3.0
         E = rodrigues_reference(math.radians(3.0) * axis)
-        euler = np.stack(poses.matrix_to_euler(E @ table.rotation_matrices()), 1)
+        euler = np.stack(poses.matrix_to_euler(table.rotation_matrices() @ E), 1)
         wrong = os.path.join(data, "wrong.star")
         write_star(wrong, replace(table, euler=euler))
         _DATA.update(tmp=tmp, data=data, star=star, wrong=wrong, modes=modes,

@@ -257,7 +257,7 @@ class TestConvertSets(unittest.TestCase):
 
     def test_latent_pose_correction_on_flex_particles(self):
         """A latent file with pose corrections (nmaem train --refine-pose): each transform
-        gets the refined rotation R(v) A (built here from an independent Rodrigues series)
+        gets the refined rotation A R(v) (built here from an independent Rodrigues series)
         and keeps the origin folded with the shift; foldPose=False keeps the rotation."""
         from pwem.objects import SetOfParticlesFlex
         from nmaem_plugin.convert import matricesToRelion, setOfParticlesFlexFromLatent
@@ -279,7 +279,7 @@ class TestConvertSets(unittest.TestCase):
                 k = int(np.flatnonzero(t["ids"] == p.getObjId())[0])
                 e, o = matricesToRelion(p.getTransform().getMatrix(), APIX)
                 A = euler_to_matrix(*[np.array([x]) for x in e])[0]
-                want = series(v[k]) @ t["A"][k] if foldPose else t["A"][k]
+                want = t["A"][k] @ series(v[k]) if foldPose else t["A"][k]
                 np.testing.assert_allclose(A, want, atol=1e-7)   # stored transforms
                 np.testing.assert_allclose(o, t["origin"][k] - shift[k], atol=1e-6)
             out.close()
@@ -394,9 +394,9 @@ class TestAgainstRelionPlugin(unittest.TestCase):
 
 
     def test_refined_angles_read_by_relion(self):
-        """Refined angles as nmaem infer writes them (core.star.write_star of R(v) A's
+        """Refined angles as nmaem infer writes them (core.star.write_star of A R(v)'s
         Euler angles) read back through our reader and through the RELION plugin's reader
-        (its particle transforms) to the same matrices, R(v) A."""
+        (its particle transforms) to the same matrices, A R(v)."""
         import relion.convert as rconv
         from pwem.objects import SetOfParticles
         from pwem.constants import ALIGN_PROJ

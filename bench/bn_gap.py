@@ -34,13 +34,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from nmaem_plugin import DATA_DIR  # noqa: E402
 from nmaem_plugin.core import normstats, train as train_mod  # noqa: E402
-from nmaem_plugin.core.analysis import evaluate  # noqa: E402
-from nmaem_plugin.core.metadata import ImageStack, read_particles  # noqa: E402
+from nmaem_plugin.core.evaluate import evaluate  # noqa: E402
+from nmaem_plugin.core.particles import read_particles  # noqa: E402
 from nmaem_plugin.core.network import image_loss  # noqa: E402
 from nmaem_plugin.core.data import (ParticleMetadata, make_loader,  # noqa: E402
                                     ParticleImages)
-from nmaem_plugin.core.train import (load_trained,  # noqa
-                                     read_config)
+from nmaem_plugin.core.runfolder import read_config  # noqa: E402
+from nmaem_plugin.core.train import load_trained  # noqa: E402
 
 
 def quiet(*a, **k):

@@ -23,9 +23,20 @@ Data functions shared with the viewers: :func:`pc_range` and :func:`pc_position`
 
 Large sets are binned, never scattered: the cost grows with N only through histograms.
 """
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+if TYPE_CHECKING:                   # matplotlib and the analysis types only in hints
+    from matplotlib.figure import Figure
+
+    from .analysis import PCA, Maxima
+
+# a training log: a path to log.csv, a dict of columns, or a list of row dicts
+Log = Union[str, Mapping[str, Sequence[Any]], Sequence[Mapping[str, Any]]]
 
 HIST_BINS = 100              # bins of 1D histograms (fewer for small samples, see _bins)
 HEX_GRIDSIZE = 60            # hexagons across the PC1 axis
@@ -35,7 +46,7 @@ CONVERGENCE_EPOCHS = 3       # the last 3 epochs against the 3 before them
 CONVERGED_CHANGE = 0.01      # |relative change| of the validation loss called levelled off
 
 
-def new_figure(width=10.0, height=7.0, dpi=100):
+def new_figure(width: float = 10.0, height: float = 7.0, dpi: int = 100) -> Figure:
     """A Figure with an Agg canvas (no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -56,7 +67,7 @@ def _prepare(fig, width, height):
     return fig
 
 
-def save(fig, path, dpi=100):
+def save(fig: Figure, path: str, dpi: int = 100) -> str:
     """Save ``fig`` as PNG (or any format matplotlib knows from the extension), atomically."""
     from .atomic import atomic_open
     fmt = os.path.splitext(str(path))[1].lstrip(".").lower() or "png"
@@ -77,7 +88,7 @@ def _subsample(x, max_points, seed=0):
     return x[rng.choice(len(x), size=int(max_points), replace=False)], True
 
 
-def pc_coordinates(z):
+def pc_coordinates(z: np.ndarray) -> Tuple[Optional[PCA], np.ndarray]:
     """(PCA, PC coordinates) of z (N,d) as ``analysis.pca`` defines them; d = 1: (None, z)."""
     from .analysis import pca
     z = np.asarray(z, dtype=np.float64)
@@ -87,7 +98,8 @@ def pc_coordinates(z):
     return p, p.transform(z)
 
 
-def landscape_maxima(x, max_points=MAX_KDE_POINTS, seed=0, **kwargs):
+def landscape_maxima(x: np.ndarray, max_points: Optional[int] = MAX_KDE_POINTS, seed: int = 0,
+                     **kwargs: Any) -> Tuple[Maxima, bool]:
     """``analysis.density_maxima`` of the 1D sample x (PC1, or z for d = 1), computed on
     a random subsample of ``max_points`` when x is larger (the KDE costs N x 1024
     exponentials). Returns (Maxima, subsampled?)."""
@@ -98,7 +110,7 @@ def landscape_maxima(x, max_points=MAX_KDE_POINTS, seed=0, **kwargs):
 
 # ----------------------------------------------------------------------------- PC positions
 
-def modes_atom_count(path):
+def modes_atom_count(path: str) -> int:
     """M, the number of atoms of a ``modes.npz`` (the ``modes`` array is (d, M, 3)), read
     from the array's header only."""
     import zipfile
@@ -118,14 +130,14 @@ def modes_atom_count(path):
     return int(shape[1])
 
 
-def rmsd_per_angstrom(n_atoms):
+def rmsd_per_angstrom(n_atoms: Optional[int]) -> float:
     """RMSD (A) of a displacement of 1 A along a PC: 1 / sqrt(M). The modes are orthonormal
     over the M atoms' 3M coordinates, so RMSD(X0 + U z, X0) = |z| / sqrt(M)
     (docs/analysis.md); without ``n_atoms``, 1 (positions stay in amplitude units)."""
     return 1.0 if not n_atoms else 1.0 / np.sqrt(float(n_atoms))
 
 
-def pc_range(z, k=0, n_atoms=None):
+def pc_range(z: np.ndarray, k: int = 0, n_atoms: Optional[int] = None) -> Tuple[float, float]:
     """(low, high) of the particles' coordinates along PC k+1 (z1 when d = 1), in RMSD from
     the reference (A) when ``n_atoms`` is given: the coordinate from z = 0 (``PCA.transform``)
     times 1 / sqrt(M), signed."""
@@ -134,7 +146,8 @@ def pc_range(z, k=0, n_atoms=None):
     return float(x.min()), float(x.max())
 
 
-def pc_position(z, value, k=0, n_atoms=None):
+def pc_position(z: np.ndarray, value: Union[float, str], k: int = 0, n_atoms: Optional[int] = None
+                ) -> np.ndarray:
     """The latent point at ``value`` along PC k+1: the mean of z moved along that PC
     (``PCA.along``; z itself when d = 1). ``value`` is in the units of :func:`pc_range`
     and must lie within the particles' range: a point outside it is a model no particle
@@ -160,7 +173,7 @@ def pc_position(z, value, k=0, n_atoms=None):
 
 # ----------------------------------------------------------------------------- maxima
 
-def maxima_counts(x, maxima):
+def maxima_counts(x: np.ndarray, maxima: Maxima) -> Tuple[np.ndarray, np.ndarray]:
     """(near, basin): per maximum, the particles of the full sample x within its radius
     and in its basin, and the particles of its basin (basins split at the lowest KDE
     point between consecutive maxima, as ``density_maxima`` does). Equal to
@@ -183,7 +196,7 @@ def maxima_counts(x, maxima):
     return near, basin_counts.astype(np.int64)
 
 
-def maxima_labels(x, maxima):
+def maxima_labels(x: np.ndarray, maxima: Maxima) -> List[str]:
     """One label per maximum: the name of its model in ``nmaem export --maxima``
     (``maximum_01``...) and its particle counts, "N near / B in basin" (the model is the
     mean z of the N near particles; its basin holds B)."""
@@ -197,7 +210,7 @@ def maxima_labels(x, maxima):
 
 # ----------------------------------------------------------------------------- frames
 
-def frame_islands(frames):
+def frame_islands(frames: np.ndarray) -> List[Tuple[int, int]]:
     """The true islands of a ground truth: runs of consecutive populated frames, as
     (first, last) pairs in order (a discontinuous simulation has three; a continuous one
     has one)."""
@@ -210,7 +223,8 @@ def frame_islands(frames):
     return list(zip(starts.tolist(), ends.tolist()))
 
 
-def frame_groups(frames, max_groups=MAX_FRAME_GROUPS):
+def frame_groups(frames: np.ndarray, max_groups: int = MAX_FRAME_GROUPS
+                 ) -> List[Tuple[str, np.ndarray]]:
     """Groups of ground-truth frames for the landscape's colours: list of (label, mask).
     Up to ``max_groups`` populated frames: one group each. Otherwise the true islands
     (:func:`frame_islands`) when there are 2 to ``max_groups`` of them, so that no group
@@ -281,9 +295,11 @@ def _frames_panel(ax, x, frames, bins, xlabel):
     ax.legend(fontsize=7, loc="upper right")
 
 
-def latent_landscape(z, frames=None, fig=None, bins=HIST_BINS, gridsize=HEX_GRIDSIZE,
-                     max_kde_points=MAX_KDE_POINTS, maxima_kwargs=None, title=None,
-                     n_atoms=None):
+def latent_landscape(z: np.ndarray, frames: Optional[np.ndarray] = None,
+                     fig: Optional[Figure] = None, bins: int = HIST_BINS,
+                     gridsize: int = HEX_GRIDSIZE, max_kde_points: Optional[int] = MAX_KDE_POINTS,
+                     maxima_kwargs: Optional[Dict[str, Any]] = None, title: Optional[str] = None,
+                     n_atoms: Optional[int] = None) -> Figure:
     """The latent landscape of particles' amplitudes z (N,d).
 
     d = 1: histogram of z with its density maxima. d > 1: the explained variance ratio
@@ -355,7 +371,8 @@ def latent_landscape(z, frames=None, fig=None, bins=HIST_BINS, gridsize=HEX_GRID
     return fig
 
 
-def mode_amplitudes(z, fig=None, bins=HIST_BINS, title=None):
+def mode_amplitudes(z: np.ndarray, fig: Optional[Figure] = None, bins: int = HIST_BINS,
+                    title: Optional[str] = None) -> Figure:
     """One histogram per amplitude z_l (Angstrom), on a grid of panels."""
     z = np.asarray(z, dtype=np.float64)
     if z.ndim == 1:
@@ -420,15 +437,17 @@ class Convergence:
     ``train_loss`` for a run without validation particles); ``epochs``: (first, last)
     epoch of each window; ``note``: one sentence for the figure and the viewer."""
 
-    def __init__(self, key, change, n, epochs, note):
+    def __init__(self, key: str, change: Optional[float], n: int,
+                 epochs: Optional[Tuple[Tuple[int, int], Tuple[int, int]]], note: str) -> None:
         self.key, self.change, self.n, self.epochs, self.note = key, change, n, epochs, note
 
     @property
-    def converged(self):
+    def converged(self) -> bool:
         return self.change is not None and abs(self.change) < CONVERGED_CHANGE
 
 
-def convergence(log, n=CONVERGENCE_EPOCHS, tol=CONVERGED_CHANGE):
+def convergence(log: Log, n: int = CONVERGENCE_EPOCHS, tol: float = CONVERGED_CHANGE
+                ) -> Convergence:
     """:class:`Convergence` of a training log (path, columns or rows): the validation
     loss's mean over the last ``n`` epochs against the ``n`` epochs before; levelled off
     when |relative change| < ``tol``."""
@@ -461,7 +480,8 @@ def convergence(log, n=CONVERGENCE_EPOCHS, tol=CONVERGED_CHANGE):
     return Convergence(key, float(change), n, epochs, note)
 
 
-def training_curves(log, fig=None, title=None):
+def training_curves(log: Log, fig: Optional[Figure] = None, title: Optional[str] = None
+                    ) -> Figure:
     """Training and validation loss per epoch, training speed (images/s) and the
     :func:`convergence` note under the loss panel's title.
 
@@ -506,13 +526,13 @@ def training_curves(log, fig=None, title=None):
     return fig
 
 
-def load_modes_file(path):
+def load_modes_file(path: str) -> Dict[str, np.ndarray]:
     """The arrays of a ``modes.npz`` as a dict (no checks beyond readability)."""
     with np.load(path, allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
 
 
-def residue_fluctuation(data):
+def residue_fluctuation(data: Mapping[str, np.ndarray]) -> Tuple[List[str], np.ndarray]:
     """Per-residue mean-square fluctuation of the modes, sum_l |u_l,i|^2 / lambda_l
     averaged over each residue's atoms (ANM, up to the factor kT/gamma).
 
@@ -532,7 +552,8 @@ def residue_fluctuation(data):
     return list(order), sums / np.maximum(counts, 1)
 
 
-def modes_overview(data, fig=None, title=None):
+def modes_overview(data: Union[str, Mapping[str, np.ndarray]], fig: Optional[Figure] = None,
+                   title: Optional[str] = None) -> Figure:
     """Diagnostics of a ``modes.npz`` (a path or the dict of its arrays): the eigenvalue
     spectrum, the collectivity of each mode, the per-residue fluctuation and, when the
     file has target diagnostics, |overlap| per mode with the cumulative overlap and the
@@ -616,7 +637,8 @@ THUMBNAIL_MARGIN = 8.0       # Angstrom kept free around the model in the projec
 THUMBNAIL_BLUR = 2.0         # Angstrom, Gaussian sigma of the thumbnails' low-pass filter
 
 
-def thumbnail_frame(coords, box=THUMBNAIL_BOX, margin=THUMBNAIL_MARGIN):
+def thumbnail_frame(coords: np.ndarray, box: int = THUMBNAIL_BOX, margin: float = THUMBNAIL_MARGIN
+                    ) -> Tuple[np.ndarray, float]:
     """(centre (3,), apix) that put every atom of ``coords`` (M, 3) inside a ``box`` px
     projection along any axis: the centroid, and a pixel size (at least 1 A) such that the
     largest distance from it plus ``margin`` fits in half the box. Models of one series
@@ -628,8 +650,9 @@ def thumbnail_frame(coords, box=THUMBNAIL_BOX, margin=THUMBNAIL_MARGIN):
     return centre, max(1.0, 2.0 * (radius + margin) / (int(box) - 2))
 
 
-def model_projections(coords, elements, views=("z",), box=THUMBNAIL_BOX, apix=None,
-                      centre=None, blur=0.0):
+def model_projections(coords: np.ndarray, elements: Sequence[str], views: Sequence[str] = ("z",),
+                      box: int = THUMBNAIL_BOX, apix: Optional[float] = None,
+                      centre: Optional[np.ndarray] = None, blur: float = 0.0) -> np.ndarray:
     """(V, box, box) float64 projections of an atomic model, arrays [y, x], one per view of
     ``views`` (``poses.VIEW_AXES``: along the model's z, y or x axis), rendered by
     ``imaging.Renderer`` (band-limited atoms with their form factors, no CTF, no shift).
@@ -657,8 +680,10 @@ def model_projections(coords, elements, views=("z",), box=THUMBNAIL_BOX, apix=No
     return np.fft.irfft2(ft, s=(r.box, r.box))
 
 
-def model_thumbnail(coords, elements, path, views=("z", "y", "x"), box=THUMBNAIL_BOX,
-                    apix=None, centre=None, px=THUMBNAIL_PX, blur=THUMBNAIL_BLUR):
+def model_thumbnail(coords: np.ndarray, elements: Sequence[str], path: str,
+                    views: Sequence[str] = ("z", "y", "x"), box: int = THUMBNAIL_BOX,
+                    apix: Optional[float] = None, centre: Optional[np.ndarray] = None,
+                    px: int = THUMBNAIL_PX, blur: float = THUMBNAIL_BLUR) -> str:
     """Save a PNG of the model's projections side by side (:func:`model_projections`,
     low-passed by ``blur``, each view labelled with its axis), ``px`` pixels high and ``px``
     x len(views) wide, atomically (:func:`save`); returns ``path``. Image x to the right,

@@ -26,6 +26,7 @@ import numpy as np
 from .errors import NmaemError, fail
 
 if TYPE_CHECKING:
+    from .latent import Latent
     from .modes import NormalModes
     from .structure import AtomicModel
 
@@ -116,7 +117,7 @@ def load_run(run_dir: str, need_modes: bool = True
     return model, nm, config
 
 
-def check_latent_d(latent, nm: Optional["NormalModes"], run_dir: str) -> None:
+def check_latent_d(latent: "Latent", nm: Optional["NormalModes"], run_dir: str) -> None:
     """Fail when the latent file's d differs from the run's number of modes."""
     d_model = 0 if nm is None else nm.n_modes
     if latent.d != d_model:
@@ -124,7 +125,7 @@ def check_latent_d(latent, nm: Optional["NormalModes"], run_dir: str) -> None:
              % (latent.d, run_dir, d_model))
 
 
-def need_z(latent, what: str) -> None:
+def need_z(latent: "Latent", what: str) -> None:
     """Fail when the latent file has no amplitudes (d = 0)."""
     if latent.d == 0:
         fail(latent.path, "z has d = 0 amplitudes (a run without normal modes): %s needs "
@@ -364,10 +365,10 @@ class Maxima:
 
 
 def density_maxima(x: np.ndarray, bandwidth: Optional[float] = None,
-                   min_height=DEFAULTS["min_height"],
-                   min_prominence=DEFAULTS["min_prominence"], radius=None,
-                   grid_size=DEFAULTS["kde_grid"],
-                   min_significance=DEFAULTS["min_significance"]) -> Maxima:
+                   min_height: float = DEFAULTS["min_height"],
+                   min_prominence: float = DEFAULTS["min_prominence"],
+                   radius: Optional[float] = None, grid_size: int = DEFAULTS["kde_grid"],
+                   min_significance: float = DEFAULTS["min_significance"]) -> Maxima:
     """Local maxima of a Gaussian KDE of the 1D sample ``x`` (e.g. PC1).
 
     ``bandwidth``: a number in the units of x, or a rule name for ``kde_bandwidth``

@@ -68,7 +68,8 @@ class ParticleMetadata:
         self.optics_group = torch.as_tensor(np.asarray(table.optics_group, dtype=np.int64),
                                             device=device)
 
-    def batch(self, rows) -> Tuple[torch.Tensor, torch.Tensor, CTFParams]:
+    def batch(self, rows: Union[np.ndarray, torch.Tensor, slice]
+              ) -> Tuple[torch.Tensor, torch.Tensor, CTFParams]:
         """Rotations (B, 3, 3), base shifts (B, 2) and the CTF parameters of ``rows``."""
         return self.rotations[rows], self.base_shift[rows], self.ctf[rows]
 

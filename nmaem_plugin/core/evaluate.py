@@ -21,7 +21,7 @@ in its particle file (``input``), and, for a latent file of a run trained with
 """
 import json
 import os
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 
@@ -59,7 +59,7 @@ def _load_truth(sim_dir):
     return gt, params, fr_path
 
 
-def pose_error(gt, n_gt: int, latent) -> Optional[dict]:
+def pose_error(gt: Mapping[str, np.ndarray], n_gt: int, latent: Latent) -> Optional[dict]:
     """Angles (degrees) from the written and the refined rotations to the true ones."""
     from .poses import euler_to_matrix, rotation_angle_deg
     if not all(k in gt and gt[k].shape == (n_gt, 3) for k in ("euler", "euler_file")):

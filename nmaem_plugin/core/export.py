@@ -43,7 +43,7 @@ def _width(n):
     return max(2, len(str(n)))
 
 
-def numbered_name(prefix, j, n):
+def numbered_name(prefix: str, j: int, n: int) -> str:
     """The file stem of the (j+1)-th of ``n`` models of a kind: ``maximum_01``, ...
     (two digits at least; the landscape figure labels its maxima with these names)."""
     return "%s_%0*d" % (prefix, _width(n), j + 1)
@@ -51,10 +51,13 @@ def numbered_name(prefix, j, n):
 
 def export(latent_path: str, run_dir: str, out_dir: str, pcs: Optional[Sequence[int]] = None,
            steps: int = DEFAULTS["steps"],
-           low=DEFAULTS["low_percentile"], high=DEFAULTS["high_percentile"], kmeans_k=None,
-           maxima=False, z_list=(), fmt="pdb", seed=0, overwrite=False, bandwidth=None,
-           min_height=DEFAULTS["min_height"], min_prominence=DEFAULTS["min_prominence"],
-           min_significance=DEFAULTS["min_significance"], log: Callable[[str], None] = print,
+           low: float = DEFAULTS["low_percentile"], high: float = DEFAULTS["high_percentile"],
+           kmeans_k: Optional[int] = None, maxima: bool = False,
+           z_list: Sequence[Sequence[float]] = (), fmt: str = "pdb", seed: int = 0,
+           overwrite: bool = False, bandwidth: Optional[float] = None,
+           min_height: float = DEFAULTS["min_height"],
+           min_prominence: float = DEFAULTS["min_prominence"],
+           min_significance: float = DEFAULTS["min_significance"], log: Callable[[str], None] = print,
            refine: bool = False, hydrogens: bool = False,
            refine_options: Optional[dict] = None, thumbnails: bool = True) -> dict:
     """Write deformed all-atom models at latent points; returns the listing (a dict).

@@ -32,13 +32,19 @@ import math
 import os
 import threading
 from dataclasses import dataclass, fields, replace
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from . import poses
 from .choices import RENDER_ROUTES
+
+if TYPE_CHECKING:
+    from .particles import ParticleTable
+
+TensorOrFloat = Union[torch.Tensor, float]   # a per-image (B,) tensor or one value for all
+Device = Union[str, torch.device]
 from .errors import NmaemError
 
 __all__ = ["euler_to_matrix", "matrix_to_euler", "rotvec_to_matrix", "correct_rotations",
@@ -133,8 +139,10 @@ def electron_wavelength(voltage_kv: Union[float, np.ndarray, torch.Tensor]
     return 12.2643247 / np.sqrt(v * (1.0 + v * 0.978466e-6))
 
 
-def ctf_2d(freq_x: torch.Tensor, freq_y: torch.Tensor, defocus_u, defocus_v, defocus_angle,
-           voltage, cs, amp_contrast, phase_shift=0.0, bfactor=0.0) -> torch.Tensor:
+def ctf_2d(freq_x: torch.Tensor, freq_y: torch.Tensor, defocus_u: TensorOrFloat,
+           defocus_v: TensorOrFloat, defocus_angle: TensorOrFloat, voltage: TensorOrFloat,
+           cs: TensorOrFloat, amp_contrast: TensorOrFloat, phase_shift: TensorOrFloat = 0.0,
+           bfactor: TensorOrFloat = 0.0) -> torch.Tensor:
     """RELION's CTF on a frequency grid.
 
     ``freq_x``, ``freq_y``: spatial frequencies in 1/Angstrom, broadcastable to the grid
@@ -196,7 +204,7 @@ class CTFParams:
     bfactor: Any = 0.0
 
     @classmethod
-    def from_table(cls, table, device: Union[str, torch.device, None] = None,
+    def from_table(cls, table: "ParticleTable", device: Union[str, torch.device, None] = None,
                    dtype: torch.dtype = torch.float32) -> "CTFParams":
         """The CTF of every particle of ``table`` (its ``ctf_bfactor`` is ``bfactor``) as
         tensors of ``dtype`` on ``device`` (the table's float64 arrays cast by numpy)."""
@@ -334,7 +342,7 @@ MIN_BUDGET = 64 * 1024 ** 2          # below this the renderer would crawl
 MAX_CHUNK_ATOMS = 16384              # more atoms per chunk buys no speed (measured)
 
 
-def available_memory(device) -> int:
+def available_memory(device: Device) -> int:
     """Bytes free now on ``device``: MemAvailable of /proc/meminfo on the CPU (the total
     when unreadable), the free memory of a CUDA device."""
     device = torch.device(device)
@@ -354,7 +362,7 @@ def available_memory(device) -> int:
         return 4 * GIB
 
 
-def default_memory_budget(device) -> int:
+def default_memory_budget(device: Device) -> int:
     """The renderer's working-memory budget when none is given: a quarter of the available
     RAM on the CPU, half of the free memory of a GPU (the rest is for the encoder, the
     images and the other processes), never less than ``MIN_BUDGET``."""
@@ -363,7 +371,7 @@ def default_memory_budget(device) -> int:
     return max(MIN_BUDGET, int(share * available_memory(device)))
 
 
-def parse_memory_budget(value) -> Optional[int]:
+def parse_memory_budget(value: Union[float, str, None]) -> Optional[int]:
     """``--memory-budget`` in GiB (a number; None or "auto": the device's default) -> bytes."""
     if value is None or str(value).strip().lower() in ("", "auto"):
         return None
@@ -636,7 +644,8 @@ class _NufftStructureFactor(torch.autograd.Function):
         return t(gu), t(gv), None, None, None
 
 
-def choose_route(n_atoms: int, box: int, device, dtype=torch.float32) -> str:
+def choose_route(n_atoms: int, box: int, device: Device, dtype: torch.dtype = torch.float32
+                 ) -> str:
     """The faster structure-factor route for ``n_atoms`` atoms at ``box`` px on ``device``.
 
     The type-1 NUFFT (FINUFFT: CPU, float32, when installed) once the matrix products'

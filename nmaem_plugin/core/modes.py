@@ -26,7 +26,7 @@ The pipeline (``compute_modes``):
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from .choices import CG_CHOICES
 from .npz import read_npz
 from .errors import NmaemError, fail
 from .structure import AtomicModel, match_atoms, rmsd, superpose, write_models
+
+if TYPE_CHECKING:                   # scipy is imported where a sparse matrix is built
+    from scipy.sparse import csr_matrix
 
 __all__ = ["CG_CHOICES", "NormalModes", "cg_selection", "build_hessian", "sparse_hessian",
            "solve_modes",
@@ -197,7 +200,7 @@ def _check_parameters(cutoff, gamma):
 
 
 def build_hessian(cg_coords: np.ndarray, cutoff: float = 15.0, gamma: float = 1.0,
-                  sparse: bool = False):
+                  sparse: bool = False) -> Union[np.ndarray, "csr_matrix"]:
     """ANM Hessian (3N x 3N) of nodes ``cg_coords`` (N,3) with ProDy.
 
     Dense numpy array, or a scipy CSR matrix when ``sparse`` (built with ProDy's KD-tree
@@ -221,7 +224,8 @@ def build_hessian(cg_coords: np.ndarray, cutoff: float = 15.0, gamma: float = 1.
     return H.tocsr() if sparse else np.asarray(H, dtype=np.float64)
 
 
-def sparse_hessian(cg_coords: np.ndarray, cutoff: float = 15.0, gamma: float = 1.0):
+def sparse_hessian(cg_coords: np.ndarray, cutoff: float = 15.0, gamma: float = 1.0
+                   ) -> "csr_matrix":
     """ANM Hessian (3N x 3N scipy CSR) of nodes ``cg_coords`` (N,3), built in vectorised form.
 
     The same matrix as ProDy's ``ANM.buildHessian`` (a test compares them): for every pair
@@ -285,7 +289,7 @@ def _default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def solve_modes(hessian, n_wanted: int, solver: str = "dense",
+def solve_modes(hessian: Union[np.ndarray, "csr_matrix"], n_wanted: int, solver: str = "dense",
                 device: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
     """The ``n_wanted`` lowest eigenpairs of a symmetric Hessian: (values (k,), vectors (3N,k)).
 

@@ -125,8 +125,9 @@ class Encoder(nn.Module):
 
     def __init__(self, box: int, n_modes: int, filters: Sequence[int] = (32, 64, 128, 256, 512),
                  hidden: Sequence[int] = (512, 256), z_scale: float = 1.0,
-                 shift_scale: float = 1.0, pose_max: float = 0.0, input_filter=None,
-                 encoder_box: Optional[int] = None):
+                 shift_scale: float = 1.0, pose_max: float = 0.0,
+                 input_filter: Optional[torch.Tensor] = None,
+                 encoder_box: Optional[int] = None) -> None:
         super().__init__()
         box, n_modes = int(box), int(n_modes)
         work = box if encoder_box is None else int(encoder_box)
@@ -319,6 +320,6 @@ def image_loss(images: torch.Tensor, rendered: torch.Tensor, kind: str = "l2",
     raise ValueError("unknown loss %r (choose from %s)" % (kind, ", ".join(LOSSES)))
 
 
-def z_scale_for(n_atoms, rmsd_unit=1.0):
+def z_scale_for(n_atoms: int, rmsd_unit: float = 1.0) -> float:
     """The z scale that makes one unit of network output a deformation of RMSD ``rmsd_unit``."""
     return float(rmsd_unit) * math.sqrt(int(n_atoms))

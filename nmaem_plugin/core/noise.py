@@ -21,12 +21,15 @@ Two estimators:
   pose errors, a bad docking) counts as noise.
 """
 import json
-from typing import Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
 from .errors import NmaemError, fail
 from .npz import read_npz
+
+if TYPE_CHECKING:
+    from .particles import ParticleTable
 
 __all__ = ["NOISE_FORMAT", "radius_grid", "shell_index", "hermitian_weights", "soft_disc",
            "shell_sums", "NoiseModel", "load_noise_model", "estimate_background",
@@ -342,7 +345,7 @@ class ResidualNoise:
         self._s = shell_index(self.box).ravel()
         self.scales = []
 
-    def add(self, images, rendered_ft, groups: Sequence[int],
+    def add(self, images: np.ndarray, rendered_ft: np.ndarray, groups: Sequence[int],
             path: Optional[str] = None) -> None:
         Y = np.fft.rfft2(_images_array(images, path))
         R = np.asarray(rendered_ft)
@@ -373,7 +376,7 @@ class ResidualNoise:
                           "residual")
 
 
-def estimate_from_particles(table, radius: float, n_per_group: int = 2000, seed: int = 0,
+def estimate_from_particles(table: "ParticleTable", radius: float, n_per_group: int = 2000, seed: int = 0,
                             batch: int = 256,
                             log: Optional[Callable[[str], object]] = None) -> "NoiseModel":
     """Background noise model of a particle file (what ``prepare_run`` should call).

@@ -19,10 +19,13 @@ encoder runs (no decoder), forward only: the cost is about one third of a traini
 datasets still get enough optimisation steps per epoch.
 """
 import contextlib
-from typing import Callable, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Union
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .data import ParticleImages
 
 __all__ = ["BN_IMAGES", "bn_sample", "recompute_bn_stats", "auto_batch", "resolve_batch",
            "AUTO_BATCH_MAX", "AUTO_BATCH_MIN", "AUTO_BATCH_STEPS"]
@@ -116,7 +119,7 @@ def recompute_bn_stats(encoder: torch.nn.Module, read_batches: Iterable[torch.Te
     return n
 
 
-def recompute_from_dataset(encoder: torch.nn.Module, dataset, rows: np.ndarray, batch: int,
+def recompute_from_dataset(encoder: torch.nn.Module, dataset: "ParticleImages", rows: np.ndarray, batch: int,
                            seed: int, epoch: int, device: Union[str, torch.device],
                            loader: Callable, autocast: Optional[Callable] = None,
                            n_images: int = BN_IMAGES) -> int:

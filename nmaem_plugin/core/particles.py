@@ -30,7 +30,7 @@ table are read by ``stacks.ImageStack``.
 """
 import os
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -136,7 +136,7 @@ class ParticleTable:
         return self.n
 
 
-def read_particles(path, root=None) -> "ParticleTable":
+def read_particles(path: str, root: Optional[str] = None) -> "ParticleTable":
     """Read a RELION STAR (3.0, 3.1+) or cryoSPARC .cs particle file; see the module doc."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -210,7 +210,7 @@ def check_table(table: ParticleTable,
     return table
 
 
-def stack_resolver(path, root=None) -> Callable[[str], str]:
+def stack_resolver(path: str, root: Optional[str] = None) -> Callable[[str], str]:
     """Function: relative stack path -> absolute path (see the module docstring)."""
     base = os.path.dirname(os.path.abspath(path))
     dirs = []
@@ -243,7 +243,8 @@ def stack_resolver(path, root=None) -> Callable[[str], str]:
     return resolve
 
 
-def split_image_names(path, names, resolve) -> Tuple[np.ndarray, np.ndarray]:
+def split_image_names(path: str, names: Sequence[str], resolve: Callable[[str], str]
+                      ) -> Tuple[np.ndarray, np.ndarray]:
     """(absolute stack paths, 0-based indices) of ``index@stack`` image names."""
     idx = np.empty(len(names), dtype=np.int64)
     rels = []

@@ -283,11 +283,13 @@ def _with_hydrogens(reference, coords, hydrogens):
         source=reference.source, _structure=st)
 
 
-def refine_coords(model, coords, restraint=DEFAULTS["restraint"],
-                  tolerance=DEFAULTS["tolerance"], max_iterations=DEFAULTS["max_iterations"],
-                  hydrogens=False, platform=None, unknown="refuse", source=None,
-                  solvent=DEFAULTS["solvent"], cutoff_nm=DEFAULTS["cutoff_nm"],
-                  ideal=DEFAULTS["ideal"], covalent_scale=DEFAULTS["covalent_scale"],
+def refine_coords(model: AtomicModel, coords: np.ndarray, restraint: float = DEFAULTS["restraint"],
+                  tolerance: float = DEFAULTS["tolerance"],
+                  max_iterations: int = DEFAULTS["max_iterations"], hydrogens: bool = False,
+                  platform: Optional[str] = None, unknown: str = "refuse",
+                  source: Optional[str] = None, solvent: str = DEFAULTS["solvent"],
+                  cutoff_nm: float = DEFAULTS["cutoff_nm"], ideal: str = DEFAULTS["ideal"],
+                  covalent_scale: Sequence[float] = DEFAULTS["covalent_scale"],
                   log: Optional[Callable[[str], object]] = None,
                   progress_every: float = 10.0) -> RefinementResult:
     """Refine one model: ``model`` (the reference :class:`AtomicModel`, heavy atoms) at

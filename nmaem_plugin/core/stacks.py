@@ -17,7 +17,7 @@ __all__ = ["ImageStack", "write_stack", "stack_box", "is_mrc", "MRC_EXTENSIONS"]
 MRC_EXTENSIONS = (".mrc", ".mrcs", ".st", ".map")
 
 
-def is_mrc(path) -> bool:
+def is_mrc(path: str) -> bool:
     """Whether ``path`` has an MRC file extension."""
     return os.path.splitext(os.fspath(path))[1].lower() in MRC_EXTENSIONS
 

@@ -25,14 +25,18 @@ Numpy only (torch-free), but for the thumbnails (``--model``), which render with
 """
 import json
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .analysis import DEFAULTS, density_maxima, format_json, kmeans, pca
+from .analysis import DEFAULTS, PCA, density_maxima, format_json, kmeans, pca
 from .atomic import atomic_open, atomic_savez
 from .errors import NmaemError, fail
 from .npz import read_npz
+
+if TYPE_CHECKING:
+    from .modes import NormalModes
+    from .structure import AtomicModel
 
 __all__ = ["States", "assign_maxima", "assign_kmeans", "assign_ranges", "parse_range",
            "write_states", "write_thumbnails", "read_states", "read_states_json",
@@ -72,9 +76,10 @@ def _z(z):
     return z
 
 
-def assign_maxima(z, bandwidth=None, min_height=DEFAULTS["min_height"],
-                  min_prominence=DEFAULTS["min_prominence"],
-                  min_significance=DEFAULTS["min_significance"]) -> States:
+def assign_maxima(z: np.ndarray, bandwidth: Optional[float] = None,
+                  min_height: float = DEFAULTS["min_height"],
+                  min_prominence: float = DEFAULTS["min_prominence"],
+                  min_significance: float = DEFAULTS["min_significance"]) -> States:
     """States = the basins of the density maxima along PC1 (see the module docstring)."""
     z = _z(z)
     p = pca(z)
@@ -91,7 +96,7 @@ def assign_maxima(z, bandwidth=None, min_height=DEFAULTS["min_height"],
     return States(mx.basin, np.array(reps), "maxima", info)
 
 
-def assign_kmeans(z, k, seed=0) -> States:
+def assign_kmeans(z: np.ndarray, k: int, seed: int = 0) -> States:
     """States = the k-means clusters of z (numbered by decreasing size)."""
     z = _z(z)
     centres, labels, _ = kmeans(z, k, seed=seed)
@@ -122,7 +127,7 @@ def parse_range(text: str) -> List[Tuple[int, float, float]]:
     return box
 
 
-def assign_ranges(z, boxes: Sequence) -> States:
+def assign_ranges(z: np.ndarray, boxes: Sequence) -> States:
     """States = boxes in PC coordinates (each a list of (pc, low, high) or a string for
     :func:`parse_range`); a particle goes to the first box holding it (interval ends
     included), -1 when none does."""
@@ -157,7 +162,8 @@ def state_names(n: int) -> List[str]:
     return [numbered_name("state", k, n) for k in range(n)]
 
 
-def write_thumbnails(out_dir, names, model, nm, z):
+def write_thumbnails(out_dir: str, names: Sequence[str], model: "AtomicModel", nm: "NormalModes",
+                     z: np.ndarray) -> None:
     """``DIR/state_01.png``...: each state's model X0 + U z_k drawn by
     ``plots.model_thumbnail`` in the frame of all of them (so that they compare)."""
     from .analysis import deformed_coords
@@ -169,8 +175,10 @@ def write_thumbnails(out_dir, names, model, nm, z):
                         apix=apix)
 
 
-def write_states(out_dir, states: States, index=None, pcs=None, star_files=None,
-                 thumbnails=None, n_atoms=None, **extra) -> dict:
+def write_states(out_dir: str, states: States, index: Optional[np.ndarray] = None,
+                 pcs: Optional[PCA] = None, star_files: Optional[Sequence[str]] = None,
+                 thumbnails: Optional[Sequence[str]] = None, n_atoms: Optional[int] = None,
+                 **extra: Any) -> dict:
     """Write DIR/states.npz and DIR/states.json (atomically); returns the listing.
     ``index``: the latent rows (default 0..N-1); ``pcs``: a :class:`analysis.PCA` for the
     representatives' PC coordinates; ``star_files``: per-state STAR names already written
@@ -205,7 +213,7 @@ def write_states(out_dir, states: States, index=None, pcs=None, star_files=None,
     return listing
 
 
-def read_states(path):
+def read_states(path: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(label (N,), index (N,), z (K, d), count (K,)) of a states.npz, checked."""
     path = os.fspath(path)
     data = read_npz(path, "states")
@@ -225,11 +233,14 @@ def read_states(path):
         count.astype(np.int64)
 
 
-def states_command(latent_path, out_dir, maxima=False, kmeans_k=None, ranges=(), seed=0,
-                   particles=None, force=False, bandwidth=None,
-                   min_height=DEFAULTS["min_height"], min_prominence=DEFAULTS["min_prominence"],
-                   min_significance=DEFAULTS["min_significance"], model_atoms: Optional[int] = None,
-                   thumbnails_run=None, log=print) -> dict:
+def states_command(latent_path: str, out_dir: str, maxima: bool = False,
+                   kmeans_k: Optional[int] = None, ranges: Sequence = (), seed: int = 0,
+                   particles: Optional[str] = None, force: bool = False,
+                   bandwidth: Optional[float] = None, min_height: float = DEFAULTS["min_height"],
+                   min_prominence: float = DEFAULTS["min_prominence"],
+                   min_significance: float = DEFAULTS["min_significance"],
+                   model_atoms: Optional[int] = None, thumbnails_run: Optional[str] = None,
+                   log: Callable[[str], object] = print) -> dict:
     """``nmaem states``: exactly one of ``maxima``, ``kmeans_k``, ``ranges``; see the
     module docstring. ``particles``: the particle file given to ``nmaem infer`` (STAR or
     .cs), for one STAR per state. ``model_atoms`` M adds each state's RMSD to the
@@ -291,7 +302,7 @@ def states_command(latent_path, out_dir, maxima=False, kmeans_k=None, ranges=(),
     return listing
 
 
-def read_states_json(path) -> dict:
+def read_states_json(path: str) -> dict:
     """The listing of ``DIR/states.json`` (one-line error when unreadable)."""
     path = os.fspath(path)
     try:

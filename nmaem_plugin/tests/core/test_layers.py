@@ -5,9 +5,14 @@
   (checked in a fresh interpreter: ``'torch' in sys.modules``).
 * ``core`` never imports pyworkflow or pwem.
 * No module imports another module's private (underscore) names (parsed with ``ast``).
+* The public functions and methods of the core modules that docs/architecture.md lists as
+  typed carry type hints on every parameter and on their return (``inspect.signature``).
 """
 import ast
+import importlib
+import inspect
 import os
+import re
 import subprocess
 import sys
 import unittest
@@ -102,6 +107,80 @@ class TestImports(unittest.TestCase):
                                for p in a.name.split(".")):
                             bad.append("%s:%d %s" % (os.path.relpath(path, PACKAGE),
                                                      node.lineno, a.name))
+        self.assertEqual(bad, [])
+
+
+def typed_modules():
+    """The core modules that docs/architecture.md lists as typed: the backquoted names of its
+    paragraph "The public functions and classes of these core modules carry type hints:"."""
+    doc = os.path.join(os.path.dirname(PACKAGE), "docs", "architecture.md")
+    with open(doc) as fh:
+        text = fh.read()
+    m = re.search(r"The public functions and classes of these core modules carry type hints:"
+                  r"(.*?)\.\s*$", text, re.S | re.M)
+    if m is None:
+        raise AssertionError("%s: no list of typed modules" % doc)
+    return re.findall(r"`([a-z_]+)`", m.group(1))
+
+
+def missing_hints(func, skip_return=False):
+    """Names of ``func``'s parameters without an annotation (``self``/``cls``, *args and
+    **kwargs aside), and "return" when its return is not annotated."""
+    sig = inspect.signature(func)
+    out = [p.name for p in sig.parameters.values()
+           if p.name not in ("self", "cls")
+           and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+           and p.annotation is inspect.Parameter.empty]
+    if not skip_return and sig.return_annotation is inspect.Signature.empty:
+        out.append("return")
+    return out
+
+
+def public_callables(module):
+    """(qualified name, function, is __init__) of the public functions of ``module`` and the
+    public methods (properties' getters, class and static methods) and ``__init__`` of its
+    public classes; only those defined in the module itself."""
+    for name, obj in vars(module).items():
+        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if inspect.isfunction(obj):
+            yield name, obj, False
+        elif inspect.isclass(obj):
+            for attr, member in vars(obj).items():
+                if attr.startswith("_") and attr != "__init__":
+                    continue
+                if isinstance(member, property):
+                    member = member.fget
+                elif isinstance(member, (classmethod, staticmethod)):
+                    member = member.__func__
+                if inspect.isfunction(member) and member.__module__ == module.__name__:
+                    yield "%s.%s" % (name, attr), member, attr == "__init__"
+
+
+class TestTypeHints(unittest.TestCase):
+    def test_missing_hints_sees_what_is_missing(self):
+        def plain(a, b: int = 0, *args, c=1, **kwargs) -> int:
+            return 0
+
+        def typed(self, a: int, *args: int, **kw: str) -> None:
+            pass
+        self.assertEqual(missing_hints(plain), ["a", "c"])
+        self.assertEqual(missing_hints(typed), [])
+        self.assertEqual(missing_hints(lambda x: x), ["x", "return"])
+
+    def test_typed_modules_are_typed(self):
+        names = typed_modules()
+        core = os.path.join(PACKAGE, "core")
+        self.assertGreater(len(names), 10)
+        bad = []
+        for name in names:
+            self.assertTrue(os.path.isfile(os.path.join(core, name + ".py")),
+                            "docs/architecture.md lists %r as typed: no such core module" % name)
+            module = importlib.import_module("nmaem_plugin.core." + name)
+            for qual, func, is_init in public_callables(module):
+                miss = missing_hints(func, skip_return=is_init)
+                if miss:
+                    bad.append("%s.%s: %s" % (name, qual, ", ".join(miss)))
         self.assertEqual(bad, [])
 
 

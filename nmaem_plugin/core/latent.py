@@ -17,6 +17,8 @@ Writers: ``nmaem infer`` (``core/infer.py``), and the export, states and evaluat
 write the z of a Scipion particle set through :func:`write_latent`. Readers: analysis,
 export, evaluate, report, demo, and ``convert`` (latent -> SetOfParticlesFlex).
 """
+from typing import Optional
+
 import numpy as np
 
 from .atomic import atomic_savez
@@ -34,21 +36,22 @@ class Latent:
     ``pose_correction`` (N,3) radians and ``euler`` (N,3) degrees, float64, or None."""
 
     def __init__(self, z: np.ndarray, shift: np.ndarray, index: np.ndarray, path: str = "",
-                 pose_correction=None, euler=None, particles=None, model=None):
+                 pose_correction: Optional[np.ndarray] = None, euler: Optional[np.ndarray] = None,
+                 particles: Optional[dict] = None, model: Optional[dict] = None) -> None:
         self.z, self.shift, self.index, self.path = z, shift, index, path
         self.pose_correction, self.euler = pose_correction, euler
         self.particles, self.model = particles, model     # fingerprints (provenance.py)
 
     @property
-    def n(self):
+    def n(self) -> int:
         return self.z.shape[0]
 
     @property
-    def d(self):
+    def d(self) -> int:
         return self.z.shape[1]
 
 
-def read_latent(path) -> Latent:
+def read_latent(path: str) -> Latent:
     """Read and check ``latent.npz`` (``z`` (N,d), ``shift`` (N,2), ``index`` (N,)).
 
     d may be 0 (a run without modes). Raises :class:`NmaemError` (one line) when the file
@@ -102,8 +105,10 @@ def read_latent(path) -> Latent:
                   particles=loads(data.get("particles")), model=loads(data.get("model")))
 
 
-def write_latent(path, z, shift=None, index=None, pose_correction=None, euler=None,
-                 particles=None, model=None) -> str:
+def write_latent(path: str, z: np.ndarray, shift: Optional[np.ndarray] = None,
+                 index: Optional[np.ndarray] = None, pose_correction: Optional[np.ndarray] = None,
+                 euler: Optional[np.ndarray] = None, particles: Optional[dict] = None,
+                 model: Optional[dict] = None) -> str:
     """Write ``latent.npz`` atomically: ``z`` (N, d) (a 1-D z is one amplitude per
     particle), ``shift`` (N, 2) (None: zeros) and ``index`` (N,) (None: 0..N-1); with
     ``pose_correction`` (N, 3) radians also ``euler`` (N, 3) degrees, the refined angles;

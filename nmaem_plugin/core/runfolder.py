@@ -21,7 +21,7 @@ import io
 import json
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -48,7 +48,7 @@ LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "images_per_s", "seconds")
 
 # ============================================================================ options
 
-def is_auto_batch(batch) -> bool:
+def is_auto_batch(batch: Union[int, str, None]) -> bool:
     """Whether a --batch value means ``auto`` (normstats.auto_batch): None or 'auto'."""
     return batch is None or (isinstance(batch, str) and batch.strip().lower() == "auto")
 
@@ -223,28 +223,28 @@ def encoder_box_for(box: int, encoder_box: Optional[int] = None) -> int:
 
 # ============================================================================ paths
 
-def config_path(run_dir) -> str:
+def config_path(run_dir: str) -> str:
     return os.path.join(os.fspath(run_dir), CONFIG_FILE)
 
 
-def log_path(run_dir) -> str:
+def log_path(run_dir: str) -> str:
     return os.path.join(os.fspath(run_dir), LOG_FILE)
 
 
-def checkpoint_dir(run_dir) -> str:
+def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(os.fspath(run_dir), CHECKPOINT_DIR)
 
 
-def checkpoint_file(run_dir, name: str = "last") -> str:
+def checkpoint_file(run_dir: str, name: str = "last") -> str:
     """``RUN/checkpoints/<name>.pt`` (whether or not it exists)."""
     return os.path.join(checkpoint_dir(run_dir), name + ".pt")
 
 
-def epoch_checkpoint_file(run_dir, epoch: int) -> str:
+def epoch_checkpoint_file(run_dir: str, epoch: int) -> str:
     return os.path.join(checkpoint_dir(run_dir), "epoch_%04d.pt" % int(epoch))
 
 
-def is_run(run_dir) -> bool:
+def is_run(run_dir: str) -> bool:
     """Whether ``run_dir`` holds a (prepared) training run."""
     return os.path.isfile(config_path(run_dir))
 
@@ -259,7 +259,7 @@ def reference_name(ref: str) -> str:
 
 # ============================================================================ config
 
-def read_config(run_dir) -> Dict:
+def read_config(run_dir: str) -> Dict:
     """``RUN/config.json``; a one-line NmaemError when it is missing or unreadable."""
     path = config_path(run_dir)
     if not os.path.isfile(path):
@@ -271,7 +271,7 @@ def read_config(run_dir) -> Dict:
         fail(path, "unreadable run configuration (%s)" % exc)
 
 
-def read_config_or_none(run_dir) -> Optional[Dict]:
+def read_config_or_none(run_dir: str) -> Optional[Dict]:
     """``RUN/config.json`` as a dict, or None when it is not there (yet)."""
     path = config_path(run_dir)
     if not os.path.isfile(path):
@@ -280,7 +280,7 @@ def read_config_or_none(run_dir) -> Optional[Dict]:
         return json.load(fh)
 
 
-def reference_and_modes(run_dir) -> Tuple[Optional[str], Optional[str]]:
+def reference_and_modes(run_dir: str) -> Tuple[Optional[str], Optional[str]]:
     """Absolute paths of the run's reference model and modes file named in its
     config.json (None where absent: no config, or a run without modes)."""
     cfg = read_config_or_none(run_dir)
@@ -291,20 +291,20 @@ def reference_and_modes(run_dir) -> Tuple[Optional[str], Optional[str]]:
             os.path.abspath(os.path.join(os.fspath(run_dir), modes)) if modes else None)
 
 
-def write_json(path, obj) -> None:
+def write_json(path: str, obj: object) -> None:
     """Write ``obj`` as indented, sorted JSON, atomically."""
     with atomic_open(path, "w") as fh:
         json.dump(obj, fh, indent=1, sort_keys=True)
         fh.write("\n")
 
 
-def write_config(run_dir, cfg: Dict) -> None:
+def write_config(run_dir: str, cfg: Dict) -> None:
     write_json(config_path(run_dir), cfg)
 
 
 # ============================================================================ log
 
-def write_log(run_dir, history: Sequence[Dict]) -> None:
+def write_log(run_dir: str, history: Sequence[Dict]) -> None:
     """``RUN/log.csv``: one row per epoch of ``history`` (LOG_COLUMNS), atomically."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -315,7 +315,7 @@ def write_log(run_dir, history: Sequence[Dict]) -> None:
         fh.write(buf.getvalue())
 
 
-def read_log_rows(run_dir) -> List[Dict[str, float]]:
+def read_log_rows(run_dir: str) -> List[Dict[str, float]]:
     """The rows of ``RUN/log.csv`` (list of dicts of floats); [] when absent. Rows that
     are not numbers (a partly written line) are skipped."""
     fn = log_path(run_dir)
@@ -331,7 +331,7 @@ def read_log_rows(run_dir) -> List[Dict[str, float]]:
     return rows
 
 
-def read_log_columns(path) -> Dict[str, np.ndarray]:
+def read_log_columns(path: str) -> Dict[str, np.ndarray]:
     """The columns of a ``log.csv`` file as float arrays (NaN where not a number)."""
     cols = {}
     with open(path) as fh:
@@ -347,13 +347,13 @@ def read_log_columns(path) -> Dict[str, np.ndarray]:
 
 # ============================================================================ checkpoints
 
-def existing_checkpoint(run_dir, name: str = "last") -> Optional[str]:
+def existing_checkpoint(run_dir: str, name: str = "last") -> Optional[str]:
     """``RUN/checkpoints/<name>.pt`` (``last`` or ``best``) when it exists, else None."""
     fn = checkpoint_file(run_dir, name)
     return fn if os.path.isfile(fn) else None
 
 
-def checkpoint_path(run_dir, checkpoint: Optional[str] = None) -> str:
+def checkpoint_path(run_dir: str, checkpoint: Optional[str] = None) -> str:
     """The file of ``checkpoint``: ``last`` (default; the last epoch), ``best`` (the epoch of
     lowest validation loss) or a path; a one-line NmaemError when it is missing."""
     name = checkpoint or "last"
@@ -371,7 +371,7 @@ def checkpoint_path(run_dir, checkpoint: Optional[str] = None) -> str:
 
 # ============================================================================ one writer
 
-def read_lock(run_dir) -> Optional[Tuple[int, str]]:
+def read_lock(run_dir: str) -> Optional[Tuple[int, str]]:
     """(pid, host) of the lock of ``run_dir``, or None when there is none. An unreadable lock
     gives (0, "?")."""
     try:
@@ -407,7 +407,7 @@ class run_lock:
     process takes it (DDP workers run under their launcher's lock).
     """
 
-    def __init__(self, run_dir, log=print):
+    def __init__(self, run_dir: str, log: Callable[[str], object] = print) -> None:
         import socket
         self.run_dir = os.path.abspath(os.fspath(run_dir))
         self.path = os.path.join(self.run_dir, LOCK_FILE)

@@ -1,5 +1,5 @@
 # -*- coding: utf-8 -*-
-"""
+r"""
 @article{Nashed2022,
 title = {Heterogeneous reconstruction of deformable atomic models in Cryo-EM},
 author = {Nashed, Youssef and Martel, Julien and Levy, Axel and Peck, Ariana and Koo, Bongjin and Wetzstein, Gordon and Miolane, Nina and Ratner, Daniel and Poitevin, Fr{\'e}d{\'e}ric},

@@ -408,7 +408,7 @@ def _fmt_loss(x):
 
 
 def train_run(run_dir: str, log: Callable[[str], None] = print,
-              stop_after: Optional[int] = None) -> List[Dict[str, Any]]:
+              stop_after: Optional[float] = None) -> List[Dict[str, Any]]:
     """Train (or continue training) the prepared run ``run_dir`` to ``config['epochs']``.
 
     Runs alone or as one process of a torchrun group (WORLD_SIZE > 1: DDP over the
@@ -653,7 +653,7 @@ def _plain(obj):
 
 def train(out: str, particles: Optional[str] = None, ref: Optional[str] = None,
           modes: Optional[str] = None, resume: bool = False, log: Callable[[str], None] = print,
-          stop_after: Optional[int] = None, **settings: Any) -> List[Dict[str, Any]]:
+          stop_after: Optional[float] = None, **settings: Any) -> List[Dict[str, Any]]:
     """Prepare (or resume) the run ``out`` and train it in this process, holding the run's
     lock (``runfolder.run_lock``); returns the history."""
     with run_lock(out, log=log):

@@ -24,6 +24,7 @@ import re
 import socket
 import sys
 import tempfile
+from typing import IO, Callable, Iterator, List, Optional, Union
 
 from .errors import NmaemError
 
@@ -42,7 +43,7 @@ def _umask():
     return mask
 
 
-def is_no_space(exc) -> bool:
+def is_no_space(exc: Optional[BaseException]) -> bool:
     """Whether ``exc`` (or an exception it was raised from) is a full disk or quota."""
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -53,7 +54,7 @@ def is_no_space(exc) -> bool:
     return False
 
 
-def no_space_error(path) -> NmaemError:
+def no_space_error(path: Union[str, "os.PathLike[str]"]) -> NmaemError:
     return NmaemError("no space left on device writing %s" % os.fspath(path))
 
 
@@ -121,7 +122,8 @@ def _guard(path, tmp):
 
 
 @contextlib.contextmanager
-def atomic_path(path, suffix="", check_empty=True):
+def atomic_path(path: Union[str, "os.PathLike[str]"], suffix: str = "",
+                check_empty: bool = True) -> Iterator[str]:
     """Yield a temporary path in the target's folder; on success it replaces ``path``.
 
     The temporary name ends with the target's name (writers that choose the format from
@@ -136,7 +138,9 @@ def atomic_path(path, suffix="", check_empty=True):
 
 
 @contextlib.contextmanager
-def atomic_open(path, mode="wb", newline=None, encoding="utf-8", check_empty=True):
+def atomic_open(path: Union[str, "os.PathLike[str]"], mode: str = "wb",
+                newline: Optional[str] = None, encoding: str = "utf-8",
+                check_empty: bool = True) -> Iterator[IO]:
     """Yield a file open for writing (``wb`` or ``w``) that replaces ``path`` when the
     block ends without an error: flushed, synced and checked first."""
     if mode not in ("w", "wb"):
@@ -159,7 +163,8 @@ def atomic_open(path, mode="wb", newline=None, encoding="utf-8", check_empty=Tru
         _finish(tmp, path, check_empty)
 
 
-def atomic_savez(path, **arrays):
+def atomic_savez(path: Union[str, "os.PathLike[str]"],
+                 **arrays: object) -> Union[str, "os.PathLike[str]"]:
     """``numpy.savez`` through :func:`atomic_open` (the same archive: stored, zip64
     entries, no pickles), with the archive closed on a failed write, so that a full disk
     leaves nothing half-closed behind."""
@@ -175,7 +180,8 @@ def atomic_savez(path, **arrays):
     return path
 
 
-def atomic_copy(src, path, check_empty=True):
+def atomic_copy(src: Union[str, "os.PathLike[str]"], path: Union[str, "os.PathLike[str]"],
+                check_empty: bool = True) -> Union[str, "os.PathLike[str]"]:
     """Copy the file ``src`` to ``path`` through :func:`atomic_open`."""
     with open(src, "rb") as fin, atomic_open(path, "wb", check_empty=check_empty) as fout:
         while True:
@@ -196,7 +202,8 @@ def _alive(pid):
     return True
 
 
-def clean_orphans(folder, log=None):
+def clean_orphans(folder: Union[str, "os.PathLike[str]"],
+                  log: Optional[Callable[[str], object]] = None) -> List[str]:
     """Remove the temporary files that killed ``nmaem`` processes of this host left in
     ``folder``; returns their names. Files of live processes, and of other hosts (which
     cannot be checked), are left alone."""

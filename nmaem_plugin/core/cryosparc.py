@@ -24,6 +24,8 @@
     ``blob/path`` have no images. Heterogeneous-refinement shift rescaling of old
     cryoSPARC versions (cryoDRGN's ``--hetrefine``) is not applied.
 """
+from typing import Optional
+
 import numpy as np
 import pandas as pd
 
@@ -34,7 +36,7 @@ from .poses import cryosparc_pose_to_matrix, matrix_to_euler
 __all__ = ["read_cs"]
 
 
-def read_cs(path, root=None):
+def read_cs(path: str, root: Optional[str] = None) -> ParticleTable:
     """A :class:`ParticleTable` of a cryoSPARC .cs file (see the module docstring)."""
     try:
         cs = np.load(path, allow_pickle=False)

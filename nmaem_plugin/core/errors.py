@@ -1,4 +1,5 @@
 """The one exception type that ``nmaem`` reports as a one-line error."""
+from typing import NoReturn
 
 
 class NmaemError(Exception):
@@ -9,7 +10,7 @@ class NmaemError(Exception):
     """
 
 
-def fail(path, problem):
+def fail(path: object, problem: object) -> NoReturn:
     """Raise :class:`NmaemError` with the ``path: problem`` message layout."""
     if path is None:
         raise NmaemError(str(problem))

@@ -1,13 +1,14 @@
 """Reading the project's .npz files (modes, latent, ground truth) with one-line errors."""
 import os
 import zipfile
+from typing import Dict, Union
 
 import numpy as np
 
 from .errors import fail
 
 
-def read_npz(path, what):
+def read_npz(path: Union[str, "os.PathLike[str]"], what: str) -> Dict[str, np.ndarray]:
     """All arrays of an .npz file as a dict, never unpickling objects.
 
     ``what`` names the kind of file in the messages: "path: no such <what> file",

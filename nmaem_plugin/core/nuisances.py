@@ -48,6 +48,7 @@ poses, defocus, shifts, noise) nor the other nuisances: ablations compare like w
 """
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -98,13 +99,13 @@ class Nuisances:
                              "half-width), got %g" % self.bg_radius)
 
     @property
-    def any(self):
+    def any(self) -> bool:
         return self != Nuisances()
 
-    def as_dict(self):
+    def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
-    def with_(self, **changes):
+    def with_(self, **changes: Any) -> "Nuisances":
         return replace(self, **changes)
 
 
@@ -114,12 +115,13 @@ REALISTIC = Nuisances(noise_falloff=10.0, contrast_sd=0.2, offset_sd=1.0, normal
                       bfactor=50.0, atom_jitter=0.5)
 
 
-def stream(seed, name):
+def stream(seed: int, name: str) -> np.random.Generator:
     """The generator of nuisance ``name`` for a dataset ``seed`` (independent streams)."""
     return np.random.default_rng([int(seed), _STREAMS[name]])
 
 
-def noise_filter(box, falloff, device="cpu"):
+def noise_filter(box: int, falloff: float,
+                 device: Union[str, torch.device] = "cpu") -> torch.Tensor:
     """sqrt of the noise power shape on the full (D, D) FFT grid, mean power 1.
 
     P(s) = falloff ** (-s / s_N) with s = |k| / (D / 2) the frequency in units of Nyquist
@@ -133,7 +135,9 @@ def noise_filter(box, falloff, device="cpu"):
     return torch.sqrt(p)
 
 
-def coloured_noise(shape, sigma, falloff, generator=None, device="cpu"):
+def coloured_noise(shape: Sequence[int], sigma: float, falloff: float,
+                   generator: Optional[torch.Generator] = None,
+                   device: Union[str, torch.device] = "cpu") -> torch.Tensor:
     """Gaussian noise (B, D, D) of standard deviation ``sigma`` with the power shape of
     :func:`noise_filter` (white for ``falloff`` = 1, drawn exactly as before then)."""
     noise = torch.randn(shape, generator=generator, device=device)
@@ -143,7 +147,8 @@ def coloured_noise(shape, sigma, falloff, generator=None, device="cpu"):
     return noise.mul_(sigma)
 
 
-def background_mask(box, radius, device="cpu"):
+def background_mask(box: int, radius: float,
+                    device: Union[str, torch.device] = "cpu") -> torch.Tensor:
     """Boolean (D, D) mask of the pixels outside radius ``radius`` * D/2 from the centre."""
     c = box // 2
     y, x = torch.meshgrid(torch.arange(box, device=device), torch.arange(box, device=device),
@@ -151,7 +156,7 @@ def background_mask(box, radius, device="cpu"):
     return ((x - c) ** 2 + (y - c) ** 2).double() > (radius * box / 2.0) ** 2
 
 
-def relion_normalise(images, radius=0.75):
+def relion_normalise(images: torch.Tensor, radius: float = 0.75) -> torch.Tensor:
     """RELION's per-image normalisation: background (outside ``radius`` of the box
     half-width) to mean 0 and standard deviation 1. In place; returns ``images``."""
     bg = background_mask(images.shape[-1], radius, device=images.device)
@@ -162,7 +167,7 @@ def relion_normalise(images, radius=0.75):
     return images
 
 
-def random_rotation_errors(n, sd_deg, rng):
+def random_rotation_errors(n: int, sd_deg: float, rng: np.random.Generator) -> np.ndarray:
     """(N, 3, 3) error rotations whose rotation vectors have N(0, sd^2/3) components
     (degrees), so the rms rotation angle is ``sd_deg``."""
     v = rng.normal(0.0, math.radians(sd_deg) / math.sqrt(3.0), (n, 3))
@@ -174,7 +179,8 @@ CORE_CUTOFFS = (8.0, 4.0, 2.0, 1.0)    # Angstrom: the trimming schedule of rigi
 CORE_MIN_ATOMS = 10
 
 
-def rigid_core(reference, frames, cutoffs=CORE_CUTOFFS):
+def rigid_core(reference: np.ndarray, frames: np.ndarray,
+               cutoffs: Sequence[float] = CORE_CUTOFFS) -> np.ndarray:
     """Boolean (M,) mask of the largest rigid part of a molecule (module docstring).
 
     The frame of ``frames`` (F, M, 3) farthest from ``reference`` (M, 3) after superposition
@@ -209,7 +215,8 @@ def rigid_core(reference, frames, cutoffs=CORE_CUTOFFS):
     return keep
 
 
-def consensus_errors(reference, frames, core, centre):
+def consensus_errors(reference: np.ndarray, frames: np.ndarray, core: np.ndarray,
+                     centre: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """(R (F, 3, 3), t (F, 3)) per frame: x_ref - c ~ R (x_f - c) + t over the ``core`` atoms
     (Kabsch), with c the rotation ``centre``. A particle of frame f and true matrix A is
     written with A R^T and its origin plus (A R^T t)_xy (module docstring)."""

@@ -15,6 +15,7 @@ nothing of the user's is touched. The training run folder has its own rule
 continued with ``--resume``.
 """
 import os
+from typing import Collection, Iterable, List, Optional, Union
 
 from .atomic import clean_orphans
 from .errors import fail
@@ -26,7 +27,7 @@ FORCE_HINT = "choose another output or pass --force"
 OVERWRITE_HINT = "choose another -o or pass --force (or its alias --overwrite)"
 
 
-def run_files(run_dir):
+def run_files(run_dir: Optional[Union[str, "os.PathLike[str]"]]) -> List[str]:
     """The files at the top of a training run folder (inputs of infer, export, evaluate,
     report: an output must not replace them)."""
     if run_dir is None or not os.path.isdir(os.fspath(run_dir)):
@@ -36,7 +37,7 @@ def run_files(run_dir):
             if os.path.isfile(os.path.join(run_dir, f))]
 
 
-def same_path(a, b) -> bool:
+def same_path(a: Union[str, "os.PathLike[str]"], b: Union[str, "os.PathLike[str]"]) -> bool:
     """Whether paths ``a`` and ``b`` name the same file (links resolved)."""
     a, b = os.fspath(a), os.fspath(b)
     if os.path.realpath(a) == os.path.realpath(b):
@@ -58,7 +59,10 @@ def _refuse_inputs(path, inputs, what="output"):
                  % (what, inp))
 
 
-def check_output_file(path, inputs=(), force=False, what="output", hint=FORCE_HINT):
+def check_output_file(path: Optional[Union[str, "os.PathLike[str]"]],
+                      inputs: Optional[Iterable[Optional[Union[str, "os.PathLike[str]"]]]] = (),
+                      force: bool = False, what: str = "output",
+                      hint: str = FORCE_HINT) -> Optional[str]:
     """Refuse (NmaemError) to write the file ``path``: onto one of ``inputs``, onto a
     folder, into a missing folder, or onto an existing file without ``force``.
     Returns ``path``."""
@@ -77,7 +81,9 @@ def check_output_file(path, inputs=(), force=False, what="output", hint=FORCE_HI
     return path
 
 
-def check_output_dir(path, products=(), inputs=(), force=False, hint=FORCE_HINT):
+def check_output_dir(path: Union[str, "os.PathLike[str]"], products: Iterable[str] = (),
+                     inputs: Optional[Iterable[Optional[Union[str, "os.PathLike[str]"]]]] = (),
+                     force: bool = False, hint: str = FORCE_HINT) -> str:
     """Refuse (NmaemError) to write the files ``products`` (names relative to the folder
     ``path``): when ``path`` is a file, when a product would replace one of ``inputs``, or,
     without ``force``, when a product already exists. The folder itself may exist (its
@@ -100,7 +106,8 @@ def check_output_dir(path, products=(), inputs=(), force=False, hint=FORCE_HINT)
     return path
 
 
-def check_run_dir(path, is_run, ignore=(".lock",)):
+def check_run_dir(path: Union[str, "os.PathLike[str]"], is_run: bool,
+                  ignore: Collection[str] = (".lock",)) -> str:
     """A new training run goes into a new folder or an empty one: refuse (NmaemError) a
     file, and a folder that holds other files and is not a run (``is_run``: whether it holds
     one; the caller then answers ``--resume``). Returns ``path``."""

@@ -23,9 +23,14 @@ torch. ``imaging`` wraps these functions for tensors.
   image's frame) would have to be A R_c A^T, a function of the view that the encoder,
   which sees the image but not the file's pose, cannot form (measured: docs/benchmarks.md).
 """
-from typing import Tuple
+from typing import TYPE_CHECKING, Any, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:                   # hint-only: xp is numpy or torch, inputs any array-like
+    from types import ModuleType
+
+    from numpy.typing import ArrayLike
 
 __all__ = ["euler_to_matrix", "matrix_to_euler", "rotvec_to_matrix",
            "cryosparc_pose_to_matrix", "correct_rotations", "matrix_to_rotvec",
@@ -57,7 +62,8 @@ def _ry(b, xp):
                      xp.stack([s, z, c], -1)], -2)
 
 
-def euler_to_matrix(rot, tilt, psi, degrees: bool = True, xp=np):
+def euler_to_matrix(rot: "ArrayLike", tilt: "ArrayLike", psi: "ArrayLike",
+                    degrees: bool = True, xp: "ModuleType" = np) -> Any:
     """RELION's rotation matrix A for Euler angles (rot, tilt, psi); batched, (..., 3, 3).
 
     With the default ``xp=numpy`` the inputs are any array-likes and the result is float64;
@@ -71,7 +77,7 @@ def euler_to_matrix(rot, tilt, psi, degrees: bool = True, xp=np):
     return _rz(psi, xp) @ _ry(tilt, xp) @ _rz(rot, xp)
 
 
-def matrix_to_euler(A, degrees: bool = True, xp=np) -> Tuple:
+def matrix_to_euler(A: "ArrayLike", degrees: bool = True, xp: "ModuleType" = np) -> Tuple:
     """Inverse of :func:`euler_to_matrix`: (rot, tilt, psi) with tilt in [0, 180].
 
     For tilt = 0 or 180 only rot + psi (or rot - psi) is defined; rot is then set to 0.
@@ -94,7 +100,7 @@ def matrix_to_euler(A, degrees: bool = True, xp=np) -> Tuple:
     return out
 
 
-def rotvec_to_matrix(v) -> np.ndarray:
+def rotvec_to_matrix(v: "ArrayLike") -> np.ndarray:
     """Rodrigues matrix R(v) = exp([v]_x) of rotation vectors v (..., 3), float64.
 
     R(v) @ x = x rotated by |v| radians about v/|v| (right-handed). RELION's A for a
@@ -112,18 +118,18 @@ def rotvec_to_matrix(v) -> np.ndarray:
     return np.eye(3) + s * K + c * (K @ K)
 
 
-def cryosparc_pose_to_matrix(v) -> np.ndarray:
+def cryosparc_pose_to_matrix(v: "ArrayLike") -> np.ndarray:
     """RELION's matrix A = R(v)^T of cryoSPARC rotation vectors v (..., 3)."""
     return np.swapaxes(rotvec_to_matrix(v), -1, -2)
 
 
-def correct_rotations(A, v) -> np.ndarray:
+def correct_rotations(A: "ArrayLike", v: "ArrayLike") -> np.ndarray:
     """The refined RELION matrices A R(v) of matrices A (..., 3, 3) and pose corrections v
     (..., 3) radians (module docstring: the correction acts in the model's frame)."""
     return np.asarray(A, dtype=np.float64) @ rotvec_to_matrix(v)
 
 
-def matrix_to_rotvec(R) -> np.ndarray:
+def matrix_to_rotvec(R: "ArrayLike") -> np.ndarray:
     """Rotation vectors v (..., 3) radians with R(v) = R, for rotations of angle < 180
     degrees (the inverse of :func:`rotvec_to_matrix` there)."""
     R = np.asarray(R, dtype=np.float64)
@@ -136,7 +142,7 @@ def matrix_to_rotvec(R) -> np.ndarray:
     return w * scale[..., None]
 
 
-def rotation_angle_deg(A, B) -> np.ndarray:
+def rotation_angle_deg(A: "ArrayLike", B: "ArrayLike") -> np.ndarray:
     """Angle (degrees) of the rotation A B^T between stacks of rotation matrices (...)."""
     A, B = np.asarray(A, dtype=np.float64), np.asarray(B, dtype=np.float64)
     tr = np.einsum("...ij,...ij->...", A, B)

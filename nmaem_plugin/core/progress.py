@@ -2,11 +2,12 @@
 import ctypes
 import sys
 import time
+from typing import Optional, TextIO
 
 _libc = None
 
 
-def release_memory():
+def release_memory() -> None:
     """Give freed heap memory back to the operating system (glibc's malloc_trim).
 
     Long loops that allocate and free many large, equal tensors fragment glibc's heap
@@ -24,7 +25,7 @@ def release_memory():
         _libc.malloc_trim(0)
 
 
-def fmt_time(s):
+def fmt_time(s: float) -> str:
     """Seconds as 42s, 3m05s or 1h02m."""
     s = int(round(s))
     if s >= 3600:
@@ -37,7 +38,8 @@ def fmt_time(s):
 class Progress:
     """``Progress(total, "simulate", unit="images")``; call ``update(n)`` as work is done."""
 
-    def __init__(self, total, label, unit="items", stream=None, every=2.0):
+    def __init__(self, total: int, label: str, unit: str = "items",
+                 stream: Optional[TextIO] = None, every: float = 2.0):
         self.total, self.label, self.unit = int(total), label, unit
         self.stream = sys.stderr if stream is None else stream
         self.every = every
@@ -45,11 +47,11 @@ class Progress:
         self.t0 = time.perf_counter()
         self._last = -1e9
 
-    def rate(self):
+    def rate(self) -> float:
         dt = time.perf_counter() - self.t0
         return self.done / dt if dt > 0 else 0.0
 
-    def update(self, n=1, extra=""):
+    def update(self, n: int = 1, extra: str = "") -> None:
         self.done += n
         now = time.perf_counter()
         if now - self._last >= self.every or self.done >= self.total:

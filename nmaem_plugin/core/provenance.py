@@ -28,10 +28,15 @@ import hashlib
 import json
 import os
 import sys
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
 from .errors import fail
+
+if TYPE_CHECKING:                   # hint-only: provenance imports neither at run time
+    from .latent import Latent
+    from .particles import ParticleTable
 
 __all__ = ["particle_fingerprint", "model_fingerprint", "run_model_fingerprint",
            "same_particles", "check_latent", "check_model", "dumps", "loads", "warn",
@@ -57,7 +62,7 @@ def _ids_hash(table):
     return h.hexdigest()
 
 
-def particle_fingerprint(table, images=True):
+def particle_fingerprint(table: "ParticleTable", images: bool = True) -> Dict[str, Any]:
     """The fingerprint (a JSON-able dict) of a :class:`~.particles.ParticleTable`.
     ``images``: also the probe images' statistics (reads 16 images)."""
     n = int(table.n)
@@ -86,7 +91,7 @@ def _sha256_file(path, h):
             h.update(block)
 
 
-def model_fingerprint(reference, modes, n_modes):
+def model_fingerprint(reference: Optional[str], modes: Optional[str], n_modes: int) -> str:
     """sha256 (hex) of the reference model file, the modes file and the number of modes
     used: the basis that the amplitudes z are expressed in."""
     h = hashlib.sha256()
@@ -100,7 +105,7 @@ def model_fingerprint(reference, modes, n_modes):
     return h.hexdigest()
 
 
-def run_model_fingerprint(run_dir, cfg):
+def run_model_fingerprint(run_dir: str, cfg: Mapping[str, Any]) -> str:
     """The model fingerprint of a run folder (from its files, as written in
     ``config.json`` by training)."""
     ref = os.path.join(run_dir, cfg["reference"]) if cfg.get("reference") else None
@@ -108,12 +113,12 @@ def run_model_fingerprint(run_dir, cfg):
     return model_fingerprint(ref, modes, int(cfg.get("n_modes") or 0))
 
 
-def dumps(fp):
+def dumps(fp: Union[Dict[str, Any], str]) -> np.ndarray:
     """A fingerprint as a numpy 0-d string (for .npz files)."""
     return np.array(json.dumps(fp, sort_keys=True))
 
 
-def loads(value):
+def loads(value: object) -> Optional[Union[Dict[str, Any], str]]:
     """A fingerprint from ``dumps`` (or None for None, an empty or unreadable value)."""
     if value is None:
         return None
@@ -130,7 +135,7 @@ def _rotations(euler):
     return euler_to_matrix(e[:, 0], e[:, 1], e[:, 2])
 
 
-def same_particles(a, b):
+def same_particles(a: Mapping[str, Any], b: Mapping[str, Any]) -> Tuple[bool, Optional[str]]:
     """(True, None) when the fingerprints ``a`` and ``b`` describe the same particles in the
     same order, else (False, what differs)."""
     if a.get("n") != b.get("n"):
@@ -158,12 +163,14 @@ def same_particles(a, b):
     return True, None
 
 
-def warn(path, what):
+def warn(path: object, what: str) -> None:
     sys.stderr.write("nmaem: warning: %s: no fingerprint (written by an older nmaem, or from "
                      "a Scipion set): %s cannot be checked\n" % (path, what))
 
 
-def check_latent(latent, run_dir=None, cfg=None, truth=None):
+def check_latent(latent: "Latent", run_dir: Optional[str] = None,
+                 cfg: Optional[Mapping[str, Any]] = None,
+                 truth: Optional[Tuple[Optional[Mapping[str, Any]], str]] = None) -> None:
     """Check that a :class:`~.latent.Latent` belongs with a run and a simulation's truth.
 
     ``truth``: (particle fingerprint or None, path of ground_truth.npz). A one-line
@@ -193,7 +200,7 @@ def check_latent(latent, run_dir=None, cfg=None, truth=None):
         warn(latent.path, " and ".join(unchecked))
 
 
-def check_model(fp, fp_path, run_fp, run_dir):
+def check_model(fp: object, fp_path: str, run_fp: str, run_dir: str) -> None:
     """Fail when the latent's model fingerprint ``fp`` is not the run's (another reference,
     other modes or another number of modes)."""
     if fp != run_fp:

@@ -20,7 +20,12 @@ and -60 <= psi <= 100 (alpha-L and gamma). Proline also needs -120 <= phi <= -30
 never an outlier. It is a coarse screen (it flags about 1 % of well-refined crystal
 residues), not MolProbity.
 """
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
 import numpy as np
+
+if TYPE_CHECKING:                   # hint-only (structure imports gemmi)
+    from .structure import AtomicModel
 
 __all__ = ["ReferenceGeometry", "reference_geometry", "covalent_bonds", "bond_angles",
            "dihedral", "ramachandran", "close_contacts", "validate", "CONTACT_CUTOFF"]
@@ -46,7 +51,7 @@ def _residue_slices(model):
     return list(zip(starts, stops))
 
 
-def covalent_bonds(model, coords=None):
+def covalent_bonds(model: "AtomicModel", coords: Optional[np.ndarray] = None) -> np.ndarray:
     """Covalent bonds (B, 2) int, i < j, from the geometry of ``model`` (or ``coords``)."""
     X = np.asarray(model.coords if coords is None else coords, dtype=np.float64)
     radii = np.array([_covalent_radius(e) for e in model.elements])
@@ -81,7 +86,7 @@ def covalent_bonds(model, coords=None):
     return bonds.reshape(-1, 2)
 
 
-def bond_angles(bonds, n_atoms):
+def bond_angles(bonds: np.ndarray, n_atoms: int) -> np.ndarray:
     """Bond angles (A, 3) int (i, centre, k), i < k, from pairs of bonds sharing an atom."""
     nbr = [[] for _ in range(n_atoms)]
     for i, j in bonds:
@@ -107,7 +112,7 @@ def _angles(X, angles):
     return np.degrees(np.arccos(np.clip(c, -1.0, 1.0)))
 
 
-def dihedral(p0, p1, p2, p3):
+def dihedral(p0: np.ndarray, p1: np.ndarray, p2: np.ndarray, p3: np.ndarray) -> np.ndarray:
     """Dihedral angles in degrees of (K, 3) point arrays (IUPAC sign)."""
     b0, b1, b2 = p0 - p1, p2 - p1, p3 - p2
     b1n = b1 / np.linalg.norm(b1, axis=-1, keepdims=True)
@@ -121,7 +126,7 @@ def dihedral(p0, p1, p2, p3):
 class ReferenceGeometry:
     """Bonds, angles, excluded pairs and backbone dihedral quadruples of a reference model."""
 
-    def __init__(self, model):
+    def __init__(self, model: "AtomicModel") -> None:
         self.model = model
         self.n_atoms = model.n_atoms
         self.bonds = covalent_bonds(model)
@@ -157,11 +162,12 @@ class ReferenceGeometry:
         return np.array(rows, dtype=np.int64).reshape(-1, 6)
 
 
-def reference_geometry(model):
+def reference_geometry(model: "AtomicModel") -> ReferenceGeometry:
     return ReferenceGeometry(model)
 
 
-def ramachandran(coords, geom):
+def ramachandran(coords: np.ndarray, geom: ReferenceGeometry
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, List[str]]:
     """(phi, psi, outlier, residue labels) for residues with both neighbours bonded."""
     X = np.asarray(coords, dtype=np.float64)
     q = geom.rama
@@ -181,7 +187,8 @@ def ramachandran(coords, geom):
     return phi, psi, ~ok, labels
 
 
-def close_contacts(coords, geom, cutoff=CONTACT_CUTOFF):
+def close_contacts(coords: np.ndarray, geom: ReferenceGeometry,
+                   cutoff: float = CONTACT_CUTOFF) -> np.ndarray:
     """Pairs (K, 2) of heavy atoms closer than ``cutoff`` that are not 1-2 or 1-3 pairs."""
     from scipy.spatial import cKDTree
     X = np.asarray(coords, dtype=np.float64)
@@ -199,7 +206,8 @@ def _rmsd(a, b):
     return float(np.sqrt((d * d).sum() / len(d)))
 
 
-def validate(coords, geom, plain=None, true=None, true_plain=True):
+def validate(coords: np.ndarray, geom: ReferenceGeometry, plain: Optional[np.ndarray] = None,
+             true: Optional[np.ndarray] = None, true_plain: bool = True) -> Dict[str, Any]:
     """Geometry figures of one model (a dict for ``models.json``).
 
     ``coords`` (M, 3) in the reference's atom order; ``geom`` the reference's

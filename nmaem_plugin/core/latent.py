@@ -37,7 +37,7 @@ class Latent:
 
     def __init__(self, z: np.ndarray, shift: np.ndarray, index: np.ndarray, path: str = "",
                  pose_correction: Optional[np.ndarray] = None, euler: Optional[np.ndarray] = None,
-                 particles: Optional[dict] = None, model: Optional[dict] = None) -> None:
+                 particles: Optional[dict] = None, model: Optional[str] = None) -> None:
         self.z, self.shift, self.index, self.path = z, shift, index, path
         self.pose_correction, self.euler = pose_correction, euler
         self.particles, self.model = particles, model     # fingerprints (provenance.py)
@@ -108,7 +108,7 @@ def read_latent(path: str) -> Latent:
 def write_latent(path: str, z: np.ndarray, shift: Optional[np.ndarray] = None,
                  index: Optional[np.ndarray] = None, pose_correction: Optional[np.ndarray] = None,
                  euler: Optional[np.ndarray] = None, particles: Optional[dict] = None,
-                 model: Optional[dict] = None) -> str:
+                 model: Optional[str] = None) -> str:
     """Write ``latent.npz`` atomically: ``z`` (N, d) (a 1-D z is one amplitude per
     particle), ``shift`` (N, 2) (None: zeros) and ``index`` (N,) (None: 0..N-1); with
     ``pose_correction`` (N, 3) radians also ``euler`` (N, 3) degrees, the refined angles;

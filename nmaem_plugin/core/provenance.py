@@ -200,7 +200,7 @@ def check_latent(latent: "Latent", run_dir: Optional[str] = None,
         warn(latent.path, " and ".join(unchecked))
 
 
-def check_model(fp: object, fp_path: str, run_fp: str, run_dir: str) -> None:
+def check_model(fp: Optional[str], fp_path: str, run_fp: str, run_dir: str) -> None:
     """Fail when the latent's model fingerprint ``fp`` is not the run's (another reference,
     other modes or another number of modes)."""
     if fp != run_fp:

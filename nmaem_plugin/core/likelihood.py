@@ -183,6 +183,16 @@ class WhitenedLikelihood:
                             device=device)
         self._w = w
 
+    def weights(self, groups: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Band / sigma2 on the rfft2 grid: (D, K) for the first optics group (``groups``
+        None), else (B, D, K), each image its group's."""
+        if groups is None:
+            return self._w[0]
+        g = torch.as_tensor(groups, device=self._lut.device).long()
+        if bool(((g < 0) | (g >= len(self._lut))).any()) or bool((self._lut[g] < 0).any()):
+            fail(self.source, "particles of an optics group without a noise estimate")
+        return self._w[self._lut[g]]
+
     def per_image(self, images: torch.Tensor, rendered_ft: torch.Tensor,
                   groups: Optional[Sequence[int]] = None,
                   penalty: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -191,14 +201,7 @@ class WhitenedLikelihood:
         2 (NLL + prior) / chi2_0, the likelihood's normalisation."""
         Y = self.band.images_ft(images.float())
         R = self.band.rendered_ft(rendered_ft)
-        if groups is None:
-            w = self._w[0]
-        else:
-            g = torch.as_tensor(groups, device=self._lut.device).long()
-            if bool(((g < 0) | (g >= len(self._lut))).any()) or bool((self._lut[g] < 0).any()):
-                fail(self.source, "particles of an optics group without a noise estimate")
-            w = self._w[self._lut[g]]
-        fit = whitened_fit(Y, R, w)
+        fit = whitened_fit(Y, R, self.weights(groups))
         bad = ~(fit["power"] > 0) | ~torch.isfinite(fit["power"])
         if bool(bad.any()):
             fail(self.source, "%d image(s) with no finite power in the loss band (constant "

@@ -526,8 +526,9 @@ NUFFT_EPS = 3e-5                     # FINUFFT tolerance: images within ~1e-5, g
 
 
 class _NufftPlans:
-    """FINUFFT type-1 plans of one renderer (2D, D x D modes in FFT order, sign -1): one
-    transform for the forward pass, two at a time for the adjoint of the backward pass.
+    """FINUFFT type-1 plans of one renderer (2D, FFT order, sign -1): D x D modes for the
+    forward pass, (D + 2) x (D + 2) for the adjoint of the backward pass (both gradients
+    in one transform, ``_NufftStructureFactor``).
 
     Each plan is single-threaded; the images of a batch go to ``torch.get_num_threads()``
     worker threads, each with its own plans (FINUFFT's calls release the GIL). Measured on
@@ -550,8 +551,9 @@ class _NufftPlans:
         p = getattr(self._local, "plans", None)
         if p is None:
             import finufft
+            n = self.box + 2            # the adjoint's grid: frequencies -D/2-1 .. D/2
             p = self._local.plans = (finufft.Plan(1, (self.box, self.box), n_trans=1, **self._kw),
-                                     finufft.Plan(1, (self.box, self.box), n_trans=2, **self._kw))
+                                     finufft.Plan(1, (n, n), n_trans=1, **self._kw))
         return p
 
     def each_image(self, fn, n):
@@ -580,10 +582,15 @@ class _NufftStructureFactor(torch.autograd.Function):
     """F[b, ky, kx] = sum_e ff_e(k) sum_{j in e} exp(-2 pi i (kx u_j + ky v_j) / D) on the
     half plane kx = 0..h-1 (all ky, FFT order), as (B, D, h, 2) real/imaginary parts.
 
-    A type-1 non-uniform FFT per image and element (FINUFFT, tolerance ``NUFFT_EPS``). The
-    backward pass is the adjoint: with G the gradient of F (real + i imaginary part),
-    dL/du_j = -(2 pi / D) Im sum_k kx ff_e(k) G_k exp(+2 pi i k.(u_j, v_j) / D), and the
-    same with ky for v; both sums are one adjoint (type-2) transform of two mode arrays.
+    A type-1 non-uniform FFT per image and element (FINUFFT, tolerance ``NUFFT_EPS``); the
+    column kx = D/2 of the half plane is the transform's frequency -D/2 (FFT order). The
+    backward pass is the adjoint: with G the gradient of F (real + i imaginary part) and
+    c_k = ff_e(k) G_k, dL/du_j = -(2 pi / D) Im sum_k kx c_k exp(+2 pi i k.(u_j, v_j) / D),
+    and the same with ky for v (k over the entries of the half plane, at the frequencies
+    the forward pass used). Im sum_k a_k e^{ik.x} = sum over the full plane of d e^{ik.x}
+    with d_k = a_k / 2i and d_-k = conj(a_k / 2i) (a Hermitian array: a real sum), so
+    both gradients are the real and imaginary parts of ONE adjoint (type-2) transform of
+    T = d^u + i d^v on a (D + 2)^2 grid, which holds every mirrored frequency (+-D/2).
     """
 
     @staticmethod
@@ -620,23 +627,30 @@ class _NufftStructureFactor(torch.autograd.Function):
         ff = ff_half.detach().cpu().numpy()
         G = gF.detach().cpu().numpy().astype(plans.real)
         G = G[..., 0] + 1j * G[..., 1]                              # (B, D, h)
-        kx = np.arange(h, dtype=plans.real)[None, :]
-        ky = np.fft.fftfreq(D, 1.0 / D).astype(plans.real)[:, None]
+        # the frequencies of the half plane's entries, as the forward transform used them
+        fy = np.rint(np.fft.fftfreq(D, 1.0 / D)).astype(np.int64)[:, None] * np.ones(h, np.int64)
+        fx = np.where(np.arange(h) < D // 2, np.arange(h), np.arange(h) - D)[None, :] \
+            * np.ones((D, 1), np.int64)
+        N = D + 2
+        at = ((fy % N) * N + fx % N).ravel()                        # unique indices
+        mirror = (((-fy) % N) * N + (-fx) % N).ravel()               # unique too
+        kxy = (fx + 1j * fy).astype(plans.complex) / 2j              # (kx + i ky) / 2i
         gu = np.zeros(u.shape, dtype=np.float64)
         gv = np.zeros(v.shape, dtype=np.float64)
         def image(b):
-            _, two = plans.plans()
-            modes = np.zeros((2, D, D), dtype=plans.complex)
+            _, adj = plans.plans()
+            T = np.zeros(N * N, dtype=plans.complex)
             for e, sl in enumerate(ctx.slices):
                 if sl.stop == sl.start:
                     continue
-                fG = ff[e] * G[b]
-                modes[0, :, :h] = kx * fG
-                modes[1, :, :h] = ky * fG
-                two.setpts(y[b, sl], x[b, sl])
-                H = two.execute_adjoint(modes)                      # (2, M_e)
-                gu[b, sl] = H[0].imag
-                gv[b, sl] = H[1].imag
+                fG = (ff[e] * G[b]).astype(plans.complex)
+                T[:] = 0
+                T[at] = (kxy * fG).ravel()                           # d^u + i d^v at k
+                T[mirror] += (np.conj(fG / 2j) * (fx + 1j * fy)).ravel()   # ... at -k
+                adj.setpts(y[b, sl], x[b, sl])
+                H = adj.execute_adjoint(T.reshape(N, N))             # (M_e,)
+                gu[b, sl] = H.real
+                gv[b, sl] = H.imag
 
         plans.each_image(image, B)
         s = -2.0 * math.pi / D

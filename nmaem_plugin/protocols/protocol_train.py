@@ -187,10 +187,13 @@ class NmaemProtTrain(NmaemProtBase):
         form.addParam("refinePose", params.BooleanParam, default=False,
                       condition="not doContinue", label="Refine the poses?",
                       help="Also learn a small rotation per particle that corrects the "
-                           "consensus pose (a rotation vector, zero at the start, with a "
-                           "Gaussian prior on its angle). The inference protocol then puts "
-                           "the refined angles in each particle's transform. See "
-                           "docs/training.md, 'Pose refinement'.")
+                           "consensus pose (a rotation vector applied in the model's frame, "
+                           "zero at the start, with a Gaussian prior on its angle). It "
+                           "corrects what a consensus refinement of a flexible molecule "
+                           "leaves (the alignment followed one domain); set the largest "
+                           "correction above the largest expected misalignment. The "
+                           "inference protocol then puts the refined angles in each "
+                           "particle's transform. See docs/training.md, 'Pose refinement'.")
         form.addParam("maxPoseCorrection", params.FloatParam, default=5.0,
                       condition="not doContinue and refinePose",
                       expertLevel=params.LEVEL_ADVANCED, label="Largest correction (deg)",

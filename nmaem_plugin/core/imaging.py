@@ -646,7 +646,7 @@ class _NufftStructureFactor(torch.autograd.Function):
                 fG = (ff[e] * G[b]).astype(plans.complex)
                 T[:] = 0
                 T[at] = (kxy * fG).ravel()                           # d^u + i d^v at k
-                T[mirror] += (np.conj(fG / 2j) * (fx + 1j * fy)).ravel()   # ... at -k
+                T[mirror] -= (kxy * np.conj(fG)).ravel()   # at -k: conj(fG / 2i) (kx + i ky)
                 adj.setpts(y[b, sl], x[b, sl])
                 H = adj.execute_adjoint(T.reshape(N, N))             # (M_e,)
                 gu[b, sl] = H.real

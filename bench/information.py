@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from nmaem_plugin.core.data import ParticleMetadata  # noqa: E402
 from nmaem_plugin.core.latent import read_latent  # noqa: E402
+from nmaem_plugin.core.noise import hermitian_weights  # noqa: E402
 from nmaem_plugin.core.nuisances import noise_filter  # noqa: E402
 from nmaem_plugin.core.particles import read_particles  # noqa: E402
 from nmaem_plugin.core.train import load_trained  # noqa: E402
@@ -68,7 +69,7 @@ def main(argv=None):
     D, D0, apix = int(cfg["box"]), int(cfg["box0"]), float(cfg["apix"])
     ky = np.fft.fftfreq(D, 1.0 / D)
     kx = np.arange(D // 2 + 1)
-    herm = np.where((kx == 0) | (kx == D // 2), 1.0, 2.0)[None, :] * np.ones((D, 1))
+    herm = hermitian_weights(D)
     # the noise shape of the simulated box at the training box's frequencies (a Fourier
     # crop keeps each physical frequency): index (ky, kx) of the D grid is (ky, kx) of D0's
     shape0 = noise_filter(D0, args.falloff).numpy() ** 2      # (D0, D0) full grid, mean 1

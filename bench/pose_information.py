@@ -9,7 +9,7 @@ Fisher information of one image about its rotation,
 over the rfft2 grid of the training box (Hermitian weights), with S the rendering of the
 particle's *true* conformation at its *true* pose (the simulation's ground truth), a the
 grey scale of the data against the renderer (fitted), and P(k) the noise power per
-coefficient measured on the images themselves (ring averages of |Y - a S|^2). Everything
+coefficient measured on the images themselves (shell averages of |Y - a S|^2). Everything
 else (conformation, shift, CTF) is taken as known, so the bound is optimistic for a method
 that must also estimate them.
 
@@ -37,7 +37,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from nmaem_plugin.core.data import ParticleImages, ParticleMetadata  # noqa: E402
-from nmaem_plugin.core.imaging import correct_rotations  # noqa: E402
+from nmaem_plugin.core.imaging import rotvec_to_matrix  # noqa: E402
+from nmaem_plugin.core.noise import (hermitian_weights, shell_counts, shell_index,  # noqa: E402
+                                     shell_sums)
 from nmaem_plugin.core.particles import read_particles  # noqa: E402
 from nmaem_plugin.core.poses import euler_to_matrix, rotation_angle_deg  # noqa: E402
 from nmaem_plugin.core.structure import read_trajectory  # noqa: E402
@@ -91,22 +93,17 @@ def main(argv=None):
         for a in range(3):
             v = torch.zeros(len(rows), 3)
             v[:, a] = eps
-            plus = r.render_ft(X, correct_rotations(A_true, v), shifts, ctf)
-            minus = r.render_ft(X, correct_rotations(A_true, -v), shifts, ctf)
+            # rotations in the image's frame (x, y in the plane, z the projection axis)
+            plus = r.render_ft(X, rotvec_to_matrix(v) @ A_true, shifts, ctf)
+            minus = r.render_ft(X, rotvec_to_matrix(-v) @ A_true, shifts, ctf)
             dS.append(((plus - minus) / (2 * eps)).to(torch.complex128))
     D = int(cfg["box"])
-    ky = np.fft.fftfreq(D, 1.0 / D)
-    kx = np.arange(D // 2 + 1)
-    herm = torch.tensor(np.where((kx == 0) | (kx == D // 2), 1.0, 2.0)[None, :]
-                        * np.ones((D, 1)))
+    herm = torch.tensor(hermitian_weights(D))
     herm[0, 0] = 0.0                                       # the mean: not used by the losses
-    ring = torch.tensor(np.rint(np.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)).astype(np.int64))
-    # grey scale of the data against the renderer, then the noise power per ring
+    # grey scale of the data against the renderer, then the noise power per shell
     scale = float((herm * (Y * S.conj()).real).sum() / (herm * S.abs() ** 2).sum())
-    res2 = ((Y - scale * S).abs() ** 2).mean(0)             # (D, K)
-    nr = int(ring.max()) + 1
-    cnt = torch.bincount(ring.flatten(), minlength=nr).double()
-    P = (torch.bincount(ring.flatten(), weights=res2.flatten(), minlength=nr) / cnt)[ring]
+    res2 = ((Y - scale * S).abs() ** 2).mean(0).numpy()     # (D, K)
+    P = torch.tensor((shell_sums(res2, D) / shell_counts(D))[shell_index(D)])
     w = herm / P
     F = np.zeros((len(rows), 3, 3))
     for a in range(3):

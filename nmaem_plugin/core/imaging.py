@@ -295,21 +295,28 @@ def phase_shift(ft: torch.Tensor, shift: ArrayOrTensor, apix: float) -> torch.Te
     return ft * torch.polar(torch.ones_like(theta), theta)
 
 
-def fourier_crop(images: torch.Tensor, new_box: int) -> torch.Tensor:
+def fourier_crop(images: torch.Tensor, new_box: int,
+                 spectral_filter: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Downsample images (B, D, D) to (B, d, d) by Fourier cropping.
 
     The new pixel size is apix * D / d; values keep their scale (samples of the same
-    band-limited function). The new Nyquist row and column are set to zero.
+    band-limited function). The new Nyquist row and column are set to zero (when d < D).
+    ``spectral_filter`` (D, D//2+1), when given, multiplies the images' rfft2 first (one
+    pair of FFTs for both: the encoder's whitening and crop, ``network.Encoder``).
     """
     D = images.shape[-1]
     d = int(new_box)
     if d > D:
         raise ValueError("cannot crop a %d px image to a larger box of %d px" % (D, d))
-    if d == D:
+    if d == D and spectral_filter is None:
         return images
-    if d % 2:
+    if d % 2 and d != D:
         raise ValueError("the cropped box must be even, not %d" % d)
-    ft = torch.fft.rfft2(images)
+    ft = torch.fft.rfft2(images if spectral_filter is None else images.float())
+    if spectral_filter is not None:
+        ft = ft * spectral_filter
+    if d == D:
+        return torch.fft.irfft2(ft, s=(D, D))
     h = d // 2
     top = ft[..., :h, :h + 1]
     bottom = ft[..., D - h:, :h + 1]
@@ -545,6 +552,7 @@ class _NufftPlans:
         self.box = int(box)
         self._local = threading.local()
         self._pool, self._workers = None, 0
+        self._grids = {}
 
     def plans(self):
         """This thread's (one-transform, two-transform) plans, made on first use."""
@@ -555,6 +563,22 @@ class _NufftPlans:
             p = self._local.plans = (finufft.Plan(1, (self.box, self.box), n_trans=1, **self._kw),
                                      finufft.Plan(1, (n, n), n_trans=1, **self._kw))
         return p
+
+    def adjoint_grid(self, h: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where the half plane's entries (D, h) and their mirrors -k go on the adjoint's
+        (D + 2)^2 grid (flat indices, each set unique), and (kx + i ky) / 2i at the
+        frequencies the forward transform used (column D/2 is -D/2). Made once."""
+        key = ("adjoint", int(h))
+        if key not in self._grids:
+            D, N = self.box, self.box + 2
+            fy = np.rint(np.fft.fftfreq(D, 1.0 / D)).astype(np.int64)[:, None] \
+                * np.ones(h, np.int64)
+            fx = np.where(np.arange(h) < D // 2, np.arange(h), np.arange(h) - D)[None, :] \
+                * np.ones((D, 1), np.int64)
+            at = ((fy % N) * N + fx % N).ravel()
+            mirror = (((-fy) % N) * N + (-fx) % N).ravel()
+            self._grids[key] = (at, mirror, (fx + 1j * fy).astype(self.complex) / 2j)
+        return self._grids[key]
 
     def each_image(self, fn, n):
         """fn(b) for b = 0..n-1, in up to torch.get_num_threads() threads."""
@@ -627,14 +651,8 @@ class _NufftStructureFactor(torch.autograd.Function):
         ff = ff_half.detach().cpu().numpy()
         G = gF.detach().cpu().numpy().astype(plans.real)
         G = G[..., 0] + 1j * G[..., 1]                              # (B, D, h)
-        # the frequencies of the half plane's entries, as the forward transform used them
-        fy = np.rint(np.fft.fftfreq(D, 1.0 / D)).astype(np.int64)[:, None] * np.ones(h, np.int64)
-        fx = np.where(np.arange(h) < D // 2, np.arange(h), np.arange(h) - D)[None, :] \
-            * np.ones((D, 1), np.int64)
+        at, mirror, kxy = plans.adjoint_grid(h)
         N = D + 2
-        at = ((fy % N) * N + fx % N).ravel()                        # unique indices
-        mirror = (((-fy) % N) * N + (-fx) % N).ravel()               # unique too
-        kxy = (fx + 1j * fy).astype(plans.complex) / 2j              # (kx + i ky) / 2i
         gu = np.zeros(u.shape, dtype=np.float64)
         gv = np.zeros(v.shape, dtype=np.float64)
         def image(b):

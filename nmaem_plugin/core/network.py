@@ -93,9 +93,7 @@ def normalise_images(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def whiten_images(images: torch.Tensor, input_filter: torch.Tensor) -> torch.Tensor:
     """Images (B, D, D) filtered by ``input_filter`` (D, D//2+1) on their rfft2 grid: with
     :func:`noise.whitening_filter` their noise becomes white (Encoder, "Input whitening")."""
-    d = images.shape[-1]
-    ft = torch.fft.rfft2(images.float())
-    return torch.fft.irfft2(ft * input_filter, s=(d, d))
+    return fourier_crop(images, images.shape[-1], input_filter)
 
 
 def _vgg_block(c_in, c_out):
@@ -165,10 +163,8 @@ class Encoder(nn.Module):
             self.register_buffer("pose_max", torch.tensor(float(pose_max)))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        if self.input_filter is not None:
-            images = whiten_images(images, self.input_filter)
-        if self.encoder_box != self.box:
-            images = fourier_crop(images.float(), self.encoder_box)
+        # whitening filter and crop to the encoder box: one pair of FFTs
+        images = fourier_crop(images, self.encoder_box, self.input_filter)
         x = normalise_images(images)[:, None]
         return torch.flatten(self.trunk(x), 1)
 

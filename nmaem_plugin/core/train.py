@@ -117,6 +117,7 @@ def prepare_run(out: str, particles: Optional[str] = None, ref: Optional[str] = 
         if given.get("batch") is not None:       # --batch auto: normstats.auto_batch
             cfg["batch_auto"] = is_auto_batch(given["batch"])
             given["batch"] = resolve_batch(given["batch"], cfg["n_train"])
+            _check_partial_batch(out, last, given["batch"])
         for k, v in given.items():
             if k in RESUMABLE:
                 continue
@@ -247,6 +248,19 @@ def prepare_run(out: str, particles: Optional[str] = None, ref: Optional[str] = 
     return cfg
 
 
+def _check_partial_batch(run_dir, last, batch):
+    """A one-line error when ``last`` was saved within an epoch (--checkpoint-minutes)
+    with another batch size than ``batch``: that epoch's remaining batches are counted in
+    the saving run's batch size."""
+    if not os.path.isfile(last):
+        return
+    saved = (_load_checkpoint(last).get("partial") or {}).get("batch_size")
+    if saved is not None and int(saved) != int(batch):
+        fail(run_dir, "the last checkpoint was saved within an epoch with --batch %d; resume "
+                      "that epoch with the same --batch (a later epoch may change it)"
+             % int(saved))
+
+
 FIT_CHECK_MIN_PARTICLES = 50
 
 
@@ -290,10 +304,11 @@ def build_autoencoder(cfg: dict, run_dir: str) -> "AutoEncoder":
     enc = Encoder(cfg["box"], cfg["n_modes"], filters=cfg["filters"], hidden=cfg["hidden"],
                   z_scale=cfg["z_scale"], shift_scale=cfg["shift_scale"], pose_max=pose_max,
                   input_filter=input_filter, encoder_box=cfg.get("encoder_box"))
+    from .imaging import parse_memory_budget
     budget = cfg.get("memory_budget")
     dec = Decoder(model.elements, nm.coords, nm.modes[:int(cfg["n_modes"])], cfg["box"], cfg["apix"],
                   centre=cfg["centre"], offset=cfg["offset"],
-                  memory_budget=None if budget is None else int(float(budget) * 2 ** 30),
+                  memory_budget=parse_memory_budget(budget),
                   route=cfg.get("renderer") or "auto")
     return AutoEncoder(enc, dec)
 
@@ -541,6 +556,12 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
         encoder.train()
         total, count, first = 0.0, 0, 0
         if partial is not None and epoch == start:   # resume within this epoch
+            # its batches are counted in the saving run's batch size, in one process
+            if partial.get("batch_size", cfg["batch"]) != cfg["batch"] or dist.active:
+                fail(run_dir, "the last checkpoint was saved within an epoch with --batch %d "
+                              "in one process; resume that epoch with the same --batch in one "
+                              "process (a later epoch may change them)"
+                     % partial.get("batch_size", cfg["batch"]))
             first, total, count = partial["batch"], partial["total"], partial["count"]
             t0 -= partial["seconds"]
         try:
@@ -577,7 +598,7 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
                     os.makedirs(checkpoint_dir(run_dir), exist_ok=True)
                     with atomic_open(checkpoint_file(run_dir, "last")) as fh:
                         torch.save(checkpoint(epoch, partial=dict(
-                            batch=b + 1, total=total, count=count,
+                            batch=b + 1, batch_size=int(cfg["batch"]), total=total, count=count,
                             seconds=time.perf_counter() - t0)), fh)
                     last_saved = time.perf_counter()
                 if stop:

@@ -301,6 +301,14 @@ class TestTraining(TrainTestCase):
         n_batches = -(-144 // SMALL["batch"])             # 144 training images
         self.assertEqual(mid["partial"]["batch"], -(-n_batches // 2))
         self.assertEqual(len(read_log(run)), 1)
+        # that epoch cannot be resumed with another batch size (its batches would differ)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            rc = cli.main(["train", "-o", run, "--resume", "--batch", "8"])
+        self.assertNotEqual(rc, 0)
+        self.assertIn("saved within an epoch with --batch 16", err.getvalue())
+        self.assertEqual(len(err.getvalue().strip().splitlines()), 1, err.getvalue())
+        self.assertEqual(json.load(open(os.path.join(run, "config.json")))["batch"], 16)
         # mid-epoch weights differ from those of the end of epoch 1
         e1 = flat_tensors(load_ck(self.run_a, "epoch_0001.pt")["model"])
         self.assertFalse(all(torch.equal(v, e1[k]) for k, v in flat_tensors(mid["model"]).items()))

@@ -239,9 +239,6 @@ class TestConvergence(unittest.TestCase):
                               [t.get_text() for t in loss_ax.texts])
 
 
-if __name__ == "__main__":
-    unittest.main()
-
 
 def _two_peaks(img):
     """(row, col) of the two largest local maxima of an image, sorted."""
@@ -311,3 +308,7 @@ class TestModelThumbnail(unittest.TestCase):
         plots.model_thumbnail(coords, ["C"] * 60, one, views=("z",), px=100)
         self.assertEqual(mpimg.imread(one).shape[:2], (100, 100))
         self.assertEqual([f for f in os.listdir(self.tmp) if f.startswith(".")], [])
+
+
+if __name__ == "__main__":
+    unittest.main()

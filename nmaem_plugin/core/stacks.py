@@ -55,6 +55,7 @@ class ImageStack:
         self.table = table
         self.max_open = max(1, int(max_open))
         self._open = OrderedDict()
+        self._layouts = {}          # stack -> header layout (_layout)
         self._uniq, self._inv = np.unique(table.stack_paths, return_inverse=True)
         self._D = int(table.box[0]) if table.n and table.box[0] > 0 else None
         if check:
@@ -67,7 +68,14 @@ class ImageStack:
         return self._layout(stack)[:3]
 
     def _layout(self, stack):
-        """(number of images, ny, nx, data offset in bytes, numpy dtype) from the header."""
+        """(number of images, ny, nx, data offset in bytes, numpy dtype) from the header,
+        parsed once per stack (a stack reopened after the LRU closed it is not parsed
+        again)."""
+        if stack not in self._layouts:
+            self._layouts[stack] = self._parse_header(stack)
+        return self._layouts[stack]
+
+    def _parse_header(self, stack):
         import mrcfile
         if not os.path.isfile(stack):
             fail(stack, "missing particle stack (referenced by %s)" % self.table.path)
@@ -79,13 +87,16 @@ class ImageStack:
                     nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
                     mode = int(h.mode)
                     ext = int(h.nsymbt)
-                    dtype = mrcfile.utils.data_dtype_from_header(h)
+                    try:
+                        dtype = mrcfile.utils.data_dtype_from_header(h)
+                    except ValueError:           # a mode mrcfile does not know
+                        dtype = None
         except Exception as e:
             fail(stack, "not a readable MRC file (%s)" % type(e).__name__)
-        itemsize = {0: 1, 1: 2, 2: 4, 4: 8, 6: 2, 12: 2}.get(mode)
-        if itemsize is None or min(nx, ny, nz) <= 0:
+        if dtype is None or min(nx, ny, nz) <= 0:
             fail(stack, "unsupported or corrupt MRC header (mode %d, size %dx%dx%d)"
                  % (mode, nx, ny, nz))
+        itemsize = np.dtype(dtype).itemsize
         need = 1024 + ext + nx * ny * nz * itemsize
         if os.path.getsize(stack) < need:
             fail(stack, "truncated MRC file (%d bytes, header needs %d)"

@@ -600,6 +600,21 @@ class TestImageStack(TmpDirCase):
             ImageStack(read_particles(p))
         self.assertOneLineError(cm, os.path.join(self.tmp, "relion31.mrcs"), "truncated")
 
+    def test_unknown_mode(self):
+        """A header of an MRC mode that has no data type (3: complex int16, which mrcfile
+        does not read) is named as such, with the mode."""
+        import struct
+        with open(data("relion31.mrcs"), "rb") as fh:
+            blob = bytearray(fh.read())
+        blob[12:16] = struct.pack("<i", 3)               # MODE, the 4th header word
+        with open(os.path.join(self.tmp, "relion31.mrcs"), "wb") as fh:
+            fh.write(bytes(blob))
+        p = self._star("mode3.star", [])
+        with self.assertRaises(NmaemError) as cm:
+            ImageStack(read_particles(p))
+        self.assertOneLineError(cm, os.path.join(self.tmp, "relion31.mrcs"),
+                                "unsupported or corrupt MRC header (mode 3")
+
     def test_write_stack(self):
         rng = np.random.default_rng(3)
         im = rng.normal(size=(4, 24, 24))

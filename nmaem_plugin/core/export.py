@@ -187,11 +187,9 @@ def export(latent_path: str, run_dir: str, out_dir: str, pcs: Optional[Sequence[
         row.setdefault("n_particles", None)
         listing["models"].append(row)
     if thumbnails:              # one frame for the series: the thumbnails compare
-        from .plots import model_thumbnail, thumbnail_frame
-        centre, apix = thumbnail_frame(np.concatenate(written))
-        for row, xyz in zip(listing["models"], written):
-            model_thumbnail(xyz, model.elements, os.path.join(out_dir, row["thumbnail"]),
-                            centre=centre, apix=apix)
+        from .plots import series_thumbnails
+        series_thumbnails(written, model.elements,
+                          [os.path.join(out_dir, row["thumbnail"]) for row in listing["models"]])
     if latent is not None:      # every model's particles, PC steps and given z included
         for row, n in zip(listing["models"], particle_counts(listing, latent.z)):
             row["n_particles"] = n

@@ -701,3 +701,13 @@ def model_thumbnail(coords: np.ndarray, elements: Sequence[str], path: str,
         ax.text(0.04, 0.96, "along %s" % view, color="yellow", fontsize=7, va="top",
                 transform=ax.transAxes)
     return save(fig, path, dpi=dpi)
+
+
+def series_thumbnails(coords: Sequence[np.ndarray], elements: Sequence[str],
+                      paths: Sequence[str]) -> List[str]:
+    """:func:`model_thumbnail` of each model of a series (``coords`` (M, 3) each) to its
+    path, all in the frame of the whole series (:func:`thumbnail_frame`), so that they
+    compare."""
+    centre, apix = thumbnail_frame(np.concatenate([np.asarray(c) for c in coords]))
+    return [model_thumbnail(xyz, elements, path, centre=centre, apix=apix)
+            for xyz, path in zip(coords, paths)]

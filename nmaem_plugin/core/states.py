@@ -167,12 +167,9 @@ def write_thumbnails(out_dir: str, names: Sequence[str], model: "AtomicModel", n
     """``DIR/state_01.png``...: each state's model X0 + U z_k drawn by
     ``plots.model_thumbnail`` in the frame of all of them (so that they compare)."""
     from .analysis import deformed_coords
-    from .plots import model_thumbnail, thumbnail_frame
-    coords = [deformed_coords(model, nm, zk) for zk in z]
-    centre, apix = thumbnail_frame(np.concatenate(coords))
-    for name, xyz in zip(names, coords):
-        model_thumbnail(xyz, model.elements, os.path.join(out_dir, name), centre=centre,
-                        apix=apix)
+    from .plots import series_thumbnails
+    series_thumbnails([deformed_coords(model, nm, zk) for zk in z], model.elements,
+                      [os.path.join(out_dir, name) for name in names])
 
 
 def write_states(out_dir: str, states: States, index: Optional[np.ndarray] = None,

@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import time
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -50,14 +50,16 @@ def gauss_newton_rotations(decoder: torch.nn.Module, likelihood: WhitenedLikelih
                            images: torch.Tensor, groups: Optional[torch.Tensor],
                            z: torch.Tensor, rotations: torch.Tensor, shifts: torch.Tensor,
                            ctf: Optional[torch.Tensor], v0: torch.Tensor, prior_sd: float,
-                           max_angle: float, iterations: int = 3) -> torch.Tensor:
-    """Rotation corrections (B, 3) radians after ``iterations`` Gauss-Newton steps from
-    ``v0`` (module docstring); ``shifts`` the full rendered shifts (Angstrom), ``ctf`` the
-    decoder's CTF of the batch, ``prior_sd`` and ``max_angle`` in radians. No gradients."""
+                           max_angle: float, iterations: int = 3) -> List[torch.Tensor]:
+    """Rotation corrections (B, 3) radians after 0, 1, ..., ``iterations`` Gauss-Newton
+    steps from ``v0`` (module docstring; one list entry per step count); ``shifts`` the
+    full rendered shifts (Angstrom), ``ctf`` the decoder's CTF of the batch, ``prior_sd``
+    and ``max_angle`` in radians. No gradients."""
     B = images.shape[0]
     v = v0.detach().float().clone()
+    steps = [v]
     if iterations <= 0 or B == 0:
-        return v
+        return steps
     with torch.no_grad():
         Y = likelihood.band.images_ft(images.float())
         w = likelihood.weights(groups)
@@ -87,7 +89,8 @@ def gauss_newton_rotations(decoder: torch.nn.Module, likelihood: WhitenedLikelih
             v = v + step
             n = v.norm(dim=1, keepdim=True)
             v = v * torch.clamp(float(max_angle) / n.clamp_min(1e-12), max=1.0)
-    return v
+            steps.append(v)
+    return steps
 
 
 def main(argv=None):
@@ -126,10 +129,11 @@ def main(argv=None):
             raise SystemExit("%s was trained without --refine-pose" % args.run)
         rot, base, ctf_params = meta.batch(rr)
         ctf = ae.decoder.ctf(ctf_params)
+        steps = gauss_newton_rotations(ae.decoder, lik, im, meta.optics_group[rr], z, rot,
+                                       base + shift, ctf, v, prior, largest,
+                                       max(args.iterations))
         for k in args.iterations:
-            out[k].append(gauss_newton_rotations(ae.decoder, lik, im, meta.optics_group[rr],
-                                                 z, rot, base + shift, ctf, v, prior,
-                                                 largest, k).numpy())
+            out[k].append(steps[k].numpy())
     print("run %s, %d particles, prior sd %.2f deg, given poses: median error %.2f deg"
           % (args.run, len(rows), math.degrees(prior),
              np.median(rotation_angle_deg(A, true))))

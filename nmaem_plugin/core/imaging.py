@@ -637,7 +637,7 @@ class _NufftStructureFactor(torch.autograd.Function):
 
         plans.each_image(image, B)
         ctx.save_for_backward(u, v, ff_half)
-        ctx.slices, ctx.plans = slices, plans
+        ctx.slices, ctx.plans, ctx.points = slices, plans, (x, y)
         return torch.view_as_real(torch.from_numpy(out)).to(device=u.device, dtype=u.dtype)
 
     @staticmethod
@@ -646,8 +646,7 @@ class _NufftStructureFactor(torch.autograd.Function):
         plans = ctx.plans
         B = u.shape[0]
         E, D, h = ff_half.shape
-        x = _wrapped_angles(u, D, plans.real)
-        y = _wrapped_angles(v, D, plans.real)
+        x, y = ctx.points                       # the forward pass's points
         ff = ff_half.detach().cpu().numpy()
         G = gF.detach().cpu().numpy().astype(plans.real)
         G = G[..., 0] + 1j * G[..., 1]                              # (B, D, h)

@@ -451,6 +451,7 @@ def train_run(run_dir: str, log: Callable[[str], None] = print,
 
 def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_loss, Progress):
     from .network import pose_penalty, split_outputs
+    from .progress import fmt_time
     rank0 = dist.rank == 0
     say = log if rank0 else (lambda *a, **k: None)
     table = read_particles(cfg["particles"])
@@ -629,7 +630,6 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
             save_checkpoint(run_dir, checkpoint(epoch + 1), cfg.get("keep", 3))
             last_saved = time.perf_counter()
             write_log(run_dir, history)
-            from .progress import fmt_time
             done = [r["seconds"] for r in history[start:]]
             eta = (end - epoch - 1) * sum(done) / len(done)
             say("train: epoch %d/%d  train loss %s  val loss %s  %.1f images/s  %.1f s%s"

@@ -39,7 +39,7 @@ from .structure import AtomicModel, match_atoms, rmsd, superpose, write_models
 if TYPE_CHECKING:                   # scipy is imported where a sparse matrix is built
     from scipy.sparse import csr_matrix
 
-__all__ = ["CG_CHOICES", "NormalModes", "cg_selection", "build_hessian", "sparse_hessian",
+__all__ = ["CG_CHOICES", "NormalModes", "cg_selection", "sparse_hessian",
            "solve_modes",
            "interpolate_modes", "auto_sigma", "orthonormalise", "rigid_body_basis",
            "compute_modes", "collectivity", "floor_rmsd", "fit_amplitudes",
@@ -197,31 +197,6 @@ def _check_parameters(cutoff, gamma):
         raise NmaemError("the cutoff must be a positive distance in Angstrom, not %r" % cutoff)
     if not (np.isfinite(gamma) and gamma > 0):
         raise NmaemError("gamma (the spring constant) must be positive, not %r" % gamma)
-
-
-def build_hessian(cg_coords: np.ndarray, cutoff: float = 15.0, gamma: float = 1.0,
-                  sparse: bool = False) -> Union[np.ndarray, "csr_matrix"]:
-    """ANM Hessian (3N x 3N) of nodes ``cg_coords`` (N,3) with ProDy.
-
-    Dense numpy array, or a scipy CSR matrix when ``sparse`` (built with ProDy's KD-tree
-    contact search, so memory grows with the number of contacts, not N^2).
-    """
-    import prody
-    _check_parameters(cutoff, gamma)
-    anm = prody.ANM("nmaem")
-    with _quiet_prody():
-        try:
-            if sparse:
-                anm.buildHessian(np.asarray(cg_coords, dtype=np.float64), float(cutoff),
-                                 float(gamma), sparse=True, kdtree=True)
-            else:
-                anm.buildHessian(np.asarray(cg_coords, dtype=np.float64), float(cutoff),
-                                 float(gamma))
-        except (ValueError, TypeError) as exc:
-            raise NmaemError("ProDy could not build the ANM Hessian: %s"
-                             % str(exc).splitlines()[0])
-    H = anm.getHessian()
-    return H.tocsr() if sparse else np.asarray(H, dtype=np.float64)
 
 
 def sparse_hessian(cg_coords: np.ndarray, cutoff: float = 15.0, gamma: float = 1.0

@@ -163,15 +163,13 @@ def _getAcquisitionValues(obj, fallback):
 
 # ============================================================================ Scipion -> STAR
 
-def particlesToTable(partSet, starFile, stackDir=None, ctfFromItems=False):
+def particlesToTable(partSet, starFile, stackDir=None):
     """A :class:`core.particles.ParticleTable` of the particles of ``partSet`` (see the
     module docstring for the conventions), in the set's id order.
 
     Particles must have a projection alignment and a CTF. ``stackDir`` is where stacks
     that are not MRC get converted (default: the STAR file's folder). The table's
-    ``extra`` holds ``rlnImageId`` (the object ids). ``ctfFromItems``: take the particles'
-    own CTFs even when the set does not say it has CTFs (a SetOfParticlesFlex: pwem's
-    ``SetOfParticlesFlex.copyInfo`` does not copy the flag); each particle still needs one.
+    ``extra`` holds ``rlnImageId`` (the object ids).
     """
     import pandas as pd
     from pwem.constants import ALIGN_PROJ
@@ -181,7 +179,7 @@ def particlesToTable(partSet, starFile, stackDir=None, ctfFromItems=False):
     if partSet.getAlignment() != ALIGN_PROJ:
         raise ValueError("%s has no 3D projection alignment (alignment: %s)"
                          % (partSet.getNameId() or "particles", partSet.getAlignment()))
-    if not partSet.hasCTF() and not ctfFromItems:
+    if not partSet.hasCTF():
         raise ValueError("%s has no CTF" % (partSet.getNameId() or "particles"))
     apix = float(partSet.getSamplingRate())
     setAcq = partSet.getAcquisition()
@@ -251,11 +249,11 @@ def particlesToTable(partSet, starFile, stackDir=None, ctfFromItems=False):
         extra=pd.DataFrame({STAR_ID_COLUMN: np.asarray(ids, dtype=np.int64)}))
 
 
-def writeSetOfParticles(partSet, starFile, stackDir=None, ctfFromItems=False):
+def writeSetOfParticles(partSet, starFile, stackDir=None):
     """Write ``partSet`` (3D alignment + CTF) as a RELION 3.1 STAR file that ``nmaem``
     reads; returns the number of particles. See :func:`particlesToTable`."""
     from .core.star import write_star
-    table = particlesToTable(partSet, starFile, stackDir=stackDir, ctfFromItems=ctfFromItems)
+    table = particlesToTable(partSet, starFile, stackDir=stackDir)
     write_star(starFile, table)
     return table.n
 
@@ -357,13 +355,6 @@ def _checkedLatent(latentFile):
     return lat
 
 
-def readLatent(latentFile):
-    """``(z (N, d) float32, shift (N, 2) float32 or None, index (N,) int64)`` of a
-    ``latent.npz`` file, checked against the contract of DESIGN.md."""
-    lat = _checkedLatent(latentFile)
-    return lat.z.astype(np.float32), lat.shift.astype(np.float32), lat.index
-
-
 def starRowIds(starFile):
     """Particle ids (``rlnImageId``) of the rows of a STAR file written by
     :func:`writeSetOfParticles` (1..N when the column is absent)."""
@@ -424,6 +415,15 @@ def latentFromParticlesFlex(particles, latentFile, idsFile=None):
     return ids
 
 
+def copySetInfo(outputSet, inputSet):
+    """``outputSet.copyInfo(inputSet)`` and the has-CTF flag, which pwem's
+    ``SetOfParticlesFlex.copyInfo`` skips (it bypasses ``SetOfParticles.copyInfo``): a
+    flex set made from particles with CTFs says it has them, so it can be written as a
+    STAR or given to a protocol that needs CTFs."""
+    outputSet.copyInfo(inputSet)
+    outputSet.setHasCTF(inputSet.hasCTF())
+
+
 def setOfParticlesFlexFromLatent(inputSet, latentFile, outputSet, starFile=None,
                                  foldShift=True, replaceShift=False, flexAttributes=None,
                                  foldPose=True):
@@ -457,7 +457,7 @@ def setOfParticlesFlexFromLatent(inputSet, latentFile, outputSet, starFile=None,
     byId = {int(rowIds[r]): k for k, r in enumerate(index.tolist())}
     apix = float(inputSet.getSamplingRate())
 
-    outputSet.copyInfo(inputSet)
+    copySetInfo(outputSet, inputSet)
     info = FlexInfo(PROGRAM_NAME)
     info.setAttr("_nmaem_latentDim", int(z.shape[1]))
     attrs = dict(flexAttributes or {})

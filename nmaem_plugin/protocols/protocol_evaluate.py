@@ -56,7 +56,7 @@ class NmaemProtEvaluate(NmaemProtBase):
 
     def _createFilenameTemplates(self):
         self._updateFilenamesDict({
-            "particles": self._getExtraPath("particles.star"),
+            "star": self._getExtraPath("particles.star"),
             "latent": self._getExtraPath("latent.npz"),
             "ids": self._getExtraPath("latent_ids.npy"),
             "json": self._getExtraPath("evaluation.json"),
@@ -65,19 +65,10 @@ class NmaemProtEvaluate(NmaemProtBase):
 
     def _insertAllSteps(self):
         self._createFilenameTemplates()
+        self._insertFunctionStep(self.convertInputStep)
         self._insertFunctionStep(self.writeLatentStep)
         self._insertFunctionStep(self.evaluateStep)
         self._insertFunctionStep(self.createOutputStep)
-
-    def writeLatentStep(self):
-        """The particles with z as they are: their STAR (ids, refined origins and angles;
-        ``convert.writeSetOfParticles``) and their z as latent.npz, rows in id order
-        (``convert.latentFromParticlesFlex``). ``nmaem evaluate --particles`` matches them
-        to the simulation and derives the shifts."""
-        from ..convert import latentFromParticlesFlex, writeSetOfParticles
-        flex = self.inputParticles.get()
-        writeSetOfParticles(flex, self._getFileName("particles"), ctfFromItems=True)
-        latentFromParticlesFlex(flex, self._getFileName("latent"), self._getFileName("ids"))
 
     def evaluateStep(self):
         out = self._getFileName("json")
@@ -86,7 +77,7 @@ class NmaemProtEvaluate(NmaemProtBase):
             return
         tmp = out + ".tmp"
         args = ["--latent", self._getFileName("latent"),
-                "--particles", self._getFileName("particles"),
+                "--particles", self._getFileName("star"),
                 "--truth", findSimulationDir(self.simulatedParticles.get()),
                 "--model", os.path.abspath(runDirOf(self.inputParticles.get())),
                 "--per-particle", self._getFileName("perParticle"),
@@ -104,7 +95,8 @@ class NmaemProtEvaluate(NmaemProtBase):
         ids = np.load(self._getFileName("ids"))
         byId = {int(i): k for k, i in enumerate(ids.tolist())}
         out = createSetOfParticlesFlex(self)
-        out.copyInfo(flex)
+        from ..convert import copySetInfo
+        copySetInfo(out, flex)
         for p in flex.iterItems(orderBy="id"):
             k = byId[int(p.getObjId())]
             setattr(p, ATTR_RMSD, Float(float(rmsd[k])))

@@ -137,6 +137,7 @@ class NmaemProtStates(NmaemProtBase):
 
     def createOutputStep(self):
         import numpy as np
+        from ..convert import copySetInfo
         from ..core.states import read_states, read_states_json
         label, _, z, count = read_states(self._getFileName("statesFile"))
         listing = read_states_json(self._getFileName("statesJson"))
@@ -162,7 +163,7 @@ class NmaemProtStates(NmaemProtBase):
         plains = []
         for k in range(len(z)):     # one class at a time, as SetOfClasses expects
             cls = ClassStructFlex(progName=PROGRAM_NAME)
-            cls.copyInfo(parts)
+            copySetInfo(cls, parts)
             cls.setObjId(k + 1)
             row = listing["states"][k]
             cls.setRepresentative(modelStructFlex(reps[k].getFileName(), row["z"],

@@ -219,8 +219,8 @@ class TestConvertSets(unittest.TestCase):
         """A hand-made latent.npz (a shuffled subset of rows) on SetOfParticlesFlex: ids
         kept, z on each particle, FlexInfo 'nmaem', shift folded into the transform."""
         from pwem.objects import SetOfParticlesFlex
-        from nmaem_plugin.convert import (matricesToRelion, setOfParticlesFlexFromLatent,
-                                          readLatent)
+        from nmaem_plugin.convert import matricesToRelion, setOfParticlesFlexFromLatent
+        from nmaem_plugin.core.latent import read_latent
         t = self.truth
         rng = np.random.default_rng(3)
         rows = rng.permutation(N)[:25]
@@ -229,12 +229,15 @@ class TestConvertSets(unittest.TestCase):
         shift = rng.normal(0, 1.0, (len(rows), 2)).astype(np.float32)
         latent = os.path.join(self.tmp, "latent.npz")
         np.savez(latent, z=z, shift=shift, index=rows)
-        self.assertEqual(readLatent(latent)[0].shape, (25, d))
+        self.assertEqual(read_latent(latent).z.shape, (25, d))
         out = SetOfParticlesFlex(filename=os.path.join(self.tmp, "flex.sqlite"),
                                  progName="nmaem")
         count = setOfParticlesFlexFromLatent(self.parts, latent, out, starFile=self.star)
         out.write()
         self.assertEqual(count, 25)
+        # the has-CTF flag survives (pwem's SetOfParticlesFlex.copyInfo skips it)
+        self.assertTrue(self.parts.hasCTF())
+        self.assertTrue(out.hasCTF())
         self.assertEqual(out.getSize(), 25)
         self.assertEqual(out.getFlexInfo().getProgName(), "nmaem")
         self.assertEqual(out.getFlexInfo().getAttr("_nmaem_latentDim"), d)
@@ -413,7 +416,11 @@ class TestAgainstRelionPlugin(unittest.TestCase):
             parts.close()
             table = read_particles(star)
             v = np.random.default_rng(7).normal(0, 0.05, (table.n, 3))
-            want = poses.correct_rotations(table.rotation_matrices(), v)
+            from nmaem_plugin.tests.core.test_pose import rodrigues_reference as series
+            # A R(v) with R from an independent Rodrigues series, not correct_rotations
+            want = np.stack([A @ series(vk) for A, vk in zip(table.rotation_matrices(), v)])
+            np.testing.assert_allclose(poses.correct_rotations(table.rotation_matrices(), v),
+                                       want, atol=1e-12)
             refined = os.path.join(tmp, "refined.star")
             write_star(refined, replace(table, euler=np.stack(poses.matrix_to_euler(want), 1)))
             np.testing.assert_allclose(read_particles(refined).rotation_matrices(), want,

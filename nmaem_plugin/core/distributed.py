@@ -11,7 +11,8 @@ import torch
 
 from .errors import NmaemError, fail
 
-__all__ = ["resolve_device", "is_oom", "ProcessGroup", "rank_batches", "launch_distributed"]
+__all__ = ["resolve_device", "use_fast_kernels", "is_oom", "ProcessGroup", "rank_batches",
+           "launch_distributed"]
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
@@ -25,6 +26,20 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise NmaemError("--device %s: no CUDA device is available" % device)
     return dev
+
+
+def use_fast_kernels(device: torch.device, encoder: Optional[torch.nn.Module] = None) -> None:
+    """On CUDA: the encoder's tensors in channels-last layout (cuDNN's batch norm and
+    convolutions then skip their NCHW kernels and layout conversions: 1.45x faster training
+    steps on an H200, docs/benchmarks.md), and cuDNN times its convolution algorithms on the
+    first batch of each shape and keeps the fastest (``cudnn.benchmark``; training and
+    inference feed the encoder batches of one shape). Results then vary in the last bits
+    between runs on a GPU (docs/training.md); nothing changes on the CPU."""
+    if torch.device(device).type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    if encoder is not None:
+        encoder.to(memory_format=torch.channels_last)
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -59,12 +59,13 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
     from .star import write_star
     from .progress import Progress
     from .data import ParticleImages, make_loader
-    from .distributed import is_oom, resolve_device
+    from .distributed import is_oom, resolve_device, use_fast_kernels
     from .train import load_trained
     if int(batch) < 1:
         raise NmaemError("--batch must be at least 1")
     dev = resolve_device(device)
     ae, cfg = load_trained(run_dir, dev, checkpoint)
+    use_fast_kernels(dev, ae.encoder)
     table = read_particles(particles)
     refine_pose = bool(cfg.get("refine_pose"))
     table.require(poses=refine_pose, ctf=False, images=True)

@@ -28,7 +28,7 @@ import torch
 
 from .atomic import atomic_copy, atomic_open, atomic_savez
 from .data import ParticleImages, ParticleMetadata, epoch_order, make_loader
-from .distributed import ProcessGroup, is_oom, rank_batches, resolve_device
+from .distributed import ProcessGroup, is_oom, rank_batches, resolve_device, use_fast_kernels
 from .errors import NmaemError, fail
 
 if TYPE_CHECKING:
@@ -465,6 +465,7 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
     torch.manual_seed(int(cfg["seed"]))
     ae = build_autoencoder(cfg, run_dir).to(device)
     encoder = ae.encoder
+    use_fast_kernels(device, encoder)
     opt = torch.optim.Adam(encoder.parameters(), lr=float(cfg["lr"]))
     start, history, partial = 0, [], None
     last = checkpoint_file(run_dir, "last")
@@ -550,6 +551,8 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
 
     for epoch in range(start, end):
         t0 = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         for g in opt.param_groups:
             g["lr"] = epoch_lr(cfg, epoch)
         batches, _ = rank_batches(epoch_order(trn, cfg["seed"], epoch), cfg["batch"],
@@ -632,9 +635,11 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
             write_log(run_dir, history)
             done = [r["seconds"] for r in history[start:]]
             eta = (end - epoch - 1) * sum(done) / len(done)
-            say("train: epoch %d/%d  train loss %s  val loss %s  %.1f images/s  %.1f s%s"
+            gpu = ("  GPU peak %.2f GiB" % (torch.cuda.max_memory_allocated(device) / 2 ** 30)
+                   if device.type == "cuda" else "")
+            say("train: epoch %d/%d  train loss %s  val loss %s  %.1f images/s  %.1f s%s%s"
                 % (epoch + 1, epochs, _fmt_loss(row["train_loss"]), _fmt_loss(row["val_loss"]),
-                   row["images_per_s"], row["seconds"],
+                   row["images_per_s"], row["seconds"], gpu,
                    "  ETA %s" % fmt_time(eta) if epoch + 1 < end else ""))
         dist.barrier()
     return history

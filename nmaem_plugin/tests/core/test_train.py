@@ -465,6 +465,52 @@ class TestNetwork(unittest.TestCase):
             Encoder(16, 1, **ENCODER_PRESETS["paper"])             # 16 >> 5 = 0
 
 
+    def test_channels_last_encoder_is_the_same_function(self):
+        """On a GPU the encoder runs in channels-last layout (distributed.use_fast_kernels):
+        the same outputs and gradients as the NCHW encoder, and its checkpoint loads into a
+        plain one. Here on the CPU, whose channels-last kernels are other code (oneDNN)."""
+        from nmaem_plugin.core.distributed import use_fast_kernels
+        from nmaem_plugin.core.network import Encoder
+        torch.manual_seed(0)
+        plain = Encoder(32, 3, (8, 16), (32,), pose_max=0.05)
+        last = Encoder(32, 3, (8, 16), (32,), pose_max=0.05)
+        last.load_state_dict(plain.state_dict())
+        last.to(memory_format=torch.channels_last)
+        conv = last.trunk[0][3].weight                 # 8 -> 8 channels
+        self.assertTrue(conv.is_contiguous(memory_format=torch.channels_last))
+        self.assertFalse(conv.is_contiguous())
+        x = torch.randn(6, 32, 32, generator=torch.Generator().manual_seed(2))
+        outs = []
+        for enc in (plain, last):
+            enc.train()
+            out = enc(x)
+            sum((o * (i + 1)).sum() for i, o in enumerate(out)).backward()
+            outs.append((out, [p.grad.clone() for p in enc.parameters()]))
+        for a, b in zip(outs[0][0], outs[1][0]):
+            np.testing.assert_allclose(b.detach().numpy(), a.detach().numpy(), rtol=1e-4,
+                                       atol=1e-6)
+        # gradients, each parameter's to 1e-4 of the largest (a convolution bias before batch
+        # norm has a zero gradient: only rounding there)
+        scale = max(float(g.abs().max()) for g in outs[0][1])
+        for a, b in zip(outs[0][1], outs[1][1]):
+            np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-3, atol=1e-4 * scale)
+        # the checkpoint of a channels-last encoder (train.py saves detached CPU tensors)
+        buf = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in last.state_dict().items()}, buf)
+        buf.seek(0)
+        again = Encoder(32, 3, (8, 16), (32,), pose_max=0.05)
+        again.load_state_dict(torch.load(buf, weights_only=True))
+        again.eval()
+        plain.eval()
+        for a, b in zip(plain(x), again(x)):
+            np.testing.assert_allclose(b.detach().numpy(), a.detach().numpy(), rtol=1e-5,
+                                       atol=1e-7)
+        # on the CPU use_fast_kernels changes nothing
+        bench = torch.backends.cudnn.benchmark
+        use_fast_kernels(torch.device("cpu"), plain)
+        self.assertTrue(plain.trunk[0][3].weight.is_contiguous())
+        self.assertEqual(torch.backends.cudnn.benchmark, bench)
+
 class TestEncoderBox(TrainTestCase):
     def test_encoder_sees_the_fourier_cropped_image(self):
         """An encoder of box 32 that sees 16 px equals, with the same weights, an encoder

@@ -21,6 +21,11 @@ The share is (FLOPs per image) x (images/s) / (matmul FLOP/s).
 
     python bench/train_speed.py [--sizes 64 128] [--encoders paper small] [--batch 64]
                                 [--steps 10] [--threads N] [--channels-last] [--profile]
+                                [--device cpu|cuda] [--bf16]
+
+On a GPU (``--device cuda``) every timing ends with a synchronisation, the matmul rate is the
+device's (float32 without TF32, as the renderer runs), and ``--bf16`` runs the encoder under
+bfloat16 autocast as ``nmaem train --bf16`` does (the decoder stays float32).
 """
 import argparse
 import os
@@ -40,19 +45,27 @@ from nmaem_plugin.core.network import (ENCODER_PRESETS, Decoder, Encoder,  # noq
 from nmaem_plugin.core.structure import read_model  # noqa: E402
 
 
-def matmul_rate(n=4096, reps=5):
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(n=4096, reps=5, device="cpu", dtype=torch.float32):
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     torch.matmul(a, b)
+    sync(device)
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         torch.matmul(a, b)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n ** 3 / best
 
 
-def setup(box, encoder, d, batch, model, channels_last=False, seed=0):
+def setup(box, encoder, d, batch, model, channels_last=False, seed=0, device="cpu",
+          encoder_box=None):
     g = torch.Generator().manual_seed(seed)
     apix = 0.8 * 192 / box
     coords = np.asarray(model.coords, dtype=np.float32)
@@ -63,6 +76,7 @@ def setup(box, encoder, d, batch, model, channels_last=False, seed=0):
     dec = Decoder(model.elements, coords, modes, box, apix, centre)
     p = ENCODER_PRESETS[encoder]
     enc = Encoder(box, d, p["filters"], p["hidden"], z_scale=z_scale_for(M),
+                  encoder_box=encoder_box,
                   shift_scale=apix)
     if channels_last:
         enc = enc.to(memory_format=torch.channels_last)
@@ -80,12 +94,20 @@ def setup(box, encoder, d, batch, model, channels_last=False, seed=0):
                            voltage=300 * ones, cs=2.7 * ones, amp_contrast=0.1 * ones,
                            phase_shift=0 * ones, bfactor=0 * ones)
     base = torch.zeros(batch, 2)
-    return enc, dec, images, rot, base, ctf_params, M
+    dev = torch.device(device)
+    ctf_params = ctf_params.to(dev)
+    return (enc.to(dev), dec.to(dev), images.to(dev), rot.to(dev), base.to(dev), ctf_params,
+            M)
 
 
-def make_step(enc, dec, images, rot, base, ctf_params, opt):
+def make_step(enc, dec, images, rot, base, ctf_params, opt, bf16=False):
     def step():
-        shift, z = enc(images)
+        if bf16:
+            with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16):
+                shift, z = enc(images)
+            shift, z = shift.float(), z.float()
+        else:
+            shift, z = enc(images)
         ctf = dec.ctf(ctf_params)
         rendered = dec(z, rot, base + shift, ctf)
         loss = image_loss(images, rendered, "l2")
@@ -96,12 +118,14 @@ def make_step(enc, dec, images, rot, base, ctf_params, opt):
     return step
 
 
-def timed(fn, steps, warm=2):
+def timed(fn, steps, warm=2, device="cpu"):
     for _ in range(warm):
         fn()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         fn()
+    sync(device)
     return (time.perf_counter() - t0) / steps
 
 
@@ -123,7 +147,18 @@ def main():
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--profile", action="store_true",
                     help="print the torch.profiler top operators of a training step")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--encoder-box", type=int,
+                    help="the box the encoder sees (nmaem train --encoder-box; default the box)")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="torch.backends.cudnn.benchmark = True (the fastest convolution "
+                         "algorithms for these shapes)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="bfloat16 autocast for the encoder, as nmaem train --bf16")
     args = ap.parse_args()
+    dev = args.device
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -131,39 +166,46 @@ def main():
 
     with open("/proc/loadavg") as fh:
         load = fh.read().split()[:3]
-    rate = matmul_rate()
-    print("machine: %s, %d torch threads, torch %s, load average %s; float32 matmul "
-          "(4096^2): %.1f GFLOP/s" % (platform.processor() or platform.machine(),
-                                      torch.get_num_threads(), torch.__version__,
-                                      " ".join(load), rate / 1e9), flush=True)
+    rate = matmul_rate(device=dev)
+    gpu = (", GPU " + torch.cuda.get_device_name(torch.device(dev))
+           if torch.device(dev).type == "cuda" else "")
+    print("machine: %s%s, %d torch threads, torch %s, load average %s; float32 matmul "
+          "(4096^2): %.1f GFLOP/s%s" % (platform.processor() or platform.machine(), gpu,
+                                        torch.get_num_threads(), torch.__version__,
+                                        " ".join(load), rate / 1e9,
+                                        "; encoder in bf16" if args.bf16 else ""), flush=True)
     rows = []
     for box in args.sizes:
         for encname in args.encoders:
             enc, dec, images, rot, base, ctf_params, M = setup(box, encname, args.d, args.batch,
-                                                         model, args.channels_last)
+                                                         model, args.channels_last, device=dev,
+                                                         encoder_box=args.encoder_box)
             opt = torch.optim.Adam(enc.parameters(), lr=1e-3)
             enc.train()
-            step = make_step(enc, dec, images, rot, base, ctf_params, opt)
+            step = make_step(enc, dec, images, rot, base, ctf_params, opt, args.bf16)
 
             def enc_fb():
-                shift, z = enc(images)
-                (shift.sum() + z.sum()).backward()
+                with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16,
+                                    enabled=args.bf16):
+                    shift, z = enc(images)
+                (shift.float().sum() + z.float().sum()).backward()
             f_enc = count_flops(enc_fb) / args.batch
             f_step_counted = count_flops(step) / args.batch
             f_dec = 6.0 * box * box * M
-            t_train = timed(step, args.steps)
+            t_train = timed(step, args.steps, device=dev)
             # the parts: encoder fwd+bwd alone, decoder fwd+bwd alone
-            t_enc = timed(enc_fb, args.steps)
-            zz = torch.zeros(args.batch, args.d, requires_grad=True)
-            ss = torch.zeros(args.batch, 2, requires_grad=True)
+            t_enc = timed(enc_fb, args.steps, device=dev)
+            zz = torch.zeros(args.batch, args.d, requires_grad=True, device=dev)
+            ss = torch.zeros(args.batch, 2, requires_grad=True, device=dev)
 
             def dec_fb():
                 r = dec(zz, rot, base + ss, dec.ctf(ctf_params))
                 image_loss(images, r).backward()
-            t_dec = timed(dec_fb, args.steps)
+            t_dec = timed(dec_fb, args.steps, device=dev)
             enc.eval()
-            with torch.no_grad():
-                t_inf = timed(lambda: enc(images), args.steps)
+            with torch.no_grad(), torch.autocast(device_type=images.device.type,
+                                                 dtype=torch.bfloat16, enabled=args.bf16):
+                t_inf = timed(lambda: enc(images), args.steps, device=dev)
             ips = args.batch / t_train
             share = (f_enc + f_dec) * ips / rate
             rows.append((box, encname, ips, args.batch / t_inf, f_enc / 1e9, f_dec / 1e9,
@@ -174,11 +216,18 @@ def main():
             if args.profile:
                 from torch.profiler import ProfilerActivity, profile
                 enc.train()
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                                 if torch.device(dev).type == "cuda" else [])
+                with profile(activities=acts) as prof:
                     for _ in range(3):
                         step()
                 print("profile: box %d, %s encoder, 3 steps" % (box, encname))
-                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+                key = ("self_cuda_time_total" if torch.device(dev).type == "cuda"
+                       else "self_cpu_time_total")
+                if torch.device(dev).type == "cuda":
+                    torch.cuda.synchronize(dev)
+                print(prof.key_averages().table(sort_by=key, row_limit=20,
+                                                max_name_column_width=60))
 
     print()
     print("| box | encoder | train img/s | infer img/s | encoder GFLOP/img (fwd+bwd) "

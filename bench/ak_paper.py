@@ -42,6 +42,7 @@ is complete is only re-evaluated; ``--fresh`` retrains). Results are merged into
 written as a Markdown table to ``WORK/CONFIG/results.md``; the table is also printed.
 """
 import argparse
+import csv
 import json
 import os
 import shlex
@@ -251,13 +252,8 @@ def main(argv=None):
             ev = json.loads(out)
             with open(os.path.join(rdir, "evaluate.json"), "w") as fh:
                 json.dump(ev, fh, indent=1)
-            hist = []
-            with open(os.path.join(rdir, "log.csv")) as fh:
-                next(fh)
-                for line in fh:
-                    e, tl, vl, ips, sec = line.strip().split(",")
-                    hist.append(dict(epoch=int(e), train_loss=float(tl), val_loss=float(vl),
-                                     images_per_s=float(ips), seconds=float(sec)))
+            with open(os.path.join(rdir, "log.csv")) as fh:   # --refine-pose adds a column
+                hist = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
             pts = ev["maxima"]["points"] if ev.get("maxima") else []
             key = "%s/d%d%s%s" % (dist, d, args.tag,
                                   "" if args.nuisances == "none" else "/" + args.nuisances)
@@ -290,6 +286,7 @@ def main(argv=None):
                                     if hist else None),
                 final_train_loss=hist[-1]["train_loss"] if hist else None,
                 final_val_loss=hist[-1]["val_loss"] if hist else None,
+                final_pose_correction_deg=hist[-1].get("pose_correction_deg") if hist else None,
                 acceptance=acceptance(ev),
             )
             with open(res_path, "w") as fh:

@@ -114,6 +114,11 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
     log("infer: %d particles -> %s (z: %d modes, model of epoch %d, %s checkpoint)"
         % (n, out, d, cfg["epoch"], checkpoint if checkpoint in ("last", "best") else
            "the given"))
+    if rotvec is not None:
+        angle = np.degrees(np.linalg.norm(rotvec.astype(np.float64), axis=1))
+        log("infer: pose corrections: median %.2f deg, 95th percentile %.2f, largest %.2f "
+            "(bound %g deg)" % (np.median(angle), np.percentile(angle, 95), angle.max(),
+                                float(cfg.get("max_pose_correction") or 0)))
     if star:
         from dataclasses import replace
         refined = (table.origin_or_zero() - shift.astype(np.float64))

@@ -29,7 +29,7 @@ from .atomic import atomic_open, clean_orphans, is_no_space, no_space_error
 from .choices import CHECKPOINTS, ENCODER_PRESETS, LOSSES, LR_SCHEDULES, RENDER_ROUTES
 from .errors import NmaemError, fail
 
-__all__ = ["is_auto_batch", "CONFIG_FILE", "LOG_FILE", "SPLIT_FILE", "NOISE_FILE", "FIT_CHECK_FILE", "CHECKPOINT_DIR", "LOG_COLUMNS",
+__all__ = ["is_auto_batch", "CONFIG_FILE", "LOG_FILE", "SPLIT_FILE", "NOISE_FILE", "FIT_CHECK_FILE", "CHECKPOINT_DIR", "LOG_COLUMNS", "LOG_OPTIONAL_COLUMNS",
            "TrainConfig", "config_path", "log_path", "checkpoint_dir", "checkpoint_file",
            "epoch_checkpoint_file", "read_config", "read_config_or_none", "write_json",
            "write_config", "write_log", "read_log_rows", "read_log_columns", "checkpoint_path",
@@ -44,6 +44,8 @@ NOISE_FILE = "noise.npz"          # the noise model of the whitened loss (noise.
 FIT_CHECK_FILE = "fit_check.json"  # the fit check's result (fitcheck.fit_check)
 CHECKPOINT_DIR = "checkpoints"
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "images_per_s", "seconds")
+# written when every epoch has it: the median pose correction (degrees) of --refine-pose
+LOG_OPTIONAL_COLUMNS = ("pose_correction_deg",)
 
 
 # ============================================================================ options
@@ -305,12 +307,15 @@ def write_config(run_dir: str, cfg: Dict) -> None:
 # ============================================================================ log
 
 def write_log(run_dir: str, history: Sequence[Dict]) -> None:
-    """``RUN/log.csv``: one row per epoch of ``history`` (LOG_COLUMNS), atomically."""
+    """``RUN/log.csv``: one row per epoch of ``history`` (LOG_COLUMNS, then those of
+    LOG_OPTIONAL_COLUMNS that every epoch has), atomically."""
+    columns = LOG_COLUMNS + tuple(k for k in LOG_OPTIONAL_COLUMNS
+                                  if history and all(k in h for h in history))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(LOG_COLUMNS)
+    w.writerow(columns)
     for h in history:
-        w.writerow([h["epoch"]] + ["%.8g" % h[k] for k in LOG_COLUMNS[1:]])
+        w.writerow([h["epoch"]] + ["%.8g" % h[k] for k in columns[1:]])
     with atomic_open(log_path(run_dir), "w") as fh:
         fh.write(buf.getvalue())
 

@@ -531,6 +531,7 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
     say("train: renderer: %s" % ae.decoder.renderer(device).chunks(local_batch).describe())
 
     prior_sd = math.radians(float(cfg.get("pose_prior_sd") or 1.0))
+    pose_sizes: List[torch.Tensor] = []      # |v| of this epoch's training batches
 
     def forward(enc, images, rows):
         rot, base, ctf_params = meta.batch(rows)
@@ -542,6 +543,8 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
             out = enc(images)
         shift, z, rotvec = split_outputs(out)
         penalty = None if rotvec is None else pose_penalty(rotvec, prior_sd)
+        if rotvec is not None and enc.training:
+            pose_sizes.append(rotvec.detach().norm(dim=1))
         ctf = ae.decoder.ctf(ctf_params)
         if likelihood is not None:
             rendered_ft = ae.decoder.render_ft(z, rot, base + shift, ctf, rotvec=rotvec)
@@ -559,6 +562,7 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
                                    dist.rank, dist.world)
         encoder.train()
         total, count, first = 0.0, 0, 0
+        pose_sizes.clear()
         if partial is not None and epoch == start:   # resume within this epoch
             # its batches are counted in the saving run's batch size, in one process
             if partial.get("batch_size", cfg["batch"]) != cfg["batch"] or dist.active:
@@ -628,6 +632,8 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
         row = dict(epoch=epoch + 1, train_loss=tot / max(cnt, 1), val_loss=vsum / max(vcount, 1),
                    images_per_s=cnt / max(t_train, 1e-9),
                    seconds=time.perf_counter() - t0)
+        if pose_sizes:   # this process's images (of this session, when resumed mid-epoch)
+            row["pose_correction_deg"] = math.degrees(float(torch.cat(pose_sizes).median()))
         history.append(row)
         if rank0:
             save_checkpoint(run_dir, checkpoint(epoch + 1), cfg.get("keep", 3))
@@ -635,11 +641,14 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
             write_log(run_dir, history)
             done = [r["seconds"] for r in history[start:]]
             eta = (end - epoch - 1) * sum(done) / len(done)
-            gpu = ("  GPU peak %.2f GiB" % (torch.cuda.max_memory_allocated(device) / 2 ** 30)
-                   if device.type == "cuda" else "")
+            extra = ""
+            if "pose_correction_deg" in row:
+                extra += "  pose correction median %.2f deg" % row["pose_correction_deg"]
+            if device.type == "cuda":
+                extra += "  GPU peak %.2f GiB" % (torch.cuda.max_memory_allocated(device) / 2 ** 30)
             say("train: epoch %d/%d  train loss %s  val loss %s  %.1f images/s  %.1f s%s%s"
                 % (epoch + 1, epochs, _fmt_loss(row["train_loss"]), _fmt_loss(row["val_loss"]),
-                   row["images_per_s"], row["seconds"], gpu,
+                   row["images_per_s"], row["seconds"], extra,
                    "  ETA %s" % fmt_time(eta) if epoch + 1 < end else ""))
         dist.barrier()
     return history

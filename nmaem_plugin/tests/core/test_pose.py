@@ -195,7 +195,9 @@ class TestRecovery(unittest.TestCase):
                             check=False, log=quiet)
         cls.latent = os.path.join(d["tmp"], "latent.npz")
         cls.out_star = os.path.join(d["tmp"], "refined.star")
-        cls.result = infer(d["wrong"], cls.run_dir, cls.latent, star=cls.out_star, log=quiet)
+        cls.infer_log = []
+        cls.result = infer(d["wrong"], cls.run_dir, cls.latent, star=cls.out_star,
+                           log=cls.infer_log.append)
 
     def test_known_error_is_recovered(self):
         """3 degrees about a fixed axis: every particle's refined rotation is within 0.5
@@ -224,6 +226,23 @@ class TestRecovery(unittest.TestCase):
         corr = out.extra[list(POSE_COLUMNS)].to_numpy(dtype=np.float64)
         np.testing.assert_allclose(corr, np.degrees(lat.pose_correction), atol=1e-5)
 
+    def test_correction_size_is_logged(self):
+        """log.csv has the median correction of each epoch, near the known 3 degrees at the
+        end, and near what infer (eval mode) gives; infer reports the median it wrote."""
+        import csv
+        from nmaem_plugin.core.latent import read_latent
+        with open(os.path.join(self.run_dir, "log.csv")) as fh:
+            rows = list(csv.DictReader(fh))
+        self.assertEqual(len(rows), 20)
+        logged = [float(r["pose_correction_deg"]) for r in rows]
+        self.assertTrue(np.all(np.isfinite(logged)))
+        self.assertAlmostEqual(logged[-1], 3.0, delta=0.5)
+        inferred = np.degrees(np.linalg.norm(read_latent(self.latent).pose_correction, axis=1))
+        self.assertAlmostEqual(logged[-1], float(np.median(inferred)), delta=0.3)
+        line = [m for m in self.infer_log if "pose corrections" in m]
+        self.assertEqual(len(line), 1, self.infer_log)
+        self.assertIn("median %.2f deg" % np.median(inferred), line[0])
+
     def test_resume_and_old_runs(self):
         """A pose run stopped after epoch 1 and resumed ends with the weights of an
         uninterrupted one (the pose head included); a run whose config predates the option
@@ -251,6 +270,8 @@ class TestRecovery(unittest.TestCase):
         with open(config_path(old)) as fh:
             c = json.load(fh)
         self.assertFalse(c["refine_pose"])
+        with open(os.path.join(old, "log.csv")) as fh:
+            self.assertNotIn("pose_correction_deg", fh.readline())
         for k in ("refine_pose", "max_pose_correction", "pose_prior_sd"):
             c.pop(k)
         with open(config_path(old), "w") as fh:

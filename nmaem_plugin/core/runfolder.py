@@ -29,7 +29,8 @@ from .atomic import atomic_open, clean_orphans, is_no_space, no_space_error
 from .choices import CHECKPOINTS, ENCODER_PRESETS, LOSSES, LR_SCHEDULES, RENDER_ROUTES
 from .errors import NmaemError, fail
 
-__all__ = ["is_auto_batch", "CONFIG_FILE", "LOG_FILE", "SPLIT_FILE", "NOISE_FILE", "FIT_CHECK_FILE", "CHECKPOINT_DIR", "LOG_COLUMNS", "LOG_OPTIONAL_COLUMNS",
+__all__ = ["is_auto_batch", "CONFIG_FILE", "LOG_FILE", "SPLIT_FILE", "NOISE_FILE",
+           "FIT_CHECK_FILE", "CHECKPOINT_DIR", "LOG_COLUMNS", "LOG_OPTIONAL_COLUMNS",
            "TrainConfig", "config_path", "log_path", "checkpoint_dir", "checkpoint_file",
            "epoch_checkpoint_file", "read_config", "read_config_or_none", "write_json",
            "write_config", "write_log", "read_log_rows", "read_log_columns", "checkpoint_path",

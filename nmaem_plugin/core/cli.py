@@ -544,6 +544,10 @@ def _add_train(sub):
     p.add_argument("--pose-prior-sd", type=float, default=None, metavar="DEG",
                    help="--refine-pose: sd of the Gaussian prior on the correction angle "
                         "(default 3 degrees)")
+    p.add_argument("--pose-input", choices=("image", "z"), default=None,
+                   help="--refine-pose: the correction is computed from the image (default) "
+                        "or from the conformation z (a consensus refinement's misalignment "
+                        "depends on the conformation; see docs/training.md)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when "
                                                   "present)")
@@ -611,7 +615,8 @@ def _prepare_and_train(args, nproc, prepare_run, train_run, launch_distributed):
                 resolution_low=args.resolution_low, resolution_high=args.resolution_high,
                 mask_radius=args.mask_radius, check=args.check, force=args.force,
                 whiten_input=args.whiten_input, refine_pose=args.refine_pose,
-                max_pose_correction=args.max_pose_correction, pose_prior_sd=args.pose_prior_sd)
+                max_pose_correction=args.max_pose_correction, pose_prior_sd=args.pose_prior_sd,
+                pose_input=args.pose_input)
     if nproc > 1:
         launch_distributed(args.output, nproc, gpus=args.gpus)
     else:

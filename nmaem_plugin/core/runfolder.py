@@ -93,6 +93,8 @@ class TrainConfig:
     refine_pose: bool = False
     max_pose_correction: float = 5.0
     pose_prior_sd: float = 3.0
+    # what the pose head reads: the image features ("image") or the conformation ("z")
+    pose_input: str = "image"
     # the renderer (imaging.Renderer): working-memory budget in GiB (None: the device's
     # default, imaging.default_memory_budget) and the structure factor's route
     memory_budget: Optional[float] = None
@@ -186,6 +188,9 @@ class TrainConfig:
             if not (np.isfinite(float(v)) and float(v) > 0):
                 out.append((k, "--%s must be a positive number of degrees (got %s)"
                             % (k.replace("_", "-"), v)))
+        if self.pose_input not in ("image", "z"):
+            out.append(("pose_input", "--pose-input must be image or z (got %r)"
+                        % (self.pose_input,)))
         if float(self.max_pose_correction) >= 90:
             out.append(("max_pose_correction", "--max-pose-correction must be below 90 "
                         "degrees: it corrects a consensus pose, it does not search for one "

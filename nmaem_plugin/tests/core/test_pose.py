@@ -110,6 +110,23 @@ class TestUntrainedPoseHead(unittest.TestCase):
         self.assertGreater(float(last.weight.grad.abs().max()), 0.0)
         self.assertGreater(float(last.bias.grad.abs().max()), 0.0)
 
+    def test_from_z_starts_at_the_file_rotation(self):
+        """--pose-input z: the head reads the z head's output (d inputs), starts at exactly
+        0, and the loss gradient reaches it; a wrong choice is a clear error."""
+        from nmaem_plugin.core.network import Encoder, split_outputs
+        torch.manual_seed(0)
+        enc = Encoder(32, 2, filters=(8, 16, 32), hidden=(64, 32),
+                      pose_max=math.radians(5.0), pose_input="z")
+        self.assertEqual(enc.pose_head[0].in_features, 2)
+        shift, z, v = split_outputs(enc(torch.randn(5, 32, 32)))
+        self.assertTrue(torch.equal(v, torch.zeros(5, 3)))
+        v.sum().backward()
+        self.assertGreater(float(enc.pose_head[-1].weight.grad.abs().max()), 0.0)
+        with self.assertRaises(ValueError):
+            Encoder(32, 2, filters=(8,), pose_max=0.1, pose_input="features")
+        with self.assertRaises(ValueError):
+            Encoder(32, 0, filters=(8,), pose_max=0.1, pose_input="z")
+
     def test_bound(self):
         """The correction angle never exceeds the maximum, whatever the head outputs."""
         from nmaem_plugin.core.network import Encoder, split_outputs
@@ -242,6 +259,22 @@ class TestRecovery(unittest.TestCase):
         line = [m for m in self.infer_log if "pose corrections" in m]
         self.assertEqual(len(line), 1, self.infer_log)
         self.assertIn("median %.2f deg" % np.median(inferred), line[0])
+
+    def test_from_z_recovers_the_known_error(self):
+        """--pose-input z: the same 3 degree error (one rotation for every particle, what a
+        function of the conformation can express) is recovered within 0.5 degree."""
+        from nmaem_plugin.core.infer import infer
+        from nmaem_plugin.core.particles import read_particles
+        from nmaem_plugin.core.train import train
+        d = self.d
+        run = os.path.join(d["tmp"], "run_pose_z")
+        train(run, d["wrong"], d["ref"], d["modes"], epochs=20, loss="l2", encoder="small",
+              batch=8, lr=3e-3, seed=0, refine_pose=True, pose_input="z", check=False,
+              log=quiet)
+        res = infer(d["wrong"], run, os.path.join(d["tmp"], "latent_z.npz"), log=quiet)
+        true = read_particles(self.d["star"]).rotation_matrices()
+        err = poses.rotation_angle_deg(poses.euler_to_matrix(*res["euler"].T), true)
+        self.assertLess(err.max(), 0.5, np.sort(err))
 
     def test_resume_and_old_runs(self):
         """A pose run stopped after epoch 1 and resumed ends with the weights of an

@@ -77,7 +77,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .choices import ENCODER_PRESETS, LOSSES
+from .choices import ENCODER_PRESETS, LOSSES, POSE_INPUTS
 from .imaging import Renderer, correct_rotations, fourier_crop
 
 __all__ = ["ENCODER_PRESETS", "normalise_images", "Encoder", "Decoder", "AutoEncoder",
@@ -162,8 +162,9 @@ class Encoder(nn.Module):
                                  % (tuple(f.shape), box))
         self.register_buffer("input_filter", f)   # None: not in the state dict
         self.pose_head = None
-        if pose_input not in ("image", "z"):
-            raise ValueError("pose_input must be 'image' or 'z' (got %r)" % (pose_input,))
+        if pose_input not in POSE_INPUTS:
+            raise ValueError("pose_input must be one of %s (got %r)"
+                             % (", ".join(POSE_INPUTS), pose_input))
         if pose_input == "z" and float(pose_max) > 0 and n_modes < 1:
             raise ValueError("a pose correction from z needs at least one mode")
         self.pose_input = pose_input

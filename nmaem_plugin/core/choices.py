@@ -36,7 +36,7 @@ RENDER_ROUTES: Tuple[str, ...] = ("auto", "gemm", "nufft")
 # nmaem train --pose-input: what the pose head reads (network.Encoder): the image's features
 # or the conformation z (a consensus refinement's misalignment is a function of it)
 POSE_INPUTS: Tuple[str, ...] = ("image", "z")
-POSE_INPUT_DEFAULT = "image"
+POSE_INPUT_DEFAULT = "z"       # measured: docs/benchmarks.md, "Pose refinement"
 
 # nmaem infer --checkpoint (besides a file): RUN/checkpoints/<name>.pt
 CHECKPOINTS: Tuple[str, ...] = ("last", "best")

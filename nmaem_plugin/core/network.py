@@ -55,10 +55,11 @@ Pose correction (``pose_max`` > 0, ``nmaem train --refine-pose``)
     with the file's rotation bit for bit. The decoder renders with A R(v) (the composition
     is documented in ``poses.py``). Without the option there is no such head, and the
     encoder's outputs and state dict are those of earlier versions.
-    With ``pose_input="z"`` (``--pose-input z``) the head reads the z head's raw output
-    (B, d) instead of the image features: the correction becomes a function of the
+    With ``pose_input="z"`` (the default, ``--pose-input z``) the head reads the z head's
+    raw output (B, d) instead of the image features: the correction is a function of the
     conformation, as a consensus refinement's misalignment is (it aligned one domain),
-    and cannot follow the noise of single images.
+    and cannot follow the noise of single images. ``pose_input="image"`` reads the image
+    features (the first version; runs made before the option load that way).
 
 Shift convention: the predicted shift t is the displacement of the particle centre
 relative to where the file's origin puts it (a residual); the refined origin is
@@ -77,7 +78,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .choices import ENCODER_PRESETS, LOSSES, POSE_INPUTS
+from .choices import ENCODER_PRESETS, LOSSES, POSE_INPUT_DEFAULT, POSE_INPUTS
 from .imaging import Renderer, correct_rotations, fourier_crop
 
 __all__ = ["ENCODER_PRESETS", "normalise_images", "Encoder", "Decoder", "AutoEncoder",
@@ -129,7 +130,8 @@ class Encoder(nn.Module):
                  hidden: Sequence[int] = (512, 256), z_scale: float = 1.0,
                  shift_scale: float = 1.0, pose_max: float = 0.0,
                  input_filter: Optional[torch.Tensor] = None,
-                 encoder_box: Optional[int] = None, pose_input: str = "image") -> None:
+                 encoder_box: Optional[int] = None,
+                 pose_input: str = POSE_INPUT_DEFAULT) -> None:
         super().__init__()
         box, n_modes = int(box), int(n_modes)
         work = box if encoder_box is None else int(encoder_box)

@@ -154,6 +154,9 @@ def prepare_run(out: str, particles: Optional[str] = None, ref: Optional[str] = 
     d = nm.n_modes if s["n_modes"] is None else int(s["n_modes"])
     if not 0 <= d <= nm.n_modes:
         fail(modes, "--n-modes %d: the file has %d modes" % (d, nm.n_modes))
+    if d == 0 and s["refine_pose"] and s["pose_input"] == "z":
+        raise NmaemError("--refine-pose with --n-modes 0: a correction computed from the "
+                         "conformation needs modes; add --pose-input image")
 
     options.validate(box0=box0, particles=particles)     # the option rules, written once
     batch_auto = is_auto_batch(s["batch"])                   # normstats.auto_batch
@@ -307,6 +310,7 @@ def build_autoencoder(cfg: dict, run_dir: str) -> "AutoEncoder":
     enc = Encoder(cfg["box"], cfg["n_modes"], filters=cfg["filters"], hidden=cfg["hidden"],
                   z_scale=cfg["z_scale"], shift_scale=cfg["shift_scale"], pose_max=pose_max,
                   input_filter=input_filter, encoder_box=cfg.get("encoder_box"),
+                  # runs made before --pose-input existed: the head read the image
                   pose_input=cfg.get("pose_input") or "image")
     from .imaging import parse_memory_budget
     budget = cfg.get("memory_budget")

@@ -146,6 +146,8 @@ def main(argv=None):
                     help="nmaem train --refine-pose (a per-particle rotation correction)")
     ap.add_argument("--max-pose-correction", type=float, metavar="DEG")
     ap.add_argument("--pose-prior-sd", type=float, metavar="DEG")
+    ap.add_argument("--pose-input", choices=("image", "z"),
+                    help="nmaem train --pose-input (with --refine-pose)")
     args = ap.parse_args(argv)
     if args.refine_pose and args.nuisances == "consensus":
         if args.max_pose_correction is None:
@@ -179,6 +181,8 @@ def main(argv=None):
                 args.tag += "_mp%g" % args.max_pose_correction
             if args.pose_prior_sd is not None:
                 args.tag += "_ps%g" % args.pose_prior_sd
+            if args.pose_input:
+                args.tag += "_pi" + args.pose_input
     work = os.path.join(os.path.abspath(args.work), args.config)
     os.makedirs(work, exist_ok=True)
     log = os.path.join(work, "commands.log")
@@ -239,7 +243,8 @@ def main(argv=None):
                 if args.refine_pose:
                     cmd += ["--refine-pose"]
                     for flag, v in (("--max-pose-correction", args.max_pose_correction),
-                                    ("--pose-prior-sd", args.pose_prior_sd)):
+                                    ("--pose-prior-sd", args.pose_prior_sd),
+                                    ("--pose-input", args.pose_input)):
                         if v is not None:
                             cmd += [flag, str(v)]
                 t_train, _ = run(cmd, log)

@@ -7,7 +7,7 @@ from typing import Dict, Tuple
 
 __all__ = ["CG_CHOICES", "DISTRIBUTIONS", "ENCODER_PRESETS", "ENCODERS", "LOSSES",
            "LR_SCHEDULES", "CHECKPOINTS", "MODEL_FORMATS", "MODES_SOLVERS",
-           "RENDER_ROUTES"]
+           "RENDER_ROUTES", "POSE_INPUTS", "POSE_INPUT_DEFAULT"]
 
 # nmaem modes --cg: coarse-grained nodes of the elastic network
 CG_CHOICES: Tuple[str, ...] = ("ca", "backbone", "heavy")
@@ -32,6 +32,11 @@ LR_SCHEDULES: Tuple[str, ...] = ("constant", "cosine")
 # for the model, box and device), gemm (cos/sin matrix products, exact), nufft (FINUFFT
 # type-1 non-uniform FFT, CPU, optional package)
 RENDER_ROUTES: Tuple[str, ...] = ("auto", "gemm", "nufft")
+
+# nmaem train --pose-input: what the pose head reads (network.Encoder): the image's features
+# or the conformation z (a consensus refinement's misalignment is a function of it)
+POSE_INPUTS: Tuple[str, ...] = ("image", "z")
+POSE_INPUT_DEFAULT = "z"       # measured: docs/benchmarks.md, "Pose refinement"
 
 # nmaem infer --checkpoint (besides a file): RUN/checkpoints/<name>.pt
 CHECKPOINTS: Tuple[str, ...] = ("last", "best")

@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from .choices import (CG_CHOICES, DISTRIBUTIONS, ENCODERS, LOSSES, LR_SCHEDULES, MODEL_FORMATS,
-                      MODES_SOLVERS, RENDER_ROUTES)
+                      MODES_SOLVERS, POSE_INPUT_DEFAULT, POSE_INPUTS, RENDER_ROUTES)
 from .errors import NmaemError
 
 if TYPE_CHECKING:                     # the commands import their modules when they run
@@ -544,6 +544,11 @@ def _add_train(sub):
     p.add_argument("--pose-prior-sd", type=float, default=None, metavar="DEG",
                    help="--refine-pose: sd of the Gaussian prior on the correction angle "
                         "(default 3 degrees)")
+    p.add_argument("--pose-input", choices=POSE_INPUTS, default=None,
+                   help="--refine-pose: the correction is computed from the image or from "
+                        "the conformation z (a consensus refinement's misalignment depends "
+                        "on the conformation; default %s; see docs/training.md)"
+                        % POSE_INPUT_DEFAULT)
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when "
                                                   "present)")
@@ -611,7 +616,8 @@ def _prepare_and_train(args, nproc, prepare_run, train_run, launch_distributed):
                 resolution_low=args.resolution_low, resolution_high=args.resolution_high,
                 mask_radius=args.mask_radius, check=args.check, force=args.force,
                 whiten_input=args.whiten_input, refine_pose=args.refine_pose,
-                max_pose_correction=args.max_pose_correction, pose_prior_sd=args.pose_prior_sd)
+                max_pose_correction=args.max_pose_correction, pose_prior_sd=args.pose_prior_sd,
+                pose_input=args.pose_input)
     if nproc > 1:
         launch_distributed(args.output, nproc, gpus=args.gpus)
     else:

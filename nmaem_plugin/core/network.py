@@ -55,6 +55,11 @@ Pose correction (``pose_max`` > 0, ``nmaem train --refine-pose``)
     with the file's rotation bit for bit. The decoder renders with A R(v) (the composition
     is documented in ``poses.py``). Without the option there is no such head, and the
     encoder's outputs and state dict are those of earlier versions.
+    With ``pose_input="z"`` (the default, ``--pose-input z``) the head reads the z head's
+    raw output (B, d) instead of the image features: the correction is a function of the
+    conformation, as a consensus refinement's misalignment is (it aligned one domain),
+    and cannot follow the noise of single images. ``pose_input="image"`` reads the image
+    features (the first version; runs made before the option load that way).
 
 Shift convention: the predicted shift t is the displacement of the particle centre
 relative to where the file's origin puts it (a residual); the refined origin is
@@ -73,7 +78,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .choices import ENCODER_PRESETS, LOSSES
+from .choices import ENCODER_PRESETS, LOSSES, POSE_INPUT_DEFAULT, POSE_INPUTS
 from .imaging import Renderer, correct_rotations, fourier_crop
 
 __all__ = ["ENCODER_PRESETS", "normalise_images", "Encoder", "Decoder", "AutoEncoder",
@@ -125,7 +130,8 @@ class Encoder(nn.Module):
                  hidden: Sequence[int] = (512, 256), z_scale: float = 1.0,
                  shift_scale: float = 1.0, pose_max: float = 0.0,
                  input_filter: Optional[torch.Tensor] = None,
-                 encoder_box: Optional[int] = None) -> None:
+                 encoder_box: Optional[int] = None,
+                 pose_input: str = POSE_INPUT_DEFAULT) -> None:
         super().__init__()
         box, n_modes = int(box), int(n_modes)
         work = box if encoder_box is None else int(encoder_box)
@@ -158,8 +164,15 @@ class Encoder(nn.Module):
                                  % (tuple(f.shape), box))
         self.register_buffer("input_filter", f)   # None: not in the state dict
         self.pose_head = None
+        if pose_input not in POSE_INPUTS:
+            raise ValueError("pose_input must be one of %s (got %r)"
+                             % (", ".join(POSE_INPUTS), pose_input))
+        if pose_input == "z" and float(pose_max) > 0 and n_modes < 1:
+            raise ValueError("a pose correction from z needs at least one mode")
+        self.pose_input = pose_input
         if float(pose_max) > 0:
-            self.pose_head = _mlp(self.n_features, hidden, 3, gain=0.0)
+            n_in = n_modes if pose_input == "z" else self.n_features
+            self.pose_head = _mlp(n_in, hidden, 3, gain=0.0)
             self.register_buffer("pose_max", torch.tensor(float(pose_max)))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -172,12 +185,13 @@ class Encoder(nn.Module):
         h = self.features(images)
         shift = self.shift_head(h).float() * self.shift_scale
         if self.z_head is None:
-            z = shift.new_zeros(shift.shape[0], 0)
+            z_raw = shift.new_zeros(shift.shape[0], 0)
         else:
-            z = self.z_head(h).float() * self.z_scale
+            z_raw = self.z_head(h).float()
+        z = z_raw * self.z_scale
         if self.pose_head is None:
             return shift, z
-        u = self.pose_head(h).float()
+        u = self.pose_head(z_raw if self.pose_input == "z" else h).float()
         r = torch.sqrt((u * u).sum(1, keepdim=True) + 1e-12)
         return shift, z, u * (self.pose_max * torch.tanh(r) / r)
 

@@ -26,7 +26,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .atomic import atomic_open, clean_orphans, is_no_space, no_space_error
-from .choices import CHECKPOINTS, ENCODER_PRESETS, LOSSES, LR_SCHEDULES, RENDER_ROUTES
+from .choices import (CHECKPOINTS, ENCODER_PRESETS, LOSSES, LR_SCHEDULES, POSE_INPUT_DEFAULT,
+                      POSE_INPUTS, RENDER_ROUTES)
 from .errors import NmaemError, fail
 
 __all__ = ["is_auto_batch", "CONFIG_FILE", "LOG_FILE", "SPLIT_FILE", "NOISE_FILE",
@@ -94,6 +95,8 @@ class TrainConfig:
     refine_pose: bool = False
     max_pose_correction: float = 5.0
     pose_prior_sd: float = 3.0
+    # what the pose head reads: the image features ("image") or the conformation ("z")
+    pose_input: str = POSE_INPUT_DEFAULT
     # the renderer (imaging.Renderer): working-memory budget in GiB (None: the device's
     # default, imaging.default_memory_budget) and the structure factor's route
     memory_budget: Optional[float] = None
@@ -187,6 +190,9 @@ class TrainConfig:
             if not (np.isfinite(float(v)) and float(v) > 0):
                 out.append((k, "--%s must be a positive number of degrees (got %s)"
                             % (k.replace("_", "-"), v)))
+        if self.pose_input not in POSE_INPUTS:
+            out.append(("pose_input", "--pose-input must be one of %s (got %r)"
+                        % (", ".join(POSE_INPUTS), self.pose_input)))
         if float(self.max_pose_correction) >= 90:
             out.append(("max_pose_correction", "--max-pose-correction must be below 90 "
                         "degrees: it corrects a consensus pose, it does not search for one "

@@ -154,6 +154,9 @@ def prepare_run(out: str, particles: Optional[str] = None, ref: Optional[str] = 
     d = nm.n_modes if s["n_modes"] is None else int(s["n_modes"])
     if not 0 <= d <= nm.n_modes:
         fail(modes, "--n-modes %d: the file has %d modes" % (d, nm.n_modes))
+    if d == 0 and s["refine_pose"] and s["pose_input"] == "z":
+        raise NmaemError("--refine-pose with --n-modes 0: a correction computed from the "
+                         "conformation needs modes; add --pose-input image")
 
     options.validate(box0=box0, particles=particles)     # the option rules, written once
     batch_auto = is_auto_batch(s["batch"])                   # normstats.auto_batch
@@ -232,6 +235,7 @@ def prepare_run(out: str, particles: Optional[str] = None, ref: Optional[str] = 
         refine_pose=bool(s["refine_pose"]),
         max_pose_correction=float(s["max_pose_correction"]),
         pose_prior_sd=float(s["pose_prior_sd"]),
+        pose_input=str(s["pose_input"]),
         val_fraction=VAL_FRACTION)
     from .provenance import particle_fingerprint, run_model_fingerprint
     cfg["particles_fingerprint"] = particle_fingerprint(table)
@@ -242,8 +246,10 @@ def prepare_run(out: str, particles: Optional[str] = None, ref: Optional[str] = 
         % (n, len(trn), len(val), box0, apix0, box, apix,
            " (the encoder sees %d px)" % cfg["encoder_box"] if cfg["encoder_box"] != box else "",
            d, nm.n_atoms,
-           ", pose refinement (at most %g deg, prior sd %g deg)"
-           % (cfg["max_pose_correction"], cfg["pose_prior_sd"]) if cfg["refine_pose"] else "",
+           ", pose refinement (at most %g deg, prior sd %g deg, from the %s)"
+           % (cfg["max_pose_correction"], cfg["pose_prior_sd"],
+              "conformation z" if cfg["pose_input"] == "z" else "image")
+           if cfg["refine_pose"] else "",
            out))
     return cfg
 
@@ -303,7 +309,9 @@ def build_autoencoder(cfg: dict, run_dir: str) -> "AutoEncoder":
             load_noise_model(os.path.join(run_dir, cfg.get("noise") or NOISE_FILE)), cfg["box"])
     enc = Encoder(cfg["box"], cfg["n_modes"], filters=cfg["filters"], hidden=cfg["hidden"],
                   z_scale=cfg["z_scale"], shift_scale=cfg["shift_scale"], pose_max=pose_max,
-                  input_filter=input_filter, encoder_box=cfg.get("encoder_box"))
+                  input_filter=input_filter, encoder_box=cfg.get("encoder_box"),
+                  # runs made before --pose-input existed: the head read the image
+                  pose_input=cfg.get("pose_input") or "image")
     from .imaging import parse_memory_budget
     budget = cfg.get("memory_budget")
     dec = Decoder(model.elements, nm.coords, nm.modes[:int(cfg["n_modes"])], cfg["box"], cfg["apix"],

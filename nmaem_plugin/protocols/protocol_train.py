@@ -16,7 +16,8 @@ import pyworkflow.protocol.params as params
 from pwem.objects import FlexInfo
 
 from ..constants import PROGRAM_NAME
-from ..core.choices import ENCODERS, LOSSES, LR_SCHEDULES, RENDER_ROUTES
+from ..core.choices import (ENCODERS, LOSSES, LR_SCHEDULES, POSE_INPUT_DEFAULT, POSE_INPUTS,
+                           RENDER_ROUTES)
 from ..core.runfolder import existing_checkpoint, read_config_or_none, read_log_rows
 from .protocol_base import NmaemProtBase
 from .protocol_flex_common import (ATTR_APIX, ATTR_BOX, ATTR_EPOCHS, ATTR_LATENT_DIM,
@@ -203,6 +204,16 @@ class NmaemProtTrain(NmaemProtBase):
                       expertLevel=params.LEVEL_ADVANCED, label="Prior sd of the correction (deg)",
                       help="Standard deviation of the Gaussian prior on the correction "
                            "angle: corrections the images do not ask for stay small.")
+        form.addParam("poseInput", params.EnumParam, choices=POSE_INPUTS,
+                      default=POSE_INPUTS.index(POSE_INPUT_DEFAULT),
+                      condition="not doContinue and refinePose",
+                      expertLevel=params.LEVEL_ADVANCED, label="Correction computed from",
+                      display=params.EnumParam.DISPLAY_HLIST,
+                      help="image: from the image's features, a correction per particle. "
+                           "z: from the predicted conformation, so particles of one "
+                           "conformation get one correction, as a consensus refinement "
+                           "that aligned one domain leaves them (docs/training.md, 'Pose "
+                           "refinement').")
         form.addParam("doCheck", params.BooleanParam, default=True,
                       condition="not doContinue", label="Check the fit first?",
                       help="Before training, render the reference at the particles' poses "
@@ -384,7 +395,8 @@ class NmaemProtTrain(NmaemProtBase):
                 args.append("--no-whiten-input")
         if self.refinePose.get():
             args += ["--refine-pose", "--max-pose-correction", self.maxPoseCorrection.get(),
-                     "--pose-prior-sd", self.posePriorSd.get()]
+                     "--pose-prior-sd", self.posePriorSd.get(),
+                     "--pose-input", POSE_INPUTS[self.poseInput.get()]]
         if not self.doCheck.get():
             args.append("--no-check")
         elif self.force.get():
@@ -475,7 +487,8 @@ class NmaemProtTrain(NmaemProtBase):
                               batch=self.batchSize.get() or "auto",
                               lr=self.learningRate.get(),
                               max_pose_correction=self.maxPoseCorrection.get(),
-                              pose_prior_sd=self.posePriorSd.get())
+                              pose_prior_sd=self.posePriorSd.get(),
+                              pose_input=POSE_INPUTS[self.poseInput.get()])
         errors += ["Training options: %s." % msg for _, msg in options.problems(imgBox)]
         return errors
 

@@ -110,10 +110,28 @@ class TestUntrainedPoseHead(unittest.TestCase):
         self.assertGreater(float(last.weight.grad.abs().max()), 0.0)
         self.assertGreater(float(last.bias.grad.abs().max()), 0.0)
 
+    def test_from_z_starts_at_the_file_rotation(self):
+        """--pose-input z: the head reads the z head's output (d inputs), starts at exactly
+        0, and the loss gradient reaches it; a wrong choice is a clear error."""
+        from nmaem_plugin.core.network import Encoder, split_outputs
+        torch.manual_seed(0)
+        enc = Encoder(32, 2, filters=(8, 16, 32), hidden=(64, 32),
+                      pose_max=math.radians(5.0), pose_input="z")
+        self.assertEqual(enc.pose_head[0].in_features, 2)
+        shift, z, v = split_outputs(enc(torch.randn(5, 32, 32)))
+        self.assertTrue(torch.equal(v, torch.zeros(5, 3)))
+        v.sum().backward()
+        self.assertGreater(float(enc.pose_head[-1].weight.grad.abs().max()), 0.0)
+        with self.assertRaises(ValueError):
+            Encoder(32, 2, filters=(8,), pose_max=0.1, pose_input="features")
+        with self.assertRaises(ValueError):
+            Encoder(32, 0, filters=(8,), pose_max=0.1, pose_input="z")
+
     def test_bound(self):
         """The correction angle never exceeds the maximum, whatever the head outputs."""
         from nmaem_plugin.core.network import Encoder, split_outputs
-        enc = Encoder(16, 0, filters=(8,), hidden=(8,), pose_max=math.radians(5.0))
+        enc = Encoder(16, 0, filters=(8,), hidden=(8,), pose_max=math.radians(5.0),
+                      pose_input="image")
         with torch.no_grad():
             enc.pose_head[-1].bias.copy_(torch.tensor([1e3, -2e3, 5e2]))
         v = split_outputs(enc(torch.randn(3, 16, 16)))[2]
@@ -203,6 +221,9 @@ class TestRecovery(unittest.TestCase):
         """3 degrees about a fixed axis: every particle's refined rotation is within 0.5
         degree of the true one (the file's are all 3 degrees off)."""
         from nmaem_plugin.core.particles import read_particles
+        from nmaem_plugin.core.train import load_trained
+        # the default head reads the conformation: the run's 2 modes
+        self.assertEqual(load_trained(self.run_dir)[0].encoder.pose_head[0].in_features, 2)
         true = read_particles(self.d["star"]).rotation_matrices()
         given = read_particles(self.d["wrong"]).rotation_matrices()
         np.testing.assert_allclose(poses.rotation_angle_deg(given, true), 3.0, atol=1e-6)
@@ -242,6 +263,37 @@ class TestRecovery(unittest.TestCase):
         line = [m for m in self.infer_log if "pose corrections" in m]
         self.assertEqual(len(line), 1, self.infer_log)
         self.assertIn("median %.2f deg" % np.median(inferred), line[0])
+
+    def test_from_image_recovers_the_known_error(self):
+        """--pose-input image (the head on the image features; the class's run uses the
+        default, z): the same 3 degree error is recovered within 0.5 degree."""
+        from nmaem_plugin.core.infer import infer
+        from nmaem_plugin.core.particles import read_particles
+        from nmaem_plugin.core.train import load_trained, train
+        d = self.d
+        run = os.path.join(d["tmp"], "run_pose_image")
+        train(run, d["wrong"], d["ref"], d["modes"], epochs=20, loss="l2", encoder="small",
+              batch=8, lr=3e-3, seed=0, refine_pose=True, pose_input="image", check=False,
+              log=quiet)
+        enc = load_trained(run)[0].encoder
+        self.assertEqual(enc.pose_head[0].in_features, enc.n_features)
+        res = infer(d["wrong"], run, os.path.join(d["tmp"], "latent_image.npz"), log=quiet)
+        true = read_particles(self.d["star"]).rotation_matrices()
+        err = poses.rotation_angle_deg(poses.euler_to_matrix(*res["euler"].T), true)
+        self.assertLess(err.max(), 0.5, np.sort(err))
+
+    def test_no_modes_needs_the_image_input(self):
+        """--n-modes 0 leaves no conformation to compute the default correction from: a
+        one-line error that names the way out, before anything is written."""
+        from nmaem_plugin.core.errors import NmaemError
+        from nmaem_plugin.core.train import train
+        d = self.d
+        run = os.path.join(d["tmp"], "run_no_modes")
+        with self.assertRaises(NmaemError) as cm:
+            train(run, d["wrong"], d["ref"], d["modes"], n_modes=0, epochs=1, loss="l2",
+                  encoder="small", batch=8, refine_pose=True, check=False, log=quiet)
+        self.assertIn("--pose-input image", str(cm.exception))
+        self.assertFalse(os.path.exists(os.path.join(run, "config.json")))
 
     def test_resume_and_old_runs(self):
         """A pose run stopped after epoch 1 and resumed ends with the weights of an

@@ -42,7 +42,6 @@ is complete is only re-evaluated; ``--fresh`` retrains). Results are merged into
 written as a Markdown table to ``WORK/CONFIG/results.md``; the table is also printed.
 """
 import argparse
-import csv
 import json
 import os
 import shlex
@@ -53,6 +52,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "nmaem_plugin", "data")
+sys.path.insert(0, os.path.join(HERE, ".."))
+from nmaem_plugin.core.runfolder import read_log_rows  # noqa: E402
 
 CONFIGS = {
     # sim_box / sim_apix: the simulated particles (the paper's 192 px at 0.8 A, -20 dB, in
@@ -257,8 +258,7 @@ def main(argv=None):
             ev = json.loads(out)
             with open(os.path.join(rdir, "evaluate.json"), "w") as fh:
                 json.dump(ev, fh, indent=1)
-            with open(os.path.join(rdir, "log.csv")) as fh:   # --refine-pose adds a column
-                hist = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+            hist = read_log_rows(rdir)            # --refine-pose adds a column
             pts = ev["maxima"]["points"] if ev.get("maxima") else []
             key = "%s/d%d%s%s" % (dist, d, args.tag,
                                   "" if args.nuisances == "none" else "/" + args.nuisances)

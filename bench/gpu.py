@@ -30,7 +30,6 @@ the scratch folder (``--work``, default nmaem_gpu_work in the temporary folder) 
 data, the runs and one log per command (``logs/``).
 """
 import argparse
-import csv
 import os
 import shutil
 import statistics
@@ -43,6 +42,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, ".."))
 DATA = os.path.join(ROOT, "nmaem_plugin", "data")
 OPEN = os.path.join(DATA, "ak_open_4ake.pdb")
+
+sys.path.insert(0, ROOT)
+from nmaem_plugin.core.runfolder import read_log_rows  # noqa: E402
 CLOSED = os.path.join(DATA, "ak_closed_1ake.pdb")
 
 
@@ -113,26 +115,10 @@ def stage_machine(args, rep):
             lines.append("- driver, max SM clock: %s" % q.stdout.strip())
     lines.append("- CPU cores visible: %d" % os.cpu_count())
     n = 2048 if args.quick else 8192
+    from train_speed import matmul_rate
 
     def rate(dtype, tf32=False):
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
-            a = torch.randn(n, n, device=dev, dtype=dtype)
-            b = torch.randn(n, n, device=dev, dtype=dtype)
-            for _ in range(3):
-                a @ b
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            reps = 10
-            for _ in range(reps):
-                a @ b
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            return 2.0 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = old
+        return matmul_rate(n, reps=10, device=dev, dtype=dtype, tf32=tf32) / 1e12
     rates = [("float32", rate(torch.float32))]
     if dev.type == "cuda":
         rates += [("TF32", rate(torch.float32, True)), ("bfloat16", rate(torch.bfloat16))]
@@ -238,14 +224,6 @@ class GpuSampler:
         return dict(peak_mib=max(mem), util_median=statistics.median(busy) if busy else 0.0)
 
 
-def read_log(run_dir):
-    rows = []
-    with open(os.path.join(run_dir, "log.csv")) as fh:
-        for r in csv.DictReader(fh):
-            rows.append({k: float(v) for k, v in r.items()})
-    return rows
-
-
 def stage_epoch(args, rep):
     n = min(args.n, 1024) if args.quick else args.n
     box = 64 if args.quick else 192
@@ -291,7 +269,7 @@ def stage_epoch(args, rep):
         if rc:
             rep.add("- `%s`: failed (exit %d): %s" % (name, rc, tail(out)))
             continue
-        rows = read_log(run_dir)
+        rows = read_log_rows(run_dir)
         later = rows[1:] or rows
         peak = [line for line in out.splitlines() if "GPU peak" in line]
         rep.add("- %s (`%s`, %.0f s in all, the fit check, noise estimate and set-up "

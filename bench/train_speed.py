@@ -50,17 +50,23 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def matmul_rate(n=4096, reps=5, device="cpu", dtype=torch.float32):
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    torch.matmul(a, b)
-    sync(device)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def matmul_rate(n=4096, reps=5, device="cpu", dtype=torch.float32, tf32=False):
+    """FLOP/s of the best of ``reps`` (n x n) products (``tf32``: TF32 allowed on CUDA)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
         torch.matmul(a, b)
         sync(device)
-        best = min(best, time.perf_counter() - t0)
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
     return 2.0 * n ** 3 / best
 
 

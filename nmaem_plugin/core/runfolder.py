@@ -193,6 +193,10 @@ class TrainConfig:
         if self.pose_input not in POSE_INPUTS:
             out.append(("pose_input", "--pose-input must be one of %s (got %r)"
                         % (", ".join(POSE_INPUTS), self.pose_input)))
+        elif (self.refine_pose and self.pose_input == "z" and self.n_modes is not None
+              and int(self.n_modes) == 0):
+            out.append(("pose_input", "--refine-pose with --n-modes 0: a correction computed "
+                        "from the conformation needs modes; add --pose-input image"))
         if float(self.max_pose_correction) >= 90:
             out.append(("max_pose_correction", "--max-pose-correction must be below 90 "
                         "degrees: it corrects a consensus pose, it does not search for one "

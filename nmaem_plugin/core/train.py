@@ -154,9 +154,6 @@ def prepare_run(out: str, particles: Optional[str] = None, ref: Optional[str] = 
     d = nm.n_modes if s["n_modes"] is None else int(s["n_modes"])
     if not 0 <= d <= nm.n_modes:
         fail(modes, "--n-modes %d: the file has %d modes" % (d, nm.n_modes))
-    if d == 0 and s["refine_pose"] and s["pose_input"] == "z":
-        raise NmaemError("--refine-pose with --n-modes 0: a correction computed from the "
-                         "conformation needs modes; add --pose-input image")
 
     options.validate(box0=box0, particles=particles)     # the option rules, written once
     batch_auto = is_auto_batch(s["batch"])                   # normstats.auto_batch

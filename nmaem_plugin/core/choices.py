@@ -7,7 +7,7 @@ from typing import Dict, Tuple
 
 __all__ = ["CG_CHOICES", "DISTRIBUTIONS", "ENCODER_PRESETS", "ENCODERS", "LOSSES",
            "LR_SCHEDULES", "CHECKPOINTS", "MODEL_FORMATS", "MODES_SOLVERS",
-           "RENDER_ROUTES", "POSE_INPUTS", "POSE_INPUT_DEFAULT"]
+           "RENDER_ROUTES", "POSE_INPUTS", "POSE_INPUT_DEFAULT", "FIT_ITERATIONS_DEFAULT"]
 
 # nmaem modes --cg: coarse-grained nodes of the elastic network
 CG_CHOICES: Tuple[str, ...] = ("ca", "backbone", "heavy")
@@ -37,6 +37,10 @@ RENDER_ROUTES: Tuple[str, ...] = ("auto", "gemm", "nufft")
 # or the conformation z (a consensus refinement's misalignment is a function of it)
 POSE_INPUTS: Tuple[str, ...] = ("image", "z")
 POSE_INPUT_DEFAULT = "z"       # measured: docs/benchmarks.md, "Pose refinement"
+
+# nmaem infer --fit-iterations: Gauss-Newton iterations of each particle's fit after the
+# encoder (particle_fit.py); measured: docs/benchmarks.md, "Per-particle fit"
+FIT_ITERATIONS_DEFAULT = 3
 
 # nmaem infer --checkpoint (besides a file): RUN/checkpoints/<name>.pt
 CHECKPOINTS: Tuple[str, ...] = ("last", "best")

@@ -7,8 +7,9 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from .choices import (CG_CHOICES, DISTRIBUTIONS, ENCODERS, LOSSES, LR_SCHEDULES, MODEL_FORMATS,
-                      MODES_SOLVERS, POSE_INPUT_DEFAULT, POSE_INPUTS, RENDER_ROUTES)
+from .choices import (CG_CHOICES, DISTRIBUTIONS, ENCODERS, FIT_ITERATIONS_DEFAULT, LOSSES,
+                      LR_SCHEDULES, MODEL_FORMATS, MODES_SOLVERS, POSE_INPUT_DEFAULT,
+                      POSE_INPUTS, RENDER_ROUTES)
 from .errors import NmaemError
 
 if TYPE_CHECKING:                     # the commands import their modules when they run
@@ -643,6 +644,11 @@ def _add_infer(sub):
     p.add_argument("--checkpoint", default="last", metavar="last|best|FILE",
                    help="which weights: last (the last epoch, default), best (the epoch of "
                         "lowest validation loss, RUN/checkpoints/best.pt) or a checkpoint file")
+    p.add_argument("--fit-iterations", type=int, default=None, metavar="N",
+                   help="Gauss-Newton iterations of each particle's z and shift, fitted to "
+                        "its image after the encoder (default %d for runs with the whitened "
+                        "loss and particles with poses and CTF; 0: the encoder's output; "
+                        "docs/training.md)" % FIT_ITERATIONS_DEFAULT)
     p.add_argument("--force", action="store_true",
                    help="replace existing output files (never an input)")
     p.set_defaults(func=_run_infer)
@@ -661,7 +667,8 @@ def _run_infer(args):
             fail(args.star, "--star and -o name the same file")
         check_output_file(args.star, inputs=inputs, force=args.force)
     infer(args.particles, args.model, args.output, batch=args.batch, device=args.device,
-          star=args.star, num_workers=args.num_workers, checkpoint=args.checkpoint)
+          star=args.star, num_workers=args.num_workers, checkpoint=args.checkpoint,
+          fit_iterations=args.fit_iterations)
     return 0
 
 

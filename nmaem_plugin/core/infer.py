@@ -6,8 +6,14 @@ particle centre relative to the position that the file's origin implies (the par
 centre is at image centre - origin + shift, so the refined RELION origin is
 ``origin - shift``); ``index`` (N,) int64, the 0-based row of each particle in the input
 file; runs trained with ``--refine-pose`` add ``pose_correction`` (N, 3) radians and the
-refined angles ``euler`` (N, 3) degrees (``latent.py``). The images are preprocessed exactly as in training (Fourier cropping to the run's box,
-per-image normalisation inside the encoder); the encoder runs in eval mode, in float32.
+refined angles ``euler`` (N, 3) degrees (``latent.py``). The images are preprocessed
+exactly as in training (Fourier cropping to the run's box, per-image normalisation inside
+the encoder); the encoder runs in eval mode, in float32.
+
+Then, for runs trained with the whitened likelihood (the default) and particles with poses
+and CTFs, each particle's z and shift are fitted to its own image (``--fit-iterations``,
+default ``choices.FIT_ITERATIONS_DEFAULT``; ``particle_fit.py``): the encoder's output is
+the starting point, and the latent holds the fitted values.
 """
 
 import os
@@ -29,6 +35,7 @@ def z_column_names(d: int) -> List[str]:
 
 
 POSE_COLUMNS = ("nmaemPoseCorrX", "nmaemPoseCorrY", "nmaemPoseCorrZ")
+FIT_BATCH = 32      # particles per batch of the fit (each renders d + 3 images per iteration)
 
 
 def encode_images(encoder: torch.nn.Module, images: torch.Tensor,
@@ -43,15 +50,90 @@ def encode_images(encoder: torch.nn.Module, images: torch.Tensor,
             None if rotvec is None else rotvec.float().cpu().numpy())
 
 
+def _fit_plan(cfg: dict, table, fit_iterations: Optional[int], run_dir: str,
+              particles: str) -> Tuple[int, str]:
+    """(iterations, why not) of the per-particle fit: ``fit_iterations`` None is the
+    default (``FIT_ITERATIONS_DEFAULT`` where the fit applies, else 0 with the reason);
+    an explicit number where it cannot apply is an error."""
+    from .choices import FIT_ITERATIONS_DEFAULT
+    if fit_iterations is not None and int(fit_iterations) < 0:
+        raise NmaemError("--fit-iterations must be 0 or more (got %d)" % int(fit_iterations))
+    n = FIT_ITERATIONS_DEFAULT if fit_iterations is None else int(fit_iterations)
+    if n == 0:
+        return 0, "--fit-iterations 0"
+    why = None
+    if cfg.get("loss") != "whitened" or not cfg.get("noise"):
+        why = ("the run was trained with --loss %s; the fit needs the whitened likelihood's "
+               "noise model" % cfg.get("loss"), run_dir)
+    elif table.euler is None:
+        why = ("the particles have no poses", particles)
+    elif table.defocus_u is None or table.voltage is None:
+        why = ("the particles have no CTF", particles)
+    elif table.n < 2:
+        why = ("one particle is too few for the prior (the population of z)", particles)
+    if why is None:
+        return n, ""
+    if fit_iterations is not None:
+        fail(why[1], "cannot fit the particles (--fit-iterations %d): %s" % (n, why[0]))
+    return 0, why[0]
+
+
+def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iterations, dev,
+                   num_workers, log):
+    """Replace ``z`` and ``shift`` (numpy, in place) by each particle's fit
+    (``particle_fit.py``)."""
+    from .data import ParticleMetadata, make_loader
+    from .likelihood import WhitenedLikelihood
+    from .noise import load_noise_model
+    from .particle_fit import FitStats, fit_batch, population_prior
+    from .progress import Progress
+    from .runfolder import NOISE_FILE
+    lik = WhitenedLikelihood(
+        load_noise_model(os.path.join(run_dir, cfg.get("noise") or NOISE_FILE)),
+        cfg["box"], cfg["apix"], cfg.get("resolution_low"), cfg.get("resolution_high"),
+        cfg.get("mask_radius"), device=dev, source=table.path)
+    mu, prec = population_prior(z)
+    mu_t = torch.as_tensor(mu, dtype=torch.float32, device=dev)
+    prec_t = torch.as_tensor(prec, dtype=torch.float32, device=dev) if z.shape[1] else None
+    meta = ParticleMetadata(table, dev)
+    n = table.n
+    size = FIT_BATCH
+    batches = [np.arange(i, min(n, i + size), dtype=np.int64) for i in range(0, n, size)]
+    stats = FitStats()
+    progress = Progress(n, "fit", unit="images")
+    log("infer: fitting each particle's z and shift to its image (%d Gauss-Newton "
+        "iterations, %d renderings per particle each; prior: the encoder's z of %d "
+        "particles)" % (iterations, z.shape[1] + 3, n))
+    for rows, images in make_loader(dataset, batches, num_workers, dev.type == "cuda"):
+        r = rows.numpy()
+        rt = rows.to(dev)
+        rot, base, ctf_params = meta.batch(rt)
+        ctf = ae.decoder.ctf(ctf_params)
+        zz, tt = fit_batch(ae.decoder, lik, images.to(dev), meta.optics_group[rt],
+                           torch.as_tensor(z[r], device=dev),
+                           torch.as_tensor(shift[r], device=dev), rot, base, ctf, mu_t, prec_t,
+                           iterations, stats=stats,
+                           rotvec=None if rotvec is None else torch.as_tensor(rotvec[r],
+                                                                              device=dev))
+        z[r], shift[r] = zz.cpu().numpy(), tt.cpu().numpy()
+        progress.update(len(r))
+    log("infer: fit: %s" % stats.describe())
+
+
 def infer(particles: str, run_dir: str, out: str, batch: int = 256,
           device: Union[str, torch.device, None] = None, star: Optional[str] = None,
           num_workers: int = 0, checkpoint: str = "last",
-          log: Callable[[str], None] = print) -> dict:
+          log: Callable[[str], None] = print,
+          fit_iterations: Optional[int] = None) -> dict:
     """Write ``out`` (latent.npz) for every particle of ``particles``; optionally ``star``,
     a copy of the particle file with amplitude columns and refined origins (and, for a run
     trained with ``--refine-pose``, refined angles and the corrections in degrees,
     nmaemPoseCorrX/Y/Z). ``checkpoint``:
     ``last``, ``best`` (lowest validation loss) or a checkpoint file of the run.
+
+    ``fit_iterations``: Gauss-Newton iterations of the per-particle fit after the encoder
+    (``particle_fit.py``); None: ``FIT_ITERATIONS_DEFAULT`` when the run has the whitened
+    likelihood and the particles have poses and CTFs, else none; 0: the encoder's output.
 
     Memory: one batch of images at a time plus the (N, d + 2) results.
     """
@@ -78,6 +160,7 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
                         "%g A/px" % (boxes[0], apixes[0], cfg["box0"], cfg["apix0"]))
     from .stacks import ImageStack
     ImageStack(table, check=True).close()
+    n_fit, no_fit = _fit_plan(cfg, table, fit_iterations, run_dir, particles)
     n, d = table.n, int(cfg["n_modes"])
     z = np.zeros((n, d), dtype=np.float32)
     shift = np.zeros((n, 2), dtype=np.float32)
@@ -102,6 +185,11 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
     if not (np.all(np.isfinite(z)) and np.all(np.isfinite(shift))
             and (rotvec is None or np.all(np.isfinite(rotvec)))):
         fail(run_dir, "the model gives non-finite outputs")
+    if n_fit:
+        _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, n_fit, dev,
+                       num_workers, log)
+    elif fit_iterations is None and no_fit:
+        log("infer: no per-particle fit (%s): the encoder's output" % no_fit)
     euler = None
     if rotvec is not None:
         from .poses import correct_rotations, matrix_to_euler

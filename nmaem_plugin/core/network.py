@@ -85,6 +85,10 @@ __all__ = ["ENCODER_PRESETS", "normalise_images", "Encoder", "Decoder", "AutoEnc
            "image_loss", "LOSSES", "split_outputs", "pose_penalty", "whiten_images"]
 
 LAST_LAYER_GAIN = 1e-3
+# forward-difference steps of Decoder.render_ft_jacobian: Angstrom RMSD along a mode, and
+# Angstrom of shift (small against an atom's width, large against float32 rounding)
+FD_RMSD = 0.02
+FD_SHIFT = 0.05
 
 
 def normalise_images(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -281,6 +285,31 @@ class Decoder(nn.Module):
         r = self.renderer()
         return r.render_ft(self.conformations(z), self.rotations(rotations, rotvec),
                            shifts.float() + self.offset, ctf)
+
+
+    def render_ft_jacobian(self, z: torch.Tensor, rotations: torch.Tensor,
+                           shifts: torch.Tensor, ctf: Optional[torch.Tensor] = None,
+                           rotvec: Optional[torch.Tensor] = None
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(F, J): :meth:`render_ft` (B, D, K) and its derivatives with respect to the d
+        amplitudes and the 2 shift components (x, y), (d + 2, B, D, K), by forward
+        differences of ``FD_RMSD`` Angstrom RMSD along each mode (``FD_RMSD * sqrt(M)`` in
+        z, the modes being orthonormal) and ``FD_SHIFT`` Angstrom along each axis, all
+        rendered in one batch of (d + 3) B images. No gradients."""
+        B, d = z.shape[0], self.n_modes
+        P = d + 2
+        step = torch.cat([torch.full((d,), FD_RMSD * math.sqrt(self.coords.shape[0])),
+                          torch.full((2,), FD_SHIFT)]).to(z.device)
+        p = torch.cat([z.float(), shifts.float()], 1)
+        eye = torch.eye(P, device=z.device)
+        ps = torch.cat([p] + [p + step[k] * eye[k] for k in range(P)], 0)
+        rep = P + 1
+        with torch.no_grad():
+            S = self.render_ft(ps[:, :d], rotations.repeat(rep, 1, 1), ps[:, d:],
+                               None if ctf is None else ctf.repeat(rep, 1, 1),
+                               rotvec=None if rotvec is None else rotvec.repeat(rep, 1))
+        S = S.reshape(rep, B, *S.shape[1:])
+        return S[0], (S[1:] - S[0]) / step[:, None, None, None].to(S.real.dtype)
 
 
 class AutoEncoder(nn.Module):

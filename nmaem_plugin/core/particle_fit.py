@@ -1,0 +1,171 @@
+"""Per-particle fit after the encoder (``nmaem infer --fit-iterations``, on by default).
+
+The encoder is amortised: one network maps every image to its (z, shift), and after a
+finite training it does not reach the best fit of each image (docs/benchmarks.md, "How
+much of the images' information the encoder uses": its spread within a state was 3 times
+the one-image Cramer-Rao bound). Starting from the encoder's output, each particle's
+amplitudes z (d) and shift t (2) are then fitted to its own image in the training
+likelihood, with a Gaussian prior on z:
+
+    E(z, t) = chi2(z, t) + (z - mu)^T C^-1 (z - mu)
+
+``chi2`` is the whitened chi-square at the image's best grey scale
+(``likelihood.whitened_fit``; -2 log L of the coloured-noise Gaussian model up to a
+constant), with the run's noise spectrum, band and mask and the file's rotation (times
+the run's pose correction, kept as the encoder gave it). ``mu`` and ``C`` are the mean
+and covariance of the encoder's z over the particles inferred (an empirical-Bayes prior:
+the population the images come from, broadened by the encoder's own error, so it
+shrinks less than the true population would), with a shrinkage of C toward its diagonal
+by d / N for small sets. The shift has no prior (as in training).
+
+The minimisation is Levenberg-Marquardt on the linearised rendering: the Jacobian J of the
+rendered transform with respect to (z, t) by forward differences
+(``Decoder.render_ft_jacobian``), the step solving
+(a^2 J^T W J + [C^-1] + lambda diag) dp = a J^T W r - [C^-1 (z - mu)], r = Y - a S, and a
+step kept only where E falls (else lambda grows and the particle keeps its point): E never
+ends above the encoder's. Each step is also bounded (``MAX_STEP_RMSD`` Angstrom RMSD in z,
+``MAX_STEP_SHIFT`` Angstrom in t). One iteration renders d + 3 images per particle.
+"""
+import math
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["population_prior", "fit_batch", "FitStats", "MAX_STEP_RMSD", "MAX_STEP_SHIFT"]
+
+MAX_STEP_RMSD = 0.5        # Angstrom RMSD of the largest change of z in one step
+MAX_STEP_SHIFT = 1.0       # Angstrom, the largest change of the shift in one step
+LAMBDA_UP, LAMBDA_DOWN, LAMBDA_FIRST = 4.0, 3.0, 1e-2
+
+
+def population_prior(z: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(mu (d,), precision (d, d)) float64 of the Gaussian prior from the encoder's z (N, d):
+    mean and covariance, the covariance shrunk toward its diagonal by min(1, d / N) and
+    regularised by 1e-6 of its mean variance. N >= 2."""
+    z = np.asarray(z, dtype=np.float64)
+    n, d = z.shape
+    if n < 2:
+        raise ValueError("a population prior needs at least 2 particles")
+    mu = z.mean(0)
+    c = np.atleast_2d(np.cov(z.T)) if d else np.zeros((0, 0))
+    if d:
+        alpha = min(1.0, d / float(n))
+        c = (1.0 - alpha) * c + alpha * np.diag(np.diag(c))
+        c += np.eye(d) * 1e-6 * max(float(np.trace(c)) / d, 1e-12)
+    return mu, np.linalg.inv(c) if d else c
+
+
+class FitStats:
+    """Totals over the batches: particles, those whose E fell, and the changes of z
+    (Angstrom RMSD) and of the shift (Angstrom)."""
+
+    def __init__(self):
+        self.n, self.improved = 0, 0
+        self.dz_rmsd, self.dshift = [], []
+
+    def add(self, improved, dz_rmsd, dshift):
+        self.n += int(improved.numel())
+        self.improved += int(improved.sum())
+        self.dz_rmsd.append(dz_rmsd.cpu().numpy())
+        self.dshift.append(dshift.cpu().numpy())
+
+    def describe(self) -> str:
+        dz = np.concatenate(self.dz_rmsd) if self.dz_rmsd else np.zeros(0)
+        ds = np.concatenate(self.dshift) if self.dshift else np.zeros(0)
+        if not self.n:
+            return "no particles"
+        return ("posterior energy lower for %d of %d particles (%.0f %%); change of z: median "
+                "%.2f A RMSD (95th percentile %.2f), of the shift: median %.2f A"
+                % (self.improved, self.n, 100.0 * self.improved / self.n, np.median(dz),
+                   np.percentile(dz, 95), np.median(ds)))
+
+
+def _energy(Y, S, w, z, mu, prec):
+    from .likelihood import whitened_fit
+    fit = whitened_fit(Y, S, w)
+    e = fit["chi2"]
+    if prec is not None and z.shape[1]:
+        dz = z - mu
+        e = e + ((dz @ prec) * dz).sum(1)
+    return e, fit["scale"]
+
+
+def fit_batch(decoder, likelihood, images: torch.Tensor, groups: Optional[torch.Tensor],
+              z0: torch.Tensor, shift0: torch.Tensor, rotations: torch.Tensor,
+              base_shift: torch.Tensor, ctf: Optional[torch.Tensor],
+              mu: torch.Tensor, prec: Optional[torch.Tensor], iterations: int,
+              rotvec: Optional[torch.Tensor] = None, stats: Optional[FitStats] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fitted (z (B, d), shift (B, 2)) of one batch (module docstring): ``images`` (B, D, D)
+    as given to the likelihood, ``z0``/``shift0`` the encoder's, ``base_shift`` (B, 2) =
+    -origin (+ the decoder's offset is added by the decoder), ``mu`` (d,) and ``prec``
+    (d, d) the prior (None: no prior), ``rotvec`` the run's pose corrections (kept)."""
+    B, d = z0.shape
+    P = d + 2
+    z, t = z0.detach().float().clone(), shift0.detach().float().clone()
+    if iterations <= 0 or B == 0:
+        return z, t
+    n_atoms = decoder.coords.shape[0]
+    max_dz = MAX_STEP_RMSD * math.sqrt(n_atoms)
+    with torch.no_grad():
+        Y = likelihood.band.images_ft(images.float())
+        w = likelihood.weights(groups)
+        if w.dim() == 2:
+            w = w.expand(B, *w.shape)
+        band = likelihood.band
+
+        def jac(zz, tt):
+            S, J = decoder.render_ft_jacobian(zz, rotations, base_shift + tt, ctf, rotvec)
+            if band.mask is not None:
+                S = band.rendered_ft(S)
+                J = band.rendered_ft(J.reshape(P * B, *J.shape[2:])).reshape(J.shape)
+            return S, J
+
+        S, J = jac(z, t)
+        E, a = _energy(Y, S, w, z, mu, prec)
+        E_start = E.clone()
+        lam = torch.zeros(B, device=z.device)
+        eye = torch.eye(P, device=z.device)
+        for it in range(int(iterations)):
+            r = Y - a[:, None, None] * S
+            Jr, Ji = J.real, J.imag
+            H = (torch.einsum("bdk,ibdk,jbdk->bij", w, Jr, Jr)
+                 + torch.einsum("bdk,ibdk,jbdk->bij", w, Ji, Ji)) * (a * a)[:, None, None]
+            g = (torch.einsum("bdk,ibdk,bdk->bi", w, Jr, r.real)
+                 + torch.einsum("bdk,ibdk,bdk->bi", w, Ji, r.imag)) * a[:, None]
+            if prec is not None and d:
+                H[:, :d, :d] += prec
+                g[:, :d] -= (z - mu) @ prec
+            diag = torch.diagonal(H, dim1=1, dim2=2)
+            Hd = H + ((lam[:, None] * diag).unsqueeze(-1)
+                      + 1e-9 * diag.mean(1)[:, None, None]) * eye
+            step = torch.linalg.solve(Hd, g[..., None])[..., 0]
+            dz, dt = step[:, :d], step[:, d:]
+            dz = dz * torch.clamp(max_dz / dz.norm(dim=1, keepdim=True).clamp_min(1e-12), max=1.0)
+            dt = dt * torch.clamp(MAX_STEP_SHIFT / dt.norm(dim=1, keepdim=True).clamp_min(1e-12),
+                                  max=1.0)
+            zn, tn = z + dz, t + dt
+            last = it == int(iterations) - 1
+            if last:
+                Sn = decoder.render_ft(zn, rotations, base_shift + tn, ctf, rotvec=rotvec)
+                Sn = band.rendered_ft(Sn)
+                Jn = None
+            else:
+                Sn, Jn = jac(zn, tn)
+            En, an = _energy(Y, Sn, w, zn, mu, prec)
+            ok = torch.isfinite(En) & (En < E)
+            z = torch.where(ok[:, None], zn, z)
+            t = torch.where(ok[:, None], tn, t)
+            E = torch.where(ok, En, E)
+            if not last:
+                S = torch.where(ok[:, None, None], Sn, S)
+                J = torch.where(ok[None, :, None, None], Jn, J)
+                a = torch.where(ok, an, a)
+            lam = torch.where(ok, lam / LAMBDA_DOWN,
+                              torch.where(lam > 0, lam * LAMBDA_UP,
+                                          torch.full_like(lam, LAMBDA_FIRST)))
+        if stats is not None:
+            stats.add(E < E_start, (z - z0.float()).norm(dim=1) / math.sqrt(n_atoms),
+                      (t - shift0.float()).norm(dim=1))
+    return z, t

@@ -149,6 +149,12 @@ def main(argv=None):
     ap.add_argument("--pose-prior-sd", type=float, metavar="DEG")
     ap.add_argument("--pose-input", choices=("image", "z"),
                     help="nmaem train --pose-input (with --refine-pose)")
+    ap.add_argument("--fit-iterations", type=int, metavar="N",
+                    help="nmaem infer --fit-iterations (default: nmaem infer's default)")
+    ap.add_argument("--infer-tag", default="",
+                    help="a second inference of a trained run: writes latent<TAG>.npz and "
+                         "evaluate<TAG>.json next to the run's, under the result key + TAG "
+                         "(e.g. --infer-tag _fit0 --fit-iterations 0)")
     args = ap.parse_args(argv)
     if args.refine_pose and args.nuisances == "consensus":
         if args.max_pose_correction is None:
@@ -218,10 +224,11 @@ def main(argv=None):
         for d in args.d:
             name = "run_%s_d%d%s" % (dist, d, args.tag)
             rdir = os.path.join(sim, name)
-            done = os.path.exists(os.path.join(rdir, "checkpoints", "last.pt")) and \
-                os.path.exists(os.path.join(rdir, "latent.npz"))
+            latent = os.path.join(rdir, "latent%s.npz" % args.infer_tag)
+            trained = os.path.exists(os.path.join(rdir, "checkpoints", "last.pt")) and (
+                args.infer_tag or os.path.exists(latent))
             t_train = t_infer = None
-            if args.fresh or not done:
+            if args.fresh or not trained:
                 if os.path.exists(rdir):
                     shutil.rmtree(rdir)
                 cmd = nm + ["train", "--particles", os.path.join(sim, "particles.star"),
@@ -249,19 +256,23 @@ def main(argv=None):
                         if v is not None:
                             cmd += [flag, str(v)]
                 t_train, _ = run(cmd, log)
+            if t_train is not None or not os.path.exists(latent):
+                fit = ([] if args.fit_iterations is None
+                       else ["--fit-iterations", str(args.fit_iterations)])
                 t_infer, _ = run(nm + ["infer", "--particles",
                                        os.path.join(sim, "particles.star"), "--model", rdir,
-                                       "-o", os.path.join(rdir, "latent.npz"),
-                                       "--num-workers", str(args.num_workers)] + dev, log)
-            _, out = run(nm + ["evaluate", "--latent", os.path.join(rdir, "latent.npz"),
+                                       "-o", latent, "--force",
+                                       "--num-workers", str(args.num_workers)] + dev + fit, log)
+            _, out = run(nm + ["evaluate", "--latent", latent,
                                "--truth", sim, "--model", rdir], log, capture=True)
             ev = json.loads(out)
-            with open(os.path.join(rdir, "evaluate.json"), "w") as fh:
+            with open(os.path.join(rdir, "evaluate%s.json" % args.infer_tag), "w") as fh:
                 json.dump(ev, fh, indent=1)
             hist = read_log_rows(rdir)            # --refine-pose adds a column
             pts = ev["maxima"]["points"] if ev.get("maxima") else []
-            key = "%s/d%d%s%s" % (dist, d, args.tag,
-                                  "" if args.nuisances == "none" else "/" + args.nuisances)
+            key = "%s/d%d%s%s%s" % (dist, d, args.tag,
+                                    "" if args.nuisances == "none" else "/" + args.nuisances,
+                                    args.infer_tag)
             if os.path.exists(res_path):      # another invocation may have added rows
                 with open(res_path) as fh:
                     results = json.load(fh)
@@ -280,6 +291,7 @@ def main(argv=None):
                 median_excess=ev["excess_rmsd"]["median"],
                 shift_rmse=ev["shift_error"]["rmse"],
                 refine_pose=bool(args.refine_pose),
+                fit_iterations=args.fit_iterations, infer_tag=args.infer_tag,
                 median_angle_input=(ev.get("pose_error") or {}).get("median_input_deg"),
                 median_angle_refined=(ev.get("pose_error") or {}).get("median_refined_deg"),
                 train_s_per_epoch=(sum(h["seconds"] for h in hist) / len(hist)

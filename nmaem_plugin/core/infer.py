@@ -92,9 +92,9 @@ def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iteration
         load_noise_model(os.path.join(run_dir, cfg.get("noise") or NOISE_FILE)),
         cfg["box"], cfg["apix"], cfg.get("resolution_low"), cfg.get("resolution_high"),
         cfg.get("mask_radius"), device=dev, source=table.path)
-    mu, prec = population_prior(z)
+    mu, prec = population_prior(np.concatenate([z, shift], 1))
     mu_t = torch.as_tensor(mu, dtype=torch.float32, device=dev)
-    prec_t = torch.as_tensor(prec, dtype=torch.float32, device=dev) if z.shape[1] else None
+    prec_t = torch.as_tensor(prec, dtype=torch.float32, device=dev)
     meta = ParticleMetadata(table, dev)
     n = table.n
     size = FIT_BATCH
@@ -102,8 +102,8 @@ def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iteration
     stats = FitStats()
     progress = Progress(n, "fit", unit="images")
     log("infer: fitting each particle's z and shift to its image (%d Gauss-Newton "
-        "iterations, %d renderings per particle each; prior: the encoder's z of %d "
-        "particles)" % (iterations, z.shape[1] + 3, n))
+        "iterations, %d renderings per particle each; prior: the encoder's z and shifts "
+        "of %d particles)" % (iterations, z.shape[1] + 3, n))
     for rows, images in make_loader(dataset, batches, num_workers, dev.type == "cuda"):
         r = rows.numpy()
         rt = rows.to(dev)

@@ -4,24 +4,26 @@ The encoder is amortised: one network maps every image to its (z, shift), and af
 finite training it does not reach the best fit of each image (docs/benchmarks.md, "How
 much of the images' information the encoder uses": its spread within a state was 3 times
 the one-image Cramer-Rao bound). Starting from the encoder's output, each particle's
-amplitudes z (d) and shift t (2) are then fitted to its own image in the training
-likelihood, with a Gaussian prior on z:
+amplitudes z (d) and shift t (2), p = (z, t), are then fitted to its own image in the
+training likelihood, with a Gaussian prior on p:
 
-    E(z, t) = chi2(z, t) + (z - mu)^T C^-1 (z - mu)
+    E(p) = chi2(p) + (p - mu)^T C^-1 (p - mu)
 
 ``chi2`` is the whitened chi-square at the image's best grey scale
 (``likelihood.whitened_fit``; -2 log L of the coloured-noise Gaussian model up to a
 constant), with the run's noise spectrum, band and mask and the file's rotation (times
 the run's pose correction, kept as the encoder gave it). ``mu`` and ``C`` are the mean
-and covariance of the encoder's z over the particles inferred (an empirical-Bayes prior:
-the population the images come from, broadened by the encoder's own error, so it
+and covariance of the encoder's (z, t) over the particles inferred (an empirical-Bayes
+prior: the population the images come from, broadened by the encoder's own error, so it
 shrinks less than the true population would), with a shrinkage of C toward its diagonal
-by d / N for small sets. The shift has no prior (as in training).
+by (d + 2) / N for small sets. Without the shift's prior the fit trades shift for
+conformation on noisy images (measured on the tests' 0 dB, 3.75 A/px particles: the shift
+error grew from 0.02 to 0.65 A rms).
 
 The minimisation is Levenberg-Marquardt on the linearised rendering: the Jacobian J of the
 rendered transform with respect to (z, t) by forward differences
 (``Decoder.render_ft_jacobian``), the step solving
-(a^2 J^T W J + [C^-1] + lambda diag) dp = a J^T W r - [C^-1 (z - mu)], r = Y - a S, and a
+(a^2 J^T W J + C^-1 + lambda diag) dp = a J^T W r - C^-1 (p - mu), r = Y - a S, and a
 step kept only where E falls (else lambda grows and the particle keeps its point): E never
 ends above the encoder's. Each step is also bounded (``MAX_STEP_RMSD`` Angstrom RMSD in z,
 ``MAX_STEP_SHIFT`` Angstrom in t). One iteration renders d + 3 images per particle.
@@ -39,21 +41,23 @@ MAX_STEP_SHIFT = 1.0       # Angstrom, the largest change of the shift in one st
 LAMBDA_UP, LAMBDA_DOWN, LAMBDA_FIRST = 4.0, 3.0, 1e-2
 
 
-def population_prior(z: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(mu (d,), precision (d, d)) float64 of the Gaussian prior from the encoder's z (N, d):
-    mean and covariance, the covariance shrunk toward its diagonal by min(1, d / N) and
-    regularised by 1e-6 of its mean variance. N >= 2."""
-    z = np.asarray(z, dtype=np.float64)
-    n, d = z.shape
+def population_prior(p: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(mu (P,), precision (P, P)) float64 of the Gaussian prior from the encoder's
+    parameters p (N, P), (z, shift) per particle: mean and covariance, the covariance shrunk
+    toward its diagonal by min(1, P / N) and each variance raised by 1e-6 of itself (and
+    1e-12). N >= 2."""
+    p = np.asarray(p, dtype=np.float64)
+    n, k = p.shape
     if n < 2:
         raise ValueError("a population prior needs at least 2 particles")
-    mu = z.mean(0)
-    c = np.atleast_2d(np.cov(z.T)) if d else np.zeros((0, 0))
-    if d:
-        alpha = min(1.0, d / float(n))
-        c = (1.0 - alpha) * c + alpha * np.diag(np.diag(c))
-        c += np.eye(d) * 1e-6 * max(float(np.trace(c)) / d, 1e-12)
-    return mu, np.linalg.inv(c) if d else c
+    mu = p.mean(0)
+    if k == 0:
+        return mu, np.zeros((0, 0))
+    c = np.atleast_2d(np.cov(p.T))
+    alpha = min(1.0, k / float(n))
+    c = (1.0 - alpha) * c + alpha * np.diag(np.diag(c))
+    c[np.diag_indices(k)] = np.diag(c) * (1.0 + 1e-6) + 1e-12
+    return mu, np.linalg.inv(c)
 
 
 class FitStats:
@@ -81,13 +85,13 @@ class FitStats:
                    np.percentile(dz, 95), np.median(ds)))
 
 
-def _energy(Y, S, w, z, mu, prec):
+def _energy(Y, S, w, p, mu, prec):
     from .likelihood import whitened_fit
     fit = whitened_fit(Y, S, w)
     e = fit["chi2"]
-    if prec is not None and z.shape[1]:
-        dz = z - mu
-        e = e + ((dz @ prec) * dz).sum(1)
+    if prec is not None:
+        dp = p - mu
+        e = e + ((dp @ prec) * dp).sum(1)
     return e, fit["scale"]
 
 
@@ -99,8 +103,9 @@ def fit_batch(decoder, likelihood, images: torch.Tensor, groups: Optional[torch.
               ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fitted (z (B, d), shift (B, 2)) of one batch (module docstring): ``images`` (B, D, D)
     as given to the likelihood, ``z0``/``shift0`` the encoder's, ``base_shift`` (B, 2) =
-    -origin (+ the decoder's offset is added by the decoder), ``mu`` (d,) and ``prec``
-    (d, d) the prior (None: no prior), ``rotvec`` the run's pose corrections (kept)."""
+    -origin (the decoder adds its offset), ``mu`` (d + 2,) and ``prec`` (d + 2, d + 2) the
+    prior on (z, shift) (``prec`` None: no prior), ``rotvec`` the run's pose corrections
+    (kept as given)."""
     B, d = z0.shape
     P = d + 2
     z, t = z0.detach().float().clone(), shift0.detach().float().clone()
@@ -123,7 +128,7 @@ def fit_batch(decoder, likelihood, images: torch.Tensor, groups: Optional[torch.
             return S, J
 
         S, J = jac(z, t)
-        E, a = _energy(Y, S, w, z, mu, prec)
+        E, a = _energy(Y, S, w, torch.cat([z, t], 1), mu, prec)
         E_start = E.clone()
         lam = torch.zeros(B, device=z.device)
         eye = torch.eye(P, device=z.device)
@@ -134,9 +139,9 @@ def fit_batch(decoder, likelihood, images: torch.Tensor, groups: Optional[torch.
                  + torch.einsum("bdk,ibdk,jbdk->bij", w, Ji, Ji)) * (a * a)[:, None, None]
             g = (torch.einsum("bdk,ibdk,bdk->bi", w, Jr, r.real)
                  + torch.einsum("bdk,ibdk,bdk->bi", w, Ji, r.imag)) * a[:, None]
-            if prec is not None and d:
-                H[:, :d, :d] += prec
-                g[:, :d] -= (z - mu) @ prec
+            if prec is not None:
+                H = H + prec
+                g = g - (torch.cat([z, t], 1) - mu) @ prec
             diag = torch.diagonal(H, dim1=1, dim2=2)
             Hd = H + ((lam[:, None] * diag).unsqueeze(-1)
                       + 1e-9 * diag.mean(1)[:, None, None]) * eye
@@ -153,7 +158,7 @@ def fit_batch(decoder, likelihood, images: torch.Tensor, groups: Optional[torch.
                 Jn = None
             else:
                 Sn, Jn = jac(zn, tn)
-            En, an = _energy(Y, Sn, w, zn, mu, prec)
+            En, an = _energy(Y, Sn, w, torch.cat([zn, tn], 1), mu, prec)
             ok = torch.isfinite(En) & (En < E)
             z = torch.where(ok[:, None], zn, z)
             t = torch.where(ok[:, None], tn, t)

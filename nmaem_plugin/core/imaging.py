@@ -50,8 +50,8 @@ from .errors import NmaemError
 __all__ = ["euler_to_matrix", "matrix_to_euler", "rotvec_to_matrix", "correct_rotations",
            "electron_wavelength", "ctf_2d", "CTFParams", "FourierGrid",
            "phase_shift", "fourier_crop", "noise_sigma", "add_noise", "Renderer", "Chunks",
-           "gemm_chunks", "default_memory_budget", "parse_memory_budget", "nufft_available",
-           "choose_route"]
+           "gemm_chunks", "jvp_chunks", "default_memory_budget", "parse_memory_budget",
+           "nufft_available", "choose_route"]
 
 
 ArrayOrTensor = Union[np.ndarray, torch.Tensor]   # numpy in, numpy out; tensors likewise
@@ -425,11 +425,48 @@ def gemm_chunks(n_images: int, n_atoms: int, box: int, budget: int, itemsize: in
     whole = B * (per_image + 4 * box * itemsize * M)
     if whole <= budget:
         return Chunks("gemm", B, M, int(whole), keep=True)
+    b, m = _chunk_sizes(B, M, per_image, per_atom, budget, MAX_CHUNK_ATOMS)
+    return Chunks("gemm", b, m, int(b * (per_image + m * per_atom)))
+
+
+def _chunk_sizes(B, M, per_image, per_atom, budget, max_atoms):
+    """(images, atoms) per chunk: the most atoms (up to ``max_atoms``) that fit ``budget``
+    bytes next to ``per_image`` bytes per image, the images halved while each would get
+    fewer than 256 atoms; at least one of each."""
     b = B
     while b > 1 and budget - b * per_image < b * per_atom * min(M, 256):
         b = (b + 1) // 2
-    m = max(1, min(M, MAX_CHUNK_ATOMS, (budget - b * per_image) // (b * per_atom)))
-    return Chunks("gemm", b, int(m), int(b * (per_image + m * per_atom)))
+    m = max(1, min(M, max_atoms, (budget - b * per_image) // (b * per_atom)))
+    return int(b), int(m)
+
+
+JVP_GROUP = 8           # weighted sums per matrix product of Renderer.render_ft_jvp
+MAX_JVP_ATOMS = 16384   # atoms per chunk of Renderer.render_ft_jvp
+JVP_WORK = 4 * 1024 ** 2    # bytes of one weighted table on a CPU (a larger one is slower)
+JVP_WORK_GPU = 256 * 1024 ** 2     # on a GPU: few large products (launches cost, not caches)
+
+
+def jvp_chunks(n_images: int, n_atoms: int, n_tangents: int, box: int, budget: int,
+               itemsize: int = 4, work: int = JVP_WORK) -> Chunks:
+    """Chunk sizes of :meth:`Renderer.render_ft_jvp` for ``n_images`` images of ``box`` px
+    and ``n_tangents`` (T) tangents, within ``budget`` bytes.
+
+    Per atom and image it holds the two cos/sin tables (2 box values) and the 2T tangent
+    weights with their einsum's temporary (4T values). Per image it holds the quarter-plane
+    sums of the structure factor and of its 2T weighted versions, one group's product
+    (``JVP_GROUP`` = g weights) and the assembly's temporaries (at most 6 box^2):
+    (7 + 2T + g) box^2 values. The right table weighted by one group takes at most
+    ``work`` bytes more (or one image's). The outputs (F and J, complex) are not
+    counted. The largest chunks that fit, as :func:`gemm_chunks` (at most
+    ``MAX_JVP_ATOMS`` atoms); the tables are never kept (there is no backward pass).
+    """
+    T = max(0, int(n_tangents))
+    g = min(JVP_GROUP, 2 * T)
+    per_atom = (2 * box + 4 * T) * itemsize
+    per_image = (7 + 2 * T + g) * box * box * itemsize
+    B, M = max(1, int(n_images)), max(1, int(n_atoms))
+    b, m = _chunk_sizes(B, M, per_image, per_atom, max(1, budget - work), MAX_JVP_ATOMS)
+    return Chunks("gemm", b, m, int(b * (per_image + m * per_atom) + work))
 
 
 def _phase_tables(x, w, h):
@@ -516,6 +553,21 @@ def _chunk_tables(u, v, w, h, slices, chunks, tables=None):
                 yield bs, e, sl, tables[0][bs, sl], tables[1][bs, sl]
             else:
                 yield bs, e, sl, _phase_tables(u[bs, sl], w, h), _phase_tables(v[bs, sl], w, h)
+
+
+def _assemble_quarters(P, h):
+    """The rfft2 grid (..., 2h, h + 1) complex from the quarter-plane sums P (..., 2h, 2h)
+    = [[CC, CS], [SC, SS]] (``Renderer.projection_ft``): F(kx, +ky) = (CC - SS) + i (CS + SC),
+    F(kx, -ky) = (CC + SS) + i (CS - SC); the row ky = -h and the column kx = h are zero."""
+    CC, CS = P[..., :h, :h], P[..., :h, h:]
+    SC, SS = P[..., h:, :h], P[..., h:, h:]
+    re_pos, im_pos = CC - SS, CS + SC                    # ky = 0 .. h-1
+    re_neg, im_neg = CC + SS, CS - SC                    # ky = 0 .. -(h-1)
+    zero_row = P.new_zeros(*P.shape[:-2], 1, h)
+    re = torch.cat([re_pos, zero_row, torch.flip(re_neg[..., 1:, :], dims=(-2,))], dim=-2)
+    im = torch.cat([im_pos, zero_row, torch.flip(im_neg[..., 1:, :], dims=(-2,))], dim=-2)
+    ft = torch.complex(re, im)                           # (..., D, h); kx = h is zero
+    return torch.nn.functional.pad(ft, (0, 1))
 
 
 def nufft_available() -> bool:
@@ -823,16 +875,7 @@ class Renderer:
             return torch.nn.functional.pad(torch.complex(F[..., 0], F[..., 1]), (0, 1))
         P = _QuarterStructureFactor.apply(uv[..., 0], uv[..., 1], self._k_half,
                                           self._ff_tiled, self.slices, chunks)
-        CC, CS = P[:, :h, :h], P[:, :h, h:]
-        SC, SS = P[:, h:, :h], P[:, h:, h:]
-        re_pos, im_pos = CC - SS, CS + SC                    # ky = 0 .. h-1
-        re_neg, im_neg = CC + SS, CS - SC                    # ky = 0 .. -(h-1)
-        B = P.shape[0]
-        zero_row = P.new_zeros(B, 1, h)
-        re = torch.cat([re_pos, zero_row, torch.flip(re_neg[:, 1:], dims=(1,))], dim=1)
-        im = torch.cat([im_pos, zero_row, torch.flip(im_neg[:, 1:], dims=(1,))], dim=1)
-        ft = torch.complex(re, im)                           # (B, D, h); kx = h is zero
-        return torch.nn.functional.pad(ft, (0, 1))
+        return _assemble_quarters(P, h)
 
     def ctf(self, *args, **kwargs) -> torch.Tensor:
         """CTF (B, D, K) on this renderer's grid: ``ctf(params)`` with a :class:`CTFParams`,
@@ -848,6 +891,115 @@ class Renderer:
         if ctf is not None:
             ft = ft * ctf
         return ft
+
+    def jvp_chunks(self, n_images: int, n_tangents: int) -> Chunks:
+        """The chunks of :meth:`render_ft_jvp` for a batch of ``n_images`` and
+        ``n_tangents`` tangents (see :func:`jvp_chunks`)."""
+        itemsize = torch.finfo(self.dtype).bits // 8
+        return jvp_chunks(n_images, self.n_atoms, n_tangents, self.box, self.memory_budget,
+                          itemsize, self._jvp_work())
+
+    def _jvp_work(self) -> int:
+        """Bytes of one weighted table of :meth:`render_ft_jvp`: ``JVP_WORK`` on a CPU,
+        up to ``JVP_WORK_GPU`` (a quarter of the budget at most) on a GPU."""
+        if self.device.type == "cpu":
+            return JVP_WORK
+        return max(JVP_WORK, min(JVP_WORK_GPU, self.memory_budget // 4))
+
+    def render_ft_jvp(self, coords: torch.Tensor, rotations: torch.Tensor,
+                      shifts: Optional[torch.Tensor] = None,
+                      ctf: Optional[torch.Tensor] = None,
+                      tangents: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(F, J): :meth:`render_ft` (B, D, K) complex and its exact derivatives
+        (T + 2, B, D, K): along each of the T ``tangents`` of the atoms, then with respect
+        to the shift's x and y (per Angstrom). No gradients (autograd is not used).
+
+        ``coords``, ``rotations``, ``shifts``, ``ctf`` as in :meth:`render_ft`; ``tangents``
+        (T, M, 3), or (T, B, M, 3) per image, are displacements of the atoms in the model
+        frame, Angstrom per unit of each parameter (e.g. the normal modes, for derivatives
+        per Angstrom of amplitude), in the order of ``coords``; None: T = 0.
+
+        Always the matrix-product route, whatever ``route`` (exact; on a NUFFT renderer F
+        differs from :meth:`render_ft` by the NUFFT's error). A tangent moves atom j in the
+        image plane by (du_j, dv_j) = A[:2] U_j / apix pixels, and with
+        e_j(k) = exp(-2 pi i (kx u_j + ky v_j) / D) the derivative of F is
+        -2 pi i / D (kx G_u + ky G_v) times the CTF, where G_u = sum_j f_j du_j e_j and
+        G_v likewise are the structure factor with the atoms weighted by du and dv: the same
+        cos/sin tables as F, each weighted sum one more matrix product (2T in all, grouped
+        ``JVP_GROUP`` at a time). A shift moves every atom by 1/apix pixels: its derivative
+        is -2 pi i kx / (D apix) F (and ky for y). Chunks of images and atoms within the
+        memory budget (:func:`jvp_chunks`); the sums are the same, in pieces.
+        """
+        D, h = self.box, self.box // 2
+        with torch.no_grad():
+            coords = coords.to(dtype=self.dtype)
+            A = rotations.to(self.dtype)
+            uv = self.positions(coords[..., self.order, :], A,
+                                None if shifts is None else shifts.to(self.dtype))
+            B = uv.shape[0]
+            if tangents is None:
+                tangents = coords.new_zeros(0, self.n_atoms, 3)
+            U = tangents.to(dtype=self.dtype)[..., self.order, :]
+            T = U.shape[0]
+            per_image = U.dim() == 4
+            A2 = A[:, :2, :] / self.apix                              # (B, 2, 3)
+            w = (-2.0 * math.pi / D) * self._k_half
+            kx, ky = self.grid.kx, self.grid.ky
+            cdtype = torch.complex128 if self.dtype == torch.float64 else torch.complex64
+            F = torch.zeros(B, D, h + 1, dtype=cdtype, device=self.device)
+            J = torch.zeros(T + 2, B, D, h + 1, dtype=cdtype, device=self.device)
+            chunks, work = self.jvp_chunks(B, T), self._jvp_work()
+            group = max(1, min(JVP_GROUP, 2 * T))
+            for b0 in range(0, B, chunks.batch):
+                bs = slice(b0, min(B, b0 + chunks.batch))
+                b = bs.stop - bs.start
+                P = uv.new_zeros(b, D, D)
+                # the weighted sums, side by side: weight s < T is du of tangent s, s >= T
+                # is dv of tangent s - T
+                Q = uv.new_zeros(b, D, 2 * T, D)
+                for e, sl in _atom_chunks(self.slices, chunks.atoms):
+                    right = _phase_tables(uv[bs, sl, 0], w, h)       # (b, m, D)
+                    left = _phase_tables(uv[bs, sl, 1], w, h).transpose(-1, -2)
+                    ff = self._ff_tiled[e]
+                    P.addcmul_(torch.matmul(left, right), ff)
+                    if not T:
+                        continue
+                    m = sl.stop - sl.start
+                    if per_image:
+                        W = torch.einsum("tbmc,bac->bmat", U[:, bs, sl], A2[bs])
+                    else:
+                        W = torch.einsum("tmc,bac->bmat", U[:, sl], A2[bs])
+                    W = W.reshape(b, m, 2 * T)                        # pixels per unit
+                    # images n at a time, so that the weighted table stays in the cache
+                    n = max(1, min(b, work // (m * group * D * uv.element_size())))
+                    for i0 in range(0, b, n):
+                        rows = slice(i0, min(b, i0 + n))
+                        for g0 in range(0, 2 * T, group):
+                            g1 = min(2 * T, g0 + group)
+                            wr = W[rows, :, g0:g1, None] * right[rows, :, None, :]
+                            term = torch.matmul(left[rows], wr.view(-1, m, (g1 - g0) * D))
+                            Q[rows, :, g0:g1].addcmul_(term.view(-1, D, g1 - g0, D),
+                                                     ff[:, None, :])
+                            del wr, term
+                Fb = _assemble_quarters(P, h)
+                del P
+                cb = None                                   # the chunk's CTF
+                if ctf is not None:
+                    cb = ctf[bs] if ctf.dim() == 3 and ctf.shape[0] == B else ctf
+                    Fb = Fb * cb
+                F[bs] = Fb
+                c = -2j * math.pi / (D * self.apix)
+                J[T, bs] = (c * kx) * Fb
+                J[T + 1, bs] = (c * ky) * Fb
+                for t in range(T):
+                    dF = (kx * _assemble_quarters(Q[:, :, t], h)
+                          + ky * _assemble_quarters(Q[:, :, T + t], h)) * (-2j * math.pi / D)
+                    if cb is not None:
+                        dF = dF * cb
+                    J[t, bs] = dF
+                del Q
+        return F, J
 
     def render(self, coords: torch.Tensor, rotations: torch.Tensor,
                shifts: Optional[torch.Tensor] = None,

@@ -85,8 +85,9 @@ __all__ = ["ENCODER_PRESETS", "normalise_images", "Encoder", "Decoder", "AutoEnc
            "image_loss", "LOSSES", "split_outputs", "pose_penalty", "whiten_images"]
 
 LAST_LAYER_GAIN = 1e-3
-# forward-difference steps of Decoder.render_ft_jacobian: Angstrom RMSD along a mode, and
-# Angstrom of shift (small against an atom's width, large against float32 rounding)
+# forward-difference steps of Decoder.render_ft_jacobian on the NUFFT route: Angstrom RMSD
+# along a mode, and Angstrom of shift (small against an atom's width, large against float32
+# rounding)
 FD_RMSD = 0.02
 FD_SHIFT = 0.05
 
@@ -292,10 +293,26 @@ class Decoder(nn.Module):
                            rotvec: Optional[torch.Tensor] = None
                            ) -> Tuple[torch.Tensor, torch.Tensor]:
         """(F, J): :meth:`render_ft` (B, D, K) and its derivatives with respect to the d
-        amplitudes and the 2 shift components (x, y), (d + 2, B, D, K), by forward
+        amplitudes (per Angstrom of z) and the 2 shift components x, y (per Angstrom),
+        (d + 2, B, D, K). No gradients.
+
+        On the matrix-product route the derivatives are exact
+        (:meth:`imaging.Renderer.render_ft_jvp` with the modes as tangents, rotated by the
+        rotations rendered, pose correction included). On the NUFFT route they are forward
         differences of ``FD_RMSD`` Angstrom RMSD along each mode (``FD_RMSD * sqrt(M)`` in
         z, the modes being orthonormal) and ``FD_SHIFT`` Angstrom along each axis, all
-        rendered in one batch of (d + 3) B images. No gradients."""
+        rendered in one batch of (d + 3) B images."""
+        r = self.renderer()
+        if r.chunks(z.shape[0]).route != "nufft":
+            return r.render_ft_jvp(self.conformations(z), self.rotations(rotations, rotvec),
+                                   shifts.float() + self.offset, ctf, self.modes)
+        return self._render_ft_differences(z, rotations, shifts, ctf, rotvec)
+
+    def _render_ft_differences(self, z: torch.Tensor, rotations: torch.Tensor,
+                               shifts: torch.Tensor, ctf: Optional[torch.Tensor] = None,
+                               rotvec: Optional[torch.Tensor] = None
+                               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`render_ft_jacobian` by forward differences (its docstring)."""
         B, d = z.shape[0], self.n_modes
         P = d + 2
         step = torch.cat([torch.full((d,), FD_RMSD * math.sqrt(self.coords.shape[0])),

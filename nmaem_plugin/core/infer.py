@@ -17,7 +17,7 @@ the starting point, and the latent holds the fitted values.
 """
 
 import os
-from typing import Callable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,7 +25,10 @@ import torch
 from .latent import write_latent
 from .errors import NmaemError, fail
 
-__all__ = ["infer", "encode_images", "z_column_names"]
+if TYPE_CHECKING:
+    from .particles import ParticleTable
+
+__all__ = ["infer", "encode_images", "z_column_names", "fit_plan"]
 
 
 def z_column_names(d: int) -> List[str]:
@@ -35,7 +38,7 @@ def z_column_names(d: int) -> List[str]:
 
 
 POSE_COLUMNS = ("nmaemPoseCorrX", "nmaemPoseCorrY", "nmaemPoseCorrZ")
-FIT_BATCH = 32      # particles per batch of the fit (each renders d + 3 images per iteration)
+FIT_BATCH = 32      # particles per batch of the fit (its Jacobian holds (d + 3) transforms each)
 
 
 def encode_images(encoder: torch.nn.Module, images: torch.Tensor,
@@ -50,7 +53,7 @@ def encode_images(encoder: torch.nn.Module, images: torch.Tensor,
             None if rotvec is None else rotvec.float().cpu().numpy())
 
 
-def _fit_plan(cfg: dict, table, fit_iterations: Optional[int], run_dir: str,
+def fit_plan(cfg: dict, table: "ParticleTable", fit_iterations: Optional[int], run_dir: str,
               particles: str) -> Tuple[int, str]:
     """(iterations, why not) of the per-particle fit: ``fit_iterations`` None is the
     default (``FIT_ITERATIONS_DEFAULT`` where the fit applies, else 0 with the reason);
@@ -102,8 +105,7 @@ def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iteration
     stats = FitStats()
     progress = Progress(n, "fit", unit="images")
     log("infer: fitting each particle's z and shift to its image (%d Gauss-Newton "
-        "iterations, %d renderings per particle each; prior: the encoder's z and shifts "
-        "of %d particles)" % (iterations, z.shape[1] + 3, n))
+        "iterations; prior: the encoder's z and shifts of %d particles)" % (iterations, n))
     for rows, images in make_loader(dataset, batches, num_workers, dev.type == "cuda"):
         r = rows.numpy()
         rt = rows.to(dev)
@@ -160,7 +162,7 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
                         "%g A/px" % (boxes[0], apixes[0], cfg["box0"], cfg["apix0"]))
     from .stacks import ImageStack
     ImageStack(table, check=True).close()
-    n_fit, no_fit = _fit_plan(cfg, table, fit_iterations, run_dir, particles)
+    n_fit, no_fit = fit_plan(cfg, table, fit_iterations, run_dir, particles)
     n, d = table.n, int(cfg["n_modes"])
     z = np.zeros((n, d), dtype=np.float32)
     shift = np.zeros((n, 2), dtype=np.float32)

@@ -21,18 +21,24 @@ conformation on noisy images (measured on the tests' 0 dB, 3.75 A/px particles: 
 error grew from 0.02 to 0.65 A rms).
 
 The minimisation is Levenberg-Marquardt on the linearised rendering: the Jacobian J of the
-rendered transform with respect to (z, t) by forward differences
-(``Decoder.render_ft_jacobian``), the step solving
+rendered transform with respect to (z, t) (``Decoder.render_ft_jacobian``: exact on the
+renderer's matrix-product route, ``Renderer.render_ft_jvp``; forward differences on the
+NUFFT route), the step solving
 (a^2 J^T W J + C^-1 + lambda diag) dp = a J^T W r - C^-1 (p - mu), r = Y - a S, and a
 step kept only where E falls (else lambda grows and the particle keeps its point): E never
 ends above the encoder's. Each step is also bounded (``MAX_STEP_RMSD`` Angstrom RMSD in z,
-``MAX_STEP_SHIFT`` Angstrom in t). One iteration renders d + 3 images per particle.
+``MAX_STEP_SHIFT`` Angstrom in t). One iteration costs about a rendering and 2d weighted
+structure-factor products per particle (d + 3 renderings on the NUFFT route).
 """
 import math
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .likelihood import WhitenedLikelihood
+    from .network import Decoder
 
 __all__ = ["population_prior", "fit_batch", "FitStats", "MAX_STEP_RMSD", "MAX_STEP_SHIFT"]
 
@@ -68,7 +74,7 @@ class FitStats:
         self.n, self.improved = 0, 0
         self.dz_rmsd, self.dshift = [], []
 
-    def add(self, improved, dz_rmsd, dshift):
+    def add(self, improved: torch.Tensor, dz_rmsd: torch.Tensor, dshift: torch.Tensor) -> None:
         self.n += int(improved.numel())
         self.improved += int(improved.sum())
         self.dz_rmsd.append(dz_rmsd.cpu().numpy())
@@ -95,7 +101,8 @@ def _energy(Y, S, w, p, mu, prec):
     return e, fit["scale"]
 
 
-def fit_batch(decoder, likelihood, images: torch.Tensor, groups: Optional[torch.Tensor],
+def fit_batch(decoder: "Decoder", likelihood: "WhitenedLikelihood", images: torch.Tensor,
+              groups: Optional[torch.Tensor],
               z0: torch.Tensor, shift0: torch.Tensor, rotations: torch.Tensor,
               base_shift: torch.Tensor, ctf: Optional[torch.Tensor],
               mu: torch.Tensor, prec: Optional[torch.Tensor], iterations: int,

@@ -20,7 +20,7 @@ import pyworkflow.protocol.params as params
 from pwem.objects import SetOfParticlesFlex
 
 from ..constants import PROGRAM_NAME
-from ..core.choices import CHECKPOINTS
+from ..core.choices import CHECKPOINTS, FIT_ITERATIONS_DEFAULT
 from ..core.runfolder import existing_checkpoint, read_config_or_none
 from .protocol_base import NmaemProtBase
 from .protocol_flex_common import (ATTR_LATENT_FILE, ATTR_RUN_DIR, ATTR_STAR_FILE,
@@ -68,6 +68,18 @@ class NmaemProtInfer(NmaemProtBase):
                            "held-out tenth of the particles was lowest (RUN/checkpoints/best.pt). On noisy "
                            "data the validation loss can rise while the latent space still "
                            "improves (docs/training.md), so 'last epoch' is the default.")
+        form.addParam("fitIterations", params.IntParam, default=FIT_ITERATIONS_DEFAULT,
+                      validators=[params.GE(0)], expertLevel=params.LEVEL_ADVANCED,
+                      label="Per-particle fit iterations",
+                      help="After the encoder, each particle's amplitudes and shift are "
+                           "fitted to its own image in the training likelihood, starting "
+                           "from the encoder's values, with the encoder's population of "
+                           "particles as the prior (Gauss-Newton iterations; each renders "
+                           "the model d + 3 times per particle). It brings the models closer "
+                           "to the images than the encoder alone (docs/training.md, "
+                           "'Per-particle fit'). 0: the encoder's output. Applies to "
+                           "networks trained with the whitened likelihood (the default "
+                           "loss).")
         form.addParam("foldShifts", params.BooleanParam, default=True,
                       expertLevel=params.LEVEL_ADVANCED, label="Refine the shifts?",
                       help="Yes: the predicted shift of each particle is folded into its "
@@ -111,6 +123,10 @@ class NmaemProtInfer(NmaemProtBase):
                 "--num-workers", self.numberOfWorkers.get(),
                 "--checkpoint", WEIGHTS_ARG[self.weights.get()],
                 "--force"]       # this protocol's own outputs, from an interrupted run
+        if self._fitApplies():
+            args += ["--fit-iterations", self.fitIterations.get()]
+        else:
+            args += ["--fit-iterations", 0]
         self.runNmaem("infer", args + self._deviceArgs())
 
     def createOutputStep(self):
@@ -128,6 +144,14 @@ class NmaemProtInfer(NmaemProtBase):
         self._defineSourceRelation(self.inputParticles, out)
         self._defineSourceRelation(self.inputNetwork, out)
 
+    def _fitApplies(self):
+        """The per-particle fit runs: iterations > 0 and a network trained with the
+        whitened likelihood (the only one with a noise model)."""
+        run = runDirOf(self.inputNetwork.get()) if self.inputNetwork.get() else None
+        cfg = read_config_or_none(run) if run else None
+        return bool(self.fitIterations.get()) and bool(cfg) and \
+            cfg.get("loss") == "whitened" and bool(cfg.get("noise"))
+
     # ------------------------------------------------------------------ info
     def _validate(self):
         errors = []
@@ -142,6 +166,11 @@ class NmaemProtInfer(NmaemProtBase):
         elif cfg is None or existing_checkpoint(run) is None:
             errors.append("The network's run folder %s has no trained network "
                           "(config.json and checkpoints/last.pt)." % run)
+        elif (self.fitIterations.get() not in (0, FIT_ITERATIONS_DEFAULT)
+              and not self._fitApplies()):
+            errors.append("The network was trained with the %s loss; the per-particle fit "
+                          "needs the whitened likelihood. Set 'Per-particle fit "
+                          "iterations' to 0." % cfg.get("loss"))
         elif existing_checkpoint(run, WEIGHTS_ARG[self.weights.get()]) is None:
             errors.append("The network's run folder %s has no checkpoints/best.pt (it was "
                           "trained by an nmaem version without it); choose the weights of "
@@ -195,9 +224,14 @@ class NmaemProtInfer(NmaemProtBase):
         stats = self._latentStats()
         if stats is None:
             return []
-        return ["The trained nmaem encoder [Nashed2022] gave the amplitudes of %d normal "
+        text = ("The trained nmaem encoder [Nashed2022] gave the amplitudes of %d normal "
                 "modes and a refined 2D shift for each of %d particles."
-                % (stats[0].shape[1], len(stats[0]))]
+                % (stats[0].shape[1], len(stats[0])))
+        if self._fitApplies():
+            text += (" Each particle's amplitudes and shift were then fitted to its image "
+                     "(%d Gauss-Newton iterations in the training likelihood, with the "
+                     "encoder's population as the prior)." % self.fitIterations.get())
+        return [text]
 
     def _citations(self):
         return ["Nashed2022", "Paszke2019"]

@@ -253,23 +253,23 @@ class TestInferWithFit(unittest.TestCase):
         """Explicit iterations on a run without the whitened loss, or on particles without
         poses, are one-line errors naming the file; by default such runs get the
         encoder's output with a line saying why; negative iterations are refused."""
-        from nmaem_plugin.core.infer import _fit_plan
+        from nmaem_plugin.core.infer import fit_plan
         import json as _json
         with open(os.path.join(self.run_dir, "config.json")) as fh:
             cfg = _json.load(fh)
         table = read_particles(self.star)
-        self.assertEqual(_fit_plan(cfg, table, None, self.run_dir, self.star)[0], 3)
+        self.assertEqual(fit_plan(cfg, table, None, self.run_dir, self.star)[0], 3)
         l2 = dict(cfg, loss="l2", noise=None)
-        n, why = _fit_plan(l2, table, None, self.run_dir, self.star)
+        n, why = fit_plan(l2, table, None, self.run_dir, self.star)
         self.assertEqual(n, 0)
         self.assertIn("--loss l2", why)
         with self.assertRaises(NmaemError) as cm:
-            _fit_plan(l2, table, 2, self.run_dir, self.star)
+            fit_plan(l2, table, 2, self.run_dir, self.star)
         self.assertIn(self.run_dir, str(cm.exception))
         no_pose = replace(table, euler=None)
-        self.assertIn("no poses", _fit_plan(cfg, no_pose, None, self.run_dir, self.star)[1])
+        self.assertIn("no poses", fit_plan(cfg, no_pose, None, self.run_dir, self.star)[1])
         with self.assertRaises(NmaemError) as cm:
-            _fit_plan(cfg, no_pose, 1, self.run_dir, self.star)
+            fit_plan(cfg, no_pose, 1, self.run_dir, self.star)
         self.assertIn(self.star, str(cm.exception))
         self.assertEqual(len(str(cm.exception).splitlines()), 1)
         rc, _, err = nmaem("infer", "--particles", self.star, "--model", self.run_dir, "-o",

@@ -229,6 +229,9 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         prot.inputParticles.set(self.sim.outputParticles)
         self._launch(prot)
         self.assertIn("--checkpoint best", _logText(prot))
+        # the per-particle fit ran (a whitened network; the default iterations)
+        self.assertIn("--fit-iterations 3", _logText(prot))
+        self.assertIn("infer: fit: posterior energy lower for", _logText(prot))
         ref = os.path.join(self.getOutputPath(), "latent_best.npz")
         infer(prot._getExtraPath("input_particles.star"), self._runDir(), ref, checkpoint="best",
               batch=64, log=lambda *a: None)
@@ -242,6 +245,8 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         prot = self.newProtocol(NmaemProtInfer)
         prot.inputNetwork.set(self.train.outputNetwork)
         prot.inputParticles.set(self.sim.outputParticles)
+        self.assertEqual(prot.validate(), [])
+        prot.fitIterations.set(5)           # the network has the whitened loss: fine
         self.assertEqual(prot.validate(), [])
         prot.inputNetwork.set(None)
         self.assertIn("Choose the trained network", " ".join(prot.validate()))

@@ -88,14 +88,15 @@ def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iteration
     from .data import ParticleMetadata, make_loader
     from .likelihood import WhitenedLikelihood
     from .noise import load_noise_model
-    from .particle_fit import FitStats, fit_batch, population_prior
+    from .particle_fit import FitStats, fit_batch, population_prior, prior_floor
     from .progress import Progress
     from .runfolder import NOISE_FILE
     lik = WhitenedLikelihood(
         load_noise_model(os.path.join(run_dir, cfg.get("noise") or NOISE_FILE)),
         cfg["box"], cfg["apix"], cfg.get("resolution_low"), cfg.get("resolution_high"),
         cfg.get("mask_radius"), device=dev, source=table.path)
-    mu, prec = population_prior(np.concatenate([z, shift], 1))
+    mu, prec = population_prior(np.concatenate([z, shift], 1),
+                                min_sd=prior_floor(z.shape[1], ae.decoder.coords.shape[0]))
     mu_t = torch.as_tensor(mu, dtype=torch.float32, device=dev)
     prec_t = torch.as_tensor(prec, dtype=torch.float32, device=dev)
     meta = ParticleMetadata(table, dev)

@@ -16,7 +16,8 @@ the run's pose correction, kept as the encoder gave it). ``mu`` and ``C`` are th
 and covariance of the encoder's (z, t) over the particles inferred (an empirical-Bayes
 prior: the population the images come from, broadened by the encoder's own error, so it
 shrinks less than the true population would), with a shrinkage of C toward its diagonal
-by (d + 2) / N for small sets. Without the shift's prior the fit trades shift for
+by (d + 2) / N for small sets, and each sd kept at least 0.01 A (RMSD along a mode, or
+shift; ``prior_floor``). Without the shift's prior the fit trades shift for
 conformation on noisy images (measured on the tests' 0 dB, 3.75 A/px particles: the shift
 error grew from 0.02 to 0.65 A rms).
 
@@ -40,18 +41,23 @@ if TYPE_CHECKING:
     from .likelihood import WhitenedLikelihood
     from .network import Decoder
 
-__all__ = ["population_prior", "fit_batch", "FitStats", "MAX_STEP_RMSD", "MAX_STEP_SHIFT"]
+__all__ = ["population_prior", "prior_floor", "fit_batch", "FitStats", "MAX_STEP_RMSD",
+           "MAX_STEP_SHIFT"]
 
 MAX_STEP_RMSD = 0.5        # Angstrom RMSD of the largest change of z in one step
 MAX_STEP_SHIFT = 1.0       # Angstrom, the largest change of the shift in one step
+# the prior's smallest sd: Angstrom RMSD along a mode, Angstrom of shift
+MIN_PRIOR_SD_RMSD, MIN_PRIOR_SD_SHIFT = 0.01, 0.01
 LAMBDA_UP, LAMBDA_DOWN, LAMBDA_FIRST = 4.0, 3.0, 1e-2
 
 
-def population_prior(p: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def population_prior(p: np.ndarray, min_sd: Optional[np.ndarray] = None
+                     ) -> Tuple[np.ndarray, np.ndarray]:
     """(mu (P,), precision (P, P)) float64 of the Gaussian prior from the encoder's
     parameters p (N, P), (z, shift) per particle: mean and covariance, the covariance shrunk
-    toward its diagonal by min(1, P / N) and each variance raised by 1e-6 of itself (and
-    1e-12). N >= 2."""
+    toward its diagonal by min(1, P / N), each variance raised by 1e-6 of itself (and
+    1e-12) and, with ``min_sd`` (P,), to at least ``min_sd**2`` (an encoder whose shift
+    output is constant must not pin the fit with a precision of 1e12). N >= 2."""
     p = np.asarray(p, dtype=np.float64)
     n, k = p.shape
     if n < 2:
@@ -62,8 +68,18 @@ def population_prior(p: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     c = np.atleast_2d(np.cov(p.T))
     alpha = min(1.0, k / float(n))
     c = (1.0 - alpha) * c + alpha * np.diag(np.diag(c))
-    c[np.diag_indices(k)] = np.diag(c) * (1.0 + 1e-6) + 1e-12
+    v = np.diag(c) * (1.0 + 1e-6) + 1e-12
+    if min_sd is not None:
+        v = np.maximum(v, np.asarray(min_sd, dtype=np.float64).reshape(k) ** 2)
+    c[np.diag_indices(k)] = v
     return mu, np.linalg.inv(c)
+
+
+def prior_floor(n_modes: int, n_atoms: int) -> np.ndarray:
+    """The prior's smallest sd per parameter (d + 2,): ``MIN_PRIOR_SD_RMSD`` Angstrom RMSD
+    along each mode (times sqrt(M) in z) and ``MIN_PRIOR_SD_SHIFT`` Angstrom of shift."""
+    return np.array([MIN_PRIOR_SD_RMSD * math.sqrt(n_atoms)] * int(n_modes)
+                    + [MIN_PRIOR_SD_SHIFT] * 2)
 
 
 class FitStats:
@@ -152,7 +168,8 @@ def fit_batch(decoder: "Decoder", likelihood: "WhitenedLikelihood", images: torc
             diag = torch.diagonal(H, dim1=1, dim2=2)
             Hd = H + ((lam[:, None] * diag).unsqueeze(-1)
                       + 1e-9 * diag.mean(1)[:, None, None]) * eye
-            step = torch.linalg.solve(Hd, g[..., None])[..., 0]
+            # float64: the prior's precisions span many decades (z in A amplitude, shifts)
+            step = torch.linalg.solve(Hd.double(), g.double()[..., None])[..., 0].to(z.dtype)
             dz, dt = step[:, :d], step[:, d:]
             dz = dz * torch.clamp(max_dz / dz.norm(dim=1, keepdim=True).clamp_min(1e-12), max=1.0)
             dt = dt * torch.clamp(MAX_STEP_SHIFT / dt.norm(dim=1, keepdim=True).clamp_min(1e-12),

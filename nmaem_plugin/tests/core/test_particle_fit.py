@@ -177,6 +177,13 @@ class TestPopulationPrior(unittest.TestCase):
         self.assertGreater(np.linalg.eigvalsh(prec).min(), 0)
         with self.assertRaises(ValueError):
             population_prior(z[:1])
+        # an encoder whose shift output is constant (seen on a benchmark run: sd 1e-7 A):
+        # the floor keeps the precision at 1 / min_sd^2, not 1e12
+        const = z.copy()
+        const[:, 3] = 0.25
+        _, prec = population_prior(const, min_sd=np.array([0.0, 0.0, 0.0, 0.01]))
+        self.assertAlmostEqual(float(np.linalg.inv(prec)[3, 3]), 1e-4, delta=1e-6)
+        self.assertTrue(np.all(np.isfinite(prec)))
         scaled = z * np.array([300.0, 300.0, 0.01, 0.01])
         _, prec = population_prior(scaled)
         var = np.diag(np.linalg.inv(prec))

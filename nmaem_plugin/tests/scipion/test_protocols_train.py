@@ -236,10 +236,12 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         infer(prot._getExtraPath("input_particles.star"), self._runDir(), ref, checkpoint="best",
               batch=64, log=lambda *a: None)
         # float32 sums (the input-whitening FFTs, convolutions) may differ in the last bits
-        # between the protocol's process and this one (threads): equal to 1e-5
+        # between the protocol's process and this one (threads), and the per-particle fit's
+        # iterations carry such differences on (8e-5 A of amplitude seen in a clean-clone
+        # run): equal to 1e-3 A of amplitude (far below 1e-3 A RMSD) and 1e-4 A of shift
         with np.load(prot._getExtraPath("latent.npz")) as a, np.load(ref) as b:
-            np.testing.assert_allclose(a["z"], b["z"], rtol=1e-5, atol=1e-5)
-            np.testing.assert_allclose(a["shift"], b["shift"], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(a["z"], b["z"], rtol=1e-5, atol=1e-3)
+            np.testing.assert_allclose(a["shift"], b["shift"], rtol=1e-5, atol=1e-4)
 
     def test_infer_validate_box(self):
         prot = self.newProtocol(NmaemProtInfer)

@@ -35,7 +35,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from nmaem_plugin.core.data import ParticleImages, ParticleMetadata  # noqa: E402
 from nmaem_plugin.core.likelihood import WhitenedLikelihood, whitened_fit  # noqa: E402
 from nmaem_plugin.core.network import split_outputs  # noqa: E402
-from nmaem_plugin.core.noise import load_noise_model  # noqa: E402
 from nmaem_plugin.core.particles import read_particles  # noqa: E402
 from nmaem_plugin.core.poses import (correct_rotations, euler_to_matrix,  # noqa: E402
                                      rotation_angle_deg)
@@ -108,10 +107,7 @@ def main(argv=None):
     table = read_particles(cfg["particles"])
     meta = ParticleMetadata(table, "cpu")
     gt = np.load(os.path.join(os.path.dirname(cfg["particles"]), "ground_truth.npz"))
-    lik = WhitenedLikelihood(load_noise_model(os.path.join(args.run, cfg.get("noise") or
-                                                           "noise.npz")),
-                             cfg["box"], cfg["apix"], cfg.get("resolution_low"),
-                             cfg.get("resolution_high"), cfg.get("mask_radius"))
+    lik = WhitenedLikelihood.for_run(args.run, cfg)
     images = ParticleImages(table, cfg["box"])
     rows = np.linspace(0, table.n - 1, min(args.n, table.n)).astype(np.int64)
     true = euler_to_matrix(*gt["euler"][rows].T)

@@ -59,13 +59,14 @@ def fit_plan(cfg: dict, table: "ParticleTable", fit_iterations: Optional[int], r
     default (``FIT_ITERATIONS_DEFAULT`` where the fit applies, else 0 with the reason);
     an explicit number where it cannot apply is an error."""
     from .choices import FIT_ITERATIONS_DEFAULT
+    from .runfolder import has_noise_model
     if fit_iterations is not None and int(fit_iterations) < 0:
         raise NmaemError("--fit-iterations must be 0 or more (got %d)" % int(fit_iterations))
     n = FIT_ITERATIONS_DEFAULT if fit_iterations is None else int(fit_iterations)
     if n == 0:
         return 0, "--fit-iterations 0"
     why = None
-    if cfg.get("loss") != "whitened" or not cfg.get("noise"):
+    if not has_noise_model(cfg):
         why = ("the run was trained with --loss %s; the fit needs the whitened likelihood's "
                "noise model" % cfg.get("loss"), run_dir)
     elif table.euler is None:
@@ -87,14 +88,9 @@ def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iteration
     (``particle_fit.py``)."""
     from .data import ParticleMetadata, make_loader
     from .likelihood import WhitenedLikelihood
-    from .noise import load_noise_model
     from .particle_fit import FitStats, fit_batch, population_prior, prior_floor
     from .progress import Progress
-    from .runfolder import NOISE_FILE
-    lik = WhitenedLikelihood(
-        load_noise_model(os.path.join(run_dir, cfg.get("noise") or NOISE_FILE)),
-        cfg["box"], cfg["apix"], cfg.get("resolution_low"), cfg.get("resolution_high"),
-        cfg.get("mask_radius"), device=dev, source=table.path)
+    lik = WhitenedLikelihood.for_run(run_dir, cfg, dev, source=table.path)
     mu, prec = population_prior(np.concatenate([z, shift], 1),
                                 min_sd=prior_floor(z.shape[1], ae.decoder.coords.shape[0]))
     mu_t = torch.as_tensor(mu, dtype=torch.float32, device=dev)

@@ -183,6 +183,18 @@ class WhitenedLikelihood:
                             device=device)
         self._w = w
 
+    @classmethod
+    def for_run(cls, run_dir: str, cfg: dict, device: Union[str, torch.device] = "cpu",
+                source: Optional[str] = None) -> "WhitenedLikelihood":
+        """The likelihood a run was trained with: its noise model, box, pixel size, band
+        and mask (``config.json`` as ``cfg``); ``source`` names the particle file in
+        errors (default the run's)."""
+        from .runfolder import noise_path
+        return cls(noise_model.load_noise_model(noise_path(run_dir, cfg)), cfg["box"],
+                   cfg["apix"], cfg.get("resolution_low"), cfg.get("resolution_high"),
+                   cfg.get("mask_radius"), device=device,
+                   source=cfg.get("particles") if source is None else source)
+
     def weights(self, groups: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Band / sigma2 on the rfft2 grid: (D, K) for the first optics group (``groups``
         None), else (B, D, K), each image its group's."""

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Optional, Tuple
 import numpy as np
 import torch
 
+from .likelihood import whitened_fit
+
 if TYPE_CHECKING:
     from .likelihood import WhitenedLikelihood
     from .network import Decoder
@@ -108,7 +110,6 @@ class FitStats:
 
 
 def _energy(Y, S, w, p, mu, prec):
-    from .likelihood import whitened_fit
     fit = whitened_fit(Y, S, w)
     e = fit["chi2"]
     if prec is not None:

@@ -34,6 +34,7 @@ __all__ = ["is_auto_batch", "CONFIG_FILE", "LOG_FILE", "SPLIT_FILE", "NOISE_FILE
            "FIT_CHECK_FILE", "CHECKPOINT_DIR", "LOG_COLUMNS", "LOG_OPTIONAL_COLUMNS",
            "TrainConfig", "config_path", "log_path", "checkpoint_dir", "checkpoint_file",
            "epoch_checkpoint_file", "read_config", "read_config_or_none", "write_json",
+           "has_noise_model", "noise_path",
            "write_config", "write_log", "read_log_rows", "read_log_columns", "checkpoint_path",
            "existing_checkpoint", "reference_name", "is_run", "LOCK_FILE", "run_lock",
            "read_lock", "reference_and_modes"]
@@ -291,6 +292,18 @@ def read_config_or_none(run_dir: str) -> Optional[Dict]:
         return None
     with open(path) as fh:
         return json.load(fh)
+
+
+def has_noise_model(cfg: Dict) -> bool:
+    """Whether the run was trained with the whitened likelihood, whose noise model it
+    keeps (:func:`noise_path`): what input whitening and the per-particle fit need."""
+    return cfg.get("loss") == "whitened"
+
+
+def noise_path(run_dir: str, cfg: Dict) -> str:
+    """The run's noise model file (``cfg["noise"]``; ``NOISE_FILE`` for runs written before
+    the key existed)."""
+    return os.path.join(run_dir, cfg.get("noise") or NOISE_FILE)
 
 
 def reference_and_modes(run_dir: str) -> Tuple[Optional[str], Optional[str]]:

@@ -37,9 +37,8 @@ from .normstats import recompute_from_dataset, resolve_batch
 from .outputs import check_run_dir
 from .runfolder import (FIT_CHECK_FILE, NOISE_FILE, TrainConfig, checkpoint_dir,
                         checkpoint_file, checkpoint_path, config_path, encoder_box_for,
-                        epoch_checkpoint_file,
-                        is_auto_batch, read_config, reference_name, run_lock, write_config,
-                        write_json, write_log)
+                        epoch_checkpoint_file, is_auto_batch, noise_path, read_config,
+                        reference_name, run_lock, write_config, write_json, write_log)
 
 __all__ = ["DEFAULTS", "prepare_run", "train_run", "train", "load_trained", "build_autoencoder",
            "save_checkpoint", "epoch_lr", "CHECKPOINT_FORMAT"]
@@ -302,8 +301,7 @@ def build_autoencoder(cfg: dict, run_dir: str) -> "AutoEncoder":
     input_filter = None
     if cfg.get("whiten_input"):
         from .noise import load_noise_model, whitening_filter
-        input_filter = whitening_filter(
-            load_noise_model(os.path.join(run_dir, cfg.get("noise") or NOISE_FILE)), cfg["box"])
+        input_filter = whitening_filter(load_noise_model(noise_path(run_dir, cfg)), cfg["box"])
     enc = Encoder(cfg["box"], cfg["n_modes"], filters=cfg["filters"], hidden=cfg["hidden"],
                   z_scale=cfg["z_scale"], shift_scale=cfg["shift_scale"], pose_max=pose_max,
                   input_filter=input_filter, encoder_box=cfg.get("encoder_box"),
@@ -505,11 +503,7 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
     likelihood = None
     if loss_kind == "whitened":
         from .likelihood import WhitenedLikelihood
-        from .noise import load_noise_model
-        likelihood = WhitenedLikelihood(
-            load_noise_model(os.path.join(run_dir, cfg.get("noise") or NOISE_FILE)),
-            cfg["box"], cfg["apix"], cfg.get("resolution_low"), cfg.get("resolution_high"),
-            cfg.get("mask_radius"), device=device, source=cfg["particles"])
+        likelihood = WhitenedLikelihood.for_run(run_dir, cfg, device)
     if rank0:
         write_log(run_dir, history)     # a resumed run drops rows after its checkpoint
 

@@ -21,7 +21,7 @@ from pwem.objects import SetOfParticlesFlex
 
 from ..constants import PROGRAM_NAME
 from ..core.choices import CHECKPOINTS, FIT_ITERATIONS_DEFAULT
-from ..core.runfolder import existing_checkpoint, read_config_or_none
+from ..core.runfolder import existing_checkpoint, has_noise_model, read_config_or_none
 from .protocol_base import NmaemProtBase
 from .protocol_flex_common import (ATTR_LATENT_FILE, ATTR_RUN_DIR, ATTR_STAR_FILE,
                                    createSetOfParticlesFlex, runDirOf)
@@ -149,8 +149,7 @@ class NmaemProtInfer(NmaemProtBase):
         whitened likelihood (the only one with a noise model)."""
         run = runDirOf(self.inputNetwork.get()) if self.inputNetwork.get() else None
         cfg = read_config_or_none(run) if run else None
-        return bool(self.fitIterations.get()) and bool(cfg) and \
-            cfg.get("loss") == "whitened" and bool(cfg.get("noise"))
+        return bool(self.fitIterations.get()) and bool(cfg) and has_noise_model(cfg)
 
     # ------------------------------------------------------------------ info
     def _validate(self):

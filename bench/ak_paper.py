@@ -151,6 +151,8 @@ def main(argv=None):
                     help="nmaem train --pose-input (with --refine-pose)")
     ap.add_argument("--fit-iterations", type=int, metavar="N",
                     help="nmaem infer --fit-iterations (default: nmaem infer's default)")
+    ap.add_argument("--fit-pose", action="store_true",
+                    help="nmaem infer --fit-pose: the fit also refines the rotations")
     ap.add_argument("--infer-tag", default="",
                     help="a second inference of a trained run: writes latent<TAG>.npz and "
                          "evaluate<TAG>.json next to the run's, under the result key + TAG "
@@ -259,6 +261,7 @@ def main(argv=None):
             if t_train is not None or not os.path.exists(latent):
                 fit = ([] if args.fit_iterations is None
                        else ["--fit-iterations", str(args.fit_iterations)])
+                fit += ["--fit-pose"] if args.fit_pose else []
                 t_infer, _ = run(nm + ["infer", "--particles",
                                        os.path.join(sim, "particles.star"), "--model", rdir,
                                        "-o", latent, "--force",
@@ -291,7 +294,8 @@ def main(argv=None):
                 median_excess=ev["excess_rmsd"]["median"],
                 shift_rmse=ev["shift_error"]["rmse"],
                 refine_pose=bool(args.refine_pose),
-                fit_iterations=args.fit_iterations, infer_tag=args.infer_tag,
+                fit_iterations=args.fit_iterations, fit_pose=bool(args.fit_pose),
+                infer_tag=args.infer_tag,
                 median_angle_input=(ev.get("pose_error") or {}).get("median_input_deg"),
                 median_angle_refined=(ev.get("pose_error") or {}).get("median_refined_deg"),
                 train_s_per_epoch=(sum(h["seconds"] for h in hist) / len(hist)
@@ -348,7 +352,8 @@ def table(results):
             "" if nz == "none" else " [%s]" % nz, r["d"],
             fmt(None if r["pc1_explained_variance"] is None
                 else 100 * r["pc1_explained_variance"], "%.1f %%"),
-            fmt(r.get("abs_corr_pc1_frame")), mx, r["median_rmsd"], r["median_floor"], r["median_reference"],
+            fmt(r.get("abs_corr_pc1_frame")), mx, r["median_rmsd"], r["median_floor"],
+            r["median_reference"],
             fmt(r["train_s"], "%.0f"), fmt(r["train_images_per_s"], "%.0f"), ang))
     return "\n".join(rows)
 

@@ -74,7 +74,7 @@ def val_losses(ae, cfg, run, sim, batch=256):
     meta = ParticleMetadata(table, "cpu")
     ds = ParticleImages(table, cfg["box"])
     with np.load(os.path.join(sim, "ground_truth.npz")) as g:
-        frame, tshift = g["frame"], g["shift"]
+        frame = g["frame"]
     fmodel, frames = read_trajectory(os.path.join(sim, "frames.pdb"))
     U = ae.decoder.modes.double().reshape(ae.decoder.n_modes, -1)
     x0 = ae.decoder.coords.double().reshape(-1)

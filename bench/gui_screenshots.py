@@ -9,6 +9,7 @@ The project must hold the outputs of the nmaem protocols: the one that
 its own process (one Tk form per process, see ../shared/scipion-gui-headless.md).
 """
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -33,7 +34,8 @@ def _shoot(window_id, out, width=1100):
 
 
 def _project(name):
-    import pyworkflow.gui.project  # noqa: F401  (before gui.form: circular import)
+    # before gui.form (a circular import); importlib, so that no unused name is bound
+    importlib.import_module("pyworkflow.gui.project")
     from pyworkflow.project import Manager
     project = Manager().loadProject(name)
     os.chdir(project.getPath())

@@ -649,6 +649,10 @@ def _add_infer(sub):
                         "its image after the encoder (default %d for runs with the whitened "
                         "loss and particles with poses and CTF; 0: the encoder's output; "
                         "docs/training.md)" % FIT_ITERATIONS_DEFAULT)
+    p.add_argument("--fit-pose", action="store_true",
+                   help="the fit also refines each particle's rotation (a local refinement "
+                        "with a prior whose spread is measured on the particles); the latent "
+                        "and --star then hold the refined angles")
     p.add_argument("--force", action="store_true",
                    help="replace existing output files (never an input)")
     p.set_defaults(func=_run_infer)
@@ -668,7 +672,7 @@ def _run_infer(args):
         check_output_file(args.star, inputs=inputs, force=args.force)
     infer(args.particles, args.model, args.output, batch=args.batch, device=args.device,
           star=args.star, num_workers=args.num_workers, checkpoint=args.checkpoint,
-          fit_iterations=args.fit_iterations)
+          fit_iterations=args.fit_iterations, fit_pose=args.fit_pose)
     return 0
 
 

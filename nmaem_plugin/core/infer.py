@@ -16,6 +16,7 @@ default ``choices.FIT_ITERATIONS_DEFAULT``; ``particle_fit.py``): the encoder's 
 the starting point, and the latent holds the fitted values.
 """
 
+import math
 import os
 from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
 
@@ -27,6 +28,7 @@ from .errors import NmaemError, fail
 
 if TYPE_CHECKING:
     from .particles import ParticleTable
+    from .particle_fit import FitStats
 
 __all__ = ["infer", "encode_images", "z_column_names", "fit_plan"]
 
@@ -82,10 +84,23 @@ def fit_plan(cfg: dict, table: "ParticleTable", fit_iterations: Optional[int], r
     return 0, why[0]
 
 
+def _turn_prior(stats: "FitStats") -> np.ndarray:
+    """sd (3,) radians of the rotation errors about the model's axes, by the method of
+    moments from a calibration fit under a broad prior: the mean square of the fitted
+    rotations minus their mean posterior variance (``POSE_FIT_MIN_SD_DEG`` at least)."""
+    from .choices import POSE_FIT_MIN_SD_DEG
+    w = np.concatenate(stats.dturn).astype(np.float64)
+    var = np.concatenate(stats.turn_var).astype(np.float64)
+    tau2 = (w ** 2).mean(0) - var.mean(0)
+    return np.sqrt(np.maximum(tau2, math.radians(POSE_FIT_MIN_SD_DEG) ** 2))
+
+
 def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iterations, dev,
-                   num_workers, log):
+                   num_workers, log, fit_pose=False):
     """Replace ``z`` and ``shift`` (numpy, in place) by each particle's fit
-    (``particle_fit.py``)."""
+    (``particle_fit.py``); with ``fit_pose``, return each particle's fitted rotation w
+    (N, 3) radians (applied after the run's correction), else None."""
+    from .choices import POSE_FIT_BROAD_SD_DEG, POSE_FIT_CALIBRATION
     from .data import ParticleMetadata, make_loader
     from .likelihood import WhitenedLikelihood
     from .particle_fit import FitStats, fit_batch, population_prior, prior_floor
@@ -93,37 +108,67 @@ def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iteration
     lik = WhitenedLikelihood.for_run(run_dir, cfg, dev, source=table.path)
     mu, prec = population_prior(np.concatenate([z, shift], 1),
                                 min_sd=prior_floor(z.shape[1], ae.decoder.coords.shape[0]))
-    mu_t = torch.as_tensor(mu, dtype=torch.float32, device=dev)
-    prec_t = torch.as_tensor(prec, dtype=torch.float32, device=dev)
     meta = ParticleMetadata(table, dev)
     n = table.n
-    size = FIT_BATCH
-    batches = [np.arange(i, min(n, i + size), dtype=np.int64) for i in range(0, n, size)]
-    stats = FitStats()
-    progress = Progress(n, "fit", unit="images")
-    log("infer: fitting each particle's z and shift to its image (%d Gauss-Newton "
-        "iterations; prior: the encoder's z and shifts of %d particles)" % (iterations, n))
-    for rows, images in make_loader(dataset, batches, num_workers, dev.type == "cuda"):
-        r = rows.numpy()
-        rt = rows.to(dev)
-        rot, base, ctf_params = meta.batch(rt)
-        ctf = ae.decoder.ctf(ctf_params)
-        zz, tt = fit_batch(ae.decoder, lik, images.to(dev), meta.optics_group[rt],
-                           torch.as_tensor(z[r], device=dev),
-                           torch.as_tensor(shift[r], device=dev), rot, base, ctf, mu_t, prec_t,
-                           iterations, stats=stats,
-                           rotvec=None if rotvec is None else torch.as_tensor(rotvec[r],
-                                                                              device=dev))
-        z[r], shift[r] = zz.cpu().numpy(), tt.cpu().numpy()
-        progress.update(len(r))
+    turn = np.zeros((n, 3), dtype=np.float32) if fit_pose else None
+
+    def with_turn(sd):
+        m, q = mu, prec
+        if fit_pose:
+            m = np.concatenate([mu, np.zeros(3)])
+            q = np.zeros((len(m), len(m)))
+            q[:len(mu), :len(mu)] = prec
+            q[len(mu):, len(mu):] = np.diag(1.0 / np.asarray(sd, dtype=np.float64) ** 2)
+        return (torch.as_tensor(m, dtype=torch.float32, device=dev),
+                torch.as_tensor(q, dtype=torch.float32, device=dev))
+
+    def run(rows_all, mu_t, prec_t, label, keep):
+        size = FIT_BATCH
+        batches = [rows_all[i:i + size] for i in range(0, len(rows_all), size)]
+        stats = FitStats()
+        progress = Progress(len(rows_all), label, unit="images")
+        for rows, images in make_loader(dataset, batches, num_workers, dev.type == "cuda"):
+            r = rows.numpy()
+            rt = rows.to(dev)
+            rot, base, ctf_params = meta.batch(rt)
+            out = fit_batch(ae.decoder, lik, images.to(dev), meta.optics_group[rt],
+                            torch.as_tensor(z[r], device=dev),
+                            torch.as_tensor(shift[r], device=dev), rot, base,
+                            ae.decoder.ctf(ctf_params), mu_t, prec_t, iterations,
+                            stats=stats,
+                            rotvec=None if rotvec is None else torch.as_tensor(rotvec[r],
+                                                                               device=dev),
+                            turn0=(torch.zeros(len(r), 3, device=dev) if fit_pose else None))
+            if keep:
+                z[r], shift[r] = out[0].cpu().numpy(), out[1].cpu().numpy()
+                if fit_pose:
+                    turn[r] = out[2].cpu().numpy()
+            progress.update(len(r))
+        return stats
+
+    what = "z, shift and rotation" if fit_pose else "z and shift"
+    sd = None
+    if fit_pose:
+        calib = np.unique(np.linspace(0, n - 1, min(n, POSE_FIT_CALIBRATION)).astype(np.int64))
+        log("infer: the rotation errors' spread, from a fit of %d particles under a broad "
+            "prior (sd %g deg)" % (len(calib), POSE_FIT_BROAD_SD_DEG))
+        sd = _turn_prior(run(calib, *with_turn([math.radians(POSE_FIT_BROAD_SD_DEG)] * 3),
+                             "calibration", keep=False))
+        log("infer: rotation prior: sd %.2f, %.2f, %.2f deg about the model's x, y, z"
+            % tuple(np.degrees(sd)))
+    log("infer: fitting each particle's %s to its image (%d Gauss-Newton iterations; "
+        "prior: the encoder's z and shifts of %d particles%s)"
+        % (what, iterations, n, ", and the rotation prior" if fit_pose else ""))
+    stats = run(np.arange(n, dtype=np.int64), *with_turn(sd), "fit", keep=True)
     log("infer: fit: %s" % stats.describe())
+    return turn
 
 
 def infer(particles: str, run_dir: str, out: str, batch: int = 256,
           device: Union[str, torch.device, None] = None, star: Optional[str] = None,
           num_workers: int = 0, checkpoint: str = "last",
           log: Callable[[str], None] = print,
-          fit_iterations: Optional[int] = None) -> dict:
+          fit_iterations: Optional[int] = None, fit_pose: bool = False) -> dict:
     """Write ``out`` (latent.npz) for every particle of ``particles``; optionally ``star``,
     a copy of the particle file with amplitude columns and refined origins (and, for a run
     trained with ``--refine-pose``, refined angles and the corrections in degrees,
@@ -133,6 +178,8 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
     ``fit_iterations``: Gauss-Newton iterations of the per-particle fit after the encoder
     (``particle_fit.py``); None: ``FIT_ITERATIONS_DEFAULT`` when the run has the whitened
     likelihood and the particles have poses and CTFs, else none; 0: the encoder's output.
+    ``fit_pose``: the fit also refines each particle's rotation (``pose_fit`` in
+    docs/training.md); the latent and the STAR then hold the refined angles.
 
     Memory: one batch of images at a time plus the (N, d + 2) results.
     """
@@ -160,6 +207,9 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
     from .stacks import ImageStack
     ImageStack(table, check=True).close()
     n_fit, no_fit = fit_plan(cfg, table, fit_iterations, run_dir, particles)
+    if fit_pose and not n_fit:
+        fail(particles, "--fit-pose needs the per-particle fit, which does not run: %s"
+             % no_fit)
     n, d = table.n, int(cfg["n_modes"])
     z = np.zeros((n, d), dtype=np.float32)
     shift = np.zeros((n, 2), dtype=np.float32)
@@ -185,8 +235,14 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
             and (rotvec is None or np.all(np.isfinite(rotvec)))):
         fail(run_dir, "the model gives non-finite outputs")
     if n_fit:
-        _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, n_fit, dev,
-                       num_workers, log)
+        turn = _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, n_fit, dev,
+                              num_workers, log, fit_pose=fit_pose)
+        if turn is not None:        # the total correction: R(v) R(w), or R(w) alone
+            from .poses import matrix_to_rotvec, rotvec_to_matrix
+            total = rotvec_to_matrix(turn.astype(np.float64))
+            if rotvec is not None:
+                total = rotvec_to_matrix(rotvec.astype(np.float64)) @ total
+            rotvec = matrix_to_rotvec(total).astype(np.float32)
     elif fit_iterations is None and no_fit:
         log("infer: no per-particle fit (%s): the encoder's output" % no_fit)
     euler = None
@@ -204,8 +260,9 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
     if rotvec is not None:
         angle = np.degrees(np.linalg.norm(rotvec.astype(np.float64), axis=1))
         log("infer: pose corrections: median %.2f deg, 95th percentile %.2f, largest %.2f "
-            "(bound %g deg)" % (np.median(angle), np.percentile(angle, 95), angle.max(),
-                                float(cfg.get("max_pose_correction") or 0)))
+            "(%s)" % (np.median(angle), np.percentile(angle, 95), angle.max(),
+                      "refined by the fit" if fit_pose else
+                      "bound %g deg" % float(cfg.get("max_pose_correction") or 0)))
     if star:
         from dataclasses import replace
         refined = (table.origin_or_zero() - shift.astype(np.float64))

@@ -90,6 +90,7 @@ LAST_LAYER_GAIN = 1e-3
 # rounding)
 FD_RMSD = 0.02
 FD_SHIFT = 0.05
+FD_ANGLE = 1e-3           # radians, the rotation's forward difference on the NUFFT route
 
 
 def normalise_images(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -290,41 +291,61 @@ class Decoder(nn.Module):
 
     def render_ft_jacobian(self, z: torch.Tensor, rotations: torch.Tensor,
                            shifts: torch.Tensor, ctf: Optional[torch.Tensor] = None,
-                           rotvec: Optional[torch.Tensor] = None
+                           rotvec: Optional[torch.Tensor] = None, rotation: bool = False
                            ) -> Tuple[torch.Tensor, torch.Tensor]:
         """(F, J): :meth:`render_ft` (B, D, K) and its derivatives with respect to the d
         amplitudes (per Angstrom of z) and the 2 shift components x, y (per Angstrom),
-        (d + 2, B, D, K). No gradients.
+        (d + 2, B, D, K); with ``rotation``, then also with respect to a small rotation of
+        the model about its x, y and z axes applied last (the rendered rotation
+        A R(v) R(w), per radian of w at w = 0), (d + 5, B, D, K). No gradients.
 
         On the matrix-product route the derivatives are exact
-        (:meth:`imaging.Renderer.render_ft_jvp` with the modes as tangents, rotated by the
-        rotations rendered, pose correction included). On the NUFFT route they are forward
-        differences of ``FD_RMSD`` Angstrom RMSD along each mode (``FD_RMSD * sqrt(M)`` in
-        z, the modes being orthonormal) and ``FD_SHIFT`` Angstrom along each axis, all
-        rendered in one batch of (d + 3) B images."""
+        (:meth:`imaging.Renderer.render_ft_jvp` with the modes as tangents, and for the
+        rotation the tangents e_k x (X(z) - centre), rotated by the rotations rendered, pose
+        correction included). On the NUFFT route they are forward differences of
+        ``FD_RMSD`` Angstrom RMSD along each mode (``FD_RMSD * sqrt(M)`` in z, the modes
+        being orthonormal), ``FD_SHIFT`` Angstrom along each axis and ``FD_ANGLE`` radians
+        about each axis, all rendered in one batch of (P + 1) B images."""
         r = self.renderer()
-        if r.chunks(z.shape[0]).route != "nufft":
-            return r.render_ft_jvp(self.conformations(z), self.rotations(rotations, rotvec),
-                                   shifts.float() + self.offset, ctf, self.modes)
-        return self._render_ft_differences(z, rotations, shifts, ctf, rotvec)
+        if r.chunks(z.shape[0]).route == "nufft":
+            return self._render_ft_differences(z, rotations, shifts, ctf, rotvec, rotation)
+        X = self.conformations(z)
+        A = self.rotations(rotations, rotvec)
+        if not rotation:
+            return r.render_ft_jvp(X, A, shifts.float() + self.offset, ctf, self.modes)
+        B, d = z.shape[0], self.n_modes
+        rel = X - X.new_tensor(self.centre)
+        o = torch.zeros_like(rel[..., 0])
+        x, y, w = rel.unbind(-1)
+        # e_k x r for the model's axes k = x, y, z
+        turns = torch.stack([torch.stack([o, -w, y], -1), torch.stack([w, o, -x], -1),
+                             torch.stack([-y, x, o], -1)])                 # (3, B, M, 3)
+        tangents = torch.cat([self.modes[:, None].expand(d, B, *self.modes.shape[1:]),
+                              turns], 0)
+        F, J = r.render_ft_jvp(X, A, shifts.float() + self.offset, ctf, tangents)
+        return F, torch.cat([J[:d], J[d + 3:], J[d:d + 3]], 0)
 
     def _render_ft_differences(self, z: torch.Tensor, rotations: torch.Tensor,
                                shifts: torch.Tensor, ctf: Optional[torch.Tensor] = None,
-                               rotvec: Optional[torch.Tensor] = None
+                               rotvec: Optional[torch.Tensor] = None, rotation: bool = False
                                ) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`render_ft_jacobian` by forward differences (its docstring)."""
         B, d = z.shape[0], self.n_modes
-        P = d + 2
+        n_rot = 3 if rotation else 0
+        P = d + 2 + n_rot
         step = torch.cat([torch.full((d,), FD_RMSD * math.sqrt(self.coords.shape[0])),
-                          torch.full((2,), FD_SHIFT)]).to(z.device)
-        p = torch.cat([z.float(), shifts.float()], 1)
+                          torch.full((2,), FD_SHIFT), torch.full((n_rot,), FD_ANGLE)]
+                         ).to(z.device)
+        p = torch.cat([z.float(), shifts.float(), z.new_zeros(B, n_rot)], 1)
         eye = torch.eye(P, device=z.device)
         ps = torch.cat([p] + [p + step[k] * eye[k] for k in range(P)], 0)
         rep = P + 1
+        A = self.rotations(rotations, rotvec).repeat(rep, 1, 1)
+        if rotation:
+            A = correct_rotations(A, ps[:, d + 2:])
         with torch.no_grad():
-            S = self.render_ft(ps[:, :d], rotations.repeat(rep, 1, 1), ps[:, d:],
-                               None if ctf is None else ctf.repeat(rep, 1, 1),
-                               rotvec=None if rotvec is None else rotvec.repeat(rep, 1))
+            S = self.render_ft(ps[:, :d], A, ps[:, d:d + 2],
+                               None if ctf is None else ctf.repeat(rep, 1, 1))
         S = S.reshape(rep, B, *S.shape[1:])
         return S[0], (S[1:] - S[0]) / step[:, None, None, None].to(S.real.dtype)
 

@@ -48,6 +48,7 @@ __all__ = ["population_prior", "prior_floor", "fit_batch", "FitStats", "MAX_STEP
 
 MAX_STEP_RMSD = 0.5        # Angstrom RMSD of the largest change of z in one step
 MAX_STEP_SHIFT = 1.0       # Angstrom, the largest change of the shift in one step
+MAX_STEP_TURN_DEG = 2.0    # degrees, the largest change of the rotation in one step
 # the prior's smallest sd: Angstrom RMSD along a mode, Angstrom of shift
 MIN_PRIOR_SD_RMSD, MIN_PRIOR_SD_SHIFT = 0.01, 0.01
 LAMBDA_UP, LAMBDA_DOWN, LAMBDA_FIRST = 4.0, 3.0, 1e-2
@@ -85,28 +86,43 @@ def prior_floor(n_modes: int, n_atoms: int) -> np.ndarray:
 
 
 class FitStats:
-    """Totals over the batches: particles, those whose E fell, and the changes of z
-    (Angstrom RMSD) and of the shift (Angstrom)."""
+    """Totals over the batches: particles, those whose E fell, the changes of z (Angstrom
+    RMSD) and of the shift (Angstrom) and, where a rotation was fitted, the changes of it
+    (radians, (n, 3)) and their posterior variances (the Laplace approximation's)."""
 
     def __init__(self):
         self.n, self.improved = 0, 0
-        self.dz_rmsd, self.dshift = [], []
+        self.dz_rmsd, self.dshift, self.dturn, self.turn_var = [], [], [], []
 
-    def add(self, improved: torch.Tensor, dz_rmsd: torch.Tensor, dshift: torch.Tensor) -> None:
+    def add(self, improved: torch.Tensor, dz_rmsd: torch.Tensor, dshift: torch.Tensor,
+            dturn: Optional[torch.Tensor] = None, turn_var: Optional[torch.Tensor] = None
+            ) -> None:
         self.n += int(improved.numel())
         self.improved += int(improved.sum())
         self.dz_rmsd.append(dz_rmsd.cpu().numpy())
         self.dshift.append(dshift.cpu().numpy())
+        if dturn is not None:
+            self.dturn.append(dturn.cpu().numpy())
+        if turn_var is not None:
+            self.turn_var.append(turn_var.cpu().numpy())
 
     def describe(self) -> str:
         dz = np.concatenate(self.dz_rmsd) if self.dz_rmsd else np.zeros(0)
         ds = np.concatenate(self.dshift) if self.dshift else np.zeros(0)
         if not self.n:
             return "no particles"
-        return ("posterior energy lower for %d of %d particles (%.0f %%); change of z: median "
+        text = ("posterior energy lower for %d of %d particles (%.0f %%); change of z: median "
                 "%.2f A RMSD (95th percentile %.2f), of the shift: median %.2f A"
                 % (self.improved, self.n, 100.0 * self.improved / self.n, np.median(dz),
                    np.percentile(dz, 95), np.median(ds)))
+        if self.dturn:
+            turn = np.degrees(np.linalg.norm(np.concatenate(self.dturn), axis=1))
+            text += ", of the rotation: median %.2f deg" % np.median(turn)
+        if self.turn_var:
+            # rms angle of the Laplace posterior; a 3-D Gaussian's median angle is 0.89 of it
+            sd = np.degrees(np.sqrt(np.concatenate(self.turn_var).sum(1)))
+            text += "; posterior rms angle: median %.2f deg" % np.median(sd)
+        return text
 
 
 def _energy(Y, S, w, p, mu, prec):
@@ -123,70 +139,91 @@ def fit_batch(decoder: "Decoder", likelihood: "WhitenedLikelihood", images: torc
               z0: torch.Tensor, shift0: torch.Tensor, rotations: torch.Tensor,
               base_shift: torch.Tensor, ctf: Optional[torch.Tensor],
               mu: torch.Tensor, prec: Optional[torch.Tensor], iterations: int,
-              rotvec: Optional[torch.Tensor] = None, stats: Optional[FitStats] = None
-              ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fitted (z (B, d), shift (B, 2)) of one batch (module docstring): ``images`` (B, D, D)
-    as given to the likelihood, ``z0``/``shift0`` the encoder's, ``base_shift`` (B, 2) =
-    -origin (the decoder adds its offset), ``mu`` (d + 2,) and ``prec`` (d + 2, d + 2) the
-    prior on (z, shift) (``prec`` None: no prior), ``rotvec`` the run's pose corrections
-    (kept as given)."""
+              rotvec: Optional[torch.Tensor] = None, stats: Optional[FitStats] = None,
+              turn0: Optional[torch.Tensor] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Fitted (z (B, d), shift (B, 2), turn (B, 3) or None) of one batch (module
+    docstring): ``images`` (B, D, D) as given to the likelihood, ``z0``/``shift0`` the
+    encoder's, ``base_shift`` (B, 2) = -origin (the decoder adds its offset), ``rotvec`` the
+    run's pose corrections (kept as given). ``turn0`` (B, 3) radians: also fit a rotation
+    w of the model applied last (rendered rotation A R(v) R(w), ``pose_fit``), starting
+    there. ``mu`` (P,) and ``prec`` (P, P) the prior on p = (z, shift[, w]) (``prec``
+    None: no prior)."""
     B, d = z0.shape
-    P = d + 2
-    z, t = z0.detach().float().clone(), shift0.detach().float().clone()
+    fit_turn = turn0 is not None
+    P = d + 2 + (3 if fit_turn else 0)
+    p = torch.cat([z0.detach().float(), shift0.detach().float()]
+                  + ([turn0.detach().float()] if fit_turn else []), 1)
+    p_start = p.clone()
+
+    def split(q):
+        return q[:, :d], q[:, d:d + 2], (q[:, d + 2:] if fit_turn else None)
+
     if iterations <= 0 or B == 0:
-        return z, t
+        return split(p)
     n_atoms = decoder.coords.shape[0]
     max_dz = MAX_STEP_RMSD * math.sqrt(n_atoms)
+    from .imaging import correct_rotations
     with torch.no_grad():
         Y = likelihood.band.images_ft(images.float())
         w = likelihood.weights(groups)
         if w.dim() == 2:
             w = w.expand(B, *w.shape)
         band = likelihood.band
+        base_rot = decoder.rotations(rotations, rotvec)
 
-        def jac(zz, tt):
-            S, J = decoder.render_ft_jacobian(zz, rotations, base_shift + tt, ctf, rotvec)
+        def rotated(q):
+            return base_rot if not fit_turn else correct_rotations(base_rot, q[:, d + 2:])
+
+        def jac(q):
+            S, J = decoder.render_ft_jacobian(q[:, :d], rotated(q), base_shift + q[:, d:d + 2],
+                                              ctf, rotation=fit_turn)
             if band.mask is not None:
                 S = band.rendered_ft(S)
                 J = band.rendered_ft(J.reshape(P * B, *J.shape[2:])).reshape(J.shape)
             return S, J
 
-        S, J = jac(z, t)
-        E, a = _energy(Y, S, w, torch.cat([z, t], 1), mu, prec)
-        E_start = E.clone()
-        lam = torch.zeros(B, device=z.device)
-        eye = torch.eye(P, device=z.device)
-        for it in range(int(iterations)):
-            r = Y - a[:, None, None] * S
+        def clip(x, bound):
+            return x * torch.clamp(bound / x.norm(dim=1, keepdim=True).clamp_min(1e-12), max=1.0)
+
+        def hessian(J, a):
             Jr, Ji = J.real, J.imag
             H = (torch.einsum("bdk,ibdk,jbdk->bij", w, Jr, Jr)
                  + torch.einsum("bdk,ibdk,jbdk->bij", w, Ji, Ji)) * (a * a)[:, None, None]
-            g = (torch.einsum("bdk,ibdk,bdk->bi", w, Jr, r.real)
-                 + torch.einsum("bdk,ibdk,bdk->bi", w, Ji, r.imag)) * a[:, None]
+            return H if prec is None else H + prec
+
+        S, J = jac(p)
+        E, a = _energy(Y, S, w, p, mu, prec)
+        E_start = E.clone()
+        lam = torch.zeros(B, device=p.device)
+        eye = torch.eye(P, device=p.device)
+        for it in range(int(iterations)):
+            r = Y - a[:, None, None] * S
+            H = hessian(J, a)
+            g = (torch.einsum("bdk,ibdk,bdk->bi", w, J.real, r.real)
+                 + torch.einsum("bdk,ibdk,bdk->bi", w, J.imag, r.imag)) * a[:, None]
             if prec is not None:
-                H = H + prec
-                g = g - (torch.cat([z, t], 1) - mu) @ prec
+                g = g - (p - mu) @ prec
             diag = torch.diagonal(H, dim1=1, dim2=2)
             Hd = H + ((lam[:, None] * diag).unsqueeze(-1)
                       + 1e-9 * diag.mean(1)[:, None, None]) * eye
             # float64: the prior's precisions span many decades (z in A amplitude, shifts)
-            step = torch.linalg.solve(Hd.double(), g.double()[..., None])[..., 0].to(z.dtype)
-            dz, dt = step[:, :d], step[:, d:]
-            dz = dz * torch.clamp(max_dz / dz.norm(dim=1, keepdim=True).clamp_min(1e-12), max=1.0)
-            dt = dt * torch.clamp(MAX_STEP_SHIFT / dt.norm(dim=1, keepdim=True).clamp_min(1e-12),
-                                  max=1.0)
-            zn, tn = z + dz, t + dt
+            step = torch.linalg.solve(Hd.double(), g.double()[..., None])[..., 0].to(p.dtype)
+            parts = [clip(step[:, :d], max_dz), clip(step[:, d:d + 2], MAX_STEP_SHIFT)]
+            if fit_turn:
+                parts.append(clip(step[:, d + 2:], math.radians(MAX_STEP_TURN_DEG)))
+            pn = p + torch.cat(parts, 1)
             last = it == int(iterations) - 1
             if last:
-                Sn = decoder.render_ft(zn, rotations, base_shift + tn, ctf, rotvec=rotvec)
+                Sn = decoder.render_ft(pn[:, :d], rotated(pn), base_shift + pn[:, d:d + 2],
+                                       ctf)
                 Sn = band.rendered_ft(Sn)
                 Jn = None
             else:
-                Sn, Jn = jac(zn, tn)
-            En, an = _energy(Y, Sn, w, torch.cat([zn, tn], 1), mu, prec)
+                Sn, Jn = jac(pn)
+            En, an = _energy(Y, Sn, w, pn, mu, prec)
             ok = torch.isfinite(En) & (En < E)
-            z = torch.where(ok[:, None], zn, z)
-            t = torch.where(ok[:, None], tn, t)
+            p = torch.where(ok[:, None], pn, p)
             E = torch.where(ok, En, E)
             if not last:
                 S = torch.where(ok[:, None, None], Sn, S)
@@ -196,6 +233,13 @@ def fit_batch(decoder: "Decoder", likelihood: "WhitenedLikelihood", images: torc
                               torch.where(lam > 0, lam * LAMBDA_UP,
                                           torch.full_like(lam, LAMBDA_FIRST)))
         if stats is not None:
-            stats.add(E < E_start, (z - z0.float()).norm(dim=1) / math.sqrt(n_atoms),
-                      (t - shift0.float()).norm(dim=1))
-    return z, t
+            dp = p - p_start
+            var = None
+            if fit_turn:     # the Laplace approximation's variances of w (last Jacobian)
+                H = hessian(J, a).double()
+                H = H + 1e-9 * torch.diagonal(H, dim1=1, dim2=2).mean(1)[:, None, None] * eye
+                var = torch.diagonal(torch.linalg.inv(H), dim1=1, dim2=2)[:, d + 2:].float()
+            stats.add(E < E_start, dp[:, :d].norm(dim=1) / math.sqrt(n_atoms),
+                      dp[:, d:d + 2].norm(dim=1),
+                      None if not fit_turn else dp[:, d + 2:], var)
+    return split(p)

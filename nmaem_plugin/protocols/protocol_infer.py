@@ -65,9 +65,10 @@ class NmaemProtInfer(NmaemProtBase):
                       expertLevel=params.LEVEL_ADVANCED, label="Network weights",
                       help="last epoch: the weights at the end of training (the method's "
                            "choice). lowest validation loss: the epoch whose loss on the "
-                           "held-out tenth of the particles was lowest (RUN/checkpoints/best.pt). On noisy "
-                           "data the validation loss can rise while the latent space still "
-                           "improves (docs/training.md), so 'last epoch' is the default.")
+                           "held-out tenth of the particles was lowest "
+                           "(RUN/checkpoints/best.pt). On noisy data the validation loss "
+                           "can rise while the latent space still improves "
+                           "(docs/training.md), so 'last epoch' is the default.")
         form.addParam("fitIterations", params.IntParam, default=FIT_ITERATIONS_DEFAULT,
                       validators=[params.GE(0)], expertLevel=params.LEVEL_ADVANCED,
                       label="Per-particle fit iterations",
@@ -80,6 +81,15 @@ class NmaemProtInfer(NmaemProtBase):
                            "'Per-particle fit'). 0: the encoder's output. Applies to "
                            "networks trained with the whitened likelihood (the default "
                            "loss).")
+        form.addParam("fitPose", params.BooleanParam, default=False,
+                      expertLevel=params.LEVEL_ADVANCED,
+                      label="Refine the rotations in the fit?",
+                      help="Yes: the per-particle fit also refines each particle's rotation "
+                           "(a local refinement of a few degrees, with a prior whose spread "
+                           "is measured on the particles). It reduces random errors of the "
+                           "input poses (docs/training.md, 'Pose in the fit'); after a "
+                           "network trained with pose refinement on consensus-type errors "
+                           "it was measured to make the angles worse. Needs the fit.")
         form.addParam("foldShifts", params.BooleanParam, default=True,
                       expertLevel=params.LEVEL_ADVANCED, label="Refine the shifts?",
                       help="Yes: the predicted shift of each particle is folded into its "
@@ -87,11 +97,12 @@ class NmaemProtInfer(NmaemProtBase):
                            "they are.")
         form.addParam("foldPoses", params.BooleanParam, default=True,
                       expertLevel=params.LEVEL_ADVANCED, label="Refine the angles?",
-                      help="For a network trained with pose refinement: Yes puts each "
-                           "particle's refined rotation (its predicted correction applied "
-                           "to the input pose) in its transform, so the set goes to RELION "
-                           "with the better poses. No: the rotations are copied as they are. "
-                           "Networks trained without pose refinement leave them unchanged.")
+                      help="For a network trained with pose refinement, or with the "
+                           "rotations refined in the fit: Yes puts each particle's refined "
+                           "rotation (its correction applied to the input pose) in its "
+                           "transform, so the set goes to RELION with the better poses. No: "
+                           "the rotations are copied as they are. Otherwise they are "
+                           "unchanged.")
         form.addParam("numberOfWorkers", params.IntParam, default=0,
                       expertLevel=params.LEVEL_ADVANCED, validators=[params.GE(0)],
                       label="Image reading processes",
@@ -125,6 +136,8 @@ class NmaemProtInfer(NmaemProtBase):
                 "--force"]       # this protocol's own outputs, from an interrupted run
         if self._fitApplies():
             args += ["--fit-iterations", self.fitIterations.get()]
+            if self.fitPose.get():
+                args += ["--fit-pose"]
         else:
             args += ["--fit-iterations", 0]
         self.runNmaem("infer", args + self._deviceArgs())
@@ -170,6 +183,10 @@ class NmaemProtInfer(NmaemProtBase):
             errors.append("The network was trained with the %s loss; the per-particle fit "
                           "needs the whitened likelihood. Set 'Per-particle fit "
                           "iterations' to 0." % cfg.get("loss"))
+        elif self.fitPose.get() and not self._fitApplies():
+            errors.append("'Refine the rotations in the fit' needs the per-particle fit: "
+                          "iterations above 0 and a network trained with the whitened "
+                          "likelihood.")
         elif existing_checkpoint(run, WEIGHTS_ARG[self.weights.get()]) is None:
             errors.append("The network's run folder %s has no checkpoints/best.pt (it was "
                           "trained by an nmaem version without it); choose the weights of "
@@ -230,6 +247,9 @@ class NmaemProtInfer(NmaemProtBase):
             text += (" Each particle's amplitudes and shift were then fitted to its image "
                      "(%d Gauss-Newton iterations in the training likelihood, with the "
                      "encoder's population as the prior)." % self.fitIterations.get())
+            if self.fitPose.get():
+                text += (" The fit also refined each particle's rotation, with a Gaussian "
+                         "prior whose spread was measured on the particles.")
         return [text]
 
     def _citations(self):

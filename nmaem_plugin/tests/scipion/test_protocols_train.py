@@ -243,6 +243,43 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
             np.testing.assert_allclose(a["z"], b["z"], rtol=1e-5, atol=1e-3)
             np.testing.assert_allclose(a["shift"], b["shift"], rtol=1e-5, atol=1e-4)
 
+    def test_infer_fit_pose(self):
+        """'Refine the rotations in the fit' runs nmaem infer --fit-pose: each output
+        particle's rotation is its input rotation corrected by the latent's
+        pose_correction on the model side (A R(v), checked here with scipy's rotation
+        vectors, independent of core.poses), and the corrections are of a few degrees."""
+        from scipy.spatial.transform import Rotation
+        prot = self.newProtocol(NmaemProtInfer, objLabel="infer fit pose", batchSize=64,
+                                useGpu=False, fitPose=True)
+        prot.inputNetwork.set(self.train.outputNetwork)
+        prot.inputParticles.set(self.sim.outputParticles)
+        self._launch(prot)
+        self.assertIn("--fit-pose", _logText(prot))
+        self.assertIn("infer: rotation prior: sd", _logText(prot))
+        with np.load(prot._getExtraPath("latent.npz")) as f:
+            v = f["pose_correction"].astype(np.float64)
+        angle = np.degrees(np.linalg.norm(v, axis=1))
+        self.assertGreater(np.median(angle), 0.01)
+        self.assertLess(angle.max(), 20.0)
+        src = {p.getObjId(): p.getTransform().getMatrix()
+               for p in self.sim.outputParticles.get().iterItems()}
+        from nmaem_plugin.convert import starRowIds
+        row = {int(i): k for k, i in enumerate(starRowIds(prot._getExtraPath(
+            "input_particles.star")))}
+        out = prot.outputParticles
+        for p in out.iterItems():
+            k = row[p.getObjId()]
+            # Scipion's transform T has T^-1 = [[A, -origin], [0, 1]] (convert.py)
+            A = np.linalg.inv(src[p.getObjId()])[:3, :3]
+            expect = A @ Rotation.from_rotvec(v[k]).as_matrix()
+            got = np.linalg.inv(p.getTransform().getMatrix())[:3, :3]
+            np.testing.assert_allclose(got, expect, atol=1e-6)
+        self.assertIn("refined each particle's rotation", " ".join(prot.methods()))
+        prot2 = self.newProtocol(NmaemProtInfer, fitPose=True, fitIterations=0)
+        prot2.inputNetwork.set(self.train.outputNetwork)
+        prot2.inputParticles.set(self.sim.outputParticles)
+        self.assertIn("needs the per-particle fit", " ".join(prot2.validate()))
+
     def test_infer_validate_box(self):
         prot = self.newProtocol(NmaemProtInfer)
         prot.inputNetwork.set(self.train.outputNetwork)

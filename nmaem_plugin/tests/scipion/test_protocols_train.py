@@ -262,7 +262,7 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         self.assertGreater(np.median(angle), 0.01)
         self.assertLess(angle.max(), 20.0)
         src = {p.getObjId(): p.getTransform().getMatrix()
-               for p in self.sim.outputParticles.get().iterItems()}
+               for p in self.sim.outputParticles.iterItems()}
         from nmaem_plugin.convert import starRowIds
         row = {int(i): k for k, i in enumerate(starRowIds(prot._getExtraPath(
             "input_particles.star")))}

@@ -649,6 +649,11 @@ def _add_infer(sub):
                         "its image after the encoder (default %d for runs with the whitened "
                         "loss and particles with poses and CTF; 0: the encoder's output; "
                         "docs/training.md)" % FIT_ITERATIONS_DEFAULT)
+    p.add_argument("--fit-bfactor", default="auto", metavar="auto|B",
+                   help="B-factor (A^2) of the envelope exp(-B s^2/4) that the fit's "
+                        "renderings get, for the fall-off of the images' signal with "
+                        "resolution: auto (the default: estimated by maximum likelihood on "
+                        "512 particles) or a number (0: none)")
     p.add_argument("--fit-pose", action="store_true",
                    help="the fit also refines each particle's rotation (a local refinement "
                         "with a prior whose spread is measured on the particles); the latent "
@@ -656,6 +661,16 @@ def _add_infer(sub):
     p.add_argument("--force", action="store_true",
                    help="replace existing output files (never an input)")
     p.set_defaults(func=_run_infer)
+
+
+def _bfactor_arg(text):
+    """--fit-bfactor: None for auto, else the number."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise NmaemError("--fit-bfactor must be auto or a number of A^2 (got %r)" % text)
 
 
 def _run_infer(args):
@@ -672,7 +687,8 @@ def _run_infer(args):
         check_output_file(args.star, inputs=inputs, force=args.force)
     infer(args.particles, args.model, args.output, batch=args.batch, device=args.device,
           star=args.star, num_workers=args.num_workers, checkpoint=args.checkpoint,
-          fit_iterations=args.fit_iterations, fit_pose=args.fit_pose)
+          fit_iterations=args.fit_iterations, fit_pose=args.fit_pose,
+          fit_bfactor=_bfactor_arg(args.fit_bfactor))
     return 0
 
 

@@ -96,14 +96,16 @@ def _turn_prior(stats: "FitStats") -> np.ndarray:
 
 
 def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iterations, dev,
-                   num_workers, log, fit_pose=False):
+                   num_workers, log, fit_pose=False, bfactor=None):
     """Replace ``z`` and ``shift`` (numpy, in place) by each particle's fit
     (``particle_fit.py``); with ``fit_pose``, return each particle's fitted rotation w
-    (N, 3) radians (applied after the run's correction), else None."""
+    (N, 3) radians (applied after the run's correction), else None. ``bfactor``: the
+    envelope's B (A^2) of the renderings, or None to estimate it."""
     from .choices import POSE_FIT_BROAD_SD_DEG, POSE_FIT_CALIBRATION
     from .data import ParticleMetadata, make_loader
     from .likelihood import WhitenedLikelihood
-    from .particle_fit import FitStats, fit_batch, population_prior, prior_floor
+    from .particle_fit import (FitStats, envelope_bfactor, fit_batch, population_prior,
+                               prior_floor)
     from .progress import Progress
     lik = WhitenedLikelihood.for_run(run_dir, cfg, dev, source=table.path)
     mu, prec = population_prior(np.concatenate([z, shift], 1),
@@ -111,6 +113,28 @@ def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iteration
     meta = ParticleMetadata(table, dev)
     n = table.n
     turn = np.zeros((n, 3), dtype=np.float32) if fit_pose else None
+    calib = np.unique(np.linspace(0, n - 1, min(n, POSE_FIT_CALIBRATION)).astype(np.int64))
+
+    def device_rows(r):
+        return torch.as_tensor(r, device=dev)
+
+    if bfactor is None:
+        _, images = dataset[calib]
+        rt = device_rows(calib)
+        rot, base, ctf_params = meta.batch(rt)
+        bfactor, chi2_b, chi2_0 = envelope_bfactor(
+            ae.decoder, lik, images.to(dev), meta.optics_group[rt],
+            torch.as_tensor(z[calib], device=dev), torch.as_tensor(shift[calib], device=dev),
+            rot, base, ae.decoder.ctf(ctf_params),
+            rotvec=None if rotvec is None else torch.as_tensor(rotvec[calib], device=dev))
+        log("infer: the images' envelope: B = %.0f A^2 (maximum likelihood over %d "
+            "particles at the encoder's z; chi2 %.1f lower than without it)"
+            % (bfactor, len(calib), chi2_0 - chi2_b))
+
+    def ctf_of(ctf_params):
+        if bfactor:
+            ctf_params = ctf_params.replace(bfactor=ctf_params.bfactor + float(bfactor))
+        return ae.decoder.ctf(ctf_params)
 
     def with_turn(sd):
         m, q = mu, prec
@@ -134,7 +158,7 @@ def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iteration
             out = fit_batch(ae.decoder, lik, images.to(dev), meta.optics_group[rt],
                             torch.as_tensor(z[r], device=dev),
                             torch.as_tensor(shift[r], device=dev), rot, base,
-                            ae.decoder.ctf(ctf_params), mu_t, prec_t, iterations,
+                            ctf_of(ctf_params), mu_t, prec_t, iterations,
                             stats=stats,
                             rotvec=None if rotvec is None else torch.as_tensor(rotvec[r],
                                                                                device=dev),
@@ -149,7 +173,6 @@ def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iteration
     what = "z, shift and rotation" if fit_pose else "z and shift"
     sd = None
     if fit_pose:
-        calib = np.unique(np.linspace(0, n - 1, min(n, POSE_FIT_CALIBRATION)).astype(np.int64))
         log("infer: the rotation errors' spread, from a fit of %d particles under a broad "
             "prior (sd %g deg)" % (len(calib), POSE_FIT_BROAD_SD_DEG))
         sd = _turn_prior(run(calib, *with_turn([math.radians(POSE_FIT_BROAD_SD_DEG)] * 3),
@@ -157,8 +180,9 @@ def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iteration
         log("infer: rotation prior: sd %.2f, %.2f, %.2f deg about the model's x, y, z"
             % tuple(np.degrees(sd)))
     log("infer: fitting each particle's %s to its image (%d Gauss-Newton iterations; "
-        "prior: the encoder's z and shifts of %d particles%s)"
-        % (what, iterations, n, ", and the rotation prior" if fit_pose else ""))
+        "prior: the encoder's z and shifts of %d particles%s; envelope B = %.0f A^2)"
+        % (what, iterations, n, ", and the rotation prior" if fit_pose else "",
+           float(bfactor)))
     stats = run(np.arange(n, dtype=np.int64), *with_turn(sd), "fit", keep=True)
     log("infer: fit: %s" % stats.describe())
     return turn
@@ -168,7 +192,8 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
           device: Union[str, torch.device, None] = None, star: Optional[str] = None,
           num_workers: int = 0, checkpoint: str = "last",
           log: Callable[[str], None] = print,
-          fit_iterations: Optional[int] = None, fit_pose: bool = False) -> dict:
+          fit_iterations: Optional[int] = None, fit_pose: bool = False,
+          fit_bfactor: Optional[float] = None) -> dict:
     """Write ``out`` (latent.npz) for every particle of ``particles``; optionally ``star``,
     a copy of the particle file with amplitude columns and refined origins (and, for a run
     trained with ``--refine-pose``, refined angles and the corrections in degrees,
@@ -180,6 +205,8 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
     likelihood and the particles have poses and CTFs, else none; 0: the encoder's output.
     ``fit_pose``: the fit also refines each particle's rotation (``pose_fit`` in
     docs/training.md); the latent and the STAR then hold the refined angles.
+    ``fit_bfactor``: the B-factor (A^2) of the envelope the fit's renderings get; None:
+    estimated from the particles (``particle_fit.envelope_bfactor``); 0: none.
 
     Memory: one batch of images at a time plus the (N, d + 2) results.
     """
@@ -207,6 +234,9 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
     from .stacks import ImageStack
     ImageStack(table, check=True).close()
     n_fit, no_fit = fit_plan(cfg, table, fit_iterations, run_dir, particles)
+    if fit_bfactor is not None and not (0.0 <= float(fit_bfactor) < 1e4):
+        raise NmaemError("--fit-bfactor must be 0 or more, below 10000 A^2 (got %g)"
+                         % float(fit_bfactor))
     if fit_pose and not n_fit:
         fail(particles, "--fit-pose needs the per-particle fit, which does not run: %s"
              % no_fit)
@@ -236,7 +266,7 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
         fail(run_dir, "the model gives non-finite outputs")
     if n_fit:
         turn = _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, n_fit, dev,
-                              num_workers, log, fit_pose=fit_pose)
+                              num_workers, log, fit_pose=fit_pose, bfactor=fit_bfactor)
         if turn is not None:        # the total correction: R(v) R(w), or R(w) alone
             from .poses import matrix_to_rotvec, rotvec_to_matrix
             total = rotvec_to_matrix(turn.astype(np.float64))

@@ -21,6 +21,14 @@ shift; ``prior_floor``). Without the shift's prior the fit trades shift for
 conformation on noisy images (measured on the tests' 0 dB, 3.75 A/px particles: the shift
 error grew from 0.02 to 0.65 A rms).
 
+Envelope: the renderer's atoms are sharp, but real images lose contrast with resolution
+beyond the CTF (radiation damage, motion, thermal disorder) and so does any average over
+what the model cannot follow (states off the modes' span, pose and defocus errors). A
+rendering without that fall-off asks z to explain high-frequency signal that is not there.
+``envelope_bfactor`` estimates, by maximum likelihood over a calibration set at the
+encoder's z, one B-factor B of an envelope exp(-B s^2 / 4) for the data set; the fit then
+renders with it (the CTF's B-factor, ``imaging.ctf_2d``).
+
 The minimisation is Levenberg-Marquardt on the linearised rendering: the Jacobian J of the
 rendered transform with respect to (z, t) (``Decoder.render_ft_jacobian``: exact on the
 renderer's matrix-product route, ``Renderer.render_ft_jvp``; forward differences on the
@@ -43,8 +51,8 @@ if TYPE_CHECKING:
     from .likelihood import WhitenedLikelihood
     from .network import Decoder
 
-__all__ = ["population_prior", "prior_floor", "fit_batch", "FitStats", "MAX_STEP_RMSD",
-           "MAX_STEP_SHIFT"]
+__all__ = ["population_prior", "prior_floor", "fit_batch", "envelope_bfactor", "FitStats",
+           "MAX_STEP_RMSD", "MAX_STEP_SHIFT"]
 
 MAX_STEP_RMSD = 0.5        # Angstrom RMSD of the largest change of z in one step
 MAX_STEP_SHIFT = 1.0       # Angstrom, the largest change of the shift in one step
@@ -52,6 +60,9 @@ MAX_STEP_TURN_DEG = 2.0    # degrees, the largest change of the rotation in one 
 # the prior's smallest sd: Angstrom RMSD along a mode, Angstrom of shift
 MIN_PRIOR_SD_RMSD, MIN_PRIOR_SD_SHIFT = 0.01, 0.01
 LAMBDA_UP, LAMBDA_DOWN, LAMBDA_FIRST = 4.0, 3.0, 1e-2
+# envelope_bfactor: the search interval's end and tolerance (A^2), images per rendering
+BFACTOR_MAX, BFACTOR_TOL = 1000.0, 2.0
+FIT_CHUNK = 64
 
 
 def population_prior(p: np.ndarray, min_sd: Optional[np.ndarray] = None
@@ -123,6 +134,57 @@ class FitStats:
             sd = np.degrees(np.sqrt(np.concatenate(self.turn_var).sum(1)))
             text += "; posterior rms angle: median %.2f deg" % np.median(sd)
         return text
+
+
+def envelope_bfactor(decoder: "Decoder", likelihood: "WhitenedLikelihood",
+                     images: torch.Tensor, groups: Optional[torch.Tensor], z: torch.Tensor,
+                     shift: torch.Tensor, rotations: torch.Tensor, base_shift: torch.Tensor,
+                     ctf: Optional[torch.Tensor], rotvec: Optional[torch.Tensor] = None,
+                     b_max: float = BFACTOR_MAX) -> Tuple[float, float, float]:
+    """(B, chi2 at B, chi2 at 0): the maximum-likelihood B-factor (A^2, in [0, ``b_max``])
+    of an envelope exp(-B s^2 / 4) that the images carry beyond the renderings (the
+    module docstring's "envelope"), at the given z and shift: the total whitened
+    chi-square of the images against the renderings times the envelope, each at its best
+    grey scale, minimised by golden-section search to ``BFACTOR_TOL``. Arguments as in
+    :func:`fit_batch`, for all the particles at once (they are rendered once, in chunks of
+    ``FIT_CHUNK``)."""
+    band = likelihood.band
+    Ys, Ss, ws = [], [], []
+    with torch.no_grad():
+        rot = decoder.rotations(rotations, rotvec)
+        for i in range(0, z.shape[0], FIT_CHUNK):
+            c = slice(i, i + FIT_CHUNK)
+            Ys.append(band.images_ft(images[c].float()))
+            Ss.append(decoder.render_ft(z[c], rot[c], base_shift[c] + shift[c],
+                                        None if ctf is None else ctf[c]))
+            w = likelihood.weights(None if groups is None else groups[c])
+            ws.append(w.expand(Ys[-1].shape[0], *w.shape[-2:]) if w.dim() == 2 else w)
+        grid = decoder.renderer().grid
+        s2 = (grid.fx ** 2 + grid.fy ** 2).to(Ss[0].real.dtype)
+
+        def total(b):
+            env = torch.exp(-float(b) * s2 / 4.0)
+            return sum(float(whitened_fit(Y, band.rendered_ft(S * env), w)["chi2"]
+                             .double().sum()) for Y, S, w in zip(Ys, Ss, ws))
+
+        golden = (math.sqrt(5.0) - 1.0) / 2.0
+        lo, hi = 0.0, float(b_max)
+        x1, x2 = hi - golden * (hi - lo), lo + golden * (hi - lo)
+        f1, f2 = total(x1), total(x2)
+        while hi - lo > BFACTOR_TOL:
+            if f1 <= f2:
+                hi, x2, f2 = x2, x1, f1
+                x1 = hi - golden * (hi - lo)
+                f1 = total(x1)
+            else:
+                lo, x1, f1 = x1, x2, f2
+                x2 = lo + golden * (hi - lo)
+                f2 = total(x2)
+        b, fb = (x1, f1) if f1 <= f2 else (x2, f2)
+        f0 = total(0.0)
+        if f0 <= fb:
+            b, fb = 0.0, f0
+    return float(b), fb, f0
 
 
 def _energy(Y, S, w, p, mu, prec):

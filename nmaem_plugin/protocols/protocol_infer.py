@@ -81,6 +81,14 @@ class NmaemProtInfer(NmaemProtBase):
                            "'Per-particle fit'). 0: the encoder's output. Applies to "
                            "networks trained with the whitened likelihood (the default "
                            "loss).")
+        form.addParam("fitEnvelope", params.BooleanParam, default=True,
+                      expertLevel=params.LEVEL_ADVANCED,
+                      label="Estimate the images' envelope?",
+                      help="Yes: the fit renders the model with an envelope exp(-B s^2/4) "
+                           "for the fall-off of the particles' signal with resolution "
+                           "(radiation damage, motion, what the model cannot follow), B "
+                           "estimated by maximum likelihood on 512 particles "
+                           "(docs/training.md, 'Per-particle fit'). No: sharp renderings.")
         form.addParam("fitPose", params.BooleanParam, default=False,
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Refine the rotations in the fit?",
@@ -138,6 +146,8 @@ class NmaemProtInfer(NmaemProtBase):
             args += ["--fit-iterations", self.fitIterations.get()]
             if self.fitPose.get():
                 args += ["--fit-pose"]
+            if not self.fitEnvelope.get():
+                args += ["--fit-bfactor", 0]
         else:
             args += ["--fit-iterations", 0]
         self.runNmaem("infer", args + self._deviceArgs())
@@ -246,7 +256,10 @@ class NmaemProtInfer(NmaemProtBase):
         if self._fitApplies():
             text += (" Each particle's amplitudes and shift were then fitted to its image "
                      "(%d Gauss-Newton iterations in the training likelihood, with the "
-                     "encoder's population as the prior)." % self.fitIterations.get())
+                     "encoder's population as the prior%s)." % (
+                         self.fitIterations.get(),
+                         ", and an envelope B-factor estimated by maximum likelihood"
+                         if self.fitEnvelope.get() else ""))
             if self.fitPose.get():
                 text += (" The fit also refined each particle's rotation, with a Gaussian "
                          "prior whose spread was measured on the particles.")

@@ -232,6 +232,7 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         # the per-particle fit ran (a whitened network; the default iterations)
         self.assertIn("--fit-iterations 3", _logText(prot))
         self.assertIn("infer: fit: posterior energy lower for", _logText(prot))
+        self.assertIn("infer: the images' envelope: B = ", _logText(prot))
         ref = os.path.join(self.getOutputPath(), "latent_best.npz")
         infer(prot._getExtraPath("input_particles.star"), self._runDir(), ref, checkpoint="best",
               batch=64, log=lambda *a: None)
@@ -250,11 +251,13 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         vectors, independent of core.poses), and the corrections are of a few degrees."""
         from scipy.spatial.transform import Rotation
         prot = self.newProtocol(NmaemProtInfer, objLabel="infer fit pose", batchSize=64,
-                                useGpu=False, fitPose=True)
+                                useGpu=False, fitPose=True, fitEnvelope=False)
         prot.inputNetwork.set(self.train.outputNetwork)
         prot.inputParticles.set(self.sim.outputParticles)
         self._launch(prot)
         self.assertIn("--fit-pose", _logText(prot))
+        self.assertIn("--fit-bfactor 0", _logText(prot))          # envelope: No
+        self.assertNotIn("the images' envelope", _logText(prot))
         self.assertIn("infer: rotation prior: sd", _logText(prot))
         with np.load(prot._getExtraPath("latent.npz")) as f:
             v = f["pose_correction"].astype(np.float64)

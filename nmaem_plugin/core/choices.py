@@ -41,7 +41,7 @@ POSE_INPUT_DEFAULT = "z"       # measured: docs/benchmarks.md, "Pose refinement"
 
 # nmaem infer --fit-iterations: Gauss-Newton iterations of each particle's fit after the
 # encoder (particle_fit.py); measured: docs/benchmarks.md, "Per-particle fit"
-FIT_ITERATIONS_DEFAULT = 3
+FIT_ITERATIONS_DEFAULT = 5
 # nmaem infer --fit-pose: particles whose fit under a broad prior (sd in degrees) measures
 # the spread of the rotation errors, and the smallest sd of the prior that follows
 POSE_FIT_CALIBRATION = 512

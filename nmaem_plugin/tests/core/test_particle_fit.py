@@ -373,7 +373,9 @@ class TestInferWithFit(unittest.TestCase):
         with open(os.path.join(self.run_dir, "config.json")) as fh:
             cfg = _json.load(fh)
         table = read_particles(self.star)
-        self.assertEqual(fit_plan(cfg, table, None, self.run_dir, self.star)[0], 3)
+        from nmaem_plugin.core.choices import FIT_ITERATIONS_DEFAULT
+        self.assertEqual(fit_plan(cfg, table, None, self.run_dir, self.star)[0],
+                         FIT_ITERATIONS_DEFAULT)
         l2 = dict(cfg, loss="l2", noise=None)
         n, why = fit_plan(l2, table, None, self.run_dir, self.star)
         self.assertEqual(n, 0)

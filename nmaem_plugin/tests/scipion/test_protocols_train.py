@@ -230,7 +230,8 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         self._launch(prot)
         self.assertIn("--checkpoint best", _logText(prot))
         # the per-particle fit ran (a whitened network; the default iterations)
-        self.assertIn("--fit-iterations 3", _logText(prot))
+        from nmaem_plugin.core.choices import FIT_ITERATIONS_DEFAULT
+        self.assertIn("--fit-iterations %d" % FIT_ITERATIONS_DEFAULT, _logText(prot))
         self.assertIn("infer: fit: posterior energy lower for", _logText(prot))
         self.assertIn("infer: the images' envelope: B = ", _logText(prot))
         ref = os.path.join(self.getOutputPath(), "latent_best.npz")

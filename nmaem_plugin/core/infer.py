@@ -13,7 +13,10 @@ the encoder); the encoder runs in eval mode, in float32.
 Then, for runs trained with the whitened likelihood (the default) and particles with poses
 and CTFs, each particle's z and shift are fitted to its own image (``--fit-iterations``,
 default ``choices.FIT_ITERATIONS_DEFAULT``; ``particle_fit.py``): the encoder's output is
-the starting point, and the latent holds the fitted values.
+the starting point, and the latent holds the fitted values. The fit renders with the
+images' envelope, a B-factor estimated on a calibration set (``--fit-bfactor``); with
+``--fit-pose`` it also refines each particle's rotation, under a prior whose spread the
+same calibration set measures, and the latent gets ``pose_correction`` and ``euler``.
 """
 
 import math

@@ -5,7 +5,7 @@ pipeline (the encoder, then the per-particle fit of z and shift, as by default) 
 twice and evaluated against the true frames:
 
 1. on the particles themselves;
-2. on synthetic *twins*: the run's own model rendered at the amplitudes z*_f that best
+2. on synthetic *twins* (:func:`make_twins`): the run's own model rendered at the amplitudes z*_f that best
    reach each particle's true frame (the floor's amplitudes, ``modes.fit_amplitudes``), at
    the true rotation and the file's CTF, at the fitted shift and grey scale of the
    particle, plus Gaussian noise of the run's noise spectrum. The twins carry the
@@ -13,7 +13,9 @@ twice and evaluated against the true frames:
    states off the modes' span, atom jitter, B-factors, the reference's differences,
    defocus errors.
 
-The gap between the two is what the model's incompleteness and those nuisances cost; the
+The fit here renders sharp (no envelope, the fit before ``--fit-bfactor``): the twins
+have none. The gap between the two is what the model's incompleteness and those
+nuisances cost; the
 twins' own |corr(PC1, frame)| is what the images' noise allows this estimator (a ceiling
 for the data set as simulated at its SNR).
 
@@ -63,6 +65,25 @@ def infer_like_nmaem(ae, lik, images, groups, rot, base, ctf, iterations, start=
         zs.append(z)
         ts.append(t)
     return z_enc, torch.cat(zs), torch.cat(ts), t_enc
+
+
+def make_twins(decoder, lik, images, groups, z, rotations, shifts, ctf, seed=0):
+    """(twins, median reduced chi2 at their truth): the decoder's renderings at (z,
+    rotations, shifts, ctf), each at the grey scale that best fits the image it stands
+    for, plus Gaussian noise of the likelihood's spectrum (the rfft2 of unit white noise
+    has power D^2 per coefficient)."""
+    D = int(decoder.box)
+    with torch.no_grad():
+        S = decoder.render_ft(z, rotations, shifts, ctf)
+        w = lik.weights(groups)
+        a = whitened_fit(lik.band.images_ft(images.float()), S, w)["scale"]
+        s2 = torch.stack([torch.as_tensor(lik.noise.grid(int(g), box=D), dtype=torch.float32)
+                          for g in groups])
+        white = torch.randn(len(z), D, D, generator=torch.Generator().manual_seed(seed))
+        noise = torch.fft.irfft2(torch.fft.rfft2(white) * torch.sqrt(s2) / D, s=(D, D))
+        twins = torch.fft.irfft2(a[:, None, None] * S, s=(D, D)) + noise
+        chi2 = whitened_fit(lik.band.images_ft(twins), S, w)["chi2"]
+    return twins, float((chi2 / lik.band.dof).median())
 
 
 def score(name, z, frame, x0, U, T):
@@ -120,17 +141,11 @@ def main(argv=None):
     score("particles: encoder", z_enc, frame, x0, U, T)
     score("particles: encoder + fit (nmaem infer)", z_fit.numpy(), frame, x0, U, T)
 
-    D = int(cfg["box"])
     zt = torch.as_tensor(z_star[frame], dtype=torch.float32)
-    with torch.no_grad():
-        S = ae.decoder.render_ft(zt, torch.as_tensor(A_true, dtype=torch.float32),
-                                 base + t_fit, ctf)
-        a = whitened_fit(lik.band.images_ft(images.float()), S, lik.weights(groups))["scale"]
-        s2 = torch.stack([torch.as_tensor(lik.noise.grid(int(g), box=D), dtype=torch.float32)
-                          for g in groups])
-        white = torch.randn(len(rows), D, D, generator=torch.Generator().manual_seed(args.seed))
-        noise = torch.fft.irfft2(torch.fft.rfft2(white) * torch.sqrt(s2) / D, s=(D, D))
-        twins = torch.fft.irfft2(a[:, None, None] * S, s=(D, D)) + noise
+    twins, chi2 = make_twins(ae.decoder, lik, images, groups, zt,
+                             torch.as_tensor(A_true, dtype=torch.float32), base + t_fit, ctf,
+                             args.seed)
+    print("twins: reduced chi2 at their truth, median %.3f" % chi2)
     tz_enc, tz_fit, _, _ = infer_like_nmaem(ae, lik, twins, groups, rot, base, ctf,
                                             args.iterations)
     score("twins: encoder", tz_enc, frame, x0, U, T)

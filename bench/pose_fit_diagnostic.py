@@ -29,16 +29,18 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from nmaem_plugin.core.data import ParticleImages, ParticleMetadata  # noqa: E402
 from nmaem_plugin.core.infer import FIT_BATCH, encode_images  # noqa: E402
-from nmaem_plugin.core.likelihood import WhitenedLikelihood, whitened_fit  # noqa: E402
+from nmaem_plugin.core.likelihood import WhitenedLikelihood  # noqa: E402
 from nmaem_plugin.core.particle_fit import (FitStats, fit_batch,  # noqa: E402
                                             population_prior, prior_floor)
 from nmaem_plugin.core.particles import read_particles  # noqa: E402
 from nmaem_plugin.core.poses import (correct_rotations, euler_to_matrix,  # noqa: E402
                                      rotation_angle_deg)
 from nmaem_plugin.core.train import load_trained  # noqa: E402
+from latent_twins import make_twins  # noqa: E402
 
 BROAD_DEG = 10.0
 MEDIAN_OVER_RMS = 0.888      # median / rms of the length of a 3-D isotropic Gaussian
@@ -114,21 +116,13 @@ def main(argv=None):
                            args.iterations)
     report("particles:", A_file, A_true, w, var)
 
-    # twins: the fitted z and shift at the true rotation, the fitted grey scale, and
-    # noise of the run's spectrum (rfft2 of unit white noise has power D^2 per coefficient)
-    D = int(cfg["box"])
-    with torch.no_grad():
-        S = ae.decoder.render_ft(z, torch.as_tensor(A_true, dtype=torch.float32), base + t, ctf)
-        Y = lik.band.images_ft(images.float())
-        a = whitened_fit(Y, S, lik.weights(groups))["scale"]
-        s2 = torch.stack([torch.as_tensor(lik.noise.grid(int(g), box=D), dtype=torch.float32)
-                          for g in groups])
-        white = torch.randn(len(rows), D, D, generator=torch.Generator().manual_seed(args.seed))
-        noise = torch.fft.irfft2(torch.fft.rfft2(white) * torch.sqrt(s2) / D, s=(D, D))
-        twins = torch.fft.irfft2(a[:, None, None] * S, s=(D, D)) + noise
-        chi2 = whitened_fit(lik.band.images_ft(twins), S, lik.weights(groups))["chi2"]
+    # twins: the fitted z and shift at the true rotation, the fitted grey scale, noise of
+    # the run's spectrum
+    twins, chi2 = make_twins(ae.decoder, lik, images, groups, z,
+                             torch.as_tensor(A_true, dtype=torch.float32), base + t, ctf,
+                             args.seed)
     print("twins: reduced chi2 at their truth, median %.3f (1 for the likelihood's noise)"
-          % float((chi2 / lik.band.dof).median()))
+          % chi2)
     _, _, w2, var2 = fit_all(ae, lik, twins, groups, z0, t0, rot, base, ctf, m, q,
                              args.iterations)
     report("twins (the model, exactly):", A_file, A_true, w2, var2)

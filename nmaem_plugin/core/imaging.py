@@ -174,8 +174,14 @@ def ctf_2d(freq_x: torch.Tensor, freq_y: torch.Tensor, defocus_u: TensorOrFloat,
     out = torch.sin(gamma)
     b = col(bfactor)
     if torch.any(torch.as_tensor(b) != 0):
-        out = out * torch.exp(-b * s2 / 4.0)
+        out = out * bfactor_envelope(s2, b)
     return out
+
+
+def bfactor_envelope(s2: torch.Tensor, bfactor: TensorOrFloat) -> torch.Tensor:
+    """exp(-B s^2 / 4): the B-factor envelope of :func:`ctf_2d` at squared spatial
+    frequencies ``s2`` (1/A^2), B in A^2."""
+    return torch.exp(-bfactor * s2 / 4.0)
 
 
 def _numpy_dtype(dtype):

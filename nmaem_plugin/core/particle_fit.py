@@ -159,11 +159,12 @@ def envelope_bfactor(decoder: "Decoder", likelihood: "WhitenedLikelihood",
                                         None if ctf is None else ctf[c]))
             w = likelihood.weights(None if groups is None else groups[c])
             ws.append(w.expand(Ys[-1].shape[0], *w.shape[-2:]) if w.dim() == 2 else w)
+        from .imaging import bfactor_envelope
         grid = decoder.renderer().grid
         s2 = (grid.fx ** 2 + grid.fy ** 2).to(Ss[0].real.dtype)
 
         def total(b):
-            env = torch.exp(-float(b) * s2 / 4.0)
+            env = bfactor_envelope(s2, float(b))
             return sum(float(whitened_fit(Y, band.rendered_ft(S * env), w)["chi2"]
                              .double().sum()) for Y, S, w in zip(Ys, Ss, ws))
 

@@ -57,3 +57,53 @@ class TestPlugin(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestSummary(unittest.TestCase):
+    """`make test` prints the runner's count and names each failed test (what CI's tail shows)."""
+
+    def test_summary_names_failed_tests(self):
+        import io
+        import logging
+        import os
+        import tempfile
+        from pyworkflow.tests.tests import GTestResult
+        from nmaem_plugin.tests import summary
+
+        class Inner(unittest.TestCase):
+            def test_passes(self):
+                self.assertTrue(True)
+
+            def test_fails(self):
+                self.assertEqual(1, 2, "one is not two")
+
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        log = logging.getLogger("pyworkflow.tests.tests")
+        log.addHandler(handler)
+        old_level = log.level
+        log.setLevel(logging.INFO)
+        try:
+            result = GTestResult()
+            unittest.defaultTestLoader.loadTestsFromTestCase(Inner).run(result)
+            result.doReport()
+        finally:
+            log.removeHandler(handler)
+            log.setLevel(old_level)
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "tests.log")
+            with open(path, "w") as f:
+                f.write(stream.getvalue())
+            out = io.StringIO()
+            real = sys.stdout
+            sys.stdout = out
+            try:
+                summary.main(path)
+            finally:
+                sys.stdout = real
+        lines = out.getvalue().splitlines()
+        self.assertEqual(lines[-1], "tests: 1 passed, 1 failed")
+        self.assertEqual(len(lines), 2)
+        self.assertIn("test_fails", lines[0])  # the runner's own name for it
+        self.assertIn("AssertionError", lines[0])
+        self.assertIn("one is not two", lines[0])

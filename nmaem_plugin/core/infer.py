@@ -107,8 +107,8 @@ def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iteration
     from .choices import POSE_FIT_BROAD_SD_DEG, POSE_FIT_CALIBRATION
     from .data import ParticleMetadata, make_loader
     from .likelihood import WhitenedLikelihood
-    from .particle_fit import (FitStats, envelope_bfactor, fit_batch, population_prior,
-                               prior_floor)
+    from .particle_fit import (BFACTOR_MAX, BFACTOR_TOL, FitStats, envelope_bfactor,
+                               fit_batch, population_prior, prior_floor)
     from .progress import Progress
     lik = WhitenedLikelihood.for_run(run_dir, cfg, dev, source=table.path)
     mu, prec = population_prior(np.concatenate([z, shift], 1),
@@ -133,6 +133,11 @@ def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iteration
         log("infer: the images' envelope: B = %.0f A^2 (maximum likelihood over %d "
             "particles at the encoder's z; chi2 %.1f lower than without it)"
             % (bfactor, len(calib), chi2_0 - chi2_b))
+        if bfactor >= BFACTOR_MAX - 2 * BFACTOR_TOL:
+            log("infer: warning: the envelope reached the search's bound (%.0f A^2): the "
+                "encoder's models explain little of the images' high-resolution signal "
+                "(too short a training, or a reference that does not fit); see the run's "
+                "training curves, or give --fit-bfactor" % BFACTOR_MAX)
 
     def ctf_of(ctf_params):
         if bfactor:

@@ -410,6 +410,8 @@ class TestInferWithFit(unittest.TestCase):
         self.assertIn("infer: the images' envelope: B = ", out_a)
         b = float(out_a.split("envelope: B = ")[1].split()[0])
         self.assertIn("envelope B = %.0f A^2" % b, out_a)
+        self.assertLess(b, 500)
+        self.assertNotIn("the envelope reached the search's bound", out_a)
         rc, out_0, err = nmaem("infer", "--particles", self.star, "--model", self.run_dir,
                                "-o", fixed, "--fit-bfactor", 0)
         self.assertEqual(rc, 0, err)

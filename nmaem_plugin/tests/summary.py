@@ -8,18 +8,18 @@ import sys
 
 
 def failures(text):
-    """[(test name, last traceback line)] for each '[   FAILED ] name' block of the log."""
+    """[(test name, exception line)] for each '[   FAILED ] name' block of the log: the
+    first unindented line after the block's last 'Traceback' header."""
     out = []
-    blocks = re.split(r"^\[   FAILED \] ", text, flags=re.M)[1:]
-    for block in blocks:
+    for block in re.split(r"^\[   FAILED \] ", text, flags=re.M)[1:]:
         lines = block.splitlines()
         name = lines[0].strip() if lines else "?"
         last = ""
-        for line in lines[1:]:
-            if line.startswith("[") and ("RUN" in line or "====" in line or "FAILED" in line):
-                break
+        starts = [k for k, line in enumerate(lines) if line.startswith("Traceback (most recent")]
+        for line in lines[starts[-1] + 1:] if starts else []:
             if line.strip() and not line.startswith(" "):
                 last = line.strip()
+                break
         out.append((name, last))
     return out
 

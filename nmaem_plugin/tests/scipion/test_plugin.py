@@ -77,19 +77,20 @@ class TestSummary(unittest.TestCase):
             def test_fails(self):
                 self.assertEqual(1, 2, "one is not two")
 
+        # the inner runner's report goes only to this stream: in the real runner's log its
+        # '[  FAILED  ] 1 tests' would be read as the suite's own count
         stream = io.StringIO()
-        handler = logging.StreamHandler(stream)
         log = logging.getLogger("pyworkflow.tests.tests")
-        log.addHandler(handler)
-        old_level = log.level
+        saved = log.handlers[:], log.level, log.propagate
+        log.handlers = [logging.StreamHandler(stream)]
         log.setLevel(logging.INFO)
+        log.propagate = False
         try:
             result = GTestResult()
             unittest.defaultTestLoader.loadTestsFromTestCase(Inner).run(result)
             result.doReport()
         finally:
-            log.removeHandler(handler)
-            log.setLevel(old_level)
+            log.handlers, log.level, log.propagate = saved
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "tests.log")
             with open(path, "w") as f:

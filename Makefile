@@ -38,7 +38,7 @@ scipion-dirs:
 	@mkdir -p $(SCIPION_HOME) $(SCIPION_USER_DATA) $(SCIPION_TESTS) $(KEOPS_CACHE_FOLDER)
 
 # Scipion's own test runner (python -m scipion == scipion3); it exits non-zero when a test
-# fails or none ran. The last line repeats its count as 'N passed, N failed'.
+# fails or none ran. The last lines name each failed test and repeat the count.
 test: $(STAMP) scipion-dirs
 	@set -o pipefail; $(PY) -m scipion tests nmaem_plugin 2>&1 | tee $(SCIPION_HOME)/tests.log; \
 	rc=$$?; $(PY) -m nmaem_plugin.tests.summary $(SCIPION_HOME)/tests.log; exit $$rc

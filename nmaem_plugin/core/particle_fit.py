@@ -60,9 +60,8 @@ MAX_STEP_TURN_DEG = 2.0    # degrees, the largest change of the rotation in one 
 # the prior's smallest sd: Angstrom RMSD along a mode, Angstrom of shift
 MIN_PRIOR_SD_RMSD, MIN_PRIOR_SD_SHIFT = 0.01, 0.01
 LAMBDA_UP, LAMBDA_DOWN, LAMBDA_FIRST = 4.0, 3.0, 1e-2
-# envelope_bfactor: the search interval's end and tolerance (A^2), images per rendering
+# envelope_bfactor: the search interval's end and tolerance (A^2)
 BFACTOR_MAX, BFACTOR_TOL = 1000.0, 2.0
-FIT_CHUNK = 64
 
 
 def population_prior(p: np.ndarray, min_sd: Optional[np.ndarray] = None
@@ -146,27 +145,20 @@ def envelope_bfactor(decoder: "Decoder", likelihood: "WhitenedLikelihood",
     module docstring's "envelope"), at the given z and shift: the total whitened
     chi-square of the images against the renderings times the envelope, each at its best
     grey scale, minimised by golden-section search to ``BFACTOR_TOL``. Arguments as in
-    :func:`fit_batch`, for all the particles at once (they are rendered once, in chunks of
-    ``FIT_CHUNK``)."""
+    :func:`fit_batch`, for all the particles at once (rendered once; the renderer chunks
+    by its memory budget)."""
+    from .imaging import bfactor_envelope
     band = likelihood.band
-    Ys, Ss, ws = [], [], []
     with torch.no_grad():
-        rot = decoder.rotations(rotations, rotvec)
-        for i in range(0, z.shape[0], FIT_CHUNK):
-            c = slice(i, i + FIT_CHUNK)
-            Ys.append(band.images_ft(images[c].float()))
-            Ss.append(decoder.render_ft(z[c], rot[c], base_shift[c] + shift[c],
-                                        None if ctf is None else ctf[c]))
-            w = likelihood.weights(None if groups is None else groups[c])
-            ws.append(w.expand(Ys[-1].shape[0], *w.shape[-2:]) if w.dim() == 2 else w)
-        from .imaging import bfactor_envelope
+        Y = band.images_ft(images.float())
+        S = decoder.render_ft(z, rotations, base_shift + shift, ctf, rotvec=rotvec)
+        w = likelihood.weights(groups)
         grid = decoder.renderer().grid
-        s2 = (grid.fx ** 2 + grid.fy ** 2).to(Ss[0].real.dtype)
+        s2 = (grid.fx ** 2 + grid.fy ** 2).to(S.real.dtype)
 
         def total(b):
             env = bfactor_envelope(s2, float(b))
-            return sum(float(whitened_fit(Y, band.rendered_ft(S * env), w)["chi2"]
-                             .double().sum()) for Y, S, w in zip(Ys, Ss, ws))
+            return float(whitened_fit(Y, band.rendered_ft(S * env), w)["chi2"].double().sum())
 
         golden = (math.sqrt(5.0) - 1.0) / 2.0
         lo, hi = 0.0, float(b_max)

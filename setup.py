@@ -38,7 +38,7 @@ setup(
     extras_require={"scipion": ["scipion-pyworkflow>=3.0", "scipion-em>=3.0"]},
     entry_points={
         "pyworkflow.plugin": ["nmaem_plugin = nmaem_plugin"],
-        "console_scripts": ["nmaem = nmaem_plugin.core.cli:main"],
+        "console_scripts": ["nmaem = nmaem_plugin.core.cli.main:main"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -53,7 +53,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "nmaem_plugin", "data")
 sys.path.insert(0, os.path.join(HERE, ".."))
-from nmaem_plugin.core.runfolder import read_log_rows  # noqa: E402
+from nmaem_plugin.core.io.runfolder import read_log_rows  # noqa: E402
 
 CONFIGS = {
     # sim_box / sim_apix: the simulated particles (the paper's 192 px at 0.8 A, -20 dB, in

@@ -33,14 +33,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from nmaem_plugin import DATA_DIR  # noqa: E402
-from nmaem_plugin.core import normstats, train as train_mod  # noqa: E402
-from nmaem_plugin.core.evaluate import evaluate  # noqa: E402
-from nmaem_plugin.core.particles import read_particles  # noqa: E402
-from nmaem_plugin.core.network import image_loss  # noqa: E402
-from nmaem_plugin.core.data import (ParticleMetadata, make_loader,  # noqa: E402
-                                    ParticleImages)
-from nmaem_plugin.core.runfolder import read_config  # noqa: E402
-from nmaem_plugin.core.train import load_trained  # noqa: E402
+from nmaem_plugin.core.learn import normstats, train as train_mod  # noqa: E402
+from nmaem_plugin.core.analysis.evaluate import evaluate  # noqa: E402
+from nmaem_plugin.core.io.particles import read_particles  # noqa: E402
+from nmaem_plugin.core.learn.network import image_loss  # noqa: E402
+from nmaem_plugin.core.learn.data import ParticleMetadata, make_loader, ParticleImages
+from nmaem_plugin.core.io.runfolder import read_config  # noqa: E402
+from nmaem_plugin.core.learn.train import load_trained  # noqa: E402
 
 
 def quiet(*a, **k):
@@ -48,9 +47,9 @@ def quiet(*a, **k):
 
 
 def make_data(work, n, snr_db, seed):
-    from nmaem_plugin.core.modes import compute_modes, save_modes
-    from nmaem_plugin.core.simulate import SimulationSettings, load_frames, simulate
-    from nmaem_plugin.core.structure import read_model
+    from nmaem_plugin.core.modes.compute import compute_modes, save_modes
+    from nmaem_plugin.core.sim.simulate import SimulationSettings, load_frames, simulate
+    from nmaem_plugin.core.physics.structure import read_model
     sim = os.path.join(work, "sim")
     if not os.path.isfile(os.path.join(sim, "modes.npz")):
         model, frames = load_frames(ref=os.path.join(DATA_DIR, "ak_open_4ake.pdb"),
@@ -67,7 +66,7 @@ def make_data(work, n, snr_db, seed):
 
 def val_losses(ae, cfg, run, sim, batch=256):
     """Validation loss: eval mode, batch statistics, z = 0, and the floor z (true frame)."""
-    from nmaem_plugin.core.structure import read_trajectory
+    from nmaem_plugin.core.physics.structure import read_trajectory
     table = read_particles(cfg["particles"])
     with np.load(os.path.join(run, "split.npz")) as sp:
         val = sp["val"]

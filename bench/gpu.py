@@ -44,7 +44,7 @@ DATA = os.path.join(ROOT, "nmaem_plugin", "data")
 OPEN = os.path.join(DATA, "ak_open_4ake.pdb")
 
 sys.path.insert(0, ROOT)
-from nmaem_plugin.core.runfolder import read_log_rows  # noqa: E402
+from nmaem_plugin.core.io.runfolder import read_log_rows  # noqa: E402
 CLOSED = os.path.join(DATA, "ak_closed_1ake.pdb")
 
 

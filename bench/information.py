@@ -29,12 +29,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nmaem_plugin.core.data import ParticleMetadata  # noqa: E402
-from nmaem_plugin.core.latent import read_latent  # noqa: E402
-from nmaem_plugin.core.noise import hermitian_weights  # noqa: E402
-from nmaem_plugin.core.nuisances import noise_filter  # noqa: E402
-from nmaem_plugin.core.particles import read_particles  # noqa: E402
-from nmaem_plugin.core.train import load_trained  # noqa: E402
+from nmaem_plugin.core.learn.data import ParticleMetadata  # noqa: E402
+from nmaem_plugin.core.io.latent import read_latent  # noqa: E402
+from nmaem_plugin.core.physics.noise import hermitian_weights  # noqa: E402
+from nmaem_plugin.core.sim.nuisances import noise_filter  # noqa: E402
+from nmaem_plugin.core.io.particles import read_particles  # noqa: E402
+from nmaem_plugin.core.learn.train import load_trained  # noqa: E402
 
 
 def main(argv=None):

@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from nmaem_plugin import DATA_DIR  # noqa: E402
-from nmaem_plugin.core import imaging  # noqa: E402
-from nmaem_plugin.core.network import Decoder  # noqa: E402
-from nmaem_plugin.core.structure import read_model  # noqa: E402
+from nmaem_plugin.core.physics import imaging  # noqa: E402
+from nmaem_plugin.core.learn.network import Decoder  # noqa: E402
+from nmaem_plugin.core.physics.structure import read_model  # noqa: E402
 
 AK = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 

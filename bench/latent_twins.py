@@ -31,17 +31,17 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nmaem_plugin.core.analysis import pca  # noqa: E402
-from nmaem_plugin.core.choices import FIT_ITERATIONS_DEFAULT  # noqa: E402
-from nmaem_plugin.core.data import ParticleImages, ParticleMetadata  # noqa: E402
-from nmaem_plugin.core.infer import FIT_BATCH, encode_images  # noqa: E402
-from nmaem_plugin.core.likelihood import WhitenedLikelihood, whitened_fit  # noqa: E402
-from nmaem_plugin.core.modes import fit_amplitudes  # noqa: E402
-from nmaem_plugin.core.particle_fit import fit_batch, population_prior, prior_floor  # noqa: E402
-from nmaem_plugin.core.particles import read_particles  # noqa: E402
-from nmaem_plugin.core.poses import euler_to_matrix  # noqa: E402
-from nmaem_plugin.core.structure import read_model, read_trajectory  # noqa: E402
-from nmaem_plugin.core.train import load_trained  # noqa: E402
+from nmaem_plugin.core.analysis.landscape import pca  # noqa: E402
+from nmaem_plugin.core.base.choices import FIT_ITERATIONS_DEFAULT  # noqa: E402
+from nmaem_plugin.core.learn.data import ParticleImages, ParticleMetadata  # noqa: E402
+from nmaem_plugin.core.inference.infer import FIT_BATCH, encode_images  # noqa: E402
+from nmaem_plugin.core.physics.likelihood import WhitenedLikelihood, whitened_fit  # noqa: E402
+from nmaem_plugin.core.modes.compute import fit_amplitudes  # noqa: E402
+from nmaem_plugin.core.inference.particle_fit import fit_batch, population_prior, prior_floor  # noqa: E402
+from nmaem_plugin.core.io.particles import read_particles  # noqa: E402
+from nmaem_plugin.core.io.poses import euler_to_matrix  # noqa: E402
+from nmaem_plugin.core.physics.structure import read_model, read_trajectory  # noqa: E402
+from nmaem_plugin.core.learn.train import load_trained  # noqa: E402
 
 
 def infer_like_nmaem(ae, lik, images, groups, rot, base, ctf, iterations, start=None):

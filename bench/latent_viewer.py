@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 
-from nmaem_plugin.core import plots  # noqa: E402
+from nmaem_plugin.core.report import plots  # noqa: E402
 
 
 def synthetic(n, d, seed=0):

@@ -15,8 +15,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nmaem_plugin.core.analysis import density_maxima  # noqa: E402
-from nmaem_plugin.core.simulate import sample_frames  # noqa: E402
+from nmaem_plugin.core.analysis.landscape import density_maxima  # noqa: E402
+from nmaem_plugin.core.sim.simulate import sample_frames  # noqa: E402
 
 UNIMODAL = {
     "normal n=200": lambda r: r.normal(0, 1, 200),

@@ -26,7 +26,7 @@ NODES_PER_ATOM = 0.05
 def synthetic_model(n_atoms, spacing=35.0):
     """Copies of the bundled open AK on a grid, cut to ``n_atoms``; CG: evenly spaced CA."""
     from nmaem_plugin import DATA_DIR
-    from nmaem_plugin.core.structure import AtomicModel, read_model
+    from nmaem_plugin.core.physics.structure import AtomicModel, read_model
     base = read_model(os.path.join(DATA_DIR, "ak_open_4ake.pdb"))
     copies = -(-n_atoms // base.n_atoms)
     side = int(np.ceil(copies ** (1 / 3)))
@@ -49,8 +49,8 @@ def synthetic_model(n_atoms, spacing=35.0):
 
 def run_one(case, n_modes):
     from nmaem_plugin import DATA_DIR
-    from nmaem_plugin.core import modes as M
-    from nmaem_plugin.core.structure import read_model
+    from nmaem_plugin.core.modes import compute as M
+    from nmaem_plugin.core.physics.structure import read_model
     t0 = time.time()
     if case == "bundled":
         model = read_model(os.path.join(DATA_DIR, "ak_open_4ake.pdb"))

@@ -31,15 +31,14 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from nmaem_plugin.core.data import ParticleImages, ParticleMetadata  # noqa: E402
-from nmaem_plugin.core.infer import FIT_BATCH, encode_images  # noqa: E402
-from nmaem_plugin.core.likelihood import WhitenedLikelihood  # noqa: E402
-from nmaem_plugin.core.particle_fit import (FitStats, fit_batch,  # noqa: E402
-                                            population_prior, prior_floor)
-from nmaem_plugin.core.particles import read_particles  # noqa: E402
-from nmaem_plugin.core.poses import (correct_rotations, euler_to_matrix,  # noqa: E402
-                                     rotation_angle_deg)
-from nmaem_plugin.core.train import load_trained  # noqa: E402
+from nmaem_plugin.core.learn.data import ParticleImages, ParticleMetadata  # noqa: E402
+from nmaem_plugin.core.inference.infer import FIT_BATCH, encode_images  # noqa: E402
+from nmaem_plugin.core.physics.likelihood import WhitenedLikelihood  # noqa: E402
+from nmaem_plugin.core.inference.particle_fit import (FitStats, fit_batch, population_prior,
+                                                      prior_floor)
+from nmaem_plugin.core.io.particles import read_particles  # noqa: E402
+from nmaem_plugin.core.io.poses import correct_rotations, euler_to_matrix, rotation_angle_deg
+from nmaem_plugin.core.learn.train import load_trained  # noqa: E402
 from latent_twins import make_twins  # noqa: E402
 
 BROAD_DEG = 10.0

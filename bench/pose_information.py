@@ -36,14 +36,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nmaem_plugin.core.data import ParticleImages, ParticleMetadata  # noqa: E402
-from nmaem_plugin.core.imaging import rotvec_to_matrix  # noqa: E402
-from nmaem_plugin.core.noise import (hermitian_weights, shell_counts, shell_index,  # noqa: E402
-                                     shell_sums)
-from nmaem_plugin.core.particles import read_particles  # noqa: E402
-from nmaem_plugin.core.poses import euler_to_matrix, rotation_angle_deg  # noqa: E402
-from nmaem_plugin.core.structure import read_trajectory  # noqa: E402
-from nmaem_plugin.core.train import load_trained  # noqa: E402
+from nmaem_plugin.core.learn.data import ParticleImages, ParticleMetadata  # noqa: E402
+from nmaem_plugin.core.physics.imaging import rotvec_to_matrix  # noqa: E402
+from nmaem_plugin.core.physics.noise import (hermitian_weights, shell_counts, shell_index,
+                                             shell_sums)
+from nmaem_plugin.core.io.particles import read_particles  # noqa: E402
+from nmaem_plugin.core.io.poses import euler_to_matrix, rotation_angle_deg  # noqa: E402
+from nmaem_plugin.core.physics.structure import read_trajectory  # noqa: E402
+from nmaem_plugin.core.learn.train import load_trained  # noqa: E402
 
 
 def median_angle(cov, rng, draws=64):

@@ -32,13 +32,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nmaem_plugin.core.data import ParticleImages, ParticleMetadata  # noqa: E402
-from nmaem_plugin.core.likelihood import WhitenedLikelihood, whitened_fit  # noqa: E402
-from nmaem_plugin.core.network import split_outputs  # noqa: E402
-from nmaem_plugin.core.particles import read_particles  # noqa: E402
-from nmaem_plugin.core.poses import (correct_rotations, euler_to_matrix,  # noqa: E402
-                                     rotation_angle_deg)
-from nmaem_plugin.core.train import load_trained  # noqa: E402
+from nmaem_plugin.core.learn.data import ParticleImages, ParticleMetadata  # noqa: E402
+from nmaem_plugin.core.physics.likelihood import WhitenedLikelihood, whitened_fit  # noqa: E402
+from nmaem_plugin.core.learn.network import split_outputs  # noqa: E402
+from nmaem_plugin.core.io.particles import read_particles  # noqa: E402
+from nmaem_plugin.core.io.poses import correct_rotations, euler_to_matrix, rotation_angle_deg
+from nmaem_plugin.core.learn.train import load_trained  # noqa: E402
 
 
 FD_STEP = math.radians(0.2)      # forward-difference step of the Jacobian (radians)

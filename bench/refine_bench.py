@@ -14,10 +14,10 @@ import time
 import numpy as np
 
 from nmaem_plugin import DATA_DIR
-from nmaem_plugin.core.structure import read_model, superpose, tile_model
-from nmaem_plugin.core.modes import compute_modes
-from nmaem_plugin.core.refine import refine_coords
-from nmaem_plugin.core.validation import reference_geometry, validate
+from nmaem_plugin.core.physics.structure import read_model, superpose, tile_model
+from nmaem_plugin.core.modes.compute import compute_modes
+from nmaem_plugin.core.analysis.refine import refine_coords
+from nmaem_plugin.core.analysis.validation import reference_geometry, validate
 
 
 def main():

@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from nmaem_plugin import DATA_DIR  # noqa: E402
-from nmaem_plugin.core import imaging  # noqa: E402
-from nmaem_plugin.core.structure import form_factor_table, read_model, tile_model  # noqa: E402
+from nmaem_plugin.core.physics import imaging  # noqa: E402
+from nmaem_plugin.core.physics.structure import form_factor_table, read_model, tile_model  # noqa: E402
 
 AK = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 

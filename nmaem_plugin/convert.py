@@ -67,7 +67,7 @@ def matricesToRelion(matrices, apix):
     transforms are in. Returns ``(euler, origin)``: (N, 3) rot, tilt, psi in degrees and
     (N, 2) ``rlnOriginXAngst/YAngst`` (Angstrom); see the module docstring.
     """
-    from .core.poses import matrix_to_euler
+    from .core.io.poses import matrix_to_euler
     M = np.asarray(matrices, dtype=np.float64)
     single = M.ndim == 2
     M = M.reshape(-1, 4, 4)
@@ -85,7 +85,7 @@ def relionToMatrices(euler, origin, apix):
     """Scipion ``ALIGN_PROJ`` transforms (N, 4, 4) of RELION angles (N, 3) in degrees and
     origins (N, 2) in Angstrom (None: zero), for pixel size ``apix``; inverse of
     :func:`matricesToRelion`: T = [[A^T, A^T s], [0, 1]] with s = origin / apix."""
-    from .core.poses import euler_to_matrix
+    from .core.io.poses import euler_to_matrix
     e = np.asarray(euler, dtype=np.float64).reshape(-1, 3)
     n = len(e)
     A = euler_to_matrix(e[:, 0], e[:, 1], e[:, 2])
@@ -129,7 +129,7 @@ def refinePoseInMatrix(matrix, rotvec):
     the correction acts in the model's frame). With T^-1 = [[A, -s], [0, 1]] only the
     rotation block changes: the origin s is kept.
     """
-    from .core.poses import correct_rotations
+    from .core.io.poses import correct_rotations
     M = np.asarray(matrix, dtype=np.float64)
     inv = np.linalg.inv(M)                 # [[A, -s], [0, 1]]
     inv[:3, :3] = correct_rotations(inv[:3, :3], np.asarray(rotvec, dtype=np.float64).reshape(3))
@@ -173,8 +173,8 @@ def particlesToTable(partSet, starFile, stackDir=None):
     """
     import pandas as pd
     from pwem.constants import ALIGN_PROJ
-    from .core.particles import ParticleTable
-    from .core.stacks import is_mrc, stack_box
+    from .core.io.particles import ParticleTable
+    from .core.io.stacks import is_mrc, stack_box
 
     if partSet.getAlignment() != ALIGN_PROJ:
         raise ValueError("%s has no 3D projection alignment (alignment: %s)"
@@ -252,7 +252,7 @@ def particlesToTable(partSet, starFile, stackDir=None):
 def writeSetOfParticles(partSet, starFile, stackDir=None):
     """Write ``partSet`` (3D alignment + CTF) as a RELION 3.1 STAR file that ``nmaem``
     reads; returns the number of particles. See :func:`particlesToTable`."""
-    from .core.star import write_star
+    from .core.io.star import write_star
     table = particlesToTable(partSet, starFile, stackDir=stackDir)
     write_star(starFile, table)
     return table.n
@@ -272,7 +272,7 @@ def readSetOfParticles(starFile, partSet, extraAttributes=None, particleIds=None
     from pwem.constants import ALIGN_NONE
     from pwem.objects import Acquisition, CTFModel, Particle, Transform
     from pyworkflow.object import Float, Integer, String
-    from .core.particles import read_particles
+    from .core.io.particles import read_particles
 
     table = read_particles(starFile)
     n = table.n
@@ -348,7 +348,7 @@ def readSetOfParticles(starFile, partSet, extraAttributes=None, particleIds=None
 
 def _checkedLatent(latentFile):
     """The ``core.latent.Latent`` of a file, its rows distinct (one per particle)."""
-    from .core.latent import read_latent
+    from .core.io.latent import read_latent
     lat = read_latent(latentFile)           # one-line NmaemError on a bad file
     if len(np.unique(lat.index)) != lat.n:
         raise ValueError("%s: 'index' must hold distinct non-negative rows" % latentFile)
@@ -358,7 +358,7 @@ def _checkedLatent(latentFile):
 def starRowIds(starFile):
     """Particle ids (``rlnImageId``) of the rows of a STAR file written by
     :func:`writeSetOfParticles` (1..N when the column is absent)."""
-    from .core.star import read_star_blocks
+    from .core.io.star import read_star_blocks
     blocks = read_star_blocks(starFile)
     parts = blocks.get("particles")
     if parts is None:
@@ -374,7 +374,7 @@ def hubFlexAttributes(runDir):
     d (:data:`HUB_N_MODES`), those the run has."""
     if not runDir:
         return {}
-    from .core.runfolder import read_config_or_none, reference_and_modes
+    from .core.io.runfolder import read_config_or_none, reference_and_modes
     ref, modes = reference_and_modes(runDir)
     cfg = read_config_or_none(runDir) or {}
     out = {ATTR_RUN_DIR: runDir}
@@ -394,7 +394,7 @@ def pcaCoordinates(z):
     z = np.asarray(z, dtype=np.float64)
     if z.ndim != 2 or len(z) < 2 or z.shape[1] == 0:
         return None
-    from .core.analysis import pca
+    from .core.analysis.landscape import pca
     return pca(z).transform(z)
 
 
@@ -402,7 +402,7 @@ def latentFromParticlesFlex(particles, latentFile, idsFile=None):
     """Write the zFlex of a SetOfParticlesFlex as ``latentFile`` (``core.latent``; rows
     in id order, shifts zero, index 0..N-1) and their ids as ``idsFile`` (.npy);
     returns the ids (N,) int64."""
-    from .core.latent import write_latent
+    from .core.io.latent import write_latent
     ids, z = [], []
     for p in particles.iterItems(orderBy="id"):
         ids.append(p.getObjId())

@@ -24,8 +24,8 @@ import sys
 import numpy as np
 
 from nmaem_plugin import DATA_DIR
-from nmaem_plugin.core.atomic import atomic_open
-from nmaem_plugin.core.plots import save
+from nmaem_plugin.core.base.atomic import atomic_open
+from nmaem_plugin.core.report.plots import save
 
 OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 CLOSED = os.path.join(DATA_DIR, "ak_closed_1ake.pdb")
@@ -43,10 +43,10 @@ def montage(sim_dir, out_png, n_show=6):
     import matplotlib.pyplot as plt
     import torch
 
-    from nmaem_plugin.core import imaging
-    from nmaem_plugin.core.particles import read_particles
-    from nmaem_plugin.core.stacks import ImageStack
-    from nmaem_plugin.core.structure import read_trajectory
+    from nmaem_plugin.core.physics import imaging
+    from nmaem_plugin.core.io.particles import read_particles
+    from nmaem_plugin.core.io.stacks import ImageStack
+    from nmaem_plugin.core.physics.structure import read_trajectory
 
     table = read_particles(os.path.join(sim_dir, "particles.star"))
     gt = np.load(os.path.join(sim_dir, "ground_truth.npz"))
@@ -96,8 +96,8 @@ def plot_results(out, run_dir, latent_path, sim_dir, evaluation):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nmaem_plugin.core.analysis import pca
-    from nmaem_plugin.core.latent import read_latent
+    from nmaem_plugin.core.analysis.landscape import pca
+    from nmaem_plugin.core.io.latent import read_latent
 
     with open(os.path.join(run_dir, "log.csv"), newline="") as fh:
         rows = list(csv.DictReader(fh))

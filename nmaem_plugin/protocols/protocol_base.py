@@ -196,7 +196,7 @@ class NmaemProtBase(EMProtocol):
         """(errors, d) for particles with z used with the run of :meth:`_runDir`: a
         trained network is known and has its config.json, the particles have amplitudes
         and as many as the network's modes. ``d``: the particles' number of amplitudes."""
-        from ..core.runfolder import read_config_or_none
+        from ..core.io.runfolder import read_config_or_none
         errors = []
         run = self._runDir()
         cfg = read_config_or_none(run) if run else None
@@ -249,7 +249,7 @@ class NmaemProtBase(EMProtocol):
                     header.append(line)
         if current:
             models.append(current)
-        from ..core.atomic import atomic_open
+        from ..core.base.atomic import atomic_open
         out = []
         for k, lines in enumerate(models):
             fn = pattern % k

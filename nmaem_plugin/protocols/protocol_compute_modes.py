@@ -17,7 +17,7 @@ from pyworkflow.object import Float, Integer, String
 from pwem.objects import NormalMode, SetOfNormalModes
 
 from ..constants import ATTR_ANIMATION, ATTR_EIGENVALUE, ATTR_MODE_INDEX, ATTR_OVERLAP
-from ..core.choices import CG_CHOICES
+from ..core.base.choices import CG_CHOICES
 from .protocol_base import NmaemProtBase
 
 
@@ -132,7 +132,7 @@ class NmaemProtComputeModes(NmaemProtBase):
                 if key in f.files:
                     v = f[key]
                     report[key] = v.tolist() if v.ndim else v.item()
-        from ..core.atomic import atomic_open
+        from ..core.base.atomic import atomic_open
         with atomic_open(self._getFileName("report"), "w") as fh:
             json.dump(report, fh, indent=1)
 

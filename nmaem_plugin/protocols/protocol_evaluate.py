@@ -18,7 +18,7 @@ from pyworkflow.object import Float
 from pwem.objects import SetOfParticlesFlex
 
 from ..constants import ATTR_FRAME
-from ..core.runfolder import read_config_or_none
+from ..core.io.runfolder import read_config_or_none
 from .protocol_base import NmaemProtBase
 from .protocol_flex_common import (ATTR_FLOOR_RMSD, ATTR_RMSD, createSetOfParticlesFlex,
                                    findSimulationDir, runDirOf)

@@ -15,7 +15,7 @@ import pyworkflow.protocol.params as params
 from pyworkflow.object import Float, Integer, String
 from pwem.objects import SetOfAtomStructFlex
 
-from ..core.choices import MODEL_FORMATS
+from ..core.base.choices import MODEL_FORMATS
 from .protocol_base import NmaemProtBase
 from .protocol_flex_common import (ATTR_KIND, ATTR_N_PARTICLES, ATTR_RMSD_REF,
                                    createSetOfAtomStructFlex, hubFlexInfo, modelStructFlex)

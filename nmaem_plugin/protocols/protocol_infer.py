@@ -20,8 +20,8 @@ import pyworkflow.protocol.params as params
 from pwem.objects import SetOfParticlesFlex
 
 from ..constants import PROGRAM_NAME
-from ..core.choices import CHECKPOINTS, FIT_ITERATIONS_DEFAULT
-from ..core.runfolder import existing_checkpoint, has_noise_model, read_config_or_none
+from ..core.base.choices import CHECKPOINTS, FIT_ITERATIONS_DEFAULT
+from ..core.io.runfolder import existing_checkpoint, has_noise_model, read_config_or_none
 from .protocol_base import NmaemProtBase
 from .protocol_flex_common import (ATTR_LATENT_FILE, ATTR_RUN_DIR, ATTR_STAR_FILE,
                                    createSetOfParticlesFlex, runDirOf)
@@ -224,7 +224,7 @@ class NmaemProtInfer(NmaemProtBase):
         fn = self._getFileName("latent")
         if not os.path.exists(fn):
             return None
-        from ..core.latent import read_latent
+        from ..core.io.latent import read_latent
         lat = read_latent(fn)
         return lat.z, lat.shift, lat.pose_correction
 

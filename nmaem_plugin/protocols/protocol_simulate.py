@@ -15,7 +15,7 @@ from enum import Enum
 import pyworkflow.protocol.params as params
 from pwem.objects import AtomStruct, SetOfAtomStructs, SetOfParticles
 
-from ..core.choices import DISTRIBUTIONS
+from ..core.base.choices import DISTRIBUTIONS
 from ..constants import ATTR_FRAME, SIM_LIKE, SIM_MORPH, SIM_SOURCES, SIM_TRAJECTORY
 from .protocol_base import NmaemProtBase
 

@@ -124,7 +124,7 @@ class NmaemProtStates(NmaemProtBase):
 
     def modelsStep(self):
         """One model per state at its representative z (``nmaem export --z``)."""
-        from ..core.states import read_states
+        from ..core.analysis.states import read_states
         _, _, z, _ = read_states(self._getFileName("statesFile"))
         args = ["--latent", self._getFileName("latent"),
                 "--model", os.path.abspath(self._runDir()),
@@ -138,7 +138,7 @@ class NmaemProtStates(NmaemProtBase):
     def createOutputStep(self):
         import numpy as np
         from ..convert import copySetInfo
-        from ..core.states import read_states, read_states_json
+        from ..core.analysis.states import read_states, read_states_json
         label, _, z, count = read_states(self._getFileName("statesFile"))
         listing = read_states_json(self._getFileName("statesJson"))
         models = self._readJsonResult("listing")["models"]
@@ -214,8 +214,8 @@ class NmaemProtStates(NmaemProtBase):
             errors.append("%d states for %d particles." % (self.numberOfClusters.get(),
                                                            parts.getSize()))
         elif mode == STATES_RANGES:
-            from ..core.errors import NmaemError
-            from ..core.states import parse_range
+            from ..core.base.errors import NmaemError
+            from ..core.analysis.states import parse_range
             lines = self._rangeLines()
             if not lines:
                 errors.append("Type at least one line of PC ranges.")

@@ -16,9 +16,9 @@ import pyworkflow.protocol.params as params
 from pwem.objects import FlexInfo
 
 from ..constants import PROGRAM_NAME
-from ..core.choices import (ENCODERS, LOSSES, LR_SCHEDULES, POSE_INPUT_DEFAULT, POSE_INPUTS,
-                           RENDER_ROUTES)
-from ..core.runfolder import existing_checkpoint, read_config_or_none, read_log_rows
+from ..core.base.choices import (ENCODERS, LOSSES, LR_SCHEDULES, POSE_INPUT_DEFAULT, POSE_INPUTS,
+                                 RENDER_ROUTES)
+from ..core.io.runfolder import existing_checkpoint, read_config_or_none, read_log_rows
 from .protocol_base import NmaemProtBase
 from .protocol_flex_common import (ATTR_APIX, ATTR_BOX, ATTR_EPOCHS, ATTR_LATENT_DIM,
                                    ATTR_RUN_DIR, runDirOf)
@@ -38,7 +38,7 @@ def imageBox(particles):
     if ":" in os.path.basename(fn):
         fn = fn[:fn.rindex(":")]
     try:
-        from ..core.stacks import is_mrc, stack_box
+        from ..core.io.stacks import is_mrc, stack_box
         if is_mrc(fn) and os.path.exists(fn):
             return stack_box(fn, default=None)
         dim = particles.getXDim()
@@ -51,9 +51,9 @@ def checkModesMatch(modesFile, structureFile):
     """An error message when the modes file was not computed on the model, else None.
     Reads only the atom ids and coordinates (numpy, gemmi)."""
     try:
-        from ..core.errors import NmaemError
-        from ..core.modes import check_modes_match, load_modes
-        from ..core.structure import read_model
+        from ..core.base.errors import NmaemError
+        from ..core.modes.compute import check_modes_match, load_modes
+        from ..core.physics.structure import read_model
         check_modes_match(load_modes(modesFile), read_model(structureFile))
     except NmaemError as exc:
         return ("The normal modes do not belong to the reference model: %s. Compute the "
@@ -475,7 +475,7 @@ class NmaemProtTrain(NmaemProtBase):
             if msg:
                 errors.append(msg)
         # the option rules of nmaem train, written once (core.runfolder.TrainConfig)
-        from ..core.runfolder import TrainConfig
+        from ..core.io.runfolder import TrainConfig
         box = self.boxSize.get()
         imgBox = (imageBox(parts) if (box > 0 or self.encoderBox.get() > 0)
                   and parts is not None and parts.getSize() else None)

@@ -147,9 +147,9 @@ class NmaemLatentViewer(ProtocolViewer):
         None when the run folder or its modes file is not found."""
         if getattr(self, "_nAtomsCache", None) is None:
             import os
-            from ..core.errors import NmaemError
-            from ..core.plots import modes_atom_count
-            from ..core.runfolder import reference_and_modes
+            from ..core.base.errors import NmaemError
+            from ..core.report.plots import modes_atom_count
+            from ..core.io.runfolder import reference_and_modes
             parts = self.getParticles()
             run = runDirOf(parts) if parts is not None else None
             n = 0
@@ -179,7 +179,7 @@ class NmaemLatentViewer(ProtocolViewer):
         if data is None or len(data[1]) < 2 or data[1].shape[1] == 0:
             return None, None, None, "A RMSD along PC1 from the reference"
         import numpy as np
-        from ..core.plots import pc_coordinates, rmsd_per_angstrom
+        from ..core.report.plots import pc_coordinates, rmsd_per_angstrom
         _, pc = pc_coordinates(data[1])
         x = pc[:, 0] * rmsd_per_angstrom(self.nAtoms())
         return float(x.min()), float(x.max()), round(float(np.median(x)), 3), self.pcUnit()
@@ -201,7 +201,7 @@ class NmaemLatentViewer(ProtocolViewer):
 
     # ------------------------------------------------------------------ views
     def _showLandscape(self, paramName=None):
-        from ..core import plots
+        from ..core.report import plots
         data = self.getLatent()
         if data is None or len(data[1]) < 2 or data[1].shape[1] == 0:
             return self._noData()
@@ -219,7 +219,7 @@ class NmaemLatentViewer(ProtocolViewer):
         return "Latent landscape: %s" % label if label else None
 
     def _showAmplitudes(self, paramName=None):
-        from ..core import plots
+        from ..core.report import plots
         data = self.getLatent()
         if data is None or len(data[1]) == 0 or data[1].shape[1] == 0:
             return self._noData()
@@ -229,8 +229,8 @@ class NmaemLatentViewer(ProtocolViewer):
     def chosenPoint(self):
         """(z of the chosen point (d,), label) from the form."""
         import numpy as np
-        from ..core.analysis import kmeans
-        from ..core.plots import pc_position
+        from ..core.analysis.landscape import kmeans
+        from ..core.report.plots import pc_position
         _, z, _ = self.getLatent()
         kind = self.pointKind.get()
         if kind == POINT_PC1:

@@ -74,7 +74,7 @@ class NmaemModesViewer(ProtocolViewer):
         return fn if os.path.isfile(fn) else None
 
     def _showOverview(self, paramName=None):
-        from ..core import plots
+        from ..core.report import plots
         fn = self.modesFile()
         if fn is None:
             return [self.errorMessage("No modes file (the protocol has no output yet).",

@@ -86,7 +86,7 @@ class NmaemTrainingViewer(ProtocolViewer):
         return fn if fn and os.path.isfile(fn) else None
 
     def _showCurves(self, paramName=None):
-        from ..core import plots
+        from ..core.report import plots
         fn = self.logFile()
         if fn is None:
             return [self.errorMessage("No log.csv yet: no epoch of this training has "

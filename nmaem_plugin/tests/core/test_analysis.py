@@ -23,8 +23,8 @@ import matplotlib.image as mpimg  # noqa: E402
 import numpy as np
 
 from nmaem_plugin import DATA_DIR
-from nmaem_plugin.core import analysis as A
-from nmaem_plugin.core.errors import NmaemError
+from nmaem_plugin.core.analysis import landscape as A
+from nmaem_plugin.core.base.errors import NmaemError
 
 OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 CLOSED = os.path.join(DATA_DIR, "ak_closed_1ake.pdb")
@@ -90,7 +90,7 @@ def save_latent(path, z, index, shift=None):
 
 def run_cli(*args):
     """``nmaem`` in-process: (return code, stdout, stderr)."""
-    from nmaem_plugin.core.cli import main
+    from nmaem_plugin.core.cli.main import main
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main([str(a) for a in args])
@@ -369,7 +369,7 @@ class TestExport(TmpCase):
     def test_no_thumbnails_and_states_thumbnails(self):
         """export --no-thumbnails writes no PNG; states --model draws each state's model,
         lists it in states.json, and report --states shows it in the table."""
-        from nmaem_plugin.core.runfolder import write_log
+        from nmaem_plugin.core.io.runfolder import write_log
         run = make_run(os.path.join(self.tmp, "run"))
         out = os.path.join(self.tmp, "out")
         rc, _, err = run_cli("export", "--no-refine", "--no-thumbnails", "--model", run, "-o",
@@ -506,9 +506,9 @@ class TestMatchToSimulation(TmpCase):
 
     def test_hand_built_case(self):
         from nmaem_plugin import constants
-        from nmaem_plugin.core.evaluate import match_to_simulation
-        from nmaem_plugin.core.latent import Latent
-        from nmaem_plugin.core.particles import ID_COLUMN, read_particles
+        from nmaem_plugin.core.analysis.evaluate import match_to_simulation
+        from nmaem_plugin.core.io.latent import Latent
+        from nmaem_plugin.core.io.particles import ID_COLUMN, read_particles
         self.assertEqual(ID_COLUMN, constants.STAR_ID_COLUMN)   # one column, both sides
         sim = read_particles(write_relion31(os.path.join(self.tmp, "sim.star"),
                                             [10, 20, 30], [(1, 2), (3, 4), (5, 6)]))
@@ -543,8 +543,8 @@ class TestMatchToSimulation(TmpCase):
         """A permuted subset with its own ids and refined origins, evaluated with
         --particles, gives the figures of the same z evaluated by simulation rows, and the
         shift error of the origins' offsets (the simulation's origins are zero)."""
-        from nmaem_plugin.core.particles import ID_COLUMN, read_particles
-        from nmaem_plugin.core.star import write_star
+        from nmaem_plugin.core.io.particles import ID_COLUMN, read_particles
+        from nmaem_plugin.core.io.star import write_star
         import pandas as pd
         dat = data()
         rng = np.random.default_rng(5)

@@ -15,10 +15,10 @@ import gemmi
 import numpy as np
 import torch
 
-from nmaem_plugin.core.imaging import (FourierGrid, Renderer, add_noise, ctf_2d,
-                                       electron_wavelength, euler_to_matrix, fourier_crop,
-                                       matrix_to_euler, noise_sigma)
-from nmaem_plugin.core.structure import read_model
+from nmaem_plugin.core.physics.imaging import (FourierGrid, Renderer, add_noise, ctf_2d,
+                                               electron_wavelength, euler_to_matrix, fourier_crop,
+                                               matrix_to_euler, noise_sigma)
+from nmaem_plugin.core.physics.structure import read_model
 
 from nmaem_plugin import DATA_DIR  # noqa: E402
 

@@ -252,7 +252,7 @@ class OrphanTest(DiskCase):
     those of a live process are not."""
 
     def test_orphans_cleaned_at_next_start(self):
-        from nmaem_plugin.core import atomic
+        from nmaem_plugin.core.base import atomic
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
         dead.wait()
         host = atomic._HOST
@@ -271,7 +271,7 @@ class OrphanTest(DiskCase):
         self.assertTrue(os.path.exists(other_host))
 
     def test_run_orphans_cleaned_on_resume(self):
-        from nmaem_plugin.core import atomic
+        from nmaem_plugin.core.base import atomic
         run = self.path("run")
         shutil.copytree(F["run"], run)
         dead = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -18,15 +18,15 @@ import unittest
 import numpy as np
 
 from nmaem_plugin import DATA_DIR
-from nmaem_plugin.core import cli
-from nmaem_plugin.core.errors import NmaemError
-from nmaem_plugin.core.fitcheck import fit_check
-from nmaem_plugin.core.particles import read_particles
-from nmaem_plugin.core.stacks import ImageStack, write_stack
-from nmaem_plugin.core.star import write_star
-from nmaem_plugin.core.noise import radius_grid
-from nmaem_plugin.core.simulate import SimulationSettings, simulate
-from nmaem_plugin.core.structure import read_model, write_model
+from nmaem_plugin.core.cli import main as cli
+from nmaem_plugin.core.base.errors import NmaemError
+from nmaem_plugin.core.physics.fitcheck import fit_check
+from nmaem_plugin.core.io.particles import read_particles
+from nmaem_plugin.core.io.stacks import ImageStack, write_stack
+from nmaem_plugin.core.io.star import write_star
+from nmaem_plugin.core.physics.noise import radius_grid
+from nmaem_plugin.core.sim.simulate import SimulationSettings, simulate
+from nmaem_plugin.core.physics.structure import read_model, write_model
 
 BOX, APIX, N = 48, 3.0, 150
 CHECK = dict(n=N, device="cpu")

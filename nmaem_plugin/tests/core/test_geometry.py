@@ -16,7 +16,7 @@ import gemmi
 import numpy as np
 
 from nmaem_plugin import DATA_DIR
-from nmaem_plugin.core.errors import NmaemError
+from nmaem_plugin.core.base.errors import NmaemError
 
 OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 CLOSED = os.path.join(DATA_DIR, "ak_closed_1ake.pdb")
@@ -110,9 +110,9 @@ class TestGeometry(unittest.TestCase):
     def setUpClass(cls):
         os.environ.setdefault("KEOPS_CACHE_FOLDER",
                               os.path.join(tempfile.gettempdir(), "nmaem_keops_cache"))
-        from nmaem_plugin.core.structure import read_model
-        from nmaem_plugin.core.modes import compute_modes
-        from nmaem_plugin.core.refine import refine_models
+        from nmaem_plugin.core.physics.structure import read_model
+        from nmaem_plugin.core.modes.compute import compute_modes
+        from nmaem_plugin.core.analysis.refine import refine_models
         cls.tmp = tempfile.mkdtemp(prefix="nmaem-geometry-")
         cls.ref = read_model(OPEN)
         cls.keys, X0 = read_atoms(OPEN)
@@ -139,12 +139,12 @@ class TestGeometry(unittest.TestCase):
 
     # -- validation against independent figures
     def test_bonds_are_the_template_bonds(self):
-        from nmaem_plugin.core.validation import covalent_bonds
+        from nmaem_plugin.core.analysis.validation import covalent_bonds
         got = {tuple(b) for b in covalent_bonds(self.ref).tolist()}
         self.assertEqual(got, self.bonds)
 
     def test_validation_figures(self):
-        from nmaem_plugin.core.validation import reference_geometry, validate
+        from nmaem_plugin.core.analysis.validation import reference_geometry, validate
         v = validate(self.plain, reference_geometry(self.ref), true=self.closed)
         rms, mx = bond_dev(self.plain, self.X0, self.bonds)
         self.assertAlmostEqual(v["bond_rmsd"], rms, places=9)
@@ -156,7 +156,8 @@ class TestGeometry(unittest.TestCase):
         self.assertAlmostEqual(v["rmsd_to_true"], fitted_rmsd(self.plain, self.closed), places=6)
 
     def test_dihedral_sign_and_ramachandran(self):
-        from nmaem_plugin.core.validation import dihedral, reference_geometry, ramachandran
+        from nmaem_plugin.core.analysis.validation import (dihedral, reference_geometry,
+                                                           ramachandran)
         p = np.array([[1.0, 0, 0], [0, 0, 0], [0, 1, 0], [0, 1, 1]])
         self.assertAlmostEqual(float(dihedral(*[p[i:i + 1] for i in range(4)])[0]), -90.0)
         phi, psi, out, _ = ramachandran(self.X0, reference_geometry(self.ref))
@@ -189,7 +190,7 @@ class TestGeometry(unittest.TestCase):
         self.assertTrue(any("iteration" in l or "done" in l for l in self.lines))
 
     def test_heavy_atom_output_keeps_names(self):
-        from nmaem_plugin.core.structure import write_model
+        from nmaem_plugin.core.physics.structure import write_model
         path = os.path.join(self.tmp, "refined.pdb")
         write_model(path, self.ref, self.result.coords)
         keys, X = read_atoms(path)
@@ -197,7 +198,7 @@ class TestGeometry(unittest.TestCase):
         np.testing.assert_allclose(X, self.result.coords, atol=1e-3)
 
     def test_hydrogens_on_request(self):
-        from nmaem_plugin.core.structure import write_model
+        from nmaem_plugin.core.physics.structure import write_model
         m = self.result.model_with_hydrogens(self.ref)
         path = os.path.join(self.tmp, "refined_h.cif")
         write_model(path, m)
@@ -218,8 +219,8 @@ class TestGeometry(unittest.TestCase):
         """nmaem export's refinement path; one L-BFGS iteration cannot reach a minimum, so
         the plain model is written and models.json says why."""
         import json
-        from nmaem_plugin.core.export import export
-        from nmaem_plugin.core.modes import save_modes
+        from nmaem_plugin.core.analysis.export import export
+        from nmaem_plugin.core.modes.compute import save_modes
         run = os.path.join(self.tmp, "run")
         os.makedirs(run)
         shutil.copy(OPEN, os.path.join(run, "reference.pdb"))
@@ -240,7 +241,7 @@ class TestGeometry(unittest.TestCase):
         np.testing.assert_allclose(X, self.plain, atol=2e-3)
         self.assertTrue(any("did not converge" in l for l in lines))
         # the report shows every model's validation (nmaem report --models)
-        from nmaem_plugin.core.report import write_report
+        from nmaem_plugin.core.report.report import write_report
         with open(os.path.join(run, "log.csv"), "w") as fh:
             fh.write("epoch,train_loss,val_loss,images_per_s,seconds\n1,1.0,1.0,10.0,1.0\n")
         rep = os.path.join(self.tmp, "report")
@@ -253,7 +254,7 @@ class TestGeometry(unittest.TestCase):
 
     # -- bad input
     def _model_with(self, text_edit):
-        from nmaem_plugin.core.structure import read_model
+        from nmaem_plugin.core.physics.structure import read_model
         with open(OPEN) as fh:
             lines = fh.read().splitlines()
         path = os.path.join(self.tmp, "bad.pdb")
@@ -262,7 +263,7 @@ class TestGeometry(unittest.TestCase):
         return path, read_model(path, keep_ligands=True)
 
     def test_unknown_residue_is_named(self):
-        from nmaem_plugin.core.refine import refine_coords
+        from nmaem_plugin.core.analysis.refine import refine_coords
 
         def add_ligand(lines):
             end = [l for l in lines if not l.startswith(("TER", "END"))]
@@ -278,7 +279,7 @@ class TestGeometry(unittest.TestCase):
         self.assertNotIn("\n", msg)
 
     def test_missing_backbone_is_refused(self):
-        from nmaem_plugin.core.refine import refine_coords
+        from nmaem_plugin.core.analysis.refine import refine_coords
         path, m = self._model_with(
             lambda lines: [l for l in lines if not (l[12:16] == " CA " and l[22:26] == "  10")])
         with self.assertRaises(NmaemError) as cm:

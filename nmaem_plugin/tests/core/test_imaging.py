@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from nmaem_plugin import DATA_DIR
-from nmaem_plugin.core import imaging as im
-from nmaem_plugin.core.structure import read_model
+from nmaem_plugin.core.physics import imaging as im
+from nmaem_plugin.core.physics.structure import read_model
 
 AK_OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 
@@ -359,7 +359,7 @@ class TestCTFParams(unittest.TestCase):
 
     def setUp(self):
         import pandas as pd
-        from nmaem_plugin.core.particles import ParticleTable
+        from nmaem_plugin.core.io.particles import ParticleTable
         rng = np.random.default_rng(3)
         n = self.N
         u = rng.uniform(5000.0, 25000.0, n)
@@ -384,7 +384,7 @@ class TestCTFParams(unittest.TestCase):
                     phase_shift=cast(t.phase_shift), bfactor=cast(t.ctf_bfactor))
 
     def test_particle_batch_equals_dict_path_bit_for_bit(self):
-        from nmaem_plugin.core.data import ParticleMetadata
+        from nmaem_plugin.core.learn.data import ParticleMetadata
         rows = torch.tensor([4, 0, 6, 2])
         _, _, params = ParticleMetadata(self.table, "cpu").batch(rows)
         self.assertIsInstance(params, im.CTFParams)
@@ -396,7 +396,7 @@ class TestCTFParams(unittest.TestCase):
         positional = [old[k] for k in ("defocus_u", "defocus_v", "defocus_angle", "voltage",
                                        "cs", "amp_contrast", "phase_shift", "bfactor")]
         self.assertTrue(torch.equal(self.renderer.ctf(*positional), before))
-        from nmaem_plugin.core.network import Decoder
+        from nmaem_plugin.core.learn.network import Decoder
         dec = Decoder(["C"], np.zeros((1, 3)), np.zeros((0, 1, 3)), self.D, self.APIX,
                       centre=[0.0, 0.0, 0.0])
         self.assertTrue(torch.equal(dec.ctf(params), before))

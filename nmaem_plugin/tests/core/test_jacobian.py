@@ -13,8 +13,8 @@ import unittest
 import numpy as np
 import torch
 
-from nmaem_plugin.core import imaging as im
-from nmaem_plugin.core.network import Decoder
+from nmaem_plugin.core.physics import imaging as im
+from nmaem_plugin.core.learn.network import Decoder
 
 D, APIX, B, NMODES = 32, 2.0, 3, 3
 STEP = 1e-4                       # Angstrom: the reference's central-difference step

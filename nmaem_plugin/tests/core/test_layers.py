@@ -45,20 +45,20 @@ def _parse(path):
 
 
 class TestTorchFree(unittest.TestCase):
-    LIGHT_CORE = ["particles", "star", "cryosparc", "stacks", "poses", "runfolder", "latent",
-                  "choices"]
+    LIGHT_CORE = ["io.particles", "io.star", "io.cryosparc", "io.stacks", "io.poses",
+                  "io.runfolder", "io.latent", "base.choices"]
 
     def test_particle_readers_and_run_folder_do_not_import_torch(self):
         stmts = "\n".join("import nmaem_plugin.core.%s" % m for m in self.LIGHT_CORE)
-        stmts += "\nfrom nmaem_plugin.core.particles import read_particles"
+        stmts += "\nfrom nmaem_plugin.core.io.particles import read_particles"
         self.assertNotIn("torch", _modules_loaded(stmts))
 
     def test_reading_a_star_file_does_not_import_torch(self):
         star = os.path.join(PACKAGE, "tests", "data")
         files = sorted(f for f in os.listdir(star) if f.endswith(".star"))
         self.assertTrue(files)
-        stmts = ("from nmaem_plugin.core.particles import read_particles\n"
-                 "from nmaem_plugin.core.errors import NmaemError\n"
+        stmts = ("from nmaem_plugin.core.io.particles import read_particles\n"
+                 "from nmaem_plugin.core.base.errors import NmaemError\n"
                  "for f in %r:\n"
                  "    try:\n"
                  "        read_particles(f)\n"
@@ -110,10 +110,11 @@ class TestImports(unittest.TestCase):
 
 
 def typed_modules():
-    """Every core module (all of them carry type hints on their public API)."""
+    """Every core module, dotted from ``core`` (all of them carry type hints on their public
+    API)."""
     core = os.path.join(PACKAGE, "core")
-    return sorted(f[:-3] for f in os.listdir(core)
-                  if f.endswith(".py") and f != "__init__.py")
+    return sorted(os.path.relpath(p, core)[:-3].replace(os.sep, ".")
+                  for p in _python_files(core) if not p.endswith("__init__.py"))
 
 
 def missing_hints(func, skip_return=False):
@@ -163,7 +164,7 @@ class TestTypeHints(unittest.TestCase):
 
     def test_typed_modules_are_typed(self):
         names = typed_modules()
-        self.assertIn("imaging", names)
+        self.assertIn("physics.imaging", names)
         bad = []
         for name in names:
             module = importlib.import_module("nmaem_plugin.core." + name)

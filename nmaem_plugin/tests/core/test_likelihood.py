@@ -13,9 +13,10 @@ import unittest
 import numpy as np
 import torch
 
-from nmaem_plugin.core import noise
-from nmaem_plugin.core.errors import NmaemError
-from nmaem_plugin.core.likelihood import Band, WhitenedLikelihood, whitened_fit, whitened_nll
+from nmaem_plugin.core.physics import noise
+from nmaem_plugin.core.base.errors import NmaemError
+from nmaem_plugin.core.physics.likelihood import (Band, WhitenedLikelihood, whitened_fit,
+                                                  whitened_nll)
 
 
 def power_law(k):
@@ -183,7 +184,7 @@ class TestInvariance(unittest.TestCase):
 
     def test_cropped_grid(self):
         # sigma2 of a Fourier-cropped box: same shells, scaled by (d/D)^4 (imaging.fourier_crop)
-        from nmaem_plugin.core.imaging import fourier_crop
+        from nmaem_plugin.core.physics.imaging import fourier_crop
         rng = np.random.default_rng(0)
         D, d = 32, 16
         x = torch.as_tensor(coloured_noise(3000, D, rng))
@@ -200,7 +201,7 @@ class TestPipeline(unittest.TestCase):
     """Noise estimated from the images, loss through the renderer: the training path."""
 
     def test_renderer_gradient_and_invariance(self):
-        from nmaem_plugin.core.imaging import Renderer, euler_to_matrix
+        from nmaem_plugin.core.physics.imaging import Renderer, euler_to_matrix
         rng = np.random.default_rng(4)
         D, apix, B = 32, 2.0, 64
         elements = np.array(["C"] * 12 + ["N"] * 4)
@@ -343,7 +344,7 @@ class TestNoiseEstimate(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             p = m.save(os.path.join(tmp, "noise.npz"))
             code = ("import sys; sys.modules['torch'] = None\n"
-                    "from nmaem_plugin.core.noise import load_noise_model\n"
+                    "from nmaem_plugin.core.physics.noise import load_noise_model\n"
                     "m = load_noise_model(%r)\n"
                     "print(m.box, m.apix, m.groups.tolist(), m.counts.tolist(), m.method, "
                     "m.mask_radius, m.info['edge'], m.sigma2.shape)" % p)
@@ -408,7 +409,7 @@ class TestInputWhitening(unittest.TestCase):
             noise.whitening_filter(bad, D)
 
     def test_encoder_filters_like_numpy(self):
-        from nmaem_plugin.core.network import Encoder
+        from nmaem_plugin.core.learn.network import Encoder
         D = 16
         rng = np.random.default_rng(3)
         filt = rng.uniform(0.2, 2.0, (D, D // 2 + 1))

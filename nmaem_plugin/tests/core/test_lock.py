@@ -10,8 +10,8 @@ import sys
 import tempfile
 import unittest
 
-from nmaem_plugin.core.errors import NmaemError
-from nmaem_plugin.core.runfolder import LOCK_FILE, read_lock, run_lock
+from nmaem_plugin.core.base.errors import NmaemError
+from nmaem_plugin.core.io.runfolder import LOCK_FILE, read_lock, run_lock
 
 NMAEM = [sys.executable, "-m", "nmaem_plugin"]
 
@@ -91,7 +91,7 @@ class LockTest(unittest.TestCase):
         self.assertEqual(read_lock(self.run_dir), (12345, "another-host.example"))
 
     def test_train_function_refused_while_locked(self):
-        from nmaem_plugin.core.train import train
+        from nmaem_plugin.core.learn.train import train
         self.write_lock(os.getpid())
         with self.assertRaises(NmaemError) as cm:
             train(self.run_dir, resume=True, log=lambda *a: None)

@@ -11,8 +11,8 @@ import unittest
 
 import numpy as np
 
-from nmaem_plugin.core.errors import NmaemError
-from nmaem_plugin.core.particles import read_particles
+from nmaem_plugin.core.base.errors import NmaemError
+from nmaem_plugin.core.io.particles import read_particles
 
 OPTICS = """
 data_optics

@@ -11,9 +11,9 @@ import unittest
 import numpy as np
 
 from nmaem_plugin import DATA_DIR
-from nmaem_plugin.core import modes as M
-from nmaem_plugin.core.errors import NmaemError
-from nmaem_plugin.core.structure import AtomicModel, read_model, read_trajectory, superpose
+from nmaem_plugin.core.modes import compute as M
+from nmaem_plugin.core.base.errors import NmaemError
+from nmaem_plugin.core.physics.structure import AtomicModel, read_model, read_trajectory, superpose
 
 OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 CLOSED = os.path.join(DATA_DIR, "ak_closed_1ake.pdb")
@@ -108,7 +108,7 @@ class TestModes(unittest.TestCase):
         """sparse_hessian (vectorised over contact pairs) = ProDy's ANM Hessian, dense and
         sparse builders, on AK's CA nodes and on 3 tiled copies (contacts between copies),
         at two cutoffs and spring constants."""
-        from nmaem_plugin.core.structure import tile_model
+        from nmaem_plugin.core.physics.structure import tile_model
         ca = np.nonzero(self.open.atom_name == "CA")[0]
         three = tile_model(self.open, 3, spacing=40.0)[0]
         ca3 = np.nonzero(three.atom_name == "CA")[0]
@@ -370,7 +370,7 @@ class TestModes(unittest.TestCase):
                                 "no such")
 
     def test_command_line_with_target_and_export(self):
-        from nmaem_plugin.core.cli import build_parser
+        from nmaem_plugin.core.cli.main import build_parser
         parser = build_parser()
         out = os.path.join(self.tmp, "cli_modes.npz")
         export = os.path.join(self.tmp, "export")

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from nmaem_plugin import DATA_DIR
-from nmaem_plugin.core import normstats
-from nmaem_plugin.core.errors import NmaemError
+from nmaem_plugin.core.learn import normstats
+from nmaem_plugin.core.base.errors import NmaemError
 
 OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 CLOSED = os.path.join(DATA_DIR, "ak_closed_1ake.pdb")
@@ -44,7 +44,7 @@ class TestAutoBatch(unittest.TestCase):
             normstats.resolve_batch("big", 3600)
 
     def test_cli_batch(self):
-        from nmaem_plugin.core import cli
+        from nmaem_plugin.core.cli import main as cli
         parser = cli.build_parser()
         args = parser.parse_args(["train", "-o", "RUN", "--batch", "auto"])
         self.assertEqual(args.batch, "auto")
@@ -103,9 +103,9 @@ class TestPreciseBN(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        from nmaem_plugin.core.modes import compute_modes, save_modes
-        from nmaem_plugin.core.simulate import SimulationSettings, load_frames, simulate
-        from nmaem_plugin.core.structure import read_model
+        from nmaem_plugin.core.modes.compute import compute_modes, save_modes
+        from nmaem_plugin.core.sim.simulate import SimulationSettings, load_frames, simulate
+        from nmaem_plugin.core.physics.structure import read_model
         cls.tmp = tempfile.mkdtemp(prefix="nmaem-normstats-")
         cls.data = os.path.join(cls.tmp, "data")
         model, frames = load_frames(ref=OPEN, target=CLOSED, n_frames=10)
@@ -123,10 +123,10 @@ class TestPreciseBN(unittest.TestCase):
 
     def losses(self, run, checkpoint="last"):
         """(eval-mode, train-mode) mean loss on the validation particles, batches of 40."""
-        from nmaem_plugin.core.network import image_loss
-        from nmaem_plugin.core.data import ParticleImages, ParticleMetadata, make_loader
-        from nmaem_plugin.core.particles import read_particles
-        from nmaem_plugin.core.train import load_trained
+        from nmaem_plugin.core.learn.network import image_loss
+        from nmaem_plugin.core.learn.data import ParticleImages, ParticleMetadata, make_loader
+        from nmaem_plugin.core.io.particles import read_particles
+        from nmaem_plugin.core.learn.train import load_trained
         ae, cfg = load_trained(run, "cpu", checkpoint)
         self.assertFalse(ae.encoder.training)
         table = read_particles(cfg["particles"])
@@ -149,7 +149,7 @@ class TestPreciseBN(unittest.TestCase):
     def test_prepare_auto_batch(self):
         """--batch defaults to auto (resolved and stored as an integer); an explicit batch,
         also on resume, is kept as given."""
-        from nmaem_plugin.core.train import prepare_run
+        from nmaem_plugin.core.learn.train import prepare_run
         run = os.path.join(self.tmp, "prep")
         cfg = prepare_run(run, self.star, self.ref, self.modes, encoder="small", log=quiet)
         self.assertEqual((cfg["n_train"], cfg["batch"], cfg["batch_auto"]), (360, 16, True))
@@ -159,7 +159,7 @@ class TestPreciseBN(unittest.TestCase):
         self.assertEqual((cfg["batch"], cfg["batch_auto"]), (16, True))
 
     def test_eval_matches_batch_statistics(self):
-        from nmaem_plugin.core.train import read_config, train
+        from nmaem_plugin.core.learn.train import read_config, train
         torch.set_num_threads(1)
         run = os.path.join(self.tmp, "run")
         # the regime of the bug: few optimisation steps (360 images, batch 64: 12 steps)

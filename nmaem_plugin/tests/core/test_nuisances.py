@@ -11,14 +11,14 @@ import numpy as np
 import torch
 
 from nmaem_plugin import DATA_DIR
-from nmaem_plugin.core.errors import NmaemError
-from nmaem_plugin.core.particles import read_particles
-from nmaem_plugin.core.stacks import ImageStack
-from nmaem_plugin.core.nuisances import (Nuisances, coloured_noise, random_rotation_errors,
-                                         relion_normalise)
-from nmaem_plugin.core.poses import rotation_angle_deg
-from nmaem_plugin.core.simulate import SimulationSettings, morph_frames, simulate
-from nmaem_plugin.core.structure import kabsch, match_atoms, read_model, read_trajectory
+from nmaem_plugin.core.base.errors import NmaemError
+from nmaem_plugin.core.io.particles import read_particles
+from nmaem_plugin.core.io.stacks import ImageStack
+from nmaem_plugin.core.sim.nuisances import (Nuisances, coloured_noise, random_rotation_errors,
+                                             relion_normalise)
+from nmaem_plugin.core.io.poses import rotation_angle_deg
+from nmaem_plugin.core.sim.simulate import SimulationSettings, morph_frames, simulate
+from nmaem_plugin.core.physics.structure import kabsch, match_atoms, read_model, read_trajectory
 
 OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 CLOSED = os.path.join(DATA_DIR, "ak_closed_1ake.pdb")
@@ -215,8 +215,8 @@ class TestConsensusPoses(unittest.TestCase):
         """A 60-atom domain that moves rigidly (20 degrees about an off-centre axis, plus a
         translation) and a 20-atom domain that moves on its own: the core is the large
         domain, and consensus_errors gives back the inverse of its motion."""
-        from nmaem_plugin.core.nuisances import consensus_errors, rigid_core
-        from nmaem_plugin.core.poses import rotvec_to_matrix
+        from nmaem_plugin.core.sim.nuisances import consensus_errors, rigid_core
+        from nmaem_plugin.core.io.poses import rotvec_to_matrix
         rng = np.random.default_rng(3)
         ref = np.concatenate([rng.normal(0, 8, (60, 3)), rng.normal(0, 4, (20, 3)) + 25])
         Q = rotvec_to_matrix(np.radians(20.0) * np.array([0.0, 0.6, 0.8]))
@@ -240,7 +240,7 @@ class TestConsensusPoses(unittest.TestCase):
         with the written pose and origin land where the particle's frame puts them (within
         the core's own flexibility), its other atoms do not; the written error grows
         along the morph, and ground_truth.npz keeps both rotations."""
-        from nmaem_plugin.core.poses import euler_to_matrix
+        from nmaem_plugin.core.io.poses import euler_to_matrix
         tmp = tempfile.mkdtemp(prefix="nmaem-consensus-")
         try:
             model, frames = morph_frames(read_model(OPEN), read_model(CLOSED), 6)

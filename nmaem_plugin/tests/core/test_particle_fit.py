@@ -20,16 +20,16 @@ import numpy as np
 import torch
 
 from nmaem_plugin import DATA_DIR
-from nmaem_plugin.core import cli
-from nmaem_plugin.core.errors import NmaemError
-from nmaem_plugin.core.likelihood import WhitenedLikelihood, whitened_fit
-from nmaem_plugin.core.modes import compute_modes, save_modes
-from nmaem_plugin.core.network import Decoder
-from nmaem_plugin.core.noise import NoiseModel, n_shells
-from nmaem_plugin.core.particle_fit import FitStats, fit_batch, population_prior
-from nmaem_plugin.core.particles import read_particles
-from nmaem_plugin.core.simulate import SimulationSettings, load_frames, simulate
-from nmaem_plugin.core.structure import read_model
+from nmaem_plugin.core.cli import main as cli
+from nmaem_plugin.core.base.errors import NmaemError
+from nmaem_plugin.core.physics.likelihood import WhitenedLikelihood, whitened_fit
+from nmaem_plugin.core.modes.compute import compute_modes, save_modes
+from nmaem_plugin.core.learn.network import Decoder
+from nmaem_plugin.core.physics.noise import NoiseModel, n_shells
+from nmaem_plugin.core.inference.particle_fit import FitStats, fit_batch, population_prior
+from nmaem_plugin.core.io.particles import read_particles
+from nmaem_plugin.core.sim.simulate import SimulationSettings, load_frames, simulate
+from nmaem_plugin.core.physics.structure import read_model
 
 OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 CLOSED = os.path.join(DATA_DIR, "ak_closed_1ake.pdb")
@@ -122,7 +122,7 @@ class TestFitBatch(unittest.TestCase):
         w = 0, without a prior, twelve iterations recover w within 0.05 degrees (z and
         the shift as in the test above; one particle's first steps are refused and it
         takes more than six), and every particle's energy falls."""
-        from nmaem_plugin.core.imaging import correct_rotations
+        from nmaem_plugin.core.physics.imaging import correct_rotations
         g = torch.Generator().manual_seed(3)
         axes = torch.randn(6, 3, generator=g)
         w_true = axes / axes.norm(dim=1, keepdim=True) * torch.deg2rad(
@@ -157,7 +157,7 @@ class TestFitBatch(unittest.TestCase):
         z and shift, finds B within 3 A^2 for B = 80 and 30, and 0 (within the search's
         tolerance) for images without an envelope; the chi-square it reports at B is
         below the one at 0 exactly when B > 0."""
-        from nmaem_plugin.core.particle_fit import BFACTOR_TOL, envelope_bfactor
+        from nmaem_plugin.core.inference.particle_fit import BFACTOR_TOL, envelope_bfactor
         g = torch.Generator().manual_seed(4)
         for b_true in (80.0, 30.0, 0.0):
             ctf_b = self.decoder.ctf(defocus_u=torch.full((6,), 12000.0),
@@ -256,7 +256,7 @@ class TestPopulationPrior(unittest.TestCase):
 class TestInferWithFit(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        from nmaem_plugin.core.train import train
+        from nmaem_plugin.core.learn.train import train
         cls.tmp = tempfile.mkdtemp(prefix="nmaem-fit-")
         cls.data = os.path.join(cls.tmp, "data")
         model, frames = load_frames(ref=OPEN, target=CLOSED, n_frames=10)
@@ -288,9 +288,9 @@ class TestInferWithFit(unittest.TestCase):
         models come closer to the true frames and order them better, the shifts stay as
         good, the log says how many particles the fit improved, and the STAR's origins
         follow the fitted shifts."""
-        from nmaem_plugin.core.infer import encode_images
-        from nmaem_plugin.core.train import load_trained
-        from nmaem_plugin.core.data import ParticleImages
+        from nmaem_plugin.core.inference.infer import encode_images
+        from nmaem_plugin.core.learn.train import load_trained
+        from nmaem_plugin.core.learn.data import ParticleImages
         enc, fit = os.path.join(self.tmp, "enc.npz"), os.path.join(self.tmp, "fit.npz")
         star = os.path.join(self.tmp, "fit.star")
         rc, _, err = nmaem("infer", "--particles", self.star, "--model", self.run_dir, "-o", enc,
@@ -331,8 +331,8 @@ class TestInferWithFit(unittest.TestCase):
         One conformation: with the ten frames of the closure, three modes and 3.75 A
         pixels, the fit trades rotation for conformation and the angles get worse (2.69
         -> 2.9-3.4 deg, at 0 to 20 dB), the limitation docs/training.md describes."""
-        from nmaem_plugin.core.nuisances import Nuisances
-        from nmaem_plugin.core.poses import euler_to_matrix
+        from nmaem_plugin.core.sim.nuisances import Nuisances
+        from nmaem_plugin.core.io.poses import euler_to_matrix
         data = os.path.join(self.tmp, "angles")
         model, frames = load_frames(ref=OPEN, target=CLOSED, n_frames=10)
         simulate(data, model, frames[:1],
@@ -368,12 +368,12 @@ class TestInferWithFit(unittest.TestCase):
         """Explicit iterations on a run without the whitened loss, or on particles without
         poses, are one-line errors naming the file; by default such runs get the
         encoder's output with a line saying why; negative iterations are refused."""
-        from nmaem_plugin.core.infer import fit_plan
+        from nmaem_plugin.core.inference.infer import fit_plan
         import json as _json
         with open(os.path.join(self.run_dir, "config.json")) as fh:
             cfg = _json.load(fh)
         table = read_particles(self.star)
-        from nmaem_plugin.core.choices import FIT_ITERATIONS_DEFAULT
+        from nmaem_plugin.core.base.choices import FIT_ITERATIONS_DEFAULT
         self.assertEqual(fit_plan(cfg, table, None, self.run_dir, self.star)[0],
                          FIT_ITERATIONS_DEFAULT)
         l2 = dict(cfg, loss="l2", noise=None)

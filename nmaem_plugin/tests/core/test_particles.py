@@ -13,11 +13,11 @@ import unittest
 import mrcfile
 import numpy as np
 
-from nmaem_plugin.core.errors import NmaemError
-from nmaem_plugin.core.poses import euler_to_matrix
-from nmaem_plugin.core.particles import read_particles
-from nmaem_plugin.core.stacks import ImageStack, write_stack
-from nmaem_plugin.core.star import write_star
+from nmaem_plugin.core.base.errors import NmaemError
+from nmaem_plugin.core.io.poses import euler_to_matrix
+from nmaem_plugin.core.io.particles import read_particles
+from nmaem_plugin.core.io.stacks import ImageStack, write_stack
+from nmaem_plugin.core.io.star import write_star
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 

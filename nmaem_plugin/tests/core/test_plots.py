@@ -15,9 +15,9 @@ matplotlib.use("Agg")
 
 import numpy as np
 
-from nmaem_plugin.core import plots
-from nmaem_plugin.core.analysis import density_maxima
-from nmaem_plugin.core.errors import NmaemError
+from nmaem_plugin.core.report import plots
+from nmaem_plugin.core.analysis.landscape import density_maxima
+from nmaem_plugin.core.base.errors import NmaemError
 
 
 def _orthonormal_modes(m, d, seed=0):

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from nmaem_plugin import DATA_DIR
-from nmaem_plugin.core import poses
-from nmaem_plugin.core.imaging import correct_rotations, rotvec_to_matrix
+from nmaem_plugin.core.io import poses
+from nmaem_plugin.core.physics.imaging import correct_rotations, rotvec_to_matrix
 
 OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 
@@ -83,8 +83,8 @@ class TestUntrainedPoseHead(unittest.TestCase):
     def test_starts_at_the_file_rotation(self):
         """An untrained pose head outputs exactly 0, the rendering equals the one without a
         correction bit for bit, and the loss gradient reaches the head."""
-        from nmaem_plugin.core.network import Decoder, Encoder, split_outputs
-        from nmaem_plugin.core.structure import read_model
+        from nmaem_plugin.core.learn.network import Decoder, Encoder, split_outputs
+        from nmaem_plugin.core.physics.structure import read_model
         torch.manual_seed(0)
         model = read_model(OPEN)
         enc = Encoder(32, 2, filters=(8, 16, 32), hidden=(64, 32), z_scale=1.0,
@@ -113,7 +113,7 @@ class TestUntrainedPoseHead(unittest.TestCase):
     def test_from_z_starts_at_the_file_rotation(self):
         """--pose-input z: the head reads the z head's output (d inputs), starts at exactly
         0, and the loss gradient reaches it; a wrong choice is a clear error."""
-        from nmaem_plugin.core.network import Encoder, split_outputs
+        from nmaem_plugin.core.learn.network import Encoder, split_outputs
         torch.manual_seed(0)
         enc = Encoder(32, 2, filters=(8, 16, 32), hidden=(64, 32),
                       pose_max=math.radians(5.0), pose_input="z")
@@ -129,7 +129,7 @@ class TestUntrainedPoseHead(unittest.TestCase):
 
     def test_bound(self):
         """The correction angle never exceeds the maximum, whatever the head outputs."""
-        from nmaem_plugin.core.network import Encoder, split_outputs
+        from nmaem_plugin.core.learn.network import Encoder, split_outputs
         enc = Encoder(16, 0, filters=(8,), hidden=(8,), pose_max=math.radians(5.0),
                       pose_input="image")
         with torch.no_grad():
@@ -147,11 +147,11 @@ def _dataset():
     off by 3 degrees about a fixed axis of the model's frame (A_file = A_true E, the error
     of a consensus refinement: poses.py); modes of the reference."""
     if not _DATA:
-        from nmaem_plugin.core.modes import compute_modes, save_modes
-        from nmaem_plugin.core.particles import read_particles
-        from nmaem_plugin.core.simulate import SimulationSettings, load_frames, simulate
-        from nmaem_plugin.core.star import write_star
-        from nmaem_plugin.core.structure import read_model
+        from nmaem_plugin.core.modes.compute import compute_modes, save_modes
+        from nmaem_plugin.core.io.particles import read_particles
+        from nmaem_plugin.core.sim.simulate import SimulationSettings, load_frames, simulate
+        from nmaem_plugin.core.io.star import write_star
+        from nmaem_plugin.core.physics.structure import read_model
         tmp = tempfile.mkdtemp(prefix="nmaem-pose-")
         atexit.register(shutil.rmtree, tmp, True)
         data = os.path.join(tmp, "data")
@@ -180,7 +180,7 @@ class TestModesCarryNoRigidMotion(unittest.TestCase):
         reference (3 translations, 3 rotations about the rotation centre of the renderer,
         built here from cross products), so a pose correction and z do not compete; a
         rotation of the reference, by contrast, lies almost entirely in that space."""
-        from nmaem_plugin.core.modes import load_modes
+        from nmaem_plugin.core.modes.compute import load_modes
         nm = load_modes(_dataset()["modes"])
         X = nm.coords.astype(np.float64)
         c = np.full(3, 16 * 3.0)              # the simulated map centre, not the centroid
@@ -203,8 +203,8 @@ class TestModesCarryNoRigidMotion(unittest.TestCase):
 class TestRecovery(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        from nmaem_plugin.core.infer import infer
-        from nmaem_plugin.core.train import train
+        from nmaem_plugin.core.inference.infer import infer
+        from nmaem_plugin.core.learn.train import train
         d = _dataset()
         cls.d = d
         cls.run_dir = os.path.join(d["tmp"], "run_pose")
@@ -220,8 +220,8 @@ class TestRecovery(unittest.TestCase):
     def test_known_error_is_recovered(self):
         """3 degrees about a fixed axis: every particle's refined rotation is within 0.5
         degree of the true one (the file's are all 3 degrees off)."""
-        from nmaem_plugin.core.particles import read_particles
-        from nmaem_plugin.core.train import load_trained
+        from nmaem_plugin.core.io.particles import read_particles
+        from nmaem_plugin.core.learn.train import load_trained
         # the default head reads the conformation: the run's 2 modes
         self.assertEqual(load_trained(self.run_dir)[0].encoder.pose_head[0].in_features, 2)
         true = read_particles(self.d["star"]).rotation_matrices()
@@ -234,9 +234,9 @@ class TestRecovery(unittest.TestCase):
     def test_outputs_read_back(self):
         """latent.npz holds the corrections and refined angles; the STAR written by infer
         reads back (our reader) to the same matrices, with the corrections in degrees."""
-        from nmaem_plugin.core.infer import POSE_COLUMNS
-        from nmaem_plugin.core.latent import read_latent
-        from nmaem_plugin.core.particles import read_particles
+        from nmaem_plugin.core.inference.infer import POSE_COLUMNS
+        from nmaem_plugin.core.io.latent import read_latent
+        from nmaem_plugin.core.io.particles import read_particles
         lat = read_latent(self.latent)
         self.assertEqual(lat.pose_correction.shape, (40, 3))
         given = read_particles(self.d["wrong"])
@@ -251,7 +251,7 @@ class TestRecovery(unittest.TestCase):
         """log.csv has the median correction of each epoch, near the known 3 degrees at the
         end, and near what infer (eval mode) gives; infer reports the median it wrote."""
         import csv
-        from nmaem_plugin.core.latent import read_latent
+        from nmaem_plugin.core.io.latent import read_latent
         with open(os.path.join(self.run_dir, "log.csv")) as fh:
             rows = list(csv.DictReader(fh))
         self.assertEqual(len(rows), 20)
@@ -267,9 +267,9 @@ class TestRecovery(unittest.TestCase):
     def test_from_image_recovers_the_known_error(self):
         """--pose-input image (the head on the image features; the class's run uses the
         default, z): the same 3 degree error is recovered within 0.5 degree."""
-        from nmaem_plugin.core.infer import infer
-        from nmaem_plugin.core.particles import read_particles
-        from nmaem_plugin.core.train import load_trained, train
+        from nmaem_plugin.core.inference.infer import infer
+        from nmaem_plugin.core.io.particles import read_particles
+        from nmaem_plugin.core.learn.train import load_trained, train
         d = self.d
         run = os.path.join(d["tmp"], "run_pose_image")
         train(run, d["wrong"], d["ref"], d["modes"], epochs=20, loss="l2", encoder="small",
@@ -285,8 +285,8 @@ class TestRecovery(unittest.TestCase):
     def test_no_modes_needs_the_image_input(self):
         """--n-modes 0 leaves no conformation to compute the default correction from: a
         one-line error that names the way out, before anything is written."""
-        from nmaem_plugin.core.errors import NmaemError
-        from nmaem_plugin.core.train import train
+        from nmaem_plugin.core.base.errors import NmaemError
+        from nmaem_plugin.core.learn.train import train
         d = self.d
         run = os.path.join(d["tmp"], "run_no_modes")
         with self.assertRaises(NmaemError) as cm:
@@ -300,10 +300,10 @@ class TestRecovery(unittest.TestCase):
         uninterrupted one (the pose head included); a run whose config predates the option
         (no refine_pose) loads without a pose head and infers without pose outputs."""
         import json
-        from nmaem_plugin.core.infer import infer
-        from nmaem_plugin.core.latent import read_latent
-        from nmaem_plugin.core.runfolder import config_path
-        from nmaem_plugin.core.train import load_trained, train
+        from nmaem_plugin.core.inference.infer import infer
+        from nmaem_plugin.core.io.latent import read_latent
+        from nmaem_plugin.core.io.runfolder import config_path
+        from nmaem_plugin.core.learn.train import load_trained, train
         d, tmp = self.d, self.d["tmp"]
         opts = dict(loss="l2", encoder="small", batch=8, lr=3e-3, seed=1, check=False,
                     log=quiet)
@@ -339,8 +339,8 @@ class TestEvaluatePoseError(unittest.TestCase):
     def test_median_angles(self):
         """Hand case: true angles 0, written ones rot = 10 or 20 degrees (tilt 0: a rotation
         about z by that angle), refined ones 3 or 1 degrees off."""
-        from nmaem_plugin.core.evaluate import pose_error
-        from nmaem_plugin.core.latent import Latent
+        from nmaem_plugin.core.analysis.evaluate import pose_error
+        from nmaem_plugin.core.io.latent import Latent
         gt = dict(euler=np.zeros((3, 3)),
                   euler_file=np.array([[10.0, 0, 0], [20.0, 0, 0], [0, 0, 10.0]]))
         lat = Latent(np.zeros((3, 1)), np.zeros((3, 2)), np.arange(3),

@@ -99,8 +99,8 @@ class ProvenanceTest(unittest.TestCase):
 
     def test_same_poses_other_images(self):
         """C and D share A's poses and CTFs (--like) but not their images: told apart."""
-        from nmaem_plugin.core.particles import read_particles
-        from nmaem_plugin.core.provenance import loads, particle_fingerprint, same_particles
+        from nmaem_plugin.core.io.particles import read_particles
+        from nmaem_plugin.core.io.provenance import loads, particle_fingerprint, same_particles
         fp_c = particle_fingerprint(read_particles(os.path.join(F["C"], "particles.star")))
         with np.load(os.path.join(F["D"], "ground_truth.npz")) as f:
             fp_d = loads(f["particles_fingerprint"])
@@ -113,10 +113,10 @@ class ProvenanceTest(unittest.TestCase):
     def test_round_trip_keeps_the_fingerprint(self):
         """Another folder, other (equivalent) Euler triplets, six written digits: the same
         particles."""
-        from nmaem_plugin.core.particles import read_particles
-        from nmaem_plugin.core.poses import euler_to_matrix
-        from nmaem_plugin.core.provenance import particle_fingerprint, same_particles
-        from nmaem_plugin.core.star import write_star
+        from nmaem_plugin.core.io.particles import read_particles
+        from nmaem_plugin.core.io.poses import euler_to_matrix
+        from nmaem_plugin.core.io.provenance import particle_fingerprint, same_particles
+        from nmaem_plugin.core.io.star import write_star
         a = read_particles(os.path.join(F["A"], "particles.star"))
         moved = os.path.join(self.tmp, "moved")
         shutil.copytree(F["A"], moved)
@@ -145,7 +145,7 @@ class ProvenanceTest(unittest.TestCase):
         self.error(p, F["latent_m2"], ["was made by another run than %s" % F["run"]])
 
     def test_latent_without_fingerprint_warns(self):
-        from nmaem_plugin.core.latent import read_latent, write_latent
+        from nmaem_plugin.core.io.latent import read_latent, write_latent
         lat = read_latent(F["latent"])
         old = os.path.join(self.tmp, "old.npz")
         write_latent(old, lat.z, lat.shift, lat.index)
@@ -193,7 +193,7 @@ class ProvenanceTest(unittest.TestCase):
 
     def test_run_config_records_fingerprints(self):
         import json
-        from nmaem_plugin.core.latent import read_latent
+        from nmaem_plugin.core.io.latent import read_latent
         with open(os.path.join(F["run"], "config.json")) as fh:
             cfg = json.load(fh)
         lat = read_latent(F["latent"])

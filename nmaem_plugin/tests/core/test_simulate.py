@@ -12,14 +12,14 @@ import numpy as np
 import torch
 
 from nmaem_plugin import DATA_DIR
-from nmaem_plugin.core import imaging
-from nmaem_plugin.core.errors import NmaemError
-from nmaem_plugin.core.particles import read_particles
-from nmaem_plugin.core.stacks import ImageStack
-from nmaem_plugin.core.simulate import (SimulationSettings, frame_probabilities,
-                                        lognormal_defocus,
-                                        morph_frames, simulate, uniform_rotations)
-from nmaem_plugin.core.structure import read_model, read_trajectory, rmsd
+from nmaem_plugin.core.physics import imaging
+from nmaem_plugin.core.base.errors import NmaemError
+from nmaem_plugin.core.io.particles import read_particles
+from nmaem_plugin.core.io.stacks import ImageStack
+from nmaem_plugin.core.sim.simulate import (SimulationSettings, frame_probabilities,
+                                            lognormal_defocus, morph_frames, simulate,
+                                            uniform_rotations)
+from nmaem_plugin.core.physics.structure import read_model, read_trajectory, rmsd
 
 OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 CLOSED = os.path.join(DATA_DIR, "ak_closed_1ake.pdb")
@@ -270,7 +270,7 @@ class TestSimulateCommand(SimTestCase):
         # VmHWM (the peak RSS of this process image), not getrusage's ru_maxrss, which on
         # Linux keeps the parent's peak from before the fork: the test runner is large
         code = ("import sys\n"
-                "from nmaem_plugin.core.cli import main\n"
+                "from nmaem_plugin.core.cli.main import main\n"
                 "rc = main(sys.argv[1:])\n"
                 "hwm = open('/proc/self/status').read().split('VmHWM:')[1].split()[0]\n"
                 "print('MAXRSS_KB', hwm)\n"

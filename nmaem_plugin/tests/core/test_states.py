@@ -11,11 +11,11 @@ import unittest
 
 import numpy as np
 
-from nmaem_plugin.core import states as S
-from nmaem_plugin.core.cli import main
-from nmaem_plugin.core.errors import NmaemError
-from nmaem_plugin.core.latent import write_latent
-from nmaem_plugin.core.particles import read_particles
+from nmaem_plugin.core.analysis import states as S
+from nmaem_plugin.core.cli.main import main
+from nmaem_plugin.core.base.errors import NmaemError
+from nmaem_plugin.core.io.latent import write_latent
+from nmaem_plugin.core.io.particles import read_particles
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data")
 
@@ -153,7 +153,7 @@ class TestStatesCommand(unittest.TestCase):
 
     def test_report_table_of_states(self):
         """nmaem report --states: one row per state with its count, share and file."""
-        from nmaem_plugin.core.runfolder import write_log
+        from nmaem_plugin.core.io.runfolder import write_log
         z = np.array([[-5.0, 0.1], [-4.8, -0.1], [5.0, 0.0], [5.2, 0.2], [4.9, -0.2]])
         latent = os.path.join(self.tmp, "latent.npz")
         write_latent(latent, z)

@@ -8,10 +8,10 @@ import gemmi
 import numpy as np
 
 from nmaem_plugin import DATA_DIR
-from nmaem_plugin.core.errors import NmaemError
-from nmaem_plugin.core.structure import (form_factor_table, kabsch, match_atoms, read_model,
-                                         read_trajectory, rmsd, superpose, write_model,
-                                         write_models)
+from nmaem_plugin.core.base.errors import NmaemError
+from nmaem_plugin.core.physics.structure import (form_factor_table, kabsch, match_atoms,
+                                                 read_model, read_trajectory, rmsd, superpose,
+                                                 write_model, write_models)
 
 OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 CLOSED = os.path.join(DATA_DIR, "ak_closed_1ake.pdb")

@@ -21,15 +21,15 @@ import numpy as np
 import torch
 
 from nmaem_plugin import DATA_DIR
-from nmaem_plugin.core import cli
-from nmaem_plugin.core.errors import NmaemError
-from nmaem_plugin.core.imaging import Renderer, fourier_crop
-from nmaem_plugin.core.particles import read_particles
-from nmaem_plugin.core.stacks import ImageStack
-from nmaem_plugin.core.star import write_star
-from nmaem_plugin.core.modes import compute_modes, save_modes
-from nmaem_plugin.core.simulate import SimulationSettings, load_frames, simulate
-from nmaem_plugin.core.structure import read_model, read_trajectory
+from nmaem_plugin.core.cli import main as cli
+from nmaem_plugin.core.base.errors import NmaemError
+from nmaem_plugin.core.physics.imaging import Renderer, fourier_crop
+from nmaem_plugin.core.io.particles import read_particles
+from nmaem_plugin.core.io.stacks import ImageStack
+from nmaem_plugin.core.io.star import write_star
+from nmaem_plugin.core.modes.compute import compute_modes, save_modes
+from nmaem_plugin.core.sim.simulate import SimulationSettings, load_frames, simulate
+from nmaem_plugin.core.physics.structure import read_model, read_trajectory
 
 OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 CLOSED = os.path.join(DATA_DIR, "ak_closed_1ake.pdb")
@@ -77,7 +77,7 @@ def _fixture():
     (shared by the test classes; removed at exit)."""
     if not _FIXTURE:
         import atexit
-        from nmaem_plugin.core.train import train
+        from nmaem_plugin.core.learn.train import train
         tmp = tempfile.mkdtemp(prefix="nmaem-train-")
         atexit.register(shutil.rmtree, tmp, True)
         data = os.path.join(tmp, "data")
@@ -177,8 +177,8 @@ class TestTraining(TrainTestCase):
     def test_untrained_network_starts_at_reference(self):
         """An untrained network gives z and shift near 0, and the decoder's rendering of its
         output equals an independent rendering of X0 at the file's poses and origins."""
-        from nmaem_plugin.core.runfolder import read_config
-        from nmaem_plugin.core.train import build_autoencoder
+        from nmaem_plugin.core.io.runfolder import read_config
+        from nmaem_plugin.core.learn.train import build_autoencoder
         ae = build_autoencoder(read_config(self.run_a), self.run_a).eval()
         images = self.cropped_images(np.arange(24))
         with torch.no_grad():
@@ -204,12 +204,12 @@ class TestTraining(TrainTestCase):
         """The default (whitened) loss: two epochs bring the validation loss from that of the
         reference model a good part of the way towards that of the true frames, both
         evaluated here with the run's noise model on renderings made independently."""
-        from nmaem_plugin.core.likelihood import WhitenedLikelihood
-        from nmaem_plugin.core.noise import load_noise_model
-        from nmaem_plugin.core.train import train
+        from nmaem_plugin.core.physics.likelihood import WhitenedLikelihood
+        from nmaem_plugin.core.physics.noise import load_noise_model
+        from nmaem_plugin.core.learn.train import train
         run = self.path("run_whitened")
         train(run, self.star, self.ref, self.modes, epochs=2, log=quiet, **SMALL)
-        from nmaem_plugin.core.runfolder import read_config
+        from nmaem_plugin.core.io.runfolder import read_config
         cfg = read_config(run)
         self.assertEqual(cfg["loss"], "whitened")
         images = self.cropped_images()
@@ -260,7 +260,7 @@ class TestTraining(TrainTestCase):
     def test_resume_is_bit_identical(self):
         """A run stopped after epoch 1 of 2 and resumed ends with exactly the weights,
         optimiser state and log of the uninterrupted run."""
-        from nmaem_plugin.core.train import train
+        from nmaem_plugin.core.learn.train import train
         run = self.path("run_b")
         train(run, self.star, self.ref, self.modes, epochs=2, stop_after=1, log=quiet,
               loss="l2", **SMALL)                 # run_a's settings
@@ -292,7 +292,7 @@ class TestTraining(TrainTestCase):
         of epoch 2 (after writing such a checkpoint; a tiny interval writes one after every
         batch) and resumed ends with exactly the weights, optimiser state and log of
         run_a, which never stopped."""
-        from nmaem_plugin.core.train import train
+        from nmaem_plugin.core.learn.train import train
         run = self.path("run_mid")
         train(run, self.star, self.ref, self.modes, epochs=2, stop_after=1.5, log=quiet,
               loss="l2", checkpoint_minutes=1e-9, **SMALL)    # run_a's settings
@@ -328,7 +328,7 @@ class TestTraining(TrainTestCase):
     def test_resume_is_bit_identical_whitened(self):
         """The same with the default (whitened) loss: noise model, precise batch-norm
         statistics and all."""
-        from nmaem_plugin.core.train import train
+        from nmaem_plugin.core.learn.train import train
         full, part = self.path("run_w_full"), self.path("run_w_part")
         train(full, self.star, self.ref, self.modes, epochs=2, log=quiet, **SMALL)
         train(part, self.star, self.ref, self.modes, epochs=2, stop_after=1, log=quiet,
@@ -347,7 +347,7 @@ class TestTraining(TrainTestCase):
         """--lr-schedule cosine: lr (1 + cos(pi e / E)) / 2 in 0-based epoch e, so with
         E = 2 the second epoch runs at lr / 2 (hand values), and the optimiser state saved
         after it holds that rate; a constant schedule keeps lr."""
-        from nmaem_plugin.core.train import epoch_lr, train
+        from nmaem_plugin.core.learn.train import epoch_lr, train
         cfg = dict(lr=1e-3, epochs=4, lr_schedule="cosine")
         self.assertEqual([round(epoch_lr(cfg, e) / 1e-3, 12) for e in range(4)],
                          [1.0, round((1 + 0.5 ** 0.5) / 2, 12), 0.5,
@@ -393,8 +393,8 @@ class TestTraining(TrainTestCase):
 
     def test_shift_only(self):
         """d = 0: the encoder predicts shifts only; inference writes z of shape (N, 0)."""
-        from nmaem_plugin.core.infer import infer
-        from nmaem_plugin.core.train import train
+        from nmaem_plugin.core.inference.infer import infer
+        from nmaem_plugin.core.learn.train import train
         run = self.path("run_d0")
         # with bf16 autocast of the encoder on the CPU as well (the decoder stays float32)
         h = train(run, self.star, self.ref, self.modes, epochs=1, n_modes=0, bf16=True,
@@ -415,7 +415,7 @@ class TestBestCheckpoint(unittest.TestCase):
     def test_best_follows_the_validation_loss(self):
         """best.pt is rewritten only when an epoch's validation loss is the lowest so far
         (NaN never is); last.pt is always the latest epoch."""
-        from nmaem_plugin.core.train import save_checkpoint
+        from nmaem_plugin.core.learn.train import save_checkpoint
         run = tempfile.mkdtemp(prefix="nmaem-best-")
         self.addCleanup(shutil.rmtree, run, ignore_errors=True)
         history = []
@@ -435,7 +435,7 @@ class TestBestCheckpoint(unittest.TestCase):
 
 class TestNetwork(unittest.TestCase):
     def test_normalisation_and_losses(self):
-        from nmaem_plugin.core.network import image_loss, normalise_images
+        from nmaem_plugin.core.learn.network import image_loss, normalise_images
         g = torch.Generator().manual_seed(1)
         x = torch.randn(3, 16, 16, generator=g) * 5 + 2
         n = normalise_images(x)
@@ -451,7 +451,7 @@ class TestNetwork(unittest.TestCase):
             image_loss(x, y, "l1")
 
     def test_paper_encoder_shapes(self):
-        from nmaem_plugin.core.network import ENCODER_PRESETS, Encoder
+        from nmaem_plugin.core.learn.network import ENCODER_PRESETS, Encoder
         enc = Encoder(48, 5, z_scale=40.0, shift_scale=2.0, **ENCODER_PRESETS["paper"])
         convs = [m for m in enc.trunk.modules() if isinstance(m, torch.nn.Conv2d)]
         self.assertEqual([c.out_channels for c in convs],
@@ -469,8 +469,8 @@ class TestNetwork(unittest.TestCase):
         """On a GPU the encoder runs in channels-last layout (distributed.use_fast_kernels):
         the same outputs and gradients as the NCHW encoder, and its checkpoint loads into a
         plain one. Here on the CPU, whose channels-last kernels are other code (oneDNN)."""
-        from nmaem_plugin.core.distributed import use_fast_kernels
-        from nmaem_plugin.core.network import Encoder
+        from nmaem_plugin.core.learn.distributed import use_fast_kernels
+        from nmaem_plugin.core.learn.network import Encoder
         torch.manual_seed(0)
         plain = Encoder(32, 3, (8, 16), (32,), pose_max=0.05)
         last = Encoder(32, 3, (8, 16), (32,), pose_max=0.05)
@@ -516,8 +516,8 @@ class TestEncoderBox(TrainTestCase):
         """An encoder of box 32 that sees 16 px equals, with the same weights, an encoder
         of box 16 given the image cropped by an independent numpy Fourier crop (frequencies
         |k| < 8 of the 32 px grid, values kept: the inverse FFT times (16/32)^2)."""
-        from nmaem_plugin.core.network import Encoder
-        from nmaem_plugin.core.runfolder import encoder_box_for
+        from nmaem_plugin.core.learn.network import Encoder
+        from nmaem_plugin.core.io.runfolder import encoder_box_for
         torch.manual_seed(0)
         big = Encoder(32, 3, filters=(4, 8), hidden=(16,), encoder_box=16).eval()
         small = Encoder(16, 3, filters=(4, 8), hidden=(16,)).eval()
@@ -549,7 +549,7 @@ class TestEncoderBox(TrainTestCase):
     def test_training_and_inference_with_an_encoder_box(self):
         """--encoder-box 16 with a 32 px training box: recorded in config.json, the encoder
         built with it, and nmaem infer runs on the run; bad values are one-line errors."""
-        from nmaem_plugin.core.train import load_trained
+        from nmaem_plugin.core.learn.train import load_trained
         run = self.path("run_encoder_box")
         base = ["train", "--particles", self.star, "--ref", self.ref, "--modes", self.modes,
                 "-o", run, "--epochs", "1", "--box", str(BOX), "--encoder", "small",
@@ -588,7 +588,7 @@ class TestInference(TrainTestCase):
     def test_infer_matches_direct_call(self):
         """``nmaem infer`` reproduces the eval-mode encoder on the cropped images, row by
         row, and writes a STAR with the amplitudes and the refined origins."""
-        from nmaem_plugin.core.train import load_trained
+        from nmaem_plugin.core.learn.train import load_trained
         lat_path, star_out = self.path("latent.npz"), self.path("out.star")
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -620,7 +620,7 @@ class TestInference(TrainTestCase):
     def test_infer_checkpoint_choice(self):
         """--checkpoint FILE uses those weights (epoch 1 here, not the last epoch 2);
         --checkpoint best on a run without best.pt is a one-line error."""
-        from nmaem_plugin.core.train import load_trained
+        from nmaem_plugin.core.learn.train import load_trained
         ep1 = os.path.join(self.run_a, "checkpoints", "epoch_0001.pt")
         lat_path = self.path("latent_ep1.npz")
         with contextlib.redirect_stderr(io.StringIO()), \
@@ -714,7 +714,7 @@ class TestBadInput(TrainTestCase):
         self.assert_one_line(rc, err, "nothing to resume", "no checkpoint")
         # a run stopped before its first checkpoint can be resumed (from the beginning)
         # rather than being neither resumable nor restartable
-        from nmaem_plugin.core.train import prepare_run
+        from nmaem_plugin.core.learn.train import prepare_run
         started = self.path("run_started")
         prepare_run(started, self.star, self.ref, self.modes, log=quiet, epochs=1, **SMALL)
         with self.assertRaises(NmaemError):
@@ -727,7 +727,7 @@ class TestBadInput(TrainTestCase):
     def test_nan_loss_keeps_last_good_checkpoint(self):
         """A NaN image met in epoch 2 stops training with a message; the epoch-1 checkpoint
         stays as it was."""
-        from nmaem_plugin.core.train import train
+        from nmaem_plugin.core.learn.train import train
         import mrcfile
         data = self.path("data_nan")
         shutil.copytree(self.data, data)
@@ -748,12 +748,12 @@ class TestBadInput(TrainTestCase):
         self.assertEqual(len(read_log(run)), 1)
 
     def test_out_of_memory_names_a_batch_size(self):
-        from nmaem_plugin.core import network
+        from nmaem_plugin.core.learn import network
         run = self.path("run_oom")
 
         def oom(*a, **k):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        from nmaem_plugin.core import likelihood
+        from nmaem_plugin.core.physics import likelihood
         with mock.patch.object(network, "image_loss", oom), \
                 mock.patch.object(likelihood.WhitenedLikelihood, "per_image", oom):
             rc, err = self.run_cli(*self.base_args(run))

@@ -34,7 +34,8 @@ class TestPlugin(unittest.TestCase):
 
     def test_command_line_does_not_import_scipion(self):
         """`nmaem` must work without Scipion and not pay for importing it."""
-        code = ("import sys; from nmaem_plugin.core import cli; cli.build_parser(); "
+        code = ("import sys; from nmaem_plugin.core.cli.main import build_parser; "
+                "build_parser(); "
                 "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pwem', 'pyworkflow')))")
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         self.assertEqual(p.returncode, 0, p.stderr)

@@ -65,7 +65,7 @@ class TestNmaemProtocols(scipion_base.NmaemBaseTest):
         self.assertEqual(self.sim.outputFrames.getSize(), N_FRAMES)
         for a in self.sim.outputFrames:
             self.assertTrue(os.path.exists(a.getFileName()))
-        from nmaem_plugin.core.structure import read_model
+        from nmaem_plugin.core.physics.structure import read_model
         m0 = read_model(self.sim.outputFrames.getFirstItem().getFileName())
         ref = read_model(self.sim.outputReference.getFileName())
         self.assertEqual(m0.n_atoms, ref.n_atoms)
@@ -186,8 +186,8 @@ class TestNmaemProtocols(scipion_base.NmaemBaseTest):
         modes = prot.outputModes
         self.assertEqual(modes.getSize(), 4)
         self.assertEqual(modes.getPdb().getFileName(), self.ref.outputPdb.getFileName())
-        from nmaem_plugin.core.modes import load_modes
-        from nmaem_plugin.core.structure import read_model
+        from nmaem_plugin.core.modes.compute import load_modes
+        from nmaem_plugin.core.physics.structure import read_model
         first = modes.getFirstItem()
         nm = load_modes(first.getModeFile())
         self.assertEqual(nm.n_modes, 4)

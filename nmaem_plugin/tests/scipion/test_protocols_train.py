@@ -18,7 +18,7 @@ from pwem.objects import FlexInfo, SetOfParticles
 
 from nmaem_plugin.tests.scipion import chain, scipion_base
 from nmaem_plugin.constants import ATTR_FRAME, PROGRAM_NAME
-from nmaem_plugin.core.choices import RENDER_ROUTES
+from nmaem_plugin.core.base.choices import RENDER_ROUTES
 from nmaem_plugin.protocols import (NmaemProtEvaluate,
                                     NmaemProtExport, NmaemProtInfer, NmaemProtStates,
                                     NmaemProtTrain)
@@ -221,7 +221,7 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
     def test_infer_best_weights(self):
         """Weights 'lowest validation loss' runs nmaem infer --checkpoint best: the latent
         file equals the command's own output with those weights."""
-        from nmaem_plugin.core.infer import infer
+        from nmaem_plugin.core.inference.infer import infer
         from nmaem_plugin.protocols.protocol_infer import WEIGHTS
         prot = self.newProtocol(NmaemProtInfer, objLabel="infer best", batchSize=64,
                                 useGpu=False, weights=WEIGHTS.index("lowest validation loss"))
@@ -230,13 +230,13 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         self._launch(prot)
         self.assertIn("--checkpoint best", _logText(prot))
         # the per-particle fit ran (a whitened network; the default iterations)
-        from nmaem_plugin.core.choices import FIT_ITERATIONS_DEFAULT
+        from nmaem_plugin.core.base.choices import FIT_ITERATIONS_DEFAULT
         self.assertIn("--fit-iterations %d" % FIT_ITERATIONS_DEFAULT, _logText(prot))
         self.assertIn("infer: fit: posterior energy lower for", _logText(prot))
         self.assertIn("infer: the images' envelope: B = ", _logText(prot))
         # this short training's models leave the images' fine detail unexplained: the
         # envelope may run to the search's bound, and then the log says so
-        from nmaem_plugin.core.particle_fit import BFACTOR_MAX, BFACTOR_TOL
+        from nmaem_plugin.core.inference.particle_fit import BFACTOR_MAX, BFACTOR_TOL
         b = float(_logText(prot).split("envelope: B = ")[1].split()[0])
         self.assertEqual("the envelope reached the search's bound" in _logText(prot),
                          b >= BFACTOR_MAX - 2 * BFACTOR_TOL, b)
@@ -250,7 +250,7 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         # runs: median 4e-7 A RMSD, 99th percentile 2e-4 A, largest 3e-3 A of 200). The
         # models (|dz| / sqrt(M), orthonormal modes) must agree to 1e-4 A RMSD for most
         # particles and 0.05 A for every one, the shifts likewise to 1e-4 and 0.05 A
-        from nmaem_plugin.core.structure import read_model
+        from nmaem_plugin.core.physics.structure import read_model
         M = read_model(os.path.join(self._runDir(), "reference.pdb")).n_atoms
         with np.load(prot._getExtraPath("latent.npz")) as a, np.load(ref) as b:
             rmsd = np.linalg.norm(a["z"].astype(float) - b["z"], axis=1) / np.sqrt(M)
@@ -310,7 +310,7 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
 
     # ------------------------------------------------------------------ export
     def _checkModels(self, atoms, n_expected, refined=False):
-        from nmaem_plugin.core.structure import read_model
+        from nmaem_plugin.core.physics.structure import read_model
         x0 = read_model(os.path.join(self._runDir(), "reference.pdb"))
         M = x0.n_atoms
         self.assertEqual(atoms.getSize(), n_expected)
@@ -335,7 +335,7 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         return total
 
     def _modes(self):
-        from nmaem_plugin.core.modes import load_modes
+        from nmaem_plugin.core.modes.compute import load_modes
         return load_modes(os.path.join(self._runDir(), "modes.npz")).modes
 
     def test_export_pc_traversal(self):
@@ -383,7 +383,7 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         from pwem.objects import (AtomStructFlex, ClassStructFlex, SetOfAtomStructFlex,
                                   SetOfClassesStructFlex, SetOfParticles)
         from nmaem_plugin.constants import HUB_MODES_FILE, HUB_N_MODES, HUB_REF_STRUCT
-        from nmaem_plugin.core.structure import read_model
+        from nmaem_plugin.core.physics.structure import read_model
         classes = self.states.outputClasses
         self.assertIs(type(classes), SetOfClassesStructFlex)
         self.assertIs(type(self.states.outputStructures), SetOfAtomStructFlex)
@@ -433,8 +433,8 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         except Exception:
             self.skipTest("scipion-em-relion is not installed")
         from nmaem_plugin.convert import matricesToRelion
-        from nmaem_plugin.core.poses import euler_to_matrix
-        from nmaem_plugin.core.star import read_star_blocks
+        from nmaem_plugin.core.io.poses import euler_to_matrix
+        from nmaem_plugin.core.io.star import read_star_blocks
         plain = getattr(self.states, stateParticlesName(1))
         star = os.path.join(self.getOutputPath(), "state_01_relion.star")
         rconv.writeSetOfParticles(plain, star)
@@ -505,7 +505,7 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         # the shifts come back from the flex particles' refined origins (Scipion transforms,
         # rows matched by id): the same shift error as nmaem evaluate on infer's own
         # latent.npz, whose rows are its input STAR's (the simulation's exact origins)
-        from nmaem_plugin.core.evaluate import evaluate
+        from nmaem_plugin.core.analysis.evaluate import evaluate
         from nmaem_plugin.protocols.protocol_flex_common import findSimulationDir
         direct = evaluate(self.infer._getExtraPath("latent.npz"),
                           findSimulationDir(self.sim.outputParticles), self._runDir(),

@@ -23,9 +23,9 @@ matplotlib.use("Agg")
 
 import numpy as np
 
-from nmaem_plugin.core import plots
-from nmaem_plugin.core.runfolder import read_log_columns
-from nmaem_plugin.core.analysis import density_maxima, pca
+from nmaem_plugin.core.report import plots
+from nmaem_plugin.core.io.runfolder import read_log_columns
+from nmaem_plugin.core.analysis.landscape import density_maxima, pca
 
 
 def _trimodal(n, d=3, seed=0, centres=(-6.0, 0.0, 6.0)):
@@ -144,7 +144,7 @@ class TestLatentFigures(unittest.TestCase):
             self.assertEqual(int(round(sum(p.get_height() for p in ax.patches))), 500)
 
     def test_rejects_bad_input(self):
-        from nmaem_plugin.core.errors import NmaemError
+        from nmaem_plugin.core.base.errors import NmaemError
         with self.assertRaises(NmaemError):
             plots.latent_landscape(np.zeros((1, 3)))
         with self.assertRaises(NmaemError):
@@ -230,7 +230,7 @@ class TestReport(unittest.TestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def _cli(self, *argv):
-        from nmaem_plugin.core.cli import main
+        from nmaem_plugin.core.cli.main import main
         out, err = io.StringIO(), io.StringIO()
         with redirect_stdout(out), redirect_stderr(err):
             rc = main(list(argv))

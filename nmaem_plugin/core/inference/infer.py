@@ -1,0 +1,321 @@
+"""Amortised inference: z and shift of every particle from a trained run.
+
+``latent.npz``: ``z`` (N, d) float32 normal-mode amplitudes in Angstrom (X(z) = X0 + U z);
+``shift`` (N, 2) float32 in Angstrom, (x, y): the predicted residual displacement of the
+particle centre relative to the position that the file's origin implies (the particle
+centre is at image centre - origin + shift, so the refined RELION origin is
+``origin - shift``); ``index`` (N,) int64, the 0-based row of each particle in the input
+file; runs trained with ``--refine-pose`` add ``pose_correction`` (N, 3) radians and the
+refined angles ``euler`` (N, 3) degrees (``latent.py``). The images are preprocessed
+exactly as in training (Fourier cropping to the run's box, per-image normalisation inside
+the encoder); the encoder runs in eval mode, in float32.
+
+Then, for runs trained with the whitened likelihood (the default) and particles with poses
+and CTFs, each particle's z and shift are fitted to its own image (``--fit-iterations``,
+default ``choices.FIT_ITERATIONS_DEFAULT``; ``particle_fit.py``): the encoder's output is
+the starting point, and the latent holds the fitted values. The fit renders with the
+images' envelope, a B-factor estimated on a calibration set (``--fit-bfactor``); with
+``--fit-pose`` it also refines each particle's rotation, under a prior whose spread the
+same calibration set measures, and the latent gets ``pose_correction`` and ``euler``.
+"""
+
+import math
+import os
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..io.latent import write_latent
+from ..base.errors import NmaemError, fail
+
+if TYPE_CHECKING:
+    from ..io.particles import ParticleTable
+    from .particle_fit import FitStats
+
+__all__ = ["infer", "encode_images", "z_column_names", "fit_plan"]
+
+
+def z_column_names(d: int) -> List[str]:
+    """STAR column names of the amplitudes: nmaemZ01, nmaemZ02, ..."""
+    width = max(2, len(str(d)))
+    return ["nmaemZ%0*d" % (width, l + 1) for l in range(d)]
+
+
+POSE_COLUMNS = ("nmaemPoseCorrX", "nmaemPoseCorrY", "nmaemPoseCorrZ")
+FIT_BATCH = 32      # particles per batch of the fit (its Jacobian holds (d + 3) transforms each)
+
+
+def encode_images(encoder: torch.nn.Module, images: torch.Tensor,
+                  device: Union[str, torch.device]
+                  ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """(shift, z, pose correction or None) numpy float32 of preprocessed images
+    (B, box, box) with ``encoder``."""
+    from ..learn.network import split_outputs
+    with torch.no_grad():
+        shift, z, rotvec = split_outputs(encoder(images.to(device)))
+    return (shift.float().cpu().numpy(), z.float().cpu().numpy(),
+            None if rotvec is None else rotvec.float().cpu().numpy())
+
+
+def fit_plan(cfg: dict, table: "ParticleTable", fit_iterations: Optional[int], run_dir: str,
+              particles: str) -> Tuple[int, str]:
+    """(iterations, why not) of the per-particle fit: ``fit_iterations`` None is the
+    default (``FIT_ITERATIONS_DEFAULT`` where the fit applies, else 0 with the reason);
+    an explicit number where it cannot apply is an error."""
+    from ..base.choices import FIT_ITERATIONS_DEFAULT
+    from ..io.runfolder import has_noise_model
+    if fit_iterations is not None and int(fit_iterations) < 0:
+        raise NmaemError("--fit-iterations must be 0 or more (got %d)" % int(fit_iterations))
+    n = FIT_ITERATIONS_DEFAULT if fit_iterations is None else int(fit_iterations)
+    if n == 0:
+        return 0, "--fit-iterations 0"
+    why = None
+    if not has_noise_model(cfg):
+        why = ("the run was trained with --loss %s; the fit needs the whitened likelihood's "
+               "noise model" % cfg.get("loss"), run_dir)
+    elif table.euler is None:
+        why = ("the particles have no poses", particles)
+    elif table.defocus_u is None or table.voltage is None:
+        why = ("the particles have no CTF", particles)
+    elif table.n < 2:
+        why = ("one particle is too few for the prior (the population of z)", particles)
+    if why is None:
+        return n, ""
+    if fit_iterations is not None:
+        fail(why[1], "cannot fit the particles (--fit-iterations %d): %s" % (n, why[0]))
+    return 0, why[0]
+
+
+def _turn_prior(stats: "FitStats") -> np.ndarray:
+    """sd (3,) radians of the rotation errors about the model's axes, by the method of
+    moments from a calibration fit under a broad prior: the mean square of the fitted
+    rotations minus their mean posterior variance (``POSE_FIT_MIN_SD_DEG`` at least)."""
+    from ..base.choices import POSE_FIT_MIN_SD_DEG
+    w = np.concatenate(stats.dturn).astype(np.float64)
+    var = np.concatenate(stats.turn_var).astype(np.float64)
+    tau2 = (w ** 2).mean(0) - var.mean(0)
+    return np.sqrt(np.maximum(tau2, math.radians(POSE_FIT_MIN_SD_DEG) ** 2))
+
+
+def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iterations, dev,
+                   num_workers, log, fit_pose=False, bfactor=None):
+    """Replace ``z`` and ``shift`` (numpy, in place) by each particle's fit
+    (``particle_fit.py``); with ``fit_pose``, return each particle's fitted rotation w
+    (N, 3) radians (applied after the run's correction), else None. ``bfactor``: the
+    envelope's B (A^2) of the renderings, or None to estimate it."""
+    from ..base.choices import POSE_FIT_BROAD_SD_DEG, POSE_FIT_CALIBRATION
+    from ..learn.data import ParticleMetadata, make_loader
+    from ..physics.likelihood import WhitenedLikelihood
+    from .particle_fit import (BFACTOR_MAX, BFACTOR_TOL, FitStats, envelope_bfactor,
+                               fit_batch, population_prior, prior_floor)
+    from ..base.progress import Progress
+    lik = WhitenedLikelihood.for_run(run_dir, cfg, dev, source=table.path)
+    mu, prec = population_prior(np.concatenate([z, shift], 1),
+                                min_sd=prior_floor(z.shape[1], ae.decoder.coords.shape[0]))
+    meta = ParticleMetadata(table, dev)
+    n = table.n
+    turn = np.zeros((n, 3), dtype=np.float32) if fit_pose else None
+    calib = np.unique(np.linspace(0, n - 1, min(n, POSE_FIT_CALIBRATION)).astype(np.int64))
+
+    def device_rows(r):
+        return torch.as_tensor(r, device=dev)
+
+    if bfactor is None:
+        _, images = dataset[calib]
+        rt = device_rows(calib)
+        rot, base, ctf_params = meta.batch(rt)
+        bfactor, chi2_b, chi2_0 = envelope_bfactor(
+            ae.decoder, lik, images.to(dev), meta.optics_group[rt],
+            torch.as_tensor(z[calib], device=dev), torch.as_tensor(shift[calib], device=dev),
+            rot, base, ae.decoder.ctf(ctf_params),
+            rotvec=None if rotvec is None else torch.as_tensor(rotvec[calib], device=dev))
+        log("infer: the images' envelope: B = %.0f A^2 (maximum likelihood over %d "
+            "particles at the encoder's z; chi2 %.1f lower than without it)"
+            % (bfactor, len(calib), chi2_0 - chi2_b))
+        if bfactor >= BFACTOR_MAX - 2 * BFACTOR_TOL:
+            log("infer: warning: the envelope reached the search's bound (%.0f A^2): the "
+                "encoder's models explain little of the images' high-resolution signal "
+                "(too short a training, or a reference that does not fit); see the run's "
+                "training curves, or give --fit-bfactor" % BFACTOR_MAX)
+
+    def ctf_of(ctf_params):
+        if bfactor:
+            ctf_params = ctf_params.replace(bfactor=ctf_params.bfactor + float(bfactor))
+        return ae.decoder.ctf(ctf_params)
+
+    def with_turn(sd):
+        m, q = mu, prec
+        if fit_pose:
+            m = np.concatenate([mu, np.zeros(3)])
+            q = np.zeros((len(m), len(m)))
+            q[:len(mu), :len(mu)] = prec
+            q[len(mu):, len(mu):] = np.diag(1.0 / np.asarray(sd, dtype=np.float64) ** 2)
+        return (torch.as_tensor(m, dtype=torch.float32, device=dev),
+                torch.as_tensor(q, dtype=torch.float32, device=dev))
+
+    def run(rows_all, mu_t, prec_t, label, keep):
+        size = FIT_BATCH
+        batches = [rows_all[i:i + size] for i in range(0, len(rows_all), size)]
+        stats = FitStats()
+        progress = Progress(len(rows_all), label, unit="images")
+        for rows, images in make_loader(dataset, batches, num_workers, dev.type == "cuda"):
+            r = rows.numpy()
+            rt = rows.to(dev)
+            rot, base, ctf_params = meta.batch(rt)
+            out = fit_batch(ae.decoder, lik, images.to(dev), meta.optics_group[rt],
+                            torch.as_tensor(z[r], device=dev),
+                            torch.as_tensor(shift[r], device=dev), rot, base,
+                            ctf_of(ctf_params), mu_t, prec_t, iterations,
+                            stats=stats,
+                            rotvec=None if rotvec is None else torch.as_tensor(rotvec[r],
+                                                                               device=dev),
+                            turn0=(torch.zeros(len(r), 3, device=dev) if fit_pose else None))
+            if keep:
+                z[r], shift[r] = out[0].cpu().numpy(), out[1].cpu().numpy()
+                if fit_pose:
+                    turn[r] = out[2].cpu().numpy()
+            progress.update(len(r))
+        return stats
+
+    what = "z, shift and rotation" if fit_pose else "z and shift"
+    sd = None
+    if fit_pose:
+        log("infer: the rotation errors' spread, from a fit of %d particles under a broad "
+            "prior (sd %g deg)" % (len(calib), POSE_FIT_BROAD_SD_DEG))
+        sd = _turn_prior(run(calib, *with_turn([math.radians(POSE_FIT_BROAD_SD_DEG)] * 3),
+                             "calibration", keep=False))
+        log("infer: rotation prior: sd %.2f, %.2f, %.2f deg about the model's x, y, z"
+            % tuple(np.degrees(sd)))
+    log("infer: fitting each particle's %s to its image (%d Gauss-Newton iterations; "
+        "prior: the encoder's z and shifts of %d particles%s; envelope B = %.0f A^2)"
+        % (what, iterations, n, ", and the rotation prior" if fit_pose else "",
+           float(bfactor)))
+    stats = run(np.arange(n, dtype=np.int64), *with_turn(sd), "fit", keep=True)
+    log("infer: fit: %s" % stats.describe())
+    return turn
+
+
+def infer(particles: str, run_dir: str, out: str, batch: int = 256,
+          device: Union[str, torch.device, None] = None, star: Optional[str] = None,
+          num_workers: int = 0, checkpoint: str = "last",
+          log: Callable[[str], None] = print,
+          fit_iterations: Optional[int] = None, fit_pose: bool = False,
+          fit_bfactor: Optional[float] = None) -> dict:
+    """Write ``out`` (latent.npz) for every particle of ``particles``; optionally ``star``,
+    a copy of the particle file with amplitude columns and refined origins (and, for a run
+    trained with ``--refine-pose``, refined angles and the corrections in degrees,
+    nmaemPoseCorrX/Y/Z). ``checkpoint``:
+    ``last``, ``best`` (lowest validation loss) or a checkpoint file of the run.
+
+    ``fit_iterations``: Gauss-Newton iterations of the per-particle fit after the encoder
+    (``particle_fit.py``); None: ``FIT_ITERATIONS_DEFAULT`` when the run has the whitened
+    likelihood and the particles have poses and CTFs, else none; 0: the encoder's output.
+    ``fit_pose``: the fit also refines each particle's rotation (``pose_fit`` in
+    docs/training.md); the latent and the STAR then hold the refined angles.
+    ``fit_bfactor``: the B-factor (A^2) of the envelope the fit's renderings get; None:
+    estimated from the particles (``particle_fit.envelope_bfactor``); 0: none.
+
+    Memory: one batch of images at a time plus the (N, d + 2) results.
+    """
+    from ..io.particles import read_particles
+    from ..io.star import write_star
+    from ..base.progress import Progress
+    from ..learn.data import ParticleImages, make_loader
+    from ..learn.distributed import is_oom, resolve_device, use_fast_kernels
+    from ..learn.train import load_trained
+    if int(batch) < 1:
+        raise NmaemError("--batch must be at least 1")
+    dev = resolve_device(device)
+    ae, cfg = load_trained(run_dir, dev, checkpoint)
+    use_fast_kernels(dev, ae.encoder)
+    table = read_particles(particles)
+    refine_pose = bool(cfg.get("refine_pose"))
+    table.require(poses=refine_pose, ctf=False, images=True)
+    boxes, apixes = np.unique(table.box), np.unique(table.apix)
+    if len(boxes) != 1 or len(apixes) != 1:
+        fail(particles, "particles of several box or pixel sizes; split the file by optics "
+                        "group first")
+    if int(boxes[0]) != cfg["box0"] or abs(float(apixes[0]) - cfg["apix0"]) > 1e-6 * cfg["apix0"]:
+        fail(particles, "images are %d px at %g A/px, but the model was trained on %d px at "
+                        "%g A/px" % (boxes[0], apixes[0], cfg["box0"], cfg["apix0"]))
+    from ..io.stacks import ImageStack
+    ImageStack(table, check=True).close()
+    n_fit, no_fit = fit_plan(cfg, table, fit_iterations, run_dir, particles)
+    if fit_bfactor is not None and not (0.0 <= float(fit_bfactor) < 1e4):
+        raise NmaemError("--fit-bfactor must be 0 or more, below 10000 A^2 (got %g)"
+                         % float(fit_bfactor))
+    if fit_pose and not n_fit:
+        fail(particles, "--fit-pose needs the per-particle fit, which does not run: %s"
+             % no_fit)
+    n, d = table.n, int(cfg["n_modes"])
+    z = np.zeros((n, d), dtype=np.float32)
+    shift = np.zeros((n, 2), dtype=np.float32)
+    rotvec = np.zeros((n, 3), dtype=np.float32) if refine_pose else None
+    rows_all = np.arange(n, dtype=np.int64)
+    batches = [rows_all[i:i + int(batch)] for i in range(0, n, int(batch))]
+    dataset = ParticleImages(table, cfg["box"])
+    progress = Progress(n, "infer", unit="images")
+    try:
+        for rows, images in make_loader(dataset, batches, num_workers, dev.type == "cuda"):
+            s, zz, v = encode_images(ae.encoder, images, dev)
+            r = rows.numpy()
+            shift[r], z[r] = s, zz
+            if rotvec is not None:
+                rotvec[r] = v
+            progress.update(len(r))
+    except RuntimeError as exc:
+        if is_oom(exc):
+            raise NmaemError("out of memory on %s with --batch %d; try --batch %d"
+                             % (dev, batch, max(1, int(batch) // 2)))
+        raise
+    if not (np.all(np.isfinite(z)) and np.all(np.isfinite(shift))
+            and (rotvec is None or np.all(np.isfinite(rotvec)))):
+        fail(run_dir, "the model gives non-finite outputs")
+    if n_fit:
+        turn = _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, n_fit, dev,
+                              num_workers, log, fit_pose=fit_pose, bfactor=fit_bfactor)
+        if turn is not None:        # the total correction: R(v) R(w), or R(w) alone
+            from ..io.poses import matrix_to_rotvec, rotvec_to_matrix
+            total = rotvec_to_matrix(turn.astype(np.float64))
+            if rotvec is not None:
+                total = rotvec_to_matrix(rotvec.astype(np.float64)) @ total
+            rotvec = matrix_to_rotvec(total).astype(np.float32)
+    elif fit_iterations is None and no_fit:
+        log("infer: no per-particle fit (%s): the encoder's output" % no_fit)
+    euler = None
+    if rotvec is not None:
+        from ..io.poses import correct_rotations, matrix_to_euler
+        refined = correct_rotations(table.rotation_matrices(), rotvec.astype(np.float64))
+        euler = np.stack(matrix_to_euler(refined), axis=1)
+    from ..io.provenance import particle_fingerprint, run_model_fingerprint
+    write_latent(out, z, shift, rows_all, pose_correction=rotvec, euler=euler,
+                 particles=particle_fingerprint(table),
+                 model=run_model_fingerprint(os.path.abspath(run_dir), cfg))
+    log("infer: %d particles -> %s (z: %d modes, model of epoch %d, %s checkpoint)"
+        % (n, out, d, cfg["epoch"], checkpoint if checkpoint in ("last", "best") else
+           "the given"))
+    if rotvec is not None:
+        angle = np.degrees(np.linalg.norm(rotvec.astype(np.float64), axis=1))
+        log("infer: pose corrections: median %.2f deg, 95th percentile %.2f, largest %.2f "
+            "(%s)" % (np.median(angle), np.percentile(angle, 95), angle.max(),
+                      "refined by the fit" if fit_pose else
+                      "bound %g deg" % float(cfg.get("max_pose_correction") or 0)))
+    if star:
+        from dataclasses import replace
+        refined = (table.origin_or_zero() - shift.astype(np.float64))
+        extra = {name: z[:, l].astype(np.float64) for l, name in enumerate(z_column_names(d))}
+        extra["nmaemShiftXAngst"] = shift[:, 0].astype(np.float64)
+        extra["nmaemShiftYAngst"] = shift[:, 1].astype(np.float64)
+        changes = dict(origin=refined)
+        if euler is not None:
+            changes["euler"] = euler
+            for k, name in enumerate(POSE_COLUMNS):
+                extra[name] = np.degrees(rotvec[:, k].astype(np.float64))
+        write_star(star, replace(table, **changes), extra_columns=extra)
+        log("infer: wrote %s (refined origins%s, columns %s...)" % (
+            star, " and angles" if euler is not None else "", ", ".join(list(extra)[:3])))
+    out_dict = dict(z=z, shift=shift, index=rows_all)
+    if rotvec is not None:
+        out_dict.update(pose_correction=rotvec, euler=euler)
+    return out_dict

@@ -1,0 +1,257 @@
+"""``nmaem report RUN -o DIR``: the figures of a run as PNG files and an index.html.
+
+Figures come from :mod:`nmaem_plugin.core.plots` (the ones the Scipion viewers show):
+training curves (``RUN/log.csv``), the modes' diagnostics (``--modes``, default the run's
+``modes.npz``), and with ``--latent`` the latent landscape and the mode amplitudes,
+split by ground-truth frame with ``--truth SIMDIR`` (a folder of ``nmaem simulate``).
+"""
+import html
+import os
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..base.atomic import atomic_open
+from ..base.errors import fail
+
+
+def _truth_file(truth_dir):
+    """TRUTH/ground_truth.npz, or a one-line error when the folder or the file is missing."""
+    gt_path = os.path.join(truth_dir, "ground_truth.npz")
+    if not os.path.isdir(truth_dir):
+        fail(truth_dir, "no such simulated dataset folder")
+    if not os.path.isfile(gt_path):
+        fail(gt_path, "missing: --truth must be a folder written by nmaem simulate")
+    return gt_path
+
+
+def _frames_for(latent, truth_dir):
+    gt_path = _truth_file(truth_dir)
+    try:
+        with np.load(gt_path, allow_pickle=False) as f:
+            frame = f["frame"] if "frame" in f.files else None
+            fingerprint = (f["particles_fingerprint"] if "particles_fingerprint" in f.files
+                           else None)
+    except Exception as exc:  # numpy raises several types for corrupt archives
+        fail(gt_path, "not readable (%s)" % (str(exc).splitlines() or ["?"])[0])
+    from ..io.provenance import check_latent, loads
+    check_latent(latent, truth=(loads(fingerprint), gt_path))
+    if frame is None:
+        fail(gt_path, "no 'frame' array")
+    if latent.index.max() >= len(frame):
+        fail(latent.path, "index goes up to %d but %s has %d particles"
+             % (latent.index.max(), gt_path, len(frame)))
+    return np.asarray(frame)[latent.index]
+
+
+def read_models_listing(models_dir: str) -> dict:
+    """The ``models.json`` of an ``nmaem export`` folder (a dict), or a one-line error."""
+    import json
+    path = os.path.join(str(models_dir), "models.json")
+    if not os.path.isfile(path):
+        fail(path, "missing: --models must be a folder written by nmaem export")
+    try:
+        with open(path) as fh:
+            listing = json.load(fh)
+    except ValueError:
+        fail(path, "not readable as JSON")
+    if not isinstance(listing, dict) or not isinstance(listing.get("models"), list):
+        fail(path, "not a models listing: no 'models' list")
+    return listing
+
+
+VALIDATION_COLUMNS = (
+    ("bond_rmsd", "bond rms dev. (A)", "%.3f"), ("bond_max_deviation", "max bond dev. (A)", "%.3f"),
+    ("angle_rmsd", "angle rms dev. (deg)", "%.2f"), ("close_contacts", "contacts < 2.2 A", "%d"),
+    ("ramachandran_outliers", "Ramachandran outliers", "%d"),
+    ("rmsd_to_plain", "moved by refinement (A)", "%.2f"))
+
+
+def _thumbnail(folder, row):
+    """The path of a row's ``thumbnail`` PNG in ``folder`` when it exists, else None."""
+    name = row.get("thumbnail")
+    if not name:
+        return None
+    path = os.path.join(str(folder), os.path.basename(str(name)))
+    return path if os.path.isfile(path) else None
+
+
+def validation_rows(listing: dict, folder: Optional[str] = None) -> list[tuple]:
+    """(file, n particles, [formatted figures], thumbnail path or None) per model; figures
+    '-' when the model was not refined (``nmaem export --no-refine``); thumbnails looked up
+    in ``folder`` (the export folder)."""
+    out = []
+    for m in listing["models"]:
+        v = m.get("validation") or {}
+        cells = [(fmt % v[k]) if v.get(k) is not None else "-" for k, _, fmt in
+                 VALIDATION_COLUMNS]
+        out.append((str(m.get("file", "?")), m.get("n_particles"), cells,
+                    None if folder is None else _thumbnail(folder, m)))
+    return out
+
+
+def states_rows(states_dir: str) -> tuple[dict, list[tuple]]:
+    """(listing, rows) of an ``nmaem states`` folder: one row per state, (state, particles,
+    share of the particles, RMSD of its model to the reference or '-', its STAR file or
+    '-', the path of its model's thumbnail or None); a one-line error when the folder has
+    no states.json."""
+    from ..analysis.states import STATES_JSON, read_states_json
+    listing = read_states_json(os.path.join(str(states_dir), STATES_JSON))
+    if not isinstance(listing, dict) or not isinstance(listing.get("states"), list):
+        fail(os.path.join(str(states_dir), STATES_JSON), "not a states listing: no 'states'")
+    n = max(int(listing.get("n_particles") or 0), 1)
+    rows = []
+    for s in listing["states"]:
+        r = s.get("rmsd_to_reference")
+        rows.append((str(s.get("name", s.get("state"))), int(s["n_particles"]),
+                     "%.1f%%" % (100.0 * s["n_particles"] / n),
+                     "-" if r is None else "%.2f" % r, s.get("star") or "-",
+                     _thumbnail(states_dir, s)))
+    return listing, rows
+
+
+def write_report(run_dir: str, out_dir: str, latent: Optional[str] = None,
+                 modes: Optional[str] = None, truth: Optional[str] = None,
+                 models: Optional[str] = None, states: Optional[str] = None,
+                 log: Callable[[str], object] = print) -> list[tuple[str, str]]:
+    """Write the figures and ``index.html`` into ``out_dir``; returns the list of
+    (file name, caption) written. Raises NmaemError (one line) on missing input.
+    ``models``: an ``nmaem export`` folder, whose models' validation becomes a table;
+    ``states``: an ``nmaem states`` folder, a table of its states."""
+    from . import plots
+    from ..io.latent import read_latent
+    from ..io.runfolder import config_path, log_path, read_config_or_none, read_log_columns
+    run_dir = str(run_dir)
+    if not os.path.isdir(run_dir):
+        fail(run_dir, "no such training run folder")
+    log_csv = log_path(run_dir)
+    if not os.path.isfile(log_csv):
+        fail(log_csv, "missing: not a training run folder, or no epoch finished yet")
+    try:
+        config = read_config_or_none(run_dir) or {}
+    except ValueError:
+        fail(config_path(run_dir), "not readable as JSON")
+    if modes is None and config.get("modes"):
+        candidate = os.path.join(run_dir, str(config["modes"]))
+        modes = candidate if os.path.isfile(candidate) else None
+    elif modes is not None and not os.path.isfile(modes):
+        fail(modes, "no such modes file")
+    if truth is not None and latent is None:
+        fail(truth, "--truth needs --latent (the frames colour the latent landscape)")
+    listing = read_models_listing(models) if models is not None else None
+    state_table = states_rows(states) if states is not None else None
+    lat = read_latent(latent) if latent is not None else None   # checks before any output
+    if truth is not None:
+        _truth_file(truth)          # a missing truth fails before the provenance warnings
+    if lat is not None and config.get("reference") and config.get("modes"):
+        from ..io.provenance import check_latent
+        check_latent(lat, run_dir, config)          # made by this run (provenance.py)
+    frames = _frames_for(lat, truth) if truth is not None else None
+    if modes is not None:
+        try:
+            mdata = plots.load_modes_file(modes)
+        except Exception as exc:  # not an npz, truncated...
+            fail(modes, "not a readable modes file (%s)" % (str(exc).splitlines() or ["?"])[0])
+        for key in ("modes", "eigenvalues", "atom_ids"):
+            if key not in mdata:
+                fail(modes, "not a modes file: no '%s'" % key)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        fail(out_dir, "cannot create the output folder (%s)" % exc.strerror)
+
+    written = []
+
+    def emit(fig, name, caption):
+        plots.save(fig, os.path.join(out_dir, name))
+        written.append((name, caption))
+        log("wrote %s" % os.path.join(out_dir, name))
+
+    rows = read_log_columns(log_csv)
+    n_ep = len(rows.get("epoch", []))
+    emit(plots.training_curves(rows, title="Training run %s"
+                               % os.path.basename(os.path.normpath(run_dir))), "training.png",
+         "Training: loss on the training and validation particles per epoch, and training "
+         "speed in images per second (%d epochs, %s)." % (n_ep, log_csv))
+    if modes is not None:
+        emit(plots.modes_overview(mdata), "modes.png",
+             "Normal modes (%s): ANM eigenvalues, collectivity of each mode, per-residue "
+             "fluctuation (sum over modes of |u|^2 / eigenvalue)%s." % (
+                 modes, ", overlap with the target and floor RMSD"
+                 if "target_overlap" in mdata else ""))
+    if lat is not None:
+        if lat.d == 0:
+            fail(lat.path, "z has d = 0 amplitudes (a run without modes): no landscape")
+        if lat.n < 2:
+            fail(lat.path, "one particle: no landscape")
+        what = ("histogram of z with its density maxima" if lat.d == 1 else
+                "explained variance of the principal components of z, PC1 histogram with "
+                "its density maxima, PC1-PC2 density (hexagonal bins, log scale)")
+        if frames is not None:
+            what += ", PC1 by ground-truth frame (%s)" % truth
+        n_atoms = (int(np.shape(mdata["modes"])[1]) if modes is not None
+                   and np.ndim(mdata["modes"]) == 3 else None)
+        emit(plots.latent_landscape(lat.z, frames=frames, n_atoms=n_atoms), "latent.png",
+             "Latent landscape of %s particles (%s): %s." % (format(lat.n, ","), lat.path,
+                                                             what))
+        if lat.d > 1:
+            emit(plots.mode_amplitudes(lat.z), "amplitudes.png",
+                 "Distribution of each mode amplitude z_l (Angstrom).")
+    _write_index(out_dir, run_dir, written, models, listing, states, state_table)
+    log("wrote %s" % os.path.join(out_dir, "index.html"))
+    return written
+
+
+def _thumbnail_cell(out_dir, path):
+    """A table cell showing the PNG at ``path`` (linked relative to the report folder)."""
+    if path is None:
+        return "<td>-</td>"
+    src = html.escape(os.path.relpath(os.path.abspath(path), os.path.abspath(out_dir)))
+    return "<td><a href=\"%s\"><img class=\"thumb\" src=\"%s\" alt=\"%s\"></a></td>" % (
+        src, src, html.escape(os.path.basename(path)))
+
+
+def _write_index(out_dir, run_dir, written, models=None, listing=None, states=None,
+                 state_table=None):
+    esc = html.escape
+    parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">",
+             "<title>nmaem report: %s</title>" % esc(run_dir),
+             "<style>body{font-family:sans-serif;max-width:1150px;margin:auto}"
+             "img{max-width:100%}figure{margin:1.5em 0}"
+             "figcaption{color:#333}img.thumb{height:80px}</style></head><body>",
+             "<h1>nmaem report</h1>",
+             "<p>Training run: <code>%s</code></p>" % esc(os.path.abspath(run_dir))]
+    for name, caption in written:
+        parts.append("<figure><img src=\"%s\" alt=\"%s\"><figcaption>%s</figcaption></figure>"
+                     % (esc(name), esc(name), esc(caption)))
+    if listing is not None:
+        parts.append("<h2>Models</h2><p>Geometry of the models in <code>%s</code> (refined "
+                     "by nmaem export; docs/analysis.md), against the reference's own bonds "
+                     "and angles:</p>" % esc(os.path.abspath(str(models))))
+        head = "".join("<th>%s</th>" % esc(t) for _, t, _ in VALIDATION_COLUMNS)
+        parts.append("<table border=\"1\" cellpadding=\"4\"><tr><th>model</th>"
+                     "<th>particles</th>%s<th>projections (z, y, x)</th></tr>" % head)
+        for name, n, cells, thumb in validation_rows(listing, models):
+            parts.append("<tr><td>%s</td><td>%s</td>%s%s</tr>" % (
+                esc(name), "-" if n is None else n,
+                "".join("<td>%s</td>" % esc(c) for c in cells), _thumbnail_cell(out_dir, thumb)))
+        parts.append("</table>")
+    if state_table is not None:
+        slisting, srows = state_table
+        parts.append("<h2>States</h2><p>%d states (%s) of %s particles, %s assigned, in "
+                     "<code>%s</code> (nmaem states; docs/analysis.md):</p>" % (
+                         len(srows), esc(str(slisting.get("method"))),
+                         format(int(slisting.get("n_particles") or 0), ","),
+                         format(int(slisting.get("n_assigned") or 0), ","),
+                         esc(os.path.abspath(str(states)))))
+        parts.append("<table border=\"1\" cellpadding=\"4\"><tr><th>state</th>"
+                     "<th>particles</th><th>share</th><th>model RMSD to reference (A)</th>"
+                     "<th>particles file</th><th>model projections (z, y, x)</th></tr>")
+        for row in srows:
+            parts.append("<tr>%s%s</tr>" % ("".join("<td>%s</td>" % esc(str(c))
+                                                    for c in row[:-1]),
+                                            _thumbnail_cell(out_dir, row[-1])))
+        parts.append("</table>")
+    parts.append("</body></html>")
+    with atomic_open(os.path.join(out_dir, "index.html"), "w") as fh:
+        fh.write("\n".join(parts) + "\n")

@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from nmaem_plugin import DATA_DIR  # noqa: E402
-from nmaem_plugin.core.physics import imaging  # noqa: E402
+from nmaem_plugin.core.physics.ctf import CTFParams  # noqa: E402
+from nmaem_plugin.core.physics.rotations import euler_to_matrix  # noqa: E402
 from nmaem_plugin.core.learn.network import Decoder  # noqa: E402
 from nmaem_plugin.core.physics.structure import read_model  # noqa: E402
 
@@ -56,12 +57,12 @@ def main(argv=None):
     dec = Decoder(model.elements, model.coords, q.T.reshape(d, M, 3), a.box, a.apix,
                   model.coords.mean(0), route="gemm")
     ang = rng.uniform([-180, 0, -180], [180, 180, 180], (B, 3))
-    A = torch.tensor(imaging.euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2]),
+    A = torch.tensor(euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2]),
                      dtype=torch.float32)
     z = torch.tensor(rng.normal(0, 20.0, (B, d)), dtype=torch.float32)
     s = torch.tensor(rng.normal(0, 2.0, (B, 2)), dtype=torch.float32)
-    ctf = dec.ctf(imaging.CTFParams(torch.full((B,), 9000.0), torch.full((B,), 8500.0),
-                                    torch.zeros(B), 300.0, 2.7, 0.1))
+    ctf = dec.ctf(CTFParams(torch.full((B,), 9000.0), torch.full((B,), 8500.0),
+                            torch.zeros(B), 300.0, 2.7, 0.1))
     with torch.no_grad():
         old = fastest(lambda: dec._render_ft_differences(z, A, s, ctf), a.repeats)
         new = fastest(lambda: dec.render_ft_jacobian(z, A, s, ctf), a.repeats)

@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from nmaem_plugin.core.learn.data import ParticleImages, ParticleMetadata  # noqa: E402
-from nmaem_plugin.core.physics.imaging import rotvec_to_matrix  # noqa: E402
+from nmaem_plugin.core.physics.rotations import rotvec_to_matrix  # noqa: E402
 from nmaem_plugin.core.physics.noise import (hermitian_weights, shell_counts, shell_index,
                                              shell_sums)
 from nmaem_plugin.core.io.particles import read_particles  # noqa: E402

@@ -32,7 +32,12 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from nmaem_plugin import DATA_DIR  # noqa: E402
-from nmaem_plugin.core.physics import imaging  # noqa: E402
+from nmaem_plugin.core.physics.chunks import Chunks, parse_memory_budget  # noqa: E402
+from nmaem_plugin.core.physics.ctf import CTFParams  # noqa: E402
+from nmaem_plugin.core.physics.fourier import FourierGrid, phase_shift  # noqa: E402
+from nmaem_plugin.core.physics.nufft import NUFFT_EPS, NUFFT_UPSAMPLING, nufft_available  # noqa: E402
+from nmaem_plugin.core.physics.renderer import Renderer  # noqa: E402
+from nmaem_plugin.core.physics.rotations import euler_to_matrix  # noqa: E402
 from nmaem_plugin.core.physics.structure import form_factor_table, read_model, tile_model  # noqa: E402
 
 AK = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
@@ -51,7 +56,7 @@ class DenseRenderer:
         self.gx, self.gy = g, g
 
     def chunks(self, n):
-        return imaging.Chunks("dense", 1, len(self.a), 0)
+        return Chunks("dense", 1, len(self.a), 0)
 
     def render(self, coords, rotations, shifts, ctf):
         p = torch.matmul(coords - self.centre, rotations[:, :2, :].transpose(-1, -2))
@@ -67,7 +72,7 @@ class DenseRenderer:
                              * torch.exp(-4 * math.pi ** 2 * r2 / bg)).sum(0)
             out.append(img)
         img = torch.stack(out)
-        ft = imaging.phase_shift(torch.fft.rfft2(img), shifts, self.apix) * ctf
+        ft = phase_shift(torch.fft.rfft2(img), shifts, self.apix) * ctf
         return torch.fft.irfft2(ft, s=(self.box, self.box))
 
 
@@ -111,21 +116,21 @@ def one(args):
     coords = model.coords - model.coords.mean(0) + centre
     rng = np.random.default_rng(0)
     ang = rng.uniform([-180, 0, -180], [180, 180, 180], (B, 3))
-    A = torch.as_tensor(imaging.euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2]),
+    A = torch.as_tensor(euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2]),
                         dtype=torch.float32, device=dev)
     X = torch.as_tensor(coords, dtype=torch.float32, device=dev).expand(B, -1, -1).contiguous()
     sh = torch.as_tensor(rng.normal(0, 2, (B, 2)), dtype=torch.float32, device=dev)
-    budget = imaging.parse_memory_budget(args.memory_budget)
+    budget = parse_memory_budget(args.memory_budget)
     if route == "dense":
         r = DenseRenderer(model.elements, D, apix, centre, dev)
     else:
-        r = imaging.Renderer(model.elements, D, apix, centre=centre, device=dev,
-                             memory_budget=budget, route=route)
-    grid = imaging.FourierGrid(D, apix, device=dev)
-    ctf = imaging.CTFParams(defocus_u=torch.full((B,), 1.2e4, device=dev),
-                            defocus_v=torch.full((B,), 1.1e4, device=dev),
-                            defocus_angle=torch.full((B,), 30.0, device=dev), voltage=300.0,
-                            cs=2.7, amp_contrast=0.1).image(grid.fx, grid.fy)
+        r = Renderer(model.elements, D, apix, centre=centre, device=dev,
+                     memory_budget=budget, route=route)
+    grid = FourierGrid(D, apix, device=dev)
+    ctf = CTFParams(defocus_u=torch.full((B,), 1.2e4, device=dev),
+                    defocus_v=torch.full((B,), 1.1e4, device=dev),
+                    defocus_angle=torch.full((B,), 30.0, device=dev), voltage=300.0,
+                    cs=2.7, amp_contrast=0.1).image(grid.fx, grid.fy)
     n = 1 if route == "dense" else B
 
     def fwdbwd():
@@ -147,8 +152,8 @@ def one(args):
     grown = kib("VmHWM") - before
     with torch.no_grad():
         img = r.render(X[:1], A[:1], sh[:1], ctf[:1]).double()
-    ref = imaging.Renderer(model.elements, D, apix, centre=centre, device=dev,
-                           dtype=torch.float64, route="gemm", memory_budget=budget)
+    ref = Renderer(model.elements, D, apix, centre=centre, device=dev,
+                   dtype=torch.float64, route="gemm", memory_budget=budget)
     with torch.no_grad():
         ref = ref.render(X[:1].double(), A[:1].double(), sh[:1].double(), ctf[:1].double())
     err = (torch.linalg.norm(img - ref) / torch.linalg.norm(ref)).item()
@@ -189,7 +194,7 @@ def main(argv=None):
     for M in args.atoms:
         for D in args.sizes:
             for route in args.routes:
-                if route == "nufft" and not imaging.nufft_available():
+                if route == "nufft" and not nufft_available():
                     print("| %d | %d | nufft | FINUFFT not installed | | | |" % (M, D))
                     continue
                 if route == "dense" and M * D * D > 2e8:
@@ -214,7 +219,7 @@ def main(argv=None):
     print("gemm: exact cos/sin matrix products in chunks; nufft: FINUFFT type 1 "
           "(tolerance %g, grid %.2f D); dense: real-space Gaussians at pixel centres "
           "(point-sampled, aliased). Field of view 205 A (apix 0.8 A at 256 px)."
-          % (imaging.NUFFT_EPS, imaging.NUFFT_UPSAMPLING))
+          % (NUFFT_EPS, NUFFT_UPSAMPLING))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from nmaem_plugin import DATA_DIR  # noqa: E402
-from nmaem_plugin.core.physics.imaging import CTFParams  # noqa: E402
+from nmaem_plugin.core.physics.ctf import CTFParams  # noqa: E402
 from nmaem_plugin.core.learn.network import (ENCODER_PRESETS, Decoder, Encoder, image_loss,
                                              z_scale_for)
 from nmaem_plugin.core.physics.structure import read_model  # noqa: E402

@@ -43,7 +43,8 @@ def montage(sim_dir, out_png, n_show=6):
     import matplotlib.pyplot as plt
     import torch
 
-    from nmaem_plugin.core.physics import imaging
+    from nmaem_plugin.core.physics.ctf import CTFParams
+    from nmaem_plugin.core.physics.renderer import Renderer
     from nmaem_plugin.core.io.particles import read_particles
     from nmaem_plugin.core.io.stacks import ImageStack
     from nmaem_plugin.core.physics.structure import read_trajectory
@@ -54,15 +55,15 @@ def montage(sim_dir, out_png, n_show=6):
     idx = np.arange(min(n_show, table.n))
     sub = table.subset(idx)
     box, apix = int(sub.box[0]), float(sub.apix[0])
-    r = imaging.Renderer(model.elements, box, apix)
+    r = Renderer(model.elements, box, apix)
     coords = torch.as_tensor(frames[gt["frame"][idx]], dtype=torch.float32)
     A = torch.as_tensor(sub.rotation_matrices(), dtype=torch.float32)
     shift = torch.as_tensor(-sub.origin_or_zero(), dtype=torch.float32)
 
-    ctf = r.ctf(imaging.CTFParams(defocus_u=sub.defocus_u, defocus_v=sub.defocus_v,
-                                  defocus_angle=sub.defocus_angle, voltage=sub.voltage,
-                                  cs=sub.cs, amp_contrast=sub.amp_contrast
-                                  ).to(dtype=torch.float32))
+    ctf = r.ctf(CTFParams(defocus_u=sub.defocus_u, defocus_v=sub.defocus_v,
+                          defocus_angle=sub.defocus_angle, voltage=sub.voltage,
+                          cs=sub.cs, amp_contrast=sub.amp_contrast
+                          ).to(dtype=torch.float32))
     with torch.no_grad():
         clean = r.render(coords, A, shift).numpy()
         modulated = r.render(coords, A, shift, ctf).numpy()

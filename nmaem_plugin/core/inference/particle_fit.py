@@ -147,7 +147,7 @@ def envelope_bfactor(decoder: "Decoder", likelihood: "WhitenedLikelihood",
     grey scale, minimised by golden-section search to ``BFACTOR_TOL``. Arguments as in
     :func:`fit_batch`, for all the particles at once (rendered once; the renderer chunks
     by its memory budget)."""
-    from ..physics.imaging import bfactor_envelope
+    from ..physics.ctf import bfactor_envelope
     band = likelihood.band
     with torch.no_grad():
         Y = band.images_ft(images.float())
@@ -218,7 +218,7 @@ def fit_batch(decoder: "Decoder", likelihood: "WhitenedLikelihood", images: torc
         return split(p)
     n_atoms = decoder.coords.shape[0]
     max_dz = MAX_STEP_RMSD * math.sqrt(n_atoms)
-    from ..physics.imaging import correct_rotations
+    from ..physics.rotations import correct_rotations
     with torch.no_grad():
         Y = likelihood.band.images_ft(images.float())
         w = likelihood.weights(groups)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..physics.imaging import CTFParams
+from ..physics.ctf import CTFParams
 
 if TYPE_CHECKING:
     from ..io.particles import ParticleTable
@@ -38,7 +38,7 @@ class ParticleImages(torch.utils.data.Dataset):
         return state
 
     def __getitem__(self, rows):
-        from ..physics.imaging import fourier_crop
+        from ..physics.fourier import fourier_crop
         from ..io.stacks import ImageStack
         if self._stack is None:
             self._stack = ImageStack(self.table, check=False)

@@ -79,7 +79,9 @@ import torch
 from torch import nn
 
 from ..base.choices import ENCODER_PRESETS, LOSSES, POSE_INPUT_DEFAULT, POSE_INPUTS
-from ..physics.imaging import Renderer, correct_rotations, fourier_crop
+from ..physics.renderer import Renderer
+from ..physics.rotations import correct_rotations
+from ..physics.fourier import fourier_crop
 
 __all__ = ["ENCODER_PRESETS", "normalise_images", "Encoder", "Decoder", "AutoEncoder",
            "image_loss", "LOSSES", "split_outputs", "pose_penalty", "whiten_images"]

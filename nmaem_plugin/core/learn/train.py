@@ -307,7 +307,7 @@ def build_autoencoder(cfg: dict, run_dir: str) -> "AutoEncoder":
                   input_filter=input_filter, encoder_box=cfg.get("encoder_box"),
                   # runs made before --pose-input existed: the head read the image
                   pose_input=cfg.get("pose_input") or "image")
-    from ..physics.imaging import parse_memory_budget
+    from ..physics.chunks import parse_memory_budget
     budget = cfg.get("memory_budget")
     dec = Decoder(model.elements, nm.coords, nm.modes[:int(cfg["n_modes"])], cfg["box"], cfg["apix"],
                   centre=cfg["centre"], offset=cfg["offset"],

@@ -60,7 +60,8 @@ class _Scorer:
 
     def __init__(self, model, table, images, noise_model, band, device, batch):
         import torch
-        from .imaging import CTFParams, Renderer
+        from .ctf import CTFParams
+        from .renderer import Renderer
         self.device, self.batch = torch.device(device), int(batch)
         D, apix = int(table.box[0]), float(table.apix[0])
         self.D, self.apix = D, apix
@@ -212,7 +213,7 @@ def fit_check(particles: Union[str, "ParticleTable"], ref: Union[str, "AtomicMod
     d = min(D, 2 * int(math.ceil(D * apix / hi - 1e-9)))
     if d < D and D % 2 == 0:
         from dataclasses import replace as _replace
-        from .imaging import fourier_crop
+        from .fourier import fourier_crop
         images = fourier_crop(torch.as_tensor(images), d).numpy()
         # even D and d: the centre pixel d//2 stays at (D//2) apix = (d//2) apix D / d
         apix = apix * D / d

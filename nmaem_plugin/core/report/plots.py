@@ -661,7 +661,7 @@ def model_projections(coords: np.ndarray, elements: Sequence[str], views: Sequen
     box//2 + (A (r - centre))[:2] / apix with A = ``poses.view_matrix(view)``. ``blur``
     > 0: a Gaussian low-pass of that sigma (Angstrom), exp(-2 pi^2 blur^2 |q|^2)."""
     import torch
-    from ..physics.imaging import Renderer
+    from ..physics.renderer import Renderer
     from ..io.poses import view_matrix
     coords = np.asarray(coords, dtype=np.float64)
     if centre is None or apix is None:

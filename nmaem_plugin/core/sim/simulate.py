@@ -6,7 +6,7 @@ rotation centre, the box centre (D//2)*apix in x, y and z, is where the referenc
 centre of mass is placed (unless the models are already docked, as with ``--like``).
 Each particle gets a frame drawn from a distribution over frames, a pose uniform on
 SO(3), a log-normal defocus, a 2D shift and white noise at a given SNR; it is rendered
-with :class:`imaging.Renderer` (band-limited projection, RELION CTF).
+with :class:`Renderer` (band-limited projection, RELION CTF).
 
 Frame distributions over F frames (x = frame index, 0..F-1), docs/simulation.md:
 
@@ -37,7 +37,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..physics import imaging
+from ..physics.ctf import CTFParams
+from ..physics.renderer import Renderer
+from ..physics.white_noise import noise_sigma
 from ..io import poses
 from ..base.atomic import atomic_savez
 from ..base.choices import DISTRIBUTIONS
@@ -310,17 +312,17 @@ def simulate(out_dir: str, model: AtomicModel, frames: np.ndarray,
         euler = np.stack([rot, tilt, psi], axis=1)
         shift = rng.normal(0.0, st.shift_std, (n, 2)) if st.shift_std > 0 else np.zeros((n, 2))
         dfu = lognormal_defocus(n, st.defocus_mean, st.defocus_std, rng)
-        ctf = imaging.CTFParams(defocus_u=dfu, defocus_v=dfu.copy(), defocus_angle=np.zeros(n),
-                                voltage=np.full(n, st.voltage), cs=np.full(n, st.cs),
-                                amp_contrast=np.full(n, st.amp_contrast), phase_shift=np.zeros(n),
-                                bfactor=np.zeros(n))
+        ctf = CTFParams(defocus_u=dfu, defocus_v=dfu.copy(), defocus_angle=np.zeros(n),
+                        voltage=np.full(n, st.voltage), cs=np.full(n, st.cs),
+                        amp_contrast=np.full(n, st.amp_contrast), phase_shift=np.zeros(n),
+                        bfactor=np.zeros(n))
     else:
         euler = like.euler.copy()
         shift = -like.origin_or_zero()
-        ctf = imaging.CTFParams(defocus_u=like.defocus_u, defocus_v=like.defocus_v,
-                                defocus_angle=like.defocus_angle, voltage=like.voltage,
-                                cs=like.cs, amp_contrast=like.amp_contrast,
-                                phase_shift=like.phase_shift, bfactor=like.ctf_bfactor)
+        ctf = CTFParams(defocus_u=like.defocus_u, defocus_v=like.defocus_v,
+                        defocus_angle=like.defocus_angle, voltage=like.voltage,
+                        cs=like.cs, amp_contrast=like.amp_contrast,
+                        phase_shift=like.phase_shift, bfactor=like.ctf_bfactor)
     # render from the matrices of the angles as written (what any reader will use)
     A = poses.euler_to_matrix(euler[:, 0], euler[:, 1], euler[:, 2])
 
@@ -354,7 +356,7 @@ def simulate(out_dir: str, model: AtomicModel, frames: np.ndarray,
     render_ctf = ctf.replace(bfactor=np.asarray(ctf.bfactor, float) + nz.bfactor)
 
     _prepare_outdir(out_dir, overwrite)
-    renderer = imaging.Renderer(model.elements, box, apix, centre=centre, device=device)
+    renderer = Renderer(model.elements, box, apix, centre=centre, device=device)
     frames_t = torch.as_tensor(frames, dtype=torch.float32, device=device)
 
     def render(idx):
@@ -382,7 +384,7 @@ def simulate(out_dir: str, model: AtomicModel, frames: np.ndarray,
         var_clean.append(images.reshape(len(idx), -1).var(1, unbiased=False).cpu())
         if c == 0 and snr_db is not None:
             # one noise level for the dataset, set by the first chunk's clean images
-            sigma = imaging.noise_sigma(images, snr_db)
+            sigma = noise_sigma(images, snr_db)
         if nz.contrast_sd > 0:
             images.mul_(torch.as_tensor(contrast[idx], dtype=images.dtype,
                                         device=device)[:, None, None])

@@ -15,9 +15,11 @@ import gemmi
 import numpy as np
 import torch
 
-from nmaem_plugin.core.physics.imaging import (FourierGrid, Renderer, add_noise, ctf_2d,
-                                               electron_wavelength, euler_to_matrix, fourier_crop,
-                                               matrix_to_euler, noise_sigma)
+from nmaem_plugin.core.physics.fourier import FourierGrid, fourier_crop
+from nmaem_plugin.core.physics.renderer import Renderer
+from nmaem_plugin.core.physics.white_noise import add_noise, noise_sigma
+from nmaem_plugin.core.physics.ctf import ctf_2d, electron_wavelength
+from nmaem_plugin.core.physics.rotations import euler_to_matrix, matrix_to_euler
 from nmaem_plugin.core.physics.structure import read_model
 
 from nmaem_plugin import DATA_DIR  # noqa: E402

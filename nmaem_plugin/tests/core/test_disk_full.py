@@ -39,8 +39,8 @@ TRAIN = ("--epochs", "2", "--batch", "4", "--encoder", "small", "--loss", "l2", 
 # the chosen one are written before the disk is "full", then nmaem's arguments.
 RUNNER = textwrap.dedent('''
     import errno, os, sys
-    from nmaem_plugin.core import atomic
-    from nmaem_plugin.core.cli import main
+    from nmaem_plugin.core.base import atomic
+    from nmaem_plugin.core.cli.main import main
     target, skip, budget = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     real, seen, written = atomic._raw_write, [], {}
 

@@ -18,7 +18,13 @@ import numpy as np
 import torch
 
 from nmaem_plugin import DATA_DIR
-from nmaem_plugin.core.physics import imaging as im
+from nmaem_plugin.core.physics.chunks import MAX_CHUNK_ATOMS, gemm_chunks, parse_memory_budget
+from nmaem_plugin.core.physics.ctf import CTFParams, ctf_2d
+from nmaem_plugin.core.physics.fourier import FourierGrid, fourier_crop, phase_shift
+from nmaem_plugin.core.physics.nufft import nufft_available
+from nmaem_plugin.core.physics.renderer import Renderer
+from nmaem_plugin.core.physics.rotations import euler_to_matrix
+from nmaem_plugin.core.physics.white_noise import add_noise, noise_sigma
 from nmaem_plugin.core.physics.structure import read_model
 
 AK_OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
@@ -49,7 +55,7 @@ def reference_image(coords, elements, A, D, apix, centre, shift=(0.0, 0.0)):
 
 def random_rotations(n, rng):
     ang = rng.uniform([-180, 0, -180], [180, 180, 180], (n, 3))
-    return im.euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2])
+    return euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2])
 
 
 class TestRendererAccuracy(unittest.TestCase):
@@ -65,7 +71,7 @@ class TestRendererAccuracy(unittest.TestCase):
             A = random_rotations(2, rng)
             centre = m.coords.mean(0) + rng.normal(0, 2, 3)   # off-centre: not symmetric
             shift = rng.normal(0, 3, (2, 2))
-            r = im.Renderer(m.elements, D, apix, centre=centre)
+            r = Renderer(m.elements, D, apix, centre=centre)
             out = r.render(torch.tensor(m.coords, dtype=torch.float32),
                            torch.tensor(A, dtype=torch.float32),
                            torch.tensor(shift, dtype=torch.float32)).numpy()
@@ -79,9 +85,9 @@ class TestRendererAccuracy(unittest.TestCase):
         """Without a centre the rotation centre is (box0//2)*apix0 in x, y and z."""
         m = self.model
         D, apix = 64, 1.5
-        r = im.Renderer(m.elements, D, apix, box0=100, apix0=0.9)
+        r = Renderer(m.elements, D, apix, box0=100, apix0=0.9)
         np.testing.assert_allclose(r.centre.numpy(), [45.0, 45.0, 45.0])
-        r = im.Renderer(m.elements, D, apix)
+        r = Renderer(m.elements, D, apix)
         np.testing.assert_allclose(r.centre.numpy(), [48.0, 48.0, 48.0])
 
 
@@ -91,7 +97,7 @@ class TestBandLimit(unittest.TestCase):
         self.coords = rng.normal(0, 6, (40, 3)) + 24.0
         self.elements = np.array(["C", "N", "O", "S"] * 10)
         self.D, self.apix = 48, 1.0
-        self.r = im.Renderer(self.elements, self.D, self.apix, dtype=torch.float64)
+        self.r = Renderer(self.elements, self.D, self.apix, dtype=torch.float64)
         self.A = torch.tensor(random_rotations(1, rng))
 
     def render(self, coords):
@@ -104,8 +110,8 @@ class TestBandLimit(unittest.TestCase):
         moved = self.coords + A.T @ np.array([d[0], d[1], 0.0])   # A moved = A x + (d, 0)
         img0 = self.render(self.coords)
         img1 = self.render(moved)
-        shifted = torch.fft.irfft2(im.phase_shift(torch.fft.rfft2(img0), torch.tensor(np.array([d])),
-                                                  self.apix), s=(self.D, self.D))
+        shifted = torch.fft.irfft2(phase_shift(torch.fft.rfft2(img0), torch.tensor(np.array([d])),
+                                               self.apix), s=(self.D, self.D))
         err = (torch.linalg.norm(img1 - shifted) / torch.linalg.norm(img1)).item()
         self.assertLess(err, 1e-4)
         # and the image did move: not the trivial case
@@ -116,14 +122,14 @@ class TestBandLimit(unittest.TestCase):
 
     def test_no_jump_across_pixels(self):
         """A single carbon swept across a pixel: the total and the peak value stay constant."""
-        r = im.Renderer(np.array(["C"]), 32, 1.0, dtype=torch.float64)
+        r = Renderer(np.array(["C"]), 32, 1.0, dtype=torch.float64)
         totals, peaks = [], []
         for t in np.linspace(0.0, 1.0, 11):
             img = r.render(torch.tensor([[16.0 + t, 16.0, 16.0]]), torch.eye(3)[None].double())
             totals.append(img.sum().item())
             ft = torch.fft.rfft2(img)
             # the peak of the band-limited function, found by sinc interpolation at the atom
-            peaks.append(torch.fft.irfft2(im.phase_shift(ft, torch.tensor([[-t, 0.0]]), 1.0),
+            peaks.append(torch.fft.irfft2(phase_shift(ft, torch.tensor([[-t, 0.0]]), 1.0),
                                           s=(32, 32))[0, 16, 16].item())
         self.assertLess(np.ptp(totals) / np.mean(totals), 1e-9)
         self.assertLess(np.ptp(peaks) / np.mean(peaks), 1e-9)
@@ -132,7 +138,7 @@ class TestBandLimit(unittest.TestCase):
 
     def test_gradcheck(self):
         """torch.autograd.gradcheck in float64 for coordinates and shifts, with a CTF."""
-        r = im.Renderer(np.array(["C", "N", "O", "C", "S"]), 12, 1.5, dtype=torch.float64)
+        r = Renderer(np.array(["C", "N", "O", "C", "S"]), 12, 1.5, dtype=torch.float64)
         rng = np.random.default_rng(0)
         X = torch.tensor(rng.normal(9, 2, (2, 5, 3)), requires_grad=True)
         A = torch.tensor(random_rotations(2, rng))
@@ -208,15 +214,15 @@ class TestChunkedRenderer(unittest.TestCase):
         M = len(self.elements)
         for budget, batch, atoms in ((None, 3, M), (3 * (per_image + 300 * per_atom), 3, 300),
                                      (per_image + 5 * per_atom, 1, 5)):
-            r = im.Renderer(self.elements, self.D, self.apix, centre=self.centre,
-                            dtype=torch.float64, memory_budget=budget, route="gemm")
+            r = Renderer(self.elements, self.D, self.apix, centre=self.centre,
+                         dtype=torch.float64, memory_budget=budget, route="gemm")
             ch = r.chunks(3)
             self.assertEqual((ch.route, ch.batch, ch.atoms), ("gemm", batch, min(atoms, M)))
             self.assertEqual(ch.keep, budget is None)      # whole tables kept, or recomputed
             self.assert_close(self.evaluate(r, torch.float64), 1e-10, ch.describe())
-            r32 = im.Renderer(self.elements, self.D, self.apix, centre=self.centre,
-                              memory_budget=None if budget is None else budget // 2,
-                              route="gemm")
+            r32 = Renderer(self.elements, self.D, self.apix, centre=self.centre,
+                           memory_budget=None if budget is None else budget // 2,
+                           route="gemm")
             self.assertEqual(r32.chunks(3).atoms, min(atoms, M))
             self.assert_close(self.evaluate(r32, torch.float32), 1e-4, "float32 " + ch.describe())
 
@@ -224,7 +230,7 @@ class TestChunkedRenderer(unittest.TestCase):
         """gradcheck (float64) of the chunked route: 1 image and 2 atoms per chunk."""
         el = np.array(["C", "N", "O", "C", "S"])
         budget = 3 * 12 * 12 * 8 + 2 * 5 * 12 * 8
-        r = im.Renderer(el, 12, 1.5, dtype=torch.float64, memory_budget=budget, route="gemm")
+        r = Renderer(el, 12, 1.5, dtype=torch.float64, memory_budget=budget, route="gemm")
         self.assertEqual((r.chunks(2).batch, r.chunks(2).atoms), (1, 2))
         rng = np.random.default_rng(2)
         X = torch.tensor(rng.normal(9, 2, (2, 5, 3)), requires_grad=True)
@@ -232,10 +238,10 @@ class TestChunkedRenderer(unittest.TestCase):
         sh = torch.tensor([[0.3, -0.2], [1.1, 0.4]], dtype=torch.float64, requires_grad=True)
         self.assertTrue(torch.autograd.gradcheck(lambda x, s: r.render(x, A, s), (X, sh)))
 
-    @unittest.skipUnless(im.nufft_available(), "FINUFFT is not installed (optional)")
+    @unittest.skipUnless(nufft_available(), "FINUFFT is not installed (optional)")
     def test_nufft_route_matches_definition(self):
         """The FINUFFT route (float32): images and gradients within 1e-4 of the definition."""
-        r = im.Renderer(self.elements, self.D, self.apix, centre=self.centre, route="nufft")
+        r = Renderer(self.elements, self.D, self.apix, centre=self.centre, route="nufft")
         self.assertEqual(r.chunks(3).route, "nufft")
         self.assert_close(self.evaluate(r, torch.float32), 1e-4, "nufft")
 
@@ -243,22 +249,22 @@ class TestChunkedRenderer(unittest.TestCase):
         """Chunk sizes by hand: 64 px float32, 5 x 64 x 4 bytes per atom-image and
         3 x 64^2 x 4 per image."""
         per_atom, per_image = 1280, 49152
-        c = im.gemm_chunks(8, 10000, 64, 8 * per_image + 8 * 300 * per_atom)
+        c = gemm_chunks(8, 10000, 64, 8 * per_image + 8 * 300 * per_atom)
         self.assertEqual((c.batch, c.atoms, c.work), (8, 300, 8 * per_image + 2400 * per_atom))
         # 8 images cannot have 256 atoms each within this budget: 4 images of 300 atoms
-        c = im.gemm_chunks(8, 10000, 64, 4 * per_image + 4 * 300 * per_atom)
+        c = gemm_chunks(8, 10000, 64, 4 * per_image + 4 * 300 * per_atom)
         self.assertEqual((c.batch, c.atoms), (4, 300))
         self.assertFalse(c.keep)
         # a small model fits whole, its tables kept: 8 x (49152 + 4 x 64 x 4 x 50) bytes
-        c = im.gemm_chunks(8, 50, 64, 8 * (per_image + 1024 * 50))
+        c = gemm_chunks(8, 50, 64, 8 * (per_image + 1024 * 50))
         self.assertEqual((c.batch, c.atoms, c.keep), (8, 50, True))
-        self.assertFalse(im.gemm_chunks(8, 50, 64, 8 * (per_image + 1024 * 50) - 1).keep)
+        self.assertFalse(gemm_chunks(8, 50, 64, 8 * (per_image + 1024 * 50) - 1).keep)
         # chunks are capped at MAX_CHUNK_ATOMS atoms
-        self.assertEqual(im.gemm_chunks(8, 10 ** 6, 64, 4 * 10 ** 9).atoms, im.MAX_CHUNK_ATOMS)
-        self.assertEqual(im.parse_memory_budget("1.5"), int(1.5 * 1024 ** 3))
-        self.assertIsNone(im.parse_memory_budget("auto"))
+        self.assertEqual(gemm_chunks(8, 10 ** 6, 64, 4 * 10 ** 9).atoms, MAX_CHUNK_ATOMS)
+        self.assertEqual(parse_memory_budget("1.5"), int(1.5 * 1024 ** 3))
+        self.assertIsNone(parse_memory_budget("auto"))
         with self.assertRaises(ValueError):
-            im.parse_memory_budget("0")
+            parse_memory_budget("0")
 
 
 class TestMemoryBudget(unittest.TestCase):
@@ -268,8 +274,9 @@ class TestMemoryBudget(unittest.TestCase):
         the renderer's budget (0.5 GiB; without chunks the cos/sin tables alone are 2.4 GB)."""
         code = textwrap.dedent("""
             import os, sys, numpy as np, torch
-            from nmaem_plugin.core import imaging as im
-            from nmaem_plugin.core.structure import read_model
+            from nmaem_plugin.core.physics.renderer import Renderer
+            from nmaem_plugin.core.physics.rotations import euler_to_matrix
+            from nmaem_plugin.core.physics.structure import read_model
             torch.set_num_threads(1)
             def kib(key):
                 return int(open('/proc/self/status').read().split(key + ':')[1].split()[0])
@@ -280,10 +287,10 @@ class TestMemoryBudget(unittest.TestCase):
             X = np.concatenate([c + rng.uniform(-60, 60, 3) for _ in range(copies)])
             el = np.tile(m.elements, copies)
             apix = 1.0
-            r = im.Renderer(el, D, apix, centre=[0.0, 0.0, 0.0], memory_budget=2 ** 29,
-                            route=route)
+            r = Renderer(el, D, apix, centre=[0.0, 0.0, 0.0], memory_budget=2 ** 29,
+                         route=route)
             ang = rng.uniform([-180, 0, -180], [180, 180, 180], (B, 3))
-            A = torch.tensor(im.euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2]), dtype=torch.float32)
+            A = torch.tensor(euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2]), dtype=torch.float32)
             x = torch.tensor(X, dtype=torch.float32).expand(B, -1, -1).contiguous().requires_grad_(True)
             s = torch.zeros(B, 2, requires_grad=True)
             before = kib('VmRSS')
@@ -292,7 +299,7 @@ class TestMemoryBudget(unittest.TestCase):
             assert torch.isfinite(x.grad).all()
             print(len(el), r.chunks(B).describe(), before, kib('VmHWM'))
         """)
-        routes = ["gemm"] + (["nufft"] if im.nufft_available() else [])
+        routes = ["gemm"] + (["nufft"] if nufft_available() else [])
         for route in routes:
             p = subprocess.run([sys.executable, "-c", code, AK_OPEN, route], capture_output=True,
                                text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -311,25 +318,25 @@ class TestCropAndNoise(unittest.TestCase):
         coords = rng.normal(32, 5, (30, 3))
         el = np.array(["C", "N", "O"] * 10)
         A = torch.tensor(random_rotations(1, rng))
-        big = im.Renderer(el, 64, 1.0, dtype=torch.float64).render(torch.tensor(coords), A)
-        small = im.Renderer(el, 32, 2.0, centre=[32.0] * 3, dtype=torch.float64)
+        big = Renderer(el, 64, 1.0, dtype=torch.float64).render(torch.tensor(coords), A)
+        small = Renderer(el, 32, 2.0, centre=[32.0] * 3, dtype=torch.float64)
         ref = small.render(torch.tensor(coords), A)
-        crop = im.fourier_crop(big, 32)
+        crop = fourier_crop(big, 32)
         # the cropped square keeps the corners outside the disc |k| < 16: mask them
-        g = im.FourierGrid(32, 2.0, dtype=torch.float64)
+        g = FourierGrid(32, 2.0, dtype=torch.float64)
         crop_disc = torch.fft.irfft2(torch.fft.rfft2(crop) * g.mask, s=(32, 32))
         err = (torch.linalg.norm(crop_disc - ref) / torch.linalg.norm(ref)).item()
         self.assertLess(err, 1e-10)
         self.assertEqual(tuple(crop.shape), (1, 32, 32))
         with self.assertRaises(ValueError):
-            im.fourier_crop(big, 80)
+            fourier_crop(big, 80)
 
     def test_noise_level(self):
         g = torch.Generator().manual_seed(0)
         clean = torch.randn(200, 32, 32, generator=g) * 3.0
-        sigma = im.noise_sigma(clean, -20.0)
+        sigma = noise_sigma(clean, -20.0)
         self.assertAlmostEqual(sigma, 30.0, delta=1.0)   # var 9 / 10^-2 = 900
-        noisy = im.add_noise(clean, sigma, generator=g)
+        noisy = add_noise(clean, sigma, generator=g)
         snr = 10 * np.log10(clean.var().item() / (noisy - clean).var().item())
         self.assertAlmostEqual(snr, -20.0, delta=0.1)
 
@@ -373,7 +380,7 @@ class TestCTFParams(unittest.TestCase):
             amp_contrast=rng.choice([0.07, 0.1], n), apix=np.full(n, self.APIX),
             box=np.full(n, self.D, np.int64), optics_group=np.ones(n, np.int64),
             extra=pd.DataFrame(index=range(n)))
-        self.renderer = im.Renderer(np.array(["C"]), self.D, self.APIX)
+        self.renderer = Renderer(np.array(["C"]), self.D, self.APIX)
 
     def old_dict(self, cast):
         """The dict that ParticleMetadata and fitcheck built before CTFParams."""
@@ -387,10 +394,10 @@ class TestCTFParams(unittest.TestCase):
         from nmaem_plugin.core.learn.data import ParticleMetadata
         rows = torch.tensor([4, 0, 6, 2])
         _, _, params = ParticleMetadata(self.table, "cpu").batch(rows)
-        self.assertIsInstance(params, im.CTFParams)
+        self.assertIsInstance(params, CTFParams)
         old = {k: v[rows] for k, v in self.old_dict(
             lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))).items()}
-        before = im.ctf_2d(self.renderer.grid.fx, self.renderer.grid.fy, **old)
+        before = ctf_2d(self.renderer.grid.fx, self.renderer.grid.fy, **old)
         self.assertTrue(torch.equal(self.renderer.ctf(params), before))
         self.assertTrue(torch.equal(self.renderer.ctf(**old), before))
         positional = [old[k] for k in ("defocus_u", "defocus_v", "defocus_angle", "voltage",
@@ -403,20 +410,20 @@ class TestCTFParams(unittest.TestCase):
         # fitcheck and simulate cast the float64 arrays with torch, from_table with numpy
         torch_cast = self.old_dict(lambda a: torch.as_tensor(
             np.asarray(a, dtype=np.float64), dtype=torch.float32))
-        self.assertTrue(torch.equal(self.renderer.ctf(im.CTFParams.from_table(self.table)),
+        self.assertTrue(torch.equal(self.renderer.ctf(CTFParams.from_table(self.table)),
                                     self.renderer.ctf(**torch_cast)))
 
     def test_float64_matches_relion_formula(self):
         t = self.table
-        grid = im.FourierGrid(self.D, self.APIX, dtype=torch.float64)
-        got = grid.ctf(im.CTFParams.from_table(t, dtype=torch.float64)).numpy()
+        grid = FourierGrid(self.D, self.APIX, dtype=torch.float64)
+        got = grid.ctf(CTFParams.from_table(t, dtype=torch.float64)).numpy()
         ref = relion_ctf_numpy(self.D, self.APIX, t.defocus_u, t.defocus_v, t.defocus_angle,
                                t.voltage, t.cs, t.amp_contrast, t.phase_shift, t.ctf_bfactor)
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
 
     def test_select_and_move(self):
-        p = im.CTFParams(defocus_u=np.array([1e4, 2e4, 3e4]), defocus_v=np.array([1e4, 2e4, 3e4]),
-                         defocus_angle=0.0, voltage=300.0, cs=2.7, amp_contrast=0.1)
+        p = CTFParams(defocus_u=np.array([1e4, 2e4, 3e4]), defocus_v=np.array([1e4, 2e4, 3e4]),
+                      defocus_angle=0.0, voltage=300.0, cs=2.7, amp_contrast=0.1)
         q = p[np.array([2, 0])].to(dtype=torch.float32)
         self.assertEqual(q.defocus_u.tolist(), [3e4, 1e4])
         self.assertEqual(q.defocus_u.dtype, torch.float32)

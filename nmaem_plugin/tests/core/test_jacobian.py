@@ -13,7 +13,11 @@ import unittest
 import numpy as np
 import torch
 
-from nmaem_plugin.core.physics import imaging as im
+from nmaem_plugin.core.physics.chunks import JVP_WORK
+from nmaem_plugin.core.physics.ctf import CTFParams
+from nmaem_plugin.core.physics.nufft import nufft_available
+from nmaem_plugin.core.physics.renderer import Renderer
+from nmaem_plugin.core.physics.rotations import correct_rotations, euler_to_matrix
 from nmaem_plugin.core.learn.network import Decoder
 
 D, APIX, B, NMODES = 32, 2.0, 3, 3
@@ -32,15 +36,15 @@ def small_model(seed=0):
 
 def random_pose(rng, n=B):
     ang = rng.uniform([-180, 0, -180], [180, 180, 180], (n, 3))
-    A = torch.tensor(im.euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2]))
+    A = torch.tensor(euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2]))
     return A, torch.tensor(rng.normal(0, 3.0, (n, 2)))
 
 
 def ctf_params(n=B):
-    return im.CTFParams(defocus_u=torch.linspace(6000.0, 12000.0, n),
-                        defocus_v=torch.linspace(5500.0, 11000.0, n),
-                        defocus_angle=torch.linspace(-40.0, 70.0, n), voltage=300.0,
-                        cs=2.7, amp_contrast=0.1, bfactor=20.0)
+    return CTFParams(defocus_u=torch.linspace(6000.0, 12000.0, n),
+                     defocus_v=torch.linspace(5500.0, 11000.0, n),
+                     defocus_angle=torch.linspace(-40.0, 70.0, n), voltage=300.0,
+                     cs=2.7, amp_contrast=0.1, bfactor=20.0)
 
 
 def reference(renderer, X, U, A, shift, ctf, h=STEP):
@@ -72,8 +76,8 @@ class TestRendererJvp(unittest.TestCase):
             "bd,dmk->bmk", torch.tensor(rng.normal(0, 3.0, (B, NMODES))),
             torch.tensor(cls.modes))
         cls.U = torch.tensor(cls.modes)
-        cls.r64 = im.Renderer(cls.elements, D, APIX, centre=cls.centre, dtype=torch.float64,
-                              route="gemm")
+        cls.r64 = Renderer(cls.elements, D, APIX, centre=cls.centre, dtype=torch.float64,
+                           route="gemm")
         cls.ctf = cls.r64.ctf(ctf_params().to(dtype=torch.float64))
         cls.ref = reference(cls.r64, cls.X, cls.U, cls.A, cls.shift, cls.ctf)
 
@@ -97,9 +101,9 @@ class TestRendererJvp(unittest.TestCase):
         element, several weight groups): the same F and J as one chunk, to rounding."""
         whole = self.r64.jvp_chunks(B, NMODES)
         self.assertEqual((whole.batch, whole.atoms), (B, 40))
-        budget = im.JVP_WORK + (7 + 2 * NMODES + 6) * D * D * 8 + 5 * (2 * D + 12) * 8
-        tiny = im.Renderer(self.elements, D, APIX, centre=self.centre, dtype=torch.float64,
-                           route="gemm", memory_budget=budget)
+        budget = JVP_WORK + (7 + 2 * NMODES + 6) * D * D * 8 + 5 * (2 * D + 12) * 8
+        tiny = Renderer(self.elements, D, APIX, centre=self.centre, dtype=torch.float64,
+                        route="gemm", memory_budget=budget)
         ch = tiny.jvp_chunks(B, NMODES)
         self.assertEqual((ch.batch, ch.atoms), (1, 5))
         F1, J1 = self.r64.render_ft_jvp(self.X, self.A, self.shift, self.ctf, self.U)
@@ -107,9 +111,9 @@ class TestRendererJvp(unittest.TestCase):
         self.assertLess(float((F1 - F2).abs().max() / F1.abs().max()), 1e-13)
         self.assertLess(max(relative_errors(J2, J1)), 1e-13)
         # and in float32 with a 1-byte budget: 1 image and 1 atom per chunk
-        r32 = im.Renderer(self.elements, D, APIX, centre=self.centre, route="gemm")
-        one = im.Renderer(self.elements, D, APIX, centre=self.centre, route="gemm",
-                          memory_budget=1)
+        r32 = Renderer(self.elements, D, APIX, centre=self.centre, route="gemm")
+        one = Renderer(self.elements, D, APIX, centre=self.centre, route="gemm",
+                       memory_budget=1)
         self.assertEqual((one.jvp_chunks(B, NMODES).batch, one.jvp_chunks(B, NMODES).atoms),
                          (1, 1))
         args = (self.X.float(), self.A.float(), self.shift.float(), self.ctf.float(),
@@ -143,8 +147,8 @@ class TestDecoderJacobian(unittest.TestCase):
         cls.offset = (0.5, -0.25)
         cls.dec = Decoder(cls.elements, cls.X0, cls.modes, D, APIX, cls.centre,
                           offset=cls.offset, route="gemm")
-        cls.r64 = im.Renderer(cls.elements, D, APIX, centre=cls.centre, dtype=torch.float64,
-                              route="gemm")
+        cls.r64 = Renderer(cls.elements, D, APIX, centre=cls.centre, dtype=torch.float64,
+                           route="gemm")
         rng = np.random.default_rng(7)
         A, shift = random_pose(rng)
         cls.A, cls.shift = A.float(), shift.float()
@@ -178,12 +182,12 @@ class TestDecoderJacobian(unittest.TestCase):
 
     def test_with_pose_correction(self):
         """With a pose correction v the modes move with the rotation rendered, A R(v)."""
-        self.check(self.rotvec, im.correct_rotations(self.A.double(), self.rotvec.double()))
+        self.check(self.rotvec, correct_rotations(self.A.double(), self.rotvec.double()))
 
     def rotation_reference(self, rotvec, h=1e-5):
         """float64 central differences of render_ft along a rotation A R(v) R(w) of the
         model, about each model axis, at w = 0 (h radians)."""
-        base = im.correct_rotations(self.A.double(), rotvec.double())
+        base = correct_rotations(self.A.double(), rotvec.double())
         X = self.dec.coords.double() + torch.einsum("bd,dmk->bmk", self.z.double(),
                                                       self.dec.modes.double())
         shift = self.shift.double() + torch.tensor(self.offset, dtype=torch.float64)
@@ -191,8 +195,8 @@ class TestDecoderJacobian(unittest.TestCase):
         for k in range(3):
             e = torch.zeros(B, 3, dtype=torch.float64)
             e[:, k] = h
-            plus = self.r64.render_ft(X, im.correct_rotations(base, e), shift, self.ctf.double())
-            minus = self.r64.render_ft(X, im.correct_rotations(base, -e), shift,
+            plus = self.r64.render_ft(X, correct_rotations(base, e), shift, self.ctf.double())
+            minus = self.r64.render_ft(X, correct_rotations(base, -e), shift,
                                        self.ctf.double())
             rows.append((plus - minus) / (2 * h))
         return torch.stack(rows)
@@ -216,7 +220,7 @@ class TestDecoderJacobian(unittest.TestCase):
         F, J = dec.render_ft_jacobian(torch.zeros(B, 0), self.A, self.shift, self.ctf)
         self.assertEqual(tuple(J.shape), (2, B, D, D // 2 + 1))
 
-    @unittest.skipUnless(im.nufft_available(), "FINUFFT is not installed (optional)")
+    @unittest.skipUnless(nufft_available(), "FINUFFT is not installed (optional)")
     def test_nufft_route_falls_back_to_differences(self):
         """The NUFFT route keeps forward differences: within their truncation error (a few
         percent with the FD_RMSD and FD_SHIFT steps) of the exact Jacobian."""

@@ -164,7 +164,7 @@ class TestTypeHints(unittest.TestCase):
 
     def test_typed_modules_are_typed(self):
         names = typed_modules()
-        self.assertIn("physics.imaging", names)
+        self.assertIn("physics.renderer", names)
         bad = []
         for name in names:
             module = importlib.import_module("nmaem_plugin.core." + name)

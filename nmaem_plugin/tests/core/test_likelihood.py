@@ -184,7 +184,7 @@ class TestInvariance(unittest.TestCase):
 
     def test_cropped_grid(self):
         # sigma2 of a Fourier-cropped box: same shells, scaled by (d/D)^4 (imaging.fourier_crop)
-        from nmaem_plugin.core.physics.imaging import fourier_crop
+        from nmaem_plugin.core.physics.fourier import fourier_crop
         rng = np.random.default_rng(0)
         D, d = 32, 16
         x = torch.as_tensor(coloured_noise(3000, D, rng))
@@ -201,7 +201,8 @@ class TestPipeline(unittest.TestCase):
     """Noise estimated from the images, loss through the renderer: the training path."""
 
     def test_renderer_gradient_and_invariance(self):
-        from nmaem_plugin.core.physics.imaging import Renderer, euler_to_matrix
+        from nmaem_plugin.core.physics.renderer import Renderer
+        from nmaem_plugin.core.physics.rotations import euler_to_matrix
         rng = np.random.default_rng(4)
         D, apix, B = 32, 2.0, 64
         elements = np.array(["C"] * 12 + ["N"] * 4)

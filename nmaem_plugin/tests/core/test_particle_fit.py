@@ -122,7 +122,7 @@ class TestFitBatch(unittest.TestCase):
         w = 0, without a prior, twelve iterations recover w within 0.05 degrees (z and
         the shift as in the test above; one particle's first steps are refused and it
         takes more than six), and every particle's energy falls."""
-        from nmaem_plugin.core.physics.imaging import correct_rotations
+        from nmaem_plugin.core.physics.rotations import correct_rotations
         g = torch.Generator().manual_seed(3)
         axes = torch.randn(6, 3, generator=g)
         w_true = axes / axes.norm(dim=1, keepdim=True) * torch.deg2rad(

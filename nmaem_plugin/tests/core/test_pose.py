@@ -19,7 +19,7 @@ import torch
 
 from nmaem_plugin import DATA_DIR
 from nmaem_plugin.core.io import poses
-from nmaem_plugin.core.physics.imaging import correct_rotations, rotvec_to_matrix
+from nmaem_plugin.core.physics.rotations import correct_rotations, rotvec_to_matrix
 
 OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from nmaem_plugin import DATA_DIR
-from nmaem_plugin.core.physics import imaging
+from nmaem_plugin.core.physics.renderer import Renderer
+from nmaem_plugin.core.physics.rotations import matrix_to_euler
 from nmaem_plugin.core.base.errors import NmaemError
 from nmaem_plugin.core.io.particles import read_particles
 from nmaem_plugin.core.io.stacks import ImageStack
@@ -73,7 +74,7 @@ class TestSampling(unittest.TestCase):
                                    atol=1e-12)
         np.testing.assert_allclose(np.linalg.det(R), 1.0, atol=1e-12)
         self.assertLess(np.abs(R.mean(0)).max(), 0.02)
-        _, tilt, _ = imaging.matrix_to_euler(R)
+        _, tilt, _ = matrix_to_euler(R)
         hist = np.histogram(np.cos(np.deg2rad(tilt)), bins=10, range=(-1, 1))[0]
         self.assertLess(np.abs(hist / 2000.0 - 1).max(), 0.1)
 
@@ -118,7 +119,7 @@ class TestSimulate(SimTestCase):
         self.assertEqual(len(os.listdir(os.path.join(out, "stacks"))), 3)
         # SNR measured here, independently: re-render the clean images from the files
         _, fr = read_trajectory(os.path.join(out, "frames.pdb"))
-        r = imaging.Renderer(model.elements, 48, 2.0)
+        r = Renderer(model.elements, 48, 2.0)
         idx = np.arange(1000)
         t = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)
         ctf = r.ctf(defocus_u=t(table.defocus_u), defocus_v=t(table.defocus_v),

@@ -23,7 +23,8 @@ import torch
 from nmaem_plugin import DATA_DIR
 from nmaem_plugin.core.cli import main as cli
 from nmaem_plugin.core.base.errors import NmaemError
-from nmaem_plugin.core.physics.imaging import Renderer, fourier_crop
+from nmaem_plugin.core.physics.renderer import Renderer
+from nmaem_plugin.core.physics.fourier import fourier_crop
 from nmaem_plugin.core.io.particles import read_particles
 from nmaem_plugin.core.io.stacks import ImageStack
 from nmaem_plugin.core.io.star import write_star

@@ -74,7 +74,7 @@ class TestPoseConvention(unittest.TestCase):
     def test_pwem_euler_matrix_is_relion_matrix(self):
         """E = pwem euler_matrix(-rot, -tilt, -psi, 'szyz') is RELION's A (derivation)."""
         import pwem.convert.transformations as tfs
-        from nmaem_plugin.core.physics.imaging import euler_to_matrix
+        from nmaem_plugin.core.physics.rotations import euler_to_matrix
         rng = np.random.default_rng(1)
         e = np.stack([rng.uniform(-180, 180, 50), rng.uniform(0, 180, 50),
                       rng.uniform(-180, 180, 50)], 1)
@@ -250,7 +250,7 @@ class TestConvertSets(unittest.TestCase):
             np.testing.assert_allclose(p.getZFlex(), z[j], rtol=1e-6)
             e, o = matricesToRelion(p.getTransform().getMatrix(), APIX)
             np.testing.assert_allclose(o, t["origin"][k] - shift[j], atol=1e-5)
-            from nmaem_plugin.core.physics.imaging import euler_to_matrix
+            from nmaem_plugin.core.physics.rotations import euler_to_matrix
             np.testing.assert_allclose(euler_to_matrix(*[np.array([v]) for v in e])[0],
                                        t["A"][k], atol=1e-9)
             self.assertEqual(p.getCTF().getDefocusU(), t["dfu"][k])
@@ -264,7 +264,7 @@ class TestConvertSets(unittest.TestCase):
         and keeps the origin folded with the shift; foldPose=False keeps the rotation."""
         from pwem.objects import SetOfParticlesFlex
         from nmaem_plugin.convert import matricesToRelion, setOfParticlesFlexFromLatent
-        from nmaem_plugin.core.physics.imaging import euler_to_matrix
+        from nmaem_plugin.core.physics.rotations import euler_to_matrix
         from nmaem_plugin.core.io.latent import write_latent
         from nmaem_plugin.tests.core.test_pose import rodrigues_reference as series
         t = self.truth
@@ -359,7 +359,7 @@ class TestAgainstRelionPlugin(unittest.TestCase):
     def test_same_angles_origins_ctf(self):
         import relion.convert as rconv
         from nmaem_plugin.convert import writeSetOfParticles
-        from nmaem_plugin.core.physics.imaging import euler_to_matrix
+        from nmaem_plugin.core.physics.rotations import euler_to_matrix
         from nmaem_plugin.core.io.star import read_star_blocks
         tmp = tempfile.mkdtemp(prefix="nmaem_relion_")
         try:

@@ -47,7 +47,8 @@ def quiet(*a, **k):
 
 
 def make_data(work, n, snr_db, seed):
-    from nmaem_plugin.core.modes.compute import compute_modes, save_modes
+    from nmaem_plugin.core.modes.compute import compute_modes
+    from nmaem_plugin.core.modes.modesfile import save_modes
     from nmaem_plugin.core.sim.simulate import SimulationSettings, load_frames, simulate
     from nmaem_plugin.core.physics.structure import read_model
     sim = os.path.join(work, "sim")

@@ -36,7 +36,7 @@ from nmaem_plugin.core.base.choices import FIT_ITERATIONS_DEFAULT  # noqa: E402
 from nmaem_plugin.core.learn.data import ParticleImages, ParticleMetadata  # noqa: E402
 from nmaem_plugin.core.inference.infer import FIT_BATCH, encode_images  # noqa: E402
 from nmaem_plugin.core.physics.likelihood import WhitenedLikelihood, whitened_fit  # noqa: E402
-from nmaem_plugin.core.modes.compute import fit_amplitudes  # noqa: E402
+from nmaem_plugin.core.modes.diagnostics import fit_amplitudes  # noqa: E402
 from nmaem_plugin.core.inference.particle_fit import fit_batch, population_prior, prior_floor  # noqa: E402
 from nmaem_plugin.core.io.particles import read_particles  # noqa: E402
 from nmaem_plugin.core.io.poses import euler_to_matrix  # noqa: E402

@@ -49,7 +49,7 @@ def synthetic_model(n_atoms, spacing=35.0):
 
 def run_one(case, n_modes):
     from nmaem_plugin import DATA_DIR
-    from nmaem_plugin.core.modes import compute as M
+    from nmaem_plugin.core.modes.compute import compute_modes
     from nmaem_plugin.core.physics.structure import read_model
     t0 = time.time()
     if case == "bundled":
@@ -59,7 +59,7 @@ def run_one(case, n_modes):
         model, cg = synthetic_model(int(case))
     t_build = time.time() - t0
     t0 = time.time()
-    nm = M.compute_modes(model, n_modes=n_modes, cg_index=cg)
+    nm = compute_modes(model, n_modes=n_modes, cg_index=cg)
     t = time.time() - t0
     U = nm.modes.reshape(nm.n_modes, -1).astype(np.float64)
     return {"case": case, "atoms": int(model.n_atoms), "nodes": int(nm.info["n_cg"]),

@@ -52,7 +52,7 @@ def checkModesMatch(modesFile, structureFile):
     Reads only the atom ids and coordinates (numpy, gemmi)."""
     try:
         from ..core.base.errors import NmaemError
-        from ..core.modes.compute import check_modes_match, load_modes
+        from ..core.modes.modesfile import check_modes_match, load_modes
         from ..core.physics.structure import read_model
         check_modes_match(load_modes(modesFile), read_model(structureFile))
     except NmaemError as exc:

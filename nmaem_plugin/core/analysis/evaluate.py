@@ -148,7 +148,7 @@ def evaluate(latent_path: str, sim_dir: str, run_dir: str, per_particle: Optiona
     particle file whose rows the latent's ``index`` counts, matched to the simulation by
     particle id (:func:`match_to_simulation`); default the simulation's own particles.
     """
-    from ..modes.compute import floor_rmsd
+    from ..modes.diagnostics import floor_rmsd
     from ..physics.structure import read_trajectory, rmsd
     from ..io.provenance import check_latent, loads
     model, nm, cfg = load_run(run_dir, need_modes=False)

@@ -27,7 +27,7 @@ from ..base.errors import NmaemError, fail
 
 if TYPE_CHECKING:
     from ..io.latent import Latent
-    from ..modes.compute import NormalModes
+    from ..modes.modesfile import NormalModes
     from ..physics.structure import AtomicModel
 
 __all__ = ["PCA", "Maxima", "load_run", "check_latent_d", "need_z", "format_json", "pca", "kmeans",
@@ -65,7 +65,7 @@ def load_run(run_dir: str, need_modes: bool = True
     error.
     Raises :class:`NmaemError` with a one-line message on any problem.
     """
-    from ..modes.compute import check_modes_match, load_modes
+    from ..modes.modesfile import check_modes_match, load_modes
     from ..physics.structure import read_model
     run_dir = str(run_dir)
     if os.path.basename(run_dir) == "config.json" and os.path.isfile(run_dir):

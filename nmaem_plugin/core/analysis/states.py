@@ -35,7 +35,7 @@ from ..base.errors import NmaemError, fail
 from ..io.npz import read_npz
 
 if TYPE_CHECKING:
-    from ..modes.compute import NormalModes
+    from ..modes.modesfile import NormalModes
     from ..physics.structure import AtomicModel
 
 __all__ = ["States", "assign_maxima", "assign_kmeans", "assign_ranges", "parse_range",

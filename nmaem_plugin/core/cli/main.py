@@ -54,7 +54,9 @@ def _add_modes(subparsers):
 
 def _run_modes(args):
     """Run ``nmaem modes`` from parsed arguments; returns 0. Errors raise NmaemError."""
-    from ..modes.compute import compute_modes, export_modes, save_modes, target_diagnostics
+    from ..modes.compute import compute_modes
+    from ..modes.modesfile import export_modes, save_modes
+    from ..modes.diagnostics import target_diagnostics
     from ..physics.structure import read_model
 
     def say(msg):

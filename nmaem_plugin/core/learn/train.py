@@ -86,7 +86,7 @@ def prepare_run(out: str, particles: Optional[str] = None, ref: Optional[str] = 
     """
     from ..io.particles import read_particles
     from ..io.stacks import ImageStack
-    from ..modes.compute import check_modes_match, load_modes
+    from ..modes.modesfile import check_modes_match, load_modes
     from .network import z_scale_for
     from ..physics.structure import read_model
     settings = {k: v for k, v in settings.items() if k not in ("nproc", "gpus")}
@@ -198,7 +198,7 @@ def prepare_run(out: str, particles: Optional[str] = None, ref: Optional[str] = 
         atomic_copy(ref, os.path.join(out, ref_name))
     if 0 < d < nm.n_modes:            # keep the first d modes: RUN/modes.npz matches z
         from dataclasses import replace
-        from ..modes.compute import save_modes
+        from ..modes.modesfile import save_modes
         save_modes(os.path.join(out, "modes.npz"),
                    replace(nm, modes=nm.modes[:d], eigenvalues=nm.eigenvalues[:d]))
     else:                             # all of them (d = 0 uses none: config n_modes = 0)
@@ -289,7 +289,7 @@ def _fit_check(table, model, particles, ref, s, log):
 
 def build_autoencoder(cfg: dict, run_dir: str) -> "AutoEncoder":
     """The autoencoder described by a run configuration (untrained, on the CPU)."""
-    from ..modes.compute import check_modes_match, load_modes
+    from ..modes.modesfile import check_modes_match, load_modes
     from .network import AutoEncoder, Decoder, Encoder
     from ..physics.structure import read_model
     nm = load_modes(os.path.join(run_dir, cfg["modes"]))

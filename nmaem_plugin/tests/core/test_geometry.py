@@ -220,7 +220,7 @@ class TestGeometry(unittest.TestCase):
         the plain model is written and models.json says why."""
         import json
         from nmaem_plugin.core.analysis.export import export
-        from nmaem_plugin.core.modes.compute import save_modes
+        from nmaem_plugin.core.modes.modesfile import save_modes
         run = os.path.join(self.tmp, "run")
         os.makedirs(run)
         shutil.copy(OPEN, os.path.join(run, "reference.pdb"))

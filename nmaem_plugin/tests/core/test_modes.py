@@ -11,7 +11,12 @@ import unittest
 import numpy as np
 
 from nmaem_plugin import DATA_DIR
-from nmaem_plugin.core.modes import compute as M
+from nmaem_plugin.core.modes.anm import cg_selection, sparse_hessian
+from nmaem_plugin.core.modes.compute import compute_modes
+from nmaem_plugin.core.modes.diagnostics import fit_amplitudes, floor_rmsd, target_diagnostics
+from nmaem_plugin.core.modes.interpolation import interpolate_modes
+from nmaem_plugin.core.modes.modesfile import check_modes_match, load_modes, save_modes
+from nmaem_plugin.core.modes.solver import collectivity
 from nmaem_plugin.core.base.errors import NmaemError
 from nmaem_plugin.core.physics.structure import AtomicModel, read_model, read_trajectory, superpose
 
@@ -55,7 +60,7 @@ class TestModes(unittest.TestCase):
                               os.path.join(tempfile.gettempdir(), "nmaem_keops_cache"))
         cls.open = read_model(OPEN)
         cls.closed = read_model(CLOSED)
-        cls.nm = M.compute_modes(cls.open, n_modes=16)
+        cls.nm = compute_modes(cls.open, n_modes=16)
         cls.tmp = tempfile.mkdtemp(prefix="nmaem_modes_test_")
 
     @classmethod
@@ -115,7 +120,7 @@ class TestModes(unittest.TestCase):
         for x, cutoff, gamma in ((self.open.coords[ca], 15.0, 1.0),
                                  (self.open.coords[ca], 9.5, 2.5),
                                  (three.coords[ca3], 15.0, 1.0)):
-            ours = M.sparse_hessian(x, cutoff, gamma)
+            ours = sparse_hessian(x, cutoff, gamma)
             self.assertEqual(ours.shape, (3 * len(x), 3 * len(x)))
             dense = prody_hessian(x, cutoff, gamma)
             sparse = prody_hessian(x, cutoff, gamma, sparse=True)
@@ -130,7 +135,7 @@ class TestModes(unittest.TestCase):
         v = info["cg_modes"].astype(np.float64)
         sigma = info["sigma"]
         x = self.open.coords
-        raw = M.interpolate_modes(y, v, x, sigma)
+        raw = interpolate_modes(y, v, x, sigma)
         at_nodes = raw[:, info["cg_index"], :].reshape(16, -1)
         vf = v.reshape(16, -1)
         cos = (at_nodes * vf).sum(1) / np.linalg.norm(at_nodes, axis=1) / np.linalg.norm(vf, axis=1)
@@ -147,18 +152,18 @@ class TestModes(unittest.TestCase):
         self.assertLess(np.abs(raw - expect).max(), 1e-6 * np.abs(expect).max())
         # both methods (all pairs with KeOps; the KD-tree's close pairs), the default first
         for method in ("keops", "sparse"):
-            out = M.interpolate_modes(y, v, x, sigma, method=method)
+            out = interpolate_modes(y, v, x, sigma, method=method)
             self.assertLess(np.abs(out - expect).max(), 1e-6 * np.abs(expect).max(), method)
             # Shepard smoothing (not node-exact) is a different, smoother field
-            smooth = M.interpolate_modes(y, v, x, sigma, exact=False, method=method)
+            smooth = interpolate_modes(y, v, x, sigma, exact=False, method=method)
             np.testing.assert_allclose(smooth.reshape(16, len(x), 3),
                                        (W @ V).reshape(len(x), 16, 3).transpose(1, 0, 2),
                                        atol=1e-9, err_msg=method)
 
     def test_dense_and_sparse_solvers_agree(self):
         sub = self.open.select(self.open.resnum <= 120)
-        dense = M.compute_modes(sub, n_modes=10, solver="dense")
-        sparse = M.compute_modes(sub, n_modes=10, solver="sparse")
+        dense = compute_modes(sub, n_modes=10, solver="dense")
+        sparse = compute_modes(sub, n_modes=10, solver="sparse")
         self.assertEqual(dense.info["solver"], "dense")
         self.assertEqual(sparse.info["solver"], "sparse")
         np.testing.assert_allclose(sparse.eigenvalues, dense.eigenvalues, rtol=1e-7)
@@ -171,7 +176,7 @@ class TestModes(unittest.TestCase):
     def test_collectivity_matches_prody(self):
         import prody
         cg = self.nm.info["cg_modes"].astype(np.float64)
-        ours = M.collectivity(cg)
+        ours = collectivity(cg)
         ref = np.array([prody.calcCollectivity(c.reshape(-1), is3d=True) for c in cg])
         np.testing.assert_allclose(ours, ref, rtol=1e-6)
         self.assertEqual(self.nm.info["collectivity"].shape, (16,))
@@ -179,7 +184,7 @@ class TestModes(unittest.TestCase):
     # ------------------------------------------------------------------ target diagnostics
 
     def test_open_to_closed_overlap_and_floor_rmsd(self):
-        diag = M.target_diagnostics(self.nm, self.open, self.closed, CLOSED)
+        diag = target_diagnostics(self.nm, self.open, self.closed, CLOSED)
         self.assertEqual(diag["n_matched"], 1656)
         # independent: superpose closed on open, project on the orthonormal basis, lstsq
         b = superpose(self.closed.coords, self.open.coords)
@@ -199,13 +204,13 @@ class TestModes(unittest.TestCase):
         self.assertAlmostEqual(diag["rmsd"], np.sqrt(((b - x0) ** 2).sum(1).mean()), places=6)
         # several frames at once, as training/evaluation uses it
         frames = np.stack([x0, b, 0.5 * (x0 + b)])
-        floors = M.floor_rmsd(self.nm.modes, x0, frames)
+        floors = floor_rmsd(self.nm.modes, x0, frames)
         self.assertEqual(floors.shape, (3,))
         self.assertAlmostEqual(floors[0], 0.0, places=6)
         self.assertAlmostEqual(floors[1], floor, places=6)
         self.assertAlmostEqual(floors[2], floor / 2, places=6)
         # amplitudes: X0 + U z reaches the floor
-        zz = M.fit_amplitudes(self.nm.modes, x0, b)
+        zz = fit_amplitudes(self.nm.modes, x0, b)
         np.testing.assert_allclose(zz, z, atol=1e-6)
 
     def test_floor_rmsd_on_subset_of_atoms(self):
@@ -216,7 +221,7 @@ class TestModes(unittest.TestCase):
         U = self.nm.modes[:, rows, :].astype(np.float64).reshape(16, -1).T
         z, *_ = np.linalg.lstsq(U, (b - x0).reshape(-1), rcond=None)
         expect = np.sqrt(((U @ z - (b - x0).reshape(-1)) ** 2).sum() / len(rows))
-        self.assertAlmostEqual(M.floor_rmsd(self.nm.modes[:, rows], x0, b), expect, places=6)
+        self.assertAlmostEqual(floor_rmsd(self.nm.modes[:, rows], x0, b), expect, places=6)
 
     # ------------------------------------------------------------------ selections
 
@@ -234,18 +239,18 @@ class TestModes(unittest.TestCase):
                             atom_name=np.array([r[2] for r in rows]), b_factor=np.zeros(n),
                             occupancy=np.ones(n))
         names = lambda idx: [model.atom_name[i] for i in idx]
-        self.assertEqual(names(M.cg_selection(model, "ca")), ["CA", "CA", "C4'", "P"])
-        self.assertEqual(names(M.cg_selection(model, "backbone")),
+        self.assertEqual(names(cg_selection(model, "ca")), ["CA", "CA", "C4'", "P"])
+        self.assertEqual(names(cg_selection(model, "backbone")),
                          ["N", "CA", "C", "O", "N", "CA", "C", "O", "P", "OP1", "C4'", "P",
                           "O5'"])
-        self.assertEqual(len(M.cg_selection(model, "heavy")), n)
-        self.assertOneLineError(lambda: M.cg_selection(model, "nope"), "nope")
+        self.assertEqual(len(cg_selection(model, "heavy")), n)
+        self.assertOneLineError(lambda: cg_selection(model, "nope"), "nope")
 
     def test_backbone_and_heavy_on_ak(self):
         sub = self.open.select(self.open.resnum <= 30)
-        nm = M.compute_modes(sub, n_modes=4, cg="backbone")
+        nm = compute_modes(sub, n_modes=4, cg="backbone")
         self.assertEqual(nm.info["n_cg"], 4 * 30)
-        nm = M.compute_modes(sub, n_modes=4, cg="heavy")
+        nm = compute_modes(sub, n_modes=4, cg="heavy")
         self.assertEqual(nm.info["n_cg"], sub.n_atoms)
         self.assertGreater(nm.info["node_cosine"].min(), 0.99)
 
@@ -253,31 +258,31 @@ class TestModes(unittest.TestCase):
 
     def test_fewer_than_four_cg_atoms(self):
         sub = self.open.select(self.open.resnum <= 3)
-        self.assertOneLineError(lambda: M.compute_modes(sub, n_modes=1), "3 atom(s)",
+        self.assertOneLineError(lambda: compute_modes(sub, n_modes=1), "3 atom(s)",
                                 "at least 4")
 
     def test_no_atom_matches_selection(self):
         side = self.open.select(~np.isin(self.open.atom_name, ["N", "CA", "C", "O"]))
-        self.assertOneLineError(lambda: M.compute_modes(side, cg="ca"), "no atom matches")
-        self.assertOneLineError(lambda: M.compute_modes(side, cg="backbone"), "no atom matches")
+        self.assertOneLineError(lambda: compute_modes(side, cg="ca"), "no atom matches")
+        self.assertOneLineError(lambda: compute_modes(side, cg="backbone"), "no atom matches")
 
     def test_nan_coordinates(self):
         x = self.open.coords.copy()
         x[10, 1] = np.nan
-        self.assertOneLineError(lambda: M.compute_modes(self.open.with_coords(x)), "non-finite")
+        self.assertOneLineError(lambda: compute_modes(self.open.with_coords(x)), "non-finite")
         path = os.path.join(self.tmp, "nan.pdb")
         with open(OPEN) as f, open(path, "w") as g:
             for line in f:
                 if line.startswith("ATOM") and line[6:11].strip() == "11":
                     line = line[:38] + "     nan" + line[46:]
                 g.write(line)
-        self.assertOneLineError(lambda: M.compute_modes(read_model(path)), "non-finite")
+        self.assertOneLineError(lambda: compute_modes(read_model(path)), "non-finite")
 
     def test_disconnected_network(self):
         x = self.open.coords.copy()
         x[self.open.resnum > 120] += 500.0
         moved = self.open.with_coords(x)
-        self.assertOneLineError(lambda: M.compute_modes(moved), "disconnected", "--cutoff")
+        self.assertOneLineError(lambda: compute_modes(moved), "disconnected", "--cutoff")
 
     def test_floppy_network_extra_zero_modes(self):
         # two rigid tetrahedra (edges 4 A) that touch through one contact only: connected,
@@ -285,88 +290,88 @@ class TestModes(unittest.TestCase):
         tet = np.array([[0, 0, 0], [4, 0, 0], [2, 3.46, 0], [2, 1.15, 3.27]], dtype=float)
         x = np.vstack([tet, tet + [9.0, 0, 0]])  # only node 1 (4,0,0) and node 4 (9,0,0) touch
         model = _synthetic_model(x)
-        msg = self.assertOneLineError(lambda: M.compute_modes(model, n_modes=6, cutoff=5.5),
+        msg = self.assertOneLineError(lambda: compute_modes(model, n_modes=6, cutoff=5.5),
                                       "zero-frequency", "--cutoff")
         self.assertIn(" 11 zero-frequency", msg)  # all 12 eigenvalues computed, 11 are zero
-        msg = self.assertOneLineError(lambda: M.compute_modes(model, n_modes=2, cutoff=5.5),
+        msg = self.assertOneLineError(lambda: compute_modes(model, n_modes=2, cutoff=5.5),
                                       "at least 8 zero-frequency")
         # with a long enough cutoff every node sees every other node: fine
-        nm = M.compute_modes(model, n_modes=2, cutoff=20.0)
+        nm = compute_modes(model, n_modes=2, cutoff=20.0)
         self.assertEqual(nm.n_modes, 2)
 
     def test_more_modes_than_network(self):
         n = 214
-        self.assertOneLineError(lambda: M.compute_modes(self.open, n_modes=3 * n - 5),
+        self.assertOneLineError(lambda: compute_modes(self.open, n_modes=3 * n - 5),
                                 "%d non-rigid" % (3 * n - 6))
-        self.assertOneLineError(lambda: M.compute_modes(self.open, n_modes=0), "at least 1")
+        self.assertOneLineError(lambda: compute_modes(self.open, n_modes=0), "at least 1")
 
     def test_target_sharing_no_atoms(self):
         other = AtomicModel(self.closed.coords, self.closed.elements,
                             np.array(["Z"] * self.closed.n_atoms), self.closed.resnum,
                             self.closed.icode, self.closed.resname, self.closed.atom_name,
                             self.closed.b_factor, self.closed.occupancy, "other.pdb")
-        self.assertOneLineError(lambda: M.target_diagnostics(self.nm, self.open, other),
+        self.assertOneLineError(lambda: target_diagnostics(self.nm, self.open, other),
                                 "share no atoms")
 
     def test_bad_parameters(self):
-        self.assertOneLineError(lambda: M.compute_modes(self.open, cutoff=-1), "cutoff")
-        self.assertOneLineError(lambda: M.compute_modes(self.open, gamma=0), "gamma")
-        self.assertOneLineError(lambda: M.compute_modes(self.open, solver="magic"), "solver")
+        self.assertOneLineError(lambda: compute_modes(self.open, cutoff=-1), "cutoff")
+        self.assertOneLineError(lambda: compute_modes(self.open, gamma=0), "gamma")
+        self.assertOneLineError(lambda: compute_modes(self.open, solver="magic"), "solver")
 
     # ------------------------------------------------------------------ files
 
     def test_save_load_roundtrip_and_match(self):
         path = os.path.join(self.tmp, "roundtrip.npz")
-        M.save_modes(path, self.nm)
+        save_modes(path, self.nm)
         self.assertEqual([f for f in os.listdir(self.tmp) if ".tmp" in f], [])
         with np.load(path, allow_pickle=False) as z:  # the contract, read without our code
             self.assertEqual(z["coords"].dtype, np.float32)
             self.assertEqual(z["modes"].shape, (16, 1656, 3))
             self.assertEqual(z["atom_ids"][1], "A:1::MET:CA")
-        nm = M.load_modes(path)
+        nm = load_modes(path)
         np.testing.assert_array_equal(nm.modes, self.nm.modes)
         np.testing.assert_array_equal(nm.coords, self.nm.coords)
         np.testing.assert_array_equal(nm.eigenvalues, self.nm.eigenvalues)
         np.testing.assert_array_equal(nm.atom_ids, self.nm.atom_ids)
         self.assertEqual(nm.info["cg"], "ca")
         self.assertEqual(nm.info["cutoff"], 15.0)
-        M.check_modes_match(nm, self.open)
+        check_modes_match(nm, self.open)
         # same atoms, other conformation / frame
-        self.assertOneLineError(lambda: M.check_modes_match(nm, self.closed), "different model")
+        self.assertOneLineError(lambda: check_modes_match(nm, self.closed), "different model")
         # other atoms
         sub = self.open.select(np.arange(1, self.open.n_atoms))
-        self.assertOneLineError(lambda: M.check_modes_match(nm, sub), "different model")
+        self.assertOneLineError(lambda: check_modes_match(nm, sub), "different model")
         renamed = AtomicModel(self.open.coords, self.open.elements, self.open.chain,
                               self.open.resnum + 1, self.open.icode, self.open.resname,
                               self.open.atom_name, self.open.b_factor, self.open.occupancy)
-        self.assertOneLineError(lambda: M.check_modes_match(nm, renamed), "different model",
+        self.assertOneLineError(lambda: check_modes_match(nm, renamed), "different model",
                                 "row 0")
 
     def test_load_rejects_corrupt_files(self):
         bad = os.path.join(self.tmp, "garbage.npz")
         with open(bad, "wb") as f:
             f.write(b"this is not a zip archive at all")
-        self.assertOneLineError(lambda: M.load_modes(bad), bad)
+        self.assertOneLineError(lambda: load_modes(bad), bad)
         good = os.path.join(self.tmp, "good.npz")
-        M.save_modes(good, self.nm)
+        save_modes(good, self.nm)
         with open(good, "rb") as f:
             blob = f.read()
         trunc = os.path.join(self.tmp, "truncated.npz")
         with open(trunc, "wb") as f:
             f.write(blob[: len(blob) // 2])
-        self.assertOneLineError(lambda: M.load_modes(trunc), trunc)
+        self.assertOneLineError(lambda: load_modes(trunc), trunc)
         missing = os.path.join(self.tmp, "missing.npz")
         np.savez(missing, coords=self.nm.coords, modes=self.nm.modes)
-        self.assertOneLineError(lambda: M.load_modes(missing), "eigenvalues", "atom_ids")
+        self.assertOneLineError(lambda: load_modes(missing), "eigenvalues", "atom_ids")
         skew = os.path.join(self.tmp, "skew.npz")
         np.savez(skew, coords=self.nm.coords, modes=self.nm.modes * 2,
                  eigenvalues=self.nm.eigenvalues, atom_ids=self.nm.atom_ids)
-        self.assertOneLineError(lambda: M.load_modes(skew), "orthonormal")
+        self.assertOneLineError(lambda: load_modes(skew), "orthonormal")
         shape = os.path.join(self.tmp, "shape.npz")
         np.savez(shape, coords=self.nm.coords, modes=self.nm.modes[:, :-1],
                  eigenvalues=self.nm.eigenvalues, atom_ids=self.nm.atom_ids)
-        self.assertOneLineError(lambda: M.load_modes(shape), "modes has shape")
-        self.assertOneLineError(lambda: M.load_modes(os.path.join(self.tmp, "none.npz")),
+        self.assertOneLineError(lambda: load_modes(shape), "modes has shape")
+        self.assertOneLineError(lambda: load_modes(os.path.join(self.tmp, "none.npz")),
                                 "no such")
 
     def test_command_line_with_target_and_export(self):
@@ -379,7 +384,7 @@ class TestModes(unittest.TestCase):
         self.assertEqual(args.cutoff, 15.0)
         self.assertEqual(args.cg, "ca")
         self.assertEqual(args.func(args), 0)
-        nm = M.load_modes(out)
+        nm = load_modes(out)
         self.assertEqual(nm.n_modes, 4)
         self.assertEqual(nm.info["target_cumulative_overlap"].shape, (4,))
         self.assertGreater(nm.info["target_floor_rmsd"], 0)

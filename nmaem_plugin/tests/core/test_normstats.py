@@ -103,7 +103,8 @@ class TestPreciseBN(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        from nmaem_plugin.core.modes.compute import compute_modes, save_modes
+        from nmaem_plugin.core.modes.compute import compute_modes
+        from nmaem_plugin.core.modes.modesfile import save_modes
         from nmaem_plugin.core.sim.simulate import SimulationSettings, load_frames, simulate
         from nmaem_plugin.core.physics.structure import read_model
         cls.tmp = tempfile.mkdtemp(prefix="nmaem-normstats-")

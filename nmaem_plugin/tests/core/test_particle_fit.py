@@ -23,7 +23,8 @@ from nmaem_plugin import DATA_DIR
 from nmaem_plugin.core.cli import main as cli
 from nmaem_plugin.core.base.errors import NmaemError
 from nmaem_plugin.core.physics.likelihood import WhitenedLikelihood, whitened_fit
-from nmaem_plugin.core.modes.compute import compute_modes, save_modes
+from nmaem_plugin.core.modes.compute import compute_modes
+from nmaem_plugin.core.modes.modesfile import save_modes
 from nmaem_plugin.core.learn.network import Decoder
 from nmaem_plugin.core.physics.noise import NoiseModel, n_shells
 from nmaem_plugin.core.inference.particle_fit import FitStats, fit_batch, population_prior

@@ -147,7 +147,8 @@ def _dataset():
     off by 3 degrees about a fixed axis of the model's frame (A_file = A_true E, the error
     of a consensus refinement: poses.py); modes of the reference."""
     if not _DATA:
-        from nmaem_plugin.core.modes.compute import compute_modes, save_modes
+        from nmaem_plugin.core.modes.compute import compute_modes
+        from nmaem_plugin.core.modes.modesfile import save_modes
         from nmaem_plugin.core.io.particles import read_particles
         from nmaem_plugin.core.sim.simulate import SimulationSettings, load_frames, simulate
         from nmaem_plugin.core.io.star import write_star
@@ -180,7 +181,7 @@ class TestModesCarryNoRigidMotion(unittest.TestCase):
         reference (3 translations, 3 rotations about the rotation centre of the renderer,
         built here from cross products), so a pose correction and z do not compete; a
         rotation of the reference, by contrast, lies almost entirely in that space."""
-        from nmaem_plugin.core.modes.compute import load_modes
+        from nmaem_plugin.core.modes.modesfile import load_modes
         nm = load_modes(_dataset()["modes"])
         X = nm.coords.astype(np.float64)
         c = np.full(3, 16 * 3.0)              # the simulated map centre, not the centroid

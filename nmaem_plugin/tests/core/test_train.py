@@ -28,7 +28,8 @@ from nmaem_plugin.core.physics.fourier import fourier_crop
 from nmaem_plugin.core.io.particles import read_particles
 from nmaem_plugin.core.io.stacks import ImageStack
 from nmaem_plugin.core.io.star import write_star
-from nmaem_plugin.core.modes.compute import compute_modes, save_modes
+from nmaem_plugin.core.modes.compute import compute_modes
+from nmaem_plugin.core.modes.modesfile import save_modes
 from nmaem_plugin.core.sim.simulate import SimulationSettings, load_frames, simulate
 from nmaem_plugin.core.physics.structure import read_model, read_trajectory
 

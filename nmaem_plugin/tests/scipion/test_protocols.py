@@ -186,7 +186,7 @@ class TestNmaemProtocols(scipion_base.NmaemBaseTest):
         modes = prot.outputModes
         self.assertEqual(modes.getSize(), 4)
         self.assertEqual(modes.getPdb().getFileName(), self.ref.outputPdb.getFileName())
-        from nmaem_plugin.core.modes.compute import load_modes
+        from nmaem_plugin.core.modes.modesfile import load_modes
         from nmaem_plugin.core.physics.structure import read_model
         first = modes.getFirstItem()
         nm = load_modes(first.getModeFile())

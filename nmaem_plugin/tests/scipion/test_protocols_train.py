@@ -335,7 +335,7 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         return total
 
     def _modes(self):
-        from nmaem_plugin.core.modes.compute import load_modes
+        from nmaem_plugin.core.modes.modesfile import load_modes
         return load_modes(os.path.join(self._runDir(), "modes.npz")).modes
 
     def test_export_pc_traversal(self):

@@ -1,4 +1,4 @@
-"""Benchmark: the latent landscape figure (core.plots.latent_landscape, as the Scipion
+"""Benchmark: the latent landscape figure (core.latent_landscape, as the Scipion
 latent viewer and ``nmaem report`` draw it) for 1,000,000 synthetic particles with
 d = 16, drawn and saved to PNG. Target: under 10 s.
 
@@ -14,7 +14,8 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 
-from nmaem_plugin.core.report import plots  # noqa: E402
+from nmaem_plugin.core.base.figures import save  # noqa: E402
+from nmaem_plugin.core.report.figures import latent_landscape  # noqa: E402
 
 
 def synthetic(n, d, seed=0):
@@ -41,9 +42,9 @@ def main():
     z, frames = synthetic(args.n, args.d)
     out = args.output or os.path.join(tempfile.mkdtemp(), "latent.png")
     t0 = time.perf_counter()
-    fig = plots.latent_landscape(z, frames=frames if args.frames else None)
+    fig = latent_landscape(z, frames=frames if args.frames else None)
     t1 = time.perf_counter()
-    plots.save(fig, out)
+    save(fig, out)
     t2 = time.perf_counter()
     hist_ax = fig.axes[1]
     n_max = len([ln for ln in hist_ax.get_lines() if ln.get_gid() == "maxima"][0].get_xdata())

@@ -25,7 +25,7 @@ import numpy as np
 
 from nmaem_plugin import DATA_DIR
 from nmaem_plugin.core.base.atomic import atomic_open
-from nmaem_plugin.core.report.plots import save
+from nmaem_plugin.core.base.figures import save
 
 OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 CLOSED = os.path.join(DATA_DIR, "ak_closed_1ake.pdb")

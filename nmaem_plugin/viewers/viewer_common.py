@@ -7,7 +7,7 @@
 # * Software Foundation; either version 3 of the License, or (at your option)
 # * any later version. See the LICENSE file at the root of the project.
 # **************************************************************************
-"""What the nmaem viewers share: a pwem ``EmPlotter`` filled by a ``core.plots``
+"""What the nmaem viewers share: a pwem ``EmPlotter`` filled by a ``core.report.figures``
 function, project paths, and opening atomic models in ChimeraX when the chimera plugin
 is installed. Only pyworkflow at the top (matplotlib is imported when a plot is made)."""
 import os
@@ -17,11 +17,11 @@ from pyworkflow.viewer import MessageView, MSG_INFO
 
 def figurePlotter(plotFunction, *args, windowTitle="nmaem", **kwargs):
     """An EmPlotter whose figure ``plotFunction(*args, fig=figure, **kwargs)`` draws
-    (a function of ``nmaem_plugin.core.plots``). The figure's own layout is kept."""
+    (a function of ``nmaem_plugin.core.report.figures``). The figure's own layout is kept."""
     from pwem.viewers.plotter import EmPlotter
     plotter = EmPlotter(x=1, y=1, windowTitle=windowTitle)
     plotFunction(*args, fig=plotter.getFigure(), **kwargs)
-    plotter.tightLayoutOn = False      # core.plots uses matplotlib's constrained layout
+    plotter.tightLayoutOn = False      # core.report.figures uses matplotlib's constrained layout
     return plotter
 
 

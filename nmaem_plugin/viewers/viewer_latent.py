@@ -7,7 +7,7 @@
 # * Software Foundation; either version 3 of the License, or (at your option)
 # * any later version. See the LICENSE file at the root of the project.
 # **************************************************************************
-"""Latent space of nmaem particles: the landscape (``core.plots.latent_landscape``), the
+"""Latent space of nmaem particles: the landscape (``core.report.figures.latent_landscape``), the
 mode amplitudes, and all-atom models at chosen points, made by an ``NmaemProtExport``
 launched in the project (so the model files are recorded) and opened in ChimeraX."""
 import pyworkflow.protocol.params as params
@@ -148,7 +148,7 @@ class NmaemLatentViewer(ProtocolViewer):
         if getattr(self, "_nAtomsCache", None) is None:
             import os
             from ..core.base.errors import NmaemError
-            from ..core.report.plots import modes_atom_count
+            from ..core.analysis.labels import modes_atom_count
             from ..core.io.runfolder import reference_and_modes
             parts = self.getParticles()
             run = runDirOf(parts) if parts is not None else None
@@ -179,7 +179,7 @@ class NmaemLatentViewer(ProtocolViewer):
         if data is None or len(data[1]) < 2 or data[1].shape[1] == 0:
             return None, None, None, "A RMSD along PC1 from the reference"
         import numpy as np
-        from ..core.report.plots import pc_coordinates, rmsd_per_angstrom
+        from ..core.analysis.labels import pc_coordinates, rmsd_per_angstrom
         _, pc = pc_coordinates(data[1])
         x = pc[:, 0] * rmsd_per_angstrom(self.nAtoms())
         return float(x.min()), float(x.max()), round(float(np.median(x)), 3), self.pcUnit()
@@ -201,14 +201,14 @@ class NmaemLatentViewer(ProtocolViewer):
 
     # ------------------------------------------------------------------ views
     def _showLandscape(self, paramName=None):
-        from ..core.report import plots
+        from ..core.report import figures
         data = self.getLatent()
         if data is None or len(data[1]) < 2 or data[1].shape[1] == 0:
             return self._noData()
         _, z, frames = data
         if not self.colourByFrame.get():
             frames = None
-        return [figurePlotter(plots.latent_landscape, z, frames=frames,
+        return [figurePlotter(figures.latent_landscape, z, frames=frames,
                               maxima_kwargs=self._maximaKwargs(), n_atoms=self.nAtoms(),
                               title=self.getParticlesLabel(),
                               windowTitle="nmaem latent landscape")]
@@ -219,18 +219,18 @@ class NmaemLatentViewer(ProtocolViewer):
         return "Latent landscape: %s" % label if label else None
 
     def _showAmplitudes(self, paramName=None):
-        from ..core.report import plots
+        from ..core.report import figures
         data = self.getLatent()
         if data is None or len(data[1]) == 0 or data[1].shape[1] == 0:
             return self._noData()
-        return [figurePlotter(plots.mode_amplitudes, data[1],
+        return [figurePlotter(figures.mode_amplitudes, data[1],
                               windowTitle="nmaem mode amplitudes")]
 
     def chosenPoint(self):
         """(z of the chosen point (d,), label) from the form."""
         import numpy as np
         from ..core.analysis.landscape import kmeans
-        from ..core.report.plots import pc_position
+        from ..core.analysis.labels import pc_position
         _, z, _ = self.getLatent()
         kind = self.pointKind.get()
         if kind == POINT_PC1:

@@ -8,7 +8,7 @@
 # * any later version. See the LICENSE file at the root of the project.
 # **************************************************************************
 """Normal modes computed by nmaem: eigenvalues, collectivity, per-residue fluctuation,
-overlap with a target and the floor RMSD (``core.plots.modes_overview``), and the
+overlap with a target and the floor RMSD (``core.report.figures.modes_overview``), and the
 animation of one mode (multi-model PDB) in ChimeraX."""
 import os
 
@@ -74,12 +74,12 @@ class NmaemModesViewer(ProtocolViewer):
         return fn if os.path.isfile(fn) else None
 
     def _showOverview(self, paramName=None):
-        from ..core.report import plots
+        from ..core.report import figures
         fn = self.modesFile()
         if fn is None:
             return [self.errorMessage("No modes file (the protocol has no output yet).",
                                       "nmaem modes")]
-        return [figurePlotter(plots.modes_overview, fn, windowTitle="nmaem normal modes")]
+        return [figurePlotter(figures.modes_overview, fn, windowTitle="nmaem normal modes")]
 
     def animationFile(self, number):
         """The animation PDB of mode ``number`` (1-based), or None."""

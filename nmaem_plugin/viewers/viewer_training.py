@@ -7,7 +7,7 @@
 # * Software Foundation; either version 3 of the License, or (at your option)
 # * any later version. See the LICENSE file at the root of the project.
 # **************************************************************************
-"""Training curves of an nmaem run (``RUN/log.csv``; ``core.plots.training_curves``)."""
+"""Training curves of an nmaem run (``RUN/log.csv``; ``core.report.figures.training_curves``)."""
 import os
 
 import pyworkflow.protocol.params as params
@@ -86,14 +86,14 @@ class NmaemTrainingViewer(ProtocolViewer):
         return fn if fn and os.path.isfile(fn) else None
 
     def _showCurves(self, paramName=None):
-        from ..core.report import plots
+        from ..core.report import figures
         fn = self.logFile()
         if fn is None:
             return [self.errorMessage("No log.csv yet: no epoch of this training has "
                                       "finished.", "nmaem training")]
         # while the training runs, log.csv holds the epochs finished so far (it is
         # replaced whole after each epoch); training_curves draws whatever is there
-        return [figurePlotter(plots.training_curves, fn, title=self.trainingName(),
+        return [figurePlotter(figures.training_curves, fn, title=self.trainingName(),
                               windowTitle="nmaem training curves")]
 
     def _showLog(self, paramName=None):

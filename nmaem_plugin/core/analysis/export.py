@@ -76,7 +76,7 @@ def export(latent_path: str, run_dir: str, out_dir: str, pcs: Optional[Sequence[
     Files: ``pc1_01.pdb``..., ``cluster_01``..., ``maximum_01``..., ``z_01``... (``.cif``
     with ``fmt='cif'``), ``models.json`` and ``models.csv``; with ``thumbnails`` a PNG of
     each model's projections along z, y and x beside it (``pc1_01.png``...,
-    ``plots.model_thumbnail``, all in the frame of the whole series; ``thumbnail`` in
+    ``thumbnails.model_thumbnail``, all in the frame of the whole series; ``thumbnail`` in
     models.json). Existing files are refused
     unless ``overwrite``. ``latent_path`` may be None when only ``z_list`` is given.
     """
@@ -187,7 +187,7 @@ def export(latent_path: str, run_dir: str, out_dir: str, pcs: Optional[Sequence[
         row.setdefault("n_particles", None)
         listing["models"].append(row)
     if thumbnails:              # one frame for the series: the thumbnails compare
-        from ..report.plots import series_thumbnails
+        from .thumbnails import series_thumbnails
         series_thumbnails(written, model.elements,
                           [os.path.join(out_dir, row["thumbnail"]) for row in listing["models"]])
     if latent is not None:      # every model's particles, PC steps and given z included

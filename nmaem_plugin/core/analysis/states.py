@@ -165,9 +165,9 @@ def state_names(n: int) -> List[str]:
 def write_thumbnails(out_dir: str, names: Sequence[str], model: "AtomicModel", nm: "NormalModes",
                      z: np.ndarray) -> None:
     """``DIR/state_01.png``...: each state's model X0 + U z_k drawn by
-    ``plots.model_thumbnail`` in the frame of all of them (so that they compare)."""
+    ``thumbnails.model_thumbnail`` in the frame of all of them (so that they compare)."""
     from .landscape import deformed_coords
-    from ..report.plots import series_thumbnails
+    from .thumbnails import series_thumbnails
     series_thumbnails([deformed_coords(model, nm, zk) for zk in z], model.elements,
                       [os.path.join(out_dir, name) for name in names])
 
@@ -243,7 +243,7 @@ def states_command(latent_path: str, out_dir: str, maxima: bool = False,
     .cs), for one STAR per state. ``model_atoms`` M adds each state's RMSD to the
     reference, |z| / sqrt(M). ``thumbnails_run``: a training run folder whose reference and
     modes give each state's model X0 + U z, drawn as ``state_01.png``... (its projections
-    along z, y and x, ``plots.model_thumbnail``, one frame for all states)."""
+    along z, y and x, ``thumbnails.model_thumbnail``, one frame for all states)."""
     from ..io.latent import read_latent
     from ..io.outputs import OVERWRITE_HINT, check_output_dir
     chosen = [bool(maxima), kmeans_k is not None, bool(ranges)]

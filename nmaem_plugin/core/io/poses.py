@@ -38,7 +38,7 @@ __all__ = ["euler_to_matrix", "matrix_to_euler", "rotvec_to_matrix",
 
 EULER_EPS = 1e-6   # sin(tilt) below which tilt is 0 or 180 (gimbal lock)
 
-# The fixed views of a model's thumbnails (``plots.model_thumbnail``): the matrix A of the
+# The fixed views of a model's thumbnails (``thumbnails.model_thumbnail``): the matrix A of the
 # projection along a model axis, rows (image x, image y, projection axis), det +1.
 VIEW_AXES = ("z", "y", "x")
 _VIEWS = {"z": ((1, 0, 0), (0, 1, 0), (0, 0, 1)),      # image (x, y): along z

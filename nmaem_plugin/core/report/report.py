@@ -1,6 +1,6 @@
 """``nmaem report RUN -o DIR``: the figures of a run as PNG files and an index.html.
 
-Figures come from :mod:`nmaem_plugin.core.plots` (the ones the Scipion viewers show):
+Figures come from :mod:`nmaem_plugin.core.report.figures` (the ones the Scipion viewers show):
 training curves (``RUN/log.csv``), the modes' diagnostics (``--modes``, default the run's
 ``modes.npz``), and with ``--latent`` the latent landscape and the mode amplitudes,
 split by ground-truth frame with ``--truth SIMDIR`` (a folder of ``nmaem simulate``).
@@ -118,7 +118,9 @@ def write_report(run_dir: str, out_dir: str, latent: Optional[str] = None,
     (file name, caption) written. Raises NmaemError (one line) on missing input.
     ``models``: an ``nmaem export`` folder, whose models' validation becomes a table;
     ``states``: an ``nmaem states`` folder, a table of its states."""
-    from . import plots
+    from ..base.figures import save
+    from .figures import (latent_landscape, load_modes_file, mode_amplitudes, modes_overview,
+                          training_curves)
     from ..io.latent import read_latent
     from ..io.runfolder import config_path, log_path, read_config_or_none, read_log_columns
     run_dir = str(run_dir)
@@ -149,7 +151,7 @@ def write_report(run_dir: str, out_dir: str, latent: Optional[str] = None,
     frames = _frames_for(lat, truth) if truth is not None else None
     if modes is not None:
         try:
-            mdata = plots.load_modes_file(modes)
+            mdata = load_modes_file(modes)
         except Exception as exc:  # not an npz, truncated...
             fail(modes, "not a readable modes file (%s)" % (str(exc).splitlines() or ["?"])[0])
         for key in ("modes", "eigenvalues", "atom_ids"):
@@ -163,18 +165,18 @@ def write_report(run_dir: str, out_dir: str, latent: Optional[str] = None,
     written = []
 
     def emit(fig, name, caption):
-        plots.save(fig, os.path.join(out_dir, name))
+        save(fig, os.path.join(out_dir, name))
         written.append((name, caption))
         log("wrote %s" % os.path.join(out_dir, name))
 
     rows = read_log_columns(log_csv)
     n_ep = len(rows.get("epoch", []))
-    emit(plots.training_curves(rows, title="Training run %s"
-                               % os.path.basename(os.path.normpath(run_dir))), "training.png",
+    emit(training_curves(rows, title="Training run %s"
+                         % os.path.basename(os.path.normpath(run_dir))), "training.png",
          "Training: loss on the training and validation particles per epoch, and training "
          "speed in images per second (%d epochs, %s)." % (n_ep, log_csv))
     if modes is not None:
-        emit(plots.modes_overview(mdata), "modes.png",
+        emit(modes_overview(mdata), "modes.png",
              "Normal modes (%s): ANM eigenvalues, collectivity of each mode, per-residue "
              "fluctuation (sum over modes of |u|^2 / eigenvalue)%s." % (
                  modes, ", overlap with the target and floor RMSD"
@@ -191,11 +193,11 @@ def write_report(run_dir: str, out_dir: str, latent: Optional[str] = None,
             what += ", PC1 by ground-truth frame (%s)" % truth
         n_atoms = (int(np.shape(mdata["modes"])[1]) if modes is not None
                    and np.ndim(mdata["modes"]) == 3 else None)
-        emit(plots.latent_landscape(lat.z, frames=frames, n_atoms=n_atoms), "latent.png",
+        emit(latent_landscape(lat.z, frames=frames, n_atoms=n_atoms), "latent.png",
              "Latent landscape of %s particles (%s): %s." % (format(lat.n, ","), lat.path,
                                                              what))
         if lat.d > 1:
-            emit(plots.mode_amplitudes(lat.z), "amplitudes.png",
+            emit(mode_amplitudes(lat.z), "amplitudes.png",
                  "Distribution of each mode amplitude z_l (Angstrom).")
     _write_index(out_dir, run_dir, written, models, listing, states, state_table)
     log("wrote %s" % os.path.join(out_dir, "index.html"))

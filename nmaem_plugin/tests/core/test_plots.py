@@ -1,4 +1,5 @@
-"""The data behind the figures and viewers (core.plots, no Scipion): positions along a PC
+"""The data behind the figures and viewers (core.analysis.labels, core.analysis.thumbnails,
+core.learn.convergence, core.report.figures; no Scipion): positions along a PC
 in RMSD units and their range check, the atoms of a modes file, the particle counts and
 labels of the density maxima, the true islands of a ground truth, the convergence note
 of a training log and reading a log that is still being written.
@@ -15,7 +16,13 @@ matplotlib.use("Agg")
 
 import numpy as np
 
-from nmaem_plugin.core.report import plots
+from nmaem_plugin.core.analysis.labels import (MAX_FRAME_GROUPS, frame_groups, frame_islands,
+                                               maxima_counts, maxima_labels, modes_atom_count,
+                                               pc_position, pc_range)
+from nmaem_plugin.core.analysis.thumbnails import (THUMBNAIL_PX, model_projections,
+                                                   model_thumbnail, thumbnail_frame)
+from nmaem_plugin.core.learn.convergence import convergence
+from nmaem_plugin.core.report.figures import latent_landscape, training_curves
 from nmaem_plugin.core.analysis.landscape import density_maxima
 from nmaem_plugin.core.base.errors import NmaemError
 
@@ -35,25 +42,25 @@ class TestPcPositions(unittest.TestCase):
         # z along z1 from 30 to 280 A of amplitude, M = 100 atoms: RMSD 3 to 28 A
         z = np.zeros((26, 3))
         z[:, 0] = np.linspace(30.0, 280.0, 26)
-        lo, hi = plots.pc_range(z, n_atoms=100)
+        lo, hi = pc_range(z, n_atoms=100)
         self.assertAlmostEqual(lo, 3.0, places=12)
         self.assertAlmostEqual(hi, 28.0, places=12)
-        self.assertEqual(plots.pc_range(z), (30.0, 280.0))      # no M: amplitude units
-        point = plots.pc_position(z, 10.0, n_atoms=100)
+        self.assertEqual(pc_range(z), (30.0, 280.0))      # no M: amplitude units
+        point = pc_position(z, 10.0, n_atoms=100)
         np.testing.assert_allclose(point, [100.0, 0.0, 0.0], atol=1e-12)
 
     def test_default_zero_is_refused_with_the_range(self):
         z = np.zeros((26, 3))
         z[:, 0] = np.linspace(30.0, 280.0, 26)
         with self.assertRaises(NmaemError) as cm:
-            plots.pc_position(z, 0.0, n_atoms=100)
+            pc_position(z, 0.0, n_atoms=100)
         msg = str(cm.exception)
         self.assertIn("PC1 = 0 is outside the particles' range 3 to 28", msg)
         self.assertIn("RMSD along PC1", msg)
         for bad in (28.01, np.nan, "x"):
             with self.assertRaises(NmaemError):
-                plots.pc_position(z, bad, n_atoms=100)
-        plots.pc_position(z, 28.0, n_atoms=100)                 # the ends are inside
+                pc_position(z, bad, n_atoms=100)
+        pc_position(z, 28.0, n_atoms=100)                 # the ends are inside
 
     def test_positions_are_rmsd_between_models(self):
         """Two models at positions a and b along PC1 differ by |a - b| A RMSD, measured
@@ -63,35 +70,35 @@ class TestPcPositions(unittest.TestCase):
         x0 = np.random.default_rng(2).normal(0, 10, (m, 3))
         rng = np.random.default_rng(3)
         z = rng.normal(0, 1, (500, d)) * [8.0, 2.0, 0.5] + [20.0, -3.0, 1.0]
-        lo, hi = plots.pc_range(z, n_atoms=m)
+        lo, hi = pc_range(z, n_atoms=m)
         a, b = lo + 0.2 * (hi - lo), lo + 0.9 * (hi - lo)
-        xa = x0 + np.tensordot(plots.pc_position(z, a, n_atoms=m), u, 1)
-        xb = x0 + np.tensordot(plots.pc_position(z, b, n_atoms=m), u, 1)
+        xa = x0 + np.tensordot(pc_position(z, a, n_atoms=m), u, 1)
+        xb = x0 + np.tensordot(pc_position(z, b, n_atoms=m), u, 1)
         self.assertAlmostEqual(_rmsd(xa, xb), b - a, places=9)
         # and a position is the signed RMSD from the reference of the PC1 component
-        zero_pc = plots.pc_position(z, a, n_atoms=m)
+        zero_pc = pc_position(z, a, n_atoms=m)
         v = np.linalg.eigh(np.cov(z.T))[1][:, -1]
         self.assertAlmostEqual(abs(zero_pc @ v) / np.sqrt(m), abs(a), places=9)
 
     def test_d1(self):
         z = np.linspace(-2.0, 4.0, 7)[:, None]
-        self.assertEqual(plots.pc_range(z, n_atoms=4), (-1.0, 2.0))
-        np.testing.assert_allclose(plots.pc_position(z, 1.5, n_atoms=4), [3.0])
+        self.assertEqual(pc_range(z, n_atoms=4), (-1.0, 2.0))
+        np.testing.assert_allclose(pc_position(z, 1.5, n_atoms=4), [3.0])
 
     def test_modes_atom_count(self):
         tmp = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, tmp)
         fn = os.path.join(tmp, "modes.npz")
         np.savez(fn, modes=np.zeros((2, 37, 3), np.float32), eigenvalues=np.ones(2))
-        self.assertEqual(plots.modes_atom_count(fn), 37)
+        self.assertEqual(modes_atom_count(fn), 37)
         bad = os.path.join(tmp, "bad.npz")
         np.savez(bad, eigenvalues=np.ones(2))
         with self.assertRaisesRegex(NmaemError, "no 'modes'"):
-            plots.modes_atom_count(bad)
+            modes_atom_count(bad)
         with open(os.path.join(tmp, "text.npz"), "w") as fh:
             fh.write("not a zip")
         with self.assertRaisesRegex(NmaemError, "not a readable modes file"):
-            plots.modes_atom_count(os.path.join(tmp, "text.npz"))
+            modes_atom_count(os.path.join(tmp, "text.npz"))
 
 
 def _two_islands(seed=0):
@@ -104,10 +111,10 @@ class TestMaximaLabels(unittest.TestCase):
     def test_counts_hand_made(self):
         x = _two_islands()
         m = density_maxima(x, bandwidth=1.0)
-        near, basin = plots.maxima_counts(x, m)
+        near, basin = maxima_counts(x, m)
         np.testing.assert_array_equal(basin, [100, 300])
         np.testing.assert_array_equal(near, [100, 300])      # all within h = 1 of the peak
-        self.assertEqual(plots.maxima_labels(x, m),
+        self.assertEqual(maxima_labels(x, m),
                          ["maximum_01\n100 near / 100 in basin",
                           "maximum_02\n300 near / 300 in basin"])
 
@@ -115,7 +122,7 @@ class TestMaximaLabels(unittest.TestCase):
         x = _two_islands()
         m = density_maxima(x[::4], bandwidth=1.0)                # 25 + 75 particles
         np.testing.assert_array_equal(m.basin_counts, [25, 75])
-        near, basin = plots.maxima_counts(x, m)
+        near, basin = maxima_counts(x, m)
         np.testing.assert_array_equal(basin, [100, 300])
 
     def test_counts_agree_with_density_maxima(self):
@@ -123,17 +130,17 @@ class TestMaximaLabels(unittest.TestCase):
         x = np.r_[rng.normal(-3, 1, 700), rng.normal(2, 0.7, 400), rng.normal(6, 0.5, 200)]
         m = density_maxima(x)
         self.assertEqual(len(m), 3)
-        near, basin = plots.maxima_counts(x, m)
+        near, basin = maxima_counts(x, m)
         np.testing.assert_array_equal(basin, m.basin_counts)
         np.testing.assert_array_equal(near, [len(k) for k in m.near])
 
     def test_landscape_labels_and_equal_aspect(self):
         rng = np.random.default_rng(5)
         z = np.c_[_two_islands(), rng.normal(0, 0.3, 400)]
-        fig = plots.latent_landscape(z, maxima_kwargs={"bandwidth": 1.0}, n_atoms=25)
+        fig = latent_landscape(z, maxima_kwargs={"bandwidth": 1.0}, n_atoms=25)
         hist_ax = [a for a in fig.axes if a.get_xlabel() == "PC1 (A)"][0]
         labels = [t.get_text() for t in hist_ax.texts if t.get_gid() == "maximum_label"]
-        self.assertEqual(labels, plots.maxima_labels(z[:, 0], density_maxima(
+        self.assertEqual(labels, maxima_labels(z[:, 0], density_maxima(
             z[:, 0], bandwidth=1.0)))
         self.assertEqual(len(labels), 2)
         hex_ax = [a for a in fig.axes if a.get_ylabel() == "PC2 (A)"][0]
@@ -149,8 +156,8 @@ class TestMaximaLabels(unittest.TestCase):
 class TestFrameIslands(unittest.TestCase):
     def test_islands_hand_made(self):
         frames = np.r_[np.arange(0, 10), np.arange(20, 30), np.arange(40, 50)].repeat(3)
-        self.assertEqual(plots.frame_islands(frames), [(0, 9), (20, 29), (40, 49)])
-        groups = plots.frame_groups(frames)
+        self.assertEqual(frame_islands(frames), [(0, 9), (20, 29), (40, 49)])
+        groups = frame_groups(frames)
         self.assertEqual([g[0] for g in groups], ["island 1: frames 0-9",
                                                   "island 2: frames 20-29",
                                                   "island 3: frames 40-49"])
@@ -159,11 +166,11 @@ class TestFrameIslands(unittest.TestCase):
 
     def test_continuous_and_few_frames(self):
         frames = np.arange(50)
-        self.assertEqual(plots.frame_islands(frames), [(0, 49)])
-        groups = plots.frame_groups(frames)
-        self.assertEqual(len(groups), plots.MAX_FRAME_GROUPS)
+        self.assertEqual(frame_islands(frames), [(0, 49)])
+        groups = frame_groups(frames)
+        self.assertEqual(len(groups), MAX_FRAME_GROUPS)
         self.assertEqual(sum(int(m.sum()) for _, m in groups), 50)
-        self.assertEqual([g[0] for g in plots.frame_groups(np.array([3, 1, 3, 7]))],
+        self.assertEqual([g[0] for g in frame_groups(np.array([3, 1, 3, 7]))],
                          ["frame 1", "frame 3", "frame 7"])
 
 
@@ -174,7 +181,7 @@ class TestConvergence(unittest.TestCase):
 
     def test_levelled_off(self):
         val = [10.0, 8.0, 6.0, 5.0, 5.0, 5.0, 4.98, 4.97, 4.96]
-        c = plots.convergence(self._rows(val))
+        c = convergence(self._rows(val))
         # by hand: mean(4.98, 4.97, 4.96) = 4.97 against mean(5, 5, 5) = 5
         self.assertAlmostEqual(c.change, -0.03 / 5.0, places=12)
         self.assertTrue(c.converged)
@@ -184,30 +191,30 @@ class TestConvergence(unittest.TestCase):
         self.assertIn("levelled off", c.note)
 
     def test_still_decreasing_and_rising(self):
-        c = plots.convergence(self._rows([6.0, 5.0, 4.0, 3.0, 2.0, 1.0]))
+        c = convergence(self._rows([6.0, 5.0, 4.0, 3.0, 2.0, 1.0]))
         self.assertAlmostEqual(c.change, (2.0 - 5.0) / 5.0, places=12)
         self.assertFalse(c.converged)
         self.assertIn("still decreasing", c.note)
-        c = plots.convergence(self._rows([1.0, 1.0, 1.0, 1.5, 1.5, 1.5]))
+        c = convergence(self._rows([1.0, 1.0, 1.0, 1.5, 1.5, 1.5]))
         self.assertAlmostEqual(c.change, 0.5, places=12)
         self.assertIn("rising", c.note)
 
     def test_too_few_epochs_and_no_validation(self):
-        c = plots.convergence(self._rows([3.0, 2.0, 1.0]))
+        c = convergence(self._rows([3.0, 2.0, 1.0]))
         self.assertIsNone(c.change)
         self.assertFalse(c.converged)
         self.assertIn("6 needed", c.note)
         rows = self._rows([np.nan] * 6, train=[4.0, 4.0, 4.0, 2.0, 2.0, 2.0])
-        c = plots.convergence(rows)
+        c = convergence(rows)
         self.assertEqual(c.key, "train_loss")
         self.assertAlmostEqual(c.change, -0.5, places=12)
         self.assertIn("no validation particles", c.note)
 
     def test_curves_title_and_note(self):
         rows = self._rows([10.0, 8.0, 6.0, 5.0, 5.0, 5.0, 4.98, 4.97, 4.96])
-        fig = plots.training_curves(rows, title="train AK")
+        fig = training_curves(rows, title="train AK")
         self.assertEqual(fig._suptitle.get_text(), "train AK")
-        self.assertIn(plots.convergence(rows).note, fig.axes[0].get_title())
+        self.assertIn(convergence(rows).note, fig.axes[0].get_title())
 
     def test_log_being_written(self):
         """A training in progress: no log yet, the header only, a partial last line."""
@@ -224,7 +231,7 @@ class TestConvergence(unittest.TestCase):
             else:
                 with open(fn, "w") as fh:
                     fh.write(text)
-            fig = plots.training_curves(fn, title=name)
+            fig = training_curves(fn, title=name)
             loss_ax = fig.axes[0]
             n_lines = len(loss_ax.get_lines())
             if name == "partial":
@@ -265,8 +272,8 @@ class TestModelThumbnail(unittest.TestCase):
         (image x, y = model x, z) A at (row 30, col 27), B at (34, 37); along x (image
         x, y = model y, z) A at (row 30, col 35), B at (34, 29)."""
         coords = np.array([[0.0, 0.0, 0.0], [10.0, -6.0, 4.0]])
-        imgs = plots.model_projections(coords, ["C", "C"], views=("z", "y", "x"), box=64,
-                                       apix=1.0)
+        imgs = model_projections(coords, ["C", "C"], views=("z", "y", "x"), box=64,
+                                 apix=1.0)
         self.assertEqual(imgs.shape, (3, 64, 64))
         self.assertEqual(_two_peaks(imgs[0]), [(29, 37), (35, 27)])
         self.assertEqual(_two_peaks(imgs[1]), [(30, 27), (34, 37)])
@@ -281,10 +288,10 @@ class TestModelThumbnail(unittest.TestCase):
         """Without centre/apix the frame is the centroid and a pixel size that keeps every
         atom inside the box: atoms at x = -40 and +40 A land symmetrically, inside."""
         coords = np.array([[-40.0, 0.0, 0.0], [40.0, 0.0, 0.0]])
-        centre, apix = plots.thumbnail_frame(coords, box=96)
+        centre, apix = thumbnail_frame(coords, box=96)
         np.testing.assert_allclose(centre, 0.0)
         self.assertGreater(apix, 40.0 / 44)        # 40 A within 48 - margin pixels
-        img = plots.model_projections(coords, ["C", "C"], box=96)[0]
+        img = model_projections(coords, ["C", "C"], box=96)[0]
         (r1, c1), (r2, c2) = _two_peaks(img)
         self.assertEqual((r1, r2), (48, 48))
         self.assertEqual(c1 + c2, 96)               # symmetric about column 48
@@ -295,17 +302,17 @@ class TestModelThumbnail(unittest.TestCase):
         rng = np.random.default_rng(0)
         coords = rng.normal(0.0, 8.0, (60, 3))
         path = os.path.join(self.tmp, "state_01.png")
-        self.assertEqual(plots.model_thumbnail(coords, ["C"] * 40 + ["N"] * 20, path), path)
+        self.assertEqual(model_thumbnail(coords, ["C"] * 40 + ["N"] * 20, path), path)
         img = mpimg.imread(path)
-        self.assertEqual(img.shape[:2], (plots.THUMBNAIL_PX, 3 * plots.THUMBNAIL_PX))
+        self.assertEqual(img.shape[:2], (THUMBNAIL_PX, 3 * THUMBNAIL_PX))
         grey = img[..., :3].mean(-1)
         self.assertGreater(grey.std(), 0.02)
         # each view holds the model: its middle brighter than its corners
         for k in range(3):
-            view = grey[:, k * plots.THUMBNAIL_PX:(k + 1) * plots.THUMBNAIL_PX]
+            view = grey[:, k * THUMBNAIL_PX:(k + 1) * THUMBNAIL_PX]
             self.assertGreater(view[60:100, 60:100].mean(), view[-20:, -20:].mean() + 0.05)
         one = os.path.join(self.tmp, "one.png")
-        plots.model_thumbnail(coords, ["C"] * 60, one, views=("z",), px=100)
+        model_thumbnail(coords, ["C"] * 60, one, views=("z",), px=100)
         self.assertEqual(mpimg.imread(one).shape[:2], (100, 100))
         self.assertEqual([f for f in os.listdir(self.tmp) if f.startswith(".")], [])
 

@@ -1,4 +1,4 @@
-"""Figures (core.plots), ``nmaem report`` and the Scipion viewers, all headless (Agg):
+"""Figures (core.report.figures), ``nmaem report`` and the Scipion viewers, all headless (Agg):
 
     python -m scipion tests nmaem_plugin.tests.scipion.test_viewers
 
@@ -23,7 +23,10 @@ matplotlib.use("Agg")
 
 import numpy as np
 
-from nmaem_plugin.core.report import plots
+from nmaem_plugin.core.analysis.labels import MAX_FRAME_GROUPS
+from nmaem_plugin.core.report.figures import (HIST_BINS, latent_landscape, mode_amplitudes,
+                                              modes_overview, residue_fluctuation,
+                                              training_curves)
 from nmaem_plugin.core.io.runfolder import read_log_columns
 from nmaem_plugin.core.analysis.landscape import density_maxima, pca
 
@@ -67,28 +70,28 @@ def _modes_dict(d=3, n_res=12, target=True, seed=0):
 class TestLatentFigures(unittest.TestCase):
     def test_d1_histogram_with_maxima(self):
         z, frames = _trimodal(900, d=1)
-        fig = plots.latent_landscape(z)
+        fig = latent_landscape(z)
         ax = _axis(fig, "z1")[0]
         self.assertEqual(ax.get_ylabel(), "particles per bin")
         bars = [p for p in ax.patches]
-        self.assertEqual(len(bars), plots.HIST_BINS)
+        self.assertEqual(len(bars), HIST_BINS)
         self.assertEqual(int(round(sum(b.get_height() for b in bars))), 900)
         m = density_maxima(z[:, 0])
         self.assertEqual(len(m), 3)
         pos = _maxima_markers(ax)[0].get_xdata()
         np.testing.assert_allclose(np.sort(pos), np.sort(m.positions), atol=1e-9)
         self.assertEqual(len(fig.axes), 1)        # no frames: one panel
-        fig2 = plots.latent_landscape(z, frames=frames)
+        fig2 = latent_landscape(z, frames=frames)
         self.assertEqual(len(fig2.axes), 2)
 
     def test_small_sample_has_fewer_bins(self):
         z, _ = _trimodal(60, d=1)
-        ax = plots.latent_landscape(z).axes[0]
+        ax = latent_landscape(z).axes[0]
         self.assertEqual(len(ax.patches), 20)     # about 3 particles per bin
 
     def test_pca_panels(self):
         z, frames = _trimodal(1500, d=4, seed=1)
-        fig = plots.latent_landscape(z, frames=frames)
+        fig = latent_landscape(z, frames=frames)
         p = pca(z)
         pc1 = p.transform(z)[:, 0]
         ev_ax = _axis(fig, "principal component")[0]
@@ -96,7 +99,7 @@ class TestLatentFigures(unittest.TestCase):
         heights = [b.get_height() for b in ev_ax.patches]
         np.testing.assert_allclose(heights, p.explained_variance_ratio, atol=1e-12)
         hist_ax, hex_ax, frame_ax = _axis(fig, "PC1")
-        self.assertEqual(len(hist_ax.patches), plots.HIST_BINS)
+        self.assertEqual(len(hist_ax.patches), HIST_BINS)
         m = density_maxima(pc1)
         self.assertEqual(len(m), 3)
         np.testing.assert_allclose(_maxima_markers(hist_ax)[0].get_xdata(), m.positions,
@@ -111,16 +114,16 @@ class TestLatentFigures(unittest.TestCase):
         rng = np.random.default_rng(2)
         frames = rng.integers(0, 50, 3000)
         z = np.c_[frames * 0.2 + rng.normal(0, 0.3, 3000), rng.normal(0, 0.3, 3000)]
-        fig = plots.latent_landscape(z, frames=frames)
+        fig = latent_landscape(z, frames=frames)
         frame_ax = _axis(fig, "PC1")[2]
         self.assertEqual(len([p for p in frame_ax.patches if p.get_gid() == "frame_group"]),
-                         plots.MAX_FRAME_GROUPS)
+                         MAX_FRAME_GROUPS)
 
     def test_large_n_is_binned(self):
         n = 300000
         z, _ = _trimodal(n, d=16, seed=3)
         t0 = time.time()
-        fig = plots.latent_landscape(z)
+        fig = latent_landscape(z)
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         elapsed = time.time() - t0
@@ -137,7 +140,7 @@ class TestLatentFigures(unittest.TestCase):
 
     def test_mode_amplitudes(self):
         z, _ = _trimodal(500, d=5)
-        fig = plots.mode_amplitudes(z)
+        fig = mode_amplitudes(z)
         used = [a for a in fig.axes if a.get_xlabel()]
         self.assertEqual([a.get_xlabel() for a in used], ["z%d (A)" % i for i in range(1, 6)])
         for l, ax in enumerate(used):
@@ -146,16 +149,16 @@ class TestLatentFigures(unittest.TestCase):
     def test_rejects_bad_input(self):
         from nmaem_plugin.core.base.errors import NmaemError
         with self.assertRaises(NmaemError):
-            plots.latent_landscape(np.zeros((1, 3)))
+            latent_landscape(np.zeros((1, 3)))
         with self.assertRaises(NmaemError):
-            plots.latent_landscape(np.zeros((10, 2)), frames=np.zeros(3))
+            latent_landscape(np.zeros((10, 2)), frames=np.zeros(3))
 
 
 class TestOtherFigures(unittest.TestCase):
     def test_training_curves(self):
         rows = [dict(epoch=e, train_loss=10.0 / e, val_loss=11.0 / e, images_per_s=100 + e,
                      seconds=3.0) for e in range(1, 6)]
-        fig = plots.training_curves(rows)
+        fig = training_curves(rows)
         loss_ax, speed_ax = fig.axes
         self.assertEqual((loss_ax.get_xlabel(), loss_ax.get_ylabel()), ("epoch", "loss"))
         self.assertEqual(speed_ax.get_ylabel(), "images/s")
@@ -165,7 +168,7 @@ class TestOtherFigures(unittest.TestCase):
         np.testing.assert_allclose(lines["validation loss"].get_ydata(),
                                    [r["val_loss"] for r in rows])
         np.testing.assert_allclose(speed_ax.get_lines()[0].get_ydata(), [101, 102, 103, 104, 105])
-        empty = plots.training_curves([])
+        empty = training_curves([])
         self.assertEqual(len(empty.axes), 2)
 
     def test_training_curves_from_csv(self):
@@ -175,20 +178,20 @@ class TestOtherFigures(unittest.TestCase):
         with open(fn, "w") as fh:
             fh.write("epoch,train_loss,val_loss,images_per_s,seconds\n1,2.0,2.5,50,1\n"
                      "2,1.0,1.5,60,1\n")
-        ax = plots.training_curves(fn).axes[0]
+        ax = training_curves(fn).axes[0]
         self.assertEqual(len(ax.get_lines()), 2)
         np.testing.assert_allclose(ax.get_lines()[1].get_ydata(), [2.5, 1.5])
 
     def test_modes_overview(self):
         data = _modes_dict()
-        fig = plots.modes_overview(data)
+        fig = modes_overview(data)
         ev_ax, coll_ax, fl_ax, ov_ax = fig.axes
         ev = [ln for ln in ev_ax.get_lines() if ln.get_gid() == "eigenvalues"][0]
         np.testing.assert_allclose(ev.get_ydata(), data["eigenvalues"])
         self.assertEqual(ev_ax.get_yscale(), "log")
         np.testing.assert_allclose([b.get_height() for b in coll_ax.patches],
                                    data["collectivity"])
-        keys, fl = plots.residue_fluctuation(data)
+        keys, fl = residue_fluctuation(data)
         self.assertEqual(len(keys), 12)
         per_atom = ((data["modes"].astype(float) ** 2).sum(-1)
                     / data["eigenvalues"][:, None]).sum(0)
@@ -199,7 +202,7 @@ class TestOtherFigures(unittest.TestCase):
         self.assertIn("floor RMSD 2.15 A", ov_ax.get_title())
         texts = [t.get_text() for t in ov_ax.texts if t.get_gid() == "floor"]
         self.assertTrue(texts and "2.15" in texts[0])
-        fig = plots.modes_overview(_modes_dict(target=False))
+        fig = modes_overview(_modes_dict(target=False))
         self.assertFalse(fig.axes[3].axison)
 
 

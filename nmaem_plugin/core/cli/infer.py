@@ -1,0 +1,75 @@
+"""``nmaem infer``: z and shift of every particle from a trained run."""
+import argparse
+from typing import Any
+
+from ..base.choices import FIT_ITERATIONS_DEFAULT
+from ..base.errors import NmaemError
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "infer", help="z and shift of every particle from a trained run",
+        description="Run the trained encoder on every particle: writes latent.npz (z (N,d) "
+                    "Angstrom, shift (N,2) Angstrom, index (N,)) and optionally a STAR copy "
+                    "with nmaemZ01... columns and refined origins (origin - shift).")
+    p.add_argument("--particles", required=True, metavar="P.star",
+                   help="particle file (same box and pixel size as in training)")
+    p.add_argument("--model", required=True, metavar="RUN", help="training run folder")
+    p.add_argument("-o", "--output", required=True, metavar="latent.npz")
+    p.add_argument("--batch", type=int, default=256, help="images per batch (default 256)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--star", metavar="OUT.star", default=None,
+                   help="also write the particles with amplitudes and refined origins")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="DataLoader worker processes that read images (default 0)")
+    p.add_argument("--checkpoint", default="last", metavar="last|best|FILE",
+                   help="which weights: last (the last epoch, default), best (the epoch of "
+                        "lowest validation loss, RUN/checkpoints/best.pt) or a checkpoint file")
+    p.add_argument("--fit-iterations", type=int, default=None, metavar="N",
+                   help="Gauss-Newton iterations of each particle's z and shift, fitted to "
+                        "its image after the encoder (default %d for runs with the whitened "
+                        "loss and particles with poses and CTF; 0: the encoder's output; "
+                        "docs/training.md)" % FIT_ITERATIONS_DEFAULT)
+    p.add_argument("--fit-bfactor", default="auto", metavar="auto|B",
+                   help="B-factor (A^2) of the envelope exp(-B s^2/4) that the fit's "
+                        "renderings get, for the fall-off of the images' signal with "
+                        "resolution: auto (the default: estimated by maximum likelihood on "
+                        "512 particles) or a number (0: none)")
+    p.add_argument("--fit-pose", action="store_true",
+                   help="the fit also refines each particle's rotation (a local refinement "
+                        "with a prior whose spread is measured on the particles); the latent "
+                        "and --star then hold the refined angles")
+    p.add_argument("--force", action="store_true",
+                   help="replace existing output files (never an input)")
+    p.set_defaults(func=run)
+
+
+def _bfactor_arg(text):
+    """--fit-bfactor: None for auto, else the number."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise NmaemError("--fit-bfactor must be auto or a number of A^2 (got %r)" % text)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..base.errors import fail
+    from ..inference.infer import infer
+    from ..io.outputs import check_output_file, run_files, same_path
+    inputs = [args.particles] + run_files(args.model)
+    if args.num_workers < 0:
+        raise NmaemError("--num-workers must be 0 or more (got %d)" % args.num_workers)
+    check_output_file(args.output, inputs=inputs, force=args.force)
+    if args.star is not None:
+        if same_path(args.star, args.output):
+            fail(args.star, "--star and -o name the same file")
+        check_output_file(args.star, inputs=inputs, force=args.force)
+    infer(args.particles, args.model, args.output, batch=args.batch, device=args.device,
+          star=args.star, num_workers=args.num_workers, checkpoint=args.checkpoint,
+          fit_iterations=args.fit_iterations, fit_pose=args.fit_pose,
+          fit_bfactor=_bfactor_arg(args.fit_bfactor))
+    return 0

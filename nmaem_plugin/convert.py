@@ -173,7 +173,7 @@ def particlesToTable(partSet, starFile, stackDir=None):
     """
     import pandas as pd
     from pwem.constants import ALIGN_PROJ
-    from .core.io.particles import ParticleTable
+    from .core.io.table import ParticleTable
     from .core.io.stacks import is_mrc, stack_box
 
     if partSet.getAlignment() != ALIGN_PROJ:

@@ -29,7 +29,8 @@ from .landscape import DEFAULTS, check_latent_d, density_maxima, load_run, pca
 from ..base.atomic import atomic_savez
 from ..base.errors import fail
 from ..io.latent import Latent, read_latent
-from ..io.particles import ParticleTable, read_particles
+from ..io.table import ParticleTable
+from ..io.particles import read_particles
 
 __all__ = ["evaluate", "pose_error", "match_to_simulation"]
 
@@ -150,7 +151,8 @@ def evaluate(latent_path: str, sim_dir: str, run_dir: str, per_particle: Optiona
     """
     from ..modes.diagnostics import floor_rmsd
     from ..physics.structure import read_trajectory, rmsd
-    from ..io.provenance import check_latent, loads
+    from ..io.latent import check_latent
+    from ..io.provenance import loads
     model, nm, cfg = load_run(run_dir, need_modes=False)
     latent = read_latent(latent_path)
     check_latent_d(latent, nm, run_dir)

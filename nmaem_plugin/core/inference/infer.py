@@ -30,7 +30,7 @@ from ..io.latent import write_latent
 from ..base.errors import NmaemError, fail
 
 if TYPE_CHECKING:
-    from ..io.particles import ParticleTable
+    from ..io.table import ParticleTable
     from .particle_fit import FitStats
 
 __all__ = ["infer", "encode_images", "z_column_names", "fit_plan"]

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from ..base.errors import fail
-from .particles import ParticleTable, stack_resolver
+from .table import ParticleTable, stack_resolver
 from .poses import cryosparc_pose_to_matrix, matrix_to_euler
 
 __all__ = ["read_cs"]

@@ -17,7 +17,7 @@ Writers: ``nmaem infer`` (``core/infer.py``), and the export, states and evaluat
 write the z of a Scipion particle set through :func:`write_latent`. Readers: analysis,
 export, evaluate, report, demo, and ``convert`` (latent -> SetOfParticlesFlex).
 """
-from typing import Optional
+from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from ..base.atomic import atomic_savez
 from ..base.errors import fail
 from .npz import read_npz
 
-__all__ = ["Latent", "read_latent", "write_latent", "KEYS"]
+__all__ = ["Latent", "read_latent", "write_latent", "check_latent", "KEYS"]
 
 KEYS = ("z", "shift", "index")
 POSE_KEYS = ("pose_correction", "euler")     # optional: runs with --refine-pose
@@ -133,3 +133,36 @@ def write_latent(path: str, z: np.ndarray, shift: Optional[np.ndarray] = None,
                    if v is not None})
     atomic_savez(path, **arrays)
     return path
+
+
+def check_latent(latent: "Latent", run_dir: Optional[str] = None,
+                 cfg: Optional[Mapping[str, Any]] = None,
+                 truth: Optional[Tuple[Optional[Mapping[str, Any]], str]] = None) -> None:
+    """Check that a :class:`Latent` belongs with a run and a simulation's truth.
+
+    ``truth``: (particle fingerprint or None, path of ground_truth.npz). A one-line
+    NmaemError naming the latent file when its particles are not the truth's, or when it
+    was made by another run (other reference, modes or number of modes); a warning when a
+    fingerprint is missing."""
+    from .provenance import check_model, run_model_fingerprint, same_particles, warn
+    unchecked = []
+    if truth is not None:
+        truth_fp, truth_path = truth
+        if truth_fp is None:
+            warn(truth_path, "that it describes the particles of %s" % latent.path)
+        elif latent.particles is None:
+            unchecked.append("that its particles are those of %s" % truth_path)
+        else:
+            same, why = same_particles(latent.particles, truth_fp)
+            if not same:
+                fail(latent.path, "describes other particles than the simulation %s (%s): "
+                                  "the latent and the truth must come from the same "
+                                  "particles" % (truth_path, why))
+    if run_dir is not None and cfg and cfg.get("reference"):
+        if latent.model is None:
+            unchecked.append("that it was made by the run %s" % run_dir)
+        else:
+            check_model(latent.model, latent.path, run_model_fingerprint(run_dir, cfg),
+                        run_dir)
+    if unchecked:
+        warn(latent.path, " and ".join(unchecked))

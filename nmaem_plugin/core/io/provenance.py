@@ -20,7 +20,7 @@ where they are combined (docs/reliability.md):
   so every checkpoint carries it) and ``latent.npz`` (``model``).
 
 Checks: ``evaluate`` and ``report`` compare the latent with the truth (particles) and with
-the run (model); ``infer --checkpoint FILE`` compares the checkpoint's network with the
+the run (model) through ``latent.check_latent``; ``infer --checkpoint FILE`` compares the checkpoint's network with the
 run's (``train.load_trained``). A file written before fingerprints existed gives a
 warning (:func:`warn`), not an error.
 """
@@ -34,12 +34,11 @@ import numpy as np
 
 from ..base.errors import fail
 
-if TYPE_CHECKING:                   # hint-only: provenance imports neither at run time
-    from .latent import Latent
-    from .particles import ParticleTable
+if TYPE_CHECKING:                   # hint-only: provenance imports it not at run time
+    from .table import ParticleTable
 
 __all__ = ["particle_fingerprint", "model_fingerprint", "run_model_fingerprint",
-           "same_particles", "check_latent", "check_model", "dumps", "loads", "warn",
+           "same_particles", "check_model", "dumps", "loads", "warn",
            "PROBE_ROWS"]
 
 FORMAT = 1
@@ -166,38 +165,6 @@ def same_particles(a: Mapping[str, Any], b: Mapping[str, Any]) -> Tuple[bool, Op
 def warn(path: object, what: str) -> None:
     sys.stderr.write("nmaem: warning: %s: no fingerprint (written by an older nmaem, or from "
                      "a Scipion set): %s cannot be checked\n" % (path, what))
-
-
-def check_latent(latent: "Latent", run_dir: Optional[str] = None,
-                 cfg: Optional[Mapping[str, Any]] = None,
-                 truth: Optional[Tuple[Optional[Mapping[str, Any]], str]] = None) -> None:
-    """Check that a :class:`~.latent.Latent` belongs with a run and a simulation's truth.
-
-    ``truth``: (particle fingerprint or None, path of ground_truth.npz). A one-line
-    NmaemError naming the latent file when its particles are not the truth's, or when it
-    was made by another run (other reference, modes or number of modes); a warning when a
-    fingerprint is missing."""
-    unchecked = []
-    if truth is not None:
-        truth_fp, truth_path = truth
-        if truth_fp is None:
-            warn(truth_path, "that it describes the particles of %s" % latent.path)
-        elif latent.particles is None:
-            unchecked.append("that its particles are those of %s" % truth_path)
-        else:
-            same, why = same_particles(latent.particles, truth_fp)
-            if not same:
-                fail(latent.path, "describes other particles than the simulation %s (%s): "
-                                  "the latent and the truth must come from the same "
-                                  "particles" % (truth_path, why))
-    if run_dir is not None and cfg and cfg.get("reference"):
-        if latent.model is None:
-            unchecked.append("that it was made by the run %s" % run_dir)
-        else:
-            check_model(latent.model, latent.path, run_model_fingerprint(run_dir, cfg),
-                        run_dir)
-    if unchecked:
-        warn(latent.path, " and ".join(unchecked))
 
 
 def check_model(fp: Optional[str], fp_path: str, run_fp: str, run_dir: str) -> None:

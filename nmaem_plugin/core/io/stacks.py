@@ -10,7 +10,7 @@ from ..base.atomic import atomic_open
 from ..base.errors import fail
 
 if TYPE_CHECKING:
-    from .particles import ParticleTable
+    from .table import ParticleTable
 
 __all__ = ["ImageStack", "write_stack", "stack_box", "is_mrc", "MRC_EXTENSIONS"]
 

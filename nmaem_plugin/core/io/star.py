@@ -14,8 +14,8 @@ import pandas as pd
 
 from ..base.atomic import atomic_open
 from ..base.errors import NmaemError, fail
-from .particles import (ANGLES, CTF_OPTICS, CTF_PARTICLE, ParticleTable, split_image_names,
-                        stack_resolver)
+from .table import (ANGLES, CTF_OPTICS, CTF_PARTICLE, ParticleTable, split_image_names,
+                    stack_resolver)
 from .stacks import stack_box
 
 __all__ = ["read_star_blocks", "read_star", "write_star"]

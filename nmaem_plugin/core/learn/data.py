@@ -11,7 +11,7 @@ import torch
 from ..physics.ctf import CTFParams
 
 if TYPE_CHECKING:
-    from ..io.particles import ParticleTable
+    from ..io.table import ParticleTable
 
 __all__ = ["ParticleImages", "make_loader", "ParticleMetadata", "epoch_order"]
 

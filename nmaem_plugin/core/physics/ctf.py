@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from ..io.particles import ParticleTable
+    from ..io.table import ParticleTable
 
 __all__ = ["electron_wavelength", "ctf_2d", "bfactor_envelope", "CTFParams", "ctf_params",
            "TensorOrFloat"]

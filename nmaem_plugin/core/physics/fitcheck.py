@@ -32,7 +32,7 @@ from ..base.errors import NmaemError, fail
 from . import noise as noise_model
 
 if TYPE_CHECKING:
-    from ..io.particles import ParticleTable
+    from ..io.table import ParticleTable
     from .structure import AtomicModel
 
 # torch (and the likelihood module) are imported inside the functions: importing this

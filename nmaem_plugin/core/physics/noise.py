@@ -29,7 +29,7 @@ from ..base.errors import NmaemError, fail
 from ..io.npz import read_npz
 
 if TYPE_CHECKING:
-    from ..io.particles import ParticleTable
+    from ..io.table import ParticleTable
 
 __all__ = ["NOISE_FORMAT", "radius_grid", "shell_index", "hermitian_weights", "soft_disc",
            "shell_sums", "NoiseModel", "load_noise_model", "estimate_background",

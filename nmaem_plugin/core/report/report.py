@@ -34,7 +34,8 @@ def _frames_for(latent, truth_dir):
                            else None)
     except Exception as exc:  # numpy raises several types for corrupt archives
         fail(gt_path, "not readable (%s)" % (str(exc).splitlines() or ["?"])[0])
-    from ..io.provenance import check_latent, loads
+    from ..io.latent import check_latent
+    from ..io.provenance import loads
     check_latent(latent, truth=(loads(fingerprint), gt_path))
     if frame is None:
         fail(gt_path, "no 'frame' array")
@@ -146,7 +147,7 @@ def write_report(run_dir: str, out_dir: str, latent: Optional[str] = None,
     if truth is not None:
         _truth_file(truth)          # a missing truth fails before the provenance warnings
     if lat is not None and config.get("reference") and config.get("modes"):
-        from ..io.provenance import check_latent
+        from ..io.latent import check_latent
         check_latent(lat, run_dir, config)          # made by this run (provenance.py)
     frames = _frames_for(lat, truth) if truth is not None else None
     if modes is not None:

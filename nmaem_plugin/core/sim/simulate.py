@@ -46,7 +46,7 @@ from ..base.choices import DISTRIBUTIONS
 from ..base.errors import NmaemError, fail
 from .nuisances import (Nuisances, coloured_noise, consensus_errors, random_rotation_errors,
                         relion_normalise, rigid_core, stream)
-from ..io.particles import ParticleTable
+from ..io.table import ParticleTable
 from ..io.stacks import write_stack
 from ..io.star import write_star
 from ..base.progress import Progress, release_memory

@@ -508,7 +508,8 @@ class TestMatchToSimulation(TmpCase):
         from nmaem_plugin import constants
         from nmaem_plugin.core.analysis.evaluate import match_to_simulation
         from nmaem_plugin.core.io.latent import Latent
-        from nmaem_plugin.core.io.particles import ID_COLUMN, read_particles
+        from nmaem_plugin.core.io.table import ID_COLUMN
+        from nmaem_plugin.core.io.particles import read_particles
         self.assertEqual(ID_COLUMN, constants.STAR_ID_COLUMN)   # one column, both sides
         sim = read_particles(write_relion31(os.path.join(self.tmp, "sim.star"),
                                             [10, 20, 30], [(1, 2), (3, 4), (5, 6)]))
@@ -543,7 +544,8 @@ class TestMatchToSimulation(TmpCase):
         """A permuted subset with its own ids and refined origins, evaluated with
         --particles, gives the figures of the same z evaluated by simulation rows, and the
         shift error of the origins' offsets (the simulation's origins are zero)."""
-        from nmaem_plugin.core.io.particles import ID_COLUMN, read_particles
+        from nmaem_plugin.core.io.table import ID_COLUMN
+        from nmaem_plugin.core.io.particles import read_particles
         from nmaem_plugin.core.io.star import write_star
         import pandas as pd
         dat = data()

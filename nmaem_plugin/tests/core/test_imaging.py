@@ -366,7 +366,7 @@ class TestCTFParams(unittest.TestCase):
 
     def setUp(self):
         import pandas as pd
-        from nmaem_plugin.core.io.particles import ParticleTable
+        from nmaem_plugin.core.io.table import ParticleTable
         rng = np.random.default_rng(3)
         n = self.N
         u = rng.uniform(5000.0, 25000.0, n)

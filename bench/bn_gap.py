@@ -1,5 +1,5 @@
 """Batch-norm gap: eval-mode (running statistics) against train-mode (batch statistics) loss
-and latent accuracy of a trained encoder, before and after precise BN (core/normstats.py).
+and latent accuracy of a trained encoder, before and after precise BN (core/learn/normstats.py).
 
     python bench/bn_gap.py [--work DIR] [--n 4000] [--epochs 8] [--threads 1]
 
@@ -39,7 +39,7 @@ from nmaem_plugin.core.io.particles import read_particles  # noqa: E402
 from nmaem_plugin.core.learn.network import image_loss  # noqa: E402
 from nmaem_plugin.core.learn.data import ParticleMetadata, make_loader, ParticleImages
 from nmaem_plugin.core.io.runfolder import read_config  # noqa: E402
-from nmaem_plugin.core.learn.train import load_trained  # noqa: E402
+from nmaem_plugin.core.learn.checkpoints import load_trained  # noqa: E402
 
 
 def quiet(*a, **k):

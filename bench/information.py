@@ -34,7 +34,7 @@ from nmaem_plugin.core.io.latent import read_latent  # noqa: E402
 from nmaem_plugin.core.physics.noise import hermitian_weights  # noqa: E402
 from nmaem_plugin.core.sim.nuisances import noise_filter  # noqa: E402
 from nmaem_plugin.core.io.particles import read_particles  # noqa: E402
-from nmaem_plugin.core.learn.train import load_trained  # noqa: E402
+from nmaem_plugin.core.learn.checkpoints import load_trained  # noqa: E402
 
 
 def main(argv=None):

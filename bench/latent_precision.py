@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from nmaem_plugin.core.io.particles import read_particles  # noqa: E402
 from nmaem_plugin.core.learn.network import Decoder  # noqa: E402
 from nmaem_plugin.core.learn.data import ParticleMetadata  # noqa: E402
-from nmaem_plugin.core.learn.train import load_trained  # noqa: E402
+from nmaem_plugin.core.learn.checkpoints import load_trained  # noqa: E402
 
 
 def bound(dec, z, v, rot, base, ctf_params, sigma, eps=1.0):

@@ -41,7 +41,7 @@ from nmaem_plugin.core.inference.particle_fit import fit_batch, population_prior
 from nmaem_plugin.core.io.particles import read_particles  # noqa: E402
 from nmaem_plugin.core.io.poses import euler_to_matrix  # noqa: E402
 from nmaem_plugin.core.physics.structure import read_model, read_trajectory  # noqa: E402
-from nmaem_plugin.core.learn.train import load_trained  # noqa: E402
+from nmaem_plugin.core.learn.checkpoints import load_trained  # noqa: E402
 
 
 def infer_like_nmaem(ae, lik, images, groups, rot, base, ctf, iterations, start=None):

@@ -38,7 +38,7 @@ from nmaem_plugin.core.inference.particle_fit import (FitStats, fit_batch, popul
                                                       prior_floor)
 from nmaem_plugin.core.io.particles import read_particles  # noqa: E402
 from nmaem_plugin.core.io.poses import correct_rotations, euler_to_matrix, rotation_angle_deg
-from nmaem_plugin.core.learn.train import load_trained  # noqa: E402
+from nmaem_plugin.core.learn.checkpoints import load_trained  # noqa: E402
 from latent_twins import make_twins  # noqa: E402
 
 BROAD_DEG = 10.0

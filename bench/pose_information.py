@@ -43,7 +43,7 @@ from nmaem_plugin.core.physics.noise import (hermitian_weights, shell_counts, sh
 from nmaem_plugin.core.io.particles import read_particles  # noqa: E402
 from nmaem_plugin.core.io.poses import euler_to_matrix, rotation_angle_deg  # noqa: E402
 from nmaem_plugin.core.physics.structure import read_trajectory  # noqa: E402
-from nmaem_plugin.core.learn.train import load_trained  # noqa: E402
+from nmaem_plugin.core.learn.checkpoints import load_trained  # noqa: E402
 
 
 def median_angle(cov, rng, draws=64):

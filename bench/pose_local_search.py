@@ -37,7 +37,7 @@ from nmaem_plugin.core.physics.likelihood import WhitenedLikelihood, whitened_fi
 from nmaem_plugin.core.learn.network import split_outputs  # noqa: E402
 from nmaem_plugin.core.io.particles import read_particles  # noqa: E402
 from nmaem_plugin.core.io.poses import correct_rotations, euler_to_matrix, rotation_angle_deg
-from nmaem_plugin.core.learn.train import load_trained  # noqa: E402
+from nmaem_plugin.core.learn.checkpoints import load_trained  # noqa: E402
 
 
 FD_STEP = math.radians(0.2)      # forward-difference step of the Jacobian (radians)

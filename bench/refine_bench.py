@@ -1,4 +1,4 @@
-"""Time and peak memory of geometry refinement (core/refine.py) on adenylate kinase and on
+"""Time and peak memory of geometry refinement (core/analysis/refine.py) on adenylate kinase and on
 copies of it tiled in space (chains renamed), at the open -> closed normal-mode amplitudes.
 
     python bench/refine_bench.py --copies 1            # 1,656 heavy atoms

@@ -1,6 +1,6 @@
 """Training and inference speed of the autoencoder, and the share of the machine's matmul rate.
 
-One training step is exactly what ``nmaem train`` does per batch (``core/train.py``):
+One training step is exactly what ``nmaem train`` does per batch (``core/learn/train.py``):
 encoder -> (shift, z), CTF of the batch, decoder X0 + U z rendered with pose, shift and CTF,
 l2 loss, backward, Adam step. Adenylate kinase (1,656 atoms), d = 16 (random orthonormal
 modes: the speed does not depend on their values), images of random noise, batch 64 by

@@ -2,7 +2,7 @@
 PROGRAM_NAME = "nmaem"
 
 # The option lists (coarse-graining, distributions, encoders, losses, ...) live in
-# core/choices.py, read by the command line and the protocols alike.
+# core/base/choices.py, read by the command line and the protocols alike.
 
 # Where the frames of a simulated dataset come from (NmaemProtSimulate.inputSource).
 SIM_MORPH = 0        # --ref A --target B --frames F

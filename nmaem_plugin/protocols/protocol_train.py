@@ -474,8 +474,8 @@ class NmaemProtTrain(NmaemProtBase):
             msg = checkModesMatch(modesFile, ref.getFileName())
             if msg:
                 errors.append(msg)
-        # the option rules of nmaem train, written once (core.runfolder.TrainConfig)
-        from ..core.io.runfolder import TrainConfig
+        # the option rules of nmaem train, written once (core.io.trainconfig.TrainConfig)
+        from ..core.io.trainconfig import TrainConfig
         box = self.boxSize.get()
         imgBox = (imageBox(parts) if (box > 0 or self.encoderBox.get() > 0)
                   and parts is not None and parts.getSize() else None)

@@ -37,7 +37,7 @@ def model_projections(coords: np.ndarray, elements: Sequence[str], views: Sequen
                       centre: Optional[np.ndarray] = None, blur: float = 0.0) -> np.ndarray:
     """(V, box, box) float64 projections of an atomic model, arrays [y, x], one per view of
     ``views`` (``poses.VIEW_AXES``: along the model's z, y or x axis), rendered by
-    ``imaging.Renderer`` (band-limited atoms with their form factors, no CTF, no shift).
+    ``physics.renderer.Renderer`` (band-limited atoms with their form factors, no CTF, no shift).
     ``centre`` (3,) Angstrom lands on pixel (box//2, box//2); without ``centre``/``apix``,
     :func:`thumbnail_frame`. An atom at r projects onto pixel (x, y) =
     box//2 + (A (r - centre))[:2] / apix with A = ``poses.view_matrix(view)``. ``blur``

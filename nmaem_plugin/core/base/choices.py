@@ -29,7 +29,7 @@ ENCODERS: Tuple[str, ...] = tuple(ENCODER_PRESETS)
 LOSSES: Tuple[str, ...] = ("whitened", "l2", "corr")
 # nmaem train --lr-schedule
 LR_SCHEDULES: Tuple[str, ...] = ("constant", "cosine")
-# nmaem train --renderer: the structure factor's route (imaging.Renderer): auto (the faster
+# nmaem train --renderer: the structure factor's route (physics.renderer.Renderer): auto (the faster
 # for the model, box and device), gemm (cos/sin matrix products, exact), nufft (FINUFFT
 # type-1 non-uniform FFT, CPU, optional package)
 RENDER_ROUTES: Tuple[str, ...] = ("auto", "gemm", "nufft")

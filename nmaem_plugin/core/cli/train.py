@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     import os
     from ..learn.distributed import launch_distributed
     from ..io.runfolder import run_lock
-    from ..learn.train import prepare_run, train_run
+    from ..learn.prepare import prepare_run
+    from ..learn.train import train_run
     if args.worker:                       # one torchrun process: the run is prepared
         rank = int(os.environ.get("RANK", "0"))
         try:

@@ -223,7 +223,7 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
     from ..base.progress import Progress
     from ..learn.data import ParticleImages, make_loader
     from ..learn.distributed import is_oom, resolve_device, use_fast_kernels
-    from ..learn.train import load_trained
+    from ..learn.checkpoints import load_trained
     if int(batch) < 1:
         raise NmaemError("--batch must be at least 1")
     dev = resolve_device(device)

@@ -27,7 +27,7 @@ what the model cannot follow (states off the modes' span, pose and defocus error
 rendering without that fall-off asks z to explain high-frequency signal that is not there.
 ``envelope_bfactor`` estimates, by maximum likelihood over a calibration set at the
 encoder's z, one B-factor B of an envelope exp(-B s^2 / 4) for the data set; the fit then
-renders with it (the CTF's B-factor, ``imaging.ctf_2d``).
+renders with it (the CTF's B-factor, ``physics.ctf.ctf_2d``).
 
 The minimisation is Levenberg-Marquardt on the linearised rendering: the Jacobian J of the
 rendered transform with respect to (z, t) (``Decoder.render_ft_jacobian``: exact on the

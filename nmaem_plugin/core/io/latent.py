@@ -13,7 +13,7 @@ Optional (provenance.py):
 the run's reference and modes (JSON strings; absent in older files and in latents written
 from a Scipion set).
 
-Writers: ``nmaem infer`` (``core/infer.py``), and the export, states and evaluate protocols, which
+Writers: ``nmaem infer`` (``core/inference/infer.py``), and the export, states and evaluate protocols, which
 write the z of a Scipion particle set through :func:`write_latent`. Readers: analysis,
 export, evaluate, report, demo, and ``convert`` (latent -> SetOfParticlesFlex).
 """

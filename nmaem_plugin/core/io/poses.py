@@ -2,7 +2,7 @@
 
 The one home of the project's rotation conventions (docs/conventions.md derives each one);
 numpy only, so that reading particle files or converting Scipion particles does not load
-torch. ``imaging`` wraps these functions for tensors.
+torch. ``physics/rotations.py`` wraps these functions for tensors.
 
 * ``euler_to_matrix(rot, tilt, psi)`` is RELION's ``Euler_angles2matrix``:
   A = Rz(psi) Ry(tilt) Rz(rot) with the *passive* elementary rotations
@@ -11,7 +11,7 @@ torch. ``imaging`` wraps these functions for tensors.
   projection of A r along z.
 * cryoSPARC's ``alignments3D/pose`` is a rotation vector v; RELION's matrix of it is
   A = R(v)^T with R the Rodrigues matrix (``cryosparc_pose_to_matrix``; the evidence is in
-  ``core/cryosparc.py``).
+  ``core/io/cryosparc.py``).
 * A *pose correction* (``nmaem train --refine-pose``) is a rotation vector v (radians)
   composed on the right of the file's matrix: A_refined = A_file R(v)
   (:func:`correct_rotations`). R(v) turns the model about the rotation centre in the
@@ -67,7 +67,7 @@ def euler_to_matrix(rot: "ArrayLike", tilt: "ArrayLike", psi: "ArrayLike",
     """RELION's rotation matrix A for Euler angles (rot, tilt, psi); batched, (..., 3, 3).
 
     With the default ``xp=numpy`` the inputs are any array-likes and the result is float64;
-    ``imaging`` passes ``xp=torch`` with broadcast tensors (the same formulas, differentiable).
+    ``physics/rotations.py`` passes ``xp=torch`` with broadcast tensors (the same formulas, differentiable).
     """
     if xp is np:
         rot, tilt, psi = np.broadcast_arrays(

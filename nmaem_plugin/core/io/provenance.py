@@ -20,9 +20,9 @@ where they are combined (docs/reliability.md):
   so every checkpoint carries it) and ``latent.npz`` (``model``).
 
 Checks: ``evaluate`` and ``report`` compare the latent with the truth (particles) and with
-the run (model) through ``latent.check_latent``; ``infer --checkpoint FILE`` compares the checkpoint's network with the
-run's (``train.load_trained``). A file written before fingerprints existed gives a
-warning (:func:`warn`), not an error.
+the run (model) through ``latent.check_latent``; ``infer --checkpoint FILE`` compares the
+checkpoint's network with the run's (``learn.checkpoints.load_trained``). A file written
+before fingerprints existed gives a warning (:func:`warn`), not an error.
 """
 import hashlib
 import json

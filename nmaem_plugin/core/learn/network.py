@@ -23,7 +23,7 @@ starts at the reference):
       1e-3 Angstrom: the first renderings are the reference model at the known pose.
 
 Decoder (``Decoder``)
-    X(z) = X0 + sum_l z_l U_l, rendered by :class:`imaging.Renderer` with the particle's
+    X(z) = X0 + sum_l z_l U_l, rendered by :class:`physics.renderer.Renderer` with the particle's
     rotation (RELION matrix of its pose), a shift of ``-origin + predicted shift + offset``
     (Angstrom; ``offset`` is zero unless an odd original box was Fourier-cropped, see
     ``train.py``) and its CTF. The rotation centre is the consensus-map centre
@@ -32,7 +32,7 @@ Decoder (``Decoder``)
 Encoder box (``encoder_box``, ``nmaem train --encoder-box``)
     The trunk may see the images Fourier-cropped to a smaller even box than the training
     box (after the whitening filter, which is defined on the training box). The default
-    (``runfolder.encoder_box_for``) is the training box up to 128 px and 128 px above:
+    (``trainconfig.encoder_box_for``) is the training box up to 128 px and 128 px above:
     the conformations of domain motions live at low resolution, the convolutions' cost
     grows with the box squared (a small encoder took 4x longer per image at 256 px than
     at 128 px on the CPU), and the decoder and the loss still use the whole training box.
@@ -257,7 +257,7 @@ class Decoder(nn.Module):
         return self._renderers[key]
 
     def ctf(self, *args, **kwargs) -> torch.Tensor:
-        """CTF (B, D, K) on the decoder's grid: a :class:`imaging.CTFParams` of per-image
+        """CTF (B, D, K) on the decoder's grid: a :class:`physics.ctf.CTFParams` of per-image
         tensors, or its fields as arguments (``Renderer.ctf``)."""
         return self.renderer().ctf(*args, **kwargs)
 
@@ -302,7 +302,7 @@ class Decoder(nn.Module):
         A R(v) R(w), per radian of w at w = 0), (d + 5, B, D, K). No gradients.
 
         On the matrix-product route the derivatives are exact
-        (:meth:`imaging.Renderer.render_ft_jvp` with the modes as tangents, and for the
+        (:meth:`physics.renderer.Renderer.render_ft_jvp` with the modes as tangents, and for the
         rotation the tangents e_k x (X(z) - centre), rotated by the rotations rendered, pose
         correction included). On the NUFFT route they are forward differences of
         ``FD_RMSD`` Angstrom RMSD along each mode (``FD_RMSD * sqrt(M)`` in z, the modes

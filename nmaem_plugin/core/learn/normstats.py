@@ -46,7 +46,7 @@ def auto_batch(n_train: int) -> int:
 def resolve_batch(batch: Union[int, str, None], n_train: int) -> int:
     """The integer batch of a ``--batch`` value: ``'auto'`` (or None) -> :func:`auto_batch`,
     an integer (or its string) -> itself."""
-    from ..io.runfolder import is_auto_batch
+    from ..io.trainconfig import is_auto_batch
     if is_auto_batch(batch):
         return auto_batch(n_train)
     try:

@@ -1,8 +1,8 @@
 """Does the reference explain the particles at their poses? (``nmaem check``; docs/likelihood.md)
 
 The reference is rendered at each particle's pose, shift and CTF and scored with the
-whitened correlation rho (core/likelihood.py) under a noise model estimated from the
-particles' background (core/noise.py). The null is the same images scored against the
+whitened correlation rho (core/physics/likelihood.py) under a noise model estimated from the
+particles' background (core/physics/noise.py). The null is the same images scored against the
 renderings of *other* particles' poses and shifts (each image keeps its own CTF). The check
 passes when the real poses beat the shuffled ones by a paired z-score >= Z_PASS and no
 alternative geometry (below) explains the images clearly better.

@@ -145,7 +145,7 @@ class NoiseModel:
 
         A smaller box is a Fourier crop to pixel size apix * box0 / box: frequency index k
         is the same physical frequency, and cropped DFT coefficients are (box/box0)^2 times
-        the original ones (``imaging.fourier_crop``), so the power scales by (box/box0)^4.
+        the original ones (``physics.fourier.fourier_crop``), so the power scales by (box/box0)^4.
         """
         g = self.row(self.groups[0] if group is None else group)
         d = self.box if box is None else int(box)

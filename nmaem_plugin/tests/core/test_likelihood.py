@@ -183,7 +183,7 @@ class TestInvariance(unittest.TestCase):
             lik.per_image(self.images, R, torch.tensor([1, 2, 4, 1]))
 
     def test_cropped_grid(self):
-        # sigma2 of a Fourier-cropped box: same shells, scaled by (d/D)^4 (imaging.fourier_crop)
+        # sigma2 of a Fourier-cropped box: same shells, scaled by (d/D)^4 (physics.fourier.fourier_crop)
         from nmaem_plugin.core.physics.fourier import fourier_crop
         rng = np.random.default_rng(0)
         D, d = 32, 16

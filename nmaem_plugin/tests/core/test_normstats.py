@@ -127,7 +127,7 @@ class TestPreciseBN(unittest.TestCase):
         from nmaem_plugin.core.learn.network import image_loss
         from nmaem_plugin.core.learn.data import ParticleImages, ParticleMetadata, make_loader
         from nmaem_plugin.core.io.particles import read_particles
-        from nmaem_plugin.core.learn.train import load_trained
+        from nmaem_plugin.core.learn.checkpoints import load_trained
         ae, cfg = load_trained(run, "cpu", checkpoint)
         self.assertFalse(ae.encoder.training)
         table = read_particles(cfg["particles"])
@@ -150,7 +150,7 @@ class TestPreciseBN(unittest.TestCase):
     def test_prepare_auto_batch(self):
         """--batch defaults to auto (resolved and stored as an integer); an explicit batch,
         also on resume, is kept as given."""
-        from nmaem_plugin.core.learn.train import prepare_run
+        from nmaem_plugin.core.learn.prepare import prepare_run
         run = os.path.join(self.tmp, "prep")
         cfg = prepare_run(run, self.star, self.ref, self.modes, encoder="small", log=quiet)
         self.assertEqual((cfg["n_train"], cfg["batch"], cfg["batch_auto"]), (360, 16, True))

@@ -290,7 +290,7 @@ class TestInferWithFit(unittest.TestCase):
         good, the log says how many particles the fit improved, and the STAR's origins
         follow the fitted shifts."""
         from nmaem_plugin.core.inference.infer import encode_images
-        from nmaem_plugin.core.learn.train import load_trained
+        from nmaem_plugin.core.learn.checkpoints import load_trained
         from nmaem_plugin.core.learn.data import ParticleImages
         enc, fit = os.path.join(self.tmp, "enc.npz"), os.path.join(self.tmp, "fit.npz")
         star = os.path.join(self.tmp, "fit.star")

@@ -222,7 +222,7 @@ class TestRecovery(unittest.TestCase):
         """3 degrees about a fixed axis: every particle's refined rotation is within 0.5
         degree of the true one (the file's are all 3 degrees off)."""
         from nmaem_plugin.core.io.particles import read_particles
-        from nmaem_plugin.core.learn.train import load_trained
+        from nmaem_plugin.core.learn.checkpoints import load_trained
         # the default head reads the conformation: the run's 2 modes
         self.assertEqual(load_trained(self.run_dir)[0].encoder.pose_head[0].in_features, 2)
         true = read_particles(self.d["star"]).rotation_matrices()
@@ -270,7 +270,8 @@ class TestRecovery(unittest.TestCase):
         default, z): the same 3 degree error is recovered within 0.5 degree."""
         from nmaem_plugin.core.inference.infer import infer
         from nmaem_plugin.core.io.particles import read_particles
-        from nmaem_plugin.core.learn.train import load_trained, train
+        from nmaem_plugin.core.learn.checkpoints import load_trained
+        from nmaem_plugin.core.learn.train import train
         d = self.d
         run = os.path.join(d["tmp"], "run_pose_image")
         train(run, d["wrong"], d["ref"], d["modes"], epochs=20, loss="l2", encoder="small",
@@ -304,7 +305,8 @@ class TestRecovery(unittest.TestCase):
         from nmaem_plugin.core.inference.infer import infer
         from nmaem_plugin.core.io.latent import read_latent
         from nmaem_plugin.core.io.runfolder import config_path
-        from nmaem_plugin.core.learn.train import load_trained, train
+        from nmaem_plugin.core.learn.checkpoints import load_trained
+        from nmaem_plugin.core.learn.train import train
         d, tmp = self.d, self.d["tmp"]
         opts = dict(loss="l2", encoder="small", batch=8, lr=3e-3, seed=1, check=False,
                     log=quiet)

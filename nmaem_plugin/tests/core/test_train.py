@@ -180,7 +180,7 @@ class TestTraining(TrainTestCase):
         """An untrained network gives z and shift near 0, and the decoder's rendering of its
         output equals an independent rendering of X0 at the file's poses and origins."""
         from nmaem_plugin.core.io.runfolder import read_config
-        from nmaem_plugin.core.learn.train import build_autoencoder
+        from nmaem_plugin.core.learn.checkpoints import build_autoencoder
         ae = build_autoencoder(read_config(self.run_a), self.run_a).eval()
         images = self.cropped_images(np.arange(24))
         with torch.no_grad():
@@ -417,7 +417,7 @@ class TestBestCheckpoint(unittest.TestCase):
     def test_best_follows_the_validation_loss(self):
         """best.pt is rewritten only when an epoch's validation loss is the lowest so far
         (NaN never is); last.pt is always the latest epoch."""
-        from nmaem_plugin.core.learn.train import save_checkpoint
+        from nmaem_plugin.core.learn.checkpoints import save_checkpoint
         run = tempfile.mkdtemp(prefix="nmaem-best-")
         self.addCleanup(shutil.rmtree, run, ignore_errors=True)
         history = []
@@ -519,7 +519,7 @@ class TestEncoderBox(TrainTestCase):
         of box 16 given the image cropped by an independent numpy Fourier crop (frequencies
         |k| < 8 of the 32 px grid, values kept: the inverse FFT times (16/32)^2)."""
         from nmaem_plugin.core.learn.network import Encoder
-        from nmaem_plugin.core.io.runfolder import encoder_box_for
+        from nmaem_plugin.core.io.trainconfig import encoder_box_for
         torch.manual_seed(0)
         big = Encoder(32, 3, filters=(4, 8), hidden=(16,), encoder_box=16).eval()
         small = Encoder(16, 3, filters=(4, 8), hidden=(16,)).eval()
@@ -551,7 +551,7 @@ class TestEncoderBox(TrainTestCase):
     def test_training_and_inference_with_an_encoder_box(self):
         """--encoder-box 16 with a 32 px training box: recorded in config.json, the encoder
         built with it, and nmaem infer runs on the run; bad values are one-line errors."""
-        from nmaem_plugin.core.learn.train import load_trained
+        from nmaem_plugin.core.learn.checkpoints import load_trained
         run = self.path("run_encoder_box")
         base = ["train", "--particles", self.star, "--ref", self.ref, "--modes", self.modes,
                 "-o", run, "--epochs", "1", "--box", str(BOX), "--encoder", "small",
@@ -590,7 +590,7 @@ class TestInference(TrainTestCase):
     def test_infer_matches_direct_call(self):
         """``nmaem infer`` reproduces the eval-mode encoder on the cropped images, row by
         row, and writes a STAR with the amplitudes and the refined origins."""
-        from nmaem_plugin.core.learn.train import load_trained
+        from nmaem_plugin.core.learn.checkpoints import load_trained
         lat_path, star_out = self.path("latent.npz"), self.path("out.star")
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -622,7 +622,7 @@ class TestInference(TrainTestCase):
     def test_infer_checkpoint_choice(self):
         """--checkpoint FILE uses those weights (epoch 1 here, not the last epoch 2);
         --checkpoint best on a run without best.pt is a one-line error."""
-        from nmaem_plugin.core.learn.train import load_trained
+        from nmaem_plugin.core.learn.checkpoints import load_trained
         ep1 = os.path.join(self.run_a, "checkpoints", "epoch_0001.pt")
         lat_path = self.path("latent_ep1.npz")
         with contextlib.redirect_stderr(io.StringIO()), \
@@ -716,7 +716,7 @@ class TestBadInput(TrainTestCase):
         self.assert_one_line(rc, err, "nothing to resume", "no checkpoint")
         # a run stopped before its first checkpoint can be resumed (from the beginning)
         # rather than being neither resumable nor restartable
-        from nmaem_plugin.core.learn.train import prepare_run
+        from nmaem_plugin.core.learn.prepare import prepare_run
         started = self.path("run_started")
         prepare_run(started, self.star, self.ref, self.modes, log=quiet, epochs=1, **SMALL)
         with self.assertRaises(NmaemError):

@@ -16,9 +16,9 @@ Two routes, chosen by what is installed (``sparse_route``):
   there.
 
 On the 90-copy adenylate kinase lattice 36 A apart (19,260 CA nodes, H of 57,780 rows and
-11.3 million non-zeros), one thread: MUMPS factorises in about 6 s (63 million non-zeros in the
-factor, against SuperLU's 193 million and 40-55 s) and the block Lanczos converges in about
-20 blocks of 12; docs/benchmarks.md has the measurements.
+11.3 million non-zeros), one thread: MUMPS factorises in 6-11 s (63 million non-zeros in the
+factor, against SuperLU's 193 million and 40-55 s) and the block Lanczos converges in 19 blocks
+of 11 for d = 16; docs/benchmarks.md has the measurements.
 """
 import math
 import time

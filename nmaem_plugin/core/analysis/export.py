@@ -8,7 +8,7 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from .landscape import (DEFAULTS, check_latent_d, deformed_coords, density_maxima, format_json,
+from .landscape import (DEFAULTS, check_latent_d, deformed_coords, format_json,
                         kmeans, load_run, need_z, pca, traversal_points)
 from ..base.atomic import atomic_open
 from ..base.errors import NmaemError, fail
@@ -69,9 +69,9 @@ def export(latent_path: str, run_dir: str, out_dir: str, pcs: Optional[Sequence[
 
     Any combination of: ``pcs`` (list of 1-based PCs, or "1,2") with ``steps`` points from
     the ``low`` to the ``high`` percentile (``traversal_points``); ``kmeans_k`` cluster
-    centres (``kmeans``, ``seed``); ``maxima`` (``density_maxima`` on PC1, each model at the
-    mean z of the particles near the maximum; ``bandwidth``, ``min_height`` and
-    ``min_prominence`` as there); ``z_list`` explicit amplitude vectors
+    centres (``kmeans``, ``seed``); ``maxima`` (the density maxima along PC1 and the model
+    at each, ``landscape.maxima``: deconvolved for a latent with ``z_cov``;
+    ``bandwidth``, ``min_height`` and ``min_prominence`` as there); ``z_list`` explicit amplitude vectors
     (strings "1.5,-0.3,..." or arrays). With none of them, PC1 in ``steps`` points.
     Files: ``pc1_01.pdb``..., ``cluster_01``..., ``maximum_01``..., ``z_01``... (``.cif``
     with ``fmt='cif'``), ``models.json`` and ``models.csv``; with ``thumbnails`` a PNG of
@@ -124,16 +124,18 @@ def export(latent_path: str, run_dir: str, out_dir: str, pcs: Optional[Sequence[
     if maxima:
         if p is None:
             fail(latent.path, "density maxima need at least 2 particles")
-        mx = density_maxima(p.transform(latent.z)[:, 0], bandwidth=bandwidth,
-                            min_height=min_height, min_prominence=min_prominence,
-                            min_significance=min_significance)
+        from .maxima import POINT_ESTIMATE_NOTE, from_latent
+        from .maxima import maxima as landscape_maxima
+        sm = landscape_maxima(from_latent(latent), bandwidth=bandwidth, min_height=min_height,
+                              min_prominence=min_prominence,
+                              min_significance=min_significance)
+        if latent.z_cov is None:
+            log("export: note: %s" % POINT_ESTIMATE_NOTE)
+        mx = sm.maxima
         counts = mx.basin_counts
         for j in range(len(mx)):
             members = mx.near[j]
-            if len(members):
-                zj = latent.z[members].mean(0)
-            else:   # cannot happen for a KDE maximum, but stay defined: the PC1 line
-                zj = p.along(0, mx.positions[j])
+            zj = sm.z[j]
             entries.append((numbered_name("maximum", j, len(mx)),
                             dict(kind="maximum", maximum=j + 1,
                                  pc1_position=float(mx.positions[j]),

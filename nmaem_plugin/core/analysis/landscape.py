@@ -19,7 +19,7 @@ Conventions used throughout:
 """
 import json
 import os
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ..physics.structure import AtomicModel
 
 __all__ = ["PCA", "Maxima", "load_run", "check_latent_d", "need_z", "format_json", "pca", "kmeans",
-           "kde_bandwidth", "isj_bandwidth", "silverman_bandwidth", "density_maxima", "traversal_points", "deformed_coords",
+           "kde_bandwidth", "isj_bandwidth", "silverman_bandwidth", "density_maxima", "peak_indices", "traversal_points", "deformed_coords",
            "DEFAULTS"]
 
 # defaults shared by the command line, the docs and the tests
@@ -166,8 +166,9 @@ class PCA:
         return self.mean + (float(t) - self.mean @ v) * v
 
 
-def pca(z: np.ndarray) -> PCA:
-    """PCA of z (N,d), N >= 2, d >= 1: a :class:`PCA`."""
+def pca(z: np.ndarray, covariance: Optional[np.ndarray] = None) -> PCA:
+    """PCA of z (N,d), N >= 2, d >= 1: a :class:`PCA`; ``covariance`` (d, d) replaces the
+    sample covariance of z (e.g. the deconvolved one, ``landscape.py``)."""
     z = np.asarray(z, dtype=np.float64)
     if z.ndim != 2 or z.shape[1] == 0:
         raise NmaemError("PCA needs amplitudes z of shape (N, d) with d >= 1 (got %s)"
@@ -176,8 +177,8 @@ def pca(z: np.ndarray) -> PCA:
         raise NmaemError("PCA needs at least 2 particles (got %d)" % z.shape[0])
     mean = z.mean(axis=0)
     c = z - mean
-    cov = c.T @ c / (len(z) - 1)
-    w, v = np.linalg.eigh(cov)
+    cov = c.T @ c / (len(z) - 1) if covariance is None else np.asarray(covariance, float)
+    w, v = np.linalg.eigh(0.5 * (cov + cov.T))
     order = np.argsort(w)[::-1]
     w = np.clip(w[order], 0.0, None)
     V = v[:, order].T.copy()
@@ -364,6 +365,36 @@ class Maxima:
         return np.bincount(self.basin, minlength=len(self))
 
 
+def peak_indices(f: np.ndarray, se: Callable[[int, int], float],
+                 min_height: float = DEFAULTS["min_height"],
+                 min_prominence: float = DEFAULTS["min_prominence"],
+                 min_significance: float = DEFAULTS["min_significance"]) -> np.ndarray:
+    """Grid indices (sorted) of the maxima of a density ``f`` on a grid that pass the
+    rules of :func:`density_maxima`: height at least ``min_height`` of the highest;
+    prominence (above the higher of the lowest points separating it from higher maxima,
+    or from the ends) at least ``min_prominence`` of its height and at least
+    ``min_significance`` times ``se(peak, dip)``, the standard error of f(peak) - f(dip)
+    (grid indices)."""
+    i = np.arange(1, len(f) - 1)
+    peaks = i[(f[i] > f[i - 1]) & (f[i] >= f[i + 1])]
+    keep = []
+    for p in peaks:
+        if f[p] < min_height * f.max():
+            continue
+        higher = peaks[f[peaks] > f[p]]
+        left = higher[higher < p]
+        right = higher[higher > p]
+        a = left.max() if len(left) else 0
+        b = right.min() + 1 if len(right) else len(f)
+        lo = a + int(np.argmin(f[a:p + 1]))
+        ro = p + int(np.argmin(f[p:b]))
+        dip = lo if f[lo] >= f[ro] else ro
+        rise = f[p] - f[dip]
+        if rise >= min_prominence * f[p] and rise >= min_significance * se(int(p), dip):
+            keep.append(p)
+    return np.array(keep, dtype=np.int64)
+
+
 def density_maxima(x: np.ndarray, bandwidth: Optional[float] = None,
                    min_height: float = DEFAULTS["min_height"],
                    min_prominence: float = DEFAULTS["min_prominence"],
@@ -400,22 +431,11 @@ def density_maxima(x: np.ndarray, bandwidth: Optional[float] = None,
     r = h if radius is None else float(radius)
     grid = np.linspace(x.min() - 3 * h, x.max() + 3 * h, int(grid_size))
     f = _kde(x, grid, h)
-    i = np.arange(1, len(f) - 1)
-    peaks = i[(f[i] > f[i - 1]) & (f[i] >= f[i + 1])]
-    keep = []
-    for p in peaks:
-        if f[p] < min_height * f.max():
-            continue
-        higher = peaks[f[peaks] > f[p]]
-        left = higher[higher < p]
-        right = higher[higher > p]
-        lo = f[(left.max() if len(left) else 0):p + 1].min()
-        ro = f[p:(right.min() + 1 if len(right) else len(f))].min()
-        dip = max(lo, ro)
-        se = np.sqrt((f[p] + dip) / (2 * np.sqrt(np.pi) * len(x) * h))
-        if f[p] - dip >= min_prominence * f[p] and f[p] - dip >= min_significance * se:
-            keep.append(p)
-    keep = np.array(keep, dtype=np.int64)
+
+    def se(p, dip):
+        return float(np.sqrt((f[p] + f[dip]) / (2 * np.sqrt(np.pi) * len(x) * h)))
+
+    keep = peak_indices(f, se, min_height, min_prominence, min_significance)
     dx = grid[1] - grid[0]
     positions, densities = [], []
     for p in keep:

@@ -3,10 +3,14 @@
 A state is a set of particles and a representative amplitude vector z. Three ways to
 make them, each giving every particle at most one state:
 
-* ``maxima``: the density maxima of PC1 (``analysis.density_maxima``) with their basins
-  (split at the lowest KDE point between neighbouring maxima): every particle belongs to
-  the basin it lies in; the representative is the mean z of the basin's particles within
-  the bandwidth of the maximum (the same point ``nmaem export --maxima`` deforms to).
+* ``maxima``: the density maxima along PC1 with their basins (``landscape.maxima``, the
+  same states ``nmaem export --maxima`` deforms to). For a latent with posterior
+  covariances (``z_cov``) the landscape is deconvolved: the average of the particles'
+  posteriors, each particle in the basin holding most of its posterior mass, the
+  representative the conditional mean of z at the maximum. For an older latent: the
+  KDE of the point estimates' PC1 (``analysis.density_maxima``), each particle in the
+  basin it lies in, the representative the mean z of the basin's particles within the
+  bandwidth of the maximum.
 * ``kmeans``: the K clusters of ``analysis.kmeans`` on z; representative = the centre.
 * ``ranges``: boxes the user draws in PC coordinates (``pc = z @ V.T``, measured from
   z = 0 as everywhere in ``analysis``), one per state, each a list of (PC, low, high)
@@ -29,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .landscape import DEFAULTS, PCA, density_maxima, format_json, kmeans, pca
+from .landscape import DEFAULTS, PCA, format_json, kmeans, pca
 from ..base.atomic import atomic_open, atomic_savez
 from ..base.errors import NmaemError, fail
 from ..io.npz import read_npz
@@ -79,21 +83,19 @@ def _z(z):
 def assign_maxima(z: np.ndarray, bandwidth: Optional[float] = None,
                   min_height: float = DEFAULTS["min_height"],
                   min_prominence: float = DEFAULTS["min_prominence"],
-                  min_significance: float = DEFAULTS["min_significance"]) -> States:
-    """States = the basins of the density maxima along PC1 (see the module docstring)."""
-    z = _z(z)
-    p = pca(z)
-    pc1 = p.transform(z)[:, 0]
-    mx = density_maxima(pc1, bandwidth=bandwidth, min_height=min_height,
-                        min_prominence=min_prominence, min_significance=min_significance)
-    reps, info = [], []
-    for k in range(len(mx)):
-        near = mx.near[k]
-        rows = near if len(near) else np.flatnonzero(mx.basin == k)
-        reps.append(z[rows].mean(0))
-        info.append(dict(pc1_position=float(mx.positions[k]), density=float(mx.densities[k]),
-                         n_near=int(len(near)), bandwidth=float(mx.bandwidth)))
-    return States(mx.basin, np.array(reps), "maxima", info)
+                  min_significance: float = DEFAULTS["min_significance"],
+                  z_cov: Optional[np.ndarray] = None) -> States:
+    """States = the basins of the density maxima along PC1 (see the module docstring;
+    with ``z_cov`` those of the deconvolved landscape, ``landscape.py``)."""
+    from .maxima import landscape, maxima
+    sm = maxima(landscape(_z(z), z_cov), bandwidth=bandwidth, min_height=min_height,
+                min_prominence=min_prominence, min_significance=min_significance)
+    mx = sm.maxima
+    info = [dict(pc1_position=float(mx.positions[k]), density=float(mx.densities[k]),
+                 n_near=int(len(mx.near[k])), bandwidth=float(mx.bandwidth),
+                 landscape="deconvolved" if sm.landscape.deconvolved else "point estimates")
+            for k in range(len(mx))]
+    return States(mx.basin, sm.z, "maxima", info)
 
 
 def assign_kmeans(z: np.ndarray, k: int, seed: int = 0) -> States:
@@ -257,7 +259,11 @@ def states_command(latent_path: str, out_dir: str, maxima: bool = False,
         fail(latent_path, "states need at least 2 particles")
     if maxima:
         st = assign_maxima(latent.z, bandwidth=bandwidth, min_height=min_height,
-                           min_prominence=min_prominence, min_significance=min_significance)
+                           min_prominence=min_prominence, min_significance=min_significance,
+                           z_cov=latent.z_cov)
+        if latent.z_cov is None:
+            from .maxima import POINT_ESTIMATE_NOTE
+            log("states: note: %s" % POINT_ESTIMATE_NOTE)
     elif kmeans_k is not None:
         if int(kmeans_k) < 1:
             raise NmaemError("--kmeans must be at least 1 (got %d)" % int(kmeans_k))
@@ -289,7 +295,8 @@ def states_command(latent_path: str, out_dir: str, maxima: bool = False,
             write_star(os.path.join(out_dir, name), table.subset(latent.index[st.members(k)]))
     if run is not None:
         write_thumbnails(out_dir, thumbs, run[0], run[1], st.z)
-    listing = write_states(out_dir, st, index=latent.index, pcs=pca(latent.z),
+    from .maxima import from_latent
+    listing = write_states(out_dir, st, index=latent.index, pcs=from_latent(latent).pca,
                            star_files=stars, thumbnails=thumbs, n_atoms=model_atoms,
                            latent=os.path.abspath(latent.path),
                            particles=None if particles is None else os.path.abspath(particles))

@@ -2,7 +2,8 @@
 import argparse
 from typing import Any
 
-from ..base.choices import FIT_ITERATIONS_DEFAULT
+from ..base.choices import (FIT_ITERATIONS_DEFAULT, POPULATION_DEFAULT,
+                            POPULATION_MAX_COMPONENTS, POPULATIONS)
 from ..base.errors import NmaemError
 
 __all__ = ["add_parser", "run"]
@@ -28,10 +29,21 @@ def add_parser(sub: Any) -> None:
                    help="which weights: last (the last epoch, default), best (the epoch of "
                         "lowest validation loss, RUN/checkpoints/best.pt) or a checkpoint file")
     p.add_argument("--fit-iterations", type=int, default=None, metavar="N",
-                   help="Gauss-Newton iterations of each particle's z and shift, fitted to "
-                        "its image after the encoder (default %d for runs with the whitened "
-                        "loss and particles with poses and CTF; 0: the encoder's output; "
-                        "docs/training.md)" % FIT_ITERATIONS_DEFAULT)
+                   help="iterations of the per-particle fit after the encoder, each a "
+                        "Gauss-Newton step of every particle's z and shift under the "
+                        "population (default: at most %d, fewer once settled, for runs with "
+                        "the whitened loss and particles with poses and CTF; 0: the "
+                        "encoder's output)" % FIT_ITERATIONS_DEFAULT)
+    p.add_argument("--population", choices=POPULATIONS, default=POPULATION_DEFAULT,
+                   help="the population the fit works under: em (the default), a mixture "
+                        "estimated from the particles by deconvolution, with each "
+                        "particle's posterior covariance (z_cov) in the latent; encoder, a "
+                        "Gaussian with the encoder's mean and covariance (shrunk where the "
+                        "encoder is)")
+    p.add_argument("--components", default="auto", metavar="auto|K",
+                   help="with --population em: the most Gaussian components of the "
+                        "population, chosen by BIC (auto: up to %d; 1: one Gaussian)"
+                        % POPULATION_MAX_COMPONENTS)
     p.add_argument("--fit-bfactor", default="auto", metavar="auto|B",
                    help="B-factor (A^2) of the envelope exp(-B s^2/4) that the fit's "
                         "renderings get, for the fall-off of the images' signal with "
@@ -71,5 +83,21 @@ def run(args: argparse.Namespace) -> int:
     infer(args.particles, args.model, args.output, batch=args.batch, device=args.device,
           star=args.star, num_workers=args.num_workers, checkpoint=args.checkpoint,
           fit_iterations=args.fit_iterations, fit_pose=args.fit_pose,
-          fit_bfactor=_bfactor_arg(args.fit_bfactor))
+          fit_bfactor=_bfactor_arg(args.fit_bfactor), population=args.population,
+          components=_components_arg(args.components, args.population))
     return 0
+
+
+def _components_arg(text, population):
+    """--components: None for auto, else a whole number >= 1 (with --population em)."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        k = int(text)
+    except ValueError:
+        raise NmaemError("--components must be auto or a whole number (got %r)" % text)
+    if k < 1:
+        raise NmaemError("--components must be at least 1 (got %d)" % k)
+    if population != "em":
+        raise NmaemError("--components applies to --population em only")
+    return k

@@ -30,10 +30,11 @@ from ..io.latent import write_latent
 from ..base.errors import NmaemError, fail
 
 if TYPE_CHECKING:
+    from ..io.latent import Latent, ShrinkageCheck
     from ..io.table import ParticleTable
     from .particle_fit import FitStats
 
-__all__ = ["infer", "encode_images", "z_column_names", "fit_plan"]
+__all__ = ["infer", "encode_images", "z_column_names", "fit_plan", "shrinkage_profile"]
 
 
 def z_column_names(d: int) -> List[str]:
@@ -99,11 +100,16 @@ def _turn_prior(stats: "FitStats") -> np.ndarray:
 
 
 def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iterations, dev,
-                   num_workers, log, fit_pose=False, bfactor=None):
+                   num_workers, log, fit_pose=False, bfactor=None, population="em",
+                   components=None, extras=None):
     """Replace ``z`` and ``shift`` (numpy, in place) by each particle's fit
-    (``particle_fit.py``); with ``fit_pose``, return each particle's fitted rotation w
-    (N, 3) radians (applied after the run's correction), else None. ``bfactor``: the
-    envelope's B (A^2) of the renderings, or None to estimate it."""
+    (``particle_fit.py``; with ``population`` "em", under the population estimated by
+    deconvolution, ``deconvolve.py``); with ``fit_pose``, return each particle's fitted
+    rotation w (N, 3) radians (applied after the run's correction), else None.
+    ``bfactor``: the envelope's B (A^2) of the renderings, or None to estimate it.
+    ``components``: the most mixture components (None: the default; 1: one Gaussian).
+    ``extras`` (a dict) receives ``z_cov``, the population arrays and the shrinkage
+    check's profile."""
     from ..base.choices import POSE_FIT_BROAD_SD_DEG, POSE_FIT_CALIBRATION
     from ..learn.data import ParticleMetadata, make_loader
     from ..physics.likelihood import WhitenedLikelihood
@@ -180,6 +186,7 @@ def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iteration
 
     what = "z, shift and rotation" if fit_pose else "z and shift"
     sd = None
+    extras = {} if extras is None else extras
     if fit_pose:
         log("infer: the rotation errors' spread, from a fit of %d particles under a broad "
             "prior (sd %g deg)" % (len(calib), POSE_FIT_BROAD_SD_DEG))
@@ -187,13 +194,145 @@ def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iteration
                              "calibration", keep=False))
         log("infer: rotation prior: sd %.2f, %.2f, %.2f deg about the model's x, y, z"
             % tuple(np.degrees(sd)))
-    log("infer: fitting each particle's %s to its image (%d Gauss-Newton iterations; "
-        "prior: the encoder's z and shifts of %d particles%s; envelope B = %.0f A^2)"
-        % (what, iterations, n, ", and the rotation prior" if fit_pose else "",
-           float(bfactor)))
-    stats = run(np.arange(n, dtype=np.int64), *with_turn(sd), "fit", keep=True)
-    log("infer: fit: %s" % stats.describe())
+    if population == "em":
+        from . import population as popmod
+        from .deconvolve import deconvolve
+        log("infer: fitting each particle's %s to its image under the population estimated "
+            "from the particles (up to %d iterations, each a Gauss-Newton step of every "
+            "particle and a deconvolution of the population%s; envelope B = %.0f A^2)"
+            % (what, iterations, ", with the rotation prior" if fit_pose else "",
+               float(bfactor)))
+        floor = prior_floor(z.shape[1], ae.decoder.coords.shape[0])
+        res = deconvolve(ae.decoder, lik, dataset, meta, np.concatenate([z, shift], 1),
+                         ctf_of, floor, dev, iterations, rotvec=rotvec,
+                         turn_sd=sd if fit_pose else None, num_workers=num_workers,
+                         max_components=(popmod.DEFAULTS["max_components"]
+                                         if components is None else int(components)),
+                         log=log)
+        d = z.shape[1]
+        log("infer: fit: %s" % res.describe(np.concatenate([z, shift], 1),
+                                              ae.decoder.coords.shape[0]))
+        z[:] = res.mean[:, :d]
+        shift[:] = res.mean[:, d:d + 2]
+        if fit_pose:
+            turn[:] = res.mean[:, d + 2:]
+        extras["z_cov"] = res.cov[:, :d, :d]
+        extras["population"] = res.population.arrays()
+        if len(res.unconstrained):
+            log("infer: the images hardly constrain mode(s) %s: their population spread "
+                "stays near its starting value (the encoder's), and so does the posterior "
+                "there" % ", ".join(str(int(k) + 1) for k in res.unconstrained))
+        lin, pop = res.lin, res.population
+    else:
+        log("infer: fitting each particle's %s to its image (%d Gauss-Newton iterations; "
+            "prior: the encoder's z and shifts of %d particles%s; envelope B = %.0f A^2)"
+            % (what, iterations, n, ", and the rotation prior" if fit_pose else "",
+               float(bfactor)))
+        stats = run(np.arange(n, dtype=np.int64), *with_turn(sd), "fit", keep=True)
+        log("infer: fit: %s" % stats.describe())
+        lin = pop = None
+    extras["shrinkage"] = _shrinkage_check(ae, lik, dataset, meta, z, shift, turn, rotvec,
+                                           ctf_of, calib, dev, num_workers, lin, pop,
+                                           extras.get("z_cov"))
+    log("infer: " + extras["shrinkage"].verdict())
     return turn
+
+
+def _linearise_rows(ae, lik, dataset, meta, q, rows, ctf_of, rotvec, fit_turn, dev):
+    """``population.Linearised`` of the particles ``rows`` about their parameters ``q``
+    (len(rows), P), one batch of ``FIT_BATCH`` at a time."""
+    from . import population as popmod
+    from .particle_fit import linearise_batch
+    P = q.shape[1]
+    h = np.zeros((len(rows), P))
+    H = np.zeros((len(rows), P, P))
+    for s in range(0, len(rows), FIT_BATCH):
+        r = rows[s:s + FIT_BATCH]
+        _, images = dataset[r]
+        rt = torch.as_tensor(r, device=dev)
+        rot, base, ctf_params = meta.batch(rt)
+        _, g, hh = linearise_batch(
+            ae.decoder, lik, images.to(dev), meta.optics_group[rt],
+            torch.as_tensor(q[s:s + len(r)], dtype=torch.float32, device=dev), rot, base,
+            ctf_of(ctf_params),
+            rotvec=None if rotvec is None else torch.as_tensor(rotvec[r], device=dev),
+            fit_turn=fit_turn)
+        H[s:s + len(r)] = hh.cpu().numpy()
+        h[s:s + len(r)] = g.cpu().numpy() + np.einsum("nij,nj->ni", H[s:s + len(r)],
+                                                     q[s:s + len(r)])
+    return popmod.Linearised(h, H, ae.decoder.n_modes, q.copy())
+
+
+def _shrinkage_check(ae, lik, dataset, meta, z, shift, turn, rotvec, ctf_of, calib, dev,
+                     num_workers, lin, pop, z_cov):
+    """The shrinkage check (``population.scale_profile``) on the calibration particles:
+    the population as inferred (the deconvolved one, else the one the latent implies,
+    ``population.latent_population``), the particles' likelihoods linearised at their
+    inferred parameters (``lin`` where the fit has them)."""
+    from . import population as popmod
+    if lin is None:
+        q = np.concatenate([z, shift] + ([turn] if turn is not None else []), 1)
+        lin = _linearise_rows(ae, lik, dataset, meta, q[calib].astype(np.float64), calib,
+                              ctf_of, rotvec, turn is not None, dev)
+    else:
+        lin = lin.subset(calib)
+    if pop is None:
+        pop = popmod.latent_population(z, shift, z_cov, turn)
+    return popmod.scale_profile(lin, pop)
+
+
+def shrinkage_profile(particles: str, run_dir: str, latent: "Latent",
+                      device: Union[str, torch.device, None] = None,
+                      bfactor: Optional[float] = None, checkpoint: str = "last",
+                      n: Optional[int] = None) -> "ShrinkageCheck":
+    """The shrinkage check of a latent file's landscape (``population.scale_profile``): the
+    marginal likelihood of ``n`` particles (default ``POSE_FIT_CALIBRATION``, evenly spaced
+    rows) of ``particles`` under the latent's population (or the one it implies), as its
+    spread is scaled, with the run's likelihood and the envelope ``bfactor`` (A^2; None:
+    estimated at the latent's z). A latent with pose corrections is not handled (its
+    rotations are then the file's)."""
+    from ..base.choices import POSE_FIT_CALIBRATION
+    from ..io.particles import read_particles
+    from ..learn.checkpoints import load_trained
+    from ..learn.data import ParticleImages, ParticleMetadata
+    from ..learn.distributed import resolve_device
+    from ..physics.likelihood import WhitenedLikelihood
+    from .particle_fit import envelope_bfactor
+    from . import population as popmod
+    dev = resolve_device(device)
+    ae, cfg = load_trained(run_dir, dev, checkpoint)
+    table = read_particles(particles)
+    if latent.index.max() >= table.n:
+        fail(latent.path, "index %d beyond the %d particles of %s"
+             % (latent.index.max(), table.n, particles))
+    table = table.subset(latent.index)
+    lik = WhitenedLikelihood.for_run(run_dir, cfg, dev, source=table.path)
+    dataset = ParticleImages(table, cfg["box"])
+    meta = ParticleMetadata(table, dev)
+    m = latent.n if n is None else int(n)
+    calib = np.unique(np.linspace(0, latent.n - 1, min(latent.n, m or POSE_FIT_CALIBRATION)
+                                  ).astype(np.int64))
+    if bfactor is None:
+        _, images = dataset[calib]
+        rt = torch.as_tensor(calib, device=dev)
+        rot, base, ctf_params = meta.batch(rt)
+        bfactor = envelope_bfactor(
+            ae.decoder, lik, images.to(dev), meta.optics_group[rt],
+            torch.as_tensor(latent.z[calib], dtype=torch.float32, device=dev),
+            torch.as_tensor(latent.shift[calib], dtype=torch.float32, device=dev), rot, base,
+            ae.decoder.ctf(ctf_params))[0]
+
+    def ctf_of(ctf_params):
+        if bfactor:
+            ctf_params = ctf_params.replace(bfactor=ctf_params.bfactor + float(bfactor))
+        return ae.decoder.ctf(ctf_params)
+
+    q = np.concatenate([latent.z, latent.shift], 1)[calib]
+    lin = _linearise_rows(ae, lik, dataset, meta, q, calib, ctf_of, None, False, dev)
+    pop = popmod.Population.from_arrays(latent.population)
+    if pop is None or len(pop.extra_mean) != 2:
+        pop = popmod.latent_population(latent.z, latent.shift, latent.z_cov)
+    return popmod.scale_profile(lin, pop)
 
 
 def infer(particles: str, run_dir: str, out: str, batch: int = 256,
@@ -201,7 +340,8 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
           num_workers: int = 0, checkpoint: str = "last",
           log: Callable[[str], None] = print,
           fit_iterations: Optional[int] = None, fit_pose: bool = False,
-          fit_bfactor: Optional[float] = None) -> dict:
+          fit_bfactor: Optional[float] = None, population: str = "em",
+          components: Optional[int] = None) -> dict:
     """Write ``out`` (latent.npz) for every particle of ``particles``; optionally ``star``,
     a copy of the particle file with amplitude columns and refined origins (and, for a run
     trained with ``--refine-pose``, refined angles and the corrections in degrees,
@@ -215,6 +355,11 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
     docs/training.md); the latent and the STAR then hold the refined angles.
     ``fit_bfactor``: the B-factor (A^2) of the envelope the fit's renderings get; None:
     estimated from the particles (``particle_fit.envelope_bfactor``); 0: none.
+    ``population``: ``em`` (default) fits every particle under the population estimated
+    by deconvolution (``deconvolve.py``; the latent then holds ``z_cov`` and the
+    population); ``encoder``: under a Gaussian with the encoder's mean and covariance
+    (the fit before the population estimate). ``components``: the most mixture
+    components of the population (None: ``population.DEFAULTS``; 1: one Gaussian).
 
     Memory: one batch of images at a time plus the (N, d + 2) results.
     """
@@ -272,9 +417,17 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
     if not (np.all(np.isfinite(z)) and np.all(np.isfinite(shift))
             and (rotvec is None or np.all(np.isfinite(rotvec)))):
         fail(run_dir, "the model gives non-finite outputs")
+    from ..base.choices import POPULATIONS
+    if population not in POPULATIONS:
+        raise NmaemError("--population must be one of %s (got %r)"
+                         % (", ".join(POPULATIONS), population))
+    if components is not None and int(components) < 1:
+        raise NmaemError("--components must be at least 1 (got %d)" % int(components))
+    extras = {}
     if n_fit:
         turn = _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, n_fit, dev,
-                              num_workers, log, fit_pose=fit_pose, bfactor=fit_bfactor)
+                              num_workers, log, fit_pose=fit_pose, bfactor=fit_bfactor,
+                              population=population, components=components, extras=extras)
         if turn is not None:        # the total correction: R(v) R(w), or R(w) alone
             from ..io.poses import matrix_to_rotvec, rotvec_to_matrix
             total = rotvec_to_matrix(turn.astype(np.float64))
@@ -291,7 +444,9 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
     from ..io.provenance import particle_fingerprint, run_model_fingerprint
     write_latent(out, z, shift, rows_all, pose_correction=rotvec, euler=euler,
                  particles=particle_fingerprint(table),
-                 model=run_model_fingerprint(os.path.abspath(run_dir), cfg))
+                 model=run_model_fingerprint(os.path.abspath(run_dir), cfg),
+                 z_cov=extras.get("z_cov"), population=extras.get("population"),
+                 shrinkage=extras.get("shrinkage"))
     log("infer: %d particles -> %s (z: %d modes, model of epoch %d, %s checkpoint)"
         % (n, out, d, cfg["epoch"], checkpoint if checkpoint in ("last", "best") else
            "the given"))

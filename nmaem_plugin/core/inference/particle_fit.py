@@ -51,7 +51,8 @@ if TYPE_CHECKING:
     from ..physics.likelihood import WhitenedLikelihood
     from ..learn.network import Decoder
 
-__all__ = ["population_prior", "prior_floor", "fit_batch", "envelope_bfactor", "FitStats",
+__all__ = ["population_prior", "prior_floor", "fit_batch", "linearise_batch",
+           "envelope_bfactor", "FitStats",
            "MAX_STEP_RMSD", "MAX_STEP_SHIFT"]
 
 MAX_STEP_RMSD = 0.5        # Angstrom RMSD of the largest change of z in one step
@@ -180,6 +181,67 @@ def envelope_bfactor(decoder: "Decoder", likelihood: "WhitenedLikelihood",
     return float(b), fb, f0
 
 
+def _rotated(base_rot, q, d, fit_turn):
+    """The rotations rendered for parameters ``q``: the base ones, turned by q's rotation
+    vector (its last 3 entries) when the rotation is fitted."""
+    if not fit_turn:
+        return base_rot
+    from ..physics.rotations import correct_rotations
+    return correct_rotations(base_rot, q[:, d + 2:])
+
+
+def _render_jacobian(decoder, band, q, d, base_rot, base_shift, ctf, fit_turn):
+    """(S (B, D, K), J (P, B, D, K)): the renderings at parameters ``q`` (B, P) =
+    (z, shift[, w]) and their derivatives, as the likelihood's band sees them (mask)."""
+    S, J = decoder.render_ft_jacobian(q[:, :d], _rotated(base_rot, q, d, fit_turn),
+                                      base_shift + q[:, d:d + 2], ctf, rotation=fit_turn)
+    if band.mask is not None:
+        P, B = J.shape[:2]
+        S = band.rendered_ft(S)
+        J = band.rendered_ft(J.reshape(P * B, *J.shape[2:])).reshape(J.shape)
+    return S, J
+
+
+def linearise_batch(decoder: "Decoder", likelihood: "WhitenedLikelihood", images: torch.Tensor,
+                    groups: Optional[torch.Tensor], q: torch.Tensor, rotations: torch.Tensor,
+                    base_shift: torch.Tensor, ctf: Optional[torch.Tensor],
+                    rotvec: Optional[torch.Tensor] = None, fit_turn: bool = False
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Gauss-Newton model of each image's likelihood about parameters ``q`` (B, P) =
+    (z (d), shift (2)[, w (3) with ``fit_turn``]), the grey scale profiled out:
+    (chi2 (B,), g (B, P), H (B, P, P)) float64 such that
+    chi2(q + dq) ~ chi2 - 2 g.dq + dq^T H dq, i.e. log L(q + dq) = const + g.dq -
+    dq^T H dq / 2. With r = Y - a S at the image's best scale a,
+    g = a J^T W r and H = a^2 (J^T W J - (J^T W S)(S^T W J) / S^T W S): a change of the
+    rendering along S itself is a change of scale, which the per-particle scale absorbs.
+    Other arguments as in :func:`fit_batch`."""
+    B = q.shape[0]
+    d = decoder.n_modes
+    with torch.no_grad():
+        Y = likelihood.band.images_ft(images.float())
+        w = likelihood.weights(groups)
+        if w.dim() == 2:
+            w = w.expand(B, *w.shape)
+        base_rot = decoder.rotations(rotations, rotvec)
+        S, J = _render_jacobian(decoder, likelihood.band, q.float(), d, base_rot, base_shift,
+                                ctf, fit_turn)
+        fit = whitened_fit(Y, S, w)
+        a = fit["scale"].double()
+        r = Y - fit["scale"][:, None, None] * S
+        wd = w.double()
+        Jr, Ji = J.real.double(), J.imag.double()
+        g = (torch.einsum("bdk,ibdk,bdk->bi", wd, Jr, r.real.double())
+             + torch.einsum("bdk,ibdk,bdk->bi", wd, Ji, r.imag.double())) * a[:, None]
+        JWJ = (torch.einsum("bdk,ibdk,jbdk->bij", wd, Jr, Jr)
+               + torch.einsum("bdk,ibdk,jbdk->bij", wd, Ji, Ji))
+        JWS = (torch.einsum("bdk,ibdk,bdk->bi", wd, Jr, S.real.double())
+               + torch.einsum("bdk,ibdk,bdk->bi", wd, Ji, S.imag.double()))
+        SWS = fit["model"].double().clamp_min(torch.finfo(torch.float64).tiny)
+        H = (JWJ - JWS[:, :, None] * JWS[:, None, :] / SWS[:, None, None]) * (a * a)[:, None, None]
+        H = 0.5 * (H + H.transpose(1, 2))
+    return fit["chi2"].double(), g, H
+
+
 def _energy(Y, S, w, p, mu, prec):
     fit = whitened_fit(Y, S, w)
     e = fit["chi2"]
@@ -218,7 +280,6 @@ def fit_batch(decoder: "Decoder", likelihood: "WhitenedLikelihood", images: torc
         return split(p)
     n_atoms = decoder.coords.shape[0]
     max_dz = MAX_STEP_RMSD * math.sqrt(n_atoms)
-    from ..physics.rotations import correct_rotations
     with torch.no_grad():
         Y = likelihood.band.images_ft(images.float())
         w = likelihood.weights(groups)
@@ -228,15 +289,10 @@ def fit_batch(decoder: "Decoder", likelihood: "WhitenedLikelihood", images: torc
         base_rot = decoder.rotations(rotations, rotvec)
 
         def rotated(q):
-            return base_rot if not fit_turn else correct_rotations(base_rot, q[:, d + 2:])
+            return _rotated(base_rot, q, d, fit_turn)
 
         def jac(q):
-            S, J = decoder.render_ft_jacobian(q[:, :d], rotated(q), base_shift + q[:, d:d + 2],
-                                              ctf, rotation=fit_turn)
-            if band.mask is not None:
-                S = band.rendered_ft(S)
-                J = band.rendered_ft(J.reshape(P * B, *J.shape[2:])).reshape(J.shape)
-            return S, J
+            return _render_jacobian(decoder, band, q, d, base_rot, base_shift, ctf, fit_turn)
 
         def clip(x, bound):
             return x * torch.clamp(bound / x.norm(dim=1, keepdim=True).clamp_min(1e-12), max=1.0)

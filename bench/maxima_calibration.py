@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nmaem_plugin.core.analysis.landscape import density_maxima  # noqa: E402
+from nmaem_plugin.core.analysis.kde import density_maxima  # noqa: E402
 from nmaem_plugin.core.sim.simulate import sample_frames  # noqa: E402
 
 UNIMODAL = {

@@ -25,7 +25,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from .landscape import DEFAULTS, check_latent_d, density_maxima, load_run, pca
+from .kde import density_maxima
+from .landscape import DEFAULTS, check_latent_d, load_run, pca
 from ..base.atomic import atomic_savez
 from ..base.errors import fail
 from ..io.latent import Latent, read_latent

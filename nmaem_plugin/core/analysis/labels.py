@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
 import numpy as np
 
 if TYPE_CHECKING:                   # the analysis types only in hints
-    from .landscape import PCA, Maxima
+    from .kde import Maxima
+    from .landscape import PCA
 
 __all__ = ["pc_coordinates", "landscape_maxima", "modes_atom_count", "rmsd_per_angstrom",
            "pc_range", "pc_position", "maxima_counts", "maxima_labels", "frame_islands",
@@ -42,7 +43,7 @@ def landscape_maxima(x: np.ndarray, max_points: Optional[int] = MAX_KDE_POINTS, 
     """``analysis.density_maxima`` of the 1D sample x (PC1, or z for d = 1), computed on
     a random subsample of ``max_points`` when x is larger (the KDE costs N x 1024
     exponentials). Returns (Maxima, subsampled?)."""
-    from .landscape import density_maxima
+    from .kde import density_maxima
     xs, sub = _subsample(np.asarray(x, dtype=np.float64).ravel(), max_points, seed)
     return density_maxima(xs, **kwargs), sub
 

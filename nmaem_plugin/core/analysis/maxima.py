@@ -26,12 +26,13 @@ Two estimates of the density, by what the latent holds:
 Numpy only.
 """
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import numpy as np
 
 from ..base.errors import NmaemError
-from .landscape import DEFAULTS, PCA, Maxima, density_maxima, pca, peak_indices
+from .kde import Maxima, density_maxima, peak_indices
+from .landscape import DEFAULTS, PCA, pca
 
 if TYPE_CHECKING:
     from ..io.latent import Latent
@@ -59,7 +60,7 @@ class Landscape:
     def deconvolved(self) -> bool:
         return self.z_cov is not None
 
-    def along(self, k: int = 0):
+    def along(self, k: int = 0) -> Tuple[np.ndarray, np.ndarray]:
         """(t (N,), var (N,)): each particle's position along PC ``k`` (from z = 0) and
         its posterior variance there (zeros without ``z_cov``)."""
         v = self.pca.components[k]

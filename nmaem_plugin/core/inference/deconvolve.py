@@ -27,11 +27,12 @@ keeps the fixed zero-mean prior that ``infer`` calibrates.
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
 
+from . import em as emmod
 from . import population as popmod
 from .particle_fit import MAX_STEP_SHIFT, MAX_STEP_TURN_DEG, linearise_batch
 
@@ -168,12 +169,12 @@ def deconvolve(decoder: "Decoder", likelihood: "WhitenedLikelihood", dataset: "P
     for it in range(1, int(iterations) + 1):
         t0 = time.time()
         if it == 1 or it == int(iterations):
-            result, per_k = popmod.select(lin, pop, zfloor, efloor,
+            result, per_k = emmod.select(lin, pop, zfloor, efloor,
                                           max_components=max_components, seed=seed)
             how = "K = %d by BIC (%s)" % (result.population.k, ", ".join(
                 "K=%d: %.0f" % (k, r.bic) for k, r in per_k))
         else:
-            result = popmod.em(lin, pop, zfloor, extra_floor=efloor)
+            result = emmod.em(lin, pop, zfloor, extra_floor=efloor)
             how = "K = %d" % result.population.k
         pop = result.population
         line = ("population %d: %s; EM %s after %d maps; spread of z %.2f A RMSD (%.1f s)"

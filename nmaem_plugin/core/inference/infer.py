@@ -265,11 +265,11 @@ def _linearise_rows(ae, lik, dataset, meta, q, rows, ctf_of, rotvec, fit_turn, d
 
 def _shrinkage_check(ae, lik, dataset, meta, z, shift, turn, rotvec, ctf_of, calib, dev,
                      num_workers, lin, pop, z_cov):
-    """The shrinkage check (``population.scale_profile``) on the calibration particles:
+    """The shrinkage check (``shrinkage.scale_profile``) on the calibration particles:
     the population as inferred (the deconvolved one, else the one the latent implies,
-    ``population.latent_population``), the particles' likelihoods linearised at their
+    ``shrinkage.latent_population``), the particles' likelihoods linearised at their
     inferred parameters (``lin`` where the fit has them)."""
-    from . import population as popmod
+    from .shrinkage import latent_population, scale_profile
     if lin is None:
         q = np.concatenate([z, shift] + ([turn] if turn is not None else []), 1)
         lin = _linearise_rows(ae, lik, dataset, meta, q[calib].astype(np.float64), calib,
@@ -277,15 +277,15 @@ def _shrinkage_check(ae, lik, dataset, meta, z, shift, turn, rotvec, ctf_of, cal
     else:
         lin = lin.subset(calib)
     if pop is None:
-        pop = popmod.latent_population(z, shift, z_cov, turn)
-    return popmod.scale_profile(lin, pop)
+        pop = latent_population(z, shift, z_cov, turn)
+    return scale_profile(lin, pop)
 
 
 def shrinkage_profile(particles: str, run_dir: str, latent: "Latent",
                       device: Union[str, torch.device, None] = None,
                       bfactor: Optional[float] = None, checkpoint: str = "last",
                       n: Optional[int] = None) -> "ShrinkageCheck":
-    """The shrinkage check of a latent file's landscape (``population.scale_profile``): the
+    """The shrinkage check of a latent file's landscape (``shrinkage.scale_profile``): the
     marginal likelihood of ``n`` particles (default ``POSE_FIT_CALIBRATION``, evenly spaced
     rows) of ``particles`` under the latent's population (or the one it implies), as its
     spread is scaled, with the run's likelihood and the envelope ``bfactor`` (A^2; None:
@@ -297,8 +297,9 @@ def shrinkage_profile(particles: str, run_dir: str, latent: "Latent",
     from ..learn.data import ParticleImages, ParticleMetadata
     from ..learn.distributed import resolve_device
     from ..physics.likelihood import WhitenedLikelihood
-    from .particle_fit import envelope_bfactor
     from . import population as popmod
+    from .particle_fit import envelope_bfactor
+    from .shrinkage import latent_population, scale_profile
     dev = resolve_device(device)
     ae, cfg = load_trained(run_dir, dev, checkpoint)
     table = read_particles(particles)
@@ -331,8 +332,8 @@ def shrinkage_profile(particles: str, run_dir: str, latent: "Latent",
     lin = _linearise_rows(ae, lik, dataset, meta, q, calib, ctf_of, None, False, dev)
     pop = popmod.Population.from_arrays(latent.population)
     if pop is None or len(pop.extra_mean) != 2:
-        pop = popmod.latent_population(latent.z, latent.shift, latent.z_cov)
-    return popmod.scale_profile(lin, pop)
+        pop = latent_population(latent.z, latent.shift, latent.z_cov)
+    return scale_profile(lin, pop)
 
 
 def infer(particles: str, run_dir: str, out: str, batch: int = 256,

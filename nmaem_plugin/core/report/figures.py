@@ -5,7 +5,7 @@ Every function returns a ``matplotlib.figure.Figure`` drawn on ``fig`` when give
 or on a new one (``base/figures.py``).
 
 * :func:`latent_landscape` - histogram of z (d = 1), or for d > 1 the PCA explained
-  variance, the PC1 histogram with its density maxima (``analysis.landscape.density_maxima``,
+  variance, the PC1 histogram with its density maxima (``analysis.kde.density_maxima``,
   each labelled with its model name and particle counts, ``analysis.labels.maxima_labels``)
   and an equal-aspect PC1-PC2 hexbin; with ground-truth frames, PC1 per true island of frames
   (``analysis.labels.frame_groups``); with the number of atoms, a second axis in RMSD along PC1.

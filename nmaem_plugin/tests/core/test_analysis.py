@@ -23,6 +23,7 @@ import matplotlib.image as mpimg  # noqa: E402
 import numpy as np
 
 from nmaem_plugin import DATA_DIR
+from nmaem_plugin.core.analysis import kde as K
 from nmaem_plugin.core.analysis import landscape as A
 from nmaem_plugin.core.base.errors import NmaemError
 
@@ -232,7 +233,7 @@ class TestMaxima(unittest.TestCase):
         sizes = [150, 80, 120]
         comp = np.repeat(np.arange(3), sizes)
         x = modes[comp] + rng.normal(0, 0.4, len(comp))
-        mx = A.density_maxima(x)
+        mx = K.density_maxima(x)
         self.assertEqual(len(mx), 3)
         np.testing.assert_allclose(mx.positions, modes, atol=0.25)
         for k in range(3):
@@ -249,7 +250,7 @@ class TestMaxima(unittest.TestCase):
             rng = np.random.default_rng(100 + seed)
             for x in (rng.normal(2.0, 1.5, 200), rng.normal(0, 1, 3000),
                       rng.gamma(4.0, 1.0, 500)):
-                mx = A.density_maxima(x)
+                mx = K.density_maxima(x)
                 self.assertEqual(len(mx), 1, (seed, len(x), mx.positions))
                 self.assertEqual(len(mx.near), 1)
                 np.testing.assert_array_equal(mx.basin, 0)
@@ -262,10 +263,10 @@ class TestMaxima(unittest.TestCase):
         for seed in range(5):
             rng = np.random.default_rng(seed)
             x = rng.uniform(0, 10, 3000)
-            bumps += len(A.density_maxima(x, min_significance=0)) - 1
-            self.assertEqual(len(A.density_maxima(x)), 1, seed)
+            bumps += len(K.density_maxima(x, min_significance=0)) - 1
+            self.assertEqual(len(K.density_maxima(x)), 1, seed)
             y = np.concatenate([rng.normal(0, 1, 2000), rng.normal(6, 0.5, 150)])
-            mx = A.density_maxima(y)
+            mx = K.density_maxima(y)
             self.assertEqual(len(mx), 2, seed)
             np.testing.assert_allclose(mx.positions, [0, 6], atol=0.3)
         self.assertGreater(bumps, 5)       # the case is not trivial
@@ -275,17 +276,17 @@ class TestMaxima(unittest.TestCase):
         (1.06 sd n^-1/5) and Silverman's rule is 0.9 sd n^-1/5; on three separated modes the
         plug-in follows the width of one mode while the normal-reference rules do not."""
         x = np.random.default_rng(0).normal(0, 2.0, 10000)
-        self.assertAlmostEqual(A.kde_bandwidth(x, "silverman"), 0.9 * 2.0 * 10000 ** -0.2,
+        self.assertAlmostEqual(K.kde_bandwidth(x, "silverman"), 0.9 * 2.0 * 10000 ** -0.2,
                                delta=0.02)
-        self.assertAlmostEqual(A.kde_bandwidth(x, "scott"), 1.06 * 2.0 * 10000 ** -0.2,
+        self.assertAlmostEqual(K.kde_bandwidth(x, "scott"), 1.06 * 2.0 * 10000 ** -0.2,
                                delta=0.02)
-        self.assertAlmostEqual(A.kde_bandwidth(x), 1.06 * 2.0 * 10000 ** -0.2, delta=0.06)
+        self.assertAlmostEqual(K.kde_bandwidth(x), 1.06 * 2.0 * 10000 ** -0.2, delta=0.06)
         rng = np.random.default_rng(1)
         y = np.concatenate([rng.normal(m, 0.2, 1000) for m in (-5, 0, 5)])
         # per-mode normal-reference optimum: 1.06 * 0.2 * 1000^-1/5 = 0.053
-        self.assertLess(A.kde_bandwidth(y), 0.1)
-        self.assertGreater(A.kde_bandwidth(y), 0.03)
-        self.assertGreater(A.kde_bandwidth(y, "silverman"), 0.5)
+        self.assertLess(K.kde_bandwidth(y), 0.1)
+        self.assertGreater(K.kde_bandwidth(y), 0.03)
+        self.assertGreater(K.kde_bandwidth(y, "silverman"), 0.5)
 
 
 # ------------------------------------------------------------------------------- export

@@ -23,7 +23,7 @@ from nmaem_plugin.core.analysis.thumbnails import (THUMBNAIL_PX, model_projectio
                                                    model_thumbnail, thumbnail_frame)
 from nmaem_plugin.core.learn.convergence import convergence
 from nmaem_plugin.core.report.figures import latent_landscape, training_curves
-from nmaem_plugin.core.analysis.landscape import density_maxima
+from nmaem_plugin.core.analysis.kde import density_maxima
 from nmaem_plugin.core.base.errors import NmaemError
 
 

@@ -14,7 +14,9 @@ import unittest
 import numpy as np
 from scipy.stats import chi2, multivariate_normal
 
+from nmaem_plugin.core.inference import em as EM
 from nmaem_plugin.core.inference import population as P
+from nmaem_plugin.core.inference.shrinkage import latent_population, scale_profile
 from nmaem_plugin.core.analysis.maxima import landscape, maxima
 
 MEANS = np.array([[0.0, 0.0, 0.0, 0.0], [6.0, 2.0, 0.0, 0.0], [10.0, -3.0, 1.0, 0.0]])
@@ -54,7 +56,7 @@ class TestDeconvolution(unittest.TestCase):
         rng = np.random.default_rng(1)
         cls.fits = {}
         for shrink in (1.0, 0.3):
-            cls.fits[shrink] = P.select(cls.lin, start(cls.z, shrink, rng), FLOOR, EFLOOR,
+            cls.fits[shrink] = EM.select(cls.lin, start(cls.z, shrink, rng), FLOOR, EFLOOR,
                                         max_components=5)
 
     def sorted_pop(self, shrink):
@@ -110,11 +112,11 @@ class TestDeconvolution(unittest.TestCase):
         """The marginal likelihood peaks at the estimated spread (1 inside the interval)
         and, for the population shrunk by 0.5, at about 2 (1 outside)."""
         pop = self.fits[1.0][0].population
-        prof = P.scale_profile(self.lin, pop)
+        prof = scale_profile(self.lin, pop)
         self.assertLessEqual(prof.low, 1.0)
         self.assertGreaterEqual(prof.high, 1.0)
         self.assertIn("consistent", prof.verdict())
-        shrunk = P.scale_profile(self.lin, pop.scaled(0.5))
+        shrunk = scale_profile(self.lin, pop.scaled(0.5))
         self.assertGreater(shrunk.low, 1.0)
         self.assertAlmostEqual(shrunk.best, 2.0, delta=0.15)
         self.assertIn("shrunk", shrunk.verdict())
@@ -124,7 +126,7 @@ class TestDeconvolution(unittest.TestCase):
         has the estimated population's mean and covariance on the seen coordinates."""
         pop = self.fits[1.0][0].population
         mean, cov, _ = P.posterior_moments(self.lin, pop)
-        implied = P.latent_population(mean[:, :4], mean[:, 4:], cov[:, :4, :4])
+        implied = latent_population(mean[:, :4], mean[:, 4:], cov[:, :4, :4])
         np.testing.assert_allclose(implied.mean[:3], pop.mean[:3], atol=0.02)
         np.testing.assert_allclose(implied.cov[:3, :3], pop.cov[:3, :3], rtol=0.03, atol=0.05)
 
@@ -165,7 +167,7 @@ class TestLandscape(unittest.TestCase):
         means (seen coordinates); with the posterior covariances dropped, the point
         estimates' histogram is used and the landscape says so."""
         lin, z, lab = simulate(3000, seed=5, scale=0.35)       # noisier particles
-        fit, _ = P.select(lin, start(z, 0.5, np.random.default_rng(0)), FLOOR, EFLOOR,
+        fit, _ = EM.select(lin, start(z, 0.5, np.random.default_rng(0)), FLOOR, EFLOOR,
                           max_components=5)
         mean, cov, _ = P.posterior_moments(lin, fit.population)
         land = landscape(mean[:, :4], cov[:, :4, :4])

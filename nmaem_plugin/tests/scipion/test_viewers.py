@@ -28,7 +28,8 @@ from nmaem_plugin.core.report.figures import (HIST_BINS, latent_landscape, mode_
                                               modes_overview, residue_fluctuation,
                                               training_curves)
 from nmaem_plugin.core.io.runfolder import read_log_columns
-from nmaem_plugin.core.analysis.landscape import density_maxima, pca
+from nmaem_plugin.core.analysis.kde import density_maxima
+from nmaem_plugin.core.analysis.landscape import pca
 
 
 def _trimodal(n, d=3, seed=0, centres=(-6.0, 0.0, 6.0)):

@@ -42,7 +42,7 @@ POSE_INPUT_DEFAULT = "z"       # measured: docs/benchmarks.md, "Pose refinement"
 
 # nmaem infer --fit-iterations: Gauss-Newton iterations of each particle's fit after the
 # encoder (particle_fit.py); measured: docs/benchmarks.md, "Per-particle fit"
-FIT_ITERATIONS_DEFAULT = 8
+FIT_ITERATIONS_DEFAULT = 10
 # the population the per-particle fit works under (nmaem infer --population)
 POPULATIONS = ("em", "encoder")
 POPULATION_DEFAULT = "em"

@@ -16,7 +16,9 @@ import numpy as np
 from .population import (DEFAULTS, Linearised, Population, collapse, floored, floored_cov,
                          iter_posteriors, posterior_moments)
 
-__all__ = ["EMResult", "em", "select"]
+__all__ = ["EMResult", "em", "select", "SELECT_TOL"]
+
+SELECT_TOL = 1e-4      # EM stop while choosing the form (nats per particle per cycle)
 
 
 @dataclass
@@ -63,6 +65,8 @@ def _em_map(lin, pop, floor2, efloor2, min_weight, chunk):
     Nk, S1, S2 = Nk[keep], S1[keep], S2[keep]
     means = S1 / Nk[:, None]
     covs = S2 / Nk[:, None, None] - np.einsum("ki,kj->kij", means, means)
+    if pop.tied:
+        covs = np.broadcast_to(np.einsum("k,kij->ij", Nk, covs) / Nk.sum(), covs.shape)
     covs = np.stack([floored(c, floor2) for c in covs])
     weights = Nk / Nk.sum()
     em_, ec = pop.extra_mean.copy(), pop.extra_cov.copy()
@@ -72,7 +76,7 @@ def _em_map(lin, pop, floor2, efloor2, min_weight, chunk):
         new_c = e2 / N - np.outer(new_m, new_m)
         em_[li] = new_m[li]
         ec[np.ix_(li, li)] = floored(new_c[np.ix_(li, li)], efloor2[li])
-    return ll, Population(weights, means, covs, em_, ec, pop.learn_extra)
+    return ll, Population(weights, means, covs, em_, ec, pop.learn_extra, pop.tied)
 
 def _vec(pop):
     li = np.flatnonzero(pop.learn_extra)
@@ -106,7 +110,7 @@ def _unvec(theta, like):
             np.linalg.cholesky(c)
     except np.linalg.LinAlgError:
         return None
-    return Population(w / w.sum(), means, covs, em_, ec, like.learn_extra)
+    return Population(w / w.sum(), means, covs, em_, ec, like.learn_extra, like.tied)
 
 def em(lin: Linearised, pop: Population, floor: np.ndarray,
        max_iter: int = DEFAULTS["max_iter"], tol: float = DEFAULTS["tol"],
@@ -208,6 +212,12 @@ def _split_start(z, pop1: Population, k, rng, floor2):
     return replace(pop1, weights=weights / weights.sum(), means=np.array(means),
                    covs=np.array(covs))
 
+def _tie(pop: Population) -> Population:
+    """``pop`` with one covariance for all components: their weighted mean."""
+    c = np.einsum("k,kij->ij", pop.weights, pop.covs)
+    return replace(pop, covs=np.broadcast_to(c, pop.covs.shape).copy(), tied=True)
+
+
 def _split(pop: Population) -> Population:
     """``pop`` with its heaviest component split in two along its principal axis (means
     at +-1 sd, each with half the weight and the covariance less that axis' share)."""
@@ -227,49 +237,57 @@ def select(lin: Linearised, pop1: Population, floor: np.ndarray,
            seed: int = 0, max_iter: int = DEFAULTS["max_iter"], tol: float = DEFAULTS["tol"],
            max_particles: int = DEFAULTS["select_particles"],
            log: Optional[Callable[[str], None]] = None
-           ) -> Tuple[EMResult, List[Tuple[int, EMResult]]]:
-    """The number of components by BIC (module docstring): EM for K = 1 .. ``max_components``
-    on at most ``max_particles`` particles (a random subset), each K > 1 from the best
-    K - 1 fit with its heaviest component split (:func:`_split`) and from ``n_init``
-    k-means++ starts on the posterior means; stops after two K in a row that raise the BIC.
-    The chosen K is then refitted on every particle. Returns (that result, (K, the best
-    result of that K on the subset) for each K tried; a result may hold fewer components
-    than asked where some fell below ``min_weight``)."""
+           ) -> Tuple[EMResult, List[Tuple[str, EMResult]]]:
+    """The population's form by BIC (module docstring): EM for K = 1 .. ``max_components``
+    components, with one covariance shared by the components ("tied": the states differ
+    by their means, few parameters) and with one each ("full"), on at most
+    ``max_particles`` particles (a random subset); each K > 1 from the best K - 1 fit of
+    its family with its heaviest component split (:func:`_split`) and from ``n_init``
+    k-means++ starts on the posterior means; a family stops after two K in a row that
+    raise its BIC. The chosen form is then refitted on every particle. Returns (that
+    result, (label such as "3 tied", the best result of that form on the subset) for each
+    form tried; a result may hold fewer components than asked where some fell below
+    ``min_weight``)."""
     rng = np.random.default_rng(seed)
     floor = np.asarray(floor, dtype=np.float64)
     sub = lin
     if lin.n > max_particles:
         sub = lin.subset(np.sort(rng.choice(lin.n, int(max_particles), replace=False)))
-    one = em(sub, collapse(pop1), floor, max_iter, tol, extra_floor=extra_floor)
-    results = [one]
-    asked = [1]
+    stol = max(tol, SELECT_TOL)
+    one = em(sub, collapse(pop1), floor, max_iter, stol, extra_floor=extra_floor)
+    results = [("1", one)]
     zpost = posterior_moments(sub, one.population)[0][:, :lin.d]
-    worse = 0
-    for k in range(2, int(max_components) + 1):
-        prev = results[-1].population
-        starts = [_split(prev)] if prev.k == k - 1 else []
-        if pop1.k == k:
-            starts.append(pop1)          # the previous estimate, warm
-        starts += [_split_start(zpost, one.population, k, rng, floor ** 2)
-                   for _ in range(int(n_init))]
-        best = None
-        for start in starts:
-            if start.k < k:
-                continue
-            r = em(sub, start, floor, max_iter, tol, extra_floor=extra_floor)
-            if best is None or r.loglik > best.loglik:
-                best = r
-        if best is None:
-            break
-        if log is not None:
-            log("population: K = %d: log-likelihood %.1f, BIC %.1f (%d EM maps)"
-                % (k, best.loglik, best.bic, best.iterations))
-        worse = worse + 1 if best.bic > min(r.bic for r in results) else 0
-        results.append(best)
-        asked.append(k)
-        if worse >= 2:
-            break
-    chosen = min(results, key=lambda r: r.bic)
+    for tied in (True, False):
+        prev = one.population
+        worse = 0
+        best_bic = one.bic
+        for k in range(2, int(max_components) + 1):
+            starts = [_split(prev)] if prev.k == k - 1 else []
+            if pop1.k == k and pop1.tied == tied:
+                starts.append(pop1)          # the previous estimate, warm
+            starts += [_split_start(zpost, one.population, k, rng, floor ** 2)
+                       for _ in range(int(n_init))]
+            best = None
+            for start in starts:
+                if start.k < k:
+                    continue
+                r = em(sub, _tie(start) if tied else replace(start, tied=False), floor,
+                       max_iter, stol, extra_floor=extra_floor)
+                if best is None or r.loglik > best.loglik:
+                    best = r
+            if best is None:
+                break
+            label = "%d%s" % (k, " tied" if tied else "")
+            if log is not None:
+                log("population: K = %s: log-likelihood %.1f, BIC %.1f (%d EM maps)"
+                    % (label, best.loglik, best.bic, best.iterations))
+            results.append((label, best))
+            prev = best.population
+            worse = worse + 1 if best.bic > best_bic else 0
+            best_bic = min(best_bic, best.bic)
+            if worse >= 2:
+                break
+    chosen = min((r for _, r in results), key=lambda r: r.bic)
     if sub is not lin:
         chosen = em(lin, chosen.population, floor, max_iter, tol, extra_floor=extra_floor)
-    return chosen, list(zip(asked, results))
+    return chosen, results

@@ -127,6 +127,7 @@ def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iteration
     def device_rows(r):
         return torch.as_tensor(r, device=dev)
 
+    estimate_b = bfactor is None
     if bfactor is None:
         _, images = dataset[calib]
         rt = device_rows(calib)
@@ -145,9 +146,11 @@ def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iteration
                 "(too short a training, or a reference that does not fit); see the run's "
                 "training curves, or give --fit-bfactor" % BFACTOR_MAX)
 
+    envelope = [float(bfactor)]
+
     def ctf_of(ctf_params):
-        if bfactor:
-            ctf_params = ctf_params.replace(bfactor=ctf_params.bfactor + float(bfactor))
+        if envelope[0]:
+            ctf_params = ctf_params.replace(bfactor=ctf_params.bfactor + envelope[0])
         return ae.decoder.ctf(ctf_params)
 
     def with_turn(sd):
@@ -203,8 +206,25 @@ def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iteration
             % (what, iterations, ", with the rotation prior" if fit_pose else "",
                float(bfactor)))
         floor = prior_floor(z.shape[1], ae.decoder.coords.shape[0])
+        def bfactor_at(zz, ss):
+            if not estimate_b:
+                return ctf_of
+            rt = device_rows(calib)
+            rot, base, ctf_params = meta.batch(rt)
+            _, images = dataset[calib]
+            b, chi2_b, chi2_0 = envelope_bfactor(
+                ae.decoder, lik, images.to(dev), meta.optics_group[rt],
+                torch.as_tensor(zz[calib], dtype=torch.float32, device=dev),
+                torch.as_tensor(ss[calib], dtype=torch.float32, device=dev), rot, base,
+                ae.decoder.ctf(ctf_params),
+                rotvec=None if rotvec is None else torch.as_tensor(rotvec[calib], device=dev))
+            log("infer: the images' envelope again, at the fit's z: B = %.0f A^2 (was %.0f)"
+                % (b, envelope[0]))
+            envelope[0] = b
+            return ctf_of
+
         res = deconvolve(ae.decoder, lik, dataset, meta, np.concatenate([z, shift], 1),
-                         ctf_of, floor, dev, iterations, rotvec=rotvec,
+                         ctf_of, floor, dev, iterations, rotvec=rotvec, bfactor_at=bfactor_at,
                          turn_sd=sd if fit_pose else None, num_workers=num_workers,
                          max_components=(popmod.DEFAULTS["max_components"]
                                          if components is None else int(components)),
@@ -323,9 +343,11 @@ def shrinkage_profile(particles: str, run_dir: str, latent: "Latent",
             torch.as_tensor(latent.shift[calib], dtype=torch.float32, device=dev), rot, base,
             ae.decoder.ctf(ctf_params))[0]
 
+    envelope = [float(bfactor)]
+
     def ctf_of(ctf_params):
-        if bfactor:
-            ctf_params = ctf_params.replace(bfactor=ctf_params.bfactor + float(bfactor))
+        if envelope[0]:
+            ctf_params = ctf_params.replace(bfactor=ctf_params.bfactor + envelope[0])
         return ae.decoder.ctf(ctf_params)
 
     q = np.concatenate([latent.z, latent.shift], 1)[calib]

@@ -94,7 +94,8 @@ class Linearised:
 class Population:
     """A Gaussian mixture over z (``weights`` (K,), ``means`` (K, d), ``covs`` (K, d, d))
     times a Gaussian over the other parameters e (``extra_mean`` (E,), ``extra_cov``
-    (E, E)). ``learn_extra`` (E,) bool: which of e's coordinates EM estimates (the others
+    (E, E)). ``tied``: the components share one covariance (their ``covs`` are equal).
+    ``learn_extra`` (E,) bool: which of e's coordinates EM estimates (the others
     keep their mean and variance: a fixed prior, e.g. the rotation's)."""
     weights: np.ndarray
     means: np.ndarray
@@ -102,6 +103,7 @@ class Population:
     extra_mean: np.ndarray
     extra_cov: np.ndarray
     learn_extra: np.ndarray = field(default=None)
+    tied: bool = False
 
     def __post_init__(self):
         self.weights = np.asarray(self.weights, dtype=np.float64).reshape(-1)
@@ -147,7 +149,8 @@ class Population:
         means and variances (with their covariances)."""
         K, d = self.k, self.d
         m = int(self.learn_extra.sum())
-        return K - 1 + K * (d + d * (d + 1) // 2) + m + m * (m + 1) // 2
+        cov = (1 if self.tied else K) * (d * (d + 1) // 2)
+        return K - 1 + K * d + cov + m + m * (m + 1) // 2
 
     def arrays(self) -> dict:
         """The population as the arrays ``io.latent.write_latent`` stores."""

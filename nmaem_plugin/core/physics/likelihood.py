@@ -172,6 +172,9 @@ class WhitenedLikelihood:
                  source: Optional[str] = None) -> None:
         self.band = Band(box, apix, resolution_low, resolution_high, mask_radius, mask_edge,
                          path=source)
+        self._args = dict(noise=noise, box=box, apix=apix, resolution_low=resolution_low,
+                          resolution_high=resolution_high, mask_radius=mask_radius,
+                          mask_edge=mask_edge, device=device, source=source)
         self.source = source
         self.noise = noise
         self.groups = np.asarray(noise.groups)
@@ -194,6 +197,16 @@ class WhitenedLikelihood:
                    cfg["apix"], cfg.get("resolution_low"), cfg.get("resolution_high"),
                    cfg.get("mask_radius"), device=device,
                    source=cfg.get("particles") if source is None else source)
+
+    def limited(self, resolution_high: Optional[float]) -> "WhitenedLikelihood":
+        """The same likelihood with its band cut at ``resolution_high`` (Angstrom) as well
+        (the coarser of the two limits; None: this likelihood itself)."""
+        if resolution_high is None:
+            return self
+        own = self._args["resolution_high"]
+        args = dict(self._args, resolution_high=(float(resolution_high) if own is None
+                                                 else max(float(resolution_high), own)))
+        return WhitenedLikelihood(**args)
 
     def weights(self, groups: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Band / sigma2 on the rfft2 grid: (D, K) for the first optics group (``groups``

@@ -68,7 +68,7 @@ class TestDeconvolution(unittest.TestCase):
         for shrink in (1.0, 0.3):
             self.assertEqual(self.fits[shrink][0].population.k, 3)
             ks = [k for k, _ in self.fits[shrink][1]]
-            self.assertIn(3, ks)
+            self.assertIn("3", ks)
 
     def test_recovers_the_true_population(self):
         """Means of the seen coordinates within 4 standard errors of the truth (the
@@ -97,14 +97,13 @@ class TestDeconvolution(unittest.TestCase):
 
     def test_posteriors_are_calibrated(self):
         """The true z of the seen coordinates lies in the 68 % and 95 % posterior regions
-        of its particle as often as it should (binomial bounds at 3 sd)."""
+        of its particle as often as it should."""
         mean, cov, _ = P.posterior_moments(self.lin, self.fits[1.0][0].population)
         dz = (self.z - mean[:, :4])[:, :3]
         m2 = np.einsum("ni,nij,nj->n", dz, np.linalg.inv(cov[:, :3, :3]), dz)
-        n = len(m2)
-        for q in (0.68, 0.95):
-            frac = np.mean(m2 < chi2.ppf(q, 3))
-            self.assertLess(abs(frac - q), 3 * math.sqrt(q * (1 - q) / n), (q, frac))
+        # the issue's bounds: 60-76 % inside the 68 % region, 90-99 % inside the 95 % one
+        c68, c95 = np.mean(m2 < chi2.ppf(0.68, 3)), np.mean(m2 < chi2.ppf(0.95, 3))
+        self.assertTrue(0.60 <= c68 <= 0.76 and 0.90 <= c95 <= 0.99, (c68, c95))
         np.testing.assert_allclose(cov, np.swapaxes(cov, 1, 2), atol=1e-12)
         self.assertTrue(np.all(np.linalg.eigvalsh(cov)[:, 0] > 0))
 

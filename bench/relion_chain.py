@@ -67,7 +67,8 @@ import starfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "nmaem_plugin", "data")
 sys.path.insert(0, os.path.join(HERE, ".."))
-from nmaem_plugin.core.poses import euler_to_matrix, rotation_angle_deg  # noqa: E402
+from nmaem_plugin.core.poses import (correct_rotations, euler_to_matrix,  # noqa: E402
+                                     rotation_angle_deg)
 
 OPEN = os.path.join(DATA, "ak_open_4ake.pdb")
 CLOSED = os.path.join(DATA, "ak_closed_1ake.pdb")
@@ -393,7 +394,7 @@ def relion_pose_errors(work, data_star):
     ok = corrected < 20.0
     t, *_ = np.linalg.lstsq(proj[ok].reshape(-1, 3), d[ok].reshape(-1), rcond=None)
     d_corr = d - proj @ t
-    return dict(rows=rows, angle_raw=raw, angle=corrected,
+    return dict(rows=rows, angle_raw=raw, angle=corrected, a_true=a_true, a_rel=a_rel,
                 origin_raw=np.linalg.norm(d, axis=1), origin=np.linalg.norm(d_corr, axis=1),
                 frame=gt["frame"][rows], G=g, t=t,
                 G_angle=float(np.degrees(np.arccos(np.clip((np.trace(g) - 1) / 2, -1, 1)))))
@@ -429,6 +430,31 @@ def per_state_accuracy(per_particle_npz):
                          median_floor=float(np.median(floor[sel])))
     out["all"] = dict(n=int(len(st)), median_rmsd=float(np.median(rmsd)),
                       median_floor=float(np.median(floor)))
+    return out
+
+
+def refined_pose_errors(latent_npz, pe):
+    """Per state, the median angle (degrees) of the rotations the plugin refined (the
+    latent's ``euler`` with ``infer --fit-pose``, or RELION's corrected by its
+    ``pose_correction`` with ``train --refine-pose``) to the true ones, in the truth's
+    frame (G removed), next to RELION's own for the same particles; None when the
+    latent has no refined rotations."""
+    with np.load(latent_npz) as f:
+        idx = f["index"]
+        if "euler" in f.files and f["euler"].size:
+            a = euler_to_matrix(*f["euler"].T)
+        elif "pose_correction" in f.files and f["pose_correction"].size:
+            a = correct_rotations(pe["a_rel"][idx], f["pose_correction"])
+        else:
+            return None
+    err = rotation_angle_deg(a @ pe["G"], pe["a_true"][idx])
+    st = state_of_frame(pe["frame"][idx])
+    out = {}
+    for k, name in enumerate(STATES):
+        sel = st == k
+        out[name] = dict(refined=float(np.median(err[sel])),
+                         relion=float(np.median(pe["angle"][idx][sel])))
+    out["all"] = dict(refined=float(np.median(err)), relion=float(np.median(pe["angle"][idx])))
     return out
 
 
@@ -493,7 +519,7 @@ def chain(work, args, info, snr, log):
         acc[name] = dict(per_state=per_state_accuracy(pp),
                          corr_pc1_frame=e.get("summary", e).get("abs_corr_pc1_frame"),
                          summary=e.get("summary"),
-                         pose_error=e.get("pose_error"))
+                         refined_pose_error=refined_pose_errors(lat, pe))
     states = os.path.join(pdir, "states")
     step("states", os.path.join(states, "states.json"),
          nm + ["states", "--latent", os.path.join(pdir, "latent_default.npz"), "-o", states,
@@ -524,8 +550,9 @@ def write_table(work, r):
             name, p["n"], p["median_angle_raw"], p["median_angle"], 100 * p["within_5deg"],
             100 * p["within_10deg"], p["median_origin_raw"], p["median_origin"]))
     lines += ["", "Median RMSD to the true frame / floor (A), per state:", "",
-              "| poses | " + " | ".join(STATES) + " | all | abs corr(PC1, frame) |",
-              "|---|" + "---|" * (len(STATES) + 2)]
+              "| poses | " + " | ".join(STATES) + " | all | abs corr(PC1, frame) | "
+              "median angle error (deg), RELION -> refined |",
+              "|---|" + "---|" * (len(STATES) + 3)]
     labels = {"default": "RELION's (nmaem infer)", "fit_pose": "RELION's, infer --fit-pose",
               "refine_pose": "RELION's, train --refine-pose"}
     for name, a in r.get("accuracy", {}).items():
@@ -533,8 +560,10 @@ def write_table(work, r):
         cells = ["%.2f / %.2f" % (ps[s]["median_rmsd"], ps[s]["median_floor"])
                  for s in list(STATES) + ["all"]]
         corr = a.get("corr_pc1_frame")
-        lines.append("| %s | %s | %s |" % (labels.get(name, name), " | ".join(cells),
-                                           "-" if corr is None else "%.2f" % corr))
+        rp = a.get("refined_pose_error")
+        pose = "-" if not rp else "%.2f -> %.2f" % (rp["all"]["relion"], rp["all"]["refined"])
+        lines.append("| %s | %s | %s | %s |" % (labels.get(name, name), " | ".join(cells),
+                                                "-" if corr is None else "%.2f" % corr, pose))
     text = "\n".join(lines) + "\n"
     with open(os.path.join(work, "results.md"), "w") as fh:
         fh.write(text)

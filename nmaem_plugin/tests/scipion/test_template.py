@@ -180,6 +180,7 @@ class TestTemplateRun(scipion_base.NmaemBaseTest):
     @classmethod
     def setUpClass(cls):
         chain.use(cls)
+        cls.sim._createFilenameTemplates()
         cls.star = os.path.abspath(cls.sim._getFileName("star"))
         cls.model = os.path.abspath(cls.sim.outputReference.getFileName())
         cls.name = "nmaem_template_%d" % int(time.time())
@@ -284,3 +285,19 @@ class TestTemplateRun(scipion_base.NmaemBaseTest):
             seen += [p.getObjId() for p in cls.iterItems()]
         self.assertEqual(len(seen), len(set(seen)))
         self.assertTrue(set(seen) <= {p.getObjId() for p in zm.iterItems()})
+
+    def test_flexibility_hub_attributes(self):
+        """What scipion-em-flexutils' dimension reduction, landscape scoring, FlexConsensus
+        and optimal-clusters protocols read from a SetOfParticlesFlex (docs/scipion.md)."""
+        parts = self.runs["NmaemProtInfer"].outputParticles
+        self.assertEqual(parts.getFlexInfo().getProgName(), "nmaem")
+        first = parts.getFirstItem()
+        self.assertEqual(first.getZFlex().size, chain.N_MODES)     # a numpy array
+        self.assertEqual(first.getFlexInfo().getProgName(), "nmaem")
+        self.assertGreater(parts.getSamplingRate(), 0)
+        z = np.array([p.getZFlex() for p in parts.iterItems()])
+        zred = np.array([p.getZRed() for p in parts.iterItems()])
+        self.assertEqual(z.shape, (parts.getSize(), chain.N_MODES))
+        self.assertEqual(zred.shape[0], parts.getSize())
+        # zRed: coordinates on orthogonal axes of the same spread as z about 0
+        np.testing.assert_allclose((zred ** 2).sum(), (z ** 2).sum(), rtol=1e-3)

@@ -13,10 +13,12 @@ redoes what is missing; RELION resumes from its last iteration when it was inter
 
 1. ``model/``: the assembly, open (the reference handed to the plugin) and closed.
 2. ``snr.json``: the SNR that gives these particles the dose of the project's adenylate
-   kinase particles (-20 dB in a 153.6 A box, the paper's): SNR is the variance of the
-   clean image over the variance of the noise, and at one dose the noise variance per pixel
-   is set by the pixel size, so SNR_assembly = 0.01 * var(clean assembly images at the
-   benchmark's box and pixel size) / var(clean AK images, 64 px at 2.4 A). Both from
+   kinase particles (-20 dB at 64 px and 2.4 A/px, the paper's dose in the issue's
+   trial): SNR is the variance of the clean image (the projected potential, whose values
+   do not depend on the pixel size) over the variance of the noise, and at one dose a
+   pixel of side a counts a^2 times the electrons, so the noise variance per pixel goes as
+   1/a^2. Hence SNR_assembly = 0.01 * var(clean assembly images at the benchmark's box and
+   pixel size a) / var(clean AK images, 64 px at 2.4 A) * (a / 2.4)^2. Both variances from
    noise-free ``nmaem simulate`` runs with the same seed.
 3. ``sim/``: ``nmaem simulate`` with every nuisance of real data but the pose errors
    (``--realistic --angle-error 0 --origin-error 0``: coloured noise, contrast, offset,
@@ -226,8 +228,11 @@ def calibrate_snr(work, args, log):
                   "--box", str(box), "--apix", str(apix), "--no-noise", "--seed", "0",
                   "--device", "cpu", "-o", d, "--force"], log)
         var[name] = _mean_variance(d)
-    snr = -20.0 + 10.0 * np.log10(var["assembly"] / var["ak"])
-    res = dict(var_assembly=var["assembly"], var_ak=var["ak"], snr_db=round(float(snr), 2))
+    # noise variance per pixel at one dose ~ 1 / pixel area
+    ak_apix = runs["ak"][3]
+    snr = -20.0 + 10.0 * np.log10(var["assembly"] / var["ak"] * (args.apix / ak_apix) ** 2)
+    res = dict(var_assembly=var["assembly"], var_ak=var["ak"], apix=args.apix,
+               ak_apix=ak_apix, snr_db=round(float(snr), 2))
     with open(out, "w") as fh:
         json.dump(res, fh, indent=1)
     return res
@@ -487,7 +492,7 @@ def chain(work, args, info, snr, log):
     results["relion_iterations"] = relion_iterations(rdir)
     modes = os.path.join(pdir, "modes.npz")
     step("modes", modes, nm + ["modes", ref, "-o", modes, "--n-modes", str(args.n_modes),
-                               "--target", os.path.join(work, "sim", "frames.pdb"),
+                               "--target", os.path.join(work, "model", "closed.pdb"),
                                "--device", "cpu"])
     check = os.path.join(pdir, "check.json")
     step("check", check, nm + ["check", "--particles", data, "--ref", ref, "--device", "cpu",

@@ -18,6 +18,7 @@ from pyworkflow.project import Manager
 from pyworkflow.tests import setupTestProject
 
 from nmaem_plugin import DATA_DIR
+from nmaem_plugin.constants import ATTR_EIGENVALUE
 from nmaem_plugin.tests.scipion import chain, scipion_base
 
 TEMPLATE_ID = "nmaem_plugin-facility_chain"
@@ -52,13 +53,16 @@ def launcherEnv():
     return env
 
 
-def launch(args, wait=True):
-    """Run Scipion's template launcher; (returncode, output) or the Popen."""
+def launch(args, log=None):
+    """Run Scipion's template launcher: (returncode, output); with ``log``, its output
+    goes to that file and the Popen is returned at once. (The scheduler processes it
+    forks keep its standard output open, so a pipe would never reach its end.)"""
     cmd = [sys.executable, "-m", "scipion", "template", TEMPLATE_ID] + list(args)
-    if not wait:
-        return subprocess.Popen(cmd, env=launcherEnv(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                                start_new_session=True)
+    if log is not None:
+        with open(log, "w") as fh:
+            return subprocess.Popen(cmd, env=launcherEnv(), stdout=fh,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
     p = subprocess.run(cmd, env=launcherEnv(), capture_output=True, text=True,
                        stdin=subprocess.DEVNULL, timeout=300)
     return p.returncode, p.stdout + p.stderr
@@ -73,12 +77,14 @@ def pluginTemplate():
 
 
 def simulate(outDir, n=40, box=32, apix=2.5):
-    """A small noise-free simulation with the CLI (particles.star, reference.pdb)."""
+    """A small noise-free simulation with the CLI (particles.star, reference.pdb), in the
+    test's own folder (replaced when a previous run left one)."""
     subprocess.run([sys.executable, "-m", "nmaem_plugin", "simulate", "--ref",
                     os.path.join(DATA_DIR, "ak_open_4ake.pdb"), "--target",
                     os.path.join(DATA_DIR, "ak_closed_1ake.pdb"), "--frames", "4", "--n",
                     str(n), "--box", str(box), "--apix", str(apix), "--no-noise",
-                    "--device", "cpu", "-o", outDir], check=True, capture_output=True)
+                    "--device", "cpu", "-o", outDir, "--force"], check=True,
+                   capture_output=True)
     return os.path.join(outDir, "particles.star"), os.path.join(outDir, "reference.pdb")
 
 
@@ -98,7 +104,8 @@ class TestTemplateAliases(scipion_base.NmaemBaseTest):
             "%s@%s" % (i, os.path.join(root, p)) for i, p in
             (n.split("@", 1) for n in parts["rlnImageName"])]
         cls.noPoses = os.path.abspath(cls.proj.getPath("no_poses.star"))
-        starfile.write({"optics": blocks["optics"], "particles": parts}, cls.noPoses)
+        starfile.write({"optics": blocks["optics"], "particles": parts}, cls.noPoses,
+                       overwrite=True)
 
     def test_listed_and_parsed(self):
         t = pluginTemplate()
@@ -187,7 +194,7 @@ class TestTemplateRun(scipion_base.NmaemBaseTest):
         cls.launcher = launch(["particles=" + cls.star, "model=" + cls.model,
                                "modes=%d" % chain.N_MODES, "epochs=%d" % chain.EPOCHS,
                                "gpus=0", "refineModels=false", "project_name=" + cls.name,
-                               "--nogui"], wait=False)
+                               "--nogui"], log=os.path.abspath("template_launcher.log"))
         # meanwhile, the hand-made chain's last two steps (the shared chain has the others)
         from nmaem_plugin.protocols import NmaemProtExport, NmaemProtStates
         cls.states = cls.newProtocol(NmaemProtStates, objLabel="states by hand",
@@ -200,8 +207,9 @@ class TestTemplateRun(scipion_base.NmaemBaseTest):
         cls.export.inputParticles.set(cls.infer.outputParticles)
         cls.export.inputNetwork.set(cls.train.outputNetwork)
         cls._launch(cls.export)
-        out, _ = cls.launcher.communicate(timeout=300)
-        cls.launcherOutput = out
+        cls.launcher.wait(timeout=300)
+        with open(os.path.abspath("template_launcher.log")) as fh:
+            cls.launcherOutput = fh.read()
         cls.runs = cls.waitForProject(cls.name)
 
     @classmethod
@@ -212,6 +220,7 @@ class TestTemplateRun(scipion_base.NmaemBaseTest):
         if not Manager().hasProject(name):
             raise AssertionError("the launcher created no project:\n%s" % cls.launcherOutput)
         path = Manager().getProjectPath(name)
+        cls.tplPath = path
         t0 = time.time()
         while True:
             proj = Project(pw.Config.getDomain(), path)
@@ -227,6 +236,20 @@ class TestTemplateRun(scipion_base.NmaemBaseTest):
                                                 for p in runs.values())))
             time.sleep(10)
 
+    def out(self, cls, name):
+        """Output ``name`` of the launched project's protocol of class ``cls``."""
+        return getattr(self.runs[cls], name)
+
+    def mine(self, fn):
+        """``fn()`` run in the launched project's folder (its sets' databases are
+        relative to it); the tests otherwise run in the shared chain's project."""
+        cwd = os.getcwd()
+        os.chdir(self.tplPath)
+        try:
+            return fn()
+        finally:
+            os.chdir(cwd)
+
     def test_launcher_output(self):
         self.assertEqual(self.launcher.returncode, 0, self.launcherOutput)
         self.assertIn("Scheduling project %s" % self.name, self.launcherOutput)
@@ -234,69 +257,81 @@ class TestTemplateRun(scipion_base.NmaemBaseTest):
     def test_each_protocol_ran_once(self):
         """A single-root workflow: the scheduler launched every protocol once."""
         for cls, prot in self.runs.items():
-            log = prot._getLogsPath("schedule.log")
-            if os.path.exists(log):
-                with open(log) as fh:
-                    self.assertEqual(fh.read().count("Launching the protocol"), 1, cls)
+            log = os.path.join(self.tplPath, prot._getLogsPath("schedule.log"))
+            with open(log) as fh:
+                self.assertEqual(fh.read().count("Launching the protocol"), 1, cls)
 
     def test_particles_as_imported_by_hand(self):
-        mine = self.runs["NmaemProtImportParticles"].outputParticles
+        mine = self.out("NmaemProtImportParticles", "outputParticles")
         hand = self.sim.outputParticles
         self.assertEqual(mine.getSize(), hand.getSize())
         self.assertEqual(mine.getAlignment(), hand.getAlignment())
         self.assertTrue(mine.hasCTF())
         self.assertAlmostEqual(mine.getSamplingRate(), hand.getSamplingRate(), places=6)
-        a = {p.getObjId(): (p.getTransform().getMatrix(), p.getCTF().getDefocusU())
-             for p in mine.iterItems()}
+        a = self.mine(lambda: {p.getObjId(): (p.getTransform().getMatrix(),
+                                              p.getCTF().getDefocusU())
+                               for p in mine.iterItems()})
+        self.assertEqual(len(a), hand.getSize())
         for p in hand.iterItems():
             m, du = a[p.getObjId()]
             np.testing.assert_allclose(m, p.getTransform().getMatrix(), atol=1e-5)
             self.assertAlmostEqual(du, p.getCTF().getDefocusU(), places=2)
 
     def test_modes_as_by_hand(self):
-        mine = self.runs["NmaemProtComputeModes"].outputModes
+        """The same modes: the same reference file and settings give the same ANM
+        eigenvalues."""
+        mine = self.out("NmaemProtComputeModes", "outputModes")
         hand = self.modes.outputModes
         self.assertEqual(type(mine), type(hand))
-        self.assertEqual(mine.getSize(), hand.getSize())
-        fm = [m.getFileName() for m in mine.iterItems()]
-        self.assertEqual(len(fm), chain.N_MODES)
+        self.assertEqual(mine.getSize(), chain.N_MODES)
+        ev = self.mine(lambda: [getattr(m, ATTR_EIGENVALUE).get()
+                                for m in mine.iterItems(orderBy="id")])
+        evHand = [getattr(m, ATTR_EIGENVALUE).get() for m in hand.iterItems(orderBy="id")]
+        np.testing.assert_allclose(ev, evHand, rtol=1e-4)
 
     def test_outputs_as_by_hand(self):
-        pairs = [(self.runs["NmaemProtTrain"].outputNetwork, self.train.outputNetwork),
-                 (self.runs["NmaemProtInfer"].outputParticles, self.infer.outputParticles),
-                 (self.runs["NmaemProtStates"].outputClasses, self.states.outputClasses),
-                 (self.runs["NmaemProtStates"].outputStructures,
+        pairs = [(self.out("NmaemProtTrain", "outputNetwork"), self.train.outputNetwork),
+                 (self.out("NmaemProtInfer", "outputParticles"), self.infer.outputParticles),
+                 (self.out("NmaemProtStates", "outputClasses"), self.states.outputClasses),
+                 (self.out("NmaemProtStates", "outputStructures"),
                   self.states.outputStructures),
-                 (self.runs["NmaemProtExport"].outputAtomStructs,
+                 (self.out("NmaemProtExport", "outputAtomStructs"),
                   self.export.outputAtomStructs)]
         for mine, hand in pairs:
             self.assertEqual(type(mine), type(hand))
-        zm = self.runs["NmaemProtInfer"].outputParticles
+        zm = self.out("NmaemProtInfer", "outputParticles")
         zh = self.infer.outputParticles
         self.assertEqual(zm.getSize(), zh.getSize())
-        self.assertEqual(sorted(p.getObjId() for p in zm.iterItems()),
+        self.assertEqual(self.mine(lambda: sorted(p.getObjId() for p in zm.iterItems())),
                          sorted(p.getObjId() for p in zh.iterItems()))
-        self.assertEqual(len(zm.getFirstItem().getZFlex()), len(zh.getFirstItem().getZFlex()))
-        self.assertEqual(self.runs["NmaemProtExport"].outputAtomStructs.getSize(),
+        self.assertEqual(self.mine(lambda: len(zm.getFirstItem().getZFlex())),
+                         len(zh.getFirstItem().getZFlex()))
+        self.assertEqual(self.out("NmaemProtExport", "outputAtomStructs").getSize(),
                          self.export.outputAtomStructs.getSize())
         # every state's particles are particles of the set, each in one state at most
-        seen = []
-        for cls in self.runs["NmaemProtStates"].outputClasses.iterItems():
-            seen += [p.getObjId() for p in cls.iterItems()]
+        classes = self.out("NmaemProtStates", "outputClasses")
+        seen = self.mine(lambda: [p.getObjId() for c in classes.iterItems()
+                                  for p in c.iterItems()])
+        self.assertGreater(len(seen), 0)
         self.assertEqual(len(seen), len(set(seen)))
-        self.assertTrue(set(seen) <= {p.getObjId() for p in zm.iterItems()})
+        self.assertTrue(set(seen) <= set(self.mine(lambda: [p.getObjId()
+                                                            for p in zm.iterItems()])))
 
     def test_flexibility_hub_attributes(self):
         """What scipion-em-flexutils' dimension reduction, landscape scoring, FlexConsensus
         and optimal-clusters protocols read from a SetOfParticlesFlex (docs/scipion.md)."""
-        parts = self.runs["NmaemProtInfer"].outputParticles
+        parts = self.out("NmaemProtInfer", "outputParticles")
         self.assertEqual(parts.getFlexInfo().getProgName(), "nmaem")
-        first = parts.getFirstItem()
-        self.assertEqual(first.getZFlex().size, chain.N_MODES)     # a numpy array
-        self.assertEqual(first.getFlexInfo().getProgName(), "nmaem")
         self.assertGreater(parts.getSamplingRate(), 0)
-        z = np.array([p.getZFlex() for p in parts.iterItems()])
-        zred = np.array([p.getZRed() for p in parts.iterItems()])
+
+        def read():
+            first = parts.getFirstItem()
+            return (first.getZFlex().size, first.getFlexInfo().getProgName(),
+                    np.array([p.getZFlex() for p in parts.iterItems()]),
+                    np.array([p.getZRed() for p in parts.iterItems()]))
+        size, prog, z, zred = self.mine(read)
+        self.assertEqual(size, chain.N_MODES)     # a numpy array
+        self.assertEqual(prog, "nmaem")
         self.assertEqual(z.shape, (parts.getSize(), chain.N_MODES))
         self.assertEqual(zred.shape[0], parts.getSize())
         # zRed: coordinates on orthogonal axes of the same spread as z about 0

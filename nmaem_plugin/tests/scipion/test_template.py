@@ -236,6 +236,9 @@ class TestTemplateRun(scipion_base.NmaemBaseTest):
                                                 for p in runs.values())))
             time.sleep(10)
 
+    def setUp(self):
+        os.chdir(self.proj.getPath())     # the hand-made chain's sets are relative to it
+
     def out(self, cls, name):
         """Output ``name`` of the launched project's protocol of class ``cls``."""
         return getattr(self.runs[cls], name)

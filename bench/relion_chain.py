@@ -304,9 +304,10 @@ def run_relion(work, args, log):
     if state == "done":
         print("RELION: finished refinement found in %s (reused)" % rdir, flush=True)
         return
-    ini = os.path.join(rdir, "initial_40A.mrc")
+    ini = os.path.join(rdir, "initial_%gA.mrc" % args.ini_high)
     if not os.path.exists(ini):
-        starting_map(os.path.join(work, "sim", "reference.pdb"), ini, args.box, args.apix, 40.0)
+        starting_map(os.path.join(work, "sim", "reference.pdb"), ini, args.box, args.apix,
+                     args.ini_high)
     inp = os.path.join(rdir, "particles_in.star")
     if not os.path.exists(inp):
         relion_input(os.path.join(work, "sim", "particles.star"), inp)
@@ -318,7 +319,7 @@ def run_relion(work, args, log):
     else:
         cmd = mpi + [
             "--o", os.path.join(rdir, "run"), "--auto_refine", "--split_random_halves",
-            "--i", inp, "--ref", ini, "--firstiter_cc", "--ini_high", "40",
+            "--i", inp, "--ref", ini, "--firstiter_cc", "--ini_high", "%g" % args.ini_high,
             "--dont_combine_weights_via_disc", "--pool", "30", "--pad", "2", "--ctf",
             "--particle_diameter", str(args.diameter), "--flatten_solvent", "--zero_mask",
             "--oversampling", "1", "--healpix_order", str(args.healpix_order),
@@ -610,6 +611,8 @@ def main(argv=None):
     ap.add_argument("--healpix-order", type=int, default=1,
                     help="RELION --healpix_order of the first iterations (1: 15 degrees)")
     ap.add_argument("--ranks", type=int, default=3, help="MPI ranks of relion_refine_mpi")
+    ap.add_argument("--ini-high", type=float, default=40.0,
+                    help="low-pass of the starting map and RELION --ini_high (A; default 40)")
     ap.add_argument("--n-modes", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--train-box", type=int, default=64)

@@ -69,8 +69,8 @@ import starfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "nmaem_plugin", "data")
 sys.path.insert(0, os.path.join(HERE, ".."))
-from nmaem_plugin.core.poses import (correct_rotations, euler_to_matrix,  # noqa: E402
-                                     rotation_angle_deg)
+from nmaem_plugin.core.io.poses import (correct_rotations, euler_to_matrix,  # noqa: E402
+                                        rotation_angle_deg)
 
 OPEN = os.path.join(DATA, "ak_open_4ake.pdb")
 CLOSED = os.path.join(DATA, "ak_closed_1ake.pdb")
@@ -79,8 +79,9 @@ CHAINS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def nmaem_cmd():
-    exe = os.path.join(os.path.dirname(sys.executable), "nmaem")
-    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "nmaem_plugin"]
+    """The ``nmaem`` command as ``python -m nmaem_plugin`` of this interpreter (the same
+    command; an installed console script may be older than the checkout)."""
+    return [sys.executable, "-m", "nmaem_plugin"]
 
 
 def run(cmd, log, capture=False, nice=True):

@@ -69,8 +69,8 @@ def _float(value):
 
 def _particleBox(path):
     """The particles' image size (px) from their first stack, or None."""
-    from .protocols.protocol_import_particles import readParticleTable
-    from .core.stacks import stack_box
+    from .inputchecks import readParticleTable
+    from .core.io.stacks import stack_box
     table, problem = readParticleTable(path)
     if problem or table.stack_paths is None or table.n == 0:
         return None
@@ -81,8 +81,7 @@ def aliasProblem(alias, values):
     """The problem (one line) with ``values[alias]``, judged with the other aliases' values
     in ``values`` (those that are set), or None. Aliases this module does not know are
     left to Scipion's type check."""
-    from .protocols.protocol_import_particles import (modelParticlesProblems,
-                                                      particleFileProblems)
+    from .inputchecks import modelParticlesProblems, particleFileProblems
     v = values.get(alias)
     particles = values.get(PARTICLES)
     if alias == PARTICLES:
@@ -105,8 +104,8 @@ def aliasProblem(alias, values):
     if alias == MODEL:
         if not v or not os.path.isfile(v):
             return "%s: no such file" % v
-        from .core.errors import NmaemError
-        from .core.structure import read_model
+        from .core.base.errors import NmaemError
+        from .core.physics.structure import read_model
         try:
             if read_model(v).n_atoms == 0:
                 return "%s holds no atoms" % v

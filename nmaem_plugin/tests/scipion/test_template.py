@@ -266,7 +266,8 @@ class TestTemplateRun(scipion_base.NmaemBaseTest):
 
     def test_particles_as_imported_by_hand(self):
         mine = self.out("NmaemProtImportParticles", "outputParticles")
-        hand = self.sim.outputParticles
+        # the simulation's particles as its project stores them (a fresh load)
+        hand = self.proj.getProtocol(self.sim.getObjId()).outputParticles
         self.assertEqual(mine.getSize(), hand.getSize())
         self.assertEqual(mine.getAlignment(), hand.getAlignment())
         self.assertTrue(mine.hasCTF())

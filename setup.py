@@ -20,9 +20,10 @@ setup(
     # the data folders (no __init__.py) are listed as packages so that setuptools ships
     # their files without warning
     packages=find_packages(include=["nmaem_plugin", "nmaem_plugin.*"])
-    + ["nmaem_plugin.data", "nmaem_plugin.tests.data"],
+    + ["nmaem_plugin.data", "nmaem_plugin.tests.data", "nmaem_plugin.templates"],
     include_package_data=True,
-    package_data={"nmaem_plugin": ["protocols.conf", "data/*.pdb", "tests/data/*"]},
+    package_data={"nmaem_plugin": ["protocols.conf", "data/*.pdb", "tests/data/*",
+                                   "templates/*.json.template"]},
     install_requires=[
         "torch>=2.1",
         "numpy",

@@ -212,6 +212,7 @@ def state_maps(out_dir: str, names: Sequence[str], table: "ParticleTable",
         raise NmaemError("no state has the %d particles two half-maps need (%s): nothing to "
                          "reconstruct" % (2 * MIN_PER_HALF, ", ".join(
                              "%s %d" % (names[k], counts[k]) for k in range(len(names)))))
+    os.makedirs(out_dir, exist_ok=True)
     infos: List[Optional[dict]] = []
     own = contextlib.ExitStack() if stack is None else None
     with (own or contextlib.nullcontext()):

@@ -43,13 +43,22 @@ def relion_program(program: str = "relion_reconstruct") -> str:
 
 
 def relion_error_text(output: str, limit: int = 400) -> str:
-    """RELION's own error message in one line: from its first line that holds ``ERROR``
-    on (RELION writes ``ERROR:`` and then the reason), else its last lines of output;
-    at most ``limit`` characters."""
+    """RELION's own error message in one line: its first line that starts with ``ERROR``
+    and the reason that follows (up to the backtrace), else its last lines of output; at
+    most ``limit`` characters."""
     lines = [ln.strip() for ln in (output or "").splitlines() if ln.strip()]
-    start = next((i for i, ln in enumerate(lines) if "ERROR" in ln), None)
-    picked = lines[start:start + 4] if start is not None else lines[-3:]
-    text = " / ".join(picked) or "no output"
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("ERROR")), None)
+    if start is None:
+        picked = lines[-3:]
+    else:
+        # RELION: "ERROR:", the reason (one or more lines), then "=== Backtrace ===" or a
+        # second "ERROR:" block with the same reason
+        picked = [lines[start]]
+        for ln in lines[start + 1:]:
+            if ln.startswith(("===", "in: ")) or ln.startswith("ERROR"):
+                break
+            picked.append(ln)
+    text = " ".join(picked) or "no output"
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

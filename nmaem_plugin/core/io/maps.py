@@ -13,7 +13,7 @@ import numpy as np
 from ..base.atomic import atomic_open
 from ..base.errors import fail
 
-__all__ = ["read_map", "write_map"]
+__all__ = ["read_map", "write_map", "write_mrc"]
 
 
 def read_map(path: str) -> Tuple[np.ndarray, float]:
@@ -38,20 +38,32 @@ def read_map(path: str) -> Tuple[np.ndarray, float]:
 
 def write_map(path: str, volume: np.ndarray, apix: float) -> None:
     """Write ``volume`` (D, D, D) ``[z, y, x]`` as a float32 MRC map of voxel size ``apix``,
-    atomically (the bytes through ``atomic_open``)."""
-    from mrcfile.mrcinterpreter import MrcInterpreter
+    atomically."""
     volume = np.asarray(volume, dtype=np.float32)
     if volume.ndim != 3:
         raise ValueError("write_map expects a (D, D, D) volume, got %s" % (volume.shape,))
+    write_mrc(path, volume, apix, stack=False)
+
+
+def write_mrc(path: str, data: np.ndarray, apix: float, stack: bool) -> None:
+    """Write ``data`` (3D, float32) as an MRC file, a stack of images (``stack``) or a
+    volume, of voxel size ``apix``, atomically: mrcfile makes the header (a write-only
+    MrcInterpreter, as its documentation describes), the bytes go through ``atomic_open``
+    (checked, synced). The label is fixed text (mrcfile's default holds the time): the same
+    data give the same bytes."""
+    from mrcfile.mrcinterpreter import MrcInterpreter
     m = MrcInterpreter()
     m._create_default_attributes()
-    m.set_data(volume)
-    m.set_volume()
+    m.set_data(np.asarray(data, dtype=np.float32))
+    if stack:
+        m.set_image_stack()
+    else:
+        m.set_volume()
     m.voxel_size = float(apix)
     m.update_header_stats()
-    m.header.label[0] = b"written by nmaem"     # fixed text: the same map, the same bytes
+    m.header.label[0] = b"written by nmaem"
     m.header.nlabl = 1
-    with atomic_open(path) as fh:
+    with atomic_open(os.fspath(path)) as fh:
         m._iostream = fh
         try:
             m.flush()

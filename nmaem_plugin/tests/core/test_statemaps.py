@@ -295,9 +295,13 @@ class TestStateMaps(_Tmp):
         infos, corr = state_maps(os.path.join(self.tmp, "out"), ["state_01"], table,
                                  np.zeros(n, dtype=int), ref, [ref.coords], log=quiet)
         noisy_map = read_map(os.path.join(self.tmp, "out", "state_01", "map.mrc"))[0]
-        allowed, crossed = F.fsc(noisy_map, read_map(os.path.join(clean, "map.mrc"))[0],
-                                 apix).resolution(0.5)
+        clean_map = read_map(os.path.join(clean, "map.mrc"))[0]
+        allowed, crossed = F.fsc(noisy_map, clean_map, apix).resolution(0.5)
         self.assertTrue(crossed)
+        # RELION's map of the noise-free particles is our model map to near Nyquist: the
+        # simulator's poses, origins and CTF and the map frame are RELION's
+        truth = F.fsc(clean_map, model_map(ref.coords, ref.elements, box, apix), apix)
+        self.assertGreater(truth.fsc[1:box // 2 - 1].min(), 0.98)
         shutil.rmtree(noisy)
         shutil.rmtree(clean)
         shutil.rmtree(os.path.join(self.tmp, "out"))

@@ -454,13 +454,18 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
                 data, apix = read_map(fn)
                 self.assertEqual(data.shape, (BOX,) * 3)
                 self.assertAlmostEqual(apix, APIX, places=3)
-        curves = {f.getObjLabel(): f.getData() for f in fscs}
+        curves = {}         # (a set's iteration reuses one item: copy its data)
+        for f in fscs.iterItems():
+            x, y = f.getData()
+            curves[f.getObjLabel()] = ([float(v) for v in x], [float(v) for v in y])
         folder = self.states._getExtraPath("states")
         for row in mapped:
             info = read_fsc_json(os.path.join(folder, row["fsc"]))
             x, y = curves["%s: half maps" % row["name"]]
-            np.testing.assert_allclose(list(map(float, y)), info["half_map_fsc"]["fsc"])
-            np.testing.assert_allclose(list(map(float, x)), info["half_map_fsc"]["frequency"])
+            np.testing.assert_allclose(y, info["half_map_fsc"]["fsc"])
+            np.testing.assert_allclose(x, info["half_map_fsc"]["frequency"])
+            x, y = curves["%s: map vs model" % row["name"]]
+            np.testing.assert_allclose(y, info["model_map_fsc"]["fsc"])
         self.assertIn("half maps, FSC 0.143", " ".join(self.states.summary()))
         from pwem.viewers.plotter import EmPlotter
         from nmaem_plugin.viewers import NmaemStatesViewer

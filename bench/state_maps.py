@@ -18,8 +18,8 @@ with OpenMM). For each state:
   figure).
 
 Every step is the user's command run as a subprocess; datasets and runs are reused when
-present (``--fresh`` redoes the states). Results: ``WORK/results.json`` and a Markdown table
-(printed). CPU is shared: run it niced, one thread:
+present (``--fresh`` redoes the states). Results: ``WORK/states*/results.json`` and a
+Markdown table (printed). CPU is shared: run it niced, one thread:
 
     OMP_NUM_THREADS=1 nice -n 19 python bench/state_maps.py --work /tmp/bench_maps \\
         [--n 4000 --sim-box 96 --sim-apix 1.6 --box 64 --epochs 15 --d 4]
@@ -62,6 +62,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-refine", action="store_true", help="validate the plain models")
     ap.add_argument("--fresh", action="store_true", help="redo the states and their maps")
+    ap.add_argument("--kmeans", type=int, default=None, metavar="K",
+                    help="K k-means states instead of the density maxima (into states_kK/)")
     args = ap.parse_args(argv)
     work = os.path.abspath(args.work)
     os.makedirs(work, exist_ok=True)
@@ -96,9 +98,10 @@ def main(argv=None):
     if not os.path.exists(latent):
         t["infer"] = run(nm + ["infer", "--particles", star, "--model", rdir, "-o", latent,
                                "--device", "cpu"], log)
-    states = os.path.join(work, "states")
+    states = os.path.join(work, "states" if not args.kmeans else "states_k%d" % args.kmeans)
+    how = ["--maxima"] if not args.kmeans else ["--kmeans", str(args.kmeans)]
     if args.fresh or not os.path.exists(os.path.join(states, "states.json")):
-        t["states"] = run(nm + ["states", "--latent", latent, "--maxima", "--particles", star,
+        t["states"] = run(nm + ["states", "--latent", latent] + how + ["--particles", star,
                                 "--model", rdir, "-o", states, "--reconstruct", "--force"]
                           + (["--no-refine"] if args.no_refine else []), log)
     report(work, sim, latent, states, t, args)
@@ -143,7 +146,7 @@ def report(work, sim, latent_path, states_dir, times, args):
     out = dict(command="python bench/state_maps.py " + " ".join(sys.argv[1:]),
                settings=vars(args), times_s=times, states=rows,
                map_model_correlation=listing.get("map_model_correlation"))
-    with open(os.path.join(work, "results.json"), "w") as fh:
+    with open(os.path.join(states_dir, "results.json"), "w") as fh:
         json.dump(out, fh, indent=1)
     lines = ["| state | particles | true frames | map (FSC 0.143) | model vs map (FSC 0.5) "
              "| corr. with true mean | corr. with reference | corr. with state model "

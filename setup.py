@@ -36,7 +36,9 @@ setup(
         "matplotlib",
         "openmm>=8.1",   # geometry refinement of exported models (MinimizationReporter)
     ],
-    extras_require={"scipion": ["scipion-pyworkflow>=3.0", "scipion-em>=3.0"]},
+    extras_require={"scipion": ["scipion-pyworkflow>=3.0", "scipion-em>=3.0"],
+                    # nmaem states --format cs (requirements.txt installs it)
+                    "cryosparc": ["cryosparc-tools>=4.6"]},
     entry_points={
         "pyworkflow.plugin": ["nmaem_plugin = nmaem_plugin"],
         "console_scripts": ["nmaem = nmaem_plugin.core.cli.main:main"],

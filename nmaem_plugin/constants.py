@@ -18,6 +18,8 @@ ATTR_EIGENVALUE = "_nmaem_eigenvalue"  # NormalMode: ANM eigenvalue
 ATTR_OVERLAP = "_nmaem_overlap"        # NormalMode: overlap with the displacement to a target
 ATTR_ANIMATION = "_nmaem_animation"    # NormalMode: multi-model PDB animating the mode
 ATTR_LATENT_INDEX = "_nmaem_latentIndex"  # ParticleFlex: row of latent.npz
+ATTR_Z_COV = "_nmaem_zCov"             # ParticleFlex: posterior covariance of z (upper triangle, row-major)
+ATTR_Z_SD = "_nmaem_zSd"               # ParticleFlex: posterior sd of z, sqrt(trace z_cov) (A)
 ATTR_RUN_DIR = "_nmaem_runDir"         # FlexInfo: the training run folder (RUN)
 
 # FlexInfo attributes the Flexibility Hub's normal-mode tools read (scipion-em-flexutils'

@@ -55,8 +55,8 @@ import os
 
 import numpy as np
 
-from .constants import (ATTR_LATENT_INDEX, ATTR_RUN_DIR, HUB_MODES_FILE, HUB_N_MODES,
-                        HUB_REF_STRUCT, PROGRAM_NAME, STAR_ID_COLUMN)
+from .constants import (ATTR_LATENT_INDEX, ATTR_RUN_DIR, ATTR_Z_COV, ATTR_Z_SD, HUB_MODES_FILE,
+                        HUB_N_MODES, HUB_REF_STRUCT, PROGRAM_NAME, STAR_ID_COLUMN)
 
 # ============================================================================ poses
 
@@ -400,19 +400,46 @@ def pcaCoordinates(z):
 
 def latentFromParticlesFlex(particles, latentFile, idsFile=None):
     """Write the zFlex of a SetOfParticlesFlex as ``latentFile`` (``core.latent``; rows
-    in id order, shifts zero, index 0..N-1) and their ids as ``idsFile`` (.npy);
-    returns the ids (N,) int64."""
+    in id order, shifts zero, index 0..N-1), with each particle's posterior covariance
+    ``z_cov`` when every particle has one (:data:`ATTR_Z_COV`), and their ids as
+    ``idsFile`` (.npy); returns the ids (N,) int64."""
     from .core.io.latent import write_latent
-    ids, z = [], []
+    ids, z, cov = [], [], []
     for p in particles.iterItems(orderBy="id"):
         ids.append(p.getObjId())
         z.append(np.asarray(p.getZFlex(), dtype=np.float64))
+        cov.append(zCovOf(p, len(z[-1])))
     d = len(z[0]) if z else 0
     ids = np.asarray(ids, dtype=np.int64)
     if idsFile is not None:
         np.save(idsFile, ids)
-    write_latent(latentFile, np.asarray(z, dtype=np.float64).reshape(-1, d))
+    zCov = np.asarray(cov) if cov and all(c is not None for c in cov) else None
+    write_latent(latentFile, np.asarray(z, dtype=np.float64).reshape(-1, d), z_cov=zCov)
     return ids
+
+
+def zCovToText(c):
+    """A (d, d) posterior covariance as the text of :data:`ATTR_Z_COV`: its upper triangle
+    (row-major, d(d+1)/2 values) at float32's full precision."""
+    c = np.asarray(c, dtype=np.float32)
+    return ",".join("%.9g" % v for v in c[np.triu_indices(len(c))])
+
+
+def zCovOf(particle, d):
+    """The (d, d) float32 posterior covariance of z a particle holds (:data:`ATTR_Z_COV`),
+    or None when it has none (a latent from before ``z_cov``, or another program's)."""
+    attr = getattr(particle, ATTR_Z_COV, None)
+    text = None if attr is None else attr.get()
+    if not text:
+        return None
+    vals = np.asarray([float(v) for v in str(text).split(",")], dtype=np.float32)
+    iu = np.triu_indices(d)
+    if len(vals) != len(iu[0]):
+        raise ValueError("particle %s: %s holds %d values, expected %d for d = %d"
+                         % (particle.getObjId(), ATTR_Z_COV, len(vals), len(iu[0]), d))
+    c = np.zeros((d, d), dtype=np.float32)
+    c[iu] = vals
+    return c + np.triu(c, 1).T
 
 
 def copySetInfo(outputSet, inputSet):
@@ -440,12 +467,15 @@ def setOfParticlesFlexFromLatent(inputSet, latentFile, outputSet, starFile=None,
     correction of a run trained with ``--refine-pose`` (``pose_correction``, absent
     otherwise) is applied to its rotation (:func:`refinePoseInMatrix`). ``flexAttributes``
     (name -> value) are stored on the set's ``FlexInfo``, with :func:`hubFlexAttributes` of
-    the run folder among them. Returns the number of particles.
+    the run folder among them. A latent with posterior covariances (``z_cov``) gives each
+    particle :data:`ATTR_Z_COV` (:func:`zCovToText`) and its total sd :data:`ATTR_Z_SD`.
+    Returns the number of particles.
     """
     from pwem.objects import FlexInfo, ParticleFlex, Transform
-    from pyworkflow.object import Integer
+    from pyworkflow.object import Float, Integer, String
 
     lat = _checkedLatent(latentFile)        # read once
+    zCov, zSd = lat.z_cov, lat.z_sd()
     z, shift, index = lat.z.astype(np.float32), lat.shift.astype(np.float32), lat.index
     poseCorrection = lat.pose_correction if foldPose else None
     rowIds = (starRowIds(starFile) if starFile is not None
@@ -479,6 +509,9 @@ def setOfParticlesFlexFromLatent(inputSet, latentFile, outputSet, starFile=None,
         if zRed is not None:
             item.setZRed(zRed[k].tolist())
         setattr(item, ATTR_LATENT_INDEX, Integer(int(index[k])))
+        if zCov is not None:
+            setattr(item, ATTR_Z_COV, String(zCovToText(zCov[k])))
+            setattr(item, ATTR_Z_SD, Float(float(zSd[k])))
         if part.getTransform() is not None and (foldShift or poseCorrection is not None):
             M = part.getTransform().getMatrix()
             if foldShift and shift is not None:

@@ -20,7 +20,7 @@ import pyworkflow.protocol.params as params
 from pwem.objects import SetOfParticlesFlex
 
 from ..constants import PROGRAM_NAME
-from ..core.base.choices import CHECKPOINTS, FIT_ITERATIONS_DEFAULT
+from ..core.base.choices import CHECKPOINTS, FIT_ITERATIONS_DEFAULT, POPULATIONS
 from ..core.io.runfolder import existing_checkpoint, has_noise_model, read_config_or_none
 from .protocol_base import NmaemProtBase
 from .protocol_flex_common import (ATTR_LATENT_FILE, ATTR_RUN_DIR, ATTR_STAR_FILE,
@@ -29,6 +29,8 @@ from .protocol_flex_common import (ATTR_LATENT_FILE, ATTR_RUN_DIR, ATTR_STAR_FIL
 
 WEIGHTS = ["last epoch", "lowest validation loss"]
 WEIGHTS_ARG = CHECKPOINTS               # nmaem infer --checkpoint
+POPULATION_CHOICES = ["estimated from the particles (EM)", "the encoder's"]
+POPULATION_ARG = POPULATIONS            # nmaem infer --population
 
 
 class NmaemInferOutputs(Enum):
@@ -81,6 +83,17 @@ class NmaemProtInfer(NmaemProtBase):
                            "'Per-particle fit'). 0: the encoder's output. Applies to "
                            "networks trained with the whitened likelihood (the default "
                            "loss).")
+        form.addParam("population", params.EnumParam, choices=POPULATION_CHOICES, default=0,
+                      display=params.EnumParam.DISPLAY_COMBO,
+                      expertLevel=params.LEVEL_ADVANCED, label="Population of particles",
+                      help="The prior of the per-particle fit. Estimated from the "
+                           "particles: a mixture of Gaussians deconvolved from the "
+                           "particles' posteriors (EM, the number of components chosen by "
+                           "BIC), so the landscape is not shrunk toward the reference as "
+                           "the encoder's outputs are; each particle gets its posterior "
+                           "covariance (uncertainty) and the summary the shrinkage check "
+                           "(docs/likelihood.md, 'Population'). The encoder's: one Gaussian "
+                           "with the encoder's mean and covariance (the earlier behaviour).")
         form.addParam("fitEnvelope", params.BooleanParam, default=True,
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Estimate the images' envelope?",
@@ -146,6 +159,7 @@ class NmaemProtInfer(NmaemProtBase):
             args += ["--fit-iterations", self.fitIterations.get()]
             if self.fitPose.get():
                 args += ["--fit-pose"]
+            args += ["--population", POPULATION_ARG[self.population.get()]]
             if not self.fitEnvelope.get():
                 args += ["--fit-bfactor", 0]
         else:
@@ -225,14 +239,13 @@ class NmaemProtInfer(NmaemProtBase):
         if not os.path.exists(fn):
             return None
         from ..core.io.latent import read_latent
-        lat = read_latent(fn)
-        return lat.z, lat.shift, lat.pose_correction
+        return read_latent(fn)
 
     def _summary(self):
-        stats = self._latentStats()
-        if stats is None:
+        lat = self._latentStats()
+        if lat is None:
             return ["Not inferred yet."]
-        z, shift, pose = stats
+        z, shift, pose = lat.z, lat.shift, lat.pose_correction
         lines = ["%d particles, %d normal-mode amplitudes each (program %s)."
                  % (len(z), z.shape[1], PROGRAM_NAME)]
         if z.shape[1]:
@@ -252,12 +265,14 @@ class NmaemProtInfer(NmaemProtBase):
             return []
         text = ("The trained nmaem encoder [Nashed2022] gave the amplitudes of %d normal "
                 "modes and a refined 2D shift for each of %d particles."
-                % (stats[0].shape[1], len(stats[0])))
+                % (stats.z.shape[1], stats.n))
         if self._fitApplies():
             text += (" Each particle's amplitudes and shift were then fitted to its image "
-                     "(%d Gauss-Newton iterations in the training likelihood, with the "
-                     "encoder's population as the prior%s)." % (
+                     "(%d Gauss-Newton iterations in the training likelihood, with %s "
+                     "as the prior%s)." % (
                          self.fitIterations.get(),
+                         "the encoder's population" if self.population.get() else
+                         "a population of particles estimated by deconvolution (EM)",
                          ", and an envelope B-factor estimated by maximum likelihood"
                          if self.fitEnvelope.get() else ""))
             if self.fitPose.get():
@@ -267,3 +282,23 @@ class NmaemProtInfer(NmaemProtBase):
 
     def _citations(self):
         return ["Nashed2022", "Paszke2019"]
+
+
+def uncertaintyLines(lat):
+    """The summary lines of a latent's population estimate: the posterior sd of the
+    particles (``z_cov``), the population's components and the shrinkage check's verdict;
+    for a latent written without them, a line that says so."""
+    lines = []
+    if lat.z_cov is None:
+        lines.append("No per-particle uncertainty (z_cov) in this latent: it was made "
+                     "without the population estimate (Population: em).")
+    else:
+        sd = lat.z_sd()
+        lines.append("Posterior sd of z: median %.3g A (95th percentile %.3g A)."
+                     % (float(np.median(sd)), float(np.percentile(sd, 95))))
+    if lat.population is not None:
+        k = len(np.atleast_1d(lat.population.get("weights", [1])))
+        lines.append("Population estimated by deconvolution: %d Gaussian component(s)." % k)
+    if lat.shrinkage is not None:
+        lines.append(lat.shrinkage.verdict()[0].upper() + lat.shrinkage.verdict()[1:] + ".")
+    return lines

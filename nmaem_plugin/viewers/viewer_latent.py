@@ -14,7 +14,7 @@ import pyworkflow.protocol.params as params
 from pyworkflow.viewer import DESKTOP_TKINTER, ProtocolViewer
 from pwem.objects import SetOfParticlesFlex
 
-from ..constants import ATTR_FRAME, PROGRAM_NAME
+from ..constants import ATTR_FRAME, ATTR_Z_SD, PROGRAM_NAME
 from ..protocols import NmaemProtEvaluate, NmaemProtInfer, NmaemProtTrain
 from ..protocols.protocol_flex_common import runDirOf
 from .viewer_common import (figurePlotter, launchFailureMessage, modelViews,
@@ -42,6 +42,19 @@ def latentOfParticles(particles):
     return np.asarray(ids, dtype=np.int64), z, fr
 
 
+def uncertaintyOfParticles(particles):
+    """Each particle's posterior sd of z (``_nmaem_zSd``, from a latent with ``z_cov``)
+    in id order, or None when any particle lacks it."""
+    import numpy as np
+    sd = []
+    for p in particles.iterItems(orderBy="id"):
+        v = getattr(p, ATTR_Z_SD, None)
+        if v is None or v.get() is None:
+            return None
+        sd.append(float(v.get()))
+    return np.asarray(sd)
+
+
 class NmaemLatentViewer(ProtocolViewer):
     """Latent landscape of nmaem particles (PCA, density maxima along PC1, PC1-PC2
     density, mode amplitudes; split by ground-truth frame for simulated particles) and
@@ -66,6 +79,16 @@ class NmaemLatentViewer(ProtocolViewer):
                            "by ground-truth frame.")
         form.addParam("doShowAmplitudes", params.LabelParam, label="Mode amplitudes",
                       help="One histogram per amplitude z_l (Angstrom).")
+        form.addParam("doShowUncertainty", params.LabelParam,
+                      label="Per-particle uncertainty",
+                      help="The PC1-PC2 plane coloured by the particles' posterior sd of "
+                           "z (sqrt of the trace of each particle's posterior covariance, "
+                           "from an inference with the population estimated from the "
+                           "particles), and its histogram: where the images say little.")
+        form.addParam("doShowShrinkage", params.LabelParam, label="Shrinkage check",
+                      help="The particles' likelihood as the landscape's spread about its "
+                           "mean is scaled (1 = as inferred): a maximum clearly above 1 "
+                           "says the landscape is shrunk toward its mean.")
         form.addParam("colourByFrame", params.BooleanParam, default=True,
                       label="Split by ground-truth frame?",
                       help="Simulated particles (with the _nmaem_frame attribute): add "
@@ -107,6 +130,8 @@ class NmaemLatentViewer(ProtocolViewer):
     def _getVisualizeDict(self):
         return {"doShowLandscape": self._showLandscape,
                 "doShowAmplitudes": self._showAmplitudes,
+                "doShowUncertainty": self._showUncertainty,
+                "doShowShrinkage": self._showShrinkage,
                 "doShowModel": self._showModel}
 
     def _visualize(self, obj, **kwargs):
@@ -225,6 +250,38 @@ class NmaemLatentViewer(ProtocolViewer):
             return self._noData()
         return [figurePlotter(figures.mode_amplitudes, data[1],
                               windowTitle="nmaem mode amplitudes")]
+
+    def _showUncertainty(self, paramName=None):
+        from ..core.report.uncertainty import uncertainty_landscape
+        data = self.getLatent()
+        if data is None or len(data[1]) < 2 or data[1].shape[1] == 0:
+            return self._noData()
+        sd = uncertaintyOfParticles(self.getParticles())
+        if sd is None:
+            return [self.errorMessage(
+                "These particles have no per-particle uncertainty (z_cov): infer them with "
+                "'Population of particles' estimated from the particles.",
+                "nmaem uncertainty")]
+        return [figurePlotter(uncertainty_landscape, data[1], sd,
+                              windowTitle="nmaem per-particle uncertainty")]
+
+    def _showShrinkage(self, paramName=None):
+        import os
+        from ..core.io.latent import read_latent
+        from ..core.report.uncertainty import shrinkage_figure
+        from ..protocols.protocol_flex_common import ATTR_LATENT_FILE
+        parts = self.getParticles()
+        info = parts.getFlexInfo() if parts is not None else None
+        attr = getattr(info, ATTR_LATENT_FILE, None) if info is not None else None
+        fn = attr.get() if attr is not None else None
+        fn = projectPath(self.getProject(), fn) if fn else None
+        check = read_latent(fn).shrinkage if fn and os.path.exists(fn) else None
+        if check is None:
+            return [self.errorMessage(
+                "No shrinkage check for these particles: it is made by an inference with "
+                "the per-particle fit.", "nmaem shrinkage check")]
+        return [figurePlotter(shrinkage_figure, check,
+                              windowTitle="nmaem shrinkage check")]
 
     def chosenPoint(self):
         """(z of the chosen point (d,), label) from the form."""

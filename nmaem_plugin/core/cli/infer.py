@@ -80,12 +80,33 @@ def run(args: argparse.Namespace) -> int:
         if same_path(args.star, args.output):
             fail(args.star, "--star and -o name the same file")
         check_output_file(args.star, inputs=inputs, force=args.force)
+    figure = shrinkage_figure_path(args.output)
+    check_output_file(figure, inputs=inputs, force=args.force)
     infer(args.particles, args.model, args.output, batch=args.batch, device=args.device,
           star=args.star, num_workers=args.num_workers, checkpoint=args.checkpoint,
           fit_iterations=args.fit_iterations, fit_pose=args.fit_pose,
           fit_bfactor=_bfactor_arg(args.fit_bfactor), population=args.population,
           components=_components_arg(args.components, args.population))
+    _draw_shrinkage(args.output, figure)
     return 0
+
+
+def shrinkage_figure_path(latent: str) -> str:
+    """``<latent>_shrinkage.png``: the shrinkage check's figure beside the latent."""
+    import os
+    return os.path.splitext(latent)[0] + "_shrinkage.png"
+
+
+def _draw_shrinkage(latent: str, path: str) -> None:
+    """The figure of the latent's shrinkage check (``report.uncertainty``), when it has one."""
+    from ..io.latent import read_latent
+    check = read_latent(latent).shrinkage
+    if check is None:
+        return
+    from ..base.figures import save
+    from ..report.uncertainty import shrinkage_figure
+    save(shrinkage_figure(check), path)
+    print("infer: the shrinkage check's figure -> %s" % path, flush=True)
 
 
 def _components_arg(text, population):

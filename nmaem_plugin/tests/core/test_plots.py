@@ -319,3 +319,41 @@ class TestModelThumbnail(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestUncertaintyFigures(unittest.TestCase):
+    """The shrinkage check's figure and the per-particle uncertainty landscape."""
+
+    def _check(self, best):
+        from nmaem_plugin.core.io.latent import ShrinkageCheck
+        s = np.exp(np.linspace(np.log(0.25), np.log(4.0), 41))
+        ll = -50.0 * np.log(s / best) ** 2 + 50.0 * np.log(best) ** 2   # 0 at s = 1
+        inside = s[ll >= ll.max() - 1.92]
+        return ShrinkageCheck(s, ll, best, float(inside.min()), float(inside.max()))
+
+    def test_shrinkage_figure_draws_the_profile_and_says_the_verdict(self):
+        from nmaem_plugin.core.report.uncertainty import shrinkage_figure
+        for best, word in ((2.0, "shrunk"), (1.0, "consistent"), (0.5, "wider")):
+            check = self._check(best)
+            fig = shrinkage_figure(check)
+            ax = fig.axes[0]
+            self.assertIn(word, ax.get_title())
+            line = [ln for ln in ax.get_lines() if "log-likelihood" in ln.get_label()][0]
+            np.testing.assert_array_equal(line.get_xdata(), check.scales)
+            np.testing.assert_array_equal(line.get_ydata(), check.loglik)
+            self.assertEqual(ax.get_xscale(), "log")
+
+    def test_uncertainty_landscape_colours_by_the_posterior_sd(self):
+        from nmaem_plugin.core.report.uncertainty import uncertainty_landscape
+        rng = np.random.default_rng(0)
+        z = rng.normal(size=(500, 3)) * [5.0, 2.0, 1.0]
+        sd = 0.5 + (z[:, 0] > 0)            # uncertain on one side of PC1
+        fig = uncertainty_landscape(z, sd)
+        hexes = fig.axes[0].collections[0]
+        values = np.asarray(hexes.get_array())
+        # medians of the particles' sd per hexagon: both sides' values, nothing else
+        self.assertTrue(((values >= 0.5) & (values <= 1.5)).all())
+        self.assertIn(0.5, values)
+        self.assertIn(1.5, values)
+        with self.assertRaises(NmaemError):
+            uncertainty_landscape(z, sd[:10])

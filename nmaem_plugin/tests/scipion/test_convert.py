@@ -287,6 +287,51 @@ class TestConvertSets(unittest.TestCase):
                 np.testing.assert_allclose(o, t["origin"][k] - shift[k], atol=1e-6)
             out.close()
 
+    def test_z_cov_round_trip(self):
+        """Each particle's posterior covariance (latent.npz z_cov) survives the Scipion
+        round trip: latent -> SetOfParticlesFlex (sqlite, reopened) -> latent, equal to
+        float32 precision, symmetric positive definite, with its total sd on the particle;
+        a latent without z_cov gives particles without it and a latent without it."""
+        from pwem.objects import SetOfParticlesFlex
+        from nmaem_plugin.constants import ATTR_Z_COV, ATTR_Z_SD
+        from nmaem_plugin.convert import latentFromParticlesFlex, setOfParticlesFlexFromLatent
+        from nmaem_plugin.core.io.latent import read_latent, write_latent
+        rng = np.random.default_rng(7)
+        d = 4
+        a = rng.normal(size=(N, d, d))
+        cov = (a @ a.transpose(0, 2, 1) + 0.1 * np.eye(d)).astype(np.float32)
+        z = rng.normal(size=(N, d))
+        for withCov in (True, False):
+            latent = os.path.join(self.tmp, "latent_cov%d.npz" % withCov)
+            write_latent(latent, z, np.zeros((N, 2)), np.arange(N),
+                         z_cov=cov if withCov else None)
+            fn = os.path.join(self.tmp, "flex_cov%d.sqlite" % withCov)
+            out = SetOfParticlesFlex(filename=fn, progName="nmaem")
+            setOfParticlesFlexFromLatent(self.parts, latent, out, foldShift=False)
+            out.write()
+            out.close()
+            again = SetOfParticlesFlex(filename=fn)
+            ids = sorted(self.truth["ids"].tolist())
+            for p in again.iterItems(orderBy="id"):
+                k = ids.index(p.getObjId())
+                if withCov:
+                    self.assertAlmostEqual(getattr(p, ATTR_Z_SD).get(),
+                                           float(np.sqrt(np.trace(cov[k].astype(float)))),
+                                           places=4)
+                else:
+                    self.assertIsNone(getattr(p, ATTR_Z_COV, None))
+            back = os.path.join(self.tmp, "back_cov%d.npz" % withCov)
+            latentFromParticlesFlex(again, back)
+            again.close()
+            lat = read_latent(back)             # read_latent checks symmetry and SPD
+            if withCov:
+                np.testing.assert_array_equal(lat.z_cov, cov)
+                self.assertTrue((np.linalg.eigvalsh(lat.z_cov.astype(float)) > 0).all())
+            else:
+                self.assertIsNone(lat.z_cov)
+                self.assertIsNone(lat.z_sd())
+            np.testing.assert_allclose(lat.z, z, atol=1e-6)
+
     def test_latent_without_star_uses_id_order(self):
         from pwem.objects import SetOfParticlesFlex
         from nmaem_plugin.convert import setOfParticlesFlexFromLatent

@@ -45,8 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["Deconvolved", "deconvolve", "resolution_stages", "LAMBDA_FIRST"]
 
 LAMBDA_UP, LAMBDA_DOWN, LAMBDA_FIRST = 4.0, 3.0, 1e-3
-import os
-LEARN_SHIFT = os.environ.get("NMAEM_LEARN_SHIFT", "1") == "1"
+LEARN_SHIFT = True     # the shift's population is estimated too (one Gaussian)
 BATCH = 32             # particles per rendering batch (the Jacobian holds P transforms each)
 EM_MAPS_BETWEEN = 100  # EM maps per iteration between the choices of K (warm starts go on)
 COARSEST_A = 32.0      # Angstrom: the band of the first resolution stage

@@ -92,6 +92,20 @@ class TestDeconvolution(unittest.TestCase):
         np.testing.assert_allclose(m3[:, :3], m1[:, :3], atol=0.02)
         np.testing.assert_allclose(c3[:, :3, :3], c1[:, :3, :3], atol=0.01)
 
+    def test_em_out_of_iterations_says_so_and_keeps_its_last_population(self):
+        """EM stopped by its limit: not converged, a valid population no worse than its
+        start (the marginal likelihood computed here from the population it returns)."""
+        rng = np.random.default_rng(5)
+        pop0 = start(self.z, 0.3, rng)
+        res = EM.em(self.lin, pop0, FLOOR, max_iter=3, extra_floor=EFLOOR)
+        self.assertFalse(res.converged)
+        self.assertLessEqual(res.iterations, 3)
+        for c in res.population.covs:
+            self.assertTrue((np.linalg.eigvalsh(c) > 0).all())
+        self.assertGreater(P.log_evidence(self.lin, res.population),
+                           P.log_evidence(self.lin, pop0))
+        self.assertAlmostEqual(res.history[-1], res.loglik, delta=1e-6 * abs(res.loglik))
+
     def test_unseen_mode_is_reported(self):
         self.assertEqual(P.unconstrained(self.lin, self.fits[1.0][0].population).tolist(), [3])
 

@@ -257,6 +257,7 @@ class NmaemProtInfer(NmaemProtBase):
         if pose is not None:
             lines.append("Pose correction: median %.3g degrees."
                          % float(np.degrees(np.median(np.linalg.norm(pose, axis=1)))))
+        lines.extend(uncertaintyLines(lat))
         return lines
 
     def _methods(self):

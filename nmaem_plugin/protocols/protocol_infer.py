@@ -257,8 +257,18 @@ class NmaemProtInfer(NmaemProtBase):
         if pose is not None:
             lines.append("Pose correction: median %.3g degrees."
                          % float(np.degrees(np.median(np.linalg.norm(pose, axis=1)))))
-        lines.extend(uncertaintyLines(lat))
+        lines.extend(uncertaintyLines(lat, self._nAtoms()))
         return lines
+
+    def _nAtoms(self):
+        """M, the atoms of the network's modes (for RMSD units), or None."""
+        from ..core.analysis.labels import modes_atom_count
+        from ..core.io.runfolder import reference_and_modes
+        try:
+            modes = reference_and_modes(runDirOf(self.inputNetwork.get()))[1]
+            return modes_atom_count(modes) if modes and os.path.isfile(modes) else None
+        except Exception:       # a summary never fails on a broken run folder
+            return None
 
     def _methods(self):
         stats = self._latentStats()
@@ -285,18 +295,24 @@ class NmaemProtInfer(NmaemProtBase):
         return ["Nashed2022", "Paszke2019"]
 
 
-def uncertaintyLines(lat):
+def uncertaintyLines(lat, nAtoms=None):
     """The summary lines of a latent's population estimate: the posterior sd of the
-    particles (``z_cov``), the population's components and the shrinkage check's verdict;
-    for a latent written without them, a line that says so."""
+    particles (``z_cov``; also as RMSD over the ``nAtoms`` atoms of the modes when known),
+    the population's components and the shrinkage check's verdict; for a latent written
+    without them, a line that says so."""
     lines = []
     if lat.z_cov is None:
         lines.append("No per-particle uncertainty (z_cov) in this latent: it was made "
                      "without the population estimate (Population: em).")
     else:
         sd = lat.z_sd()
-        lines.append("Posterior sd of z: median %.3g A (95th percentile %.3g A)."
-                     % (float(np.median(sd)), float(np.percentile(sd, 95))))
+        med, p95 = float(np.median(sd)), float(np.percentile(sd, 95))
+        line = ("Posterior sd of z: median %.3g A of amplitude (95th percentile %.3g A)"
+                % (med, p95))
+        if nAtoms:
+            line += (", %.2f A RMSD (%.2f) over the model's %d atoms"
+                     % (med / np.sqrt(nAtoms), p95 / np.sqrt(nAtoms), nAtoms))
+        lines.append(line + ".")
     if lat.population is not None:
         k = len(np.atleast_1d(lat.population.get("weights", [1])))
         lines.append("Population estimated by deconvolution: %d Gaussian component(s)." % k)

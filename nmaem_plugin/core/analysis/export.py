@@ -13,7 +13,7 @@ from .landscape import (DEFAULTS, check_latent_d, deformed_coords, density_maxim
 from ..base.atomic import atomic_open
 from ..base.errors import NmaemError, fail
 from ..io.latent import read_latent
-from ..io.outputs import OVERWRITE_HINT, check_output_dir, run_files
+from ..io.outputs import OVERWRITE_HINT, command_outputs, run_files
 
 __all__ = ["export", "particle_counts"]
 
@@ -148,64 +148,64 @@ def export(latent_path: str, run_dir: str, out_dir: str, pcs: Optional[Sequence[
 
     files = ["%s.%s" % (stem, fmt) for stem, _, _ in entries] + ["models.json", "models.csv"]
     thumbs = ["%s.png" % stem for stem, _, _ in entries] if thumbnails else []
-    check_output_dir(out_dir, files + thumbs, inputs=[latent_path] + run_files(run_dir),
-                     force=overwrite, hint=OVERWRITE_HINT)
-    os.makedirs(out_dir, exist_ok=True)
-
-    from ..physics.structure import write_model
-    listing = dict(latent=None if latent is None else os.path.abspath(latent.path),
-                   model=os.path.abspath(str(run_dir)), n_particles=None if latent is None
-                   else latent.n, d=d, n_atoms=M, format=fmt, seed=seed, models=[])
-    if p is not None:
-        listing["pca"] = dict(explained_variance_ratio=p.explained_variance_ratio.tolist(),
-                              explained_variance=p.explained_variance.tolist(),
-                              mean=p.mean.tolist(), components=p.components.tolist())
-    refined = [None] * len(entries)
-    if refine:
-        from .refine import refine_models
-        refined = refine_models([deformed_coords(model, nm, zj) for _, _, zj in entries], model,
-                                hydrogens=hydrogens, log=log, **(refine_options or {}))
-    written = []        # heavy-atom coordinates of each model, for its thumbnail
-    for (stem, info, zj), fname, rf in zip(entries, files, refined):
-        if rf is None:
-            written.append(deformed_coords(model, nm, zj))
-            write_model(os.path.join(out_dir, fname), model, written[-1])
-        elif hydrogens and rf[0].ok:
-            written.append(rf[0].coords)
-            write_model(os.path.join(out_dir, fname), rf[0].model_with_hydrogens(model))
-        else:
-            written.append(rf[0].coords)
-            write_model(os.path.join(out_dir, fname), model, rf[0].coords)
-        row = dict(file=fname, **info)
-        if thumbnails:
-            row["thumbnail"] = stem + ".png"
-        if rf is not None:
-            row.update(rf[1])
-        row["z"] = [float(v) for v in zj]
-        row["pc_coords"] = None if p is None else [float(v) for v in p.transform(zj)]
-        row["rmsd_to_reference"] = float(np.linalg.norm(zj) / np.sqrt(M))
-        row.setdefault("n_particles", None)
-        listing["models"].append(row)
-    if thumbnails:              # one frame for the series: the thumbnails compare
-        from .thumbnails import series_thumbnails
-        series_thumbnails(written, model.elements,
-                          [os.path.join(out_dir, row["thumbnail"]) for row in listing["models"]])
-    if latent is not None:      # every model's particles, PC steps and given z included
-        for row, n in zip(listing["models"], particle_counts(listing, latent.z)):
-            row["n_particles"] = n
-    with atomic_open(os.path.join(out_dir, "models.json"), "w") as fh:
-        fh.write(format_json(listing) + "\n")
-    with atomic_open(os.path.join(out_dir, "models.csv"), "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["file", "kind", "n_particles", "rmsd_to_reference"]
-                   + ["z%d" % (l + 1) for l in range(d)]
-                   + (["pc%d" % (l + 1) for l in range(d)] if p is not None else []))
-        for row in listing["models"]:
-            w.writerow([row["file"], row["kind"],
-                        "" if row["n_particles"] is None else row["n_particles"],
-                        "%.6g" % row["rmsd_to_reference"]]
-                       + ["%.6g" % v for v in row["z"]]
-                       + (["%.6g" % v for v in row["pc_coords"]] if p is not None else []))
+    with command_outputs(out_dir, "export", products=files + thumbs,
+                         inputs=[latent_path] + run_files(run_dir), force=overwrite,
+                         hint=OVERWRITE_HINT) as out:
+        from ..physics.structure import write_model
+        listing = dict(latent=None if latent is None else os.path.abspath(latent.path),
+                       model=os.path.abspath(str(run_dir)), n_particles=None if latent is None
+                       else latent.n, d=d, n_atoms=M, format=fmt, seed=seed, models=[])
+        if p is not None:
+            listing["pca"] = dict(explained_variance_ratio=p.explained_variance_ratio.tolist(),
+                                  explained_variance=p.explained_variance.tolist(),
+                                  mean=p.mean.tolist(), components=p.components.tolist())
+        refined = [None] * len(entries)
+        if refine:
+            from .refine import refine_models
+            refined = refine_models([deformed_coords(model, nm, zj) for _, _, zj in entries],
+                                    model, hydrogens=hydrogens, log=log,
+                                    **(refine_options or {}))
+        written = []        # heavy-atom coordinates of each model, for its thumbnail
+        for (stem, info, zj), fname, rf in zip(entries, files, refined):
+            if rf is None:
+                written.append(deformed_coords(model, nm, zj))
+                write_model(out.path(fname), model, written[-1])
+            elif hydrogens and rf[0].ok:
+                written.append(rf[0].coords)
+                write_model(out.path(fname), rf[0].model_with_hydrogens(model))
+            else:
+                written.append(rf[0].coords)
+                write_model(out.path(fname), model, rf[0].coords)
+            row = dict(file=fname, **info)
+            if thumbnails:
+                row["thumbnail"] = stem + ".png"
+            if rf is not None:
+                row.update(rf[1])
+            row["z"] = [float(v) for v in zj]
+            row["pc_coords"] = None if p is None else [float(v) for v in p.transform(zj)]
+            row["rmsd_to_reference"] = float(np.linalg.norm(zj) / np.sqrt(M))
+            row.setdefault("n_particles", None)
+            listing["models"].append(row)
+        if thumbnails:              # one frame for the series: the thumbnails compare
+            from .thumbnails import series_thumbnails
+            series_thumbnails(written, model.elements,
+                              [out.path(row["thumbnail"]) for row in listing["models"]])
+        if latent is not None:      # every model's particles, PC steps and given z included
+            for row, n in zip(listing["models"], particle_counts(listing, latent.z)):
+                row["n_particles"] = n
+        with atomic_open(out.path("models.json"), "w") as fh:
+            fh.write(format_json(listing) + "\n")
+        with atomic_open(out.path("models.csv"), "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["file", "kind", "n_particles", "rmsd_to_reference"]
+                       + ["z%d" % (l + 1) for l in range(d)]
+                       + (["pc%d" % (l + 1) for l in range(d)] if p is not None else []))
+            for row in listing["models"]:
+                w.writerow([row["file"], row["kind"],
+                            "" if row["n_particles"] is None else row["n_particles"],
+                            "%.6g" % row["rmsd_to_reference"]]
+                           + ["%.6g" % v for v in row["z"]]
+                           + (["%.6g" % v for v in row["pc_coords"]] if p is not None else []))
     log("export: %d model(s) of %d atoms -> %s (listing in models.json, models.csv)"
         % (len(entries), M, out_dir))
     return listing

@@ -245,7 +245,7 @@ def states_command(latent_path: str, out_dir: str, maxima: bool = False,
     modes give each state's model X0 + U z, drawn as ``state_01.png``... (its projections
     along z, y and x, ``thumbnails.model_thumbnail``, one frame for all states)."""
     from ..io.latent import read_latent
-    from ..io.outputs import OVERWRITE_HINT, check_output_dir
+    from ..io.outputs import OVERWRITE_HINT, command_outputs
     chosen = [bool(maxima), kmeans_k is not None, bool(ranges)]
     if sum(chosen) != 1:
         raise NmaemError("choose one of --maxima, --kmeans K or --range (got %d)"
@@ -269,10 +269,12 @@ def states_command(latent_path: str, out_dir: str, maxima: bool = False,
     table = None
     if particles:
         from ..io.particles import read_particles
+        from ..io.provenance import check_particles
         table = read_particles(particles)
         if latent.index.max() >= table.n:
             fail(latent_path, "index %d beyond the %d particles of %s"
                  % (latent.index.max(), table.n, particles))
+        check_particles(latent.particles, latent_path, table)   # the rows of that file
     run = None
     if thumbnails_run is not None:
         from .landscape import check_latent_d, load_run
@@ -280,19 +282,19 @@ def states_command(latent_path: str, out_dir: str, maxima: bool = False,
         check_latent_d(latent, run[1], thumbnails_run)
     thumbs = [n + ".png" for n in names] if run is not None else None
     products = [STATES_FILE, STATES_JSON] + (stars or []) + (thumbs or [])
-    check_output_dir(out_dir, products, inputs=[latent_path, particles], force=force,
-                     hint=OVERWRITE_HINT)
-    os.makedirs(out_dir, exist_ok=True)
-    if table is not None:
-        from ..io.star import write_star
-        for k, name in enumerate(stars):
-            write_star(os.path.join(out_dir, name), table.subset(latent.index[st.members(k)]))
-    if run is not None:
-        write_thumbnails(out_dir, thumbs, run[0], run[1], st.z)
-    listing = write_states(out_dir, st, index=latent.index, pcs=pca(latent.z),
-                           star_files=stars, thumbnails=thumbs, n_atoms=model_atoms,
-                           latent=os.path.abspath(latent.path),
-                           particles=None if particles is None else os.path.abspath(particles))
+    with command_outputs(out_dir, "states", products=products, inputs=[latent_path, particles],
+                         force=force, hint=OVERWRITE_HINT) as out:
+        if table is not None:
+            from ..io.star import write_star
+            for k, name in enumerate(stars):
+                write_star(out.path(name), table.subset(latent.index[st.members(k)]))
+        if run is not None:
+            write_thumbnails(out.folder, thumbs, run[0], run[1], st.z)
+        listing = write_states(out.folder, st, index=latent.index, pcs=pca(latent.z),
+                               star_files=stars, thumbnails=thumbs, n_atoms=model_atoms,
+                               latent=os.path.abspath(latent.path),
+                               particles=None if particles is None
+                               else os.path.abspath(particles))
     log("states: %d %s state(s), %d of %d particles assigned (%s) -> %s"
         % (len(st), st.method, listing["n_assigned"], latent.n,
            ", ".join(str(int(c)) for c in st.counts), out_dir))

@@ -35,13 +35,13 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..analysis.landscape import format_json
     from ..analysis.evaluate import evaluate
-    from ..io.outputs import check_output_file, run_files
-    check_output_file(args.per_particle,
-                      inputs=[args.latent, args.particles] + run_files(args.model),
-                      force=args.force)
-    result = evaluate(args.latent, args.truth, args.model, per_particle=args.per_particle,
-                      bandwidth=bandwidth_value(args.bandwidth), min_height=args.min_height,
-                      min_prominence=args.min_prominence,
-                      min_significance=args.min_significance, particles=args.particles)
+    from ..io.outputs import command_outputs, run_files
+    with command_outputs(args.per_particle, "evaluate", kind="file",
+                         inputs=[args.latent, args.particles] + run_files(args.model),
+                         force=args.force) as pp:
+        result = evaluate(args.latent, args.truth, args.model, per_particle=pp.path(),
+                          bandwidth=bandwidth_value(args.bandwidth),
+                          min_height=args.min_height, min_prominence=args.min_prominence,
+                          min_significance=args.min_significance, particles=args.particles)
     sys.stdout.write(format_json(result) + "\n")
     return 0

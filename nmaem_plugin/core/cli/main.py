@@ -80,17 +80,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
         except ValueError:                       # not the main thread
             previous = None
+    if hasattr(signal, "SIGXFSZ"):
+        # the file-size limit (ulimit -f): EFBIG at the write, one line, not a core dump
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        except ValueError:
+            pass
     try:
         return args.func(args) or 0
     except NmaemError as exc:
         sys.stderr.write("nmaem: error: %s\n" % str(exc).replace("\n", " "))
         return 2
     except OSError as exc:
-        from ..base.atomic import is_no_space
-        if not is_no_space(exc):
-            raise
-        sys.stderr.write("nmaem: error: no space left on device%s\n"
-                         % (" writing %s" % exc.filename if exc.filename else ""))
+        # an environment fault outside the checked paths: one line naming the file
+        from ..base.errors import os_error
+        sys.stderr.write("nmaem: error: %s\n" % str(
+            os_error(exc, None, "cannot read or write")).replace("\n", " "))
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(_interrupted_line(args, "Ctrl-C") + "\n")

@@ -136,16 +136,16 @@ def run(args: argparse.Namespace) -> int:
         raise NmaemError("--like needs a model to render: give --ref (or --trajectory)")
     if args.trajectory and (args.ref or args.target):
         raise NmaemError("give either --trajectory or --ref/--target, not both")
-    from ..io.outputs import OVERWRITE_HINT, check_output_dir
+    from ..io.outputs import OVERWRITE_HINT, check_outputs
+    from ..sim.simulate import DATASET_FILES
     settings = simulation_settings_from_args(args)
-    check_output_dir(args.output, ["particles.star", "ground_truth.npz", "frames.pdb",
-                                   "reference.pdb"],
-                     inputs=[args.trajectory, args.ref, args.target, args.like,
-                             args.reference_model], force=args.force, hint=OVERWRITE_HINT)
+    inputs = [args.trajectory, args.ref, args.target, args.like, args.reference_model]
+    check_outputs(args.output, "simulate", products=DATASET_FILES, inputs=inputs,
+                  force=args.force, hint=OVERWRITE_HINT)     # before reading the inputs
     model, frames = load_frames(args.trajectory, args.ref, args.target, args.frames)
     like = read_particles(args.like) if args.like else None
     reference_model = read_model(args.reference_model) if args.reference_model else None
     simulate(args.output, model, frames, settings, like=like,
              reference_model=reference_model, chunk=args.chunk, device=args.device,
-             overwrite=args.force)
+             overwrite=args.force, inputs=inputs)
     return 0

@@ -279,7 +279,7 @@ def states_command(latent_path: str, out_dir: str, maxima: bool = False,
     if thumbnails_run is not None:
         from .landscape import check_latent_d, load_run
         run = load_run(thumbnails_run)
-        check_latent_d(latent, run[1], thumbnails_run)
+        check_latent_d(latent, run[1], thumbnails_run, run[2])
     thumbs = [n + ".png" for n in names] if run is not None else None
     products = [STATES_FILE, STATES_JSON] + (stars or []) + (thumbs or [])
     with command_outputs(out_dir, "states", products=products, inputs=[latent_path, particles],

@@ -5,7 +5,8 @@ import errno
 import os
 from typing import NoReturn, Optional, Union
 
-__all__ = ["NmaemError", "fail", "is_no_space", "no_space_error", "os_error", "NO_SPACE"]
+__all__ = ["NmaemError", "fail", "is_no_space", "no_space_error", "os_error", "NO_SPACE",
+           "require_file", "require_folder", "warning"]
 
 # a full disk, an exceeded quota, the file-size limit (EFBIG): "no space" for the user
 NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
@@ -24,6 +25,36 @@ def fail(path: object, problem: object) -> NoReturn:
     if path is None:
         raise NmaemError(str(problem))
     raise NmaemError("%s: %s" % (path, problem))
+
+
+def warning(text: str) -> None:
+    """One line ``nmaem: warning: <text>`` on stderr (the command goes on)."""
+    import sys
+    sys.stderr.write("nmaem: warning: %s\n" % str(text).replace("\n", " "))
+
+
+def require_file(path: Union[str, "os.PathLike[str]"], what: str = "file") -> str:
+    """``path`` when it names a file that can be read; else a one-line NmaemError that says
+    which: a folder given as a file, no such file, no permission to read it."""
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        fail(p, "is a folder, not a %s" % what)
+    if not os.path.exists(p):
+        fail(p, "no such %s" % what)
+    if not os.access(p, os.R_OK):
+        fail(p, "cannot read this %s (permission denied)" % what)
+    return p
+
+
+def require_folder(path: Union[str, "os.PathLike[str]"], what: str = "folder") -> str:
+    """``path`` when it names a folder; else a one-line NmaemError: a file given as a
+    folder, or no such folder."""
+    p = os.fspath(path)
+    if os.path.exists(p) and not os.path.isdir(p):
+        fail(p, "is a file, not a %s" % what)
+    if not os.path.isdir(p):
+        fail(p, "no such %s" % what)
+    return p
 
 
 def _no_space_cause(exc):

@@ -12,6 +12,7 @@ point of the process (default the first). ``ACTION``:
   file-size limit, a read-only file system).
 
 Example: ``NMAEM_FAULT='sigterm@*.pdb#3' nmaem export ...`` stops before the third model.
+The points are counted per command (``cli.main`` resets the counts).
 """
 import errno
 import fnmatch
@@ -19,11 +20,16 @@ import os
 import signal
 from typing import Dict
 
-__all__ = ["fault_point", "FAULT_ENV"]
+__all__ = ["fault_point", "reset_faults", "FAULT_ENV"]
 
 FAULT_ENV = "NMAEM_FAULT"
 _COUNTS: Dict[str, int] = {}
 _ERRORS = {"nospace": errno.ENOSPC, "efbig": errno.EFBIG, "erofs": errno.EROFS}
+
+
+def reset_faults() -> None:
+    """Count the points from zero again (``cli.main`` does at each command)."""
+    _COUNTS.clear()
 
 
 def fault_point(name: str) -> None:

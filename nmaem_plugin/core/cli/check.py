@@ -14,7 +14,8 @@ def add_parser(sub: Any) -> None:
         description="Render the reference at the particles' poses and CTFs, score them with "
                     "the whitened correlation against shuffled poses, and name the likely "
                     "cause when it fails (docking offset, map origin, pixel size, hand, "
-                    "contrast). See docs/likelihood.md.")
+                    "contrast). See "
+                    "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/likelihood.md.")
     p.add_argument("--particles", required=True, metavar="P.star",
                    help="particles with poses, CTF and images (RELION STAR or cryoSPARC .cs)")
     p.add_argument("--ref", required=True, metavar="A.pdb", help="reference atomic model")

@@ -14,7 +14,8 @@ def add_parser(sub: Any) -> None:
         description="Compare X0 + U z_i with each particle's true frame (RMSD, no "
                     "superposition), against the best the modes allow (floor RMSD); PC1 "
                     "explained variance, |corr(PC1, frame)|, density maxima along PC1 and "
-                    "the RMSD of the model at each maximum. See docs/analysis.md.")
+                    "the RMSD of the model at each maximum. See "
+                    "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/analysis.md.")
     p.add_argument("--latent", required=True, metavar="latent.npz", help="latent file")
     p.add_argument("--truth", required=True, metavar="SIMDIR",
                    help="folder written by nmaem simulate (ground_truth.npz, frames.pdb)")

@@ -2,7 +2,7 @@
 import argparse
 from typing import Any
 
-from ..base.choices import FIT_ITERATIONS_DEFAULT
+from ..base.choices import FIT_ITERATIONS_DEFAULT, workers_problem
 from ..base.errors import NmaemError
 
 __all__ = ["add_parser", "run"]
@@ -31,7 +31,7 @@ def add_parser(sub: Any) -> None:
                    help="Gauss-Newton iterations of each particle's z and shift, fitted to "
                         "its image after the encoder (default %d for runs with the whitened "
                         "loss and particles with poses and CTF; 0: the encoder's output; "
-                        "docs/training.md)" % FIT_ITERATIONS_DEFAULT)
+                        "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/training.md)" % FIT_ITERATIONS_DEFAULT)
     p.add_argument("--fit-bfactor", default="auto", metavar="auto|B",
                    help="B-factor (A^2) of the envelope exp(-B s^2/4) that the fit's "
                         "renderings get, for the fall-off of the images' signal with "
@@ -61,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from ..inference.infer import infer
     from ..io.outputs import command_outputs, run_files, same_path
     inputs = [args.particles] + run_files(args.model)
-    if args.num_workers < 0:
-        raise NmaemError("--num-workers must be 0 or more (got %d)" % args.num_workers)
+    if workers_problem(args.num_workers):
+        raise NmaemError(workers_problem(args.num_workers))
     if args.star is not None and same_path(args.star, args.output):
         fail(args.star, "--star and -o name the same file")
     bfactor = _bfactor_arg(args.fit_bfactor)

@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     The modes file and the ``--export`` folder are two outputs (``io.outputs``): both are
     written, or neither."""
     from ..io.outputs import command_outputs
+    from .options import warn_inert
+    warn_inert(args, [("amplitude", args.export is not None, "without --export")])
     out = str(args.output)
     inputs = [args.ref, args.target]
     n_files = ["modes.nmd"] + ["mode_%02d.pdb" % (l + 1) for l in range(args.n_modes)]

@@ -2,7 +2,7 @@
 import argparse
 from typing import Any
 
-from .options import add_maxima_options, bandwidth_value
+from .options import MAXIMA_OPTIONS, add_maxima_options, bandwidth_value, warn_inert
 
 __all__ = ["add_parser", "run"]
 
@@ -46,6 +46,10 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..io.runfolder import read_config
     from ..analysis.states import states_command
+    warn_inert(args, [("seed", args.kmeans is not None, "without --kmeans"),
+                      ("no_thumbnails", args.model is not None,
+                       "without --model (no thumbnails are drawn without it)")]
+               + [(m, args.maxima, "without --maxima") for m in MAXIMA_OPTIONS])
     atoms = None
     if args.model:
         atoms = read_config(args.model).get("n_atoms")

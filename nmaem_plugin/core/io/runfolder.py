@@ -26,7 +26,7 @@ import numpy as np
 from ..base.atomic import atomic_open, clean_orphans
 from ..base.lock import FileLock, read_lock as read_lock_file
 from ..base.choices import CHECKPOINTS
-from ..base.errors import fail, os_error
+from ..base.errors import fail, os_error, require_file
 
 __all__ = ["CONFIG_FILE", "LOG_FILE", "SPLIT_FILE", "NOISE_FILE",
            "FIT_CHECK_FILE", "CHECKPOINT_DIR", "LOG_COLUMNS", "LOG_OPTIONAL_COLUMNS",
@@ -254,9 +254,7 @@ def checkpoint_path(run_dir: str, checkpoint: Optional[str] = None) -> str:
                 name, "; runs of nmaem before best.pt existed have only last.pt"
                 if name == "best" and existing_checkpoint(run_dir, "last") else ""))
         return path
-    if not os.path.isfile(name):
-        fail(name, "checkpoint file not found")
-    return name
+    return require_file(name, "checkpoint file (--checkpoint takes last, best or a file)")
 
 
 # ============================================================================ one writer

@@ -27,6 +27,7 @@ from ..base.atomic import atomic_open
 from .data import ParticleImages, ParticleMetadata, epoch_order, make_loader
 from .distributed import ProcessGroup, is_oom, rank_batches, resolve_device, use_fast_kernels
 from ..base.errors import NmaemError, fail
+from .convergence import validation_stall
 from .normstats import recompute_from_dataset
 from ..io.runfolder import checkpoint_dir, checkpoint_file, read_config, run_lock, write_log
 from .checkpoints import (CHECKPOINT_FORMAT, build_autoencoder, load_checkpoint, rng_state,
@@ -175,6 +176,7 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
         rendered = ae.decoder(z, rot, base + shift, ctf, rotvec=rotvec)
         return image_loss(images, rendered, loss_kind, penalty=penalty)
 
+    warned = False               # the validation stall is told once (convergence.py)
     for epoch in range(start, end):
         t0 = time.perf_counter()
         if device.type == "cuda":
@@ -273,6 +275,10 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
                 % (epoch + 1, epochs, _fmt_loss(row["train_loss"]), _fmt_loss(row["val_loss"]),
                    row["images_per_s"], row["seconds"], extra,
                    "  ETA %s" % fmt_time(eta) if epoch + 1 < end else ""))
+            stall = validation_stall(history)
+            if stall and not warned:          # once per session, on stdout with the epochs
+                say("train: " + stall[0].lower() + stall[1:])
+                warned = True
         dist.barrier()
     return history
 

@@ -12,15 +12,14 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ..base.atomic import atomic_copy, atomic_open
-from ..base.errors import fail
+from ..base.errors import fail, require_file, require_folder
 from ..io.outputs import command_outputs
 
 
 def _truth_file(truth_dir):
     """TRUTH/ground_truth.npz, or a one-line error when the folder or the file is missing."""
     gt_path = os.path.join(truth_dir, "ground_truth.npz")
-    if not os.path.isdir(truth_dir):
-        fail(truth_dir, "no such simulated dataset folder")
+    require_folder(truth_dir, "simulated dataset folder (--truth)")
     if not os.path.isfile(gt_path):
         fail(gt_path, "missing: --truth must be a folder written by nmaem simulate")
     return gt_path
@@ -130,8 +129,7 @@ def write_report(run_dir: str, out_dir: str, latent: Optional[str] = None,
     from ..io.latent import read_latent
     from ..io.runfolder import config_path, log_path, read_config_or_none, read_log_columns
     run_dir = str(run_dir)
-    if not os.path.isdir(run_dir):
-        fail(run_dir, "no such training run folder")
+    require_folder(run_dir, "training run folder")
     log_csv = log_path(run_dir)
     if not os.path.isfile(log_csv):
         fail(log_csv, "missing: not a training run folder, or no epoch finished yet")
@@ -142,8 +140,8 @@ def write_report(run_dir: str, out_dir: str, latent: Optional[str] = None,
     if modes is None and config.get("modes"):
         candidate = os.path.join(run_dir, str(config["modes"]))
         modes = candidate if os.path.isfile(candidate) else None
-    elif modes is not None and not os.path.isfile(modes):
-        fail(modes, "no such modes file")
+    elif modes is not None:
+        require_file(modes, "modes file")
     if truth is not None and latent is None:
         fail(truth, "--truth needs --latent (the frames colour the latent landscape)")
     listing = read_models_listing(models) if models is not None else None
@@ -189,7 +187,7 @@ def write_report(run_dir: str, out_dir: str, latent: Optional[str] = None,
 
         rows = read_log_columns(log_csv)
         n_ep = len(rows.get("epoch", []))
-        emit(training_curves(rows, title="Training of %s" % _run_label(run_dir)),
+        emit(training_curves(rows, title="Training of %s" % run_label(run_dir)),
              "training.png",
              "Training: loss on the training and validation particles per epoch, and "
              "training speed in images per second (%d epochs, %s)." % (n_ep, log_csv))
@@ -221,7 +219,7 @@ def write_report(run_dir: str, out_dir: str, latent: Optional[str] = None,
     return written
 
 
-def _run_label(run_dir):
+def run_label(run_dir: str) -> str:
     """How figures name a run: its folder's name, with its parent's when the name alone
     says little (``run``, ``RUN``, ``train``...)."""
     path = os.path.abspath(str(run_dir))

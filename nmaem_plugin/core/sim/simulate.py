@@ -105,8 +105,18 @@ class SimulationSettings:
                              % (self.distribution, ", ".join(DISTRIBUTIONS)))
         if self.box < 8 or self.box % 2:
             raise NmaemError("--box must be even and at least 8 (got %d)" % self.box)
-        if self.apix <= 0:
-            raise NmaemError("--apix must be positive (got %g)" % self.apix)
+        if not (math.isfinite(self.apix) and self.apix > 0):
+            raise NmaemError("--apix must be a positive number of Angstrom (got %s)"
+                             % self.apix)
+        for name, v, low, high in (("--voltage", self.voltage, 1.0, 3000.0),
+                                   ("--cs", self.cs, 0.0, 100.0),
+                                   ("--amp-contrast", self.amp_contrast, 0.0, 1.0),
+                                   ("--shift-std", self.shift_std, 0.0, math.inf)):
+            if not (math.isfinite(v) and low <= v <= high):
+                raise NmaemError("%s must be a number from %g to %g (got %s)"
+                                 % (name, low, high, v) if math.isfinite(high) else
+                                 "%s must be a finite number of at least %g (got %s)"
+                                 % (name, low, v))
         if self.snr_db is not None and not math.isfinite(self.snr_db):
             raise NmaemError("--snr-db must be a finite number of decibels (got %s); "
                              "--no-noise gives noise-free images" % self.snr_db)
@@ -183,7 +193,7 @@ def uniform_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _check_defocus(mean_um, std_um):
-    if mean_um <= 0 or std_um < 0:
+    if not (math.isfinite(mean_um) and math.isfinite(std_um)) or mean_um <= 0 or std_um < 0:
         raise NmaemError("defocus mean must be > 0 and std >= 0 (got %g, %g um)"
                          % (mean_um, std_um))
 

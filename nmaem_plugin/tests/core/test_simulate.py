@@ -248,7 +248,7 @@ class TestSimulateCommand(SimTestCase):
             (["--ref", missing], "no such model file"),
             (["--ref", unknown], "unknown element"),
             (["--ref", OPEN, "--target", other], "share no atoms"),
-            (["--ref", OPEN, "--like", os.path.join(self.tmp, "none.star")], "no such file"),
+            (["--ref", OPEN, "--like", os.path.join(self.tmp, "none.star")], "no such particle file"),
         ]
         for extra, msg in cases:
             p = self.run_cli("simulate", "-o", os.path.join(self.tmp, "o"), "--n", "2",

@@ -26,7 +26,7 @@ import numpy as np
 from ..base.atomic import atomic_open, clean_orphans
 from ..base.lock import FileLock, read_lock as read_lock_file
 from ..base.choices import CHECKPOINTS
-from ..base.errors import fail, os_error, require_file
+from ..base.errors import NmaemError, fail, os_error, require_file
 
 __all__ = ["CONFIG_FILE", "LOG_FILE", "SPLIT_FILE", "NOISE_FILE",
            "FIT_CHECK_FILE", "CHECKPOINT_DIR", "LOG_COLUMNS", "LOG_OPTIONAL_COLUMNS",
@@ -88,6 +88,11 @@ def reference_name(ref: str) -> str:
 
 # ============================================================================ config
 
+class ConfigError(NmaemError, ValueError):
+    """An unreadable ``config.json``: a one-line error, and a ValueError for the readers
+    that catch one."""
+
+
 # the keys every reader of a run needs (training writes them all; runs of every version
 # have them), and their kinds: a number, a whole number, text, a list of numbers
 CONFIG_KEYS = dict(particles="text", reference="text", n_modes="int", n_atoms="int",
@@ -147,12 +152,16 @@ def read_config(run_dir: str) -> Dict:
 
 
 def read_config_or_none(run_dir: str) -> Optional[Dict]:
-    """``RUN/config.json`` as a dict, or None when it is not there (yet)."""
+    """``RUN/config.json`` as a dict, or None when it is not there (yet); a one-line
+    NmaemError (a ValueError) when it is not JSON."""
     path = config_path(run_dir)
     if not os.path.isfile(path):
         return None
     with open(path) as fh:
-        return json.load(fh)
+        try:
+            return json.load(fh)
+        except ValueError as exc:
+            raise ConfigError("%s: not readable as JSON (%s)" % (path, exc)) from None
 
 
 def has_noise_model(cfg: Dict) -> bool:

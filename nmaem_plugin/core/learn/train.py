@@ -198,8 +198,9 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
             first, total, count = partial["batch"], partial["total"], partial["count"]
             t0 -= partial["seconds"]
         try:
-            for b, (rows, images) in enumerate(
-                    make_loader(dataset, batches[first:], cfg["num_workers"], pin), first):
+            for b, (rows, images) in _numbered(
+                    make_loader(dataset, batches[first:], cfg["num_workers"], pin), first,
+                    epoch):
                 rows = rows.to(device)
                 images = images.to(device, non_blocking=True)
                 try:
@@ -281,6 +282,22 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
                 warned = True
         dist.barrier()
     return history
+
+
+def _numbered(loader, first, epoch):
+    """(batch number, item) of ``loader`` from ``first``; an error reading a batch (a NaN
+    image, ``data.ParticleImages``) says where the training stopped and what it kept."""
+    it, b = iter(loader), first
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except NmaemError as exc:
+            raise NmaemError("%s (epoch %d, batch %d; stopped, the last good checkpoint "
+                             "(epoch %d) is kept)" % (exc, epoch + 1, b + 1, epoch)) from None
+        yield b, item
+        b += 1
 
 
 def _validate(encoder, forward, dataset, val, local_batch, dist, cfg, pin, device):

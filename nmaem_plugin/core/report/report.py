@@ -61,6 +61,9 @@ def read_models_listing(models_dir: str) -> dict:
     return listing
 
 
+# the documentation's address (an installed package has no docs/ folder)
+ANALYSIS_DOC = "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/analysis.md"
+
 VALIDATION_COLUMNS = (
     ("bond_rmsd", "bond rms dev. (A)", "%.3f"), ("bond_max_deviation", "max bond dev. (A)", "%.3f"),
     ("angle_rmsd", "angle rms dev. (deg)", "%.2f"), ("close_contacts", "contacts < 2.2 A", "%d"),
@@ -254,8 +257,8 @@ def _write_index(index_path, run_dir, written, models=None, model_rows=None, sta
     copies = copies or {}
     if model_rows is not None:
         parts.append("<h2>Models</h2><p>Geometry of the models in <code>%s</code> (refined "
-                     "by nmaem export; docs/analysis.md), against the reference's own bonds "
-                     "and angles:</p>" % esc(os.path.abspath(str(models))))
+                     "by nmaem export; %s), against the reference's own bonds and angles:</p>"
+                     % (esc(os.path.abspath(str(models))), ANALYSIS_DOC))
         head = "".join("<th>%s</th>" % esc(t) for _, t, _ in VALIDATION_COLUMNS)
         parts.append("<table border=\"1\" cellpadding=\"4\"><tr><th>model</th>"
                      "<th>particles</th>%s<th>projections (z, y, x)</th></tr>" % head)
@@ -268,11 +271,11 @@ def _write_index(index_path, run_dir, written, models=None, model_rows=None, sta
     if state_table is not None:
         slisting, srows = state_table
         parts.append("<h2>States</h2><p>%d states (%s) of %s particles, %s assigned, in "
-                     "<code>%s</code> (nmaem states; docs/analysis.md):</p>" % (
+                     "<code>%s</code> (nmaem states; %s):</p>" % (
                          len(srows), esc(str(slisting.get("method"))),
                          format(int(slisting.get("n_particles") or 0), ","),
                          format(int(slisting.get("n_assigned") or 0), ","),
-                         esc(os.path.abspath(str(states)))))
+                         esc(os.path.abspath(str(states))), ANALYSIS_DOC))
         parts.append("<table border=\"1\" cellpadding=\"4\"><tr><th>state</th>"
                      "<th>particles</th><th>share</th><th>model RMSD to reference (A)</th>"
                      "<th>particles file</th><th>model projections (z, y, x)</th></tr>")

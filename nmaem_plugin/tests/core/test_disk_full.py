@@ -158,9 +158,9 @@ class WriteWrapperTest(DiskCase):
         out = self.path("sim")
         p = self.simulate("ground_truth.npz", out, 4, 300)
         self.no_space(p, "ground_truth.npz")
-        self.assertFalse(os.path.exists(os.path.join(out, "ground_truth.npz")))
-        self.assertFalse(os.path.exists(os.path.join(out, "particles.star")))
-        self.assertEqual(temporaries(out), [])
+        # all or nothing (io.outputs): the stacks written before are gone with the new folder
+        self.assertFalse(os.path.exists(out))
+        self.assertEqual(os.listdir(self.tmp), [])
 
     def train_copy(self):
         run = self.path("run")
@@ -226,17 +226,18 @@ class WriteWrapperTest(DiskCase):
                             F["run"], "-o", out, "--pcs", "1", "--steps", "3", "--no-refine",
                             budget=3000)
         self.no_space(p, "pc1_02.pdb")
-        self.assertFalse(os.path.exists(os.path.join(out, "pc1_02.pdb")))
-        self.assertFalse(os.path.exists(os.path.join(out, "models.json")))
-        self.assertEqual(temporaries(out), [])
+        # all or nothing (io.outputs): pc1_01.pdb, written before, is gone with the new folder
+        self.assertFalse(os.path.exists(out))
+        self.assertEqual(os.listdir(self.tmp), [])
 
     def test_report(self):
         out = self.path("report")
         p = full_disk_nmaem("index.html", "report", F["run"], "-o", out, "--latent",
                             F["latent"], budget=100)
         self.no_space(p, "index.html")
-        self.assertFalse(os.path.exists(os.path.join(out, "index.html")))
-        self.assertEqual(temporaries(out), [])
+        # all or nothing (io.outputs): the figures written before are gone with the new folder
+        self.assertFalse(os.path.exists(out))
+        self.assertEqual(os.listdir(self.tmp), [])
 
 
 class OrphanTest(DiskCase):

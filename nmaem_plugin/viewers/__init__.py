@@ -1,5 +1,6 @@
 """Scipion viewers of nmaem: latent space (and all-atom models at chosen points),
-training curves, normal modes, states. The figures are drawn by
+training curves, normal modes, states (thumbnails and counts; with ``nmaem states
+--reconstruct``, the state maps, FSC curves and states x models table). The figures are drawn by
 ``nmaem_plugin.core.report.figures``; matplotlib is imported only when a figure is made.
 
 "Analyze results" opens the first viewer Scipion finds for a protocol, and Scipion orders

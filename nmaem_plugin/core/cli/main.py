@@ -10,9 +10,16 @@ import sys
 from typing import Optional, Sequence
 
 from ..base.errors import NmaemError
+from ..base.threads import choose_threads, use_threads
 from . import check, evaluate, export, infer, modes, report, simulate, states, train
+from .options import add_threads_option
 
-__all__ = ["main", "build_parser", "Terminated"]
+__all__ = ["main", "build_parser", "Terminated", "PROGRESS_STREAM"]
+
+# where a command's "threads:" line goes: with its progress lines, on stdout, except for
+# check (progress on stderr, the report on stdout) and evaluate (stdout is its JSON result,
+# and it prints no progress)
+PROGRESS_STREAM = {"check": "stderr", "evaluate": None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(sub)
     report.add_parser(sub)
     check.add_parser(sub)
+    for command in sub.choices.values():
+        add_threads_option(command)
     return parser
 
 
@@ -103,7 +112,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ValueError:
             pass
     try:
-        return args.func(args) or 0
+        # one rule for every command (base.threads), before numpy, torch or a BLAS loads
+        threads, why = choose_threads(args.threads)
+        stream = PROGRESS_STREAM.get(args.command, "stdout")
+        if stream and not getattr(args, "worker", False):
+            out = sys.stderr if stream == "stderr" else sys.stdout
+            out.write("threads: %d (%s)\n" % (threads, why))
+            out.flush()
+        with use_threads(threads):
+            return args.func(args) or 0
     except NmaemError as exc:
         sys.stderr.write("nmaem: error: %s\n" % _one_line(exc))
         return 2

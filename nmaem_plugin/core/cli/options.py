@@ -1,11 +1,12 @@
 """Options that several subcommands share: the density maxima's options (export, states,
-evaluate) and ``--bandwidth``'s value; which options the user wrote (``given_options``) and the
-one-line warning for those that do nothing in the chosen mode (``warn_inert``)."""
+evaluate), ``--bandwidth``'s value, ``--threads`` (every command); which options the user
+wrote (``given_options``) and the one-line warning for those that do nothing in the chosen
+mode (``warn_inert``)."""
 import argparse
 from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 
-__all__ = ["add_maxima_options", "bandwidth_value", "given_options", "warn_inert",
-           "MAXIMA_OPTIONS"]
+__all__ = ["add_maxima_options", "bandwidth_value", "add_threads_option", "given_options",
+           "warn_inert", "MAXIMA_OPTIONS"]
 
 MAXIMA_OPTIONS = ("bandwidth", "min_height", "min_prominence", "min_significance")
 
@@ -62,3 +63,11 @@ def warn_inert(args: argparse.Namespace, rules: Iterable[Tuple[str, bool, str]])
     for dest, applies, why in rules:
         if dest in given and not applies:
             warning("%s does nothing %s" % (given[dest], why))
+
+
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    """--threads on ``p`` (the rule when it is not given: ``base.threads``)."""
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (default: OMP_NUM_THREADS when set, else the usable "
+                        "physical cores minus those other processes keep busy; the first "
+                        "line of the output says how many and why)")

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 import unittest
 
 from nmaem_plugin.core.base.errors import NmaemError

@@ -19,7 +19,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import unittest
 
@@ -551,6 +550,13 @@ class Class6Messages(Case):
                               "--no-check", "--device", "cpu", "--mask-radius", "30")
         self.assertEqual(rc, 0, err)
         self.assertIn("nmaem: warning: --mask-radius does nothing with --loss l2", err)
+        rc, _, err = run_main("states", "--latent", F["latent"], "--kmeans", "2", "-o",
+                              self.path("s"), "--half-seed", "3", "--no-refine")
+        self.assertEqual(rc, 0, err)
+        warnings = [ln for ln in err.splitlines() if ln.startswith("nmaem: warning: ")]
+        self.assertEqual(warnings, [
+            "nmaem: warning: --no-refine does nothing without --reconstruct",
+            "nmaem: warning: --half-seed does nothing without --reconstruct"])
 
 
 class Class7Interface(Case):

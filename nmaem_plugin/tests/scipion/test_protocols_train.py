@@ -472,6 +472,7 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         from pwem.viewers.plotter import EmPlotter
         from nmaem_plugin.viewers import NmaemStatesViewer
         viewer = NmaemStatesViewer(project=self.proj, protocol=self.states)
+        viewer.setProtocol(self.states)     # as Scipion does: the form's parameters made
         viewer.stateNumber.set(mapped[0]["state"])
         views = viewer._showMap()
         self.assertIsInstance(views[0], EmPlotter)

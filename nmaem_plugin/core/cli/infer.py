@@ -2,7 +2,7 @@
 import argparse
 from typing import Any
 
-from ..base.choices import FIT_ITERATIONS_DEFAULT
+from ..base.choices import FIT_ITERATIONS_DEFAULT, workers_problem
 from ..base.errors import NmaemError
 
 __all__ = ["add_parser", "run"]
@@ -31,7 +31,7 @@ def add_parser(sub: Any) -> None:
                    help="Gauss-Newton iterations of each particle's z and shift, fitted to "
                         "its image after the encoder (default %d for runs with the whitened "
                         "loss and particles with poses and CTF; 0: the encoder's output; "
-                        "docs/training.md)" % FIT_ITERATIONS_DEFAULT)
+                        "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/training.md)" % FIT_ITERATIONS_DEFAULT)
     p.add_argument("--fit-bfactor", default="auto", metavar="auto|B",
                    help="B-factor (A^2) of the envelope exp(-B s^2/4) that the fit's "
                         "renderings get, for the fall-off of the images' signal with "
@@ -59,17 +59,20 @@ def _bfactor_arg(text):
 def run(args: argparse.Namespace) -> int:
     from ..base.errors import fail
     from ..inference.infer import infer
-    from ..io.outputs import check_output_file, run_files, same_path
+    from ..io.outputs import command_outputs, run_files, same_path
     inputs = [args.particles] + run_files(args.model)
-    if args.num_workers < 0:
-        raise NmaemError("--num-workers must be 0 or more (got %d)" % args.num_workers)
-    check_output_file(args.output, inputs=inputs, force=args.force)
-    if args.star is not None:
-        if same_path(args.star, args.output):
-            fail(args.star, "--star and -o name the same file")
-        check_output_file(args.star, inputs=inputs, force=args.force)
-    infer(args.particles, args.model, args.output, batch=args.batch, device=args.device,
-          star=args.star, num_workers=args.num_workers, checkpoint=args.checkpoint,
-          fit_iterations=args.fit_iterations, fit_pose=args.fit_pose,
-          fit_bfactor=_bfactor_arg(args.fit_bfactor))
+    if workers_problem(args.num_workers):
+        raise NmaemError(workers_problem(args.num_workers))
+    if args.star is not None and same_path(args.star, args.output):
+        fail(args.star, "--star and -o name the same file")
+    bfactor = _bfactor_arg(args.fit_bfactor)
+    # the latent and the STAR: two outputs, both written or neither; locked from the start
+    with command_outputs(args.output, "infer", kind="file", inputs=inputs,
+                         force=args.force) as lat, \
+            command_outputs(args.star, "infer", kind="file", inputs=inputs + [args.output],
+                            force=args.force) as star:
+        infer(args.particles, args.model, lat.path(), batch=args.batch, device=args.device,
+              star=star.path(), num_workers=args.num_workers, checkpoint=args.checkpoint,
+              fit_iterations=args.fit_iterations, fit_pose=args.fit_pose,
+              fit_bfactor=bfactor)
     return 0

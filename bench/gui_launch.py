@@ -18,6 +18,10 @@ Steps, each scheduled in the project window's Tk loop:
    launches an export protocol in the project and shows the model (ChimeraX when installed,
    else a message with the file); capture that window (``show_model.png``).
 
+It runs under ``python -O`` (it starts itself so when it is not), as Scipion runs the
+project window: an installation check that fails there (prody under -O with biopython
+1.81) refuses Execute, and this check sees it.
+
 It prints one line per check and a JSON summary (statuses, logs, files) to
 ``gui_launch.json`` in the output folder; exit status 0 when every check passed.
 """
@@ -236,6 +240,10 @@ class Check:
 
 
 def main():
+    if not sys.flags.optimize:
+        # as Scipion starts the project window (pyworkflow's pw_project: python -O -m scipion
+        # project NAME): the installation check and the forms' validation run optimised
+        os.execv(sys.executable, [sys.executable, "-O"] + sys.argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--project", default="NmaemGuiCheck")
     ap.add_argument("-o", "--output", default="docs/screenshots")

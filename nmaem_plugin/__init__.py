@@ -42,6 +42,7 @@ def _make_plugin_class():
         _pathVars = []
         _supportedVersions = [__version__]
         _url = "https://github.com/scipion-em/scipion-em-nmaem"
+        _installErrors = None          # validateInstallation's answer, once per process
 
         @classmethod
         def _defineVariables(cls):
@@ -55,16 +56,17 @@ def _make_plugin_class():
 
         @classmethod
         def validateInstallation(cls):
-            """Return a list of error messages (empty when the install is usable)."""
-            import importlib
-            errors = []
-            for mod in ("torch", "prody", "gemmi", "pykeops", "mrcfile", "starfile"):
-                try:
-                    importlib.import_module(mod)
-                except Exception as exc:  # any import failure makes the plugin unusable
-                    errors.append("nmaem needs the Python package '%s' in Scipion's "
-                                  "environment: %s" % (mod, exc))
-            return errors
+            """Return a list of error messages (empty when the install is usable).
+
+            The dependencies are imported in a child process run as the protocols run
+            ``nmaem`` (this interpreter, without ``-O``), once per process: Scipion's
+            project window runs under ``python -O``, where importing prody fails with
+            biopython 1.81 (the version scipion-em pins; an ``assert`` with a side effect),
+            though ``nmaem`` itself never runs that way. Each failure names the package,
+            the exception and where it was raised."""
+            if cls._installErrors is None:
+                cls._installErrors = dependency_errors()
+            return list(cls._installErrors)
 
         @classmethod
         def defineBinaries(cls, env):
@@ -79,6 +81,46 @@ def _make_plugin_class():
             return pluginTemplates(self.getName())
 
     return Plugin
+
+
+DEPENDENCIES = ("torch", "prody", "gemmi", "pykeops", "mrcfile", "starfile")
+
+_IMPORT_CHECK = """
+import importlib, json, sys, traceback
+out = {}
+for mod in sys.argv[1:]:
+    try:
+        importlib.import_module(mod)
+    except BaseException as exc:
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = "%s:%d" % (tb[-1].filename, tb[-1].lineno) if tb else ""
+        out[mod] = "%s: %s%s" % (type(exc).__name__, str(exc).splitlines()[0] if str(exc)
+                                 else "", " (at %s)" % where if where else "")
+sys.stdout.write("\\nNMAEM-IMPORTS " + json.dumps(out) + "\\n")
+"""
+
+
+def dependency_errors(python=None, modules=DEPENDENCIES, timeout=300):
+    """The error messages of the dependencies that ``python`` (default: this interpreter)
+    cannot import, checked in a child process run without ``-O`` as ``nmaem`` runs;
+    [] when all import. Each names the package, the exception and where it was raised."""
+    import json
+    import subprocess
+    import sys
+    cmd = [python or sys.executable, "-c", _IMPORT_CHECK] + list(modules)
+    env = dict(os.environ)
+    env.pop("PYTHONOPTIMIZE", None)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("NMAEM-IMPORTS ")]
+        if not lines:
+            raise ValueError("no answer (exit status %d): %s" % (
+                p.returncode, (p.stderr.strip().splitlines() or [""])[-1]))
+        failed = json.loads(lines[-1][len("NMAEM-IMPORTS "):])
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        return ["nmaem could not check its Python packages with %s: %s" % (cmd[0], exc)]
+    return ["nmaem needs the Python package '%s' in Scipion's environment (%s): importing "
+            "it fails with %s" % (mod, cmd[0], failed[mod]) for mod in modules if mod in failed]
 
 
 def __getattr__(name):

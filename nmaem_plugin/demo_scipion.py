@@ -27,8 +27,10 @@ from nmaem_plugin.demo import print_results
 
 # lines of a protocol's log worth showing while it runs: nmaem's progress (epochs,
 # images/s, ETA), its one-line errors and the steps' results
-PROGRESS = re.compile(r"epoch|images/s|ETA|nmaem: error|^(states|export|infer|simulate|"
-                      r"modes|evaluate|train)\b", re.I)
+# the progress lines of nmaem (stdout and stderr: Progress writes to stderr), the per-particle
+# fit's and the refinement's included, so that the console is never silent for minutes
+PROGRESS = re.compile(r"epoch|images/s|ETA|nmaem: (error|warning)|^(states|export|infer|"
+                      r"simulate|modes|evaluate|train|fit|calibration|refine|report)\b", re.I)
 
 
 def _follow(path, pos):
@@ -43,17 +45,17 @@ def _follow(path, pos):
 
 
 def _printProgress(prot, stop, poll=2.0):
-    """Print the progress lines of ``prot``'s stdout log until ``stop`` is set (reads
-    files only: the project database stays with the main thread)."""
-    pos = 0
+    """Print the progress lines of ``prot``'s stdout and stderr logs until ``stop`` is set
+    (reads files only: the project database stays with the main thread)."""
+    pos = {}
     while True:
         stopping = stop.wait(poll)
         try:
-            logs = [p for p in prot.getLogPaths() if p.endswith(".stdout")]
+            logs = [p for p in prot.getLogPaths() if p.endswith((".stdout", ".stderr"))]
         except Exception:       # the working folder is not assigned yet
             logs = []
-        if logs:
-            lines, pos = _follow(logs[0], pos)
+        for log in logs:
+            lines, pos[log] = _follow(log, pos.get(log, 0))
             for line in lines:
                 if PROGRESS.search(line.strip()):
                     print("  %s" % line.strip(), flush=True)
@@ -160,8 +162,8 @@ def main(argv=None):
     modes.targetStructure.set(imports["ak_closed_1ake.pdb"].outputPdb)
     _launch(project, modes)
 
-    train = new(NmaemProtTrain, objLabel="train", numberOfEpochs=args.epochs, batchSize=64,
-                encoder=1)
+    train = new(NmaemProtTrain, objLabel="train", numberOfEpochs=args.epochs, autoBatch=False,
+                batchSize=64, encoder=1)
     train.inputParticles.set(sim.outputParticles)
     train.inputStructure.set(sim.outputReference)
     train.inputModes.set(modes.outputModes)

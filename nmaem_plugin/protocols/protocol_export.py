@@ -99,7 +99,8 @@ class NmaemProtExport(NmaemProtBase):
                            "normal-mode positions): restores bond lengths, angles and clashes "
                            "that linear modes distort, moving atoms about 0.5 A. Each model is "
                            "validated (bond and angle rms deviations, clashes, Ramachandran "
-                           "outliers). No: the plain X0 + U z models (docs/analysis.md).")
+                           "outliers). No: the plain X0 + U z models ("
+                           "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/analysis.md).")
         form.addParam("hydrogens", params.BooleanParam, default=False,
                       condition="refineGeometry", expertLevel=params.LEVEL_ADVANCED,
                       label="Write hydrogens?",

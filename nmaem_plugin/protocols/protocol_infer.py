@@ -70,7 +70,8 @@ class NmaemProtInfer(NmaemProtBase):
                            "held-out tenth of the particles was lowest "
                            "(RUN/checkpoints/best.pt). On noisy data the validation loss "
                            "can rise while the latent space still improves "
-                           "(docs/training.md), so 'last epoch' is the default.")
+                           "(https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/training.md"
+                           "), so 'last epoch' is the default.")
         form.addParam("fitIterations", params.IntParam, default=FIT_ITERATIONS_DEFAULT,
                       validators=[params.GE(0)], expertLevel=params.LEVEL_ADVANCED,
                       label="Per-particle fit iterations",
@@ -79,7 +80,8 @@ class NmaemProtInfer(NmaemProtBase):
                            "from the encoder's values, with the encoder's population of "
                            "particles as the prior (Gauss-Newton iterations; each renders "
                            "the model d + 3 times per particle). It brings the models closer "
-                           "to the images than the encoder alone (docs/training.md, "
+                           "to the images than the encoder alone ("
+                           "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/training.md, "
                            "'Per-particle fit'). 0: the encoder's output. Applies to "
                            "networks trained with the whitened likelihood (the default "
                            "loss).")
@@ -101,14 +103,17 @@ class NmaemProtInfer(NmaemProtBase):
                            "for the fall-off of the particles' signal with resolution "
                            "(radiation damage, motion, what the model cannot follow), B "
                            "estimated by maximum likelihood on 512 particles "
-                           "(docs/training.md, 'Per-particle fit'). No: sharp renderings.")
+                           "(https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/training.md"
+                           ", 'Per-particle fit'). No: sharp renderings.")
         form.addParam("fitPose", params.BooleanParam, default=False,
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Refine the rotations in the fit?",
                       help="Yes: the per-particle fit also refines each particle's rotation "
                            "(a local refinement of a few degrees, with a prior whose spread "
                            "is measured on the particles). It reduces random errors of the "
-                           "input poses (docs/training.md, 'Pose in the fit'); after a "
+                           "input poses ("
+                           "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/training.md"
+                           ", 'Pose in the fit'); after a "
                            "network trained with pose refinement on consensus-type errors "
                            "it was measured to make the angles worse. Needs the fit.")
         form.addParam("foldShifts", params.BooleanParam, default=True,

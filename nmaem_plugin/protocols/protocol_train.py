@@ -110,28 +110,40 @@ class NmaemProtTrain(NmaemProtBase):
                       condition="not doContinue", label="Normal modes", important=True,
                       help="The output of 'nmaem - compute normal modes' on the reference "
                            "model (its modes.npz file is used).")
-        form.addParam("numberOfModes", params.IntParam, default=-1,
-                      condition="not doContinue", label="Number of modes to use",
+        form.addParam("useAllModes", params.BooleanParam, default=True,
+                      condition="not doContinue", label="Use all the modes?",
+                      help="Yes: every mode of the set is a dimension of the latent space. "
+                           "No: only the first N (the lowest-frequency ones), below.")
+        form.addParam("numberOfModes", params.IntParam, default=8,
+                      condition="not doContinue and not useAllModes",
+                      validators=[params.GE(0)], label="Number of modes to use",
                       help="Use the first N modes (the lowest-frequency ones) as the latent "
-                           "space; -1 uses them all, 0 learns the shifts only.")
+                           "space; 0 learns the shifts only.")
 
         form.addSection(label="Training")
-        form.addParam("boxSize", params.IntParam, default=-1,
-                      condition="not doContinue", label="Training box (px)",
-                      help="The images are Fourier-cropped to this box (even) before "
-                           "training, which is faster at the cost of resolution; -1 keeps "
-                           "the particles' box. The paper encoder needs at least 32 px, the "
-                           "small one 8 px.")
+        form.addParam("cropImages", params.BooleanParam, default=False,
+                      condition="not doContinue", label="Crop the images for training?",
+                      help="No: train on the particles' box. Yes: Fourier-crop the images "
+                           "to the box below first, which is faster at the cost of "
+                           "resolution.")
+        form.addParam("boxSize", params.IntParam, default=64,
+                      condition="not doContinue and cropImages", validators=[params.Positive],
+                      label="Training box (px)",
+                      help="The box (even) the images are Fourier-cropped to. The paper "
+                           "encoder needs at least 32 px, the small one 8 px.")
         form.addParam("numberOfEpochs", params.IntParam, default=200,
                       validators=[params.Positive], label="Epochs",
                       help="Passes over the training images (the total, counting the epochs "
                            "of a continued training). The paper trains for 200 epochs.")
-        form.addParam("batchSize", params.IntParam, default=0,
-                      validators=[params.GE(0)], label="Batch size (0: auto)",
-                      help="Images per optimisation step, over all GPUs. 0 (automatic): "
-                           "min(256, max(16, training images / 64)), so that small datasets "
-                           "still get enough optimisation steps; the paper uses 256. Lower "
-                           "it when the GPU runs out of memory.")
+        form.addParam("autoBatch", params.BooleanParam, default=True,
+                      label="Automatic batch size?",
+                      help="Yes: min(256, max(16, training images / 64)) images per "
+                           "optimisation step, so that small datasets still get enough "
+                           "steps; the paper uses 256. No: the batch size below.")
+        form.addParam("batchSize", params.IntParam, default=256, condition="not autoBatch",
+                      validators=[params.Positive], label="Batch size",
+                      help="Images per optimisation step, over all GPUs. Lower it when the "
+                           "GPU runs out of memory.")
         form.addParam("learningRate", params.FloatParam, default=1e-3,
                       validators=[params.Positive], label="Learning rate",
                       help="Step size of the Adam optimiser (the paper uses 1e-3).")
@@ -140,20 +152,25 @@ class NmaemProtTrain(NmaemProtBase):
                       expertLevel=params.LEVEL_ADVANCED, label="Learning-rate schedule",
                       help="constant: the learning rate above throughout (the paper). "
                            "cosine: decays from it to 0 over the epochs "
-                           "(docs/training.md).")
+                           "(https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/training.md).")
         form.addParam("encoder", params.EnumParam, choices=ENCODERS, default=0,
                       condition="not doContinue", label="Encoder",
                       help="'paper': the paper's CNN (filters 32-64-128-256-512, MLP 512, "
                            "256). 'small': filters 8-16-32, MLP 64, 32, for quick trials on "
                            "small boxes.")
-        form.addParam("encoderBox", params.IntParam, default=0,
+        form.addParam("autoEncoderBox", params.BooleanParam, default=True,
                       condition="not doContinue", expertLevel=params.LEVEL_ADVANCED,
+                      label="Automatic encoder box?",
+                      help="Yes: the encoder sees the training box up to 128 px, 128 px "
+                           "above. No: the box below.")
+        form.addParam("encoderBox", params.IntParam, default=128,
+                      condition="not doContinue and not autoEncoderBox",
+                      validators=[params.Positive], expertLevel=params.LEVEL_ADVANCED,
                       label="Encoder box (px)",
                       help="The box the encoder sees: the images Fourier-cropped to it (even "
-                           "number of pixels, at most the training box). 0 (default): the "
-                           "training box up to 128 px, 128 px above. The decoder and the loss "
-                           "use the whole training box; a smaller encoder box mainly saves "
-                           "time on large boxes.")
+                           "number of pixels, at most the training box). The decoder and the "
+                           "loss use the whole training box; a smaller encoder box mainly "
+                           "saves time on large boxes.")
         form.addParam("loss", params.EnumParam, choices=LOSSES, default=0,
                       condition="not doContinue", label="Loss",
                       help="'whitened' (default, for real particles): the Gaussian likelihood "
@@ -163,27 +180,45 @@ class NmaemProtTrain(NmaemProtBase):
                            "thickness). 'l2': the paper's squared difference; it assumes the "
                            "images are in the renderer's units, as simulated particles are. "
                            "'corr': 1 - correlation of each image with its rendering. "
-                           "See docs/likelihood.md.")
-        form.addParam("resolutionHigh", params.FloatParam, default=0.0,
+                           "See "
+                           "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/likelihood.md.")
+        form.addParam("limitHighResolution", params.BooleanParam, default=False,
                       condition="not doContinue and loss == 0",
-                      expertLevel=params.LEVEL_ADVANCED, label="Highest resolution (A)",
-                      help="The whitened loss ignores finer frequencies; 0: Nyquist of the "
-                           "training box.")
-        form.addParam("resolutionLow", params.FloatParam, default=0.0,
+                      expertLevel=params.LEVEL_ADVANCED, label="Limit the highest resolution?",
+                      help="No: the whitened loss uses frequencies up to Nyquist of the "
+                           "training box. Yes: up to the resolution below.")
+        form.addParam("resolutionHigh", params.FloatParam, default=8.0,
+                      condition="not doContinue and loss == 0 and limitHighResolution",
+                      validators=[params.Positive], expertLevel=params.LEVEL_ADVANCED,
+                      label="Highest resolution (A)",
+                      help="The whitened loss ignores finer frequencies.")
+        form.addParam("limitLowResolution", params.BooleanParam, default=False,
                       condition="not doContinue and loss == 0",
-                      expertLevel=params.LEVEL_ADVANCED, label="Lowest resolution (A)",
-                      help="The whitened loss ignores coarser frequencies; 0: all but zero.")
-        form.addParam("maskRadius", params.FloatParam, default=0.0,
+                      expertLevel=params.LEVEL_ADVANCED, label="Limit the lowest resolution?",
+                      help="No: the whitened loss uses every frequency but zero. Yes: down "
+                           "to the resolution below.")
+        form.addParam("resolutionLow", params.FloatParam, default=100.0,
+                      condition="not doContinue and loss == 0 and limitLowResolution",
+                      validators=[params.Positive], expertLevel=params.LEVEL_ADVANCED,
+                      label="Lowest resolution (A)",
+                      help="The whitened loss ignores coarser frequencies.")
+        form.addParam("useMask", params.BooleanParam, default=False,
                       condition="not doContinue and loss == 0",
-                      expertLevel=params.LEVEL_ADVANCED, label="Mask radius (A)",
-                      help="A soft circular mask on images and renderings against "
-                           "neighbouring particles; 0: no mask.")
+                      expertLevel=params.LEVEL_ADVANCED, label="Mask the images?",
+                      help="Yes: a soft circular mask on images and renderings against "
+                           "neighbouring particles, of the radius below.")
+        form.addParam("maskRadius", params.FloatParam, default=100.0,
+                      condition="not doContinue and loss == 0 and useMask",
+                      validators=[params.Positive], expertLevel=params.LEVEL_ADVANCED,
+                      label="Mask radius (A)", help="Radius of the soft circular mask.")
         form.addParam("whitenInput", params.BooleanParam, default=True,
                       condition="not doContinue and loss == 0",
                       expertLevel=params.LEVEL_ADVANCED, label="Whiten the encoder's input?",
                       help="Give the encoder each image filtered by the inverse square root "
                            "of the noise spectrum estimated from the particles, so that its "
-                           "noise is white (docs/training.md, 'Input whitening'). No: the "
+                           "noise is white ("
+                           "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/training.md"
+                           ", 'Input whitening'). No: the "
                            "images as they are.")
         form.addParam("refinePose", params.BooleanParam, default=False,
                       condition="not doContinue", label="Refine the poses?",
@@ -194,7 +229,9 @@ class NmaemProtTrain(NmaemProtBase):
                            "leaves (the alignment followed one domain); set the largest "
                            "correction above the largest expected misalignment. The "
                            "inference protocol then puts the refined angles in each "
-                           "particle's transform. See docs/training.md, 'Pose refinement'.")
+                           "particle's transform. See "
+                           "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/training.md"
+                           ", 'Pose refinement'.")
         form.addParam("maxPoseCorrection", params.FloatParam, default=5.0,
                       condition="not doContinue and refinePose",
                       expertLevel=params.LEVEL_ADVANCED, label="Largest correction (deg)",
@@ -212,7 +249,9 @@ class NmaemProtTrain(NmaemProtBase):
                       help="image: from the image's features, a correction per particle. "
                            "z: from the predicted conformation, so particles of one "
                            "conformation get one correction, as a consensus refinement "
-                           "that aligned one domain leaves them (docs/training.md, 'Pose "
+                           "that aligned one domain leaves them ("
+                           "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/training.md"
+                           ", 'Pose "
                            "refinement').")
         form.addParam("doCheck", params.BooleanParam, default=True,
                       condition="not doContinue", label="Check the fit first?",
@@ -249,26 +288,33 @@ class NmaemProtTrain(NmaemProtBase):
                       expertLevel=params.LEVEL_ADVANCED, validators=[params.GE(1)],
                       label="Checkpoints kept",
                       help="Per-epoch checkpoints kept besides the last one.")
-        form.addParam("memoryBudget", params.FloatParam, default=0.0,
-                      expertLevel=params.LEVEL_ADVANCED, validators=[params.GE(0)],
+        form.addParam("autoMemory", params.BooleanParam, default=True,
+                      expertLevel=params.LEVEL_ADVANCED, label="Automatic renderer memory?",
+                      help="Yes: the renderer works in a quarter of the free RAM, half of "
+                           "the free GPU memory. No: the budget below.")
+        form.addParam("memoryBudget", params.FloatParam, default=4.0,
+                      condition="not autoMemory",
+                      expertLevel=params.LEVEL_ADVANCED, validators=[params.Positive],
                       label="Renderer memory budget (GiB)",
                       help="Working memory of the renderer: atoms and images are rendered in "
-                           "chunks that fit, whatever the number of atoms (large complexes). "
-                           "0: the device's default (a quarter of the free RAM, half of the "
-                           "free GPU memory).")
+                           "chunks that fit, whatever the number of atoms (large complexes).")
         form.addParam("renderer", params.EnumParam, choices=list(RENDER_ROUTES), default=0,
                       expertLevel=params.LEVEL_ADVANCED, label="Renderer",
                       display=params.EnumParam.DISPLAY_HLIST,
                       help="Structure factor of the renderer: auto (the faster for the "
                            "model, box and device), gemm (matrix products, exact) or nufft "
                            "(FINUFFT on the CPU; needs the optional finufft package). See "
-                           "docs/imaging.md.")
-        form.addParam("checkpointMinutes", params.FloatParam, default=0.0,
-                      expertLevel=params.LEVEL_ADVANCED, validators=[params.GE(0)],
+                           "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/imaging.md.")
+        form.addParam("checkpointInEpochs", params.BooleanParam, default=False,
+                      expertLevel=params.LEVEL_ADVANCED, label="Checkpoints within epochs?",
+                      help="No: the last checkpoint is saved at the end of each epoch. Yes: "
+                           "also every so many minutes within an epoch (very long epochs; a "
+                           "continued training resumes from that batch; one process only).")
+        form.addParam("checkpointMinutes", params.FloatParam, default=30.0,
+                      condition="checkpointInEpochs",
+                      expertLevel=params.LEVEL_ADVANCED, validators=[params.Positive],
                       label="Checkpoint every (minutes)",
-                      help="Also save the last checkpoint every so many minutes within an "
-                           "epoch (very long epochs; a continued training resumes from that "
-                           "batch; one process only). 0: at the end of each epoch only.")
+                      help="Minutes between the checkpoints within an epoch.")
         self._defineGpuParams(
             form,
             useGpuHelp="Train on the GPU(s) (CUDA). With 'No' training runs on the CPU "
@@ -298,7 +344,7 @@ class NmaemProtTrain(NmaemProtBase):
         # the settings a resumed run may change are step arguments: changing them and
         # pressing Continue runs the training step again (it then resumes)
         self._insertFunctionStep(self.trainStep, self.numberOfEpochs.get(),
-                                 self.batchSize.get(), self.learningRate.get(),
+                                 self._batch(), self.learningRate.get(),
                                  *self._renderArgs())
         self._insertFunctionStep(self.createOutputStep)
 
@@ -322,19 +368,32 @@ class NmaemProtTrain(NmaemProtBase):
         """--memory-budget, --renderer, --checkpoint-minutes: only when set (settings a
         continued training may change)."""
         args = []
-        if self.memoryBudget.get() > 0:
+        if not self.autoMemory.get():
             args += ["--memory-budget", self.memoryBudget.get()]
         if RENDER_ROUTES[self.renderer.get()] != "auto":
             args += ["--renderer", RENDER_ROUTES[self.renderer.get()]]
-        if self.checkpointMinutes.get() > 0:
+        if self.checkpointInEpochs.get():
             args += ["--checkpoint-minutes", self.checkpointMinutes.get()]
         return args
+
+    # the form's numbers where a Yes/No chooses "automatic" (None: automatic)
+    def _batch(self):
+        return None if self.autoBatch.get() else self.batchSize.get()
+
+    def _nModes(self):
+        return None if self.useAllModes.get() else self.numberOfModes.get()
+
+    def _box(self):
+        return self.boxSize.get() if self.cropImages.get() else None
+
+    def _encoderBox(self):
+        return None if self.autoEncoderBox.get() else self.encoderBox.get()
 
     def trainStep(self, epochs, batch, lr, *renderArgs):
         """``renderArgs``: :meth:`_renderArgs` when the step was made (step arguments, like
         the others a continued training may change)."""
         run = self._getFileName("run")
-        common = ["-o", run, "--epochs", epochs, "--batch", batch if batch > 0 else "auto",
+        common = ["-o", run, "--epochs", epochs, "--batch", batch or "auto",
                   "--lr", lr,
                   "--num-workers", self.numberOfWorkers.get(),
                   "--keep", self.keepCheckpoints.get(),
@@ -379,17 +438,18 @@ class NmaemProtTrain(NmaemProtBase):
                 "--encoder", ENCODERS[self.encoder.get()],
                 "--loss", LOSSES[self.loss.get()],
                 "--seed", self.seed.get(), "--rmsd-unit", self.rmsdUnit.get()]
-        if self.numberOfModes.get() >= 0:
-            args += ["--n-modes", self.numberOfModes.get()]
-        if self.boxSize.get() > 0:
-            args += ["--box", self.boxSize.get()]
-        if self.encoderBox.get() > 0:
-            args += ["--encoder-box", self.encoderBox.get()]
+        if self._nModes() is not None:
+            args += ["--n-modes", self._nModes()]
+        if self._box() is not None:
+            args += ["--box", self._box()]
+        if self._encoderBox() is not None:
+            args += ["--encoder-box", self._encoderBox()]
         if LOSSES[self.loss.get()] == "whitened":
-            for flag, param in (("--resolution-high", self.resolutionHigh),
-                                ("--resolution-low", self.resolutionLow),
-                                ("--mask-radius", self.maskRadius)):
-                if param.get() > 0:
+            for flag, use, param in (
+                    ("--resolution-high", self.limitHighResolution, self.resolutionHigh),
+                    ("--resolution-low", self.limitLowResolution, self.resolutionLow),
+                    ("--mask-radius", self.useMask, self.maskRadius)):
+                if use.get():
                     args += [flag, param.get()]
             if not self.whitenInput.get():
                 args.append("--no-whiten-input")
@@ -467,24 +527,24 @@ class NmaemProtTrain(NmaemProtBase):
                 errors.append("The normal modes have no nmaem modes file (modes.npz): "
                               "compute them with 'nmaem - compute normal modes'.")
                 modesFile = None
-            elif self.numberOfModes.get() > modes.getSize():
+            elif self._nModes() is not None and self._nModes() > modes.getSize():
                 errors.append("Number of modes to use: %d, but the set has %d modes."
-                              % (self.numberOfModes.get(), modes.getSize()))
+                              % (self._nModes(), modes.getSize()))
         if modesFile and ref is not None and os.path.exists(ref.getFileName()):
             msg = checkModesMatch(modesFile, ref.getFileName())
             if msg:
                 errors.append(msg)
         # the option rules of nmaem train, written once (core.io.trainconfig.TrainConfig)
         from ..core.io.trainconfig import TrainConfig
-        box = self.boxSize.get()
-        imgBox = (imageBox(parts) if (box > 0 or self.encoderBox.get() > 0)
+        box = self._box()
+        imgBox = (imageBox(parts) if (box is not None or self._encoderBox() is not None)
                   and parts is not None and parts.getSize() else None)
-        options = TrainConfig(box=box if box > 0 else None, encoder=ENCODERS[self.encoder.get()],
-                              encoder_box=self.encoderBox.get() or None,
+        options = TrainConfig(box=box, encoder=ENCODERS[self.encoder.get()],
+                              encoder_box=self._encoderBox(),
                               loss=LOSSES[self.loss.get()],
                               lr_schedule=LR_SCHEDULES[self.lrSchedule.get()],
                               epochs=self.numberOfEpochs.get(),
-                              batch=self.batchSize.get() or "auto",
+                              batch=self._batch() or "auto",
                               lr=self.learningRate.get(),
                               max_pose_correction=self.maxPoseCorrection.get(),
                               pose_prior_sd=self.posePriorSd.get(),

@@ -7,27 +7,41 @@
 # * Software Foundation; either version 3 of the License, or (at your option)
 # * any later version. See the LICENSE file at the root of the project.
 # **************************************************************************
-"""The maps of the states protocol (``nmaem states --reconstruct``): each state's map in
-central sections with its model's contour, the FSC curves of every state, and the table of
-every state's map against every state's model (drawn by ``core.analysis.mapfigure``)."""
+"""The states of an nmaem states protocol ("Analyze results"): each state's model thumbnail
+with its particle count and share (``core.report.figures.states_overview``), the listing and
+the models; and, with ``nmaem states --reconstruct``, each state's map in central sections
+with its model's contour, the FSC curves of every state, and the table of every state's map
+against every state's model (drawn by ``core.analysis.mapfigure``)."""
 import os
 
 import pyworkflow.protocol.params as params
 from pyworkflow.viewer import DESKTOP_TKINTER, MessageView, MSG_INFO, ProtocolViewer
 
 from ..protocols import NmaemProtStates
-from .viewer_common import figurePlotter
+from .viewer_common import figurePlotter, modelViews, projectPath
 
 
 class NmaemStatesViewer(ProtocolViewer):
-    """Each state's map (central sections, low-passed to its resolution, with the contour
-    of its model's map), the half-map and map-model FSC curves, and the states x models
-    correlation table."""
-    _label = "nmaem state maps"
+    """States side by side: their models' thumbnails, particle counts and shares, and the
+    models' RMSD to the reference; with maps, each state's map (central sections,
+    low-passed to its resolution, with the contour of its model's map), the half-map and
+    map-model FSC curves, and the states x models correlation table."""
+    _label = "nmaem states"
     _environments = [DESKTOP_TKINTER]
     _targets = [NmaemProtStates]
 
     def _defineParams(self, form):
+        form.addSection(label="States")
+        form.addParam("doShowStates", params.LabelParam, label="States and their models",
+                      help="Each state's model (X0 + U z at the state's representative "
+                           "z) drawn along z, y and x, with its number of particles, its "
+                           "share of all particles and its RMSD to the reference.")
+        form.addParam("doShowListing", params.LabelParam, label="states.json",
+                      help="The listing nmaem states wrote: per state its count, z, PC "
+                           "coordinates and files.")
+        form.addParam("doShowModels", params.LabelParam, label="Open the models",
+                      help="The states' all-atom models in ChimeraX when the chimera "
+                           "plugin is installed; otherwise their paths.")
         form.addSection(label="State maps")
         form.addParam("stateNumber", params.IntParam, default=1, label="State",
                       help="The state whose map is shown (1 = state_01).")
@@ -45,30 +59,58 @@ class NmaemStatesViewer(ProtocolViewer):
                            "maximum should be its own state.")
 
     def _getVisualizeDict(self):
-        return {"doShowMap": self._showMap, "doShowCurves": self._showCurves,
-                "doShowTable": self._showTable}
+        return {"doShowStates": self._showStates, "doShowListing": self._showListing,
+                "doShowModels": self._showModels, "doShowMap": self._showMap,
+                "doShowCurves": self._showCurves, "doShowTable": self._showTable}
 
-    def _listing(self):
-        from ..core.analysis.states import read_states_json
-        prot = self.protocol
-        prot._createFilenameTemplates()
-        fn = prot._getFileName("statesJson")
-        return read_states_json(fn) if os.path.exists(fn) else None
+    def _visualize(self, obj, **kwargs):
+        self.setProtocol(obj)
+        return self._showStates()
+
+    def statesDir(self):
+        """The protocol's ``nmaem states`` folder when it holds a listing, else None."""
+        self.protocol._createFilenameTemplates()
+        folder = projectPath(self.getProject(), self.protocol._getFileName("states"))
+        return folder if os.path.isfile(os.path.join(folder, "states.json")) else None
+
+    def _showStates(self, paramName=None):
+        from ..core.report import figures
+        folder = self.statesDir()
+        if folder is None:
+            return [self.errorMessage("No states yet (the protocol has not finished).",
+                                      "nmaem states")]
+        return [figurePlotter(figures.states_overview, folder,
+                              windowTitle="nmaem states: %s" % self.protocol.getObjLabel())]
+
+    def _showListing(self, paramName=None):
+        folder = self.statesDir()
+        if folder is None:
+            return [self.errorMessage("No states.json yet.", "nmaem states")]
+        return [self.textView([os.path.join(folder, "states.json")], "nmaem states")]
+
+    def _showModels(self, paramName=None):
+        structs = getattr(self.protocol, "outputStructures", None)
+        if structs is None:
+            return [self.errorMessage("No models yet.", "nmaem states")]
+        files = [projectPath(self.getProject(), s.getFileName())
+                 for s in structs.iterItems(orderBy="id")]
+        return modelViews(files, "the states' models", tkParent=self.getTkRoot())
 
     def _rows(self):
-        listing = self._listing()
-        if listing is None:
+        """((the listing, its states with a map), None), or (None, the views saying why
+        there is nothing to show)."""
+        from ..core.analysis.states import STATES_JSON, read_states_json
+        folder = self.statesDir()
+        if folder is None:
             return None, [MessageView("The states are not assigned yet.", title="nmaem",
                                       msgType=MSG_INFO, tkParent=self.getTkRoot())]
+        listing = read_states_json(os.path.join(folder, STATES_JSON))
         rows = [r for r in listing["states"] if r.get("map")]
         if not rows:
             return None, [MessageView("This run made no maps (Reconstruct each state: No, "
                                       "or too few particles).", title="nmaem",
                                       msgType=MSG_INFO, tkParent=self.getTkRoot())]
         return (listing, rows), None
-
-    def _folder(self):
-        return self.protocol._getFileName("states")
 
     def _showMap(self, paramName=None):
         from ..core.analysis.fsc import lowpass
@@ -83,7 +125,7 @@ class NmaemStatesViewer(ProtocolViewer):
             return [MessageView("State %d has no map (states with maps: %s)." % (
                 self.stateNumber.get(), ", ".join(str(r["state"]) for r in got[1])),
                 title="nmaem", msgType=MSG_INFO, tkParent=self.getTkRoot())]
-        row, folder = rows[0], self._folder()
+        row, folder = rows[0], self.statesDir()
         vol, apix = read_map(os.path.join(folder, row["map"]))
         model = read_map(os.path.join(folder, row["model_map"]))[0]
         info = read_fsc_json(os.path.join(folder, row["fsc"]))
@@ -105,7 +147,7 @@ class NmaemStatesViewer(ProtocolViewer):
         got, views = self._rows()
         if got is None:
             return views
-        infos = [(r, read_fsc_json(os.path.join(self._folder(), r["fsc"]))) for r in got[1]]
+        infos = [(r, read_fsc_json(os.path.join(self.statesDir(), r["fsc"]))) for r in got[1]]
         return [figurePlotter(_drawCurves, infos, windowTitle="nmaem: state FSC curves")]
 
     def _showTable(self, paramName=None):

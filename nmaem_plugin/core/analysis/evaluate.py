@@ -28,7 +28,7 @@ import numpy as np
 from .kde import density_maxima
 from .landscape import DEFAULTS, check_latent_d, load_run, pca
 from ..base.atomic import atomic_savez
-from ..base.errors import fail
+from ..base.errors import fail, require_folder
 from ..io.latent import Latent, read_latent
 from ..io.table import ParticleTable
 from ..io.particles import read_particles
@@ -38,8 +38,7 @@ __all__ = ["evaluate", "pose_error", "match_to_simulation"]
 
 def _load_truth(sim_dir):
     sim_dir = str(sim_dir)
-    if not os.path.isdir(sim_dir):
-        fail(sim_dir, "no such simulated dataset folder")
+    require_folder(sim_dir, "simulated dataset folder (--truth)")
     gt_path = os.path.join(sim_dir, "ground_truth.npz")
     fr_path = os.path.join(sim_dir, "frames.pdb")
     for path in (gt_path, fr_path):

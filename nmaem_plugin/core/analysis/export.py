@@ -4,7 +4,7 @@ and the particles each exported model represents (:func:`particle_counts`, writt
 ``n_particles`` in models.json whenever a latent file is given)."""
 import csv
 import os
-from typing import Callable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
 
 import numpy as np
 
@@ -13,9 +13,14 @@ from .landscape import (DEFAULTS, check_latent_d, deformed_coords, format_json,
 from ..base.atomic import atomic_open
 from ..base.errors import NmaemError, fail
 from ..io.latent import read_latent
-from ..io.outputs import OVERWRITE_HINT, check_output_dir, run_files
+from ..io.outputs import OVERWRITE_HINT, command_outputs, run_files
 
-__all__ = ["export", "particle_counts"]
+if TYPE_CHECKING:
+    from ..io.latent import Latent
+    from ..modes.modesfile import NormalModes
+    from ..physics.structure import AtomicModel
+
+__all__ = ["export", "particle_counts", "check_deformations", "MAX_BOND_RMS"]
 
 
 def _parse_pcs(pcs):
@@ -33,10 +38,63 @@ def _parse_z(text, d):
         z = np.array([float(s) for s in str(text).replace(" ", "").split(",") if s])
     except ValueError:
         raise NmaemError("--z takes d numbers separated by commas (got %r)" % text)
-    if len(z) != d or not np.all(np.isfinite(z)):
-        raise NmaemError("--z %s has %d finite value(s) but the model has d = %d modes"
+    if not np.all(np.isfinite(z)):
+        raise NmaemError("--z %s: amplitudes must be finite numbers (%s is not)"
+                         % (text, [v for v in str(text).split(",")
+                                   if not np.isfinite(float(v))][0].strip()))
+    if len(z) != d:
+        raise NmaemError("--z %s has %d value(s) but the model has d = %d modes"
                          % (text, len(z), d))
     return z
+
+
+# the largest rms change of the reference's bond lengths (A) a model X0 + U z may have: normal
+# modes are linear, and beyond this the model is no molecule (refinement cannot mend it)
+MAX_BOND_RMS = 1.0
+
+
+def check_deformations(model: "AtomicModel", nm: "NormalModes", entries: Sequence,
+                       latent: Optional["Latent"] = None) -> None:
+    """Refuse (one line) an export whose models X0 + U z stretch the reference's bonds by
+    more than ``MAX_BOND_RMS`` A rms (``entries``: (name, info, z)), before any refinement:
+    amplitudes far beyond the particles' (``latent``) or typed by mistake."""
+    from .validation import reference_geometry
+    if not entries:
+        return
+    b = reference_geometry(model).bonds
+    if len(b) == 0:
+        return
+    L0 = np.linalg.norm(model.coords[b[:, 0]] - model.coords[b[:, 1]], axis=1)
+    M = model.n_atoms
+    for name, info, zj in entries:
+        X = deformed_coords(model, nm, zj)
+        rms = float(np.sqrt(np.mean((np.linalg.norm(X[b[:, 0]] - X[b[:, 1]], axis=1)
+                                     - L0) ** 2)))
+        if not rms <= MAX_BOND_RMS:
+            seen = ("" if latent is None or latent.d == 0 else
+                    "; the particles' z reach %.3g A RMSD" % float(
+                        np.max(np.linalg.norm(latent.z, axis=1)) / np.sqrt(M)))
+            what = ("--z %s" % ",".join("%g" % v for v in zj) if info.get("kind") == "z"
+                    else "the model %s" % name)
+            raise NmaemError("%s: X0 + U z is %.3g A RMSD from the reference and stretches "
+                             "its bonds by %.3g A rms (more than %g A): normal modes are "
+                             "linear and describe no deformation this large%s; give smaller "
+                             "amplitudes" % (what, float(np.linalg.norm(zj) / np.sqrt(M)),
+                                             rms, MAX_BOND_RMS, seen))
+
+
+def _check_options(steps, low, high, refine_options):
+    """One-line errors for options out of their range, before any work."""
+    if int(steps) < 1:
+        raise NmaemError("--steps must be at least 1 (got %d)" % int(steps))
+    for name, v in (("--low", low), ("--high", high)):
+        if not (np.isfinite(float(v)) and 0 <= float(v) <= 100):
+            raise NmaemError("%s must be a percentile from 0 to 100 (got %s)" % (name, v))
+    if not float(low) < float(high):
+        raise NmaemError("--low %s must be below --high %s" % (low, high))
+    k = (refine_options or {}).get("restraint")
+    if k is not None and not (np.isfinite(float(k)) and float(k) > 0):
+        raise NmaemError("--restraint must be a positive number of kcal/mol/A^2 (got %s)" % k)
 
 
 def _width(n):
@@ -87,20 +145,21 @@ def export(latent_path: str, run_dir: str, out_dir: str, pcs: Optional[Sequence[
                          "--no-refine or --hydrogens")
     if kmeans_k is not None and int(kmeans_k) < 1:
         raise NmaemError("--kmeans must be at least 1 (got %d)" % int(kmeans_k))
+    _check_options(steps, low, high, refine_options)
     if not (pcs or kmeans_k or maxima or z_list):
         pcs = [1]
     pcs = _parse_pcs(pcs) if pcs else []
-    model, nm, _ = load_run(run_dir, need_modes=False)
+    model, nm, cfg = load_run(run_dir, need_modes=False)
     latent = None
     if pcs or kmeans_k or maxima:
         if latent_path is None:
             raise NmaemError("--latent is needed for --pcs, --kmeans and --maxima")
         latent = read_latent(latent_path)
-        check_latent_d(latent, nm, run_dir)
+        check_latent_d(latent, nm, run_dir, cfg)
         need_z(latent, "export")
     elif latent_path is not None:
         latent = read_latent(latent_path)
-        check_latent_d(latent, nm, run_dir)
+        check_latent_d(latent, nm, run_dir, cfg)
     if nm is None:
         fail(run_dir, "the run has no normal modes (d = 0): every exported model would be "
                       "the reference itself")
@@ -148,66 +207,67 @@ def export(latent_path: str, run_dir: str, out_dir: str, pcs: Optional[Sequence[
             raise NmaemError("z of shape %s for d = %d modes" % (zj.shape, d))
         entries.append(("z_%0*d" % (_width(len(z_list)), j + 1), dict(kind="z"), zj))
 
+    check_deformations(model, nm, entries, latent)      # before minutes of refinement
     files = ["%s.%s" % (stem, fmt) for stem, _, _ in entries] + ["models.json", "models.csv"]
     thumbs = ["%s.png" % stem for stem, _, _ in entries] if thumbnails else []
-    check_output_dir(out_dir, files + thumbs, inputs=[latent_path] + run_files(run_dir),
-                     force=overwrite, hint=OVERWRITE_HINT)
-    os.makedirs(out_dir, exist_ok=True)
-
-    from ..physics.structure import write_model
-    listing = dict(latent=None if latent is None else os.path.abspath(latent.path),
-                   model=os.path.abspath(str(run_dir)), n_particles=None if latent is None
-                   else latent.n, d=d, n_atoms=M, format=fmt, seed=seed, models=[])
-    if p is not None:
-        listing["pca"] = dict(explained_variance_ratio=p.explained_variance_ratio.tolist(),
-                              explained_variance=p.explained_variance.tolist(),
-                              mean=p.mean.tolist(), components=p.components.tolist())
-    refined = [None] * len(entries)
-    if refine:
-        from .refine import refine_models
-        refined = refine_models([deformed_coords(model, nm, zj) for _, _, zj in entries], model,
-                                hydrogens=hydrogens, log=log, **(refine_options or {}))
-    written = []        # heavy-atom coordinates of each model, for its thumbnail
-    for (stem, info, zj), fname, rf in zip(entries, files, refined):
-        if rf is None:
-            written.append(deformed_coords(model, nm, zj))
-            write_model(os.path.join(out_dir, fname), model, written[-1])
-        elif hydrogens and rf[0].ok:
-            written.append(rf[0].coords)
-            write_model(os.path.join(out_dir, fname), rf[0].model_with_hydrogens(model))
-        else:
-            written.append(rf[0].coords)
-            write_model(os.path.join(out_dir, fname), model, rf[0].coords)
-        row = dict(file=fname, **info)
-        if thumbnails:
-            row["thumbnail"] = stem + ".png"
-        if rf is not None:
-            row.update(rf[1])
-        row["z"] = [float(v) for v in zj]
-        row["pc_coords"] = None if p is None else [float(v) for v in p.transform(zj)]
-        row["rmsd_to_reference"] = float(np.linalg.norm(zj) / np.sqrt(M))
-        row.setdefault("n_particles", None)
-        listing["models"].append(row)
-    if thumbnails:              # one frame for the series: the thumbnails compare
-        from .thumbnails import series_thumbnails
-        series_thumbnails(written, model.elements,
-                          [os.path.join(out_dir, row["thumbnail"]) for row in listing["models"]])
-    if latent is not None:      # every model's particles, PC steps and given z included
-        for row, n in zip(listing["models"], particle_counts(listing, latent.z)):
-            row["n_particles"] = n
-    with atomic_open(os.path.join(out_dir, "models.json"), "w") as fh:
-        fh.write(format_json(listing) + "\n")
-    with atomic_open(os.path.join(out_dir, "models.csv"), "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["file", "kind", "n_particles", "rmsd_to_reference"]
-                   + ["z%d" % (l + 1) for l in range(d)]
-                   + (["pc%d" % (l + 1) for l in range(d)] if p is not None else []))
-        for row in listing["models"]:
-            w.writerow([row["file"], row["kind"],
-                        "" if row["n_particles"] is None else row["n_particles"],
-                        "%.6g" % row["rmsd_to_reference"]]
-                       + ["%.6g" % v for v in row["z"]]
-                       + (["%.6g" % v for v in row["pc_coords"]] if p is not None else []))
+    with command_outputs(out_dir, "export", products=files + thumbs,
+                         inputs=[latent_path] + run_files(run_dir), force=overwrite,
+                         hint=OVERWRITE_HINT) as out:
+        from ..physics.structure import write_model
+        listing = dict(latent=None if latent is None else os.path.abspath(latent.path),
+                       model=os.path.abspath(str(run_dir)), n_particles=None if latent is None
+                       else latent.n, d=d, n_atoms=M, format=fmt, seed=seed, models=[])
+        if p is not None:
+            listing["pca"] = dict(explained_variance_ratio=p.explained_variance_ratio.tolist(),
+                                  explained_variance=p.explained_variance.tolist(),
+                                  mean=p.mean.tolist(), components=p.components.tolist())
+        refined = [None] * len(entries)
+        if refine:
+            from .refine import refine_models
+            refined = refine_models([deformed_coords(model, nm, zj) for _, _, zj in entries],
+                                    model, hydrogens=hydrogens, log=log,
+                                    **(refine_options or {}))
+        written = []        # heavy-atom coordinates of each model, for its thumbnail
+        for (stem, info, zj), fname, rf in zip(entries, files, refined):
+            if rf is None:
+                written.append(deformed_coords(model, nm, zj))
+                write_model(out.path(fname), model, written[-1])
+            elif hydrogens and rf[0].ok:
+                written.append(rf[0].coords)
+                write_model(out.path(fname), rf[0].model_with_hydrogens(model))
+            else:
+                written.append(rf[0].coords)
+                write_model(out.path(fname), model, rf[0].coords)
+            row = dict(file=fname, **info)
+            if thumbnails:
+                row["thumbnail"] = stem + ".png"
+            if rf is not None:
+                row.update(rf[1])
+            row["z"] = [float(v) for v in zj]
+            row["pc_coords"] = None if p is None else [float(v) for v in p.transform(zj)]
+            row["rmsd_to_reference"] = float(np.linalg.norm(zj) / np.sqrt(M))
+            row.setdefault("n_particles", None)
+            listing["models"].append(row)
+        if thumbnails:              # one frame for the series: the thumbnails compare
+            from .thumbnails import series_thumbnails
+            series_thumbnails(written, model.elements,
+                              [out.path(row["thumbnail"]) for row in listing["models"]])
+        if latent is not None:      # every model's particles, PC steps and given z included
+            for row, n in zip(listing["models"], particle_counts(listing, latent.z)):
+                row["n_particles"] = n
+        with atomic_open(out.path("models.json"), "w") as fh:
+            fh.write(format_json(listing) + "\n")
+        with atomic_open(out.path("models.csv"), "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["file", "kind", "n_particles", "rmsd_to_reference"]
+                       + ["z%d" % (l + 1) for l in range(d)]
+                       + (["pc%d" % (l + 1) for l in range(d)] if p is not None else []))
+            for row in listing["models"]:
+                w.writerow([row["file"], row["kind"],
+                            "" if row["n_particles"] is None else row["n_particles"],
+                            "%.6g" % row["rmsd_to_reference"]]
+                           + ["%.6g" % v for v in row["z"]]
+                           + (["%.6g" % v for v in row["pc_coords"]] if p is not None else []))
     log("export: %d model(s) of %d atoms -> %s (listing in models.json, models.csv)"
         % (len(entries), M, out_dir))
     return listing

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..base.errors import NmaemError, fail
+from ..base.errors import NmaemError, fail, require_folder
 
 if TYPE_CHECKING:
     from ..io.latent import Latent
@@ -70,8 +70,7 @@ def load_run(run_dir: str, need_modes: bool = True
     run_dir = str(run_dir)
     if os.path.basename(run_dir) == "config.json" and os.path.isfile(run_dir):
         run_dir = os.path.dirname(run_dir) or "."
-    if not os.path.isdir(run_dir):
-        fail(run_dir, "no such training run folder")
+    require_folder(run_dir, "training run folder")
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(cfg_path):
         fail(run_dir, "not a training run folder (no config.json)")
@@ -117,12 +116,17 @@ def load_run(run_dir: str, need_modes: bool = True
     return model, nm, config
 
 
-def check_latent_d(latent: "Latent", nm: Optional["NormalModes"], run_dir: str) -> None:
-    """Fail when the latent file's d differs from the run's number of modes."""
+def check_latent_d(latent: "Latent", nm: Optional["NormalModes"], run_dir: str,
+                   cfg: Optional[dict] = None) -> None:
+    """Fail when the latent file's d differs from the run's number of modes, or (with the
+    run's ``cfg``) when another run made it (``latent.check_latent``, the model fingerprint)."""
     d_model = 0 if nm is None else nm.n_modes
     if latent.d != d_model:
         fail(latent.path, "z has d = %d amplitudes per particle but the run %s has %d modes"
              % (latent.d, run_dir, d_model))
+    if cfg is not None:
+        from ..io.latent import check_latent
+        check_latent(latent, str(run_dir).rsplit(os.sep + "config.json", 1)[0], cfg)
 
 
 def need_z(latent: "Latent", what: str) -> None:

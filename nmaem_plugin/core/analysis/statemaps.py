@@ -1,8 +1,9 @@
 """State maps: each state's particles reconstructed by RELION, without the model, and the
 state's model validated against its map (``nmaem states --reconstruct``).
 
-For every state with enough particles, in ``DIR/state_NN/`` (written into a temporary
-folder and renamed when every state is done, so a failure leaves nothing half-written):
+For every state with enough particles, in ``DIR/state_NN/`` (the files :func:`map_files`
+names; ``nmaem states`` lists them in its output's manifest before any is written,
+``io/outputs.py``, so a failure removes them all and ``--force`` exactly them):
 
 * ``particles.star``: what RELION reconstructed: the state's particles with their poses and
   origins, the refined ones where ``nmaem infer`` refined them (origin - the latent's
@@ -32,7 +33,6 @@ the particles, a known image size, every model inside the box, RELION present. A
 fewer than 2 * ``MIN_PER_HALF`` particles gets no map (a warning; an error when no state
 has enough).
 """
-import contextlib
 import json
 import os
 import time
@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .fsc import correlation_table, fsc, lowpass
-from ..base.atomic import atomic_folder, atomic_open
+from ..base.atomic import atomic_open
 from ..base.errors import NmaemError, fail
 from ..base.relion import relion_program, run_relion
 from ..io.maps import read_map, write_map
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from ..physics.structure import AtomicModel
 
 __all__ = ["MIN_PER_HALF", "MAP_FILES", "reconstruction_table", "particle_geometry",
-           "half_sets", "check_model_in_box", "reconstruct_state", "state_maps",
+           "half_sets", "check_model_in_box", "reconstruct_state", "map_files", "state_maps",
            "state_models", "read_fsc_json"]
 
 MIN_PER_HALF = 2
@@ -190,55 +190,64 @@ def reconstruct_state(folder: str, table: "ParticleTable", halves: np.ndarray,
     return info
 
 
-def state_maps(out_dir: str, names: Sequence[str], table: "ParticleTable",
-               labels: np.ndarray, model: "AtomicModel", coords: Sequence[np.ndarray],
-               seed: int = 0, stack: Optional[contextlib.ExitStack] = None,
-               log: Callable[[str], object] = print) -> Tuple[List[Optional[dict]], dict]:
-    """Reconstruct and validate every state (module docstring). ``table``: the
-    reconstruction table (:func:`reconstruction_table`), ``labels`` (N,) each of its rows'
-    state (-1: none); ``coords``: each state's model (atoms of ``model``). The folders
-    ``out_dir/NAME`` are written through ``stack`` (an ExitStack of :func:`atomic_folder`
-    contexts: renamed into place when the caller's stack closes without an error; None:
-    each at once). Returns (per state: the fsc.json contents or None when it has too few
-    particles, the ``map_model_correlation`` of states.json)."""
-    relion_program("relion_reconstruct")
+def _too_small(names: Sequence[str], labels: np.ndarray) -> List[int]:
+    """The states (0-based) with fewer particles than two half-maps need; a one-line error
+    when no state has enough."""
     labels = np.asarray(labels, dtype=np.int64)
-    box, apix = particle_geometry(table.subset(labels >= 0))
-    for name, c in zip(names, coords):
-        check_model_in_box(c, box, apix, "the model of %s" % name)
     counts = np.bincount(labels[labels >= 0], minlength=len(names))
     small = [k for k in range(len(names)) if counts[k] < 2 * MIN_PER_HALF]
     if len(small) == len(names):
         raise NmaemError("no state has the %d particles two half-maps need (%s): nothing to "
                          "reconstruct" % (2 * MIN_PER_HALF, ", ".join(
                              "%s %d" % (names[k], counts[k]) for k in range(len(names)))))
-    os.makedirs(out_dir, exist_ok=True)
+    return small
+
+
+def map_files(names: Sequence[str], labels: np.ndarray) -> List[str]:
+    """The files :func:`state_maps` writes, relative to its ``out_dir``
+    (``state_01/map.mrc``, ...: every file of ``MAP_FILES`` for each state with enough
+    particles), known before any work; a one-line error when no state has enough."""
+    small = _too_small(names, labels)
+    return ["%s/%s" % (name, f) for k, name in enumerate(names) if k not in small
+            for f in MAP_FILES.values()]
+
+
+def state_maps(out_dir: str, names: Sequence[str], table: "ParticleTable",
+               labels: np.ndarray, model: "AtomicModel", coords: Sequence[np.ndarray],
+               seed: int = 0, log: Callable[[str], object] = print
+               ) -> Tuple[List[Optional[dict]], dict]:
+    """Reconstruct and validate every state (module docstring). ``table``: the
+    reconstruction table (:func:`reconstruction_table`), ``labels`` (N,) each of its rows'
+    state (-1: none); ``coords``: each state's model (atoms of ``model``). Writes the files
+    :func:`map_files` names into ``out_dir/NAME`` (the caller's output policy makes them
+    all or nothing). Returns (per state: the fsc.json contents or None when it has too few
+    particles, the ``map_model_correlation`` of states.json)."""
+    relion_program("relion_reconstruct")
+    labels = np.asarray(labels, dtype=np.int64)
+    box, apix = particle_geometry(table.subset(labels >= 0))
+    for name, c in zip(names, coords):
+        check_model_in_box(c, box, apix, "the model of %s" % name)
+    small = _too_small(names, labels)
     infos: List[Optional[dict]] = []
-    own = contextlib.ExitStack() if stack is None else None
-    with (own or contextlib.nullcontext()):
-        for k, name in enumerate(names):
-            if k in small:
-                log("nmaem: warning: %s has %d particle(s), fewer than the %d two half-maps "
-                    "need: no map" % (name, counts[k], 2 * MIN_PER_HALF))
-                infos.append(None)
-                continue
-            rows = np.flatnonzero(labels == k)
-            halves, note = half_sets(table, rows, seed + k)
-            folder = (stack or own).enter_context(atomic_folder(os.path.join(out_dir, name)))
-            infos.append(reconstruct_state(folder, table.subset(rows), halves, model, coords[k],
-                                           box, apix, name=name, halves_note=note, log=log))
-            infos[-1]["folder_tmp"] = folder
-        done = [k for k, i in enumerate(infos) if i is not None]
-        worst = max(infos[k]["resolution_0143"] for k in done)
-        maps = [read_map(os.path.join(infos[k]["folder_tmp"], MAP_FILES["map"]))[0]
-                for k in done]
-        mmaps = [read_map(os.path.join(infos[k]["folder_tmp"], MAP_FILES["model_map"]))[0]
-                 if k in done else _model_map(model, coords[k], box, apix)
-                 for k in range(len(names))]
-        table_ = correlation_table(maps, mmaps, apix, worst)
-    for i in infos:
-        if i is not None:
-            i.pop("folder_tmp")
+    for k, name in enumerate(names):
+        if k in small:
+            log("nmaem: warning: %s has %d particle(s), fewer than the %d two half-maps "
+                "need: no map" % (name, np.sum(labels == k), 2 * MIN_PER_HALF))
+            infos.append(None)
+            continue
+        rows = np.flatnonzero(labels == k)
+        halves, note = half_sets(table, rows, seed + k)
+        folder = os.path.join(out_dir, name)
+        os.makedirs(folder, exist_ok=True)
+        infos.append(reconstruct_state(folder, table.subset(rows), halves, model, coords[k],
+                                       box, apix, name=name, halves_note=note, log=log))
+    done = [k for k, i in enumerate(infos) if i is not None]
+    worst = max(infos[k]["resolution_0143"] for k in done)
+    maps = [read_map(os.path.join(out_dir, names[k], MAP_FILES["map"]))[0] for k in done]
+    mmaps = [read_map(os.path.join(out_dir, names[k], MAP_FILES["model_map"]))[0]
+             if k in done else _model_map(model, coords[k], box, apix)
+             for k in range(len(names))]
+    table_ = correlation_table(maps, mmaps, apix, worst)
     corr = dict(resolution=float(worst), maps=[names[k] for k in done], models=list(names),
                 table=[[float(v) for v in row] for row in table_],
                 diagonal_is_row_maximum=[bool(np.argmax(row) == k)

@@ -31,7 +31,6 @@ with ``--model RUN`` a thumbnail of each state's model, ``state_01.png`` ...; wi
 ``state_01/`` ... and their figures in states.json.
 Numpy only (torch-free), but for the thumbnails (``--model``), which render with torch.
 """
-import contextlib
 import json
 import os
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
@@ -258,7 +257,7 @@ def states_command(latent_path: str, out_dir: str, maxima: bool = False,
     the models of the run ``model_run`` (refined unless ``refine`` is off); ``half_seed``
     seeds the random halves."""
     from ..io.latent import read_latent
-    from ..io.outputs import OVERWRITE_HINT, check_output_dir
+    from ..io.outputs import OVERWRITE_HINT, command_outputs
     chosen = [bool(maxima), kmeans_k is not None, bool(ranges)]
     if sum(chosen) != 1:
         raise NmaemError("choose one of --maxima, --kmeans K or --range (got %d)"
@@ -288,34 +287,36 @@ def states_command(latent_path: str, out_dir: str, maxima: bool = False,
     table = None
     if particles:
         from ..io.particles import read_particles
+        from ..io.provenance import check_particles
         table = read_particles(particles)
         if latent.index.max() >= table.n:
             fail(latent_path, "index %d beyond the %d particles of %s"
                  % (latent.index.max(), table.n, particles))
+        check_particles(latent.particles, latent_path, table)   # the rows of that file
     run = None
     if thumbnails_run is not None:
         from .landscape import check_latent_d, load_run
         run = load_run(thumbnails_run)
-        check_latent_d(latent, run[1], thumbnails_run)
+        check_latent_d(latent, run[1], thumbnails_run, run[2])
     thumbs = [n + ".png" for n in names] if run is not None else None
-    rec = _check_reconstruction(particles, table, latent, st, names, model_run) \
-        if reconstruct else None
-    products = [STATES_FILE, STATES_JSON] + (stars or []) + (thumbs or []) + subsets \
-        + (names if reconstruct else [])
-    check_output_dir(out_dir, products, inputs=[latent_path, particles], force=force,
-                     hint=OVERWRITE_HINT)
-    os.makedirs(out_dir, exist_ok=True)
-    with contextlib.ExitStack() as folders:     # state folders: renamed in at the end
+    rec, maps = None, []
+    if reconstruct:
+        from .statemaps import map_files
+        rec = _check_reconstruction(particles, table, latent, st, names, model_run,
+                                    run is None or thumbnails_run != model_run)
+        maps = map_files(names, st.label)
+    products = [STATES_FILE, STATES_JSON] + (stars or []) + (thumbs or []) + subsets + maps
+    with command_outputs(out_dir, "states", products=products, inputs=[latent_path, particles],
+                         force=force, hint=OVERWRITE_HINT) as out:
         extra = {}
-        if rec is not None:
-            extra = _state_maps(out_dir, names, st, rec, model_run, refine, half_seed,
-                                folders, log)
+        if rec is not None:     # each state's folder: the files listed in the manifest
+            extra = _state_maps(out.folder, names, st, rec, model_run, refine, half_seed, log)
         if table is not None:
-            _write_subsets(out_dir, particles, table, latent.index, st, stars, subsets)
+            _write_subsets(out.folder, particles, table, latent.index, st, stars, subsets)
         if run is not None:
-            write_thumbnails(out_dir, thumbs, run[0], run[1], st.z)
+            write_thumbnails(out.folder, thumbs, run[0], run[1], st.z)
         from .maxima import from_latent
-        listing = write_states(out_dir, st, index=latent.index, pcs=from_latent(latent).pca,
+        listing = write_states(out.folder, st, index=latent.index, pcs=from_latent(latent).pca,
                                star_files=stars, thumbnails=thumbs, n_atoms=model_atoms,
                                latent=os.path.abspath(latent.path),
                                particles=None if particles is None
@@ -354,11 +355,12 @@ def _write_subsets(out_dir, particles, table, index, st, stars, subsets):
         write_cs_subset(particles, os.path.join(out_dir, name), index[st.members(k)])
 
 
-def _check_reconstruction(particles, table, latent, st, names, model_run):
+def _check_reconstruction(particles, table, latent, st, names, model_run, check_run=True):
     """Before any work: what ``--reconstruct`` needs (particles, a run, RELION, one box and
-    pixel size, the models in the box); returns the reconstruction table."""
+    pixel size, the models in the box) and, with ``check_run``, that the latent was made by
+    the run ``model_run`` (its model fingerprint); returns the reconstruction table."""
     from ..base.relion import relion_program
-    from .landscape import deformed_coords, load_run
+    from .landscape import check_latent_d, deformed_coords, load_run
     from .statemaps import check_model_in_box, particle_geometry, reconstruction_table
     if table is None:
         raise NmaemError("--reconstruct needs --particles (the particle file given to "
@@ -369,20 +371,22 @@ def _check_reconstruction(particles, table, latent, st, names, model_run):
     relion_program("relion_reconstruct")
     rec = reconstruction_table(table, latent)
     box, apix = particle_geometry(rec.subset(st.label >= 0))
-    model, nm, _ = load_run(model_run)
+    model, nm, cfg = load_run(model_run)
+    if check_run:
+        check_latent_d(latent, nm, model_run, cfg)
     for name, zk in zip(names, st.z):
         check_model_in_box(deformed_coords(model, nm, zk), box, apix,
                            "the model of %s (%s)" % (name, model_run))
     return rec
 
 
-def _state_maps(out_dir, names, st, rec, model_run, refine, half_seed, folders, log):
+def _state_maps(out_dir, names, st, rec, model_run, refine, half_seed, log):
     """:func:`statemaps.state_maps` of the states; returns the entries of states.json (its
     per-state rows get theirs in ``st.info``)."""
     from .statemaps import MAP_FILES, state_maps, state_models
     model, coords, records = state_models(model_run, st.z, refine=refine, log=log)
     infos, corr = state_maps(out_dir, names, rec, st.label, model, coords, seed=half_seed,
-                             stack=folders, log=log)
+                             log=log)
     for k, (name, info) in enumerate(zip(names, infos)):
         row = st.info[k]
         if info is None:

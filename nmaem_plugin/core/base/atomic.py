@@ -4,38 +4,38 @@ A file is written to a temporary file beside the target (one recognisable name,
 ``.nmaem-tmp.<host>.<pid>.<random>.<name>``), checked (it exists and is not empty),
 flushed and synced to the disk, then renamed onto the target (and the folder synced), so
 the target is either the old file or the complete new one, never a truncated one. On any
-failure the temporary file is removed and the target left as it was. A full disk (ENOSPC)
-or an exceeded quota (EDQUOT) becomes one line::
+failure the temporary file is removed and the target left as it was. A full disk (ENOSPC),
+an exceeded quota (EDQUOT) or the file-size limit (EFBIG, ``ulimit -f``; SIGXFSZ is
+ignored by ``cli.main``) becomes one line (:func:`os_error`), as does any other ``OSError``
+of a write (a read-only file system, no permission)::
 
     nmaem: error: no space left on device writing <file>
+    nmaem: error: <file>: cannot write: Read-only file system
 
 Two forms: :func:`atomic_open` yields an open file object whose every byte goes through
 :func:`_raw_write` (the one low-level write); :func:`atomic_path` yields the temporary
-path, for writers that only take a path (prody's NMD writer). :func:`atomic_folder` does the
-same for a folder of files (written into a temporary folder beside it, renamed when
-complete). :func:`clean_orphans` removes the temporary files and folders of a killed run
-(of this host, whose process is gone) at the start of the next command that writes into
-that folder (``outputs.check_output_*``, ``runfolder.run_lock``).
+path, for writers that only take a path (prody's NMD writer). :func:`clean_orphans`
+removes the temporary files of a killed run (of this host, whose process is gone) at the
+start of the next command that writes into that folder (``outputs.check_output_*``,
+``runfolder.run_lock``).
 """
 import contextlib
-import errno
 import io
 import os
 import re
-import shutil
 import socket
 import sys
 import tempfile
 from typing import IO, Callable, Iterator, List, Optional, Union
 
-from .errors import NmaemError
+from .errors import NmaemError, is_no_space, no_space_error, os_error
+from .faults import fault_point
+from .lock import pid_alive
 
-__all__ = ["atomic_path", "atomic_open", "atomic_savez", "atomic_copy", "atomic_folder",
-           "clean_orphans", "is_no_space",
-           "no_space_error", "TMP_PREFIX"]
+__all__ = ["atomic_path", "atomic_open", "atomic_savez", "atomic_copy", "clean_orphans", "is_no_space",
+           "no_space_error", "os_error", "TMP_PREFIX"]
 
 TMP_PREFIX = ".nmaem-tmp."
-NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname() or "host")[:40] or "host"
 _ORPHAN = re.compile(r"^%s([A-Za-z0-9-]+)\.(\d+)\." % re.escape(TMP_PREFIX))
 
@@ -44,21 +44,6 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def is_no_space(exc: Optional[BaseException]) -> bool:
-    """Whether ``exc`` (or an exception it was raised from) is a full disk or quota."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def no_space_error(path: Union[str, "os.PathLike[str]"]) -> NmaemError:
-    return NmaemError("no space left on device writing %s" % os.fspath(path))
 
 
 def _raw_write(raw, data):
@@ -75,12 +60,11 @@ class _File(io.FileIO):
 def _tmp_for(path):
     folder = os.path.dirname(os.path.abspath(path))
     try:
+        fault_point(path)            # tests: NMAEM_FAULT (faults.py)
         fd, tmp = tempfile.mkstemp(prefix="%s%s.%d." % (TMP_PREFIX, _HOST, os.getpid()),
                                    suffix="." + os.path.basename(path), dir=folder)
     except OSError as exc:
-        if is_no_space(exc):
-            raise no_space_error(path) from None
-        raise
+        raise os_error(exc, path) from None
     os.close(fd)
     return tmp
 
@@ -120,7 +104,9 @@ def _guard(path, tmp):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if is_no_space(exc):
-            raise no_space_error(path) from None
+            raise no_space_error(path, exc) from None
+        if isinstance(exc, OSError):
+            raise os_error(exc, path) from None
         raise
 
 
@@ -195,58 +181,6 @@ def atomic_copy(src: Union[str, "os.PathLike[str]"], path: Union[str, "os.PathLi
     return path
 
 
-@contextlib.contextmanager
-def atomic_folder(path: Union[str, "os.PathLike[str]"]) -> Iterator[str]:
-    """Yield a new empty temporary folder beside ``path``; when the block ends without an
-    error it replaces ``path`` (an existing folder there is removed once the new one is in
-    place), otherwise it is removed and ``path`` left as it was. Its files are written by
-    the caller (each through this module or by a program whose output is then checked)."""
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    try:
-        tmp = tempfile.mkdtemp(prefix="%s%s.%d." % (TMP_PREFIX, _HOST, os.getpid()),
-                               suffix="." + os.path.basename(path), dir=parent)
-    except OSError as exc:
-        if is_no_space(exc):
-            raise no_space_error(path) from None
-        raise
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        old = None
-        if os.path.lexists(path):
-            if not os.path.isdir(path) or os.path.islink(path):
-                raise NmaemError("%s: is not a folder; cannot replace it" % path)
-            old = tempfile.mkdtemp(prefix="%s%s.%d." % (TMP_PREFIX, _HOST, os.getpid()),
-                                   suffix=".old", dir=parent)
-            os.rename(path, os.path.join(old, "previous"))
-        try:
-            os.rename(tmp, path)
-        except BaseException:
-            if old is not None:             # put the previous folder back
-                os.rename(os.path.join(old, "previous"), path)
-                os.rmdir(old)
-            raise
-        _sync_folder(parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if is_no_space(exc):
-            raise no_space_error(path) from None
-        raise
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:          # exists, owned by another user
-        return True
-    return True
-
-
 def clean_orphans(folder: Union[str, "os.PathLike[str]"],
                   log: Optional[Callable[[str], object]] = None) -> List[str]:
     """Remove the temporary files that killed ``nmaem`` processes of this host left in
@@ -263,14 +197,10 @@ def clean_orphans(folder: Union[str, "os.PathLike[str]"],
         if m is None or m.group(1) != _HOST:
             continue
         pid = int(m.group(2))
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
-        full = os.path.join(folder, name)
         try:
-            if os.path.isdir(full) and not os.path.islink(full):
-                shutil.rmtree(full)         # a folder of atomic_folder
-            else:
-                os.unlink(full)
+            os.unlink(os.path.join(folder, name))
         except OSError:
             continue
         removed.append(name)

@@ -3,13 +3,31 @@ Scipion protocols (EnumParam choices, in this order) and the core modules that a
 
 Pure Python (no numpy, no torch): protocols import it at start-up.
 """
-from typing import Dict, Tuple
+import os
+from typing import Dict, Optional, Tuple
 
 __all__ = ["CG_CHOICES", "DISTRIBUTIONS", "ENCODER_PRESETS", "ENCODERS", "LOSSES",
            "LR_SCHEDULES", "CHECKPOINTS", "MODEL_FORMATS", "MODES_SOLVERS",
            "RENDER_ROUTES", "POSE_INPUTS", "POSE_INPUT_DEFAULT", "FIT_ITERATIONS_DEFAULT",
            "POSE_FIT_CALIBRATION", "POPULATIONS", "POPULATION_DEFAULT",
-           "POPULATION_MAX_COMPONENTS", "POSE_FIT_BROAD_SD_DEG", "POSE_FIT_MIN_SD_DEG"]
+           "POPULATION_MAX_COMPONENTS", "POSE_FIT_BROAD_SD_DEG", "POSE_FIT_MIN_SD_DEG",
+           "max_workers", "workers_problem"]
+
+
+def max_workers() -> int:
+    """The most DataLoader worker processes ``--num-workers`` may ask for: 4 per CPU of this
+    machine (each is a process; more only fill the memory and the process table)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def workers_problem(n: int) -> Optional[str]:
+    """The one-line problem of ``--num-workers n``, or None when it is fine."""
+    if int(n) < 0:
+        return "--num-workers must be 0 or more (got %d)" % int(n)
+    if int(n) > max_workers():
+        return ("--num-workers %d is more than 4 per CPU of this machine (%d CPUs, at most "
+                "%d): each worker is a process" % (int(n), os.cpu_count() or 1, max_workers()))
+    return None
 
 # nmaem modes --cg: coarse-grained nodes of the elastic network
 CG_CHOICES: Tuple[str, ...] = ("ca", "backbone", "heavy")

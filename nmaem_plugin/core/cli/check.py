@@ -14,7 +14,8 @@ def add_parser(sub: Any) -> None:
         description="Render the reference at the particles' poses and CTFs, score them with "
                     "the whitened correlation against shuffled poses, and name the likely "
                     "cause when it fails (docking offset, map origin, pixel size, hand, "
-                    "contrast). See docs/likelihood.md.")
+                    "contrast). See "
+                    "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/likelihood.md.")
     p.add_argument("--particles", required=True, metavar="P.star",
                    help="particles with poses, CTF and images (RELION STAR or cryoSPARC .cs)")
     p.add_argument("--ref", required=True, metavar="A.pdb", help="reference atomic model")
@@ -34,14 +35,17 @@ def run(args: argparse.Namespace) -> int:
     import json
     from ..base.atomic import atomic_open
     from ..physics.fitcheck import fit_check, format_report
-    from ..io.outputs import check_output_file
-    check_output_file(args.json, inputs=[args.particles, args.ref], force=args.force)
-    res = fit_check(args.particles, args.ref, n=args.n, seed=args.seed, device=args.device,
-                    resolution_high=args.resolution_high,
-                    log=lambda m: sys.stderr.write(m + "\n"))
-    if args.json:
-        with atomic_open(args.json, "w") as fh:
-            json.dump(res, fh, indent=1, default=float)
+    from ..io.outputs import command_outputs
+    if args.n < 1:
+        raise NmaemError("--n must be at least 1 particle (got %d)" % args.n)
+    with command_outputs(args.json, "check", kind="file", inputs=[args.particles, args.ref],
+                         force=args.force) as js:
+        res = fit_check(args.particles, args.ref, n=args.n, seed=args.seed,
+                        device=args.device, resolution_high=args.resolution_high,
+                        log=lambda m: sys.stderr.write(m + "\n"))
+        if args.json:
+            with atomic_open(js.path(), "w") as fh:
+                json.dump(res, fh, indent=1, default=float)
     print(format_report(res))
     if res["verdict"] != "pass" and not args.force:
         raise NmaemError(res["message"])

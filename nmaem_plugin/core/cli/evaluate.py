@@ -14,7 +14,8 @@ def add_parser(sub: Any) -> None:
         description="Compare X0 + U z_i with each particle's true frame (RMSD, no "
                     "superposition), against the best the modes allow (floor RMSD); PC1 "
                     "explained variance, |corr(PC1, frame)|, density maxima along PC1 and "
-                    "the RMSD of the model at each maximum. See docs/analysis.md.")
+                    "the RMSD of the model at each maximum. See "
+                    "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/analysis.md.")
     p.add_argument("--latent", required=True, metavar="latent.npz", help="latent file")
     p.add_argument("--truth", required=True, metavar="SIMDIR",
                    help="folder written by nmaem simulate (ground_truth.npz, frames.pdb)")
@@ -35,13 +36,13 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..analysis.landscape import format_json
     from ..analysis.evaluate import evaluate
-    from ..io.outputs import check_output_file, run_files
-    check_output_file(args.per_particle,
-                      inputs=[args.latent, args.particles] + run_files(args.model),
-                      force=args.force)
-    result = evaluate(args.latent, args.truth, args.model, per_particle=args.per_particle,
-                      bandwidth=bandwidth_value(args.bandwidth), min_height=args.min_height,
-                      min_prominence=args.min_prominence,
-                      min_significance=args.min_significance, particles=args.particles)
+    from ..io.outputs import command_outputs, run_files
+    with command_outputs(args.per_particle, "evaluate", kind="file",
+                         inputs=[args.latent, args.particles] + run_files(args.model),
+                         force=args.force) as pp:
+        result = evaluate(args.latent, args.truth, args.model, per_particle=pp.path(),
+                          bandwidth=bandwidth_value(args.bandwidth),
+                          min_height=args.min_height, min_prominence=args.min_prominence,
+                          min_significance=args.min_significance, particles=args.particles)
     sys.stdout.write(format_json(result) + "\n")
     return 0

@@ -3,7 +3,7 @@ import argparse
 from typing import Any
 
 from ..base.choices import MODEL_FORMATS
-from .options import add_maxima_options, bandwidth_value
+from .options import MAXIMA_OPTIONS, add_maxima_options, bandwidth_value, warn_inert
 
 __all__ = ["add_parser", "run"]
 
@@ -58,6 +58,15 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..analysis.export import export
+    refine = not args.no_refine
+    traversal = args.pcs is not None or not (args.kmeans is not None or args.maxima or args.z)
+    warn_inert(args, [("restraint", refine, "with --no-refine"),
+                      ("platform", refine, "with --no-refine"),
+                      ("seed", args.kmeans is not None, "without --kmeans"),
+                      ("steps", traversal, "without a PC traversal (--pcs)"),
+                      ("low", traversal, "without a PC traversal (--pcs)"),
+                      ("high", traversal, "without a PC traversal (--pcs)")]
+               + [(m, args.maxima, "without --maxima") for m in MAXIMA_OPTIONS])
     export(args.latent, args.model, args.output, pcs=args.pcs, steps=args.steps,
            low=args.low, high=args.high, kmeans_k=args.kmeans, maxima=args.maxima,
            z_list=args.z, fmt=args.format, seed=args.seed, overwrite=args.force,

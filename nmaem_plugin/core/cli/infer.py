@@ -1,9 +1,10 @@
 """``nmaem infer``: z and shift of every particle from a trained run."""
 import argparse
+import os
 from typing import Any
 
 from ..base.choices import (FIT_ITERATIONS_DEFAULT, POPULATION_DEFAULT,
-                            POPULATION_MAX_COMPONENTS, POPULATIONS)
+                            POPULATION_MAX_COMPONENTS, POPULATIONS, workers_problem)
 from ..base.errors import NmaemError
 
 __all__ = ["add_parser", "run"]
@@ -33,7 +34,9 @@ def add_parser(sub: Any) -> None:
                         "Gauss-Newton step of every particle's z and shift under the "
                         "population (default: at most %d, fewer once settled, for runs with "
                         "the whitened loss and particles with poses and CTF; 0: the "
-                        "encoder's output)" % FIT_ITERATIONS_DEFAULT)
+                        "encoder's output; "
+                        "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/"
+                        "training.md)" % FIT_ITERATIONS_DEFAULT)
     p.add_argument("--population", choices=POPULATIONS, default=POPULATION_DEFAULT,
                    help="the population the fit works under: em (the default), a mixture "
                         "estimated from the particles by deconvolution, with each "
@@ -71,29 +74,31 @@ def _bfactor_arg(text):
 def run(args: argparse.Namespace) -> int:
     from ..base.errors import fail
     from ..inference.infer import infer
-    from ..io.outputs import check_output_file, run_files, same_path
+    from ..io.outputs import command_outputs, run_files, same_path
     inputs = [args.particles] + run_files(args.model)
-    if args.num_workers < 0:
-        raise NmaemError("--num-workers must be 0 or more (got %d)" % args.num_workers)
-    check_output_file(args.output, inputs=inputs, force=args.force)
-    if args.star is not None:
-        if same_path(args.star, args.output):
-            fail(args.star, "--star and -o name the same file")
-        check_output_file(args.star, inputs=inputs, force=args.force)
-    figure = shrinkage_figure_path(args.output)
-    check_output_file(figure, inputs=inputs, force=args.force)
-    infer(args.particles, args.model, args.output, batch=args.batch, device=args.device,
-          star=args.star, num_workers=args.num_workers, checkpoint=args.checkpoint,
-          fit_iterations=args.fit_iterations, fit_pose=args.fit_pose,
-          fit_bfactor=_bfactor_arg(args.fit_bfactor), population=args.population,
-          components=_components_arg(args.components, args.population))
-    _draw_shrinkage(args.output, figure)
+    if workers_problem(args.num_workers):
+        raise NmaemError(workers_problem(args.num_workers))
+    if args.star is not None and same_path(args.star, args.output):
+        fail(args.star, "--star and -o name the same file")
+    bfactor = _bfactor_arg(args.fit_bfactor)
+    components = _components_arg(args.components, args.population)
+    figure = os.path.basename(shrinkage_figure_path(args.output))
+    # the latent (with its figure beside it) and the STAR: both written or neither;
+    # locked from the start
+    with command_outputs(args.output, "infer", kind="file", products=[figure],
+                         inputs=inputs, force=args.force) as lat, \
+            command_outputs(args.star, "infer", kind="file", inputs=inputs + [args.output],
+                            force=args.force) as star:
+        infer(args.particles, args.model, lat.path(), batch=args.batch, device=args.device,
+              star=star.path(), num_workers=args.num_workers, checkpoint=args.checkpoint,
+              fit_iterations=args.fit_iterations, fit_pose=args.fit_pose,
+              fit_bfactor=bfactor, population=args.population, components=components)
+        _draw_shrinkage(lat.path(), lat.path(figure))
     return 0
 
 
 def shrinkage_figure_path(latent: str) -> str:
     """``<latent>_shrinkage.png``: the shrinkage check's figure beside the latent."""
-    import os
     return os.path.splitext(latent)[0] + "_shrinkage.png"
 
 

@@ -79,16 +79,38 @@ def _interrupted_line(args, how):
             "partial file was left); run the command again" % how)
 
 
+def _one_line(exc):
+    """The message of an NmaemError on one line; one re-raised from a DataLoader worker
+    (whose text holds the worker's traceback) gives its own last line."""
+    text = str(exc)
+    if "Traceback (most recent call last)" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        text = last.split("NmaemError: ", 1)[-1]
+    return text.replace("\n", " ")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import signal
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(words)
+    from ..base.faults import reset_faults
+    from .options import given_options
+    reset_faults()
+    command = parser._subparsers._group_actions[0].choices[args.command]   # argparse's
+    args.given = given_options(command, words[words.index(args.command) + 1:])
     previous = None
     if not getattr(args, "worker", False):       # torchrun workers: their launcher's
         try:
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
         except ValueError:                       # not the main thread
             previous = None
+    if hasattr(signal, "SIGXFSZ"):
+        # the file-size limit (ulimit -f): EFBIG at the write, one line, not a core dump
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        except ValueError:
+            pass
     try:
         # one rule for every command (base.threads), before numpy, torch or a BLAS loads
         threads, why = choose_threads(args.threads)
@@ -100,14 +122,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with use_threads(threads):
             return args.func(args) or 0
     except NmaemError as exc:
-        sys.stderr.write("nmaem: error: %s\n" % str(exc).replace("\n", " "))
+        sys.stderr.write("nmaem: error: %s\n" % _one_line(exc))
         return 2
     except OSError as exc:
-        from ..base.atomic import is_no_space
-        if not is_no_space(exc):
-            raise
-        sys.stderr.write("nmaem: error: no space left on device%s\n"
-                         % (" writing %s" % exc.filename if exc.filename else ""))
+        # an environment fault outside the checked paths: one line naming the file
+        from ..base.errors import os_error
+        sys.stderr.write("nmaem: error: %s\n" % str(
+            os_error(exc, None, "cannot read or write")).replace("\n", " "))
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(_interrupted_line(args, "Ctrl-C") + "\n")

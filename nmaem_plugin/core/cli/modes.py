@@ -44,7 +44,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``nmaem modes`` from parsed arguments; returns 0. Errors raise NmaemError."""
+    """Run ``nmaem modes`` from parsed arguments; returns 0. Errors raise NmaemError.
+    The modes file and the ``--export`` folder are two outputs (``io.outputs``): both are
+    written, or neither."""
+    from ..io.outputs import command_outputs
+    from .options import warn_inert
+    warn_inert(args, [("amplitude", args.export is not None, "without --export")])
+    out = str(args.output)
+    inputs = [args.ref, args.target]
+    n_files = ["modes.nmd"] + ["mode_%02d.pdb" % (l + 1) for l in range(args.n_modes)]
+    with command_outputs(out, "modes", kind="file", inputs=inputs, force=args.force) as mo, \
+            command_outputs(args.export, "modes", products=n_files, inputs=inputs + [out],
+                            force=args.force) as ex:
+        _modes(args, mo.path(), ex)
+    return 0
+
+
+def _modes(args, out, ex):
     from ..modes.compute import compute_modes
     from ..modes.modesfile import export_modes, save_modes
     from ..modes.diagnostics import target_diagnostics
@@ -53,13 +69,6 @@ def run(args: argparse.Namespace) -> int:
     def say(msg):
         print(msg, flush=True)
 
-    from ..io.outputs import check_output_dir, check_output_file
-    out = str(args.output)
-    inputs = [args.ref, args.target]
-    check_output_file(out, inputs=inputs, force=args.force)
-    if args.export:
-        n_files = ["modes.nmd"] + ["mode_%02d.pdb" % (l + 1) for l in range(args.n_modes)]
-        check_output_dir(args.export, n_files, inputs=inputs + [out], force=args.force)
     model = read_model(args.ref)
     say("reference: %s, %d atoms" % (args.ref, model.n_atoms))
     target = read_model(args.target) if args.target else None
@@ -95,6 +104,5 @@ def run(args: argparse.Namespace) -> int:
     save_modes(out, nm)
     say("wrote %s (%d modes x %d atoms)" % (out, nm.n_modes, nm.n_atoms))
     if args.export:
-        for p in export_modes(nm, model, args.export, amplitude=args.amplitude):
+        for p in export_modes(nm, model, ex.folder, amplitude=args.amplitude):
             say("wrote %s" % p)
-    return 0

@@ -35,11 +35,12 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import matplotlib
     matplotlib.use("Agg")
-    from ..io.outputs import check_output_dir, run_files
+    from ..io.outputs import check_outputs, run_files
     from ..report.report import write_report
-    check_output_dir(args.output, ["index.html"],
-                     inputs=[args.run, args.latent, args.modes] + run_files(args.run),
-                     force=args.force)
+    inputs = [args.run, args.latent, args.modes] + run_files(args.run)
+    check_outputs(args.output, "report", products=["index.html"], inputs=inputs,
+                  force=args.force)
     write_report(args.run, args.output, latent=args.latent, modes=args.modes,
-                 truth=args.truth, models=args.models, states=args.states)
+                 truth=args.truth, models=args.models, states=args.states, force=args.force,
+                 inputs=inputs)
     return 0

@@ -60,7 +60,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--force", "--overwrite", dest="force", action="store_true",
                    help="replace a dataset already in the output folder (never an input)")
     real = p.add_argument_group(
-        "nuisances of real data (docs/simulation.md; all off by default, each switchable)")
+        "nuisances of real data ("
+        "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/simulation.md"
+        "; all off by default, each switchable)")
     real.add_argument("--realistic", action="store_true",
                       help="switch every nuisance on at typical levels (noise falloff 10, "
                            "contrast sd 0.2, offset sd 1, RELION normalisation, angle error "
@@ -87,7 +89,8 @@ def add_parser(sub: Any) -> None:
                       default=None,
                       help="write the poses and origins a consensus refinement would give: "
                            "the reference aligned on each frame's largest rigid part, so the "
-                           "error depends on the conformation (docs/simulation.md)")
+                           "error depends on the conformation ("
+                           "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/simulation.md)")
     real.add_argument("--origin-error", dest="origin_error_sd", type=float, metavar="A",
                       help="sd per axis of random errors of the origins written (Angstrom)")
     real.add_argument("--defocus-error", dest="defocus_error_sd", type=float, metavar="A",
@@ -136,16 +139,28 @@ def run(args: argparse.Namespace) -> int:
         raise NmaemError("--like needs a model to render: give --ref (or --trajectory)")
     if args.trajectory and (args.ref or args.target):
         raise NmaemError("give either --trajectory or --ref/--target, not both")
-    from ..io.outputs import OVERWRITE_HINT, check_output_dir
+    if args.chunk < 1:
+        raise NmaemError("--chunk must be at least 1 image per stack (got %d)" % args.chunk)
+    from ..io.outputs import OVERWRITE_HINT, check_outputs
+    from ..sim.simulate import DATASET_FILES
+    from .options import warn_inert
+    like = "with --like (the file's poses, CTFs, box and pixel size are used)"
+    normalised = args.normalise if args.normalise is not None else args.realistic
+    warn_inert(args, [("frames", args.target is not None, "without --target (a morph)")]
+               + [(k, not args.like, like) for k in (
+                   "box", "apix", "defocus_mean", "defocus_std", "voltage", "cs",
+                   "amp_contrast", "shift_std")]
+               + [("bg_radius", bool(normalised), "without --normalise"),
+                  ("noise_falloff", not args.no_noise, "with --no-noise"),
+                  ("snr_db", not args.no_noise, "with --no-noise")])
     settings = simulation_settings_from_args(args)
-    check_output_dir(args.output, ["particles.star", "ground_truth.npz", "frames.pdb",
-                                   "reference.pdb"],
-                     inputs=[args.trajectory, args.ref, args.target, args.like,
-                             args.reference_model], force=args.force, hint=OVERWRITE_HINT)
+    inputs = [args.trajectory, args.ref, args.target, args.like, args.reference_model]
+    check_outputs(args.output, "simulate", products=DATASET_FILES, inputs=inputs,
+                  force=args.force, hint=OVERWRITE_HINT)     # before reading the inputs
     model, frames = load_frames(args.trajectory, args.ref, args.target, args.frames)
     like = read_particles(args.like) if args.like else None
     reference_model = read_model(args.reference_model) if args.reference_model else None
     simulate(args.output, model, frames, settings, like=like,
              reference_model=reference_model, chunk=args.chunk, device=args.device,
-             overwrite=args.force)
+             overwrite=args.force, inputs=inputs)
     return 0

@@ -2,7 +2,7 @@
 import argparse
 from typing import Any
 
-from .options import add_maxima_options, bandwidth_value
+from .options import MAXIMA_OPTIONS, add_maxima_options, bandwidth_value, warn_inert
 
 __all__ = ["add_parser", "run"]
 
@@ -64,11 +64,19 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io.runfolder import read_config
+    from ..io.runfolder import read_config_or_none
     from ..analysis.states import states_command
+    warn_inert(args, [("seed", args.kmeans is not None, "without --kmeans"),
+                      ("no_thumbnails", args.model is not None,
+                       "without --model (no thumbnails are drawn without it)"),
+                      ("no_refine", args.reconstruct, "without --reconstruct"),
+                      ("half_seed", args.reconstruct, "without --reconstruct")]
+               + [(m, args.maxima, "without --maxima") for m in MAXIMA_OPTIONS])
     atoms = None
-    if args.model:
-        atoms = read_config(args.model).get("n_atoms")
+    if args.model:              # the run itself is read (and checked) by landscape.load_run
+        import os
+        cfg = read_config_or_none(args.model) if os.path.isdir(args.model) else None
+        atoms = (cfg or {}).get("n_atoms")
     states_command(args.latent, args.output, maxima=args.maxima, kmeans_k=args.kmeans,
                    ranges=args.ranges, seed=args.seed, particles=args.particles,
                    force=args.force, bandwidth=bandwidth_value(args.bandwidth),

@@ -32,7 +32,8 @@ def add_parser(sub: Any) -> None:
         description="Train the encoder that maps each particle image to a 2D shift and "
                     "normal-mode amplitudes, through the physics decoder (X0 + U z rendered "
                     "with the particle's pose and CTF). Writes the run folder -o "
-                    "(config.json, checkpoints/, log.csv; see docs/training.md).")
+                    "(config.json, checkpoints/, log.csv; see "
+                    "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/training.md).")
     p.add_argument("--particles", metavar="P.star",
                    help="RELION STAR or cryoSPARC .cs with poses, CTF and images")
     p.add_argument("--ref", metavar="A.pdb", help="reference model X0, docked in the map")
@@ -52,7 +53,8 @@ def add_parser(sub: Any) -> None:
                    help="whitened (default: Gaussian likelihood with the particles' own noise "
                         "spectrum, per-particle scale and offset solved; real data), l2 (the "
                         "paper's; images in the renderer's units) or corr (1 - correlation); "
-                        "see docs/likelihood.md")
+                        "see "
+                        "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/likelihood.md")
     p.add_argument("--resolution-low", type=float, default=None, metavar="A",
                    help="whitened loss: ignore frequencies coarser than this (default: all "
                         "but zero)")
@@ -89,7 +91,8 @@ def add_parser(sub: Any) -> None:
                         "instead of whitened by the estimated noise spectrum")
     p.add_argument("--refine-pose", action="store_true", default=None,
                    help="also learn a small rotation per particle that corrects the file's "
-                        "pose (written by nmaem infer; see docs/training.md)")
+                        "pose (written by nmaem infer; see "
+                        "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/training.md)")
     p.add_argument("--max-pose-correction", type=float, default=None, metavar="DEG",
                    help="--refine-pose: the largest correction angle (default 5 degrees)")
     p.add_argument("--pose-prior-sd", type=float, default=None, metavar="DEG",
@@ -98,7 +101,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--pose-input", choices=POSE_INPUTS, default=None,
                    help="--refine-pose: the correction is computed from the image or from "
                         "the conformation z (a consensus refinement's misalignment depends "
-                        "on the conformation; default %s; see docs/training.md)"
+                        "on the conformation; default %s; see "
+                        "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/training.md)"
                         % POSE_INPUT_DEFAULT)
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when "
@@ -119,7 +123,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--renderer", choices=RENDER_ROUTES, default=None,
                    help="structure factor: auto (default: the faster for the model, box and "
                         "device), gemm (cos/sin matrix products, exact) or nufft (FINUFFT, "
-                        "CPU, optional: pip install finufft); see docs/imaging.md")
+                        "CPU, optional: pip install finufft); see "
+                        "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/imaging.md")
     p.add_argument("--checkpoint-minutes", type=float, default=None, metavar="MIN",
                    help="also write RUN/checkpoints/last.pt every MIN minutes within an epoch "
                         "(long epochs; --resume continues from that batch; one process)")
@@ -147,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
             raise
         return 0
     nproc = args.nproc or (len(args.gpus) if args.gpus else 1)
+    _warn_inert(args, nproc)
     if args.gpus and args.device is None:
         # one process: that GPU; several: CUDA_VISIBLE_DEVICES + one process per GPU
         args.device = "cuda:%d" % args.gpus[0] if nproc == 1 else "cuda"
@@ -174,3 +180,22 @@ def _prepare_and_train(args, nproc, prepare_run, train_run, launch_distributed):
         launch_distributed(args.output, nproc, gpus=args.gpus)
     else:
         train_run(args.output)
+
+
+def _warn_inert(args, nproc):
+    """The options that do nothing with the run's loss, pose refinement or fit check: one
+    warning line each (on --resume, the run's own settings decide)."""
+    from ..io.runfolder import read_config_or_none
+    from .options import warn_inert
+    cfg = (read_config_or_none(args.output) or {}) if args.resume else {}
+    loss = args.loss or cfg.get("loss") or "whitened"
+    refine_pose = bool(args.refine_pose or cfg.get("refine_pose"))
+    whitened = "with --loss %s (it applies to the whitened likelihood)" % loss
+    warn_inert(args, [(k, loss == "whitened", whitened) for k in (
+        "mask_radius", "resolution_low", "resolution_high", "whiten_input")]
+        + [(k, refine_pose, "without --refine-pose") for k in (
+            "max_pose_correction", "pose_prior_sd", "pose_input")]
+        + [("force", args.check is not False and not args.resume,
+            "with --no-check or --resume (it trains despite a failed fit check of a new run)"),
+           ("checkpoint_minutes", nproc == 1,
+            "with several processes (mid-epoch checkpoints need one process)")])

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..io.latent import write_latent
-from ..base.errors import NmaemError, fail
+from ..base.errors import NmaemError, fail, warning
 
 if TYPE_CHECKING:
     from ..io.latent import Latent, ShrinkageCheck
@@ -416,6 +416,9 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
     if fit_pose and not n_fit:
         fail(particles, "--fit-pose needs the per-particle fit, which does not run: %s"
              % no_fit)
+    if fit_bfactor is not None and not n_fit:
+        warning("--fit-bfactor %g does nothing: the per-particle fit does not run (%s)"
+                % (float(fit_bfactor), no_fit))
     n, d = table.n, int(cfg["n_modes"])
     z = np.zeros((n, d), dtype=np.float32)
     shift = np.zeros((n, 2), dtype=np.float32)

@@ -5,7 +5,7 @@ from typing import Dict, Union
 
 import numpy as np
 
-from ..base.errors import fail
+from ..base.errors import fail, require_file
 
 
 def read_npz(path: Union[str, "os.PathLike[str]"], what: str) -> Dict[str, np.ndarray]:
@@ -14,9 +14,7 @@ def read_npz(path: Union[str, "os.PathLike[str]"], what: str) -> Dict[str, np.nd
     ``what`` names the kind of file in the messages: "path: no such <what> file",
     "path: not a readable <what> file (.npz): <reason>".
     """
-    path = str(path)
-    if not os.path.isfile(path):
-        fail(path, "no such %s file" % what)
+    path = require_file(str(path), "%s file" % what)
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}

@@ -4,7 +4,7 @@ reader (``star.read_star``, ``cryosparc.read_cs``, chosen by the extension) into
 import os
 from typing import Optional
 
-from ..base.errors import fail
+from ..base.errors import fail, require_file
 from .table import ParticleTable, check_table
 
 __all__ = ["read_particles"]
@@ -12,9 +12,7 @@ __all__ = ["read_particles"]
 
 def read_particles(path: str, root: Optional[str] = None) -> "ParticleTable":
     """Read a RELION STAR (3.0, 3.1+) or cryoSPARC .cs particle file; see the module doc."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        fail(path, "no such file")
+    path = require_file(path, "particle file")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".cs":
         from .cryosparc import read_cs

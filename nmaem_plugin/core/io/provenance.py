@@ -21,7 +21,10 @@ where they are combined (docs/reliability.md):
 
 Checks: ``evaluate`` and ``report`` compare the latent with the truth (particles) and with
 the run (model) through ``latent.check_latent``; ``infer --checkpoint FILE`` compares the
-checkpoint's network with the run's (``learn.checkpoints.load_trained``). A file written
+checkpoint's network with the run's (``learn.checkpoints.load_trained``); ``states
+--particles`` and ``evaluate --particles`` compare the particle file with the latent's
+(:func:`check_particles`); ``train --resume`` compares the particle file, the reference and
+the modes with those the run was started with (``learn.prepare``). A file written
 before fingerprints existed gives a warning (:func:`warn`), not an error.
 """
 import hashlib
@@ -38,7 +41,7 @@ if TYPE_CHECKING:                   # hint-only: provenance imports it not at ru
     from .table import ParticleTable
 
 __all__ = ["particle_fingerprint", "model_fingerprint", "run_model_fingerprint",
-           "same_particles", "check_model", "dumps", "loads", "warn",
+           "same_particles", "check_model", "check_particles", "dumps", "loads", "warn",
            "PROBE_ROWS"]
 
 FORMAT = 1
@@ -174,3 +177,17 @@ def check_model(fp: Optional[str], fp_path: str, run_fp: str, run_dir: str) -> N
         fail(fp_path, "was made by another run than %s (its reference model or normal "
                       "modes differ): the amplitudes z mean nothing in this run's modes"
              % run_dir)
+
+
+def check_particles(fp: Optional[Mapping[str, Any]], fp_path: str, table: "ParticleTable",
+                    made: str = "was made from") -> None:
+    """Fail (one line naming the particle file) when ``table`` is not the particles that
+    the fingerprint ``fp``, read from ``fp_path``, describes (``<fp_path> <made> other
+    particles``); warn when ``fp`` is None (an older file)."""
+    if fp is None:
+        warn(fp_path, "that %s holds its particles" % table.path)
+        return
+    same, why = same_particles(fp, particle_fingerprint(table))
+    if not same:
+        fail(table.path, "is not the particle file that %s %s (%s); give that file"
+             % (fp_path, made, why))

@@ -23,9 +23,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..base.atomic import atomic_open, clean_orphans, is_no_space, no_space_error
+from ..base.atomic import atomic_open, clean_orphans
+from ..base.lock import FileLock, read_lock as read_lock_file
 from ..base.choices import CHECKPOINTS
-from ..base.errors import fail
+from ..base.errors import NmaemError, fail, os_error, require_file
 
 __all__ = ["CONFIG_FILE", "LOG_FILE", "SPLIT_FILE", "NOISE_FILE",
            "FIT_CHECK_FILE", "CHECKPOINT_DIR", "LOG_COLUMNS", "LOG_OPTIONAL_COLUMNS",
@@ -34,7 +35,7 @@ __all__ = ["CONFIG_FILE", "LOG_FILE", "SPLIT_FILE", "NOISE_FILE",
            "has_noise_model", "noise_path",
            "write_config", "write_log", "read_log_rows", "read_log_columns", "checkpoint_path",
            "existing_checkpoint", "reference_name", "is_run", "LOCK_FILE", "run_lock",
-           "read_lock", "reference_and_modes"]
+           "read_lock", "reference_and_modes", "check_config", "CONFIG_KEYS"]
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"               # one run, one writer (run_lock)
@@ -87,25 +88,80 @@ def reference_name(ref: str) -> str:
 
 # ============================================================================ config
 
+class ConfigError(NmaemError, ValueError):
+    """An unreadable ``config.json``: a one-line error, and a ValueError for the readers
+    that catch one."""
+
+
+# the keys every reader of a run needs (training writes them all; runs of every version
+# have them), and their kinds: a number, a whole number, text, a list of numbers
+CONFIG_KEYS = dict(particles="text", reference="text", n_modes="int", n_atoms="int",
+                   n_particles="int", n_train="int", n_val="int", box="int", apix="number",
+                   box0="int", apix0="number", centre="numbers", offset="numbers",
+                   epochs="int", batch="int", lr="number", seed="int", loss="text",
+                   filters="numbers", hidden="numbers", z_scale="number",
+                   shift_scale="number")
+
+
+def _kind_ok(v, kind):
+    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if kind == "number":
+        return number and np.isfinite(v)
+    if kind == "int":
+        return number and float(v) == int(v)
+    if kind == "text":
+        return isinstance(v, str) and v != ""
+    return isinstance(v, list) and all(_kind_ok(x, "number") for x in v)
+
+
+def check_config(cfg: object, path: str) -> Dict:
+    """``cfg`` (read from ``path``) when it holds every key of ``CONFIG_KEYS`` of its kind
+    and ``modes`` (a file name, or null for a run without modes); else a one-line
+    NmaemError naming the key (the file was edited or cut)."""
+    if not isinstance(cfg, dict):
+        fail(path, "not a run configuration (expected a JSON object)")
+    for k, kind in CONFIG_KEYS.items():
+        if k not in cfg:
+            fail(path, "missing the key %r: not a whole run configuration (edited, or "
+                       "written by another program?)" % k)
+        if not _kind_ok(cfg[k], kind):
+            fail(path, "%r is %s, expected %s" % (k, json.dumps(cfg[k])[:40], dict(
+                number="a number", int="a whole number", text="a file name or word",
+                numbers="a list of numbers")[kind]))
+    if "modes" not in cfg or not (cfg["modes"] is None or _kind_ok(cfg["modes"], "text")):
+        fail(path, "missing the key 'modes' (a file name, or null): not a whole run "
+                   "configuration")
+    return cfg
+
+
 def read_config(run_dir: str) -> Dict:
-    """``RUN/config.json``; a one-line NmaemError when it is missing or unreadable."""
+    """``RUN/config.json``, checked (:func:`check_config`); a one-line NmaemError when it is
+    missing, unreadable or incomplete."""
     path = config_path(run_dir)
+    if os.path.isdir(path):
+        fail(path, "is a folder, not the run configuration")
     if not os.path.isfile(path):
         fail(run_dir, "not a training run (no config.json)")
     try:
         with open(path) as fh:
-            return json.load(fh)
+            return check_config(json.load(fh), path)
     except ValueError as exc:
         fail(path, "unreadable run configuration (%s)" % exc)
+    except OSError as exc:
+        fail(path, "cannot read the run configuration (%s)" % exc.strerror)
 
 
 def read_config_or_none(run_dir: str) -> Optional[Dict]:
-    """``RUN/config.json`` as a dict, or None when it is not there (yet)."""
+    """``RUN/config.json`` as a dict, or None when it is not there (yet); a one-line
+    NmaemError (a ValueError) when it is not JSON."""
     path = config_path(run_dir)
     if not os.path.isfile(path):
         return None
     with open(path) as fh:
-        return json.load(fh)
+        try:
+            return json.load(fh)
+        except ValueError as exc:
+            raise ConfigError("%s: not readable as JSON (%s)" % (path, exc)) from None
 
 
 def has_noise_model(cfg: Dict) -> bool:
@@ -207,9 +263,7 @@ def checkpoint_path(run_dir: str, checkpoint: Optional[str] = None) -> str:
                 name, "; runs of nmaem before best.pt existed have only last.pt"
                 if name == "best" and existing_checkpoint(run_dir, "last") else ""))
         return path
-    if not os.path.isfile(name):
-        fail(name, "checkpoint file not found")
-    return name
+    return require_file(name, "checkpoint file (--checkpoint takes last, best or a file)")
 
 
 # ============================================================================ one writer
@@ -217,100 +271,43 @@ def checkpoint_path(run_dir: str, checkpoint: Optional[str] = None) -> str:
 def read_lock(run_dir: str) -> Optional[Tuple[int, str]]:
     """(pid, host) of the lock of ``run_dir``, or None when there is none. An unreadable lock
     gives (0, "?")."""
-    try:
-        with open(os.path.join(os.fspath(run_dir), LOCK_FILE)) as fh:
-            pid, host = fh.read().split()[:2]
-        return int(pid), host
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return (0, "?")
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:        # another user's process
-        return True
-    return True
+    return read_lock_file(os.path.join(os.fspath(run_dir), LOCK_FILE))
 
 
 class run_lock:
-    """Exclusive lock of a run folder while one training writes it (a context manager).
-
-    ``RUN/.lock`` is created with O_CREAT | O_EXCL and holds "PID HOST"; it is removed on
-    exit. A lock of a dead process of this host is stale: it is replaced, with a message
-    through ``log``. A live one (or one of another host, which cannot be checked) is a
-    one-line NmaemError. The folder is created if missing, and removed on exit when it is
+    """Exclusive lock of a run folder while one training writes it (a context manager):
+    ``RUN/.lock``, a ``base.lock.FileLock`` (a stale lock of a dead process of this host is
+    replaced with a message through ``log``; a live one, or one of another host, is a
+    one-line NmaemError). The folder is created if missing, and removed on exit when it is
     still empty (a refused or failed new run leaves nothing behind). Only the launching
     process takes it (DDP workers run under their launcher's lock).
     """
 
     def __init__(self, run_dir: str, log: Callable[[str], object] = print) -> None:
-        import socket
         self.run_dir = os.path.abspath(os.fspath(run_dir))
         self.path = os.path.join(self.run_dir, LOCK_FILE)
+        self.lock = FileLock(self.path, self.run_dir, "training", log=log,
+                             holding="this run")
         self.log = log
-        self.host = socket.gethostname()
         self.created_dir = False
 
-    def _try_create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            if is_no_space(exc):
-                raise no_space_error(self.path) from None
-            raise
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write("%d %s\n" % (os.getpid(), self.host))
-        except OSError as exc:
-            os.unlink(self.path)
-            if is_no_space(exc):
-                raise no_space_error(self.path) from None
-            raise
-        return True
-
-    def _clean_orphans(self):
-        """The temporary files of a killed run (atomic.clean_orphans): this process now
-        owns the folder."""
-        for folder in (self.run_dir, checkpoint_dir(self.run_dir)):
-            clean_orphans(folder, log=self.log)
-
-    def __enter__(self):
+    def __enter__(self) -> "run_lock":
         if os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):
             fail(self.run_dir, "is a file; the training run is a folder")
         if not os.path.isdir(self.run_dir):
-            os.makedirs(self.run_dir)
+            try:
+                os.makedirs(self.run_dir)
+            except OSError as exc:
+                raise os_error(exc, self.run_dir, "cannot create the run folder") from None
             self.created_dir = True
-        for _ in range(3):
-            if self._try_create():
-                self._clean_orphans()
-                return self
-            owner = read_lock(self.run_dir)
-            if owner is None:          # removed meanwhile
-                continue
-            pid, host = owner
-            if host == self.host and not _pid_alive(pid):
-                self.log("train: %s: removing the stale lock of process %d on %s (it is no "
-                         "longer running)" % (self.path, pid, host))
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
-                continue
+        try:
+            self.lock.acquire()
+        except BaseException:
             self._cleanup_dir()
-            fail(self.run_dir, "another training (process %d on %s) is writing this run; "
-                               "wait for it to end (if it is gone, remove %s)"
-                 % (pid, host, LOCK_FILE))
-        self._cleanup_dir()
-        fail(self.run_dir, "could not take the lock %s" % LOCK_FILE)
+            raise
+        for folder in (self.run_dir, checkpoint_dir(self.run_dir)):
+            clean_orphans(folder, log=self.log)     # temporary files of a killed run
+        return self
 
     def _cleanup_dir(self):
         if self.created_dir:
@@ -319,9 +316,7 @@ class run_lock:
             except OSError:
                 pass
 
-    def __exit__(self, *exc):
-        owner = read_lock(self.run_dir)
-        if owner is not None and owner == (os.getpid(), self.host):
-            os.unlink(self.path)
+    def __exit__(self, *exc: object) -> bool:
+        self.lock.release()
         self._cleanup_dir()
         return False

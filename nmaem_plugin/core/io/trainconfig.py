@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..base.choices import (ENCODER_PRESETS, LOSSES, LR_SCHEDULES, POSE_INPUT_DEFAULT, POSE_INPUTS,
-                            RENDER_ROUTES)
+                            RENDER_ROUTES, workers_problem)
 from ..base.errors import NmaemError, fail
 
 __all__ = ["TrainConfig", "is_auto_batch", "encoder_box_for", "ENCODER_BOX_MAX"]
@@ -134,9 +134,8 @@ class TrainConfig:
                 out.append((k, "--%s must be at least 1" % k))
         if not self.lr > 0:
             out.append(("lr", "--lr must be positive"))
-        if int(self.num_workers) < 0:
-            out.append(("num_workers", "--num-workers must be 0 or more (got %d)"
-                        % int(self.num_workers)))
+        if workers_problem(self.num_workers):
+            out.append(("num_workers", workers_problem(self.num_workers)))
         if int(self.keep) < 1:
             out.append(("keep", "--keep must be at least 1: last.pt is a copy of the newest "
                                 "epoch checkpoint (got %d)" % int(self.keep)))

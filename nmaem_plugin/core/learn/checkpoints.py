@@ -62,11 +62,26 @@ def build_autoencoder(cfg: dict, run_dir: str) -> "AutoEncoder":
 
 
 def load_checkpoint(path: str) -> dict:
-    """The checkpoint at ``path`` (weights only, on the CPU); a one-line error when unreadable."""
+    """The checkpoint at ``path`` (weights only, on the CPU); a one-line error when unreadable
+    (an empty or cut file, a foreign one), which names the whole per-epoch checkpoints of
+    its run that may replace it."""
+    from ..base.errors import require_file
+    require_file(path, "checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if os.path.getsize(path) == 0:
+            raise ValueError("an empty file, 0 bytes")
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:   # truncated or foreign file
-        fail(path, "unreadable checkpoint (%s)" % str(exc).splitlines()[0][:200])
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        folder = os.path.dirname(os.path.abspath(path))
+        others = sorted(f for f in os.listdir(folder) if f.startswith("epoch_")
+                        and f.endswith(".pt") and os.path.join(folder, f) != path)
+        fail(path, "unreadable checkpoint (%s)%s" % (
+            text, "; the run keeps %s: copy the newest whole one over it" % ", ".join(others)
+            if others else ""))
+    if not isinstance(ck, dict):
+        fail(path, "not an nmaem checkpoint (no dict of weights)")
+    return ck
 
 
 def _check_belongs(path, ck, cfg, run_dir, encoder):

@@ -1,5 +1,8 @@
 """Has the training loss levelled off? ``convergence`` of a training log (``RUN/log.csv``, its
-columns or its rows), the note the training figure and the Scipion viewer show. numpy only."""
+columns or its rows), the note the training figure and the Scipion viewer show; and
+``validation_stall``: the validation loss flat while the training loss keeps falling (the
+network learns the training particles, not the landscape), the warning the training prints
+once and the figure and viewer add to their note. numpy only."""
 from __future__ import annotations
 
 import os
@@ -8,13 +11,15 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 __all__ = ["Convergence", "convergence", "log_columns", "Log", "CONVERGENCE_EPOCHS",
-           "CONVERGED_CHANGE"]
+           "CONVERGED_CHANGE", "validation_stall", "STALL_EPOCHS", "STALL_TRAIN_DROP"]
 
 # a training log: a path to log.csv, a dict of columns, or a list of row dicts
 Log = Union[str, Mapping[str, Sequence[Any]], Sequence[Mapping[str, Any]]]
 
 CONVERGENCE_EPOCHS = 3       # the last 3 epochs against the 3 before them
 CONVERGED_CHANGE = 0.01      # |relative change| of the validation loss called levelled off
+STALL_EPOCHS = 3             # epochs of a flat validation loss before the warning
+STALL_TRAIN_DROP = 0.03      # ... while the training loss fell by more than this (relative)
 
 
 def log_columns(log: Log) -> Dict[str, np.ndarray]:
@@ -95,7 +100,38 @@ def convergence(log: Log, n: int = CONVERGENCE_EPOCHS, tol: float = CONVERGED_CH
     verdict = ("levelled off (|change| < %g %%)" % (100 * tol) if abs(change) < tol else
                "still decreasing: more epochs may help" if change < 0 else
                "rising: look for overfitting or a too high learning rate")
+    stall = validation_stall(cols, tol=tol)
     note = ("%s %+.2f %% (mean of epochs %d-%d vs %d-%d): %s"
             % (what[0].upper() + what[1:], 100 * change, epochs[1][0], epochs[1][1],
-               epochs[0][0], epochs[0][1], verdict))
+               epochs[0][0], epochs[0][1], stall or verdict))
     return Convergence(key, float(change), n, epochs, note)
+
+
+def validation_stall(log: Log, patience: int = STALL_EPOCHS, tol: float = CONVERGED_CHANGE,
+                     drop: float = STALL_TRAIN_DROP) -> Optional[str]:
+    """A one-sentence warning when the validation loss has not fallen for the last
+    ``patience`` epochs or more (it reached its floor, within ``tol`` relative of its
+    lowest value, that many epochs ago; flat or rising since) while the training loss fell
+    by more than ``drop`` (relative) over those epochs; None otherwise."""
+    cols = log_columns(log)
+    epoch = cols.get("epoch", np.zeros(0))
+    val, trn = cols.get("val_loss"), cols.get("train_loss")
+    if val is None or trn is None or len(val) != len(trn) or len(val) < patience + 1:
+        return None
+    ok = np.isfinite(val) & np.isfinite(trn)
+    e, v, t = epoch[ok], val[ok], trn[ok]
+    if len(v) < patience + 1:
+        return None
+    floor = v.min()
+    s = int(np.flatnonzero(v - floor <= tol * abs(floor))[0])
+    if len(v) - 1 - s < patience:
+        return None
+    fell = (t[s] - t[-1]) / abs(t[s]) if t[s] != 0 else 0.0
+    if not fell > drop:
+        return None
+    return ("Warning: the validation loss has not fallen since epoch %d (it came within "
+            "%g %% of its lowest then) while the training loss fell by %.0f %%: the "
+            "network fits the "
+            "training particles, not the landscape (overfitting); more particles, fewer "
+            "epochs or a smaller encoder help, and --checkpoint best keeps the best epoch"
+            % (int(e[s]), 100 * tol, 100 * fell))

@@ -1,6 +1,7 @@
 """Particle images and metadata for the network: the dataset, its loader, per-epoch order.
 
-Images are read through :class:`stacks.ImageStack` one batch at a time and
+Images are read through :class:`stacks.ImageStack` one batch at a time, checked (a
+non-finite pixel is a one-line error naming the particle file and the image) and
 downsampled by Fourier cropping to ``box`` (pixel size apix0 * box0 / box).
 """
 from typing import TYPE_CHECKING, Iterable, Sequence, Tuple, Union
@@ -8,6 +9,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..base.errors import fail
 from ..physics.ctf import CTFParams
 
 if TYPE_CHECKING:
@@ -43,7 +45,17 @@ class ParticleImages(torch.utils.data.Dataset):
         if self._stack is None:
             self._stack = ImageStack(self.table, check=False)
         rows = np.asarray(rows, dtype=np.int64)
-        images = torch.from_numpy(self._stack.read(rows))
+        raw = self._stack.read(rows)
+        if not np.all(np.isfinite(raw)):       # name the image, not a symptom downstream
+            bad = np.flatnonzero(~np.all(np.isfinite(raw.reshape(len(rows), -1)), axis=1))
+            k = int(bad[0])
+            row = int(rows[k])
+            t = self.table
+            fail(t.path, "image of particle %d (%d@%s) holds non-finite pixels (NaN or inf)%s"
+                 % (row + 1, int(t.stack_index[row]) + 1, t.stack_paths[row],
+                    "; %d of the %d images read with it too" % (len(bad) - 1, len(rows))
+                    if len(bad) > 1 else ""))
+        images = torch.from_numpy(raw)
         if images.shape[-1] != self.box:
             images = fourier_crop(images, self.box).contiguous()
         return torch.from_numpy(rows), images
@@ -51,7 +63,13 @@ class ParticleImages(torch.utils.data.Dataset):
 
 def make_loader(dataset: ParticleImages, batches: Iterable[Sequence[int]], num_workers: int,
                 pin: bool) -> torch.utils.data.DataLoader:
-    """A DataLoader over ``batches`` (lists of rows) of ``dataset``, one batch per item."""
+    """A DataLoader over ``batches`` (lists of rows) of ``dataset``, one batch per item;
+    a one-line error for a number of workers no machine should start
+    (``choices.workers_problem``: every caller meets it, a run's stored setting too)."""
+    from ..base.choices import workers_problem
+    from ..base.errors import NmaemError
+    if workers_problem(num_workers):
+        raise NmaemError(workers_problem(num_workers))
     return torch.utils.data.DataLoader(dataset, sampler=batches, batch_size=None,
                                        num_workers=int(num_workers), pin_memory=pin)
 

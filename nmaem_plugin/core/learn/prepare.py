@@ -20,7 +20,8 @@ from .checkpoints import load_checkpoint
 if TYPE_CHECKING:
     from ..io.table import ParticleTable
 
-__all__ = ["prepare_run", "check_training_table", "DEFAULTS", "RESUMABLE", "VAL_FRACTION"]
+__all__ = ["prepare_run", "check_training_table", "check_resume", "DEFAULTS", "RESUMABLE",
+           "VAL_FRACTION"]
 
 VAL_FRACTION = 0.1
 DEFAULTS = TrainConfig().as_dict()     # the options and their defaults: trainconfig.TrainConfig
@@ -70,6 +71,7 @@ def prepare_run(out: str, particles: Optional[str] = None, ref: Optional[str] = 
                       "checkpoint)")
         # the options a resumed run may change, checked with the run's own for the rest
         old = read_config(out)
+        check_resume(out, old, ref=ref, modes=modes)   # first: an edited config says so
         kept = {k: old[k] for k in TrainConfig.names()
                 if k in old and k not in TrainConfig.RESUMABLE}
         TrainConfig.from_settings(**dict(kept, **{
@@ -228,6 +230,77 @@ def _check_partial_batch(run_dir, last, batch):
         fail(run_dir, "the last checkpoint was saved within an epoch with --batch %d; resume "
                       "that epoch with the same --batch (a later epoch may change it)"
              % int(saved))
+
+
+# what a resumed run may differ in from the checkpoint it continues (besides RESUMABLE):
+# bookkeeping, and the paths of files whose contents are checked by their fingerprints (a
+# dataset may move)
+_BOOKKEEPING = ("batch_auto", "version", "epoch", "device", "particles", "reference_source",
+                "modes_source")
+
+
+def check_resume(run_dir: str, cfg: dict, ref: Optional[str] = None,
+                 modes: Optional[str] = None) -> None:
+    """A resumed run continues what it started: a one-line NmaemError when ``config.json``
+    no longer says what the last checkpoint was trained with (an edited file: other
+    particles, loss, box, modes...), when the particle file is not the one the run
+    started on (its fingerprint), when the run's reference or modes changed, or when
+    ``ref`` / ``modes`` given again are not the run's."""
+    from ..io.provenance import check_particles, run_model_fingerprint
+    from ..io.particles import read_particles
+    cfg_file = config_path(run_dir)
+    last = checkpoint_file(run_dir, "last")
+    if os.path.isfile(last):
+        ck = load_checkpoint(last)
+        theirs = ck.get("config") if isinstance(ck, dict) else None
+        if isinstance(theirs, dict):
+            for k in sorted(set(theirs) & set(cfg)):
+                if k in RESUMABLE or k in _BOOKKEEPING or theirs[k] == cfg[k]:
+                    continue
+                fail(cfg_file, "says %s = %s but the run's checkpoints were trained with %s "
+                               "= %s: the file was edited; a resumed run cannot change it "
+                               "(put it back, or start a new run)"
+                     % (k, _short(cfg[k]), k, _short(theirs[k])))
+    if cfg.get("particles_fingerprint") is not None:
+        check_particles(cfg["particles_fingerprint"], cfg_file, read_particles(cfg["particles"]),
+                        made="was started on")
+    if cfg.get("model_fingerprint") is not None:
+        if run_model_fingerprint(run_dir, cfg) != cfg["model_fingerprint"]:
+            fail(run_dir, "its reference (%s) or modes (%s) changed since the run started: a "
+                          "resumed run continues with the same model; put them back"
+                 % (cfg.get("reference"), cfg.get("modes")))
+    if ref is not None:
+        _same_reference(run_dir, cfg, ref)
+    if modes is not None:
+        _same_modes(run_dir, cfg, modes)
+
+
+def _short(v):
+    text = str(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _same_reference(run_dir, cfg, ref):
+    from ..physics.structure import read_model
+    mine = read_model(os.path.join(run_dir, cfg["reference"]))
+    given = read_model(ref)
+    if (given.n_atoms != mine.n_atoms or list(given.atom_ids) != list(mine.atom_ids)
+            or not np.allclose(given.coords, mine.coords, atol=1e-3)):
+        fail(ref, "is not the reference this run was trained with (%s): a resumed run "
+                  "cannot change its reference" % cfg.get("reference_source", cfg["reference"]))
+
+
+def _same_modes(run_dir, cfg, modes):
+    from ..modes.modesfile import load_modes
+    d = int(cfg["n_modes"])
+    given = load_modes(modes)
+    if d == 0:
+        return
+    mine = load_modes(os.path.join(run_dir, cfg["modes"]))
+    if (given.n_modes < d or given.modes.shape[1:] != mine.modes.shape[1:]
+            or not np.allclose(given.modes[:d], mine.modes[:d], atol=1e-5)):
+        fail(modes, "are not the modes this run was trained with (%s): a resumed run cannot "
+                    "change its modes" % cfg.get("modes_source", cfg["modes"]))
 
 
 FIT_CHECK_MIN_PARTICLES = 50

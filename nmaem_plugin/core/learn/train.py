@@ -27,6 +27,7 @@ from ..base.atomic import atomic_open
 from .data import ParticleImages, ParticleMetadata, epoch_order, make_loader
 from .distributed import ProcessGroup, is_oom, rank_batches, resolve_device, use_fast_kernels
 from ..base.errors import NmaemError, fail
+from .convergence import validation_stall
 from .normstats import recompute_from_dataset
 from ..io.runfolder import checkpoint_dir, checkpoint_file, read_config, run_lock, write_log
 from .checkpoints import (CHECKPOINT_FORMAT, build_autoencoder, load_checkpoint, rng_state,
@@ -175,6 +176,7 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
         rendered = ae.decoder(z, rot, base + shift, ctf, rotvec=rotvec)
         return image_loss(images, rendered, loss_kind, penalty=penalty)
 
+    warned = False               # the validation stall is told once (convergence.py)
     for epoch in range(start, end):
         t0 = time.perf_counter()
         if device.type == "cuda":
@@ -196,8 +198,9 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
             first, total, count = partial["batch"], partial["total"], partial["count"]
             t0 -= partial["seconds"]
         try:
-            for b, (rows, images) in enumerate(
-                    make_loader(dataset, batches[first:], cfg["num_workers"], pin), first):
+            for b, (rows, images) in _numbered(
+                    make_loader(dataset, batches[first:], cfg["num_workers"], pin), first,
+                    epoch):
                 rows = rows.to(device)
                 images = images.to(device, non_blocking=True)
                 try:
@@ -273,8 +276,28 @@ def _train(run_dir, cfg, dist, device, log, stop_after, read_particles, image_lo
                 % (epoch + 1, epochs, _fmt_loss(row["train_loss"]), _fmt_loss(row["val_loss"]),
                    row["images_per_s"], row["seconds"], extra,
                    "  ETA %s" % fmt_time(eta) if epoch + 1 < end else ""))
+            stall = validation_stall(history)
+            if stall and not warned:          # once per session, on stdout with the epochs
+                say("train: " + stall[0].lower() + stall[1:])
+                warned = True
         dist.barrier()
     return history
+
+
+def _numbered(loader, first, epoch):
+    """(batch number, item) of ``loader`` from ``first``; an error reading a batch (a NaN
+    image, ``data.ParticleImages``) says where the training stopped and what it kept."""
+    it, b = iter(loader), first
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except NmaemError as exc:
+            raise NmaemError("%s (epoch %d, batch %d; stopped, the last good checkpoint "
+                             "(epoch %d) is kept)" % (exc, epoch + 1, b + 1, epoch)) from None
+        yield b, item
+        b += 1
 
 
 def _validate(encoder, forward, dataset, val, local_batch, dist, cfg, pin, device):

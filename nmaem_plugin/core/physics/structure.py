@@ -7,7 +7,6 @@ Reading and writing go through gemmi, so PDB and mmCIF (and their compressed
 forms) both work; writing keeps chain, residue and atom names.
 """
 import gzip
-import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -15,7 +14,7 @@ import gemmi
 import numpy as np
 
 from ..base.atomic import atomic_open
-from ..base.errors import NmaemError, fail
+from ..base.errors import NmaemError, fail, require_file
 
 __all__ = ["AtomicModel", "read_model", "read_trajectory", "write_model", "write_models",
            "form_factor_table", "kabsch", "superpose", "rmsd", "match_atoms",
@@ -87,8 +86,7 @@ def _check_pdb_numbers(path):
 
 
 def _read_structure(path):
-    if not os.path.isfile(path):
-        fail(path, "no such model file")
+    require_file(path, "model file")
     _check_pdb_numbers(path)
     try:
         st = gemmi.read_structure(str(path))

@@ -32,6 +32,7 @@ if TYPE_CHECKING:                   # matplotlib and the analysis types only in 
     from matplotlib.figure import Figure
 
 __all__ = ["latent_landscape", "mode_amplitudes", "training_curves", "load_modes_file",
+           "states_overview",
            "residue_fluctuation", "modes_overview", "HIST_BINS", "HEX_GRIDSIZE"]
 
 HIST_BINS = 100              # bins of 1D histograms (fewer for small samples, see _bins)
@@ -345,4 +346,46 @@ def modes_overview(data: Union[str, Mapping[str, np.ndarray]], fig: Optional[Fig
         ax.set_axis_off()
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def states_overview(states_dir: str, fig: Optional[Figure] = None) -> Figure:
+    """The states of an ``nmaem states`` folder side by side: each state's model thumbnail
+    (``state_NN.png``, its projections along z, y and x; drawn with ``--model``) under its
+    name, its particle count and share, and its model's RMSD to the reference; the
+    unassigned particles in the title. Reads ``states.json`` (a one-line error when it is
+    missing or not a listing)."""
+    import os
+    from ..analysis.states import STATES_JSON, read_states_json
+    from ..base.errors import fail
+    path = os.path.join(str(states_dir), STATES_JSON)
+    listing = read_states_json(path)
+    if not isinstance(listing, dict) or not isinstance(listing.get("states"), list):
+        fail(path, "not a states listing: no 'states'")
+    states = listing["states"]
+    n = max(int(listing.get("n_particles") or 0), 1)
+    cols = max(1, min(len(states), 4))
+    rows = max(1, -(-len(states) // cols))
+    fig = prepare_figure(fig, 3.2 * cols, 3.0 * rows + 0.6)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, s in zip(axes, states):
+        thumb = s.get("thumbnail")
+        thumb = os.path.join(str(states_dir), os.path.basename(thumb)) if thumb else None
+        if thumb and os.path.isfile(thumb):
+            import matplotlib.image as mpimg
+            ax.imshow(mpimg.imread(thumb))
+        else:
+            ax.text(0.5, 0.5, "no thumbnail\n(states without --model)", ha="center",
+                    va="center", transform=ax.transAxes, fontsize=8, color="0.4")
+        rmsd = s.get("rmsd_to_reference")
+        ax.set_title("%s: %s particles (%.0f %%)%s" % (
+            s.get("name", "state %s" % s.get("state")), format(int(s["n_particles"]), ","),
+            100.0 * s["n_particles"] / n, "" if rmsd is None else
+            "\nmodel %.2f A RMSD from the reference" % rmsd), fontsize=9)
+    unassigned = n - int(listing.get("n_assigned") or 0)
+    fig.suptitle("%d states (%s) of %s particles%s" % (
+        len(states), listing.get("method", "?"), format(n, ","),
+        ", %s in none" % format(unassigned, ",") if unassigned > 0 else ""), fontsize=11)
     return fig

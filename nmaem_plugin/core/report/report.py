@@ -7,19 +7,19 @@ split by ground-truth frame with ``--truth SIMDIR`` (a folder of ``nmaem simulat
 """
 import html
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ..base.atomic import atomic_open
-from ..base.errors import fail
+from ..base.atomic import atomic_copy, atomic_open
+from ..base.errors import fail, require_file, require_folder
+from ..io.outputs import command_outputs
 
 
 def _truth_file(truth_dir):
     """TRUTH/ground_truth.npz, or a one-line error when the folder or the file is missing."""
     gt_path = os.path.join(truth_dir, "ground_truth.npz")
-    if not os.path.isdir(truth_dir):
-        fail(truth_dir, "no such simulated dataset folder")
+    require_folder(truth_dir, "simulated dataset folder (--truth)")
     if not os.path.isfile(gt_path):
         fail(gt_path, "missing: --truth must be a folder written by nmaem simulate")
     return gt_path
@@ -60,6 +60,9 @@ def read_models_listing(models_dir: str) -> dict:
         fail(path, "not a models listing: no 'models' list")
     return listing
 
+
+# the documentation's address (an installed package has no docs/ folder)
+ANALYSIS_DOC = "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/analysis.md"
 
 VALIDATION_COLUMNS = (
     ("bond_rmsd", "bond rms dev. (A)", "%.3f"), ("bond_max_deviation", "max bond dev. (A)", "%.3f"),
@@ -114,19 +117,22 @@ def states_rows(states_dir: str) -> tuple[dict, list[tuple]]:
 def write_report(run_dir: str, out_dir: str, latent: Optional[str] = None,
                  modes: Optional[str] = None, truth: Optional[str] = None,
                  models: Optional[str] = None, states: Optional[str] = None,
-                 log: Callable[[str], object] = print) -> list[tuple[str, str]]:
+                 log: Callable[[str], object] = print, force: bool = False,
+                 inputs: Sequence[Optional[str]] = ()) -> list[tuple[str, str]]:
     """Write the figures and ``index.html`` into ``out_dir``; returns the list of
     (file name, caption) written. Raises NmaemError (one line) on missing input.
     ``models``: an ``nmaem export`` folder, whose models' validation becomes a table;
-    ``states``: an ``nmaem states`` folder, a table of its states."""
+    ``states``: an ``nmaem states`` folder, a table of its states; their thumbnails are
+    copied into ``out_dir/models/`` and ``out_dir/states/``. The files are written through
+    the output policy (``io.outputs.command_outputs``): ``force`` replaces an earlier
+    report of nmaem there; ``inputs`` are files it must not replace."""
     from ..base.figures import save
     from .figures import (latent_landscape, load_modes_file, mode_amplitudes, modes_overview,
                           training_curves)
     from ..io.latent import read_latent
     from ..io.runfolder import config_path, log_path, read_config_or_none, read_log_columns
     run_dir = str(run_dir)
-    if not os.path.isdir(run_dir):
-        fail(run_dir, "no such training run folder")
+    require_folder(run_dir, "training run folder")
     log_csv = log_path(run_dir)
     if not os.path.isfile(log_csv):
         fail(log_csv, "missing: not a training run folder, or no epoch finished yet")
@@ -137,8 +143,8 @@ def write_report(run_dir: str, out_dir: str, latent: Optional[str] = None,
     if modes is None and config.get("modes"):
         candidate = os.path.join(run_dir, str(config["modes"]))
         modes = candidate if os.path.isfile(candidate) else None
-    elif modes is not None and not os.path.isfile(modes):
-        fail(modes, "no such modes file")
+    elif modes is not None:
+        require_file(modes, "modes file")
     if truth is not None and latent is None:
         fail(truth, "--truth needs --latent (the frames colour the latent landscape)")
     listing = read_models_listing(models) if models is not None else None
@@ -158,64 +164,85 @@ def write_report(run_dir: str, out_dir: str, latent: Optional[str] = None,
         for key in ("modes", "eigenvalues", "atom_ids"):
             if key not in mdata:
                 fail(modes, "not a modes file: no '%s'" % key)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as exc:
-        fail(out_dir, "cannot create the output folder (%s)" % exc.strerror)
-
-    written = []
-
-    def emit(fig, name, caption):
-        save(fig, os.path.join(out_dir, name))
-        written.append((name, caption))
-        log("wrote %s" % os.path.join(out_dir, name))
-
-    rows = read_log_columns(log_csv)
-    n_ep = len(rows.get("epoch", []))
-    emit(training_curves(rows, title="Training run %s"
-                         % os.path.basename(os.path.normpath(run_dir))), "training.png",
-         "Training: loss on the training and validation particles per epoch, and training "
-         "speed in images per second (%d epochs, %s)." % (n_ep, log_csv))
-    if modes is not None:
-        emit(modes_overview(mdata), "modes.png",
-             "Normal modes (%s): ANM eigenvalues, collectivity of each mode, per-residue "
-             "fluctuation (sum over modes of |u|^2 / eigenvalue)%s." % (
-                 modes, ", overlap with the target and floor RMSD"
-                 if "target_overlap" in mdata else ""))
+    figures = ["training.png"] + (["modes.png"] if modes is not None else [])
     if lat is not None:
         if lat.d == 0:
             fail(lat.path, "z has d = 0 amplitudes (a run without modes): no landscape")
         if lat.n < 2:
             fail(lat.path, "one particle: no landscape")
-        what = ("histogram of z with its density maxima" if lat.d == 1 else
-                "explained variance of the principal components of z, PC1 histogram with "
-                "its density maxima, PC1-PC2 density (hexagonal bins, log scale)")
-        if frames is not None:
-            what += ", PC1 by ground-truth frame (%s)" % truth
-        n_atoms = (int(np.shape(mdata["modes"])[1]) if modes is not None
-                   and np.ndim(mdata["modes"]) == 3 else None)
-        emit(latent_landscape(lat.z, frames=frames, n_atoms=n_atoms), "latent.png",
-             "Latent landscape of %s particles (%s): %s." % (format(lat.n, ","), lat.path,
-                                                             what))
-        if lat.d > 1:
-            emit(mode_amplitudes(lat.z), "amplitudes.png",
-                 "Distribution of each mode amplitude z_l (Angstrom).")
-    _write_index(out_dir, run_dir, written, models, listing, states, state_table)
-    log("wrote %s" % os.path.join(out_dir, "index.html"))
+        figures += ["latent.png"] + (["amplitudes.png"] if lat.d > 1 else [])
+    # thumbnails are copied into the report (its links stay inside its folder)
+    model_rows = validation_rows(listing, models) if listing is not None else None
+    copies = {}
+    for sub, rows in (("models", model_rows or ()),
+                      ("states", state_table[1] if state_table is not None else ())):
+        for row in rows:
+            if row[-1] is not None:
+                copies[row[-1]] = "%s/%s" % (sub, os.path.basename(row[-1]))
+    with command_outputs(out_dir, "report", products=figures + sorted(copies.values())
+                         + ["index.html"], inputs=inputs, force=force, log=None) as out:
+        written = []
+
+        def emit(fig, name, caption):
+            save(fig, out.path(name))
+            written.append((name, caption))
+            log("wrote %s" % out.path(name))
+
+        rows = read_log_columns(log_csv)
+        n_ep = len(rows.get("epoch", []))
+        emit(training_curves(rows, title="Training of %s" % run_label(run_dir)),
+             "training.png",
+             "Training: loss on the training and validation particles per epoch, and "
+             "training speed in images per second (%d epochs, %s)." % (n_ep, log_csv))
+        if modes is not None:
+            emit(modes_overview(mdata), "modes.png",
+                 "Normal modes (%s): ANM eigenvalues, collectivity of each mode, per-residue "
+                 "fluctuation (sum over modes of |u|^2 / eigenvalue)%s." % (
+                     modes, ", overlap with the target and floor RMSD"
+                     if "target_overlap" in mdata else ""))
+        if lat is not None:
+            what = ("histogram of z with its density maxima" if lat.d == 1 else
+                    "explained variance of the principal components of z, PC1 histogram "
+                    "with its density maxima, PC1-PC2 density (hexagonal bins, log scale)")
+            if frames is not None:
+                what += ", PC1 by ground-truth frame (%s)" % truth
+            n_atoms = (int(np.shape(mdata["modes"])[1]) if modes is not None
+                       and np.ndim(mdata["modes"]) == 3 else None)
+            emit(latent_landscape(lat.z, frames=frames, n_atoms=n_atoms), "latent.png",
+                 "Latent landscape of %s particles (%s): %s." % (format(lat.n, ","),
+                                                                 lat.path, what))
+            if lat.d > 1:
+                emit(mode_amplitudes(lat.z), "amplitudes.png",
+                     "Distribution of each mode amplitude z_l (Angstrom).")
+        for src, name in sorted(copies.items()):
+            atomic_copy(src, out.path(name))
+        _write_index(out.path("index.html"), run_dir, written, models, model_rows, states,
+                     state_table, copies)
+        log("wrote %s" % out.path("index.html"))
     return written
 
 
-def _thumbnail_cell(out_dir, path):
-    """A table cell showing the PNG at ``path`` (linked relative to the report folder)."""
-    if path is None:
+def run_label(run_dir: str) -> str:
+    """How figures name a run: its folder's name, with its parent's when the name alone
+    says little (``run``, ``RUN``, ``train``...)."""
+    path = os.path.abspath(str(run_dir))
+    name = os.path.basename(path)
+    if name.lower() in ("run", "train", "training", "output", "out", "results"):
+        name = os.path.join(os.path.basename(os.path.dirname(path)), name)
+    return name
+
+
+def _thumbnail_cell(name):
+    """A table cell showing the PNG ``name`` (a path inside the report folder)."""
+    if name is None:
         return "<td>-</td>"
-    src = html.escape(os.path.relpath(os.path.abspath(path), os.path.abspath(out_dir)))
+    src = html.escape(name)
     return "<td><a href=\"%s\"><img class=\"thumb\" src=\"%s\" alt=\"%s\"></a></td>" % (
-        src, src, html.escape(os.path.basename(path)))
+        src, src, html.escape(os.path.basename(name)))
 
 
-def _write_index(out_dir, run_dir, written, models=None, listing=None, states=None,
-                 state_table=None):
+def _write_index(index_path, run_dir, written, models=None, model_rows=None, states=None,
+                 state_table=None, copies=None):
     esc = html.escape
     parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">",
              "<title>nmaem report: %s</title>" % esc(run_dir),
@@ -227,34 +254,36 @@ def _write_index(out_dir, run_dir, written, models=None, listing=None, states=No
     for name, caption in written:
         parts.append("<figure><img src=\"%s\" alt=\"%s\"><figcaption>%s</figcaption></figure>"
                      % (esc(name), esc(name), esc(caption)))
-    if listing is not None:
+    copies = copies or {}
+    if model_rows is not None:
         parts.append("<h2>Models</h2><p>Geometry of the models in <code>%s</code> (refined "
-                     "by nmaem export; docs/analysis.md), against the reference's own bonds "
-                     "and angles:</p>" % esc(os.path.abspath(str(models))))
+                     "by nmaem export; %s), against the reference's own bonds and angles:</p>"
+                     % (esc(os.path.abspath(str(models))), ANALYSIS_DOC))
         head = "".join("<th>%s</th>" % esc(t) for _, t, _ in VALIDATION_COLUMNS)
         parts.append("<table border=\"1\" cellpadding=\"4\"><tr><th>model</th>"
                      "<th>particles</th>%s<th>projections (z, y, x)</th></tr>" % head)
-        for name, n, cells, thumb in validation_rows(listing, models):
+        for name, n, cells, thumb in model_rows:
             parts.append("<tr><td>%s</td><td>%s</td>%s%s</tr>" % (
                 esc(name), "-" if n is None else n,
-                "".join("<td>%s</td>" % esc(c) for c in cells), _thumbnail_cell(out_dir, thumb)))
+                "".join("<td>%s</td>" % esc(c) for c in cells),
+                _thumbnail_cell(copies.get(thumb))))
         parts.append("</table>")
     if state_table is not None:
         slisting, srows = state_table
         parts.append("<h2>States</h2><p>%d states (%s) of %s particles, %s assigned, in "
-                     "<code>%s</code> (nmaem states; docs/analysis.md):</p>" % (
+                     "<code>%s</code> (nmaem states; %s):</p>" % (
                          len(srows), esc(str(slisting.get("method"))),
                          format(int(slisting.get("n_particles") or 0), ","),
                          format(int(slisting.get("n_assigned") or 0), ","),
-                         esc(os.path.abspath(str(states)))))
+                         esc(os.path.abspath(str(states))), ANALYSIS_DOC))
         parts.append("<table border=\"1\" cellpadding=\"4\"><tr><th>state</th>"
                      "<th>particles</th><th>share</th><th>model RMSD to reference (A)</th>"
                      "<th>particles file</th><th>model projections (z, y, x)</th></tr>")
         for row in srows:
             parts.append("<tr>%s%s</tr>" % ("".join("<td>%s</td>" % esc(str(c))
                                                     for c in row[:-1]),
-                                            _thumbnail_cell(out_dir, row[-1])))
+                                            _thumbnail_cell(copies.get(row[-1]))))
         parts.append("</table>")
     parts.append("</body></html>")
-    with atomic_open(os.path.join(out_dir, "index.html"), "w") as fh:
+    with atomic_open(index_path, "w") as fh:
         fh.write("\n".join(parts) + "\n")

@@ -24,14 +24,15 @@ Outputs (DESIGN.md contract): ``particles.star`` (RELION 3.1), ``stacks/*.mrcs``
 every atom unless ``consensus_poses``) and the generation parameters),
 ``frames.pdb`` (the frames, one model each, in the dataset's frame) and
 ``reference.pdb`` (the reference model, frame 0's atoms at the reference coordinates,
-in the same frame: the X0 to train with).
+in the same frame: the X0 to train with). ``DATASET_FILES`` and the stacks are listed in
+``.nmaem-simulate.json`` (the output policy, ``io.outputs``).
 """
 import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -46,6 +47,7 @@ from ..base.choices import DISTRIBUTIONS
 from ..base.errors import NmaemError, fail
 from .nuisances import (Nuisances, coloured_noise, consensus_errors, random_rotation_errors,
                         relion_normalise, rigid_core, stream)
+from ..io.outputs import OVERWRITE_HINT, command_outputs
 from ..io.table import ParticleTable
 from ..io.stacks import write_stack
 from ..io.star import write_star
@@ -54,8 +56,10 @@ from ..io.provenance import dumps, particle_fingerprint
 from ..physics.structure import (AtomicModel, kabsch, match_atoms, read_model, read_trajectory,
                                  superpose, write_models)
 
+DATASET_FILES = ("particles.star", "ground_truth.npz", "frames.pdb", "reference.pdb")
 __all__ = ["DISTRIBUTIONS", "SimulationSettings", "frame_probabilities", "sample_frames",
-           "uniform_rotations", "lognormal_defocus", "morph_frames", "simulate", "load_frames"]
+           "uniform_rotations", "lognormal_defocus", "morph_frames", "simulate", "load_frames",
+           "DATASET_FILES"]
 
 
 # ----------------------------------------------------------------------------- settings
@@ -101,8 +105,18 @@ class SimulationSettings:
                              % (self.distribution, ", ".join(DISTRIBUTIONS)))
         if self.box < 8 or self.box % 2:
             raise NmaemError("--box must be even and at least 8 (got %d)" % self.box)
-        if self.apix <= 0:
-            raise NmaemError("--apix must be positive (got %g)" % self.apix)
+        if not (math.isfinite(self.apix) and self.apix > 0):
+            raise NmaemError("--apix must be a positive number of Angstrom (got %s)"
+                             % self.apix)
+        for name, v, low, high in (("--voltage", self.voltage, 1.0, 3000.0),
+                                   ("--cs", self.cs, 0.0, 100.0),
+                                   ("--amp-contrast", self.amp_contrast, 0.0, 1.0),
+                                   ("--shift-std", self.shift_std, 0.0, math.inf)):
+            if not (math.isfinite(v) and low <= v <= high):
+                raise NmaemError("%s must be a number from %g to %g (got %s)"
+                                 % (name, low, high, v) if math.isfinite(high) else
+                                 "%s must be a finite number of at least %g (got %s)"
+                                 % (name, low, v))
         if self.snr_db is not None and not math.isfinite(self.snr_db):
             raise NmaemError("--snr-db must be a finite number of decibels (got %s); "
                              "--no-noise gives noise-free images" % self.snr_db)
@@ -179,7 +193,7 @@ def uniform_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _check_defocus(mean_um, std_um):
-    if mean_um <= 0 or std_um < 0:
+    if not (math.isfinite(mean_um) and math.isfinite(std_um)) or mean_um <= 0 or std_um < 0:
         raise NmaemError("defocus mean must be > 0 and std >= 0 (got %g, %g um)"
                          % (mean_um, std_um))
 
@@ -236,20 +250,12 @@ def _particle_table(n, stack_paths, stack_index, euler, origin, defocus_u, defoc
         extra=pd.DataFrame(index=range(n)))
 
 
-def _prepare_outdir(out_dir, overwrite):
-    star = os.path.join(out_dir, "particles.star")
-    if os.path.exists(star) and not overwrite:
-        fail(out_dir, "already holds a dataset (particles.star); choose another -o or "
-                      "pass --overwrite")
-    os.makedirs(os.path.join(out_dir, "stacks"), exist_ok=True)
-
-
 def simulate(out_dir: str, model: AtomicModel, frames: np.ndarray,
              settings: SimulationSettings = SimulationSettings(), *,
              like: Optional[ParticleTable] = None,
              reference_model: Optional[AtomicModel] = None, chunk: int = 256,
              batch: int = 32, device: Optional[str] = None, overwrite: bool = False,
-             log: Callable[[str], Any] = print) -> dict:
+             inputs: Sequence[Optional[str]] = (), log: Callable[[str], Any] = print) -> dict:
     """Write a synthetic dataset to ``out_dir``; returns a dict summary.
 
     ``model`` (AtomicModel) names the atoms of ``frames`` (F, M, 3), coordinates in the
@@ -264,7 +270,10 @@ def simulate(out_dir: str, model: AtomicModel, frames: np.ndarray,
     first frame's model, superposed on it over the shared atoms (a different structure of
     the same molecule handed to the method as its reference). ``chunk`` images go to each
     MRC stack (the unit of memory use), ``batch`` are rendered at once on ``device``
-    (default: cuda when present); ``overwrite`` replaces a dataset in ``out_dir``.
+    (default: cuda when present). The files are written through the output policy
+    (``io.outputs.command_outputs``): ``overwrite`` replaces an earlier dataset of nmaem in
+    ``out_dir`` (only the files its manifest lists), ``inputs`` are files it must not
+    replace; an interrupted run leaves nothing (or, killed, is rolled back by the next).
     """
     t_start = time.perf_counter()
     frames = np.asarray(frames, dtype=np.float64)
@@ -355,100 +364,102 @@ def simulate(out_dir: str, model: AtomicModel, frames: np.ndarray,
             else np.zeros(n))
     render_ctf = ctf.replace(bfactor=np.asarray(ctf.bfactor, float) + nz.bfactor)
 
-    _prepare_outdir(out_dir, overwrite)
-    renderer = Renderer(model.elements, box, apix, centre=centre, device=device)
-    frames_t = torch.as_tensor(frames, dtype=torch.float32, device=device)
-
-    def render(idx):
-        out = torch.empty(len(idx), box, box, dtype=torch.float32, device=device)
-        for s in range(0, len(idx), batch):
-            j = idx[s:s + batch]
-
-            def t(x):
-                return torch.as_tensor(np.asarray(x)[j], dtype=torch.float32, device=device)
-            c = renderer.ctf(render_ctf[j].to(device, torch.float32))
-            with torch.no_grad():
-                out[s:s + len(j)] = renderer.render(
-                    frames_t[torch.as_tensor(frame[j], device=device)], t(A), t(shift), c)
-        return out
-
     n_chunks = (n + chunk - 1) // chunk
-    stack_paths = np.empty(n, dtype=object)
-    stack_index = np.empty(n, dtype=np.int64)
-    sigma = 0.0
-    var_clean, var_noise = [], []
-    progress = Progress(n, "simulate", unit="images")
-    for c in range(n_chunks):
-        idx = np.arange(c * chunk, min(n, (c + 1) * chunk))
-        images = render(idx)
-        var_clean.append(images.reshape(len(idx), -1).var(1, unbiased=False).cpu())
-        if c == 0 and snr_db is not None:
-            # one noise level for the dataset, set by the first chunk's clean images
-            sigma = noise_sigma(images, snr_db)
-        if nz.contrast_sd > 0:
-            images.mul_(torch.as_tensor(contrast[idx], dtype=images.dtype,
-                                        device=device)[:, None, None])
-        if snr_db is not None:
-            gen = torch.Generator(device=device).manual_seed(int(seed) * 1000003 + c)
-            noise = coloured_noise(images.shape, sigma, nz.noise_falloff, generator=gen,
-                                   device=device)
-            var_noise.append(noise.reshape(len(idx), -1).var(1, unbiased=False).cpu())
-            images.add_(noise)           # in place: one chunk of images in memory
-            del noise
-        if nz.offset_sd > 0:
-            images.add_(torch.as_tensor(grey[idx] * (sigma if sigma > 0 else 1.0),
-                                        dtype=images.dtype, device=device)[:, None, None])
-        if nz.normalise:
-            relion_normalise(images, nz.bg_radius)
-        name = os.path.join(out_dir, "stacks", "particles_%05d.mrcs" % c)
-        write_stack(name, images.cpu().numpy(), apix)
-        stack_paths[idx] = os.path.abspath(name)
-        stack_index[idx] = np.arange(len(idx))
-        del images
-        release_memory()
-        progress.update(len(idx))
+    stack_names = ["stacks/particles_%05d.mrcs" % c for c in range(n_chunks)]
+    with command_outputs(out_dir, "simulate", products=list(DATASET_FILES) + stack_names,
+                         inputs=inputs, force=overwrite, hint=OVERWRITE_HINT) as out:
+        renderer = Renderer(model.elements, box, apix, centre=centre, device=device)
+        frames_t = torch.as_tensor(frames, dtype=torch.float32, device=device)
 
-    origin = (np.zeros((n, 2)) if st.unknown_shifts else origin_true) + origin_err
-    if like is not None:
-        table = like.subset(np.arange(n))
-        table.stack_paths = stack_paths.astype(str)
-        table.stack_index = stack_index
-        table.image_names = None
-        table.path = os.path.join(out_dir, "particles.star")
-        if st.unknown_shifts or nz.origin_error_sd > 0:
-            table.origin = origin
-        table.euler = euler_file
-        table.defocus_u, table.defocus_v = dfu_file, dfv_file
-    else:
-        table = _particle_table(n, stack_paths.astype(str), stack_index, euler_file, origin,
-                                dfu_file, dfv_file, ctf.defocus_angle,
-                                st.voltage, st.cs, st.amp_contrast, apix, box,
-                                os.path.join(out_dir, "particles.star"))
-    vc = torch.cat(var_clean).double()
-    measured_snr = (10 * np.log10(vc.mean().item() / torch.cat(var_noise).double().mean().item())
-                    if var_noise else None)
-    params = dict(n=n, frames=F, distribution=st.distribution, box=box, apix=apix,
-                  snr_db=snr_db, measured_snr_db=measured_snr, noise_sigma=sigma,
-                  defocus_mean_um=st.defocus_mean, defocus_std_um=st.defocus_std,
-                  shift_std=st.shift_std, voltage=st.voltage, cs=st.cs,
-                  amp_contrast=st.amp_contrast, seed=seed,
-                  like=None if like is None else like.path,
-                  centre=centre.tolist(), offset=offset.tolist(),
-                  unknown_shifts=bool(st.unknown_shifts), nuisances=nz.as_dict(),
-                  reference_model=(None if reference_model is None
-                                   else reference_model.source))
-    atomic_savez(os.path.join(out_dir, "ground_truth.npz"), frame=frame.astype(np.int64),
-                 shift=shift.astype(np.float32), euler=euler, defocus_u=np.asarray(ctf.defocus_u, float),
-                 euler_file=np.asarray(euler_file, float),
-                 origin_file=np.asarray(origin, float),
-                 defocus_u_file=dfu_file, defocus_v_file=dfv_file,
-                 contrast=contrast.astype(np.float64), offset=grey * sigma,
-                 rigid_core=(np.ones(model.n_atoms, bool) if core is None else core),
-                 params=np.array(json.dumps(params)),
-                 particles_fingerprint=dumps(particle_fingerprint(table)))
-    write_models(os.path.join(out_dir, "frames.pdb"), model, list(frames))
-    write_models(os.path.join(out_dir, "reference.pdb"), ref_model, [reference])
-    write_star(os.path.join(out_dir, "particles.star"), table)   # last: marks completion
+        def render(idx):
+            imgs = torch.empty(len(idx), box, box, dtype=torch.float32, device=device)
+            for s in range(0, len(idx), batch):
+                j = idx[s:s + batch]
+
+                def t(x):
+                    return torch.as_tensor(np.asarray(x)[j], dtype=torch.float32, device=device)
+                c = renderer.ctf(render_ctf[j].to(device, torch.float32))
+                with torch.no_grad():
+                    imgs[s:s + len(j)] = renderer.render(
+                        frames_t[torch.as_tensor(frame[j], device=device)], t(A), t(shift), c)
+            return imgs
+
+        stack_paths = np.empty(n, dtype=object)
+        stack_index = np.empty(n, dtype=np.int64)
+        sigma = 0.0
+        var_clean, var_noise = [], []
+        progress = Progress(n, "simulate", unit="images")
+        for c in range(n_chunks):
+            idx = np.arange(c * chunk, min(n, (c + 1) * chunk))
+            images = render(idx)
+            var_clean.append(images.reshape(len(idx), -1).var(1, unbiased=False).cpu())
+            if c == 0 and snr_db is not None:
+                # one noise level for the dataset, set by the first chunk's clean images
+                sigma = noise_sigma(images, snr_db)
+            if nz.contrast_sd > 0:
+                images.mul_(torch.as_tensor(contrast[idx], dtype=images.dtype,
+                                            device=device)[:, None, None])
+            if snr_db is not None:
+                gen = torch.Generator(device=device).manual_seed(int(seed) * 1000003 + c)
+                noise = coloured_noise(images.shape, sigma, nz.noise_falloff, generator=gen,
+                                       device=device)
+                var_noise.append(noise.reshape(len(idx), -1).var(1, unbiased=False).cpu())
+                images.add_(noise)           # in place: one chunk of images in memory
+                del noise
+            if nz.offset_sd > 0:
+                images.add_(torch.as_tensor(grey[idx] * (sigma if sigma > 0 else 1.0),
+                                            dtype=images.dtype, device=device)[:, None, None])
+            if nz.normalise:
+                relion_normalise(images, nz.bg_radius)
+            name = out.path(stack_names[c])
+            write_stack(name, images.cpu().numpy(), apix)
+            stack_paths[idx] = os.path.abspath(name)
+            stack_index[idx] = np.arange(len(idx))
+            del images
+            release_memory()
+            progress.update(len(idx))
+
+        origin = (np.zeros((n, 2)) if st.unknown_shifts else origin_true) + origin_err
+        if like is not None:
+            table = like.subset(np.arange(n))
+            table.stack_paths = stack_paths.astype(str)
+            table.stack_index = stack_index
+            table.image_names = None
+            table.path = os.path.join(out_dir, "particles.star")
+            if st.unknown_shifts or nz.origin_error_sd > 0:
+                table.origin = origin
+            table.euler = euler_file
+            table.defocus_u, table.defocus_v = dfu_file, dfv_file
+        else:
+            table = _particle_table(n, stack_paths.astype(str), stack_index, euler_file, origin,
+                                    dfu_file, dfv_file, ctf.defocus_angle,
+                                    st.voltage, st.cs, st.amp_contrast, apix, box,
+                                    os.path.join(out_dir, "particles.star"))
+        vc = torch.cat(var_clean).double()
+        measured_snr = (10 * np.log10(vc.mean().item() / torch.cat(var_noise).double().mean().item())
+                        if var_noise else None)
+        params = dict(n=n, frames=F, distribution=st.distribution, box=box, apix=apix,
+                      snr_db=snr_db, measured_snr_db=measured_snr, noise_sigma=sigma,
+                      defocus_mean_um=st.defocus_mean, defocus_std_um=st.defocus_std,
+                      shift_std=st.shift_std, voltage=st.voltage, cs=st.cs,
+                      amp_contrast=st.amp_contrast, seed=seed,
+                      like=None if like is None else like.path,
+                      centre=centre.tolist(), offset=offset.tolist(),
+                      unknown_shifts=bool(st.unknown_shifts), nuisances=nz.as_dict(),
+                      reference_model=(None if reference_model is None
+                                       else reference_model.source))
+        atomic_savez(out.path("ground_truth.npz"), frame=frame.astype(np.int64),
+                     shift=shift.astype(np.float32), euler=euler, defocus_u=np.asarray(ctf.defocus_u, float),
+                     euler_file=np.asarray(euler_file, float),
+                     origin_file=np.asarray(origin, float),
+                     defocus_u_file=dfu_file, defocus_v_file=dfv_file,
+                     contrast=contrast.astype(np.float64), offset=grey * sigma,
+                     rigid_core=(np.ones(model.n_atoms, bool) if core is None else core),
+                     params=np.array(json.dumps(params)),
+                     particles_fingerprint=dumps(particle_fingerprint(table)))
+        write_models(out.path("frames.pdb"), model, list(frames))
+        write_models(out.path("reference.pdb"), ref_model, [reference])
+        write_star(out.path("particles.star"), table)   # last: marks completion
     params["seconds"] = time.perf_counter() - t_start
     log("simulate: %d particles of %d px at %.3f A/px from %d frame(s) -> %s (%.1f s%s)"
         % (n, box, apix, F, out_dir, params["seconds"],

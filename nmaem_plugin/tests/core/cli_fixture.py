@@ -44,3 +44,30 @@ def tiny_chain(tmp, train_args):
                ("infer", "--particles", F["star"], "--model", F["run"], "-o", F["latent"],
                 "--device", "cpu")])
     return F
+
+
+def run_main(*args, env=None):
+    """``nmaem ARGS`` in this process (``cli.main.main``): (exit status, stdout, stderr).
+    ``env``: environment variables set for the call (``NMAEM_FAULT``...). An exception
+    that main lets through (a traceback for the user) propagates to the test."""
+    import contextlib
+    import io
+    from nmaem_plugin.core.cli.main import main
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main([str(a) for a in args])
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return rc, out.getvalue(), err.getvalue()
+
+
+def error_line(err):
+    """The ``nmaem: error:`` lines of a stderr text."""
+    return [ln for ln in err.splitlines() if ln.startswith("nmaem: error: ")]

@@ -376,7 +376,8 @@ class TestExport(TmpCase):
         rc, _, err = run_cli("export", "--no-refine", "--no-thumbnails", "--model", run, "-o",
                              out, "--z", "1,2,3,4")
         self.assertEqual(rc, 0, err)
-        self.assertEqual(sorted(os.listdir(out)), ["models.csv", "models.json", "z_01.pdb"])
+        self.assertEqual(sorted(f for f in os.listdir(out) if not f.startswith(".nmaem-")),
+                         ["models.csv", "models.json", "z_01.pdb"])
         z = np.concatenate([np.full((4, D), -15.0), np.full((3, D), 15.0)])
         z += np.random.default_rng(0).normal(0, 0.5, z.shape)
         lat = save_latent(os.path.join(self.tmp, "latent.npz"), z, np.arange(len(z)))
@@ -398,8 +399,13 @@ class TestExport(TmpCase):
         self.assertEqual(rc, 0, err)
         with open(os.path.join(rep, "index.html")) as fh:
             page = fh.read()
-        self.assertIn('<img class="thumb" src="../states/state_01.png"', page)
-        self.assertIn('<img class="thumb" src="../states/state_02.png"', page)
+        # copied into the report: its links stay inside its folder
+        self.assertIn('<img class="thumb" src="states/state_01.png"', page)
+        self.assertIn('<img class="thumb" src="states/state_02.png"', page)
+        for k in (1, 2):
+            with open(os.path.join(rep, "states", "state_%02d.png" % k), "rb") as fa, \
+                    open(os.path.join(states, "state_%02d.png" % k), "rb") as fb:
+                self.assertEqual(fa.read(), fb.read())
         self.assertIn("<td>-</td></tr>", page)      # the model without a thumbnail
 
     def test_overwrite(self):

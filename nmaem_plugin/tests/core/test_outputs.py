@@ -101,7 +101,7 @@ class TestModes(OutputCase):
         shutil.copyfile(F["ref"], mine)
         self.refused(["modes", F["ref"], "--n-modes", "2", "--device", "cpu",
                       "-o", self.path("new.npz"), "--export", exp], mine,
-                     ["already exists"], keep=[mine])
+                     ["is in the way"], keep=[mine])
         self.assertFalse(os.path.exists(self.path("new.npz")))
 
 
@@ -109,7 +109,8 @@ class TestSimulate(OutputCase):
     def test_existing_dataset(self):
         self.refused(["simulate", "--ref", OPEN, "--frames", "2", "--n", "2", "--box", "32",
                       "--apix", "3", "--no-noise", "--device", "cpu", "-o", F["sim"]],
-                     os.path.join(F["sim"], "particles.star"), ["already exists", "--force"])
+                     F["sim"], ["already holds the output of an earlier nmaem simulate",
+                                "--force"])
 
     def test_snr_db_nan(self):
         out = self.path("nan")
@@ -229,8 +230,9 @@ class TestExportEvaluateReport(OutputCase):
         p = nmaem(*self.export(out))
         self.assertEqual(p.returncode, 0, p.stderr)
         mine = os.path.join(out, "models.json")
-        self.refused(self.export(out), os.path.join(out, "pc1_01.pdb"),
-                     ["already exists", "--force"], keep=[mine])
+        self.refused(self.export(out), out,
+                     ["already holds the output of an earlier nmaem export", "--force"],
+                     keep=[mine])
         self.assertEqual(nmaem(*self.export(out, "--force")).returncode, 0)
         self.assertEqual(nmaem(*self.export(out, "--overwrite")).returncode, 0)
 
@@ -259,7 +261,9 @@ class TestExportEvaluateReport(OutputCase):
         mine = os.path.join(out, "index.html")
         with open(mine, "w") as fh:
             fh.write("<html>mine</html>")
-        self.refused(["report", F["run"], "-o", out], mine, ["already exists"], keep=[mine])
+        for force in ([], ["--force"]):      # not ours: refused even with --force
+            self.refused(["report", F["run"], "-o", out] + force, mine, ["is in the way"],
+                         keep=[mine])
 
     def test_report_into_the_run(self):
         self.refused(["report", F["run"], "-o", F["run"]], F["run"],

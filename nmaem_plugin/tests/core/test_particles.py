@@ -668,7 +668,7 @@ class TestBadStar(TmpDirCase):
     def test_missing_file_and_bad_extension(self):
         with self.assertRaises(NmaemError) as cm:
             read_particles(os.path.join(self.tmp, "none.star"))
-        self.assertOneLineError(cm, "none.star", "no such file")
+        self.assertOneLineError(cm, "none.star", "no such particle file")
         p = self._write("x.txt", "data_\n")
         with self.assertRaises(NmaemError) as cm:
             read_particles(p)

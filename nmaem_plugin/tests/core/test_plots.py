@@ -210,6 +210,32 @@ class TestConvergence(unittest.TestCase):
         self.assertAlmostEqual(c.change, -0.5, places=12)
         self.assertIn("no validation particles", c.note)
 
+    def test_validation_stall_warned(self):
+        """The validation loss flat from epoch 3 while the training loss falls: one
+        warning, in the note of the figure (and the training's log, train.py); by hand:
+        the floor 2.0 is first reached at epoch 3, the training loss falls from 2.0 there
+        to 1.4, 30 %."""
+        from nmaem_plugin.core.learn.convergence import validation_stall
+        val = [5.0, 3.0, 2.0, 2.01, 2.0, 2.005, 2.0]
+        train = [5.0, 3.0, 2.0, 1.8, 1.6, 1.5, 1.4]
+        w = validation_stall(self._rows(val, train=train))
+        self.assertIsNotNone(w)
+        self.assertIn("has not fallen since epoch 3", w)
+        self.assertIn("fell by 30 %", w)
+        self.assertIn(w, convergence(self._rows(val, train=train)).note)
+        fig = training_curves(self._rows(val, train=train))
+        self.assertIn("overfitting", fig.axes[0].get_title())
+        # rising after its floor: warned too
+        self.assertIsNotNone(validation_stall(self._rows(
+            [5.0, 3.0, 2.0, 2.2, 2.4, 2.6], train=[5.0, 3.0, 2.0, 1.8, 1.6, 1.4])))
+        # both falling; the training loss flat too; a stall shorter than 3 epochs
+        for v, t in (([5, 4, 3, 2.5, 2.2, 2.0], [5, 4, 3, 2.5, 2.2, 2.0]),
+                     ([5, 3, 2, 2, 2, 2], [5, 3, 2, 1.99, 1.98, 1.98]),
+                     ([5, 3, 2, 2, 2], [5, 3, 2, 1.5, 1.0])):
+            self.assertIsNone(validation_stall(self._rows([float(x) for x in v],
+                                                          train=[float(x) for x in t])),
+                              (v, t))
+
     def test_curves_title_and_note(self):
         rows = self._rows([10.0, 8.0, 6.0, 5.0, 5.0, 5.0, 4.98, 4.97, 4.96])
         fig = training_curves(rows, title="train AK")

@@ -24,7 +24,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import unittest
 from unittest import mock
@@ -61,6 +60,18 @@ def _cli(*argv):
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         rc = main([str(a) for a in argv])
     return rc, err.getvalue(), out.getvalue()
+
+
+def _one_error_line(case, err):
+    """The one ``nmaem: error:`` line of ``err`` (no traceback); the test latents carry no
+    fingerprints, so warnings that their particles and run cannot be checked may come
+    before it."""
+    case.assertNotIn("Traceback", err)
+    lines = [ln for ln in err.strip().splitlines()
+             if not ln.startswith("nmaem: warning: ")]
+    case.assertEqual(len(lines), 1, err)
+    case.assertTrue(lines[0].startswith("nmaem: error: "), err)
+    return lines[0]
 
 
 class _Tmp(unittest.TestCase):
@@ -406,10 +417,19 @@ class TestStateMaps(_Tmp):
             with mock.patch.dict(os.environ, env or {}):
                 rc, err, _ = _cli(*(base + ["-o", out] + list(argv)))
             self.assertEqual(rc, 2, err)
-            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            _one_error_line(self, err)
             self.assertFalse(os.path.exists(os.path.join(out, "states.json")))
             self.assertFalse(os.path.exists(os.path.join(out, "state_01")))
             return err
+        # a latent made by another run (its model fingerprint: another basis), with
+        # --no-thumbnails: refused before RELION runs
+        from nmaem_plugin.core.io.provenance import model_fingerprint
+        other = os.path.join(self.tmp, "other.npz")
+        write_latent(other, np.load(latent)["z"], model=model_fingerprint(OPEN, None, 1))
+        base[2] = other
+        err = refused(os.path.join(self.tmp, "o0"), "--kmeans", 2)
+        self.assertIn("was made by another run than %s" % run, err)
+        base[2] = latent
         # RELION missing: how to install it, nothing written
         empty = os.path.join(self.tmp, "empty")
         os.makedirs(empty)
@@ -461,7 +481,61 @@ class TestStateMaps(_Tmp):
         err = refused(out, "--kmeans", 2)
         self.assertIn("relion_reconstruct failed", err)
         self.assertIn("ERROR", err)
-        self.assertFalse([f for f in os.listdir(out) if f.startswith((".nmaem-tmp", "state"))])
+        # all or nothing (io/outputs.py): the maps of the states done before, gone with the
+        # new folder
+        self.assertFalse(os.path.exists(out))
+
+    def test_state_folders_follow_the_output_policy(self):
+        """The state folders are the output's files like any other (docs/reliability.md):
+        the manifest lists every file written into them (RELION's maps included), a file of
+        the user's in the way is refused before RELION runs, and --force onto a run with
+        more states removes exactly the earlier run's files (a file of the user's beside
+        them stays)."""
+        from nmaem_plugin.core.io.outputs import manifest_path, read_manifest
+        latent, _ = self._two_states()
+        star = os.path.join(self.tmp, "sim", "particles.star")
+        base = ["states", "--latent", latent, "--particles", star, "--model",
+                os.path.join(self.tmp, "run"), "--reconstruct", "--no-refine",
+                "--no-thumbnails"]
+        out = os.path.join(self.tmp, "states")
+        rc, err, _ = _cli(*(base + ["--kmeans", 2, "-o", out]))
+        self.assertEqual(rc, 0, err)
+
+        def on_disk():
+            found = set()
+            for root, _, files in os.walk(out):
+                for f in files:
+                    rel = os.path.relpath(os.path.join(root, f), out).replace(os.sep, "/")
+                    if not f.startswith(".nmaem-"):
+                        found.add(rel)
+            return found
+        listed = read_manifest(manifest_path(out, "states"))["files"]
+        self.assertEqual(set(listed), on_disk())
+        self.assertTrue({"state_01/map.mrc", "state_02/half2.mrc"} <= set(listed))
+        # a file of the user's where a map would go: refused in one line, before RELION
+        user = os.path.join(self.tmp, "mine")
+        os.makedirs(os.path.join(user, "state_01"))
+        with open(os.path.join(user, "state_01", "map.mrc"), "w") as fh:
+            fh.write("my map")
+        rc, err, log = _cli(*(base + ["--kmeans", 2, "-o", user]))
+        self.assertEqual(rc, 2, err)
+        self.assertIn(os.path.join("state_01", "map.mrc"), _one_error_line(self, err))
+        self.assertNotIn("half-map resolution", log)
+        with open(os.path.join(user, "state_01", "map.mrc")) as fh:
+            self.assertEqual(fh.read(), "my map")
+        self.assertEqual(sorted(os.listdir(user)), ["state_01"])
+        # --force with one state: state_02/ goes, the user's note in state_01/ stays
+        with open(os.path.join(out, "state_01", "notes.txt"), "w") as fh:
+            fh.write("mine")
+        rc, err, _ = _cli(*(base + ["--kmeans", 1, "-o", out, "--force"]))
+        self.assertEqual(rc, 0, err)
+        self.assertFalse(os.path.exists(os.path.join(out, "state_02")))
+        self.assertFalse(os.path.exists(os.path.join(out, "state_02.star")))
+        listed = read_manifest(manifest_path(out, "states"))["files"]
+        self.assertEqual(set(listed) | {"state_01/notes.txt"}, on_disk())
+        with open(os.path.join(out, "states.json")) as fh:
+            self.assertEqual(json.load(fh)["states"][0]["n_particles"],
+                             len(np.load(latent)["z"]))
 
 
 if __name__ == "__main__":

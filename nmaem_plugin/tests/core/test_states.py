@@ -145,7 +145,8 @@ class TestStatesCommand(unittest.TestCase):
         # an existing output is refused, and the refusal is one line naming it
         rc, err = self._cli("states", "--latent", latent, "--kmeans", 2, "-o", out)
         self.assertEqual(rc, 2)
-        self.assertRegex(err, r"^nmaem: error: .*states.* already exists")
+        self.assertRegex(err, r"^nmaem: error: .*states: already holds the output of an "
+                              r"earlier nmaem states .*--force")
         self.assertEqual(len(err.strip().splitlines()), 1)
         rc, err = self._cli("states", "--latent", latent, "-o", out + "2")
         self.assertEqual(rc, 2)

@@ -50,7 +50,7 @@ class NmaemTrainedChain(scipion_base.NmaemBaseTest):
         """A training protocol (not launched) on the chain's particles and modes."""
         from nmaem_plugin.protocols import NmaemProtTrain
         prot = cls.newProtocol(NmaemProtTrain, objLabel=label, numberOfEpochs=epochs,
-                               batchSize=32, encoder=1, useGpu=False, **kwargs)
+                               autoBatch=False, batchSize=32, encoder=1, useGpu=False, **kwargs)
         prot.inputParticles.set(cls.sim.outputParticles)
         prot.inputStructure.set(cls.sim.outputReference)
         prot.inputModes.set(cls.modes.outputModes)

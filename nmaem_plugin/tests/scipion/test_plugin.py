@@ -15,22 +15,58 @@ class TestPlugin(unittest.TestCase):
         self.assertIn("Nashed2022", module._bibtex)
         self.assertIn("Bakan2011", module._bibtex)
 
-    def test_validate_installation_names_a_missing_package(self):
-        import importlib
-        import nmaem_plugin
-        real = importlib.import_module
-
-        def fake(name, *a, **k):
-            if name == "pykeops":
-                raise ImportError("No module named 'pykeops'")
-            return real(name, *a, **k)
-        importlib.import_module = fake
+    def test_installation_check_reports_what_really_happened(self):
+        """A package that is missing and one whose import raises (as prody's does under
+        ``python -O`` with biopython 1.81): each named with the exception and where it was
+        raised, in a child process run as nmaem runs."""
+        import os
+        import tempfile
+        from nmaem_plugin import dependency_errors
+        tmp = tempfile.mkdtemp(prefix="nmaem-deps-")
+        os.makedirs(os.path.join(tmp, "brokenpkg"))
+        init = os.path.join(tmp, "brokenpkg", "__init__.py")
+        with open(init, "w") as fh:
+            fh.write("x = 1\nraise ValueError(\"could not convert string to float: 'A'\")\n")
+        old = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join([tmp] + ([old] if old else []))
         try:
-            errors = nmaem_plugin.Plugin.validateInstallation()
+            errors = dependency_errors(modules=("gemmi", "brokenpkg", "nosuchpkg_nmaem"))
         finally:
-            importlib.import_module = real
-        self.assertEqual(len(errors), 1)
-        self.assertIn("pykeops", errors[0])
+            if old is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = old
+        self.assertEqual(len(errors), 2, errors)
+        self.assertIn("'brokenpkg'", errors[0])
+        self.assertIn("ValueError: could not convert string to float: 'A' (at %s:2)" % init,
+                      errors[0])
+        self.assertIn("'nosuchpkg_nmaem'", errors[1])
+        self.assertIn("ModuleNotFoundError: No module named 'nosuchpkg_nmaem'", errors[1])
+
+    def test_installation_check_as_scipion_starts_the_gui(self):
+        """Scipion opens the project window with ``python -O``: there every nmaem protocol
+        must pass its installation check (Execute is refused otherwise), and be marked
+        installed in the protocol tree."""
+        code = ("import json, sys; from pwem import Domain; import nmaem_plugin; "
+                "assert sys.flags.optimize == 1; "
+                "prots = [c for n, c in Domain.getProtocols().items() "
+                "if n.startswith('NmaemProt') and c.getClassLabel(False)]; "
+                "print(json.dumps(dict(plugin=nmaem_plugin.Plugin.validateInstallation(), "
+                "errors={c.__name__: c.validateInstallation() for c in prots}, "
+                "names=sorted(c.__name__ for c in prots))))")
+        p = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True,
+                           timeout=600)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        import json
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+        self.assertEqual(res["plugin"], [])
+        self.assertEqual(res["errors"], {n: [] for n in res["errors"]})
+        # every protocol of the plugin (but the base class) is installed in the GUI
+        from nmaem_plugin import protocols
+        ours = sorted(n for n, c in vars(protocols).items()
+                      if isinstance(c, type) and n.startswith("NmaemProt")
+                      and n != "NmaemProtBase")
+        self.assertEqual(res["names"], ours)
 
     def test_command_line_does_not_import_scipion(self):
         """`nmaem` must work without Scipion and not pay for importing it."""

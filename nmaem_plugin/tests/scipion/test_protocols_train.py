@@ -113,9 +113,10 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         """A continued training, with the renderer's expert settings (which a resumed run
         may change) set: they reach nmaem train, its log and the run's config.json."""
         prot = self.newProtocol(NmaemProtTrain, objLabel="continue", doContinue=True,
-                                numberOfEpochs=EPOCHS + 1, batchSize=32, useGpu=False,
-                                memoryBudget=0.25, renderer=RENDER_ROUTES.index("gemm"),
-                                checkpointMinutes=30.0)
+                                numberOfEpochs=EPOCHS + 1, autoBatch=False, batchSize=32,
+                                useGpu=False, autoMemory=False, memoryBudget=0.25,
+                                renderer=RENDER_ROUTES.index("gemm"),
+                                checkpointInEpochs=True, checkpointMinutes=30.0)
         prot.continueNetwork.set(self.train.outputNetwork)
         self.assertEqual(prot.validate(), [])
         self._launch(prot)
@@ -171,16 +172,17 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         self.assertIn("no CTF", errors)
         bad.close()
         # box larger than the images, odd box
-        prot = self._newTrain("big box", 1, boxSize=BOX + 8)
+        prot = self._newTrain("big box", 1, cropImages=True, boxSize=BOX + 8)
         self.assertIn("larger than the particle images", " ".join(prot.validate()))
-        prot = self._newTrain("odd box", 1, boxSize=BOX - 3)
+        prot = self._newTrain("odd box", 1, cropImages=True, boxSize=BOX - 3)
         self.assertIn("must be even", " ".join(prot.validate()))
         # modes computed on another model (the original frame of the reference)
         prot = self._newTrain("other model", 1)
         prot.inputStructure.set(self.ref.outputPdb)
         errors = " ".join(prot.validate())
         self.assertIn("do not belong to the reference model", errors)
-        prot = self._newTrain("too many modes", 1, numberOfModes=N_MODES + 1)
+        prot = self._newTrain("too many modes", 1, useAllModes=False,
+                              numberOfModes=N_MODES + 1)
         self.assertIn("Number of modes", " ".join(prot.validate()))
 
     # ------------------------------------------------------------------ infer
@@ -470,6 +472,7 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         from pwem.viewers.plotter import EmPlotter
         from nmaem_plugin.viewers import NmaemStatesViewer
         viewer = NmaemStatesViewer(project=self.proj, protocol=self.states)
+        viewer.setProtocol(self.states)     # as Scipion does: the form's parameters made
         viewer.stateNumber.set(mapped[0]["state"])
         views = viewer._showMap()
         self.assertIsInstance(views[0], EmPlotter)
@@ -522,17 +525,104 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
                             "_queueParams"):
                     continue
                 self.assertTrue(param.help.get(), "%s.%s has no help" % (cls.__name__, name))
+                # an installed package has no docs/ folder: the help gives the address
+                self.assertIsNone(re.search(r"(?<!main/)docs/\w+\.md", param.help.get()),
+                                  "%s.%s" % (cls.__name__, name))
             self.assertTrue(list(cls._possibleOutputs))
             self.assertIn("Nashed2022", prot._citations())
-        from nmaem_plugin import protocols
-        conf = os.path.join(os.path.dirname(protocols.__file__), "..", "protocols.conf")
+        from nmaem_plugin import protocols as nmaem_protocols
+        conf = os.path.join(os.path.dirname(nmaem_protocols.__file__), "..", "protocols.conf")
         with open(conf) as fh:
             text = fh.read()
-        order = ["NmaemProtSimulate", "NmaemProtTrain", "NmaemProtInfer", "NmaemProtExport",
-                 "NmaemProtStates", "NmaemProtEvaluate"]
+        order = ["NmaemProtImportParticles", "NmaemProtSimulate", "NmaemProtTrain",
+                 "NmaemProtInfer", "NmaemProtExport", "NmaemProtStates", "NmaemProtEvaluate"]
         positions = [text.index(n) for n in order]
         self.assertEqual(positions, sorted(positions))
         self.assertEqual(text.count("NmaemProtTrain"), 2)
+        # each entry has its own short text: "default" shows Scipion's "nmaem_plugin - <label>",
+        # seven entries cut to the same "nmaem_plugin" in the tree's column
+        import configparser
+        from pwem import Domain
+        cp = configparser.ConfigParser()
+        cp.optionxform = str
+        cp.read(conf)
+        protocols = Domain.getProtocols()
+        # every protocol of the plugin (but the base class), once in each view
+        ours = sorted(n for n, c in vars(nmaem_protocols).items()
+                      if isinstance(c, type) and n.startswith("NmaemProt")
+                      and n != "NmaemProtBase")
+        for view in cp.options("PROTOCOLS"):
+            entries = []
+
+            def walk(items):
+                for item in items:
+                    if item.get("tag") == "protocol":
+                        entries.append(item)
+                    walk(item.get("children", []))
+            walk(json.loads(cp.get("PROTOCOLS", view)))
+            texts = [e["text"] for e in entries]
+            self.assertEqual(sorted(e["value"] for e in entries), ours, view)
+            self.assertEqual(len(set(texts)), len(texts), texts)
+            for e in entries:
+                self.assertIn(e["value"], protocols)
+                self.assertNotEqual(e["text"], "default")
+                self.assertLessEqual(len(e["text"]), 20, e["text"])
+                self.assertTrue(e["text"].startswith("nmaem "), e["text"])
+
+    def test_no_number_means_automatic(self):
+        """The training form's settings that have an automatic choice say so with a Yes/No
+        (their number is asked only when it is used), instead of -1 or 0 meaning "auto";
+        the command gets the number only then."""
+        toggles = {"numberOfModes": ("useAllModes", True, "--n-modes"),
+                   "boxSize": ("cropImages", False, "--box"),
+                   "batchSize": ("autoBatch", True, "--batch"),
+                   "encoderBox": ("autoEncoderBox", True, "--encoder-box"),
+                   "resolutionHigh": ("limitHighResolution", False, "--resolution-high"),
+                   "resolutionLow": ("limitLowResolution", False, "--resolution-low"),
+                   "maskRadius": ("useMask", False, "--mask-radius"),
+                   "memoryBudget": ("autoMemory", True, "--memory-budget"),
+                   "checkpointMinutes": ("checkpointInEpochs", False, "--checkpoint-minutes")}
+        prot = self.newProtocol(NmaemProtTrain)
+        for field, (toggle, auto, _) in toggles.items():
+            param = prot.getParam(field)
+            self.assertIn(toggle, param.condition.get(), field)
+            self.assertGreater(float(param.default.get()), 0, field)
+            self.assertIsNone(re.search(r"(^|[ (])(-1|0)[:)]| -1 | 0 \(", param.help.get()),
+                              "%s: %s" % (field, param.help.get()))
+            self.assertEqual(prot.getAttributeValue(toggle), auto, toggle)
+        self.assertEqual((prot._batch(), prot._nModes(), prot._box(), prot._encoderBox()),
+                         (None, None, None, None))
+        prot.autoBatch.set(False)
+        prot.batchSize.set(48)
+        prot.cropImages.set(True)
+        prot.boxSize.set(24)
+        self.assertEqual((prot._batch(), prot._box()), (48, 24))
+
+    def test_analyze_results_opens_the_right_viewer(self):
+        """"Analyze results" (the first viewer Scipion finds for the protocol, as
+        ``ProtocolsView._analyzeResults`` takes it): the training curves for a training;
+        for states the states' thumbnails with their counts, not a metadata table."""
+        import matplotlib.pyplot as plt
+        from pwem import Domain
+        from pyworkflow.viewer import DESKTOP_TKINTER
+        from nmaem_plugin.core.analysis.states import read_states
+        from nmaem_plugin.viewers.viewer_states import NmaemStatesViewer
+        from nmaem_plugin.viewers.viewer_training import NmaemTrainingViewer
+        self.assertIs(Domain.findViewers(self.train, DESKTOP_TKINTER)[0], NmaemTrainingViewer)
+        first = Domain.findViewers(self.states, DESKTOP_TKINTER)[0]
+        self.assertIs(first, NmaemStatesViewer)
+        views = first(project=self.proj, protocol=self.states)._visualize(self.states)
+        fig = views[0].getFigure()
+        _, _, _, count = read_states(self.states._getExtraPath("states", "states.npz"))
+        titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+        self.assertEqual(len(titles), N_STATES)
+        for k, (title, ax) in enumerate(zip(titles, [a for a in fig.axes if a.get_title()])):
+            self.assertTrue(title.startswith("state_%02d: %d particles (" % (k + 1, count[k])),
+                            title)
+            self.assertEqual(len(ax.get_images()), 1)          # the model's thumbnail
+            n_out = getattr(self.states, "outputParticlesState%02d" % (k + 1)).getSize()
+            self.assertEqual(n_out, count[k])
+        plt.close("all")
 
     # ------------------------------------------------------------------ evaluate
     def test_evaluate(self):

@@ -296,8 +296,8 @@ if BaseTest is not None:
     from pyworkflow.viewer import MessageView
 
     from nmaem_plugin.protocols import NmaemProtExport
-    from nmaem_plugin.viewers import (NmaemLatentViewer, NmaemModesViewer,
-                                      NmaemTrainingViewer)
+    from nmaem_plugin.viewers import NmaemLatentViewer, NmaemModesViewer
+    from nmaem_plugin.viewers.viewer_training import NmaemTrainingViewer
     from nmaem_plugin.viewers.viewer_latent import POINT_CLUSTER, POINT_PC1, POINT_Z
 
     from nmaem_plugin.tests.scipion import chain, scipion_base

@@ -1,22 +1,19 @@
 """Amortised inference: z and shift of every particle from a trained run.
 
-``latent.npz``: ``z`` (N, d) float32 normal-mode amplitudes in Angstrom (X(z) = X0 + U z);
-``shift`` (N, 2) float32 in Angstrom, (x, y): the predicted residual displacement of the
-particle centre relative to the position that the file's origin implies (the particle
-centre is at image centre - origin + shift, so the refined RELION origin is
-``origin - shift``); ``index`` (N,) int64, the 0-based row of each particle in the input
-file; runs trained with ``--refine-pose`` add ``pose_correction`` (N, 3) radians and the
-refined angles ``euler`` (N, 3) degrees (``latent.py``). The images are preprocessed
-exactly as in training (Fourier cropping to the run's box, per-image normalisation inside
-the encoder); the encoder runs in eval mode, in float32.
+``latent.npz`` (``io/latent.py``): ``z`` (N, d) amplitudes in Angstrom (X(z) = X0 + U z);
+``shift`` (N, 2) Angstrom (x, y), the residual displacement of the particle centre (the
+refined RELION origin is ``origin - shift``); ``index`` (N,) the particles' rows in the
+input file; ``pose_correction`` and ``euler`` after ``--refine-pose`` or ``--fit-pose``.
+The images are preprocessed as in training; the encoder runs in eval mode, in float32.
 
 Then, for runs trained with the whitened likelihood (the default) and particles with poses
-and CTFs, each particle's z and shift are fitted to its own image (``--fit-iterations``,
-default ``choices.FIT_ITERATIONS_DEFAULT``; ``particle_fit.py``): the encoder's output is
-the starting point, and the latent holds the fitted values. The fit renders with the
-images' envelope, a B-factor estimated on a calibration set (``--fit-bfactor``); with
-``--fit-pose`` it also refines each particle's rotation, under a prior whose spread the
-same calibration set measures, and the latent gets ``pose_correction`` and ``euler``.
+and CTFs, each particle's z and shift are fitted to its own image (``--fit-iterations``),
+starting from the encoder's output, with the images' envelope (``--fit-bfactor``): under a
+population estimated from the particles by deconvolution (``--population em``, the
+default, ``deconvolve.py``; the latent gets ``z_cov``, the population and the shrinkage
+check) or under the encoder's own spread (``--population encoder``, ``particle_fit.py``).
+``--fit-pose`` also refines each particle's rotation, under a prior whose spread a
+calibration set measures.
 """
 
 import math

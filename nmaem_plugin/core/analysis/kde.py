@@ -4,7 +4,7 @@ keep a maximum (``peak_indices``: height, prominence, significance) and ``densit
 with its basins. The deconvolved landscape's maxima (``maxima.py``) keep theirs by the same
 ``peak_indices``. Definitions and defaults: ``docs/analysis.md``.
 """
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -12,7 +12,7 @@ from ..base.errors import NmaemError
 from .landscape import DEFAULTS
 
 __all__ = ["Maxima", "kde_bandwidth", "isj_bandwidth", "silverman_bandwidth", "density_maxima",
-           "peak_indices"]
+           "refined_peaks", "peak_indices"]
 
 
 def silverman_bandwidth(x: np.ndarray) -> float:
@@ -149,6 +149,22 @@ def peak_indices(f: np.ndarray, se: Callable[[int, int], float],
     return np.array(keep, dtype=np.int64)
 
 
+def refined_peaks(grid: np.ndarray, f: np.ndarray,
+                  keep: np.ndarray) -> Tuple[np.ndarray, List[float]]:
+    """(positions, densities) of the maxima ``keep`` (grid indices, inside the grid) of a
+    density ``f`` on the even ``grid``, each refined by the parabola through it and its
+    two neighbours."""
+    dx = grid[1] - grid[0]
+    positions, densities = [], []
+    for p in keep:
+        a, b, c = f[p - 1], f[p], f[p + 1]
+        den = a - 2 * b + c
+        off = 0.5 * (a - c) / den if den < 0 else 0.0
+        positions.append(grid[p] + off * dx)
+        densities.append(b - 0.25 * (a - c) * off)
+    return np.array(positions), densities
+
+
 def density_maxima(x: np.ndarray, bandwidth: Optional[float] = None,
                    min_height: float = DEFAULTS["min_height"],
                    min_prominence: float = DEFAULTS["min_prominence"],
@@ -190,15 +206,7 @@ def density_maxima(x: np.ndarray, bandwidth: Optional[float] = None,
         return float(np.sqrt((f[p] + f[dip]) / (2 * np.sqrt(np.pi) * len(x) * h)))
 
     keep = peak_indices(f, se, min_height, min_prominence, min_significance)
-    dx = grid[1] - grid[0]
-    positions, densities = [], []
-    for p in keep:
-        a, b, c = f[p - 1], f[p], f[p + 1]
-        den = a - 2 * b + c
-        off = 0.5 * (a - c) / den if den < 0 else 0.0
-        positions.append(grid[p] + off * dx)
-        densities.append(b - 0.25 * (a - c) * off)
-    positions = np.array(positions)
+    positions, densities = refined_peaks(grid, f, keep)
     # basin boundaries: the lowest KDE point between consecutive maxima
     bounds = [grid[a + np.argmin(f[a:b + 1])] for a, b in zip(keep[:-1], keep[1:])]
     basin = np.searchsorted(np.array(bounds), x, side="right").astype(np.int64)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Optional, Tuple
 import numpy as np
 
 from ..base.errors import NmaemError
-from .kde import Maxima, density_maxima, peak_indices
+from .kde import Maxima, density_maxima, peak_indices, refined_peaks
 from .landscape import DEFAULTS, PCA, pca
 
 if TYPE_CHECKING:
@@ -154,15 +154,7 @@ def maxima(land: Landscape, bandwidth: Optional[float] = None,
         return float((phi[:, p] - phi[:, dip]).std() / np.sqrt(len(t)))
 
     keep = peak_indices(f, se, min_height, min_prominence, min_significance)
-    positions, densities = [], []
-    dx = grid[1] - grid[0]
-    for p in keep:
-        a, b, c = f[p - 1], f[p], f[p + 1]
-        den = a - 2 * b + c
-        off = 0.5 * (a - c) / den if den < 0 else 0.0
-        positions.append(grid[p] + off * dx)
-        densities.append(b - 0.25 * (a - c) * off)
-    positions = np.array(positions)
+    positions, densities = refined_peaks(grid, f, keep)
     bounds = np.array([grid[a + np.argmin(f[a:b + 1])] for a, b in zip(keep[:-1], keep[1:])])
     edges = np.concatenate([[-np.inf], bounds, [np.inf]])
     # each particle's basin: the one holding most of its posterior mass along PC1

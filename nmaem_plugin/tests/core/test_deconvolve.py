@@ -17,8 +17,6 @@ encoder (its outputs are only a starting point). Checks:
   inferred one not;
 * z_cov is symmetric positive definite, written and read back.
 """
-import contextlib
-import io
 import math
 import os
 import shutil
@@ -30,12 +28,12 @@ import torch
 from scipy.stats import chi2
 
 from nmaem_plugin import DATA_DIR
-from nmaem_plugin.core.cli import main as cli
 from nmaem_plugin.core.io.latent import Latent, read_latent
 from nmaem_plugin.core.modes.compute import compute_modes
 from nmaem_plugin.core.modes.modesfile import load_modes, save_modes
 from nmaem_plugin.core.sim.simulate import SimulationSettings, simulate
 from nmaem_plugin.core.physics.structure import read_model
+from nmaem_plugin.tests.core.cli_fixture import run_main
 
 OPEN = os.path.join(DATA_DIR, "ak_open_4ake.pdb")
 BOX0, APIX0, BOX, D = 40, 3.0, 32, 3
@@ -46,11 +44,7 @@ def quiet(*a, **k):
     pass
 
 
-def nmaem(*args):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as out:
-        rc = cli.main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
+nmaem = run_main      # nmaem ARGS in this process: (exit status, stdout, stderr)
 
 
 class TestDeconvolveImages(unittest.TestCase):

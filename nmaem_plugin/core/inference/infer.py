@@ -194,7 +194,7 @@ def _fit_particles(ae, cfg, run_dir, table, dataset, z, shift, rotvec, iteration
                              "calibration", keep=False))
         log("infer: rotation prior: sd %.2f, %.2f, %.2f deg about the model's x, y, z"
             % tuple(np.degrees(sd)))
-    if population == "em":
+    if population == "em" and z.shape[1] > 0:      # d = 0: no landscape to deconvolve
         from . import population as popmod
         from .deconvolve import deconvolve
         log("infer: fitting each particle's %s to its image under the population estimated "

@@ -9,14 +9,16 @@
 # **************************************************************************
 """States of the latent landscape as classes: ``nmaem states`` (which particles) and
 ``nmaem export --z`` (each state's model) -> a SetOfClassesStructFlex, the models as a
-SetOfAtomStructFlex and one plain SetOfParticles per state."""
+SetOfAtomStructFlex and one plain SetOfParticles per state; optionally ``nmaem
+refine-states`` (each state's all-atom model refined against its own particles) -> a
+SetOfAtomStructs of the refined models."""
 import os
 from enum import Enum
 
 import pyworkflow.protocol.params as params
-from pyworkflow.object import Integer
-from pwem.objects import (ClassStructFlex, Particle, SetOfAtomStructFlex,
-                          SetOfClassesStructFlex)
+from pyworkflow.object import Boolean, Float, Integer, String
+from pwem.objects import (AtomStruct, ClassStructFlex, Particle, SetOfAtomStructs,
+                          SetOfAtomStructFlex, SetOfClassesStructFlex)
 
 from ..constants import PROGRAM_NAME
 from .protocol_base import NmaemProtBase
@@ -31,6 +33,7 @@ STATES_CHOICES = ["density maxima (PC1) and their basins", "k-means clusters",
 class NmaemStatesOutputs(Enum):
     outputClasses = SetOfClassesStructFlex
     outputStructures = SetOfAtomStructFlex
+    outputRefinedStructures = SetOfAtomStructs
 
 
 def stateParticlesName(k):
@@ -47,6 +50,9 @@ class NmaemProtStates(NmaemProtBase):
     state with the state's all-atom model (an AtomStructFlex carrying its z) as the
     representative; the models as a SetOfAtomStructFlex; and the particles of each state
     as a plain SetOfParticles for RELION, cryoSPARC or any subset/reconstruct protocol.
+    Optionally each state's model is then refined against the state's own particles
+    (every atom, beyond the normal modes; stopped by a held-out half of the particles):
+    the refined models as a SetOfAtomStructs.
     """
     _label = "states"
     _possibleOutputs = NmaemStatesOutputs
@@ -86,6 +92,27 @@ class NmaemProtStates(NmaemProtBase):
                       label="Refine the models' geometry?",
                       help="Restrained energy minimisation of each state's model with OpenMM, "
                            "as in 'export models'. No: the plain X0 + U z models.")
+        form.addParam("refineStates", params.BooleanParam, default=False,
+                      label="Refine the models against the particles?",
+                      help="Refine each state's all-atom model (from its exported model) "
+                           "against the state's particles, every atom, with geometry "
+                           "restraints and OpenMM (nmaem refine-states). Half of each "
+                           "state's particles refine, the other half decides when to stop; "
+                           "a state whose held-out half does not prefer the refined model "
+                           "keeps its start model. Output: the refined models "
+                           "(outputRefinedStructures). Needs the particles' images.")
+        form.addParam("refineBox", params.IntParam, default=0,
+                      condition="refineStates", expertLevel=params.LEVEL_ADVANCED,
+                      label="Refinement box (px)",
+                      help="The images are Fourier-cropped to this box for the refinement "
+                           "(even; 0: the training box). Larger boxes use finer detail and "
+                           "cost more (the time grows about as the box squared).")
+        form.addParam("refineRounds", params.IntParam, default=3,
+                      condition="refineStates", expertLevel=params.LEVEL_ADVANCED,
+                      validators=[params.Positive], label="Refinement rounds (at most)",
+                      help="Each round: L-BFGS on the refinement half, stopped by the "
+                           "held-out half, then OpenMM; the next round starts only when "
+                           "the held-out half preferred the last one's model.")
 
     def _createFilenameTemplates(self):
         self._updateFilenamesDict({
@@ -96,6 +123,9 @@ class NmaemProtStates(NmaemProtBase):
             "statesJson": self._getExtraPath("states", "states.json"),
             "models": self._getExtraPath("models"),
             "listing": self._getExtraPath("models", "models.json"),
+            "star": self._getExtraPath("particles.star"),
+            "refined": self._getExtraPath("refined"),
+            "refineJson": self._getExtraPath("refined", "refine.json"),
         })
 
     def _rangeLines(self):
@@ -107,6 +137,9 @@ class NmaemProtStates(NmaemProtBase):
         self._insertFunctionStep(self.writeLatentStep)
         self._insertFunctionStep(self.statesStep)
         self._insertFunctionStep(self.modelsStep)
+        if self.refineStates.get():
+            self._insertFunctionStep(self.convertInputStep)
+            self._insertFunctionStep(self.refineStep)
         self._insertFunctionStep(self.createOutputStep)
 
     def statesStep(self):
@@ -134,6 +167,35 @@ class NmaemProtStates(NmaemProtBase):
         if not self.refineGeometry.get():
             args.append("--no-refine")
         self.runNmaem("export", args)
+
+    def refineStep(self):
+        """Each state's model refined against its particles (``nmaem refine-states``)."""
+        args = ["--states", self._getFileName("states"),
+                "--model", os.path.abspath(self._runDir()),
+                "--particles", self._getFileName("star"),
+                "--latent", self._getFileName("latent"),
+                "-o", self._getFileName("refined"), "--force"]
+        if self.refineBox.get():
+            args += ["--box", self.refineBox.get()]
+        args += ["--rounds", self.refineRounds.get()]
+        self.runNmaem("refine-states", args)
+
+    def _refinedOutput(self):
+        """The refined models as a SetOfAtomStructs (state number, whether refined, the
+        held-out gain and the RMSD to the start on each)."""
+        listing = self._readJsonResult("refineJson")
+        out = self._createSetOfPDBs(suffix="refined")
+        for row in listing["states"]:
+            a = AtomStruct(filename=os.path.join(self._getFileName("refined"), row["name"],
+                                                 "refined.pdb"))
+            a.setObjId(row["state"])
+            setattr(a, ATTR_STATE, Integer(row["state"]))
+            setattr(a, "_nmaem_refined", Boolean(bool(row.get("refined"))))
+            setattr(a, "_nmaem_refineStatus", String(row.get("status", "")))
+            setattr(a, "_nmaem_heldoutGain", Float(float(row.get("heldout_gain") or 0.0)))
+            setattr(a, "_nmaem_rmsdToStart", Float(float(row["rmsd_to_start"])))
+            out.append(a)
+        return out
 
     def createOutputStep(self):
         import numpy as np
@@ -189,6 +251,8 @@ class NmaemProtStates(NmaemProtBase):
                    NmaemStatesOutputs.outputStructures.name: structs}
         for k, plain in enumerate(plains):
             outputs[stateParticlesName(k + 1)] = plain
+        if self.refineStates.get():
+            outputs[NmaemStatesOutputs.outputRefinedStructures.name] = self._refinedOutput()
         self._defineOutputs(**outputs)
         for out in outputs.values():
             self._defineSourceRelation(self.inputParticles, out)
@@ -242,6 +306,12 @@ class NmaemProtStates(NmaemProtBase):
             lines.append("State %d: %d particles%s." % (
                 row["state"], row["n_particles"],
                 "" if rmsd is None else ", model %.2f A RMSD from the reference" % rmsd))
+        refined = self._readJsonResult("refineJson") if self.refineStates.get() else None
+        for row in (refined or {}).get("states", []):
+            lines.append("State %d refined against %d particles: %s (held-out gain %.1f, "
+                         "%.2f A from the start model)."
+                         % (row["state"], row["n_particles"], row["status"],
+                            row.get("heldout_gain") or 0.0, row["rmsd_to_start"]))
         return lines
 
     def _methods(self):

@@ -10,7 +10,8 @@ import sys
 from typing import Optional, Sequence
 
 from ..base.errors import NmaemError
-from . import check, evaluate, export, infer, modes, report, simulate, states, train
+from . import (check, evaluate, export, infer, modes, refine_states, report, simulate, states,
+               train)
 
 __all__ = ["main", "build_parser", "Terminated"]
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_parser(sub)
     export.add_parser(sub)
     states.add_parser(sub)
+    refine_states.add_parser(sub)
     evaluate.add_parser(sub)
     report.add_parser(sub)
     check.add_parser(sub)

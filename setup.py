@@ -20,9 +20,10 @@ setup(
     # the data folders (no __init__.py) are listed as packages so that setuptools ships
     # their files without warning
     packages=find_packages(include=["nmaem_plugin", "nmaem_plugin.*"])
-    + ["nmaem_plugin.data", "nmaem_plugin.tests.data"],
+    + ["nmaem_plugin.data", "nmaem_plugin.tests.data", "nmaem_plugin.templates"],
     include_package_data=True,
-    package_data={"nmaem_plugin": ["protocols.conf", "data/*.pdb", "tests/data/*"]},
+    package_data={"nmaem_plugin": ["protocols.conf", "data/*.pdb", "tests/data/*",
+                                   "templates/*.json.template"]},
     install_requires=[
         "torch>=2.1",
         "numpy",
@@ -35,7 +36,9 @@ setup(
         "matplotlib",
         "openmm>=8.1",   # geometry refinement of exported models (MinimizationReporter)
     ],
-    extras_require={"scipion": ["scipion-pyworkflow>=3.0", "scipion-em>=3.0"]},
+    extras_require={"scipion": ["scipion-pyworkflow>=3.0", "scipion-em>=3.0"],
+                    # nmaem states --format cs (requirements.txt installs it)
+                    "cryosparc": ["cryosparc-tools>=4.6"]},
     entry_points={
         "pyworkflow.plugin": ["nmaem_plugin = nmaem_plugin"],
         "console_scripts": ["nmaem = nmaem_plugin.core.cli.main:main"],

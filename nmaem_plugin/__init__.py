@@ -71,6 +71,13 @@ def _make_plugin_class():
             """Nothing to compile or download: dependencies come from pip."""
             pass
 
+        def getTemplates(self):
+            """The workflow templates of ``templates/*.json.template`` (``scipion3
+            template``), as templates whose aliases are checked for what they mean
+            before the project is created (``nmaem_plugin.workflow_template``)."""
+            from .workflow_template import pluginTemplates
+            return pluginTemplates(self.getName())
+
     return Plugin
 
 

@@ -6,6 +6,7 @@ protocols at start-up.
 from .protocol_base import NmaemProtBase
 from .protocol_compute_modes import NmaemProtComputeModes
 from .protocol_simulate import NmaemProtSimulate
+from .protocol_import_particles import NmaemProtImportParticles
 from .protocol_train import NmaemProtTrain
 from .protocol_infer import NmaemProtInfer
 from .protocol_export import NmaemProtExport

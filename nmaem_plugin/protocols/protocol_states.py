@@ -9,7 +9,9 @@
 # **************************************************************************
 """States of the latent landscape as classes: ``nmaem states`` (which particles) and
 ``nmaem export --z`` (each state's model) -> a SetOfClassesStructFlex, the models as a
-SetOfAtomStructFlex and one plain SetOfParticles per state; optionally ``nmaem
+SetOfAtomStructFlex and one plain SetOfParticles per state; with "Reconstruct" (on when
+RELION is found) ``nmaem states --reconstruct`` gives each state's RELION map and its
+model, validated: a SetOfVolumes with half-maps and a SetOfFSCs; optionally ``nmaem
 refine-states`` (each state's all-atom model refined against its own particles) -> a
 SetOfAtomStructs of the refined models."""
 import os
@@ -17,10 +19,12 @@ from enum import Enum
 
 import pyworkflow.protocol.params as params
 from pyworkflow.object import Boolean, Float, Integer, String
-from pwem.objects import (AtomStruct, ClassStructFlex, Particle, SetOfAtomStructs,
-                          SetOfAtomStructFlex, SetOfClassesStructFlex)
+from pwem.objects import (FSC, AtomStruct, ClassStructFlex, Particle, SetOfAtomStructs,
+                          SetOfAtomStructFlex, SetOfClassesStructFlex, SetOfFSCs,
+                          SetOfVolumes, Volume)
 
 from ..constants import PROGRAM_NAME
+from ..core.base.relion import INSTALL_HINT, find_relion
 from .protocol_base import NmaemProtBase
 from .protocol_flex_common import (ATTR_N_PARTICLES, ATTR_STATE, createSetOfAtomStructFlex,
                                    hubFlexInfo, modelStructFlex)
@@ -33,6 +37,8 @@ STATES_CHOICES = ["density maxima (PC1) and their basins", "k-means clusters",
 class NmaemStatesOutputs(Enum):
     outputClasses = SetOfClassesStructFlex
     outputStructures = SetOfAtomStructFlex
+    outputVolumes = SetOfVolumes
+    outputFSCs = SetOfFSCs
     outputRefinedStructures = SetOfAtomStructs
 
 
@@ -50,6 +56,14 @@ class NmaemProtStates(NmaemProtBase):
     state with the state's all-atom model (an AtomStructFlex carrying its z) as the
     representative; the models as a SetOfAtomStructFlex; and the particles of each state
     as a plain SetOfParticles for RELION, cryoSPARC or any subset/reconstruct protocol.
+
+    With "Reconstruct" (on by default when RELION is installed: RELION_HOME or PATH), each
+    state's particles are reconstructed by relion_reconstruct (CTF-corrected, their
+    refined poses and origins) on two halves and on all of them, without the model: a
+    SetOfVolumes (each map with its half-maps, for postprocessing, local resolution or
+    model building) and a SetOfFSCs (per state: half maps, and map against the state's
+    model). The viewer shows the maps' sections with the model's contour and the curves.
+
     Optionally each state's model is then refined against the state's own particles
     (every atom, beyond the normal modes; stopped by a held-out half of the particles):
     the refined models as a SetOfAtomStructs.
@@ -88,6 +102,14 @@ class NmaemProtStates(NmaemProtBase):
                            "from the reference, z = 0; the latent viewer shows their "
                            "range). A particle goes to the first state whose intervals "
                            "all hold it, to none otherwise.")
+        form.addParam("doReconstruct", params.BooleanParam,
+                      default=find_relion() is not None, label="Reconstruct each state?",
+                      help="Each state's map from its own particles with RELION "
+                           "(relion_reconstruct, CTF-corrected, the particles' poses and "
+                           "origins), on two random halves and on all of them, without the "
+                           "model; then the half-map FSC (0.143) and the FSC of the map "
+                           "with the state's model (0.5), and a table of every state's map "
+                           "against every state's model. Needs RELION: %s." % INSTALL_HINT)
         form.addParam("refineGeometry", params.BooleanParam, default=True,
                       label="Refine the models' geometry?",
                       help="Restrained energy minimisation of each state's model with OpenMM, "
@@ -123,7 +145,7 @@ class NmaemProtStates(NmaemProtBase):
             "statesJson": self._getExtraPath("states", "states.json"),
             "models": self._getExtraPath("models"),
             "listing": self._getExtraPath("models", "models.json"),
-            "star": self._getExtraPath("particles.star"),
+            "star": self._getExtraPath("input_particles.star"),
             "refined": self._getExtraPath("refined"),
             "refineJson": self._getExtraPath("refined", "refine.json"),
         })
@@ -135,10 +157,12 @@ class NmaemProtStates(NmaemProtBase):
     def _insertAllSteps(self):
         self._createFilenameTemplates()
         self._insertFunctionStep(self.writeLatentStep)
-        self._insertFunctionStep(self.statesStep)
-        self._insertFunctionStep(self.modelsStep)
-        if self.refineStates.get():
+        if self.doReconstruct.get() or self.refineStates.get():
             self._insertFunctionStep(self.convertInputStep)
+        self._insertFunctionStep(self.statesStep)
+        if not self.doReconstruct.get():    # with maps, the states' own models are used
+            self._insertFunctionStep(self.modelsStep)
+        if self.refineStates.get():
             self._insertFunctionStep(self.refineStep)
         self._insertFunctionStep(self.createOutputStep)
 
@@ -153,6 +177,10 @@ class NmaemProtStates(NmaemProtBase):
         else:
             for line in self._rangeLines():
                 args += ["--range", line.replace(" ", "")]
+        if self.doReconstruct.get():
+            args += ["--particles", self._getFileName("star"), "--reconstruct"]
+            if not self.refineGeometry.get():
+                args.append("--no-refine")
         self.runNmaem("states", args)
 
     def modelsStep(self):
@@ -203,7 +231,7 @@ class NmaemProtStates(NmaemProtBase):
         from ..core.analysis.states import read_states, read_states_json
         label, _, z, count = read_states(self._getFileName("statesFile"))
         listing = read_states_json(self._getFileName("statesJson"))
-        models = self._readJsonResult("listing")["models"]
+        modelFiles = self._modelFiles(listing)
         ids = np.load(self._getFileName("ids"))
         parts = self.inputParticles.get()
         info = hubFlexInfo(parts, self._runDir())
@@ -211,9 +239,8 @@ class NmaemProtStates(NmaemProtBase):
         structs = createSetOfAtomStructFlex(self, "states")
         structs.setFlexInfo(info)
         reps = []
-        for k, (row, m) in enumerate(zip(listing["states"], models)):
-            a = modelStructFlex(os.path.join(self._getFileName("models"), m["file"]),
-                                row["z"], row.get("pc_coords"), info)
+        for k, (row, fn) in enumerate(zip(listing["states"], modelFiles)):
+            a = modelStructFlex(fn, row["z"], row.get("pc_coords"), info)
             a.setObjId(k + 1)
             setattr(a, ATTR_N_PARTICLES, Integer(int(count[k])))
             setattr(a, ATTR_STATE, Integer(k + 1))
@@ -251,11 +278,52 @@ class NmaemProtStates(NmaemProtBase):
                    NmaemStatesOutputs.outputStructures.name: structs}
         for k, plain in enumerate(plains):
             outputs[stateParticlesName(k + 1)] = plain
+        if self.doReconstruct.get():
+            outputs.update(self._mapOutputs(listing, parts.getSamplingRate()))
         if self.refineStates.get():
             outputs[NmaemStatesOutputs.outputRefinedStructures.name] = self._refinedOutput()
         self._defineOutputs(**outputs)
         for out in outputs.values():
             self._defineSourceRelation(self.inputParticles, out)
+
+    def _modelFiles(self, listing):
+        """Each state's model file: the states' own (refined) models with maps, else the
+        models of 'nmaem export --z'."""
+        if self.doReconstruct.get():
+            return [os.path.join(self._getFileName("states"), row["model"]) for row in
+                    listing["states"]]
+        models = self._readJsonResult("listing")["models"]
+        return [os.path.join(self._getFileName("models"), m["file"]) for m in models]
+
+    def _mapOutputs(self, listing, apix):
+        """The SetOfVolumes (maps with their half-maps; the id is the state's number) and
+        the SetOfFSCs (per state with a map: half maps, and map against model)."""
+        from ..core.analysis.statemaps import read_fsc_json
+        folder = self._getFileName("states")
+        vols = self._createSetOfVolumes()
+        vols.setSamplingRate(apix)
+        fscs = self._createSetOfFSCs()
+        for row in listing["states"]:
+            if not row.get("map"):
+                continue
+            vol = Volume(location=os.path.join(folder, row["map"]))
+            vol.setSamplingRate(apix)
+            vol.setHalfMaps([os.path.join(folder, row["half1"]),
+                             os.path.join(folder, row["half2"])])
+            vol.setObjId(row["state"])
+            vol.setObjLabel(row["name"])
+            setattr(vol, ATTR_STATE, Integer(row["state"]))
+            vols.append(vol)
+            info = read_fsc_json(os.path.join(folder, row["fsc"]))
+            for key, what in (("half_map_fsc", "half maps"), ("model_map_fsc", "map vs model")):
+                curve = info[key]
+                fsc = FSC(objLabel="%s: %s" % (row["name"], what))
+                fsc.setData(curve["frequency"], curve["fsc"])
+                fscs.append(fsc)
+        vols.write()
+        fscs.write()
+        return {NmaemStatesOutputs.outputVolumes.name: vols,
+                NmaemStatesOutputs.outputFSCs.name: fscs}
 
     def _createSetOfClassesStructFlex(self, particlesPointer, progName=PROGRAM_NAME):
         import pyworkflow.utils as pwutils
@@ -273,6 +341,12 @@ class NmaemProtStates(NmaemProtBase):
         if parts.getSize() < 2:
             return ["States need at least 2 particles."]
         errors, d = self.validateParticlesWithZ(parts)
+        if self.doReconstruct.get():
+            if find_relion() is None:
+                errors.append("Reconstructing the states needs RELION (relion_reconstruct): "
+                              "%s; or answer No to 'Reconstruct each state?'." % INSTALL_HINT)
+        if self.doReconstruct.get() or self.refineStates.get():
+            errors += self.validateParticles(parts, "The particles")
         mode = self.statesMode.get()
         if mode == STATES_KMEANS and self.numberOfClusters.get() > parts.getSize():
             errors.append("%d states for %d particles." % (self.numberOfClusters.get(),
@@ -303,9 +377,18 @@ class NmaemProtStates(NmaemProtBase):
                     listing["n_particles"], listing["n_assigned"])]
         for row in listing["states"]:
             rmsd = row.get("rmsd_to_reference")
-            lines.append("State %d: %d particles%s." % (
+            lines.append("State %d: %d particles%s%s." % (
                 row["state"], row["n_particles"],
-                "" if rmsd is None else ", model %.2f A RMSD from the reference" % rmsd))
+                "" if rmsd is None else ", model %.2f A RMSD from the reference" % rmsd,
+                "" if row.get("resolution_0143") is None else
+                "; map %.1f A (half maps, FSC 0.143), model vs map %.1f A (FSC 0.5)"
+                % (row["resolution_0143"], row["model_map_resolution_05"])))
+        corr = listing.get("map_model_correlation")
+        if corr:
+            own = sum(corr["diagonal_is_row_maximum"])
+            lines.append("%d of %d maps correlate best with their own state's model (maps "
+                         "and models low-passed to %.1f A)." % (own, len(corr["maps"]),
+                                                                 corr["resolution"]))
         refined = self._readJsonResult("refineJson") if self.refineStates.get() else None
         for row in (refined or {}).get("states", []):
             lines.append("State %d refined against %d particles: %s (held-out gain %.1f, "

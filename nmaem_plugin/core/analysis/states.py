@@ -19,10 +19,15 @@ Files (written through the output policy of ``outputs.py``): ``DIR/states.npz`` 
 (rows of the particle file given to ``nmaem infer``), ``z`` (K, d) the representatives,
 ``count`` (K,); ``DIR/states.json`` (one row per state: name, count, z, PC coordinates,
 and for maxima the PC1 position and density); with ``--particles`` one RELION STAR per
-state, ``state_01.star`` ..., the rows of that particle file in the state; with
-``--model RUN`` a thumbnail of each state's model, ``state_01.png`` ...
+state, ``state_01.star`` ..., the rows of that particle file in the state (every column and
+data block of the input kept, ``io/subsets.py``; a .cs input gives a converted STAR, and
+with ``formats`` "cs" also ``state_01.cs``, its own fields kept, written by cryosparc-tools);
+with ``--model RUN`` a thumbnail of each state's model, ``state_01.png`` ...; with
+``--reconstruct`` (``statemaps.py``) each state's RELION maps, model and FSCs in
+``state_01/`` ... and their figures in states.json.
 Numpy only (torch-free), but for the thumbnails (``--model``), which render with torch.
 """
+import contextlib
 import json
 import os
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
@@ -237,13 +242,19 @@ def states_command(latent_path: str, out_dir: str, maxima: bool = False,
                    min_prominence: float = DEFAULTS["min_prominence"],
                    min_significance: float = DEFAULTS["min_significance"],
                    model_atoms: Optional[int] = None, thumbnails_run: Optional[str] = None,
-                   log: Callable[[str], object] = print) -> dict:
+                   log: Callable[[str], object] = print, formats: Sequence[str] = ("star",),
+                   reconstruct: bool = False, model_run: Optional[str] = None,
+                   refine: bool = True, half_seed: int = 0) -> dict:
     """``nmaem states``: exactly one of ``maxima``, ``kmeans_k``, ``ranges``; see the
     module docstring. ``particles``: the particle file given to ``nmaem infer`` (STAR or
     .cs), for one STAR per state. ``model_atoms`` M adds each state's RMSD to the
     reference, |z| / sqrt(M). ``thumbnails_run``: a training run folder whose reference and
     modes give each state's model X0 + U z, drawn as ``state_01.png``... (its projections
-    along z, y and x, ``thumbnails.model_thumbnail``, one frame for all states)."""
+    along z, y and x, ``thumbnails.model_thumbnail``, one frame for all states).
+    ``formats``: the subsets of ``particles`` per state ("star", and "cs" for a .cs input).
+    ``reconstruct``: each state's maps (``statemaps.state_maps``) from ``particles`` with
+    the models of the run ``model_run`` (refined unless ``refine`` is off); ``half_seed``
+    seeds the random halves."""
     from ..io.latent import read_latent
     from ..io.outputs import OVERWRITE_HINT, check_output_dir
     chosen = [bool(maxima), kmeans_k is not None, bool(ranges)]
@@ -265,7 +276,9 @@ def states_command(latent_path: str, out_dir: str, maxima: bool = False,
     else:
         st = assign_ranges(latent.z, ranges)
     names = state_names(len(st))
+    formats = _subset_formats(formats, particles)
     stars = [n + ".star" for n in names] if particles else None
+    subsets = [n + ".cs" for n in names] if "cs" in formats else []
     table = None
     if particles:
         from ..io.particles import read_particles
@@ -279,24 +292,104 @@ def states_command(latent_path: str, out_dir: str, maxima: bool = False,
         run = load_run(thumbnails_run)
         check_latent_d(latent, run[1], thumbnails_run)
     thumbs = [n + ".png" for n in names] if run is not None else None
-    products = [STATES_FILE, STATES_JSON] + (stars or []) + (thumbs or [])
+    rec = _check_reconstruction(particles, table, latent, st, names, model_run) \
+        if reconstruct else None
+    products = [STATES_FILE, STATES_JSON] + (stars or []) + (thumbs or []) + subsets \
+        + (names if reconstruct else [])
     check_output_dir(out_dir, products, inputs=[latent_path, particles], force=force,
                      hint=OVERWRITE_HINT)
     os.makedirs(out_dir, exist_ok=True)
-    if table is not None:
-        from ..io.star import write_star
-        for k, name in enumerate(stars):
-            write_star(os.path.join(out_dir, name), table.subset(latent.index[st.members(k)]))
-    if run is not None:
-        write_thumbnails(out_dir, thumbs, run[0], run[1], st.z)
-    listing = write_states(out_dir, st, index=latent.index, pcs=pca(latent.z),
-                           star_files=stars, thumbnails=thumbs, n_atoms=model_atoms,
-                           latent=os.path.abspath(latent.path),
-                           particles=None if particles is None else os.path.abspath(particles))
+    with contextlib.ExitStack() as folders:     # state folders: renamed in at the end
+        extra = {}
+        if rec is not None:
+            extra = _state_maps(out_dir, names, st, rec, model_run, refine, half_seed,
+                                folders, log)
+        if table is not None:
+            _write_subsets(out_dir, particles, table, latent.index, st, stars, subsets)
+        if run is not None:
+            write_thumbnails(out_dir, thumbs, run[0], run[1], st.z)
+        listing = write_states(out_dir, st, index=latent.index, pcs=pca(latent.z),
+                               star_files=stars, thumbnails=thumbs, n_atoms=model_atoms,
+                               latent=os.path.abspath(latent.path),
+                               particles=None if particles is None
+                               else os.path.abspath(particles), **extra)
     log("states: %d %s state(s), %d of %d particles assigned (%s) -> %s"
         % (len(st), st.method, listing["n_assigned"], latent.n,
            ", ".join(str(int(c)) for c in st.counts), out_dir))
     return listing
+
+
+def _subset_formats(formats, particles):
+    from ..io.subsets import SUBSET_FORMATS
+    formats = tuple(formats or ("star",))
+    bad = [f for f in formats if f not in SUBSET_FORMATS]
+    if bad:
+        raise NmaemError("--format takes %s (got %s)" % (" or ".join(SUBSET_FORMATS), bad[0]))
+    if "cs" in formats and (not particles or not str(particles).lower().endswith(".cs")):
+        raise NmaemError("--format cs writes each state's rows of a cryoSPARC .cs particle "
+                         "file with its own fields: give --particles FILE.cs")
+    return formats
+
+
+def _write_subsets(out_dir, particles, table, index, st, stars, subsets):
+    """Each state's rows of the particle file: a STAR keeping the input's blocks and
+    columns (a converted one for a .cs input), and the .cs subsets."""
+    from ..io.subsets import write_cs_subset, write_star_subset
+    from ..io.star import write_star
+    is_star = str(particles).lower().endswith(".star")
+    for k, name in enumerate(stars):
+        rows = index[st.members(k)]
+        if is_star:
+            write_star_subset(particles, os.path.join(out_dir, name), rows)
+        else:
+            write_star(os.path.join(out_dir, name), table.subset(rows))
+    for k, name in enumerate(subsets):
+        write_cs_subset(particles, os.path.join(out_dir, name), index[st.members(k)])
+
+
+def _check_reconstruction(particles, table, latent, st, names, model_run):
+    """Before any work: what ``--reconstruct`` needs (particles, a run, RELION, one box and
+    pixel size, the models in the box); returns the reconstruction table."""
+    from ..base.relion import relion_program
+    from .landscape import deformed_coords, load_run
+    from .statemaps import check_model_in_box, particle_geometry, reconstruction_table
+    if table is None:
+        raise NmaemError("--reconstruct needs --particles (the particle file given to "
+                         "nmaem infer)")
+    if not model_run:
+        raise NmaemError("--reconstruct needs --model RUN (the training run whose reference "
+                         "and modes give each state's model)")
+    relion_program("relion_reconstruct")
+    rec = reconstruction_table(table, latent)
+    box, apix = particle_geometry(rec.subset(st.label >= 0))
+    model, nm, _ = load_run(model_run)
+    for name, zk in zip(names, st.z):
+        check_model_in_box(deformed_coords(model, nm, zk), box, apix,
+                           "the model of %s (%s)" % (name, model_run))
+    return rec
+
+
+def _state_maps(out_dir, names, st, rec, model_run, refine, half_seed, folders, log):
+    """:func:`statemaps.state_maps` of the states; returns the entries of states.json (its
+    per-state rows get theirs in ``st.info``)."""
+    from .statemaps import MAP_FILES, state_maps, state_models
+    model, coords, records = state_models(model_run, st.z, refine=refine, log=log)
+    infos, corr = state_maps(out_dir, names, rec, st.label, model, coords, seed=half_seed,
+                             stack=folders, log=log)
+    for k, (name, info) in enumerate(zip(names, infos)):
+        row = st.info[k]
+        if info is None:
+            row.update(map=None, map_note="too few particles for two half-maps")
+            continue
+        row.update({key: "%s/%s" % (name, MAP_FILES[key])
+                    for key in ("map", "half1", "half2", "model", "model_map", "fsc")})
+        row["map_figure"] = "%s/%s" % (name, MAP_FILES["figure"])
+        row["model_refined"] = bool(records[k] is not None
+                                    and records[k]["refinement"].get("refined", False))
+        for key in ("resolution_0143", "fsc_0143_crossed", "model_map_resolution_05",
+                    "model_fsc_05_crossed", "n_half1", "n_half2", "halves"):
+            row[key] = info[key]
+    return dict(map_model_correlation=corr)
 
 
 def read_states_json(path: str) -> dict:

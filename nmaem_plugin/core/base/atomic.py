@@ -11,16 +11,18 @@ or an exceeded quota (EDQUOT) becomes one line::
 
 Two forms: :func:`atomic_open` yields an open file object whose every byte goes through
 :func:`_raw_write` (the one low-level write); :func:`atomic_path` yields the temporary
-path, for writers that only take a path (prody's NMD writer). :func:`clean_orphans`
-removes the temporary files of a killed run (of this host, whose process is gone) at the
-start of the next command that writes into that folder (``outputs.check_output_*``,
-``runfolder.run_lock``).
+path, for writers that only take a path (prody's NMD writer). :func:`atomic_folder` does the
+same for a folder of files (written into a temporary folder beside it, renamed when
+complete). :func:`clean_orphans` removes the temporary files and folders of a killed run
+(of this host, whose process is gone) at the start of the next command that writes into
+that folder (``outputs.check_output_*``, ``runfolder.run_lock``).
 """
 import contextlib
 import errno
 import io
 import os
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -28,7 +30,8 @@ from typing import IO, Callable, Iterator, List, Optional, Union
 
 from .errors import NmaemError
 
-__all__ = ["atomic_path", "atomic_open", "atomic_savez", "atomic_copy", "clean_orphans", "is_no_space",
+__all__ = ["atomic_path", "atomic_open", "atomic_savez", "atomic_copy", "atomic_folder",
+           "clean_orphans", "is_no_space",
            "no_space_error", "TMP_PREFIX"]
 
 TMP_PREFIX = ".nmaem-tmp."
@@ -192,6 +195,48 @@ def atomic_copy(src: Union[str, "os.PathLike[str]"], path: Union[str, "os.PathLi
     return path
 
 
+@contextlib.contextmanager
+def atomic_folder(path: Union[str, "os.PathLike[str]"]) -> Iterator[str]:
+    """Yield a new empty temporary folder beside ``path``; when the block ends without an
+    error it replaces ``path`` (an existing folder there is removed once the new one is in
+    place), otherwise it is removed and ``path`` left as it was. Its files are written by
+    the caller (each through this module or by a program whose output is then checked)."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    try:
+        tmp = tempfile.mkdtemp(prefix="%s%s.%d." % (TMP_PREFIX, _HOST, os.getpid()),
+                               suffix="." + os.path.basename(path), dir=parent)
+    except OSError as exc:
+        if is_no_space(exc):
+            raise no_space_error(path) from None
+        raise
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if os.path.lexists(path):
+            if not os.path.isdir(path) or os.path.islink(path):
+                raise NmaemError("%s: is not a folder; cannot replace it" % path)
+            old = tempfile.mkdtemp(prefix="%s%s.%d." % (TMP_PREFIX, _HOST, os.getpid()),
+                                   suffix=".old", dir=parent)
+            os.rename(path, os.path.join(old, "previous"))
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if old is not None:             # put the previous folder back
+                os.rename(os.path.join(old, "previous"), path)
+                os.rmdir(old)
+            raise
+        _sync_folder(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_no_space(exc):
+            raise no_space_error(path) from None
+        raise
+
+
 def _alive(pid):
     try:
         os.kill(pid, 0)
@@ -220,8 +265,12 @@ def clean_orphans(folder: Union[str, "os.PathLike[str]"],
         pid = int(m.group(2))
         if pid == os.getpid() or _alive(pid):
             continue
+        full = os.path.join(folder, name)
         try:
-            os.unlink(os.path.join(folder, name))
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full)         # a folder of atomic_folder
+            else:
+                os.unlink(full)
         except OSError:
             continue
         removed.append(name)

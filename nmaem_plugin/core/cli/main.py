@@ -10,10 +10,17 @@ import sys
 from typing import Optional, Sequence
 
 from ..base.errors import NmaemError
+from ..base.threads import choose_threads, use_threads
 from . import (check, evaluate, export, infer, modes, refine_states, report, simulate, states,
                train)
+from .options import add_threads_option
 
-__all__ = ["main", "build_parser", "Terminated"]
+__all__ = ["main", "build_parser", "Terminated", "PROGRESS_STREAM"]
+
+# where a command's "threads:" line goes: with its progress lines, on stdout, except for
+# check (progress on stderr, the report on stdout) and evaluate (stdout is its JSON result,
+# and it prints no progress)
+PROGRESS_STREAM = {"check": "stderr", "evaluate": None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(sub)
     report.add_parser(sub)
     check.add_parser(sub)
+    for command in sub.choices.values():
+        add_threads_option(command)
     return parser
 
 
@@ -83,7 +92,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ValueError:                       # not the main thread
             previous = None
     try:
-        return args.func(args) or 0
+        # one rule for every command (base.threads), before numpy, torch or a BLAS loads
+        threads, why = choose_threads(args.threads)
+        stream = PROGRESS_STREAM.get(args.command, "stdout")
+        if stream and not getattr(args, "worker", False):
+            out = sys.stderr if stream == "stderr" else sys.stdout
+            out.write("threads: %d (%s)\n" % (threads, why))
+            out.flush()
+        with use_threads(threads):
+            return args.func(args) or 0
     except NmaemError as exc:
         sys.stderr.write("nmaem: error: %s\n" % str(exc).replace("\n", " "))
         return 2

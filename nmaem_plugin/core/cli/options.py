@@ -1,9 +1,9 @@
 """Options that several subcommands share: the density maxima's options (export, states,
-evaluate) and ``--bandwidth``'s value."""
+evaluate), ``--bandwidth``'s value, and ``--threads`` (every command)."""
 import argparse
 from typing import Optional, Union
 
-__all__ = ["add_maxima_options", "bandwidth_value"]
+__all__ = ["add_maxima_options", "bandwidth_value", "add_threads_option"]
 
 
 def add_maxima_options(p: argparse.ArgumentParser) -> None:
@@ -29,3 +29,11 @@ def bandwidth_value(text: Optional[str]) -> Union[float, str, None]:
         return float(text)
     except ValueError:
         return text
+
+
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    """--threads on ``p`` (the rule when it is not given: ``base.threads``)."""
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (default: OMP_NUM_THREADS when set, else the usable "
+                        "physical cores minus those other processes keep busy; the first "
+                        "line of the output says how many and why)")

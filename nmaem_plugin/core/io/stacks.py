@@ -1,4 +1,5 @@
-"""Particle image stacks (MRC): reading a table's images with bounded memory, writing stacks."""
+"""Particle image stacks (MRC): reading a table's images with bounded memory, writing stacks
+(through ``maps.write_mrc``)."""
 import os
 import warnings
 from collections import OrderedDict
@@ -6,7 +7,6 @@ from typing import TYPE_CHECKING, Sequence, Tuple
 
 import numpy as np
 
-from ..base.atomic import atomic_open
 from ..base.errors import fail
 
 if TYPE_CHECKING:
@@ -196,28 +196,10 @@ class ImageStack:
 
 def write_stack(path: str, images: np.ndarray, apix: float) -> None:
     """Write images (n, D, D) as a float32 MRC stack, atomically, with voxel size apix."""
-    from mrcfile.mrcinterpreter import MrcInterpreter
-    path = os.fspath(path)
+    from .maps import write_mrc
     images = np.asarray(images, dtype=np.float32)
     if images.ndim == 2:
         images = images[None]
     if images.ndim != 3:
         raise ValueError("write_stack expects (n, D, D) images, got %s" % (images.shape,))
-    # mrcfile makes the header (a write-only MrcInterpreter, as its documentation
-    # describes); the bytes go through atomic_open (checked, synced)
-    m = MrcInterpreter()
-    m._create_default_attributes()
-    m.set_data(images)
-    m.set_image_stack()
-    m.voxel_size = float(apix)
-    m.update_header_stats()
-    # mrcfile's default label holds the creation time: the same data must give
-    # the same bytes (reproducible datasets), so the label is fixed text
-    m.header.label[0] = b"written by nmaem"
-    m.header.nlabl = 1
-    with atomic_open(path) as fh:
-        m._iostream = fh
-        try:
-            m.flush()
-        finally:
-            m._iostream = None
+    write_mrc(os.fspath(path), images, apix, stack=True)

@@ -7,7 +7,7 @@ Python's shortest exact representation, so that a write-read round trip is exact
 import os
 import shlex
 from collections import OrderedDict
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -18,7 +18,7 @@ from .table import (ANGLES, CTF_OPTICS, CTF_PARTICLE, ParticleTable, split_image
                     stack_resolver)
 from .stacks import stack_box
 
-__all__ = ["read_star_blocks", "read_star", "write_star"]
+__all__ = ["read_star_blocks", "read_star_layout", "particle_block", "read_star", "write_star"]
 
 # Particle columns that write_star produces itself from the table's fields (or that a
 # RELION 3.1 particle block must not carry, being optics properties or 3.0 units).
@@ -46,6 +46,42 @@ def read_star_blocks(path: str) -> Dict[str, pd.DataFrame]:
     an integer, float64 when every value is a number, str otherwise. Any structural
     problem raises a one-line NmaemError naming the file and the line.
     """
+    _, blocks = _parse(path)
+    out = OrderedDict()
+    for k, v in blocks.items():
+        if isinstance(v, dict):
+            v = _columns(path, list(v.keys()), [list(v.values())]) if v else pd.DataFrame()
+        else:
+            v = _columns(path, v[0], v[1])
+        out[k] = v
+    return out
+
+
+def read_star_layout(path: str) -> Tuple[List[str], Dict[str, Tuple[List[str], List[int]]]]:
+    """The text of a STAR file as :func:`read_star_blocks` parses it: (its lines, without
+    line ends; ``{loop block name: (column labels, 0-based line number of each row)}``),
+    for writers that keep a file's own text (``starsubset.py``)."""
+    lines, blocks = _parse(path)
+    return lines, OrderedDict((k, (v[0], v[2])) for k, v in blocks.items()
+                              if not isinstance(v, dict))
+
+
+def particle_block(path: str, blocks: Dict[str, Sequence[str]]) -> str:
+    """The name of the particle table among ``blocks`` (name -> column labels):
+    ``particles``, else the first block with ``rlnImageName``, else the first block other
+    than ``optics`` with columns; a one-line error naming ``path`` when there is none."""
+    if "particles" in blocks:
+        return "particles"
+    cands = [k for k, v in blocks.items() if "rlnImageName" in v]
+    if not cands:
+        cands = [k for k, v in blocks.items() if k != "optics" and len(v)]
+    if not cands:
+        fail(path, "no particle table (no data_particles block or loop with rlnImageName)")
+    return cands[0]
+
+
+def _parse(path):
+    """(lines, {name: key-value dict, or (labels, rows of tokens, row line numbers)})."""
     try:
         with open(path, "r", encoding="utf-8", errors="strict") as fh:
             lines = fh.read().splitlines()
@@ -83,7 +119,7 @@ def read_star_blocks(path: str) -> Dict[str, pd.DataFrame]:
                 break
             if not labels:
                 fail(path, "line %d: loop_ without column labels" % i)
-            rows = []
+            rows, row_lines = [], []
             while i < n:
                 t = lines[i].strip()
                 if not t:
@@ -104,26 +140,24 @@ def read_star_blocks(path: str) -> Dict[str, pd.DataFrame]:
                     fail(path, "line %d: %d values for %d columns (truncated or corrupt file?)"
                          % (i + 1, len(tok), len(labels)))
                 rows.append(tok)
+                row_lines.append(i)
                 i += 1
-            blocks[name] = _columns(path, labels, rows)
+            if len(set(labels)) != len(labels):
+                fail(path, "duplicate column labels")
+            blocks[name] = (labels, rows, row_lines)
         elif s.startswith("_"):
             tok = _tokens(s)
             if len(tok) != 2:
                 fail(path, "line %d: expected '_label value'" % i)
             cur = blocks[name]
-            if isinstance(cur, pd.DataFrame):
+            if not isinstance(cur, dict):
                 fail(path, "line %d: key-value item after a loop in the same block" % i)
             cur[tok[0][1:]] = tok[1]
         else:
             fail(path, "line %d: unexpected text %r (corrupt STAR file?)" % (i, s[:40]))
     if not blocks:
         fail(path, "no data_ block (not a STAR file?)")
-    out = OrderedDict()
-    for k, v in blocks.items():
-        if isinstance(v, dict):
-            v = _columns(path, list(v.keys()), [list(v.values())]) if v else pd.DataFrame()
-        out[k] = v
-    return out
+    return lines, blocks
 
 
 def _convert(values):
@@ -160,15 +194,7 @@ def read_star(path: str, root: Optional[str] = None) -> ParticleTable:
     """A :class:`ParticleTable` of a RELION STAR particle file (3.0 or 3.1+)."""
     blocks = read_star_blocks(path)
     optics = blocks.get("optics")
-    if "particles" in blocks:
-        parts = blocks["particles"]
-    else:
-        cands = [k for k, v in blocks.items() if "rlnImageName" in v.columns]
-        if not cands:
-            cands = [k for k, v in blocks.items() if k != "optics" and len(v.columns)]
-        if not cands:
-            fail(path, "no particle table (no data_particles block or loop with rlnImageName)")
-        parts = blocks[cands[0]]
+    parts = blocks[particle_block(path, {k: list(v.columns) for k, v in blocks.items()})]
     n = len(parts)
     if n == 0:
         fail(path, "no particles in the particle table")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..base.errors import NmaemError, fail
+from ..base.threads import THREAD_VARIABLES, usable_cores
 
 __all__ = ["resolve_device", "use_fast_kernels", "is_oom", "ProcessGroup", "rank_batches",
            "launch_distributed"]
@@ -115,7 +116,10 @@ def launch_distributed(run_dir: str, nproc: int, gpus: Optional[Sequence[int]] =
     env = dict(os.environ)
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(nproc))))
+    # the command's threads (base.threads: the rule sets OMP_NUM_THREADS) shared out
+    total = int(env.get("OMP_NUM_THREADS") or len(usable_cores()))
+    for name in THREAD_VARIABLES:
+        env[name] = str(max(1, total // int(nproc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc-per-node", str(int(nproc)), "-m", "nmaem_plugin", "train",
            "-o", os.path.abspath(run_dir), "--worker"]

@@ -8,8 +8,9 @@ The pipeline (``compute_modes``):
 2. **ANM Hessian** of the nodes (``sparse_hessian``, vectorised over the KD-tree's contact
    pairs; the same matrix as ProDy's ``ANM.buildHessian``, cutoff 15 A, gamma 1).
 3. **Diagonalisation**: dense ``torch.linalg.eigh`` (on the GPU when there is one) for small
-   networks, or a sparse shift-invert Lanczos (scipy ``eigsh``, ARPACK) on the sparse Hessian
-   for networks too large for a dense 3N x 3N matrix. ``solver='auto'`` chooses by size.
+   networks, or shift and invert on the sparse Hessian for networks too large for a dense
+   3N x 3N matrix (``shift_invert``: MUMPS and a block Lanczos, or SuperLU and ARPACK).
+   ``solver='auto'`` chooses by size.
 4. **Rigid-body modes**: the six zero eigenvalues are found by their gap to the first internal
    mode; more than six zero modes means the network is disconnected or floppy (an error).
 5. **Interpolation** of the d lowest internal modes onto every atom with a normalised Gaussian
@@ -19,8 +20,8 @@ The pipeline (``compute_modes``):
    orthonormal over the 3M coordinates by symmetric (Loewdin) orthonormalisation, which keeps
    every mode as close as possible to its interpolated self.
 
-Each step is a module of this folder: ``anm`` (1, 2), ``solver`` (3, 4), ``interpolation``
-(5), ``basis`` (6). The result is a ``NormalModes``, written and read as ``modes.npz`` by
+Each step is a module of this folder: ``anm`` (1, 2), ``solver`` and ``shift_invert`` (3, 4),
+``interpolation`` (5), ``basis`` (6). The result is a ``NormalModes``, written and read as ``modes.npz`` by
 ``modesfile``; ``diagnostics`` compares modes with a target conformation.
 """
 import time
@@ -34,6 +35,7 @@ from .anm import cg_selection, check_network_parameters, count_pieces, sparse_he
 from .basis import orthonormalise
 from .interpolation import SIGMA_FACTOR, auto_sigma, interpolate_modes
 from .modesfile import MODES_FORMAT_VERSION, NormalModes
+from .shift_invert import sparse_route
 from .solver import ZERO_TOL, choose_solver, collectivity, default_device, fix_signs, solve_modes
 
 __all__ = ["compute_modes"]
@@ -107,12 +109,11 @@ def compute_modes(model: AtomicModel, n_modes: int = 16, cg: str = "ca", cutoff:
         % (cutoff, gamma, 3 * n_cg, 3 * n_cg, "sparse" if method == "sparse" else "dense",
            t_hessian))
     t0 = time.time()
-    w, v = solve_modes(H, n_wanted, method, device)
+    route = "torch.linalg.eigh on %s" % device if method == "dense" else sparse_route()
+    w, v = solve_modes(H, n_wanted, method, device, log=say)
     del H
     t_solve = time.time() - t0
-    say("eigensolver: %s (%s; %s), %.1f s"
-        % (method, "torch.linalg.eigh on " + str(device) if method == "dense"
-           else "scipy eigsh shift-invert", why, t_solve))
+    say("eigensolver: %s (%s; %s), %.1f s" % (method, route, why, t_solve))
 
     # rigid-body modes: the zero eigenvalues below the gap
     tol = ZERO_TOL * scale
@@ -165,6 +166,7 @@ def compute_modes(model: AtomicModel, n_modes: int = 16, cg: str = "ca", cutoff:
         "kernel": "normalised_gaussian_node_exact",
         "solver": method,
         "solver_reason": why,
+        "solver_route": route,
         "device": str(device),
         "n_cg": n_cg,
         "cg_index": cg_index.astype(np.int64),

@@ -1,11 +1,12 @@
 """The eigenproblem of the Hessian: the lowest eigenpairs (``solve_modes``: dense torch eigh, or
-a sparse shift-invert Lanczos), the choice between them by network size (``choose_solver``),
-deterministic signs, and the collectivity of modes."""
-from typing import TYPE_CHECKING, Optional, Tuple, Union
+shift and invert on the sparse Hessian, module ``shift_invert``), the choice between them by
+network size (``choose_solver``), deterministic signs, and the collectivity of modes."""
+from typing import TYPE_CHECKING, Callable, Optional, Tuple, Union
 
 import numpy as np
 
 from ..base.errors import NmaemError
+from .shift_invert import lowest_eigenpairs
 
 if TYPE_CHECKING:                   # scipy is imported where a sparse matrix is built
     from scipy.sparse import csr_matrix
@@ -14,8 +15,10 @@ __all__ = ["solve_modes", "choose_solver", "default_device", "fix_signs", "colle
            "DENSE_MAX_NODES_CPU", "DENSE_MAX_NODES_GPU", "ZERO_TOL"]
 
 
-# the dense solver is used up to this many CG nodes (3N x 3N float64 Hessian + eigenvectors)
-DENSE_MAX_NODES_CPU = 1000
+# the dense solver is used up to this many CG nodes (3N x 3N float64 Hessian + eigenvectors);
+# on a CPU the sparse routes are faster from a few hundred nodes on (one thread, 22
+# eigenpairs: 428 nodes dense 0.6 s, sparse 0.1 s; 1,070 nodes dense 15 s, sparse 0.3 s)
+DENSE_MAX_NODES_CPU = 300
 DENSE_MAX_NODES_GPU = 4000
 # an eigenvalue below ZERO_TOL * (mean diagonal of the Hessian) is a zero (rigid/floppy) mode
 ZERO_TOL = 1e-6
@@ -45,16 +48,15 @@ def default_device() -> str:
 
 
 def solve_modes(hessian: Union[np.ndarray, "csr_matrix"], n_wanted: int, solver: str = "dense",
-                device: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+                device: Optional[str] = None,
+                log: Optional[Callable[[str], None]] = None) -> Tuple[np.ndarray, np.ndarray]:
     """The ``n_wanted`` lowest eigenpairs of a symmetric Hessian: (values (k,), vectors (3N,k)).
 
     ``dense``: torch.linalg.eigh in float64 on ``device`` (numpy array input);
-    ``sparse``: scipy eigsh (ARPACK) in shift-invert mode about a small negative shift, so
-    that the wanted eigenvalues (the lowest, rigid-body zeros included) converge first. The
-    shifted matrix is factorised once by SuperLU in its symmetric mode with a minimum-degree
-    ordering of A + A^T (``MMD_AT_PLUS_A``, no pivoting: it is positive definite), which
-    fills in far less than eigsh's default (COLAMD): 19,260 CA nodes of a 149,040-atom
-    complex, 3.5x less time (docs/benchmarks.md).
+    ``sparse``: shift and invert about a small negative shift (``shift_invert``): the
+    shifted Hessian factorised once by MUMPS and a block Lanczos when python-mumps is
+    installed, else by SuperLU and ARPACK's Lanczos. ``log`` receives one line saying the
+    route, the solves and the largest residual.
     """
     if solver == "dense":
         import torch
@@ -67,20 +69,13 @@ def solve_modes(hessian: Union[np.ndarray, "csr_matrix"], n_wanted: int, solver:
         del Ht
         return w, v
     if solver == "sparse":
-        from scipy.sparse import csc_matrix, identity
-        from scipy.sparse.linalg import LinearOperator, eigsh, splu
-        H = csc_matrix(hessian)
-        n = H.shape[0]
-        scale = max(float(H.diagonal().mean()), 1e-300)
-        shift = -1e-3 * scale
-        lu = splu(csc_matrix(H - shift * identity(n, format="csc")), permc_spec="MMD_AT_PLUS_A",
-                  diag_pivot_thresh=0.0, options=dict(SymmetricMode=True))
-        inverse = LinearOperator((n, n), matvec=lu.solve, dtype=np.float64)
-        v0 = np.random.default_rng(0).standard_normal(n)
-        w, v = eigsh(H, k=n_wanted, sigma=shift, which="LM", v0=v0, tol=0, OPinv=inverse,
-                     maxiter=100 * n)
-        order = np.argsort(w)
-        return w[order], v[:, order]
+        found = lowest_eigenpairs(hessian, n_wanted)
+        if log is not None:
+            log("sparse eigensolver: %s; factor %.1f s, %d solves in %d calls %.1f s, largest "
+                "residual |Hv - lambda v| %.1e of the mean diagonal"
+                % (found.route, found.time_factor_s, found.solves, found.blocks,
+                   found.time_iterations_s, found.residual))
+        return found.values, found.vectors
     raise NmaemError("unknown solver %r" % solver)
 
 

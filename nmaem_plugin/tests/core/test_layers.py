@@ -287,7 +287,8 @@ class TestLayers(unittest.TestCase):
 
 
 class TestTorchFree(unittest.TestCase):
-    # torch-free modules: everything in base and io, and what the viewers draw with
+    # torch-free modules: everything in base and io, and what the viewers draw with (the
+    # state maps' viewer: mapfigure, fsc, statemaps, and the model maps of physics.density)
     LIGHT_CORE = ["io.particles", "io.star", "io.cryosparc", "io.stacks", "io.poses",
                   "io.runfolder", "io.latent", "base.choices"]
 
@@ -296,7 +297,9 @@ class TestTorchFree(unittest.TestCase):
         names = sorted(module_name(p)[0] for layer in ("base", "io")
                        for p in _python_files(os.path.join(core, layer)))
         names += [CORE + ".report.figures", CORE + ".analysis.labels",
-                  CORE + ".learn.convergence"]
+                  CORE + ".learn.convergence", CORE + ".analysis.mapfigure",
+                  CORE + ".analysis.fsc", CORE + ".analysis.statemaps",
+                  CORE + ".physics.density"]
         self.assertIn(CORE + ".io.table", names)
         loaded = _modules_loaded("\n".join("import %s" % n for n in names))
         for heavy in ("torch", "prody", "pykeops", "matplotlib"):

@@ -432,7 +432,8 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         summary saying what happened."""
         prot = self.newProtocol(NmaemProtStates, objLabel="states refined",
                                 statesMode=STATES_KMEANS, numberOfClusters=1,
-                                refineGeometry=False, refineStates=True, refineRounds=1)
+                                refineGeometry=False, doReconstruct=False,
+                                refineStates=True, refineRounds=1)
         prot.inputParticles.set(self.infer.outputParticles)
         self._launch(prot)
         out = prot.outputRefinedStructures
@@ -451,6 +452,63 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         np.testing.assert_array_equal(read_model(a.getFileName()).atom_ids, ref.atom_ids)
         self.assertIn("State 1 refined against %d particles" % N_PARTICLES,
                       " ".join(prot.summary()))
+
+    def test_state_maps(self):
+        """With RELION installed the states protocol reconstructs each state by default:
+        a SetOfVolumes whose maps carry their half-maps (RELION's files, the particles'
+        pixel size and box) and a SetOfFSCs whose curves are those of fsc.json; the
+        viewer draws each map's sections with its model's contour and the curves."""
+        from pwem.objects import SetOfFSCs, SetOfVolumes
+        from nmaem_plugin.core.base.relion import find_relion
+        from nmaem_plugin.core.analysis.statemaps import read_fsc_json
+        from nmaem_plugin.core.io.maps import read_map
+        if find_relion() is None:
+            self.skipTest("needs RELION (relion_reconstruct): apt-get install relion")
+        self.assertTrue(self.states.doReconstruct.get())
+        vols, fscs = self.states.outputVolumes, self.states.outputFSCs
+        self.assertIs(type(vols), SetOfVolumes)
+        self.assertIs(type(fscs), SetOfFSCs)
+        listing = self.states._readJsonResult("statesJson")
+        mapped = [r for r in listing["states"] if r.get("map")]
+        self.assertTrue(mapped)
+        self.assertEqual(vols.getSize(), len(mapped))
+        self.assertEqual(fscs.getSize(), 2 * len(mapped))
+        for vol, row in zip(vols.iterItems(orderBy="id"), mapped):
+            self.assertEqual(vol.getObjId(), row["state"])
+            self.assertAlmostEqual(vol.getSamplingRate(), APIX)
+            halves = vol.getHalfMaps(asList=True)
+            self.assertEqual(len(halves), 2)
+            for fn in [vol.getFileName()] + list(halves):
+                data, apix = read_map(fn)
+                self.assertEqual(data.shape, (BOX,) * 3)
+                self.assertAlmostEqual(apix, APIX, places=3)
+        curves = {}         # (a set's iteration reuses one item: copy its data)
+        for f in fscs.iterItems():
+            x, y = f.getData()
+            curves[f.getObjLabel()] = ([float(v) for v in x], [float(v) for v in y])
+        folder = self.states._getExtraPath("states")
+        for row in mapped:
+            info = read_fsc_json(os.path.join(folder, row["fsc"]))
+            x, y = curves["%s: half maps" % row["name"]]
+            np.testing.assert_allclose(y, info["half_map_fsc"]["fsc"])
+            np.testing.assert_allclose(x, info["half_map_fsc"]["frequency"])
+            x, y = curves["%s: map vs model" % row["name"]]
+            np.testing.assert_allclose(y, info["model_map_fsc"]["fsc"])
+        self.assertIn("half maps, FSC 0.143", " ".join(self.states.summary()))
+        from pwem.viewers.plotter import EmPlotter
+        from nmaem_plugin.viewers import NmaemStatesViewer
+        viewer = NmaemStatesViewer(project=self.proj, protocol=self.states)
+        viewer.stateNumber.set(mapped[0]["state"])
+        views = viewer._showMap()
+        self.assertIsInstance(views[0], EmPlotter)
+        fig = views[0].getFigure()
+        self.assertEqual(len(fig.axes), 4)
+        self.assertTrue(any(c.get_label().startswith("half maps")
+                            for c in fig.axes[3].get_lines()))
+        self.assertIsInstance(viewer._showCurves()[0], EmPlotter)
+        self.assertIn("map \\ model", viewer._showTable()[0].getMessage())
+        import matplotlib.pyplot as plt
+        plt.close("all")
 
     def test_state_particles_through_relion_writer(self):
         """One state's particles written by scipion-em-relion's own writer: the ids,

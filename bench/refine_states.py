@@ -66,7 +66,6 @@ def rmsd(a, b):
 def score(args, refine_dir, states_dir):
     from nmaem_plugin.core.analysis.landscape import load_run
     from nmaem_plugin.core.analysis.states import read_states
-    from nmaem_plugin.core.io.latent import read_latent
     from nmaem_plugin.core.physics.structure import read_model, read_trajectory
     model, nm, cfg = load_run(args.run)
     U = nm.modes.astype(np.float64).reshape(nm.n_modes, -1)

@@ -36,7 +36,7 @@ diverging or chemistry-breaking refinement) keeps its start model, with the reas
 """
 import math
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 import numpy as np
 import torch

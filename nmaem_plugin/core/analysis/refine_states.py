@@ -27,7 +27,7 @@ significance, RMSD to the start, geometry figures, iterations, rounds, envelope,
 import json
 import os
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 

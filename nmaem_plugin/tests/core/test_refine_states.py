@@ -17,8 +17,6 @@ state_likelihood.py, restraints.py, refine_states.py; ``nmaem refine-states``).
 * The command end to end on a small trained chain: outputs, names, frame, refine.json;
   too few particles to split; bad inputs as one-line errors.
 """
-import contextlib
-import io
 import json
 import os
 import shutil

@@ -497,7 +497,8 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         self.assertIn("half maps, FSC 0.143", " ".join(self.states.summary()))
         from pwem.viewers.plotter import EmPlotter
         from nmaem_plugin.viewers import NmaemStatesViewer
-        viewer = NmaemStatesViewer(project=self.proj, protocol=self.states)
+        viewer = NmaemStatesViewer(project=self.proj)
+        viewer.setProtocol(self.states)      # defines the viewer's params (ProtocolViewer)
         viewer.stateNumber.set(mapped[0]["state"])
         views = viewer._showMap()
         self.assertIsInstance(views[0], EmPlotter)

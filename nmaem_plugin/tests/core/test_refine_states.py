@@ -193,7 +193,8 @@ class TestRecovery(unittest.TestCase):
         _, _, g = A.chi2(X, grad=True, subset=[0])
         d = np.random.default_rng(1).standard_normal(X.shape)
         d /= np.linalg.norm(d)
-        h = 0.01
+        h = 0.5         # A along a unit direction of 3M coordinates: ~0.007 A per coordinate,
+                        # a change of chi2 far above its float32 rounding (h = 0.01 was not)
         up = A.chi2(X + h * d, subset=[0])[0]
         down = A.chi2(X - h * d, subset=[0])[0]
         self.assertAlmostEqual(float((g * d).sum()), (up - down) / (2 * h),

@@ -89,8 +89,9 @@ NUISANCES = {
 
 
 def nmaem_cmd():
-    exe = os.path.join(os.path.dirname(sys.executable), "nmaem")
-    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "nmaem_plugin"]
+    """``python -m nmaem_plugin``: the tree on PYTHONPATH (an installed console script may
+    point to another checkout, or to an entry point of an older layout)."""
+    return [sys.executable, "-m", "nmaem_plugin"]
 
 
 def run(cmd, log, capture=False):

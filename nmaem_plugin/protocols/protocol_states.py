@@ -11,14 +11,17 @@
 ``nmaem export --z`` (each state's model) -> a SetOfClassesStructFlex, the models as a
 SetOfAtomStructFlex and one plain SetOfParticles per state; with "Reconstruct" (on when
 RELION is found) ``nmaem states --reconstruct`` gives each state's RELION map and its
-model, validated: a SetOfVolumes with half-maps and a SetOfFSCs."""
+model, validated: a SetOfVolumes with half-maps and a SetOfFSCs; optionally ``nmaem
+refine-states`` (each state's all-atom model refined against its own particles) -> a
+SetOfAtomStructs of the refined models."""
 import os
 from enum import Enum
 
 import pyworkflow.protocol.params as params
-from pyworkflow.object import Integer
-from pwem.objects import (FSC, ClassStructFlex, Particle, SetOfAtomStructFlex,
-                          SetOfClassesStructFlex, SetOfFSCs, SetOfVolumes, Volume)
+from pyworkflow.object import Boolean, Float, Integer, String
+from pwem.objects import (FSC, AtomStruct, ClassStructFlex, Particle, SetOfAtomStructs,
+                          SetOfAtomStructFlex, SetOfClassesStructFlex, SetOfFSCs,
+                          SetOfVolumes, Volume)
 
 from ..constants import PROGRAM_NAME
 from ..core.base.relion import INSTALL_HINT, find_relion
@@ -36,6 +39,7 @@ class NmaemStatesOutputs(Enum):
     outputStructures = SetOfAtomStructFlex
     outputVolumes = SetOfVolumes
     outputFSCs = SetOfFSCs
+    outputRefinedStructures = SetOfAtomStructs
 
 
 def stateParticlesName(k):
@@ -59,6 +63,10 @@ class NmaemProtStates(NmaemProtBase):
     SetOfVolumes (each map with its half-maps, for postprocessing, local resolution or
     model building) and a SetOfFSCs (per state: half maps, and map against the state's
     model). The viewer shows the maps' sections with the model's contour and the curves.
+
+    Optionally each state's model is then refined against the state's own particles
+    (every atom, beyond the normal modes; stopped by a held-out half of the particles):
+    the refined models as a SetOfAtomStructs.
     """
     _label = "states"
     _possibleOutputs = NmaemStatesOutputs
@@ -106,6 +114,27 @@ class NmaemProtStates(NmaemProtBase):
                       label="Refine the models' geometry?",
                       help="Restrained energy minimisation of each state's model with OpenMM, "
                            "as in 'export models'. No: the plain X0 + U z models.")
+        form.addParam("refineStates", params.BooleanParam, default=False,
+                      label="Refine the models against the particles?",
+                      help="Refine each state's all-atom model (from its exported model) "
+                           "against the state's particles, every atom, with geometry "
+                           "restraints and OpenMM (nmaem refine-states). Half of each "
+                           "state's particles refine, the other half decides when to stop; "
+                           "a state whose held-out half does not prefer the refined model "
+                           "keeps its start model. Output: the refined models "
+                           "(outputRefinedStructures). Needs the particles' images.")
+        form.addParam("refineBox", params.IntParam, default=0,
+                      condition="refineStates", expertLevel=params.LEVEL_ADVANCED,
+                      label="Refinement box (px)",
+                      help="The images are Fourier-cropped to this box for the refinement "
+                           "(even; 0: the training box). Larger boxes use finer detail and "
+                           "cost more (the time grows about as the box squared).")
+        form.addParam("refineRounds", params.IntParam, default=3,
+                      condition="refineStates", expertLevel=params.LEVEL_ADVANCED,
+                      validators=[params.Positive], label="Refinement rounds (at most)",
+                      help="Each round: L-BFGS on the refinement half, stopped by the "
+                           "held-out half, then OpenMM; the next round starts only when "
+                           "the held-out half preferred the last one's model.")
 
     def _createFilenameTemplates(self):
         self._updateFilenamesDict({
@@ -117,6 +146,8 @@ class NmaemProtStates(NmaemProtBase):
             "models": self._getExtraPath("models"),
             "listing": self._getExtraPath("models", "models.json"),
             "star": self._getExtraPath("input_particles.star"),
+            "refined": self._getExtraPath("refined"),
+            "refineJson": self._getExtraPath("refined", "refine.json"),
         })
 
     def _rangeLines(self):
@@ -126,11 +157,13 @@ class NmaemProtStates(NmaemProtBase):
     def _insertAllSteps(self):
         self._createFilenameTemplates()
         self._insertFunctionStep(self.writeLatentStep)
-        if self.doReconstruct.get():
+        if self.doReconstruct.get() or self.refineStates.get():
             self._insertFunctionStep(self.convertInputStep)
         self._insertFunctionStep(self.statesStep)
         if not self.doReconstruct.get():    # with maps, the states' own models are used
             self._insertFunctionStep(self.modelsStep)
+        if self.refineStates.get():
+            self._insertFunctionStep(self.refineStep)
         self._insertFunctionStep(self.createOutputStep)
 
     def statesStep(self):
@@ -162,6 +195,35 @@ class NmaemProtStates(NmaemProtBase):
         if not self.refineGeometry.get():
             args.append("--no-refine")
         self.runNmaem("export", args)
+
+    def refineStep(self):
+        """Each state's model refined against its particles (``nmaem refine-states``)."""
+        args = ["--states", self._getFileName("states"),
+                "--model", os.path.abspath(self._runDir()),
+                "--particles", self._getFileName("star"),
+                "--latent", self._getFileName("latent"),
+                "-o", self._getFileName("refined"), "--force"]
+        if self.refineBox.get():
+            args += ["--box", self.refineBox.get()]
+        args += ["--rounds", self.refineRounds.get()]
+        self.runNmaem("refine-states", args)
+
+    def _refinedOutput(self):
+        """The refined models as a SetOfAtomStructs (state number, whether refined, the
+        held-out gain and the RMSD to the start on each)."""
+        listing = self._readJsonResult("refineJson")
+        out = self._createSetOfPDBs(suffix="refined")
+        for row in listing["states"]:
+            a = AtomStruct(filename=os.path.join(self._getFileName("refined"), row["name"],
+                                                 "refined.pdb"))
+            a.setObjId(row["state"])
+            setattr(a, ATTR_STATE, Integer(row["state"]))
+            setattr(a, "_nmaem_refined", Boolean(bool(row.get("refined"))))
+            setattr(a, "_nmaem_refineStatus", String(row.get("status", "")))
+            setattr(a, "_nmaem_heldoutGain", Float(float(row.get("heldout_gain") or 0.0)))
+            setattr(a, "_nmaem_rmsdToStart", Float(float(row["rmsd_to_start"])))
+            out.append(a)
+        return out
 
     def createOutputStep(self):
         import numpy as np
@@ -218,6 +280,8 @@ class NmaemProtStates(NmaemProtBase):
             outputs[stateParticlesName(k + 1)] = plain
         if self.doReconstruct.get():
             outputs.update(self._mapOutputs(listing, parts.getSamplingRate()))
+        if self.refineStates.get():
+            outputs[NmaemStatesOutputs.outputRefinedStructures.name] = self._refinedOutput()
         self._defineOutputs(**outputs)
         for out in outputs.values():
             self._defineSourceRelation(self.inputParticles, out)
@@ -281,6 +345,7 @@ class NmaemProtStates(NmaemProtBase):
             if find_relion() is None:
                 errors.append("Reconstructing the states needs RELION (relion_reconstruct): "
                               "%s; or answer No to 'Reconstruct each state?'." % INSTALL_HINT)
+        if self.doReconstruct.get() or self.refineStates.get():
             errors += self.validateParticles(parts, "The particles")
         mode = self.statesMode.get()
         if mode == STATES_KMEANS and self.numberOfClusters.get() > parts.getSize():
@@ -324,6 +389,12 @@ class NmaemProtStates(NmaemProtBase):
             lines.append("%d of %d maps correlate best with their own state's model (maps "
                          "and models low-passed to %.1f A)." % (own, len(corr["maps"]),
                                                                  corr["resolution"]))
+        refined = self._readJsonResult("refineJson") if self.refineStates.get() else None
+        for row in (refined or {}).get("states", []):
+            lines.append("State %d refined against %d particles: %s (held-out gain %.1f, "
+                         "%.2f A from the start model)."
+                         % (row["state"], row["n_particles"], row["status"],
+                            row.get("heldout_gain") or 0.0, row["rmsd_to_start"]))
         return lines
 
     def _methods(self):

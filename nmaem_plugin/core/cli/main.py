@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 
 from ..base.errors import NmaemError
 from ..base.threads import choose_threads, use_threads
-from . import check, evaluate, export, infer, modes, report, simulate, states, train
+from . import (check, evaluate, export, infer, modes, refine_states, report, simulate, states,
+               train)
 from .options import add_threads_option
 
 __all__ = ["main", "build_parser", "Terminated", "PROGRESS_STREAM"]
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_parser(sub)
     export.add_parser(sub)
     states.add_parser(sub)
+    refine_states.add_parser(sub)
     evaluate.add_parser(sub)
     report.add_parser(sub)
     check.add_parser(sub)

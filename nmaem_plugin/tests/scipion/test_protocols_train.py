@@ -427,6 +427,34 @@ class TestNmaemTrainProtocols(scipion_base.NmaemBaseTest):
         self.assertEqual(len(first.getZRed()), N_MODES)
         self.assertEqual(self.infer.outputParticles.getFlexInfo().getAttr(HUB_N_MODES), N_MODES)
 
+    def test_states_refined_against_their_particles(self):
+        """The states protocol's refinement option: nmaem refine-states on one state of
+        every particle (one round); the refined model (or the start, when the held-out
+        half refused) as a SetOfAtomStructs with its state and held-out gain, and the
+        summary saying what happened."""
+        prot = self.newProtocol(NmaemProtStates, objLabel="states refined",
+                                statesMode=STATES_KMEANS, numberOfClusters=1,
+                                refineGeometry=False, doReconstruct=False,
+                                refineStates=True, refineRounds=1)
+        prot.inputParticles.set(self.infer.outputParticles)
+        self._launch(prot)
+        out = prot.outputRefinedStructures
+        self.assertEqual(out.getSize(), 1)
+        a = out.getFirstItem()
+        self.assertTrue(os.path.isfile(a.getFileName()))
+        self.assertEqual(a._nmaem_state.get(), 1)
+        with open(prot._getExtraPath("refined", "refine.json")) as fh:
+            row = json.load(fh)["states"][0]
+        self.assertEqual(row["n_particles"], N_PARTICLES)
+        self.assertEqual(a._nmaem_refined.get(), row["refined"])
+        self.assertAlmostEqual(a._nmaem_heldoutGain.get(), row["heldout_gain"], places=3)
+        self.assertGreaterEqual(row["heldout_gain"], 0.0)
+        from nmaem_plugin.core.physics.structure import read_model
+        ref = read_model(os.path.join(self._runDir(), "reference.pdb"))
+        np.testing.assert_array_equal(read_model(a.getFileName()).atom_ids, ref.atom_ids)
+        self.assertIn("State 1 refined against %d particles" % N_PARTICLES,
+                      " ".join(prot.summary()))
+
     def test_state_maps(self):
         """With RELION installed the states protocol reconstructs each state by default:
         a SetOfVolumes whose maps carry their half-maps (RELION's files, the particles'

@@ -131,7 +131,7 @@ def maxima(land: Landscape, bandwidth: Optional[float] = None,
            grid_size: int = DEFAULTS["kde_grid"]) -> StateMaxima:
     """Density maxima along PC1 and the model at each (module docstring). ``bandwidth``
     applies to point estimates only (the deconvolved density has none: each particle's
-    own posterior spread)."""
+    own posterior spread; another value than the default is warned about)."""
     t, var = land.along(0)
     if not land.deconvolved:
         mx = density_maxima(t, bandwidth=bandwidth, min_height=min_height,
@@ -142,9 +142,11 @@ def maxima(land: Landscape, bandwidth: Optional[float] = None,
             rows = mx.near[k] if len(mx.near[k]) else np.flatnonzero(mx.basin == k)
             reps.append(land.z[rows].mean(0))
         return StateMaxima(mx, np.array(reps).reshape(len(mx), land.z.shape[1]), land)
-    if bandwidth is not None:
-        raise NmaemError("--bandwidth applies to a latent without z_cov (point estimates); "
-                         "the deconvolved landscape has each particle's posterior spread")
+    if bandwidth is not None and str(bandwidth).strip().lower() != "isj":   # the default
+        from ..base.errors import warning
+        warning("--bandwidth %s is not used: it applies to a latent without z_cov (point "
+                "estimates); the deconvolved landscape has each particle's posterior spread"
+                % bandwidth)
     sd = np.sqrt(var)
     grid = np.linspace((t - 4 * sd).min(), (t + 4 * sd).max(), int(grid_size))
     phi = _contributions(grid, t, var)               # (N, G)

@@ -109,16 +109,25 @@ def half_sets(table: "ParticleTable", rows: np.ndarray, seed: int) -> Tuple[np.n
     return halves, "random (seed %d)" % seed
 
 
-def check_model_in_box(coords: np.ndarray, box: int, apix: float, what: str) -> None:
-    """A one-line error when atoms of ``coords`` lie outside the particles' box (the map
-    frame: voxel D//2 at (D//2)*apix; ``what`` names the model)."""
+def check_model_in_box(coords: np.ndarray, box: int, apix: float, what: str,
+                       strict: bool = True) -> None:
+    """Atoms of ``coords`` outside the particles' box (the map frame: voxel D//2 at
+    (D//2)*apix; ``what`` names the model): a one-line error when ``strict`` (the
+    reference: not docked in the frame of the poses), else a warning (a state's deformed
+    model reaching past the box: its model map is cut there)."""
     from ..physics.density import map_frame_positions
     u = map_frame_positions(coords, box, apix)
     out = np.maximum(-u, u - (box - 1)).max()
-    if out > 0:
-        fail(what, "atoms lie up to %.1f A outside the particles' box (%d px of %g A, centre "
-                   "at %g A): is the model docked in the frame of the consensus map the "
-                   "poses refer to?" % (out * apix, box, apix, (box // 2) * apix))
+    if out <= 0:
+        return
+    where = ("atoms lie up to %.1f A outside the particles' box (%d px of %g A, centre at "
+             "%g A)" % (out * apix, box, apix, (box // 2) * apix))
+    if strict:
+        fail(what, where + ": is the model docked in the frame of the consensus map the "
+                           "poses refer to?")
+    from ..base.errors import warning
+    warning("%s: %s: its model map is cut at the box's edges (the map-model FSC and the "
+            "states x models table under-rate it)" % (what, where))
 
 
 def _resolutions(curve, threshold):
@@ -226,7 +235,7 @@ def state_maps(out_dir: str, names: Sequence[str], table: "ParticleTable",
     labels = np.asarray(labels, dtype=np.int64)
     box, apix = particle_geometry(table.subset(labels >= 0))
     for name, c in zip(names, coords):
-        check_model_in_box(c, box, apix, "the model of %s" % name)
+        check_model_in_box(c, box, apix, "the model of %s" % name, strict=False)
     small = _too_small(names, labels)
     infos: List[Optional[dict]] = []
     for k, name in enumerate(names):

@@ -374,9 +374,11 @@ def _check_reconstruction(particles, table, latent, st, names, model_run, check_
     model, nm, cfg = load_run(model_run)
     if check_run:
         check_latent_d(latent, nm, model_run, cfg)
+    check_model_in_box(deformed_coords(model, nm, np.zeros(latent.z.shape[1])), box, apix,
+                       "the reference model of %s" % model_run)
     for name, zk in zip(names, st.z):
         check_model_in_box(deformed_coords(model, nm, zk), box, apix,
-                           "the model of %s (%s)" % (name, model_run))
+                           "the model of %s (%s)" % (name, model_run), strict=False)
     return rec
 
 

@@ -41,7 +41,7 @@ __all__ = ["Landscape", "StateMaxima", "landscape", "maxima", "POINT_ESTIMATE_NO
 
 POINT_ESTIMATE_NOTE = ("the latent has no posterior covariances (z_cov): the landscape is the "
                        "histogram of point estimates, which noise narrows toward the "
-                       "reference; infer again (nmaem infer, the default --population em) "
+                       "reference; infer again (nmaem infer --population em) "
                        "for the deconvolved landscape")
 SQRT2PI = float(np.sqrt(2.0 * np.pi))
 

@@ -9,7 +9,7 @@ from typing import Dict, Optional, Tuple
 __all__ = ["CG_CHOICES", "DISTRIBUTIONS", "ENCODER_PRESETS", "ENCODERS", "LOSSES",
            "LR_SCHEDULES", "CHECKPOINTS", "MODEL_FORMATS", "MODES_SOLVERS",
            "RENDER_ROUTES", "POSE_INPUTS", "POSE_INPUT_DEFAULT", "FIT_ITERATIONS_DEFAULT",
-           "POSE_FIT_CALIBRATION", "POPULATIONS", "POPULATION_DEFAULT",
+           "POSE_FIT_CALIBRATION", "EM_FIT_ITERATIONS_DEFAULT", "POPULATIONS", "POPULATION_DEFAULT",
            "POPULATION_MAX_COMPONENTS", "POSE_FIT_BROAD_SD_DEG", "POSE_FIT_MIN_SD_DEG",
            "max_workers", "workers_problem"]
 
@@ -60,10 +60,11 @@ POSE_INPUT_DEFAULT = "z"       # measured: docs/benchmarks.md, "Pose refinement"
 
 # nmaem infer --fit-iterations: Gauss-Newton iterations of each particle's fit after the
 # encoder (particle_fit.py); measured: docs/benchmarks.md, "Per-particle fit"
-FIT_ITERATIONS_DEFAULT = 10
+FIT_ITERATIONS_DEFAULT = 5
+EM_FIT_ITERATIONS_DEFAULT = 10   # with --population em: over its resolution stages
 # the population the per-particle fit works under (nmaem infer --population)
 POPULATIONS = ("em", "encoder")
-POPULATION_DEFAULT = "em"
+POPULATION_DEFAULT = "encoder"   # em: opt-in (docs/training.md, "The population")
 POPULATION_MAX_COMPONENTS = 6   # --components auto: K = 1 .. this, by BIC
 # nmaem infer --fit-pose: particles whose fit under a broad prior (sd in degrees) measures
 # the spread of the rotation errors, and the smallest sd of the prior that follows

@@ -3,7 +3,8 @@ import argparse
 import os
 from typing import Any
 
-from ..base.choices import (FIT_ITERATIONS_DEFAULT, POPULATION_DEFAULT,
+from ..base.choices import (EM_FIT_ITERATIONS_DEFAULT, FIT_ITERATIONS_DEFAULT,
+                            POPULATION_DEFAULT,
                             POPULATION_MAX_COMPONENTS, POPULATIONS, workers_problem)
 from ..base.errors import NmaemError
 
@@ -32,17 +33,19 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--fit-iterations", type=int, default=None, metavar="N",
                    help="iterations of the per-particle fit after the encoder, each a "
                         "Gauss-Newton step of every particle's z and shift under the "
-                        "population (default: at most %d, fewer once settled, for runs with "
+                        "population (default %d, %d with --population em, for runs with "
                         "the whitened loss and particles with poses and CTF; 0: the "
                         "encoder's output; "
                         "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/"
-                        "training.md)" % FIT_ITERATIONS_DEFAULT)
+                        "training.md)" % (FIT_ITERATIONS_DEFAULT, EM_FIT_ITERATIONS_DEFAULT))
     p.add_argument("--population", choices=POPULATIONS, default=POPULATION_DEFAULT,
-                   help="the population the fit works under: em (the default), a mixture "
-                        "estimated from the particles by deconvolution, with each "
-                        "particle's posterior covariance (z_cov) in the latent; encoder, a "
+                   help="the population the fit works under: encoder (the default), a "
                         "Gaussian with the encoder's mean and covariance (shrunk where the "
-                        "encoder is)")
+                        "encoder is); em, a mixture estimated from the particles by "
+                        "deconvolution, with each particle's posterior covariance (z_cov) "
+                        "and the shrinkage check in the latent (about 8x slower on a CPU; "
+                        "https://github.com/scipion-em/scipion-em-nmaem/blob/main/docs/"
+                        "training.md, 'The population')")
     p.add_argument("--components", default="auto", metavar="auto|K",
                    help="with --population em: the most Gaussian components of the "
                         "population, chosen by BIC (auto: up to %d; 1: one Gaussian)"

@@ -17,10 +17,8 @@ step looks along the population's principal axis v instead:
    which deconvolves the images' noise along v and shows several states where there are;
 4. each particle moved along v to its posterior mean under that distribution.
 
-The local fit then continues from there. More than ``END_WEIGHT`` of the weight at an end
-of the grid says the particles lie beyond it (a start shrunk toward its mean has a small
-sd along v): the grid is widened 3x and the search repeated, at most ``GRID_WIDENINGS``
-times; weight left at an end is reported.
+The local fit then continues from there. The grid's end weights are reported: weight at an
+end says the grid was too short.
 """
 import math
 from dataclasses import dataclass
@@ -38,13 +36,10 @@ if TYPE_CHECKING:
     from ..learn.network import Decoder
     from ..physics.likelihood import WhitenedLikelihood
 
-__all__ = ["AxisSearch", "axis_search", "npmle_weights", "GRID_POINTS", "GRID_HALF_WIDTH",
-           "END_WEIGHT", "GRID_WIDENINGS"]
+__all__ = ["AxisSearch", "axis_search", "npmle_weights", "GRID_POINTS", "GRID_HALF_WIDTH"]
 
 GRID_POINTS = 25
 GRID_HALF_WIDTH = 6.0       # population sds along the axis, each side of its mean
-END_WEIGHT = 0.05           # more weight than this at an end of the grid: widen it
-GRID_WIDENINGS = 2          # at most this many times, by 3x each (a shrunk start's sd is small)
 NPMLE_ITERATIONS = 2000
 BATCH = 8                   # particles per batch (times GRID_POINTS renderings)
 
@@ -110,28 +105,8 @@ def axis_search(decoder: "Decoder", likelihood: "WhitenedLikelihood", dataset: "
     axis = V[:, -1]
     axis = axis * np.sign(axis[np.argmax(np.abs(axis))])
     mu, sd = float(pop.mean @ axis), math.sqrt(max(w[-1], 1e-12))
-    half = GRID_HALF_WIDTH * sd
-    for attempt in range(GRID_WIDENINGS + 1):
-        grid = mu + np.linspace(-half, half, GRID_POINTS)
-        chi2 = _grid_chi2(decoder, likelihood, dataset, meta, p, axis, grid, ctf_of, device,
-                          rotvec, fit_turn, progress if attempt == 0 else None)
-        pi = npmle_weights(chi2)
-        if max(pi[0], pi[-1]) <= END_WEIGHT or attempt == GRID_WIDENINGS:
-            break
-        half *= 3.0          # weight at an end: the particles lie beyond the grid
-    L = -0.5 * (chi2 - chi2.min(1, keepdims=True))
-    R = np.exp(L) * pi
-    R /= R.sum(1, keepdims=True)
-    t = R @ grid
-    moved = np.abs(t - p[:, :d] @ axis)
-    return AxisSearch(axis, grid, pi, t, moved)
-
-
-def _grid_chi2(decoder, likelihood, dataset, meta, p, axis, grid, ctf_of, device, rotvec,
-               fit_turn, progress):
-    """chi2 (N, G) of every particle at every grid position along ``axis``."""
-    d = decoder.n_modes
-    N, G = p.shape[0], len(grid)
+    grid = mu + np.linspace(-GRID_HALF_WIDTH, GRID_HALF_WIDTH, GRID_POINTS) * sd
+    N, G = p.shape[0], GRID_POINTS
     chi2 = np.zeros((N, G))
     ax = torch.as_tensor(axis, dtype=torch.float32, device=device)
     gt = torch.as_tensor(grid, dtype=torch.float32, device=device)
@@ -159,4 +134,10 @@ def _grid_chi2(decoder, likelihood, dataset, meta, p, axis, grid, ctf_of, device
             chi2[r] = whitened_fit(Y, S, wts)["chi2"].double().cpu().numpy().reshape(n, G)
             if progress is not None:
                 progress(n)
-    return chi2
+    pi = npmle_weights(chi2)
+    L = -0.5 * (chi2 - chi2.min(1, keepdims=True))
+    R = np.exp(L) * pi
+    R /= R.sum(1, keepdims=True)
+    t = R @ grid
+    moved = np.abs(t - p[:, :d] @ axis)
+    return AxisSearch(axis, grid, pi, t, moved)

@@ -1,5 +1,5 @@
 """The per-particle fit under a population estimated from the particles (``nmaem infer``,
-``--population em``, the default).
+``--population em``).
 
 The encoder's outputs are the starting point only. Each iteration:
 

@@ -8,10 +8,10 @@ The images are preprocessed as in training; the encoder runs in eval mode, in fl
 
 Then, for runs trained with the whitened likelihood (the default) and particles with poses
 and CTFs, each particle's z and shift are fitted to its own image (``--fit-iterations``),
-starting from the encoder's output, with the images' envelope (``--fit-bfactor``): under a
-population estimated from the particles by deconvolution (``--population em``, the
-default, ``deconvolve.py``; the latent gets ``z_cov``, the population and the shrinkage
-check) or under the encoder's own spread (``--population encoder``, ``particle_fit.py``).
+starting from the encoder's output, with the images' envelope (``--fit-bfactor``): under
+the encoder's own spread (``--population encoder``, the default, ``particle_fit.py``) or a
+population estimated from the particles by deconvolution (``--population em``,
+``deconvolve.py``; the latent gets ``z_cov``, the population and the shrinkage check).
 ``--fit-pose`` also refines each particle's rotation, under a prior whose spread a
 calibration set measures.
 """
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from ..base.choices import EM_FIT_ITERATIONS_DEFAULT
 from ..io.latent import write_latent
 from ..base.errors import NmaemError, fail, warning
 
@@ -360,25 +361,23 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
           num_workers: int = 0, checkpoint: str = "last",
           log: Callable[[str], None] = print,
           fit_iterations: Optional[int] = None, fit_pose: bool = False,
-          fit_bfactor: Optional[float] = None, population: str = "em",
+          fit_bfactor: Optional[float] = None, population: str = "encoder",
           components: Optional[int] = None) -> dict:
     """Write ``out`` (latent.npz) for every particle of ``particles``; optionally ``star``,
     a copy of the particle file with amplitude columns and refined origins (and, for a run
     trained with ``--refine-pose``, refined angles and the corrections in degrees,
-    nmaemPoseCorrX/Y/Z). ``checkpoint``:
-    ``last``, ``best`` (lowest validation loss) or a checkpoint file of the run.
-
-    ``fit_iterations``: Gauss-Newton iterations of the per-particle fit after the encoder
-    (``particle_fit.py``); None: ``FIT_ITERATIONS_DEFAULT`` when the run has the whitened
-    likelihood and the particles have poses and CTFs, else none; 0: the encoder's output.
+    nmaemPoseCorrX/Y/Z). ``checkpoint``: ``last``, ``best`` (lowest validation loss) or a
+    checkpoint file of the run. ``fit_iterations``: of the per-particle fit; None:
+    ``FIT_ITERATIONS_DEFAULT`` (``EM_FIT_ITERATIONS_DEFAULT`` with ``em``) when the run has
+    the whitened likelihood and the particles poses and CTFs, else none; 0: the encoder's.
     ``fit_pose``: the fit also refines each particle's rotation (``pose_fit`` in
     docs/training.md); the latent and the STAR then hold the refined angles.
     ``fit_bfactor``: the B-factor (A^2) of the envelope the fit's renderings get; None:
     estimated from the particles (``particle_fit.envelope_bfactor``); 0: none.
-    ``population``: ``em`` (default) fits every particle under the population estimated
-    by deconvolution (``deconvolve.py``; the latent then holds ``z_cov`` and the
-    population); ``encoder``: under a Gaussian with the encoder's mean and covariance
-    (the fit before the population estimate). ``components``: the most mixture
+    ``population``: ``encoder`` (default): under a Gaussian with the encoder's mean and
+    covariance (``particle_fit.py``); ``em``: under the population estimated by
+    deconvolution (``deconvolve.py``; the latent then holds ``z_cov`` and the
+    population). ``components``: the most mixture
     components of the population (None: ``population.DEFAULTS``; 1: one Gaussian).
 
     Memory: one batch of images at a time plus the (N, d + 2) results.
@@ -406,6 +405,8 @@ def infer(particles: str, run_dir: str, out: str, batch: int = 256,
                         "%g A/px" % (boxes[0], apixes[0], cfg["box0"], cfg["apix0"]))
     from ..io.stacks import ImageStack
     ImageStack(table, check=True).close()
+    if fit_iterations is None and population == "em":
+        fit_iterations = EM_FIT_ITERATIONS_DEFAULT
     n_fit, no_fit = fit_plan(cfg, table, fit_iterations, run_dir, particles)
     if fit_bfactor is not None and not (0.0 <= float(fit_bfactor) < 1e4):
         raise NmaemError("--fit-bfactor must be 0 or more, below 10000 A^2 (got %g)"

@@ -83,7 +83,7 @@ class TestDeconvolveImages(unittest.TestCase):
               encoder="small", box=BOX, batch=16, lr=1e-3, seed=0, log=quiet)
         cls.latent = os.path.join(cls.tmp, "latent.npz")
         rc, cls.out, err = nmaem("infer", "--particles", cls.star, "--model", cls.run_dir, "-o",
-                                 cls.latent, "--fit-bfactor", 0)
+                                 cls.latent, "--fit-bfactor", 0, "--population", "em")
         assert rc == 0, err
 
     @classmethod

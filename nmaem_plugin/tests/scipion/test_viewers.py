@@ -425,18 +425,25 @@ if BaseTest is not None:
             self.assertIn("1 amplitudes given", views[0].getMessage())
 
         def test_latent_uncertainty_and_shrinkage(self):
-            """The infer protocol's defaults (fit under the estimated population) give
-            each particle its posterior sd (the latent's z_cov, read here with numpy)
-            and the shrinkage check: both drawn by the latent viewer; the summary says
-            the check's verdict."""
+            """An inference with the population estimated from the particles gives each
+            particle its posterior sd (the latent's z_cov, read here with numpy) and the
+            shrinkage check: both drawn by the latent viewer; the summary says the check's
+            verdict. The default inference (the encoder's population) has neither, and
+            the viewer and summary say so."""
+            from nmaem_plugin.protocols import NmaemProtInfer
             from nmaem_plugin.viewers.viewer_latent import uncertaintyOfParticles
-            viewer = self._viewer(NmaemLatentViewer, self.infer)
-            viewer.setProtocol(self.infer)
-            fn = os.path.join(self.proj.getPath(), self.infer._getExtraPath("latent.npz"))
+            infer = self.newProtocol(NmaemProtInfer, objLabel="infer em", batchSize=64,
+                                     population=0, useGpu=False)
+            infer.inputNetwork.set(self.train.outputNetwork)
+            infer.inputParticles.set(self.sim.outputParticles)
+            self._launch(infer)
+            viewer = self._viewer(NmaemLatentViewer, infer)
+            viewer.setProtocol(infer)
+            fn = os.path.join(self.proj.getPath(), infer._getExtraPath("latent.npz"))
             with np.load(fn) as f:
                 cov, index = f["z_cov"].astype(np.float64), f["index"]
             self.assertEqual(cov.shape[1:], (chain.N_MODES, chain.N_MODES))
-            sd = uncertaintyOfParticles(self.infer.outputParticles)
+            sd = uncertaintyOfParticles(infer.outputParticles)
             # the particles in id order are the latent's rows in STAR order
             want = np.sqrt(np.trace(cov, axis1=1, axis2=2))[np.argsort(index)]
             np.testing.assert_allclose(sd, want, rtol=1e-5)
@@ -445,9 +452,14 @@ if BaseTest is not None:
             fig = self._figure(viewer._showShrinkage())
             self.assertTrue(any("spread of the landscape" in a.get_xlabel()
                                 for a in fig.axes))
-            summary = " ".join(self.infer.summary())
+            summary = " ".join(infer.summary())
             self.assertIn("Posterior sd of z", summary)
             self.assertIn("Landscape scale", summary)
+            # the default inference: no z_cov, said in the viewer and the summary
+            viewer = self._viewer(NmaemLatentViewer, self.infer)
+            viewer.setProtocol(self.infer)
+            self.assertIsInstance(viewer._showUncertainty()[0], MessageView)
+            self.assertIn("No per-particle uncertainty", " ".join(self.infer.summary()))
 
         def test_latent_model_through_export(self):
             viewer = self._viewer(NmaemLatentViewer, self.infer)

@@ -142,7 +142,7 @@ def refine_states_command(states_dir: str, run_dir: str, particles: str, out_dir
     """``nmaem refine-states`` (module docstring); returns the listing of refine.json."""
     import torch
     from ..base.atomic import atomic_open
-    from ..io.outputs import FORCE_HINT, check_output_dir, run_files
+    from ..io.outputs import FORCE_HINT, check_outputs, command_outputs, run_files
     from ..io.poses import correct_rotations
     from ..physics.chunks import parse_memory_budget
     from ..physics.renderer import Renderer
@@ -177,8 +177,9 @@ def refine_states_command(states_dir: str, run_dir: str, particles: str, out_dir
         raise NmaemError(msg)
     products = [REFINE_JSON] + ["%s/%s" % (names[k], f) for k in chosen
                                 for f in ("refined.pdb", "start.pdb")]
-    check_output_dir(out_dir, products, inputs=[states_dir, particles, inp["latent_path"]]
-                     + run_files(run_dir), force=force, hint=FORCE_HINT)
+    inputs = [states_dir, particles, inp["latent_path"]] + run_files(run_dir)
+    check_outputs(out_dir, "refine-states", products=products, inputs=inputs, force=force,
+                  hint=FORCE_HINT)                 # refused before the long work
     torch.manual_seed(int(seed))
     lik = _likelihood(cfg, run_dir, table, model, box, apix, log)
     renderer = Renderer(model.elements, box, apix, centre=cfg["centre"],
@@ -192,81 +193,83 @@ def refine_states_command(states_dir: str, run_dir: str, particles: str, out_dir
         r = refine_coords(model, X, restraint=restraint, platform=platform, unknown="fix")
         return r.coords, r.ok, r.info
 
-    rows_all = []
-    t_all = time.time()
-    for k in chosen:
-        t0 = time.time()
-        members = np.flatnonzero(inp["label"] == k)
-        rng = np.random.default_rng([int(seed), k])
-        if max_particles is not None and len(members) > int(max_particles):
-            members = np.sort(rng.choice(members, int(max_particles), replace=False))
-        zk = inp["zs"][k]
-        log("refine-states: %s: %d particles; start: the exported model X0 + U z (OpenMM)"
-            % (names[k], len(members)))
-        r0 = refine_coords(model, deformed_coords(model, nm, zk), restraint=restraint,
-                           platform=platform, unknown="fix")
-        start = r0.coords
-        row = dict(state=k + 1, name=names[k], n_particles=int(len(members)),
-                   n_state=int((inp["label"] == k).sum()), z=[float(v) for v in zk],
-                   start_refinement_ok=bool(r0.ok))
-        os.makedirs(os.path.join(out_dir, names[k]), exist_ok=True)
-        write_model(os.path.join(out_dir, names[k], "start.pdb"), model, start)
-        if len(members) < MIN_PARTICLES:
-            why = ("%d particles: too few to split into a refinement and a held-out half "
-                   "(at least %d)" % (len(members), MIN_PARTICLES))
-            log("refine-states: %s: %s; the start model is kept" % (names[k], why))
-            row.update(refined=False, status="too few particles", message=why)
-            res = dict(coords=start)
-        else:
-            perm = rng.permutation(members)
-            halves = [np.sort(perm[:len(perm) // 2]), np.sort(perm[len(perm) // 2:])]
-            parts = []
-            for h in halves:
-                rows = lat.index[h]
-                sub = table.subset(rows)
-                rot = sub.rotation_matrices()
-                if lat.pose_correction is not None:
-                    rot = correct_rotations(rot, lat.pose_correction[h])
-                shifts = lat.shift[h] - sub.origin_or_zero() + offset
-                dz = (lat.z[h] - zk) if particle_z else None
-                parts.append(StateLikelihood(sub, model.elements, renderer, lik, rot, shifts,
-                                             dz=dz, modes=nm.modes if particle_z else None))
-            res = refine_state(model, start, parts[0], parts[1], restraints, geometry, polish,
-                               iterations=iterations, check_every=check_every,
-                               patience=patience, rounds=rounds,
-                               min_significance=min_significance, log=log)
-            row.update({key: v for key, v in res.items() if key != "coords"})
-        X = np.asarray(res["coords"], dtype=np.float64)
-        row["rmsd_to_start"] = float(np.sqrt(((X - start) ** 2).sum(1).mean()))
-        if "validation" not in row:
-            from .validation import validate
-            v = validate(X, geometry)
-            v.pop("ramachandran_outlier_residues", None)
-            row["validation"] = v
-        row["seconds"] = round(time.time() - t0, 1)
-        write_model(os.path.join(out_dir, names[k], "refined.pdb"), model, X)
-        log("refine-states: %s: %s; held-out gain %.1f, %.2f A from the start, bond rms "
-            "%.4f A, %.0f s" % (names[k], row["status"], row.get("heldout_gain", 0.0),
-                                row["rmsd_to_start"], row["validation"]["bond_rmsd"],
-                                row["seconds"]))
-        rows_all.append(row)
-    listing = dict(
-        states_dir=os.path.abspath(states_dir), model=os.path.abspath(run_dir),
-        particles=os.path.abspath(particles), latent=inp["latent_path"], box=box,
-        apix=apix, box0=box0, apix0=apix0, n_atoms=int(model.n_atoms),
-        basis="all heavy atoms (%d coordinates)" % (3 * model.n_atoms),
-        settings=dict(particle_z=bool(particle_z), iterations=int(iterations),
-                      check_every=int(check_every), patience=int(patience),
-                      rounds=int(rounds), min_significance=float(min_significance),
-                      max_particles=None if max_particles is None else int(max_particles),
-                      seed=int(seed), restraint_kcal_mol_A2=float(restraint),
-                      resolution_low=cfg.get("resolution_low"),
-                      resolution_high=lik.band.resolution_high,
-                      mask_radius=cfg.get("mask_radius")),
-        bond_rms=max((r["validation"]["bond_rmsd"] for r in rows_all), default=None),
-        seconds=round(time.time() - t_all, 1), states=rows_all)
-    with atomic_open(os.path.join(out_dir, REFINE_JSON), "w") as fh:
-        fh.write(format_json(listing) + "\n")
+    # the output policy (io/outputs.py): a manifest, all or nothing, one writer
+    with command_outputs(out_dir, "refine-states", products=products, inputs=inputs,
+                         force=force, hint=FORCE_HINT) as out:
+        rows_all = []
+        t_all = time.time()
+        for k in chosen:
+            t0 = time.time()
+            members = np.flatnonzero(inp["label"] == k)
+            rng = np.random.default_rng([int(seed), k])
+            if max_particles is not None and len(members) > int(max_particles):
+                members = np.sort(rng.choice(members, int(max_particles), replace=False))
+            zk = inp["zs"][k]
+            log("refine-states: %s: %d particles; start: the exported model X0 + U z (OpenMM)"
+                % (names[k], len(members)))
+            r0 = refine_coords(model, deformed_coords(model, nm, zk), restraint=restraint,
+                               platform=platform, unknown="fix")
+            start = r0.coords
+            row = dict(state=k + 1, name=names[k], n_particles=int(len(members)),
+                       n_state=int((inp["label"] == k).sum()), z=[float(v) for v in zk],
+                       start_refinement_ok=bool(r0.ok))
+            write_model(out.path("%s/start.pdb" % names[k]), model, start)
+            if len(members) < MIN_PARTICLES:
+                why = ("%d particles: too few to split into a refinement and a held-out half "
+                       "(at least %d)" % (len(members), MIN_PARTICLES))
+                log("refine-states: %s: %s; the start model is kept" % (names[k], why))
+                row.update(refined=False, status="too few particles", message=why)
+                res = dict(coords=start)
+            else:
+                perm = rng.permutation(members)
+                halves = [np.sort(perm[:len(perm) // 2]), np.sort(perm[len(perm) // 2:])]
+                parts = []
+                for h in halves:
+                    rows = lat.index[h]
+                    sub = table.subset(rows)
+                    rot = sub.rotation_matrices()
+                    if lat.pose_correction is not None:
+                        rot = correct_rotations(rot, lat.pose_correction[h])
+                    shifts = lat.shift[h] - sub.origin_or_zero() + offset
+                    dz = (lat.z[h] - zk) if particle_z else None
+                    parts.append(StateLikelihood(sub, model.elements, renderer, lik, rot, shifts,
+                                                 dz=dz, modes=nm.modes if particle_z else None))
+                res = refine_state(model, start, parts[0], parts[1], restraints, geometry, polish,
+                                   iterations=iterations, check_every=check_every,
+                                   patience=patience, rounds=rounds,
+                                   min_significance=min_significance, log=log)
+                row.update({key: v for key, v in res.items() if key != "coords"})
+            X = np.asarray(res["coords"], dtype=np.float64)
+            row["rmsd_to_start"] = float(np.sqrt(((X - start) ** 2).sum(1).mean()))
+            if "validation" not in row:
+                from .validation import validate
+                v = validate(X, geometry)
+                v.pop("ramachandran_outlier_residues", None)
+                row["validation"] = v
+            row["seconds"] = round(time.time() - t0, 1)
+            write_model(out.path("%s/refined.pdb" % names[k]), model, X)
+            log("refine-states: %s: %s; held-out gain %.1f, %.2f A from the start, bond rms "
+                "%.4f A, %.0f s" % (names[k], row["status"], row.get("heldout_gain", 0.0),
+                                    row["rmsd_to_start"], row["validation"]["bond_rmsd"],
+                                    row["seconds"]))
+            rows_all.append(row)
+        listing = dict(
+            states_dir=os.path.abspath(states_dir), model=os.path.abspath(run_dir),
+            particles=os.path.abspath(particles), latent=inp["latent_path"], box=box,
+            apix=apix, box0=box0, apix0=apix0, n_atoms=int(model.n_atoms),
+            basis="all heavy atoms (%d coordinates)" % (3 * model.n_atoms),
+            settings=dict(particle_z=bool(particle_z), iterations=int(iterations),
+                          check_every=int(check_every), patience=int(patience),
+                          rounds=int(rounds), min_significance=float(min_significance),
+                          max_particles=None if max_particles is None else int(max_particles),
+                          seed=int(seed), restraint_kcal_mol_A2=float(restraint),
+                          resolution_low=cfg.get("resolution_low"),
+                          resolution_high=lik.band.resolution_high,
+                          mask_radius=cfg.get("mask_radius")),
+            bond_rms=max((r["validation"]["bond_rmsd"] for r in rows_all), default=None),
+            seconds=round(time.time() - t_all, 1), states=rows_all)
+        with atomic_open(out.path(REFINE_JSON), "w") as fh:
+            fh.write(format_json(listing) + "\n")
     log("refine-states: %d state(s), %d refined -> %s"
         % (len(rows_all), sum(bool(r.get("refined")) for r in rows_all), out_dir))
     return listing

@@ -300,7 +300,7 @@ class TestInferWithFit(unittest.TestCase):
         rc, out, err = nmaem("infer", "--particles", self.star, "--model", self.run_dir, "-o", fit,
                              "--star", star)
         self.assertEqual(rc, 0, err)
-        self.assertIn("infer: fit: change of z from the encoder", out)
+        self.assertIn("infer: fit: posterior energy lower for", out)   # the encoder's population
         ae, cfg = load_trained(self.run_dir, "cpu")
         table = read_particles(self.star)
         _, images = ParticleImages(table, cfg["box"])[np.arange(table.n)]

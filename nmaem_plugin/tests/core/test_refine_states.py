@@ -321,7 +321,7 @@ class TestCommand(unittest.TestCase):
     def test_existing_output_is_refused(self):
         p = nmaem_cli("refine-states", "--states", self.states, "--model", self.run_dir,
                       "--particles", self.star, "-o", self.out)
-        self.assertOneLineError(p, os.path.join(self.out, "refine.json"))
+        self.assertOneLineError(p, self.out)     # the output folder (docs/reliability.md)
 
     def assertOneLineError(self, p, name):
         self.assertEqual(p.returncode, 2, p.stderr[-2000:])

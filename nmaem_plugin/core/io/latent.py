@@ -177,10 +177,12 @@ def _read_z_cov(path, data, n, d):
         if len(bad):
             fail(path, "z_cov is not symmetric (first at row %d)" % bad[0])
         c = 0.5 * (c + np.swapaxes(c, 1, 2))
-        w = np.linalg.eigvalsh(c)[:, 0]
-        bad = np.flatnonzero(~(w > 0))
-        if len(bad):
-            fail(path, "z_cov is not positive definite (first at row %d)" % bad[0])
+        try:                     # one batched Cholesky (eigenvalues cost 20x more)
+            np.linalg.cholesky(c)
+        except np.linalg.LinAlgError:
+            bad = np.flatnonzero(~(np.linalg.eigvalsh(c)[:, 0] > 0))
+            fail(path, "z_cov is not positive definite (first at row %d)"
+                 % (bad[0] if len(bad) else 0))
     return c
 
 

@@ -9,6 +9,7 @@ is exact: H_i = J_i^T J_i, h_i = J_i^T y_i. The checks are against the truth and
 independent formula (the evidence in covariance form), never against the code itself.
 """
 import math
+import os
 import unittest
 
 import numpy as np
@@ -204,3 +205,28 @@ class TestLandscape(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestLatentZCov(unittest.TestCase):
+    """read_latent refuses a z_cov that is not a covariance, naming the first bad row."""
+
+    def test_bad_z_cov_refused(self):
+        import tempfile
+        from nmaem_plugin.core.base.errors import NmaemError
+        from nmaem_plugin.core.io.latent import read_latent, write_latent
+        n, d = 5, 3
+        good = np.tile(np.eye(d), (n, 1, 1))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "latent.npz")
+            write_latent(path, np.zeros((n, d)), z_cov=good)
+            np.testing.assert_array_equal(read_latent(path).z_cov, good)
+            indefinite = good.copy()
+            indefinite[3, 1, 1] = -0.5            # eigenvalue -0.5 in row 3
+            write_latent(path, np.zeros((n, d)), z_cov=indefinite)
+            with self.assertRaisesRegex(NmaemError, "not positive definite.*row 3"):
+                read_latent(path)
+            asym = good.copy()
+            asym[2, 0, 1] = 0.5                   # row 2: not symmetric
+            write_latent(path, np.zeros((n, d)), z_cov=asym)
+            with self.assertRaisesRegex(NmaemError, "not symmetric.*row 2"):
+                read_latent(path)

@@ -77,6 +77,7 @@ class TestDeconvolveImages(unittest.TestCase):
         _, sim_frames = read_trajectory(os.path.join(cls.data, "frames.pdb"))
         disp = (sim_frames.astype(np.float64) - ref.coords[None]).reshape(len(sim_frames), -1)
         cls.z_true = (disp @ U.T)[frame]
+        cls.state = lab[frame]
         cls.n_atoms = M
         cls.run_dir = os.path.join(cls.tmp, "run")
         train(cls.run_dir, cls.star, os.path.join(cls.data, "reference.pdb"), cls.modes, epochs=2,
@@ -158,6 +159,48 @@ class TestDeconvolveImages(unittest.TestCase):
                                    np.sqrt(np.diag(pops[1].cov)) / scale, atol=0.05)
         # and they are where the truth is
         np.testing.assert_allclose(pops[0].mean / scale, self.z_true.mean(0) / scale, atol=0.1)
+
+    def test_subspace_search_finds_the_states_from_collapsed_starts(self):
+        """Every particle started at the population mean (no spread at all): the search over
+        the lowest modes (here all three) puts each near its true z and the population's
+        weight at the two states."""
+        from nmaem_plugin.core.inference.infer import encode_images
+        from nmaem_plugin.core.inference.population import initial_population
+        from nmaem_plugin.core.inference.particle_fit import prior_floor
+        from nmaem_plugin.core.inference.subspace_search import subspace_search
+        from nmaem_plugin.core.io.particles import read_particles
+        from nmaem_plugin.core.learn.checkpoints import load_trained
+        from nmaem_plugin.core.learn.data import ParticleImages, ParticleMetadata
+        from nmaem_plugin.core.physics.likelihood import WhitenedLikelihood
+        ae, cfg = load_trained(self.run_dir, "cpu")
+        table = read_particles(self.star)
+        dataset = ParticleImages(table, cfg["box"])
+        _, images = dataset[np.arange(N)]
+        shift, z, _ = encode_images(ae.encoder, images, "cpu")
+        start = np.concatenate([np.tile(z.mean(0), (N, 1)), shift], 1).astype(np.float64)
+        floor = prior_floor(D, self.n_atoms)
+        pop = initial_population(start[:, :D], start[:, D:], floor[:D], floor[D:])
+        lik = WhitenedLikelihood.for_run(self.run_dir, cfg, "cpu")
+        found = subspace_search(ae.decoder, lik, dataset, ParticleMetadata(table, "cpu"), start,
+                                pop, ae.decoder.ctf, torch.device("cpu"), log=quiet)
+        scale = math.sqrt(self.n_atoms)
+        means = np.array([self.z_true[self.state == k].mean(0) for k in (0, 1)])
+        # each particle is moved to its own state (2.5 A RMSD apart, each 0.5 A wide;
+        # 99.75 % measured)
+        dist = np.linalg.norm(found.t[:, None, :] - means[None], axis=2)
+        own = np.mean(np.argmin(dist, 1) == self.state)
+        # the estimated distribution puts each state's share of the weight near it
+        grid = np.stack(np.meshgrid(*found.axes, indexing="ij"), -1).reshape(-1, D)
+        near = np.linalg.norm(grid[:, None, :] - means[None], axis=2) / scale < 1.0
+        share = np.array([found.weights[near[:, k]].sum() for k in (0, 1)])
+        true_share = np.array([np.mean(self.state == k) for k in (0, 1)])
+        self.assertGreater(own, 0.95)     # 0.5 by chance from collapsed starts
+        np.testing.assert_allclose(share, true_share, atol=0.1)
+        # and its spread along each mode is the particles' true one
+        mean = found.weights @ grid
+        sd = np.sqrt(((grid - mean) ** 2 * found.weights[:, None]).sum(0))
+        np.testing.assert_allclose(sd / scale, self.z_true.std(0) / scale, atol=0.15)
+        self.assertIn("subspace search over modes 1/2/3", found.describe(self.n_atoms))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ keeps the fixed zero-mean prior that ``infer`` calibrates.
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from . import em as emmod
 from . import population as popmod
 from .axis_search import AxisSearch, axis_search
 from .particle_fit import MAX_STEP_SHIFT, MAX_STEP_TURN_DEG, linearise_batch
+from .subspace_search import SubspaceSearch, subspace_search
 
 if TYPE_CHECKING:
     from ..learn.data import ParticleImages, ParticleMetadata
@@ -54,6 +55,8 @@ EM_MAPS_BETWEEN = 100  # EM maps per iteration between the choices of K (warm st
 COARSEST_A = 32.0      # Angstrom: the band of the first resolution stage
 STAGE_ITERATIONS = 2   # iterations per coarse stage
 AXIS_SEARCH_STAGES = (0,)  # stages that begin with the axis search (and the last one does)
+SUBSPACE_SEARCH = True     # the first stage begins with the subspace search instead
+                           # (``subspace_search.py``; not with a masked likelihood)
 STEP_RMSD = 1.0        # Angstrom RMSD, the largest change of z in one step (the energy check
                        # refuses a step the linearisation mispredicts)
 
@@ -75,7 +78,7 @@ class Deconvolved:
     history: list
     unconstrained: np.ndarray
     em_converged: bool
-    searches: List[AxisSearch]
+    searches: List[Union[AxisSearch, SubspaceSearch]]
 
     def describe(self, start: np.ndarray, n_atoms: int) -> str:
         """One line: the change from ``start`` (N, d + 2), the encoder's, to the posterior
@@ -160,17 +163,22 @@ def deconvolve(decoder: "Decoder", likelihood: "WhitenedLikelihood", dataset: "P
                             + ([np.asarray(turn_sd, dtype=np.float64) * 1e-3]
                                if fit_turn else []))
     learn = np.array([LEARN_SHIFT, LEARN_SHIFT] + [False] * (3 if fit_turn else 0))
-    pop = popmod.initial_population(
-        start[:, :d], np.concatenate([start[:, d:], np.zeros((N, E - 2))], 1), zfloor, efloor,
-        learn_extra=learn)
-    if fit_turn:
-        em_ = pop.extra_mean.copy()
-        ec = pop.extra_cov.copy()
-        em_[2:] = 0.0
-        ec[2:, :] = 0.0
-        ec[:, 2:] = 0.0
-        ec[2:, 2:] = np.diag(np.asarray(turn_sd, dtype=np.float64) ** 2)
-        pop = popmod.Population(pop.weights, pop.means, pop.covs, em_, ec, learn)
+
+    def initial(z):
+        pop = popmod.initial_population(
+            z, np.concatenate([start[:, d:], np.zeros((N, E - 2))], 1), zfloor, efloor,
+            learn_extra=learn)
+        if fit_turn:
+            em_ = pop.extra_mean.copy()
+            ec = pop.extra_cov.copy()
+            em_[2:] = 0.0
+            ec[2:, :] = 0.0
+            ec[:, 2:] = 0.0
+            ec[2:, 2:] = np.diag(np.asarray(turn_sd, dtype=np.float64) ** 2)
+            pop = popmod.Population(pop.weights, pop.means, pop.covs, em_, ec, learn)
+        return pop
+
+    pop = initial(start[:, :d])
     batches = [np.arange(s, min(N, s + BATCH)) for s in range(0, N, BATCH)]
 
     def linearise(lik, q, label):
@@ -206,7 +214,17 @@ def deconvolve(decoder: "Decoder", likelihood: "WhitenedLikelihood", dataset: "P
             ctf_of = bfactor_at(p[:, :d], p[:, d:d + 2])
         lik = likelihood.limited(res)
         band = "to %.0f A" % res if res else "the run's band"
-        if si in AXIS_SEARCH_STAGES or final_stage:
+        if si == 0 and SUBSPACE_SEARCH and likelihood.band.mask is None and d > 0:
+            progress = Progress(N, "subspace search", unit="images")
+            found = subspace_search(decoder, likelihood, dataset, meta, p, pop, ctf_of, device,
+                                    rotvec=rotvec, fit_turn=fit_turn, progress=progress.update,
+                                    log=log)
+            p[:, found.modes] = found.t
+            pop = initial(p[:, :d])
+            searches.append(found)
+            history.append(found.describe(n_atoms))
+            log("infer: " + history[-1])
+        elif si in AXIS_SEARCH_STAGES or final_stage:
             progress = Progress(N, "axis search (%s)" % band, unit="images")
             found = axis_search(decoder, lik, dataset, meta, p, pop, ctf_of, device,
                                 rotvec=rotvec, fit_turn=fit_turn, progress=progress.update)

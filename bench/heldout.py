@@ -1295,7 +1295,7 @@ def metrics(data, run, star, timings, latent_name="latent.npz"):
     from scipy.stats import chi2
     nm = nmaem_cmd()
     latent_path = os.path.join(run, latent_name)
-    tag = os.path.splitext(latent_name)[0].replace("latent", "")
+    tag = os.path.splitext(os.path.basename(latent_name))[0].replace("latent", "")
     is_subset = os.path.abspath(star) != os.path.join(data, "particles.star")
     ev_path = os.path.join(run, "evaluate%s.json" % tag)
     ev_out = run_cmd(nm + ["evaluate", "--latent", latent_path, "--truth", data, "--model", run]
@@ -1312,7 +1312,7 @@ def metrics(data, run, star, timings, latent_name="latent.npz"):
     with np.load(latent_path, allow_pickle=False) as f:
         lat = {k: f[k] for k in f.files}
     x0, U, atom_ids = load_modes(os.path.join(data, "modes.npz"))
-    d, M = U.shape[0], U.shape[1]
+    d = U.shape[0]
     frames = read_frames_pdb(os.path.join(data, "frames.pdb"), list(atom_ids))
     Uf = U.reshape(d, -1).T                                   # (3M, d)
 
@@ -1541,7 +1541,9 @@ def main(argv=None):
     p = sub.add_parser("metrics", help="the metrics of an existing run")
     p.add_argument("--data", required=True)
     p.add_argument("--name", required=True, help="run folder in DATA")
-    p.add_argument("--latent", default="latent.npz", help="latent file name in the run")
+    p.add_argument("--latent", default="latent.npz",
+                   help="latent file: a name in the run, or a path (the metrics files are "
+                   "named after it, in the run)")
     p.add_argument("--particles", help="the STAR given to nmaem infer (default: the run's)")
     p.set_defaults(func=cmd_metrics)
 

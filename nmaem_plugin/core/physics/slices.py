@@ -63,19 +63,22 @@ class ProjectionBank:
         bt = torch.as_tensor(b, device=device)[:, :, None, None, None]
         ff = (at * torch.exp(-bt * q2 / 4.0)).sum(1) / self.apix ** 2       # (E, n, n, n)
         index = torch.as_tensor(index, device=device)
-        V = torch.zeros((self.G, self.n1, self.n1 * self.n1), dtype=torch.complex128,
+        # the sums in complex64 (the phases' arguments in float64): half the time of
+        # complex128, far below the interpolation's error
+        V = torch.zeros((self.G, self.n1, self.n1 * self.n1), dtype=torch.complex64,
                         device=device)
         for e in range(len(names)):
             P = X[:, index == e, :] - self.r0                              # (G, Me, 3)
-            f = ff[e].reshape(self.n1, -1).to(torch.complex128)
+            f = ff[e].reshape(self.n1, -1).to(torch.complex64)
             for s in range(0, self.G, CONFORMATION_CHUNK):
                 Pc = P[s:s + CONFORMATION_CHUNK]
-                E = torch.exp(-2j * math.pi * Pc[..., None] * q1)         # (g, Me, 3, n)
+                E = torch.polar(torch.ones((), dtype=torch.float32, device=device),
+                                ((-2.0 * math.pi) * Pc[..., None] * q1).float())  # (g, Me, 3, n)
                 T = (E[:, :, 1, :, None] * E[:, :, 2, None, :]).reshape(Pc.shape[0],
                                                                          Pc.shape[1], -1)
                 V[s:s + CONFORMATION_CHUNK] += torch.bmm(E[:, :, 0, :].transpose(1, 2), T) * f
         # (voxels, G): one read per corner gives every conformation's value
-        self.table = V.reshape(self.G, -1).T.to(torch.complex64).contiguous()
+        self.table = V.reshape(self.G, -1).T.contiguous()
 
     def project(self, rotations: torch.Tensor, shifts: torch.Tensor, kx: torch.Tensor,
                 ky: torch.Tensor) -> torch.Tensor:

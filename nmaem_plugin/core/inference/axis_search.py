@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from ..learn.network import Decoder
     from ..physics.likelihood import WhitenedLikelihood
 
-__all__ = ["AxisSearch", "axis_search", "npmle_weights", "GRID_POINTS", "GRID_HALF_WIDTH"]
+__all__ = ["AxisSearch", "axis_search", "npmle_weights", "posterior_means", "GRID_POINTS",
+           "GRID_HALF_WIDTH"]
 
 GRID_POINTS = 25
 GRID_HALF_WIDTH = 6.0       # population sds along the axis, each side of its mean
@@ -91,6 +92,14 @@ def npmle_weights(chi2: np.ndarray, iterations: int = NPMLE_ITERATIONS,
     return pi
 
 
+def posterior_means(chi2: np.ndarray, pi: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Each particle's posterior mean of the grid's ``points`` (G,) or (G, k) under the
+    weights ``pi`` (G,), its likelihood exp(-chi2 / 2) (``chi2`` (N, G))."""
+    R = np.exp(-0.5 * (chi2 - chi2.min(1, keepdims=True))) * pi
+    R /= R.sum(1, keepdims=True)
+    return R @ points
+
+
 def axis_search(decoder: "Decoder", likelihood: "WhitenedLikelihood", dataset: "ParticleImages",
                 meta: "ParticleMetadata", p: np.ndarray, pop: Population, ctf_of: Callable,
                 device: torch.device, rotvec: Optional[np.ndarray] = None,
@@ -135,9 +144,6 @@ def axis_search(decoder: "Decoder", likelihood: "WhitenedLikelihood", dataset: "
             if progress is not None:
                 progress(n)
     pi = npmle_weights(chi2)
-    L = -0.5 * (chi2 - chi2.min(1, keepdims=True))
-    R = np.exp(L) * pi
-    R /= R.sum(1, keepdims=True)
-    t = R @ grid
+    t = posterior_means(chi2, pi, grid)
     moved = np.abs(t - p[:, :d] @ axis)
     return AxisSearch(axis, grid, pi, t, moved)

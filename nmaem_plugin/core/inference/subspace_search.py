@@ -35,7 +35,7 @@ import torch
 
 from ..physics.rotations import correct_rotations
 from ..physics.slices import ProjectionBank
-from .axis_search import npmle_weights
+from .axis_search import npmle_weights, posterior_means
 from .population import Population
 
 if TYPE_CHECKING:
@@ -185,9 +185,6 @@ def subspace_search(decoder: "Decoder", likelihood: "WhitenedLikelihood",
                  progress)
     pi = npmle_weights(chi2)
     ends = _end_weights(pi, k, points)
-    L = -0.5 * (chi2 - chi2.min(1, keepdims=True))
-    R = np.exp(L) * pi
-    R /= R.sum(1, keepdims=True)
-    t = R @ grid
+    t = posterior_means(chi2, pi, grid)
     moved = np.linalg.norm(t - p[:, :k], axis=1)
     return SubspaceSearch(modes, axes, pi, t, moved, ends)

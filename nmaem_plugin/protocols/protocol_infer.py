@@ -94,7 +94,7 @@ class NmaemProtInfer(NmaemProtBase):
                            "shrunk toward the mean where the encoder is. Estimated from the "
                            "particles: a mixture of Gaussians deconvolved from the "
                            "particles' posteriors (EM, the number of components chosen by "
-                           "BIC), with a search along the population's first axis; each "
+                           "BIC), begun by a search over the lowest normal modes; each "
                            "particle gets its posterior covariance (uncertainty) and the "
                            "summary the shrinkage check. Measured better on held-out and "
                            "simulated particles, about 8x slower on a CPU, and unreliable "
@@ -166,10 +166,7 @@ class NmaemProtInfer(NmaemProtBase):
                 "--checkpoint", WEIGHTS_ARG[self.weights.get()],
                 "--force"]       # this protocol's own outputs, from an interrupted run
         if self._fitApplies():
-            n = self.fitIterations.get()
-            if POPULATION_ARG[self.population.get()] == "em" and n == FIT_ITERATIONS_DEFAULT:
-                n = EM_FIT_ITERATIONS_DEFAULT     # its resolution stages need more
-            args += ["--fit-iterations", n]
+            args += ["--fit-iterations", self._fitIterationsRun()]
             if self.fitPose.get():
                 args += ["--fit-pose"]
             args += ["--population", POPULATION_ARG[self.population.get()]]
@@ -193,6 +190,15 @@ class NmaemProtInfer(NmaemProtBase):
         self._defineOutputs(**{NmaemInferOutputs.outputParticles.name: out})
         self._defineSourceRelation(self.inputParticles, out)
         self._defineSourceRelation(self.inputNetwork, out)
+
+    def _fitIterationsRun(self):
+        """The iterations the fit runs: the form's, except that the default with the
+        estimated population is that population's default (its resolution stages need
+        more)."""
+        n = self.fitIterations.get()
+        if POPULATION_ARG[self.population.get()] == "em" and n == FIT_ITERATIONS_DEFAULT:
+            return EM_FIT_ITERATIONS_DEFAULT
+        return n
 
     def _fitApplies(self):
         """The per-particle fit runs: iterations > 0 and a network trained with the
@@ -294,7 +300,7 @@ class NmaemProtInfer(NmaemProtBase):
             text += (" Each particle's amplitudes and shift were then fitted to its image "
                      "(%d Gauss-Newton iterations in the training likelihood, with %s "
                      "as the prior%s)." % (
-                         self.fitIterations.get(),
+                         self._fitIterationsRun(),
                          "the encoder's population" if self.population.get() else
                          "a population of particles estimated by deconvolution (EM)",
                          ", and an envelope B-factor estimated by maximum likelihood"

@@ -302,7 +302,7 @@ def states_command(latent_path: str, out_dir: str, maxima: bool = False,
     rec, maps = None, []
     if reconstruct:
         from .statemaps import map_files
-        rec = _check_reconstruction(particles, table, latent, st, names, model_run,
+        rec = _check_reconstruction(particles, table, latent, st, model_run,
                                     run is None or thumbnails_run != model_run)
         maps = map_files(names, st.label)
     products = [STATES_FILE, STATES_JSON] + (stars or []) + (thumbs or []) + subsets + maps
@@ -355,12 +355,13 @@ def _write_subsets(out_dir, particles, table, index, st, stars, subsets):
         write_cs_subset(particles, os.path.join(out_dir, name), index[st.members(k)])
 
 
-def _check_reconstruction(particles, table, latent, st, names, model_run, check_run=True):
+def _check_reconstruction(particles, table, latent, st, model_run, check_run=True):
     """Before any work: what ``--reconstruct`` needs (particles, a run, RELION, one box and
-    pixel size, the models in the box) and, with ``check_run``, that the latent was made by
-    the run ``model_run`` (its model fingerprint); returns the reconstruction table."""
+    pixel size, the reference model in the box) and, with ``check_run``, that the latent
+    was made by the run ``model_run`` (its model fingerprint); returns the reconstruction
+    table."""
     from ..base.relion import relion_program
-    from .landscape import check_latent_d, deformed_coords, load_run
+    from .landscape import check_latent_d, load_run
     from .statemaps import check_model_in_box, particle_geometry, reconstruction_table
     if table is None:
         raise NmaemError("--reconstruct needs --particles (the particle file given to "
@@ -374,11 +375,9 @@ def _check_reconstruction(particles, table, latent, st, names, model_run, check_
     model, nm, cfg = load_run(model_run)
     if check_run:
         check_latent_d(latent, nm, model_run, cfg)
-    check_model_in_box(deformed_coords(model, nm, np.zeros(latent.z.shape[1])), box, apix,
-                       "the reference model of %s" % model_run)
-    for name, zk in zip(names, st.z):
-        check_model_in_box(deformed_coords(model, nm, zk), box, apix,
-                           "the model of %s (%s)" % (name, model_run), strict=False)
+    # refused before the long work; a state's model reaching past the box is warned about
+    # once, by state_maps, on the model it maps
+    check_model_in_box(model.coords, box, apix, "the reference model of %s" % model_run)
     return rec
 
 

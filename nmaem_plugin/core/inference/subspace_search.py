@@ -60,25 +60,33 @@ class SubspaceSearch:
     """The result: ``modes`` (k,) the modes searched (0-based), ``axes`` (k, P) the grid's
     positions along each (z units), ``weights`` (P^k,) the estimated distribution over the
     grid (C order), ``t`` (N, k) each particle's posterior mean along the modes,
-    ``moved`` (N,) how far it moved (z units), ``ends`` (k,) the weight at the two ends
-    of each mode's axis."""
+    ``moved`` (N,) how far it moved (z units)."""
     modes: np.ndarray
     axes: np.ndarray
     weights: np.ndarray
     t: np.ndarray
     moved: np.ndarray
-    ends: np.ndarray
+
+    def marginals(self) -> np.ndarray:
+        """(k, P) the distribution's marginal along each searched mode."""
+        k, P = self.axes.shape
+        W = self.weights.reshape((P,) * k)
+        return np.array([W.sum(axis=tuple(j for j in range(k) if j != m))
+                         for m in range(k)])
+
+    @property
+    def ends(self) -> np.ndarray:
+        """(k,) the weight at the two ends of each mode's axis."""
+        marg = self.marginals()
+        return marg[:, 0] + marg[:, -1]
 
     def describe(self, n_atoms: int) -> str:
         """One line: the population's spread along the searched modes and the moves."""
         s = math.sqrt(n_atoms)
-        k, P = self.axes.shape
-        W = self.weights.reshape((P,) * k)
         sd = []
-        for m in range(k):
-            marg = W.sum(axis=tuple(j for j in range(k) if j != m))
-            mu = marg @ self.axes[m]
-            sd.append(math.sqrt(max(marg @ (self.axes[m] - mu) ** 2, 0.0)) / s)
+        for marg, a in zip(self.marginals(), self.axes):
+            mu = marg @ a
+            sd.append(math.sqrt(max(marg @ (a - mu) ** 2, 0.0)) / s)
         text = ("subspace search over modes %s: spread of the population along them %s A "
                 "RMSD (grid half-widths %s); moves median %.2f A RMSD (95th percentile %.2f)"
                 % ("/".join(str(int(m) + 1) for m in self.modes),
@@ -99,29 +107,17 @@ def _grid(axes: np.ndarray) -> np.ndarray:
     return np.stack([m.reshape(-1) for m in mesh], 1)
 
 
-def _end_weights(pi: np.ndarray, k: int, P: int) -> np.ndarray:
-    """(k,) the weight at the two ends of each mode's axis (its marginal)."""
-    W = pi.reshape((P,) * k)
-    out = []
-    for m in range(k):
-        marg = W.sum(axis=tuple(j for j in range(k) if j != m))
-        out.append(marg[0] + marg[-1])
-    return np.array(out)
-
-
 def _chi2(decoder, likelihood, dataset, meta, p, ctf_of, device, rotvec, fit_turn, bank,
           progress):
     """(N, G) whitened chi-square of every particle against every bank conformation."""
     d = decoder.n_modes
     band = likelihood.band
-    wband = torch.as_tensor(band.weights > 0)
-    D = band.box
-    ky_full = torch.fft.fftfreq(D, d=1.0 / D, dtype=torch.float64)
-    iy, ix = torch.nonzero(wband, as_tuple=True)
-    ky, kx = ky_full[iy], ix.double()
+    dev = bank.table.device
+    iy, ix = torch.nonzero(torch.as_tensor(band.weights > 0, device=dev), as_tuple=True)
+    ky = torch.fft.fftfreq(band.box, d=1.0 / band.box, dtype=torch.float64, device=dev)[iy]
+    kx = ix.double()
     N = p.shape[0]
     out = np.zeros((N, bank.G))
-    offset = decoder.offset.detach().cpu().double()
     with torch.no_grad():
         for s in range(0, N, BATCH):
             r = np.arange(s, min(N, s + BATCH))
@@ -133,16 +129,15 @@ def _chi2(decoder, likelihood, dataset, meta, p, ctf_of, device, rotvec, fit_tur
                                   else torch.as_tensor(rotvec[r], device=device))
             if fit_turn:
                 A = correct_rotations(A, q[:, d + 2:])
-            shifts = (base + q[:, d:d + 2]).double().cpu() + offset
-            S = bank.project(A.cpu(), shifts, kx, ky)                       # (B, G, K)
-            C = ctf_of(ctf_params).cpu()[:, iy, ix].to(torch.complex64)
-            S = S * C[:, None, :]
-            Y = band.images_ft(images.float()).cpu()[:, iy, ix]
-            w = likelihood.weights(meta.optics_group[rt]).cpu()[:, iy, ix]
+            shifts = (base + q[:, d:d + 2]).double() + decoder.offset.double()
+            S = bank.project(A, shifts, kx, ky)                               # (B, G, K)
+            S = S * ctf_of(ctf_params)[:, iy, ix].to(torch.complex64)[:, None, :]
+            Y = band.images_ft(images.to(device).float())[:, iy, ix]
+            w = likelihood.weights(meta.optics_group[rt])[:, iy, ix]
             yr = torch.einsum("bk,bgk->bg", w, (Y[:, None, :] * S.conj()).real).double()
             rr = torch.einsum("bk,bgk->bg", w, S.real ** 2 + S.imag ** 2).double()
             yy = (w * (Y.real ** 2 + Y.imag ** 2)).sum(1).double()
-            out[r] = (yy[:, None] - yr ** 2 / rr.clamp_min(1e-300)).numpy()
+            out[r] = (yy[:, None] - yr ** 2 / rr.clamp_min(1e-300)).cpu().numpy()
             if progress is not None:
                 progress(len(r))
     return out
@@ -172,19 +167,18 @@ def subspace_search(decoder: "Decoder", likelihood: "WhitenedLikelihood",
     if res < RESOLUTION_A:
         likelihood = likelihood.limited(RESOLUTION_A)
         res = RESOLUTION_A
-    X0 = decoder.coords.detach().cpu().double()
-    U = decoder.modes.detach().cpu().double()
+    X0 = decoder.coords.detach().to(device).double()      # the bank on the fit's device
+    U = decoder.modes.detach().to(device).double()
     axes = mean[:k, None] + np.linspace(-1.0, 1.0, points)[None, :] * half[:, None]
     grid = _grid(axes)
     Z = np.tile(mean, (len(grid), 1))
     Z[:, :k] = grid
-    X = X0 + torch.einsum("gd,dmk->gmk", torch.as_tensor(Z), U)
+    X = X0 + torch.einsum("gd,dmk->gmk", torch.as_tensor(Z, device=device), U)
     bank = ProjectionBank(decoder.elements, X, decoder.box, decoder.apix, decoder.centre, res,
                           oversample=OVERSAMPLE)
     chi2 = _chi2(decoder, likelihood, dataset, meta, p, ctf_of, device, rotvec, fit_turn, bank,
                  progress)
     pi = npmle_weights(chi2)
-    ends = _end_weights(pi, k, points)
     t = posterior_means(chi2, pi, grid)
     moved = np.linalg.norm(t - p[:, :k], axis=1)
-    return SubspaceSearch(modes, axes, pi, t, moved, ends)
+    return SubspaceSearch(modes, axes, pi, t, moved)

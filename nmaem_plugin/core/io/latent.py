@@ -180,9 +180,11 @@ def _read_z_cov(path, data, n, d):
         try:                     # one batched Cholesky (eigenvalues cost 20x more)
             np.linalg.cholesky(c)
         except np.linalg.LinAlgError:
+            # the eigenvalues decide (and name the row); a matrix Cholesky refuses only
+            # at rounding is positive definite as before
             bad = np.flatnonzero(~(np.linalg.eigvalsh(c)[:, 0] > 0))
-            fail(path, "z_cov is not positive definite (first at row %d)"
-                 % (bad[0] if len(bad) else 0))
+            if len(bad):
+                fail(path, "z_cov is not positive definite (first at row %d)" % bad[0])
     return c
 
 

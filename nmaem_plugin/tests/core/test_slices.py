@@ -56,7 +56,9 @@ class TestProjectionBank(unittest.TestCase):
         return float(((P - self.truth).abs() ** 2).sum() / (self.truth.abs() ** 2).sum()) ** 0.5
 
     def test_agrees_with_the_renderer(self):
-        self.assertLess(self.error(3), 0.02)
+        from nmaem_plugin.core.inference.subspace_search import OVERSAMPLE
+        self.assertLess(self.error(3), 0.02)             # measured 0.58 %
+        self.assertLess(self.error(OVERSAMPLE), 0.03)    # the search's (2): 1.45 %
 
     def test_error_falls_as_the_step_squared(self):
         e3, e6 = self.error(3), self.error(6)

@@ -119,6 +119,27 @@ class TestModelMap(unittest.TestCase):
             self.assertAlmostEqual(V[z, y, x], reference(p), delta=1e-6 * V.max())
 
 
+class TestModelInBox(unittest.TestCase):
+    def test_reference_outside_is_refused_a_state_model_warned_about(self):
+        """The box's frame: voxel D//2 at (D//2)*apix; an atom 10 A past its far edge is
+        refused for the reference (not docked) and warned about, once, for a state's
+        deformed model (its map is cut)."""
+        from nmaem_plugin.core.analysis.statemaps import check_model_in_box
+        box, apix = 32, 2.0
+        inside = np.array([[32.0, 32.0, 32.0], [2.0, 60.0, 30.0]])     # voxels 0..31
+        far = np.array([[32.0, 32.0, 32.0], [32.0, 32.0, 62.0 + 10.0]])
+        check_model_in_box(inside, box, apix, "model")                   # silent
+        with self.assertRaises(NmaemError) as cm:
+            check_model_in_box(far, box, apix, "the reference")
+        self.assertIn("10.0 A outside the particles' box", str(cm.exception))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            check_model_in_box(far, box, apix, "the model of state_01", strict=False)
+        self.assertEqual(err.getvalue().count("nmaem: warning:"), 1)
+        self.assertIn("the model of state_01", err.getvalue())
+        self.assertIn("model map is cut", err.getvalue())
+
+
 class TestFSC(_Tmp):
     def test_resolution_on_a_hand_made_curve(self):
         D, apix = 20, 2.0
